@@ -1,0 +1,1 @@
+"""Helpers shared by the three stage scripts and the tools in scripts/."""
