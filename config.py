@@ -1,0 +1,78 @@
+"""Every setting of the pipeline, as plain constants. Edit them here, or override any of them
+for one run with `--NAME=value` on a stage script's command line (e.g. `--LR=3e-4`).
+
+The defaults run the embedded default: a ~4M-parameter Qwen2-architecture model that the
+project builds itself (./base_model) and the bundled code tasks in data/. It runs offline on a
+laptop CPU. The block at the end lists the values for a real model on a GPU.
+"""
+
+# ---------------------------------------------------------------------------------------------
+# Shared by all stages
+# ---------------------------------------------------------------------------------------------
+MODEL_NAME = "./base_model"  # hub id or local folder of a causal LM; "./base_model" = embedded default, built when missing
+SEED = 42  # one seed for data order, init and sampling; each process adds its rank
+PRECISION = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16
+USE_LORA = False  # True: train LoRA adapters (peft); the saved stage output is merged and loads as a plain model
+LORA_R = 16  # LoRA rank; 8-64 is typical
+LORA_ALPHA = 32  # LoRA scaling numerator (scale = alpha / r)
+LORA_DROPOUT = 0.05  # dropout inside the LoRA adapters during SFT/RM (PPO turns all dropout off)
+LORA_TARGET_MODULES = "all-linear"  # which layers get adapters: "all-linear" or a comma list like "q_proj,v_proj"
+GRADIENT_CHECKPOINTING = False  # True trades ~30% more compute for much less activation memory (large models)
+REPORT_TO = "tensorboard"  # tensorboard | wandb | none; logs go under RUNS_DIR/<stage>
+RUNS_DIR = "./runs"  # TensorBoard logs and per-stage log files
+RESUME = True  # continue an interrupted stage from its last checkpoint (under RUNS_DIR/<stage>/checkpoints)
+OVERWRITE = False  # True: allow a stage to replace an existing finished output folder
+
+# ---------------------------------------------------------------------------------------------
+# Embedded default base model (used only when MODEL_NAME == BASE_MODEL_DIR)
+# ---------------------------------------------------------------------------------------------
+BASE_MODEL_DIR = "./base_model"  # where the embedded model is built (randomly initialised, trained by SFT)
+BASE_VOCAB_SIZE = 2048  # byte-level BPE vocabulary trained on the bundled data and Python's stdlib
+BASE_HIDDEN = 256  # hidden size of the embedded Qwen2 model
+BASE_LAYERS = 4  # transformer layers
+BASE_HEADS = 8  # attention heads (head dim = BASE_HIDDEN / BASE_HEADS)
+BASE_KV_HEADS = 4  # key/value heads (grouped-query attention as in Qwen2)
+BASE_INTERMEDIATE = 768  # MLP width
+BASE_MAX_POSITIONS = 1024  # longest sequence the embedded model accepts
+
+# ---------------------------------------------------------------------------------------------
+# Data (TRL standard formats; local .jsonl/.json/.parquet files or a `datasets` hub id)
+# ---------------------------------------------------------------------------------------------
+SFT_TRAIN_FILE = "data/sft_train.jsonl"  # conversations: {"messages": [...]} or {"prompt": ..., "completion": ...}
+SFT_EVAL_FILE = "data/sft_eval.jsonl"  # held-out conversations for perplexity and token accuracy
+RM_TRAIN_FILE = "data/rm_train.jsonl"  # preference pairs: {"prompt", "chosen", "rejected"}
+RM_EVAL_FILE = "data/rm_eval.jsonl"  # held-out pairs for accuracy, F1 and margin
+PPO_PROMPTS_FILE = "data/ppo_prompts.jsonl"  # prompts (with unit tests when available) for PPO rollouts
+EVAL_TASKS_FILE = "data/eval_tasks.jsonl"  # held-out code tasks with tests: pass@1 after SFT and PPO
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: supervised fine-tuning (train_sft.py)
+# ---------------------------------------------------------------------------------------------
+SFT_DIR = "./sft_model"  # output folder of the SFT stage, input of RM and PPO
+BATCH_SIZE = 16  # sequences per device per step; lower it first on out-of-memory
+GRAD_ACCUM = 1  # gradient accumulation steps; global batch = BATCH_SIZE * GRAD_ACCUM * processes
+EPOCHS = 12  # passes over the SFT data (the embedded model starts from random weights, so it needs many)
+MAX_LEN = 512  # tokens per sequence (prompt + answer); longer examples are dropped with a count
+LR = 2e-3  # peak learning rate (cosine decay, warm-up below); 1e-5 for a pretrained 1.5B model
+WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up
+WEIGHT_DECAY = 0.0  # AdamW weight decay
+PACKING = True  # pack examples padding-free (no compute spent on padding); False pads each batch
+SFT_EVAL_PASS_AT_1 = True  # after training, generate for EVAL_TASKS_FILE and report pass@1 (sandboxed)
+LOG_EVERY = 10  # optimizer steps between log lines
+EVAL_EVERY = 0  # optimizer steps between held-out evaluations; 0 = once per epoch
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation by execution (all stages)
+# ---------------------------------------------------------------------------------------------
+GEN_MAX_NEW_TOKENS = 192  # longest generated answer, in tokens
+EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
+
+# ---------------------------------------------------------------------------------------------
+# A real model on a GPU: copy these values above (or pass them as --NAME=value).
+# Qwen2.5-Coder-1.5B-Instruct on one 24 GB GPU, full fine-tuning in bf16:
+#   MODEL_NAME = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+#   BATCH_SIZE = 2; GRAD_ACCUM = 4; EPOCHS = 2; MAX_LEN = 1024; LR = 1e-5
+#   GRADIENT_CHECKPOINTING = True
+# The same with LoRA on a 12-16 GB GPU: add USE_LORA = True and LR = 1e-4.
+# Your own data: point SFT_TRAIN_FILE/SFT_EVAL_FILE at jsonl files or hub dataset ids.
+# ---------------------------------------------------------------------------------------------

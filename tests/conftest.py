@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny locally built model and tiny data files, so every test runs offline
+on a CPU in seconds. Everything runs with the Hugging Face hub switched off."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def toy_conversations(n, seed=0):
+    """`add_k` tasks in English and Chinese: enough structure for a tiny model to learn a bit."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randint(1, 30)
+        prompt = rng.choice([f"Write a function add_{k}(x) that returns x plus {k}.",
+                             f"写一个函数 add_{k}(x)，返回 x 加 {k}。"])
+        answer = f"```python\ndef add_{k}(x):\n    return x + {k}\n```"
+        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def run_script(script, *args, cwd=ROOT, timeout=600):
+    """Run a project script as a user would; returns the CompletedProcess (output captured)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy_data")
+    return {
+        "sft_train": write_jsonl(folder / "sft_train.jsonl", toy_conversations(48, seed=1)),
+        "sft_eval": write_jsonl(folder / "sft_eval.jsonl", toy_conversations(8, seed=2)),
+        "folder": folder,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, toy_data):
+    """A ~50k-parameter Qwen2 with a 400-token BPE vocabulary, built like the embedded default."""
+    from rlhf.base_model import build_base_model
+
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    build_base_model(str(out), data_files=[toy_data["sft_train"]], vocab_size=400, hidden=32, layers=2,
+                     heads=4, kv_heads=2, intermediate=64, max_positions=256, stdlib_bytes=100_000)
+    return str(out)

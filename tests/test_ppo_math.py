@@ -1,0 +1,303 @@
+"""Unit tests for the PPO math in train_ppo.py. Expected numbers are worked out by hand in the
+comments, never by calling the code under test."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import train_ppo as P
+
+EOS, PAD = 2, 0
+T_, F_ = True, False
+
+
+# ---- masks and truncation ----
+
+
+def test_first_eos_mask_cases():
+    ids = torch.tensor([
+        [5, 2, 7, 0],  # EOS in the middle        -> valid up to and including it
+        [2, 5, 2, 0],  # EOS at position 0        -> only the EOS is valid (one-token response)
+        [5, 6, 7, 2],  # EOS at the last position -> all valid
+        [5, 6, 7, 8],  # no EOS (cut at the limit) -> all valid, ends_with_eos False
+        [0, 5, 2, 0],  # pad id before EOS        -> still valid: we mask by EOS position only
+    ])
+    mask, ends, last = P.first_eos_mask(ids, EOS)
+    assert mask.dtype == torch.bool
+    assert mask.tolist() == [
+        [T_, T_, F_, F_],
+        [T_, F_, F_, F_],
+        [T_, T_, T_, T_],
+        [T_, T_, T_, T_],
+        [T_, T_, T_, F_],
+    ]
+    assert ends.tolist() == [True, True, True, False, True]
+    assert last.tolist() == [1, 0, 3, 3, 2]
+
+
+def test_first_eos_mask_pad_equal_to_eos_and_several_eos_ids():
+    # pad == eos: the first EOS is valid, the padding copies after it are not
+    mask, ends, last = P.first_eos_mask(torch.tensor([[5, 2, 2, 2]]), eos_id=2)
+    assert mask.tolist() == [[T_, T_, F_, F_]] and ends.tolist() == [True] and last.tolist() == [1]
+    # two stop tokens (e.g. <|im_end|> and <|endoftext|>): whichever comes first ends the response
+    mask, ends, last = P.first_eos_mask(torch.tensor([[5, 3, 2, 0], [5, 6, 2, 0]]), eos_id=[2, 3])
+    assert mask.tolist() == [[T_, T_, F_, F_], [T_, T_, T_, F_]]
+    assert last.tolist() == [1, 2]
+
+
+def test_first_eos_mask_rejects_empty_responses():
+    with pytest.raises(ValueError):
+        P.first_eos_mask(torch.zeros(2, 0, dtype=torch.long), EOS)
+
+
+def test_truncate_after_eos():
+    ids = torch.tensor([[5, 2, 7, 9], [5, 6, 7, 8], [2, 7, 2, 7]])
+    before = ids.clone()
+    out = P.truncate_after_eos(ids, EOS, PAD)
+    assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert torch.equal(ids, before)  # input left alone
+
+
+# ---- logprobs, entropy ----
+
+
+def test_logprobs_from_logits_manual_values():
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]])  # (1, 2, 3)
+    tokens = torch.tensor([[2, 0]])
+    # temperature 1, token 2: 3 - ln(e + e^2 + e^3) = 3 - ln(30.1928748) = 3 - 3.4076060 = -0.4076060
+    # token 0: 1 - 3.4076060 = -2.4076060
+    assert_close(P.logprobs_from_logits(logits, tokens, 1.0), torch.tensor([[-0.4076060, -2.4076060]]))
+    # temperature 2 -> logits [0.5, 1, 1.5]; token 0: 0.5 - ln(1.6487213 + 2.7182818 + 4.4816891)
+    # = 0.5 - ln(8.8486922) = 0.5 - 2.1802697 = -1.6802697
+    out = P.logprobs_from_logits(logits[:, :1], tokens[:, 1:], 2.0)
+    assert_close(out, torch.tensor([[-1.6802697]]))
+
+
+def test_logprobs_from_logits_matches_log_softmax_gather():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g) * 4
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    expected = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert_close(P.logprobs_from_logits(logits, tokens, 0.7), expected)
+
+
+def test_entropy_from_logits():
+    # uniform over V = 7: H = ln 7 = 1.9459101, whatever the logit value and temperature
+    logits = torch.full((2, 3, 7), 5.0)
+    assert_close(P.entropy_from_logits(logits, 0.7), torch.full((2, 3), 1.9459101))
+    # p = [1/4, 3/4] (logits [0, ln 3]): H = 0.25 ln 4 + 0.75 ln(4/3) = 0.3465736 + 0.2157616 = 0.5623351
+    two = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert_close(P.entropy_from_logits(two, 1.0), torch.tensor([[0.5623351]]))
+
+
+# ---- KL estimators ----
+
+
+def test_kl_estimators_values_and_signs():
+    logp = torch.tensor([-1.0, -2.0])
+    ref = torch.tensor([-2.0, -1.0])
+    # k1 = logp - ref: positive where the policy likes the token more than the reference
+    assert_close(P.kl_estimate(logp, ref, "k1"), torch.tensor([1.0, -1.0]))
+    # k2 = 0.5 (log r)^2 = 0.5 * 1
+    assert_close(P.kl_estimate(logp, ref, "k2"), torch.tensor([0.5, 0.5]))
+    # k3 = (r - 1) - log r, log r = ref - logp = [-1, 1]:
+    # [e^-1 - 1 + 1, e - 1 - 1] = [0.3678794, 0.7182818]
+    assert_close(P.kl_estimate(logp, ref, "k3"), torch.tensor([0.3678794, 0.7182818]))
+
+
+def test_k3_non_negative_and_zero_when_equal():
+    g = torch.Generator().manual_seed(1)
+    logp, ref = -torch.rand(4, 9, generator=g) * 5, -torch.rand(4, 9, generator=g) * 5
+    assert (P.kl_estimate(logp, ref, "k3") >= 0).all()
+    assert torch.equal(P.kl_estimate(logp, logp, "k3"), torch.zeros(4, 9))
+    assert torch.isfinite(P.kl_estimate(torch.tensor([-100.0]), torch.tensor([0.0]), "k3")).all()
+    with pytest.raises(ValueError):
+        P.kl_estimate(logp, ref, "k4")
+
+
+# ---- rewards ----
+
+
+def test_score_lands_on_last_valid_token():
+    score = torch.tensor([1.0, 2.0])
+    kl = torch.full((2, 4), 0.5)
+    kl[0, 2:] = 100.0  # garbage on padding must not leak into the reward
+    mask = torch.tensor([[T_, T_, F_, F_], [T_, T_, T_, T_]])
+    last = torch.tensor([1, 3])  # row 0 ends with EOS at 1, row 1 has no EOS: its last token
+    # -0.1 * 0.5 = -0.05 per valid token; score added on the last valid token
+    expected = torch.tensor([[-0.05, 0.95, 0.0, 0.0], [-0.05, -0.05, -0.05, 1.95]])
+    assert_close(P.per_token_rewards(score, kl, mask, last, kl_coef=0.1), expected)
+
+
+def test_score_position_from_real_ids():
+    ids = torch.tensor([[2, 0, 0, 0], [5, 6, 2, 0], [5, 6, 7, 8]])
+    mask, _, last = P.first_eos_mask(ids, EOS)
+    rewards = P.per_token_rewards(torch.tensor([3.0, 4.0, 5.0]), torch.zeros(3, 4), mask, last, 0.05)
+    assert rewards.tolist() == [[3.0, 0, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 5.0]]
+
+
+def test_missing_eos_penalty_replaces_score():
+    score = torch.tensor([0.5, 3.0, -2.0])
+    ends = torch.tensor([True, False, False])
+    # replace semantics: -2.0 becomes -1.0 (subtracting 1 would give -3.0)
+    assert_close(P.apply_missing_eos_penalty(score, ends, -1.0), torch.tensor([0.5, -1.0, -1.0]))
+
+
+# ---- masked statistics ----
+
+
+def test_masked_mean_and_var():
+    x = torch.tensor([[1.0, 2.0], [3.0, float("nan")]])
+    mask = torch.tensor([[T_, T_], [T_, F_]])
+    assert_close(P.masked_mean(x, mask), torch.tensor(2.0))  # (1 + 2 + 3) / 3
+    assert_close(P.masked_mean(x, mask, dim=1), torch.tensor([1.5, 3.0]))
+    y = torch.tensor([[1.0, 2.0, 3.0, 4.0, 99.0]])
+    m = torch.tensor([[T_, T_, T_, T_, F_]])
+    # mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5 -> unbiased 5/3, biased 5/4
+    assert_close(P.masked_var(y, m), torch.tensor(5.0 / 3.0))
+    assert_close(P.masked_var(y, m, unbiased=False), torch.tensor(1.25))
+    with pytest.raises(ValueError):
+        P.masked_var(y, torch.tensor([[T_, F_, F_, F_, F_]]))
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 1000.0], [4.0, 5.0, 6.0, float("nan")]])
+    mask = torch.tensor([[T_, T_, T_, F_], [T_, T_, T_, F_]])
+    # valid values 1..6: mean 3.5, unbiased var 17.5 / 5 = 3.5, std 1.8708287
+    # (x - 3.5) / 1.8708287 = -1.3363062, -0.8017837, -0.2672612, 0.2672612, 0.8017837, 1.3363062
+    expected = torch.tensor([
+        [-1.3363062, -0.8017837, -0.2672612, 0.0],
+        [0.2672612, 0.8017837, 1.3363062, 0.0],
+    ])
+    out = P.masked_whiten(x, mask)
+    assert_close(out, expected)  # padding zeroed, even NaN
+    assert_close(P.masked_mean(out, mask), torch.tensor(0.0))
+    assert_close(P.masked_var(out, mask), torch.tensor(1.0))
+    # shift_mean=False (rewards): scaled but the mean 3.5 is kept
+    expected_no_shift = torch.tensor([
+        [2.1636938, 2.6982163, 3.2327388, 0.0],
+        [3.7672612, 4.3017837, 4.8363062, 0.0],
+    ])
+    assert_close(P.masked_whiten(x, mask, shift_mean=False), expected_no_shift)
+
+
+# ---- GAE ----
+
+
+def test_gae_gamma_1_lam_1_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 7.0], [0.0, 0.0, 1.0, 1.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5, 9.0], [1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[T_, T_, T_, F_], [T_, T_, T_, T_]])
+    adv, ret = P.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # row 0 reward-to-go [6, 5, 3] (the 7.0 and 9.0 on padding are ignored) minus V [0.5, 1, 1.5]
+    # row 1 reward-to-go [2, 2, 2, 1] minus V [1, 1, 1, 1]
+    assert_close(adv, torch.tensor([[5.5, 4.0, 1.5, 0.0], [1.0, 1.0, 1.0, 0.0]]))
+    assert_close(ret, torch.tensor([[6.0, 5.0, 3.0, 0.0], [2.0, 2.0, 2.0, 1.0]]))
+
+
+def test_gae_hand_computed_gamma_09_lam_095():
+    # 3 valid tokens, r = [0, 0, 1], V = [0.5, 0.6, 0.7]; position 3 is padding with junk in it
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 5.0]])
+    mask = torch.tensor([[T_, T_, T_, F_]])
+    # gamma * lam = 0.855
+    # t=2: delta = 1 + 0.9 * 0 - 0.7 = 0.3              A2 = 0.3
+    # t=1: delta = 0 + 0.9 * 0.7 - 0.6 = 0.03           A1 = 0.03 + 0.855 * 0.3 = 0.2865
+    # t=0: delta = 0 + 0.9 * 0.6 - 0.5 = 0.04           A0 = 0.04 + 0.855 * 0.2865 = 0.2849575
+    # returns = A + V = [0.7849575, 0.8865, 1.0]
+    adv, ret = P.gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    assert_close(adv, torch.tensor([[0.2849575, 0.2865, 0.3, 0.0]]))
+    assert_close(ret, torch.tensor([[0.7849575, 0.8865, 1.0, 0.0]]))
+
+
+# ---- losses ----
+
+
+def _policy_case():
+    # ratios 1.1 (inside clip), 1.5 (above), 0.5 (below), 0.5 (below); position 4 is padding
+    old = torch.full((1, 5), -1.0)
+    log_ratio = torch.log(torch.tensor([[1.1, 1.5, 0.5, 0.5, 1.0]]))
+    logp = (old + log_ratio).clone()
+    logp[0, 4] = 1000.0  # junk on padding: exp would overflow if it were not masked
+    logp.requires_grad_(True)
+    adv = torch.tensor([[2.0, 1.0, -1.0, 1.0, 3.0]])
+    mask = torch.tensor([[T_, T_, T_, T_, F_]])
+    return logp, old, adv, mask
+
+
+def test_policy_loss_value_and_stats():
+    logp, old, adv, mask = _policy_case()
+    loss, stats = P.policy_loss(logp, old, adv, mask, clip=0.2)
+    # per token max(-A r, -A clip(r)):
+    #   r 1.1, A  2: max(-2.2, -2.2) = -2.2  (not clipped)
+    #   r 1.5, A  1: max(-1.5, -1.2) = -1.2  (clipped)
+    #   r 0.5, A -1: max( 0.5,  0.8) =  0.8  (clipped)
+    #   r 0.5, A  1: max(-0.5, -0.8) = -0.5  (not clipped)
+    # mean = (-2.2 - 1.2 + 0.8 - 0.5) / 4 = -0.775; clipfrac = 2 / 4
+    assert_close(loss, torch.tensor(-0.775))
+    assert_close(stats["clipfrac"], torch.tensor(0.5))
+    # ratio mean (1.1 + 1.5 + 0.5 + 0.5) / 4 = 0.9; var (0.04 + 0.36 + 0.16 + 0.16) / 4 = 0.18
+    assert_close(stats["ratio_mean"], torch.tensor(0.9))
+    assert_close(stats["ratio_var"], torch.tensor(0.18))
+    # k3 = (r - 1) - ln r: 0.0046898 + 0.0945349 + 2 * 0.1931472 = 0.4855191, / 4 = 0.1213798
+    assert_close(stats["approx_kl"], torch.tensor(0.1213798))
+
+
+def test_policy_loss_gradient_signs():
+    logp, old, adv, mask = _policy_case()
+    loss, _ = P.policy_loss(logp, old, adv, mask, clip=0.2)
+    loss.backward()
+    # d/dlogp of -A r / 4 = -A r / 4 where the unclipped term is active, 0 where the clip holds:
+    #   token 0: -2 * 1.1 / 4 = -0.55 (descent raises logp of a positive-advantage token)
+    #   token 1: ratio above 1 + clip with A > 0 -> 0
+    #   token 2: ratio below 1 - clip with A < 0 -> 0
+    #   token 3: -1 * 0.5 / 4 = -0.125 (below the clip but A > 0: not clipped, as in PPO)
+    #   token 4: padding -> 0, and finite
+    assert_close(logp.grad, torch.tensor([[-0.55, 0.0, 0.0, -0.125, 0.0]]))
+
+
+def test_value_loss_clipping():
+    old = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.1, 0.5, 0.5, 0.0, 100.0]], requires_grad=True)
+    returns = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0]])
+    mask = torch.tensor([[T_, T_, T_, T_, F_]])
+    loss, stats = P.value_loss(values, old, returns, mask, clip=0.2)
+    # V_clip = old + clamp(V - old, +-0.2) = [0.1, 0.2, 0.2, 0.8]
+    #   (0.1-1)^2 = 0.81 vs 0.81 -> 0.81 (tie, not clipped)
+    #   (0.5-1)^2 = 0.25 vs (0.2-1)^2 = 0.64 -> 0.64 (clipped)
+    #   (0.5-0)^2 = 0.25 vs (0.2-0)^2 = 0.04 -> 0.25
+    #   (0.0-1)^2 = 1.00 vs (0.8-1)^2 = 0.04 -> 1.00
+    # loss = 0.5 * (0.81 + 0.64 + 0.25 + 1.0) / 4 = 0.3375; vf_clipfrac = 1 / 4
+    assert_close(loss, torch.tensor(0.3375))
+    assert_close(stats["vf_clipfrac"], torch.tensor(0.25))
+    loss.backward()
+    # d/dV of 0.5 (V - R)^2 / 4 = (V - R) / 4 where unclipped wins: [-0.225, 0 (clipped), 0.125, -0.25, 0]
+    assert_close(values.grad, torch.tensor([[-0.225, 0.0, 0.125, -0.25, 0.0]]))
+
+
+# ---- KL controller ----
+
+
+def test_adaptive_kl_controller_direction_and_state():
+    ctl = P.KLController(0.1, target=6.0, horizon=10000)
+    ctl.update(12.0, n_steps=1000)  # error 12/6 - 1 = 1 -> clipped to 0.2: x(1 + 0.2 * 0.1) = 0.102
+    assert ctl.value == pytest.approx(0.102)
+    ctl.update(3.0, n_steps=1000)  # error -0.5 -> -0.2: x 0.98 -> 0.09996
+    assert ctl.value == pytest.approx(0.09996)
+    ctl.update(6.6, n_steps=1000)  # error 0.1 (inside the clip): x 1.01 -> 0.1009596
+    assert ctl.value == pytest.approx(0.1009596)
+
+    resumed = P.KLController(0.5, target=6.0, horizon=10000)
+    resumed.load_state_dict(ctl.state_dict())
+    assert resumed.value == ctl.value
+    ctl.update(9.0, 500)
+    resumed.update(9.0, 500)
+    assert resumed.value == ctl.value != pytest.approx(0.1009596)
+
+
+def test_fixed_kl_controller_does_not_move():
+    ctl = P.KLController(0.05)
+    ctl.update(100.0, n_steps=10**6)
+    assert ctl.value == 0.05

@@ -1,0 +1,68 @@
+"""Smoke test of train_sft.py as a user runs it, on a tiny locally built model."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_base, toy_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    args = [f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={out / 'sft_model'}", f"--RUNS_DIR={out / 'runs'}",
+            f"--SFT_TRAIN_FILE={toy_data['sft_train']}", f"--SFT_EVAL_FILE={toy_data['sft_eval']}",
+            "--EPOCHS=2", "--BATCH_SIZE=8", "--LR=3e-3", "--SFT_EVAL_PASS_AT_1=false", "--LOG_EVERY=2"]
+    proc = run_script("train_sft.py", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc, args
+
+
+def test_sft_saves_a_loadable_model_that_generates(sft_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, proc, _ = sft_run
+    folder = out / "sft_model"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    inputs = tok.apply_chat_template([{"role": "user", "content": "Write a function add_3(x)"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    new = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert len(new) >= 1
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert model.generation_config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+
+
+def test_sft_reports_metrics_and_logs(sft_run):
+    out, proc, _ = sft_run
+    results = json.load(open(out / "sft_model" / "eval_results.json"))
+    assert results["eval_perplexity"] > 1.0 and 0.0 <= results["eval_token_accuracy"] <= 1.0
+    assert results["train_tokens"] > 0
+    history = [h for h in json.load(open(out / "sft_model" / "rlhf_stage.json"))["metrics"]["log_history"] if "loss" in h]
+    assert history[-1]["loss"] < history[0]["loss"]  # it learned something
+    assert "sft step 2/" in proc.stderr + proc.stdout  # the fixed-format log line
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "runs" / "sft"))
+    assert not os.path.exists(out / "runs" / "sft" / "checkpoints")  # cleaned after a finished run
+
+
+def test_sft_refuses_to_overwrite_a_finished_model(sft_run):
+    out, _, args = sft_run
+    proc = run_script("train_sft.py", *args)
+    assert proc.returncode == 2
+    assert "already holds a finished model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sft_clear_errors_for_user_mistakes(tmp_path, tiny_base, toy_data):
+    proc = run_script("train_sft.py", "--BATCHSIZE=4")
+    assert proc.returncode == 2 and "did you mean BATCH_SIZE" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("train_sft.py", f"--MODEL_NAME={tmp_path / 'missing'}", f"--SFT_DIR={tmp_path / 'o'}")
+    assert proc.returncode == 2 and "is not a model folder" in proc.stderr
+    proc = run_script("train_sft.py", f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={tmp_path / 'o'}",
+                      f"--SFT_TRAIN_FILE={tmp_path / 'nope.jsonl'}")
+    assert proc.returncode == 2 and "nope.jsonl not found" in proc.stderr
+    proc = run_script("train_sft.py", f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={tmp_path / 'o'}",
+                      f"--SFT_TRAIN_FILE={toy_data['sft_train']}", f"--SFT_EVAL_FILE={toy_data['sft_eval']}", "--MAX_LEN=5")
+    assert proc.returncode == 2 and "longer than MAX_LEN=5" in proc.stderr
+    assert not os.path.exists(tmp_path / "o")  # nothing written on error

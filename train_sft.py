@@ -1,0 +1,168 @@
+"""Stage 1 of 3: supervised fine-tuning (SFT) with TRL's SFTTrainer.
+
+Reads  MODEL_NAME (the embedded ./base_model by default, built when missing) and the
+       conversations in SFT_TRAIN_FILE / SFT_EVAL_FILE (TRL formats: `messages`, or
+       `prompt` + `completion`).
+Writes ./sft_model: a plain Hugging Face causal-LM folder (merged when LoRA is on) with
+       tokenizer, chat template and generation config, plus eval_results.json (held-out
+       perplexity, token accuracy, pass@1) and rlhf_stage.json (hand-off metadata).
+
+The loss is on the assistant's answer only (TRL's prompt-completion form), sequences are packed
+padding-free so no compute is spent on padding, precision follows the hardware.
+
+    python train_sft.py                                   # embedded default, CPU is fine
+    python train_sft.py --USE_LORA=true --LR=1e-4         # LoRA, merged on save
+    accelerate launch --num_processes 2 train_sft.py      # several GPUs (or CPU processes)
+
+Any constant of config.py can be overridden as --NAME=value.
+"""
+
+import math
+import os
+import shutil
+import time
+
+import config as C
+from rlhf.common import (
+    check_output_dir, drop_too_long, load_causal_lm, load_sft_examples, load_tokenizer, lora_config,
+    resolve_base_model, run_stage, save_stage_output, start_stage, trainer_args,
+    write_json,
+)
+
+
+def token_lengths(tokenizer, examples):
+    """Tokens of prompt + completion as the chat template renders them (what SFTTrainer sees)."""
+    return [len(tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True)["input_ids"])
+            for ex in examples]
+
+
+def log_line_callback(stage):
+    """Replaces the Trainer's dict printout with one fixed-format line per log step, keeping
+    its progress bar."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LogLine(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            if not any(k in logs for k in ("loss", "eval_loss")):
+                return  # the end-of-training summary: printed by the stage itself
+            parts = [f"{stage} step {state.global_step}/{state.max_steps}"]
+            for key, label in (("loss", "loss"), ("eval_loss", "eval loss"), ("mean_token_accuracy", "acc"),
+                               ("eval_mean_token_accuracy", "eval acc"), ("learning_rate", "lr")):
+                if key in logs:
+                    parts.append(f"{label} {logs[key]:.4g}")
+            now = time.time()
+            parts.append(f"{now - getattr(self, '_last', now):.1f} s")
+            self._last = now
+            self.training_bar.write(" | ".join(parts))
+
+    return LogLine
+
+
+def main(argv):
+    state = start_stage("sft", argv)
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    check_output_dir(C.SFT_DIR)
+    base = resolve_base_model()
+    tokenizer = load_tokenizer(base)
+
+    # ---- data: conversational prompt-completion, too-long examples dropped with a count
+    train = load_sft_examples(C.SFT_TRAIN_FILE)
+    evals = load_sft_examples(C.SFT_EVAL_FILE)
+    train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
+    evals = drop_too_long(evals, token_lengths(tokenizer, evals), C.MAX_LEN, C.SFT_EVAL_FILE)
+    if state.is_main_process:
+        print(f"data: {len(train)} train / {len(evals)} eval conversations")
+
+    # ---- model
+    model = load_causal_lm(base)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
+    checkpoint_dir = os.path.join(C.RUNS_DIR, "sft", "checkpoints")
+    args = SFTConfig(
+        output_dir=checkpoint_dir,
+        per_device_train_batch_size=C.BATCH_SIZE,
+        per_device_eval_batch_size=C.BATCH_SIZE,
+        gradient_accumulation_steps=C.GRAD_ACCUM,
+        num_train_epochs=C.EPOCHS,
+        learning_rate=C.LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=C.WARMUP_RATIO,  # a float below 1 is a share of the total steps
+        weight_decay=C.WEIGHT_DECAY,
+        max_length=C.MAX_LEN,
+        packing=C.PACKING,  # best-fit-decreasing packing, padding-free (position_ids restart per example)
+        logging_steps=C.LOG_EVERY,
+        eval_strategy="steps" if C.EVAL_EVERY else "epoch",
+        eval_steps=C.EVAL_EVERY or None,
+        save_strategy="steps" if C.EVAL_EVERY else "epoch",
+        save_steps=C.EVAL_EVERY or None,
+        save_total_limit=1,
+        **trainer_args(SFTConfig),
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
+        peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
+    )
+    from transformers.trainer_callback import ProgressCallback
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(log_line_callback("sft"))
+
+    # ---- train (resuming from the last checkpoint of an interrupted run)
+    t0 = time.time()
+    last = _last_checkpoint(checkpoint_dir) if C.RESUME else None
+    if last and state.is_main_process:
+        print(f"resuming from {last}")
+    result = trainer.train(resume_from_checkpoint=last)
+    train_seconds = time.time() - t0
+
+    # ---- evaluate on the held-out conversations
+    metrics = trainer.evaluate()
+    metrics = {
+        "eval_loss": metrics["eval_loss"],
+        "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0)),
+        "eval_token_accuracy": metrics.get("eval_mean_token_accuracy"),
+        "train_loss": result.training_loss,
+        "train_seconds": train_seconds,
+        "train_tokens": trainer.state.num_input_tokens_seen or None,
+    }
+    model = trainer.model
+    if C.USE_LORA:
+        model = model.merge_and_unload()  # a plain model: RM, PPO and transformers load it as is
+    model.eval()
+
+    # ---- pass@1 on held-out code tasks, run in the sandbox
+    if C.SFT_EVAL_PASS_AT_1 and state.is_main_process and os.path.exists(C.EVAL_TASKS_FILE):
+        from rlhf.codeeval import evaluate_model, load_problems
+
+        problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
+        summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS)
+        metrics["pass_at_1"] = summary["pass@1"]
+        metrics["eval_tasks"] = len(problems)
+
+    # ---- save ./sft_model (main process; atomic, with metadata)
+    if state.is_main_process:
+        metrics["log_history"] = trainer.state.log_history
+
+        def save(tmp):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "log_history"})
+
+        save_stage_output(C.SFT_DIR, "sft", save, metrics)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the next run starts fresh
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "log_history"}
+        print(f"sft done | {shown} | saved {C.SFT_DIR}")
+    state.wait_for_everyone()
+
+
+def _last_checkpoint(folder):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+
+
+if __name__ == "__main__":
+    run_stage(main)
