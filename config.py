@@ -62,6 +62,19 @@ LOG_EVERY = 10  # optimizer steps between log lines
 EVAL_EVERY = 0  # optimizer steps between held-out evaluations; 0 = once per epoch
 
 # ---------------------------------------------------------------------------------------------
+# Stage 2: reward model (train_rm.py)
+# ---------------------------------------------------------------------------------------------
+RM_DIR = "./rm_model"  # output folder of the RM stage (scalar-head model + reward normalisation), input of PPO
+RM_BATCH_SIZE = 16  # preference pairs per device per step (each pair is 2 sequences); lower it first on out-of-memory
+RM_GRAD_ACCUM = 1  # gradient accumulation steps; global batch = RM_BATCH_SIZE * RM_GRAD_ACCUM * processes
+RM_EPOCHS = 1  # passes over the preference pairs; 1 is the usual choice (more overfits, Ouyang et al. 2022)
+RM_MAX_LEN = 512  # tokens per sequence (prompt + answer); pairs with a longer side are dropped with a count
+RM_LR = 5e-4  # peak learning rate (cosine decay); 1e-5 (full) or 1e-4 (LoRA) for a pretrained 1.5B model
+RM_WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up
+RM_CENTER_REWARDS_COEF = 0.01  # loss += coef * mean(score^2), keeps scores near 0 (Eisenstein et al. 2023); 0 = off
+RM_SCORE_BATCH_SIZE = 64  # sequences per forward when scoring (evaluation, normalisation); memory only
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation by execution (all stages)
 # ---------------------------------------------------------------------------------------------
 GEN_MAX_NEW_TOKENS = 192  # longest generated answer, in tokens
@@ -76,3 +89,33 @@ EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
 # The same with LoRA on a 12-16 GB GPU: add USE_LORA = True and LR = 1e-4.
 # Your own data: point SFT_TRAIN_FILE/SFT_EVAL_FILE at jsonl files or hub dataset ids.
 # ---------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: PPO (train_ppo.py); defaults follow TRL <= 1.10 and the N+ implementation details
+# ---------------------------------------------------------------------------------------------
+PPO_DIR = "./ppo_model"  # output folder of the PPO stage
+PPO_STEPS = 40  # PPO iterations (each: one batch of rollouts, then PPO_EPOCHS of updates)
+PPO_BATCH_SIZE = 32  # prompts rolled out per process per iteration
+PPO_MINI_BATCH_SIZE = 8  # responses per gradient step (PPO_BATCH_SIZE must be a multiple)
+PPO_EPOCHS = 4  # passes over each rollout batch (TRL: 4)
+PPO_LR = 3e-5  # learning rate of policy and critic, linear decay to 0; ~1e-6..3e-6 for 1B+ models
+PPO_RESPONSE_LEN = 160  # max new tokens per rollout; shapes stay equal across processes
+PPO_TEMPERATURE = 0.7  # sampling temperature (top_k 0, top_p 1: the policy's own distribution)
+PPO_KL_COEF = 0.05  # beta of the per-token KL penalty to the SFT reference (TRL 0.05)
+PPO_KL_TARGET = 0.0  # > 0: adapt beta towards this KL per response (Ziegler et al. 2019); 0 = fixed
+PPO_KL_HORIZON = 10000  # episodes over which the adaptive controller moves beta
+PPO_KL_ESTIMATOR = "k1"  # k1 (logp - ref_logp, TRL/N+) | k3 (non-negative, lower variance)
+PPO_CLIP = 0.2  # policy ratio clip range
+PPO_VF_CLIP = 0.2  # value clip range
+PPO_VF_COEF = 0.1  # weight of the value loss
+PPO_GAMMA = 1.0  # discount
+PPO_LAM = 0.95  # GAE lambda
+PPO_MAX_GRAD_NORM = 1.0  # gradient clipping (TRL's PPO had none)
+PPO_MISSING_EOS_PENALTY = -1.0  # score given instead of the RM's to a response that never ends (N+)
+PPO_PENALIZE_MISSING_EOS = True  # False: responses cut at PPO_RESPONSE_LEN keep their score
+PPO_RM_WEIGHT = 1.0  # weight of the normalised reward-model score
+PPO_EXEC_WEIGHT = 1.0  # weight of the unit-test pass fraction (prompts with tests); 0 = RM only
+PPO_REWARD_FN = ""  # optional extra reward "module:function", f(prompt messages, response texts) -> floats
+PPO_EVAL_EVERY = 10  # iterations between held-out evaluations (pass@1, RM score); 0 = only at the end
+PPO_SAVE_EVERY = 10  # iterations between checkpoints (resume with RESUME); 0 = never
+PPO_EVAL_TASKS = 0  # held-out tasks evaluated during training; 0 = all of EVAL_TASKS_FILE

@@ -1,10 +1,41 @@
-"""Stage 3 of 3: PPO. Reads the SFT policy from ./sft_model and the reward model from ./rm_model,
-samples responses to prompts, scores them, and optimises the policy with clipped PPO against a
-KL penalty to the frozen SFT reference; writes the tuned policy to ./ppo_model.
-(Placeholder: launch commands and the full description come with the rollout/update loop.)
+"""Stage 3 of 3: PPO, our own implementation on accelerate + transformers + peft.
+
+Reads  ./sft_model (policy and frozen reference), ./rm_model (frozen reward model; the critic
+       starts from it), PPO_PROMPTS_FILE (prompts, with unit tests where available) and
+       EVAL_TASKS_FILE (held-out tasks for pass@1).
+Writes ./ppo_model: a plain causal-LM folder (merged when LoRA is on) with tokenizer, chat
+       template, eval_results.json and rlhf_stage.json; checkpoints and logs under RUNS_DIR/ppo.
+
+One iteration: sample responses to a batch of prompts (rollout), score them (normalised RM
+score + unit-test pass fraction, a penalty when a response never ends), shape per-token rewards
+with a KL penalty to the SFT reference, estimate advantages with GAE, then PPO_EPOCHS of clipped
+policy and value updates over mini-batches. The math is in the section below, each trick with its
+source; the loop is main().
+
+    python train_ppo.py                                    # embedded default, CPU is fine
+    python train_ppo.py --USE_LORA=true --PPO_LR=1e-5      # LoRA: reference = adapter disabled
+    accelerate launch --num_processes 2 train_ppo.py       # each process rolls out its share
+
+Any constant of config.py can be overridden as --NAME=value. Interrupted runs resume from the
+last checkpoint (RESUME, PPO_SAVE_EVERY).
 """
 
+import contextlib
+import json
+import os
+import random
+import resource
+import shutil
+import time
+
 import torch
+
+import config as C
+from rlhf.common import (
+    as_conversation, check_output_dir, load_rows, load_tokenizer, lora_config, precision, report_to,
+    require_stage_output, run_stage, save_stage_output, start_stage, torch_dtype, write_json,
+)
+from rlhf.settings import UserError
 
 # ---- PPO math (pure functions, unit-tested in tests/test_ppo_math.py) ----
 # Conventions shared by every function below:
@@ -236,9 +267,417 @@ class KLController:
 # ---- end of PPO math ----
 
 
-def main():
-    raise NotImplementedError("rollout/update loop: next step")
+# ---- models ----
+
+class PolicyAndCritic(torch.nn.Module):
+    """Policy and critic in one module, so accelerate (DDP, DeepSpeed, FSDP) prepares, clips and
+    checkpoints them together with one optimizer (as TRL's PolicyAndValueWrapper)."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits, token_values(self.critic, input_ids, attention_mask, position_ids)
+
+
+def token_values(critic, input_ids, attention_mask, position_ids):
+    """Per-token values (B, L): the reward model's scalar head applied at every position instead
+    of only the last one (critic initialised from the RM: DeepSpeed-Chat, OpenRLHF, N+)."""
+    base = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return critic.score(hidden).squeeze(-1).float()  # (B, L); peft routes `score` to its trained copy
+
+
+def disable_dropout(model):
+    """Dropout off in every model during RL: with it the ratio is not 1 at the first update and
+    the KL is noise (N+ implementation details; TRL's disable_dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def positions(attention_mask):
+    """Position ids that skip the left padding, as generate() computes them (B, L)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def response_logits(model, query, query_mask, response):
+    """Logits (B, T, V) that predict each response token, from one forward over prompt + response."""
+    ids = torch.cat([query, response], 1)  # (B, P + T)
+    mask = torch.cat([query_mask, torch.ones_like(response)], 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    return logits[:, query.shape[1] - 1: -1]  # (B, T, V): position P-1+t predicts response token t
+
+
+# ---- data ----
+
+def load_prompts(path, tokenizer):
+    """PPO prompts: {"prompt": text or messages, ...}; rows that also carry unit tests (the
+    project's task format, or HumanEval/MBPP fields) get an execution reward."""
+    from rlhf.codeeval import Problem, detect_format
+
+    rows = []
+    for row in load_rows(path):
+        if "prompt" not in row and "messages" not in row:
+            raise UserError(f"{path}:{row.get('_line', '?')}: missing field `prompt`")
+        messages = as_conversation(row.get("prompt") or row["messages"][:1], "user")
+        record = {k: v for k, v in row.items() if k != "_line"}
+        if isinstance(record.get("prompt"), list):  # the task formats expect the request as text
+            record["prompt"] = messages[-1]["content"]
+        fmt = detect_format(record)
+        problem = Problem(str(record.get("task_id", len(rows))), fmt, record) if fmt else None
+        rows.append({"messages": messages, "problem": problem})
+    limit = C.MAX_LEN - C.PPO_RESPONSE_LEN
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"])
+               for r in rows]
+    kept = [r for r, n in zip(rows, lengths) if n <= limit]
+    if not kept:
+        raise UserError(f"{path}: every prompt is longer than MAX_LEN - PPO_RESPONSE_LEN = {limit} tokens")
+    if len(kept) < len(rows):
+        print(f"dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than {limit} tokens")
+    return kept
+
+
+def encode_prompts(tokenizer, batch, device):
+    texts = [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False) for r in batch]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+# ---- scoring: reward model + unit tests ----
+
+def score_responses(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, device):
+    """Sequence scores (B,) and the unit-test pass fraction (B,) (NaN where a prompt has no tests).
+
+    The RM reads the response exactly as it was trained on it: prompt + answer through the chat
+    template, scored at the template's last token (rlhf.reward.score_responses); normalised with
+    the mean/std the RM stage stored (N+: centre on reference responses)."""
+    from rlhf.codeeval import completion_for
+    from rlhf.reward import score_responses as rm_scores
+    from rlhf.sandbox import run_many
+
+    rm_score = rm_scores(rm, rm_tokenizer, [r["messages"] for r in batch], texts, device=device)
+    rm_score = (rm_score.float().to(device) - norm["mean"]) / norm["std"]
+    passed = torch.full((len(batch),), float("nan"), device=device)
+    tested = [i for i, r in enumerate(batch) if r["problem"] is not None]
+    if tested and C.PPO_EXEC_WEIGHT:
+        verdicts = run_many([batch[i]["problem"].job(completion_for(batch[i]["problem"], texts[i])) for i in tested])
+        passed[tested] = torch.tensor([v.pass_fraction for v in verdicts], device=device)
+    score = C.PPO_RM_WEIGHT * rm_score + C.PPO_EXEC_WEIGHT * torch.nan_to_num(passed, nan=0.0)
+    if C.PPO_REWARD_FN:  # a user's own reward on top: f(list of messages, list of texts) -> floats
+        score = score + torch.tensor(custom_reward_fn()([r["messages"] for r in batch], texts),
+                                     dtype=score.dtype, device=device)
+    if C.PPO_PENALIZE_MISSING_EOS:
+        score = apply_missing_eos_penalty(score, ends_with_eos, C.PPO_MISSING_EOS_PENALTY)
+    return score, rm_score, passed
+
+
+def custom_reward_fn():
+    """The function PPO_REWARD_FN names ("package.module:function")."""
+    import importlib
+
+    module, _, name = C.PPO_REWARD_FN.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"PPO_REWARD_FN={C.PPO_REWARD_FN!r}: no such function; write it as module:function") from None
+
+
+# ---- evaluation, checkpoints ----
+
+def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device):
+    """Greedy pass@1 on held-out tasks (sandboxed) and the mean normalised RM score of the answers."""
+    from rlhf.codeeval import completion_for, generate_completions, score_samples
+    from rlhf.reward import score_responses as rm_scores
+
+    texts = [t[0] for t in generate_completions(policy, tokenizer, [p.messages() for p in problems],
+                                                C.GEN_MAX_NEW_TOKENS, progress=False)]
+    summary, _ = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t)}
+                                          for p, t in zip(problems, texts)], ks=(1,), progress=False)
+    scores = rm_scores(rm, rm_tokenizer, [p.messages() for p in problems], texts, device=device)
+    return {"pass_at_1": summary["pass@1"], "rm_score": ((scores.float().mean().item() - norm["mean"]) / norm["std"])}
+
+
+def last_checkpoint(folder):
+    """The newest complete checkpoint (step_N with its state file), or None."""
+    if not os.path.isdir(folder):
+        return None
+    done = [d for d in os.listdir(folder) if d.startswith("step_") and os.path.exists(os.path.join(folder, d, "ppo_state.json"))]
+    return os.path.join(folder, max(done, key=lambda d: int(d.split("_")[1]))) if done else None
+
+
+def save_checkpoint(accelerator, folder, step, history):
+    """accelerate's state (models, optimizer, scheduler, RNGs, KL controller) + our step counter,
+    written to a temporary folder and renamed, so a kill mid-save never leaves a half checkpoint
+    that looks complete; older checkpoints are removed after."""
+    final = os.path.join(folder, f"step_{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        write_json(os.path.join(tmp, "ppo_state.json"), {"step": step, "history": history})
+        os.replace(tmp, final)
+        for d in os.listdir(folder):
+            if d.startswith("step_") and d != f"step_{step}":
+                shutil.rmtree(os.path.join(folder, d), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---- the loop ----
+
+def main(argv):
+    state = start_stage("ppo", argv)
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+    from rlhf.codeeval import load_problems
+    from rlhf.reward import load_reward_normalization
+
+    require_stage_output(C.SFT_DIR, "sft")
+    require_stage_output(C.RM_DIR, "rm")
+    check_output_dir(C.PPO_DIR)
+    if C.PPO_BATCH_SIZE % C.PPO_MINI_BATCH_SIZE:
+        raise UserError(f"PPO_BATCH_SIZE ({C.PPO_BATCH_SIZE}) must be a multiple of PPO_MINI_BATCH_SIZE ({C.PPO_MINI_BATCH_SIZE})")
+    run_dir = os.path.join(C.RUNS_DIR, "ppo")
+    accelerator = Accelerator(mixed_precision="bf16" if precision() == "bf16" else "no",
+                              log_with=report_to() or None, project_dir=run_dir)
+    device = accelerator.device
+
+    # ---- models: policy + reference from SFT, critic + reward model from RM
+    tokenizer = load_tokenizer(C.SFT_DIR)
+    rm_tokenizer = load_tokenizer(C.RM_DIR)
+    norm = load_reward_normalization(C.RM_DIR)
+    policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights
+    critic = AutoModelForSequenceClassification.from_pretrained(C.RM_DIR, dtype=torch.float32)
+    if C.USE_LORA:
+        # LoRA: the reference is the policy with its adapter disabled, the reward model the critic
+        # with its adapter disabled: four roles, two networks (TRL, LLaMA-Factory, verl).
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config("CAUSAL_LM"))
+        critic_cfg = lora_config("SEQ_CLS")
+        critic_cfg.modules_to_save = ["score"]
+        critic = get_peft_model(critic, critic_cfg)
+        ref_policy, reward_model = None, None
+    else:
+        ref_policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch_dtype()).to(device).eval()
+        reward_model = AutoModelForSequenceClassification.from_pretrained(C.RM_DIR, dtype=torch_dtype()).to(device).eval()
+        for frozen in (ref_policy, reward_model):
+            frozen.requires_grad_(False)
+    for m in (policy, critic, ref_policy, reward_model):
+        if m is not None:
+            disable_dropout(m)
+    if C.GRADIENT_CHECKPOINTING:
+        policy.gradient_checkpointing_enable()
+
+    model = PolicyAndCritic(policy, critic)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=C.PPO_LR, eps=1e-5)  # eps 1e-5: N+ details
+    mini_batches = C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, C.PPO_STEPS * C.PPO_EPOCHS * mini_batches)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    kl_ctl = KLController(C.PPO_KL_COEF, C.PPO_KL_TARGET or None, C.PPO_KL_HORIZON)
+    accelerator.register_for_checkpointing(kl_ctl)
+
+    def unwrapped():
+        return accelerator.unwrap_model(model)
+
+    def reference():  # context + model giving reference logits
+        if C.USE_LORA:
+            return unwrapped().policy.disable_adapter(), unwrapped().policy
+        return contextlib.nullcontext(), ref_policy
+
+    def rm():
+        if C.USE_LORA:
+            return unwrapped().critic.disable_adapter(), unwrapped().critic
+        return contextlib.nullcontext(), reward_model
+
+    # ---- data
+    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)
+    problems = load_problems(C.EVAL_TASKS_FILE)[: C.PPO_EVAL_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
+    if accelerator.is_main_process:
+        n_tested = sum(r["problem"] is not None for r in prompts)
+        print(f"data: {len(prompts)} prompts ({n_tested} with unit tests), {len(problems)} held-out tasks")
+
+    # ---- resume
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    start, history = 0, []
+    last = last_checkpoint(ckpt_dir) if C.RESUME else None
+    if last:
+        accelerator.load_state(last)
+        saved = json.load(open(os.path.join(last, "ppo_state.json")))
+        start, history = saved["step"], saved["history"]
+        if accelerator.is_main_process:
+            print(f"resuming from {last} (step {start})")
+    accelerator.init_trackers("ppo")
+
+    def run_eval(step):
+        result = {}
+        if accelerator.is_main_process and problems:
+            ctx, rm_model = rm()
+            with ctx:
+                result = evaluate(unwrapped().policy, tokenizer, rm_model, rm_tokenizer, norm, problems, device)
+            print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
+            accelerator.log({f"ppo/eval_{k}": v for k, v in result.items()}, step=step)
+        accelerator.wait_for_everyone()
+        return result
+
+    evals = {h["step"]: h for h in history if "eval_pass_at_1" in h}
+    if start == 0 and (C.PPO_EVAL_EVERY or 0) > 0:
+        before = run_eval(0)
+        if before:
+            history.append({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
+
+    # ---- train
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=C.PPO_STEPS, initial=start, desc="ppo", disable=not accelerator.is_main_process)
+    t_start, episodes = time.time(), 0
+    eos_ids = [tokenizer.eos_token_id]
+    for step in range(start + 1, C.PPO_STEPS + 1):
+        t0 = time.time()
+        # prompts of this step: a function of (seed, rank, step) only, so a resumed run sees the
+        # same prompts it would have seen, with no sampler state to save
+        rng = random.Random(C.SEED * 1_000_003 + accelerator.process_index * 10_007 + step)
+        batch = [prompts[rng.randrange(len(prompts))] for _ in range(C.PPO_BATCH_SIZE)]
+
+        # ---- rollout (no gradients): sample, then logprobs, reference logprobs, values, scores
+        model.eval()
+        with torch.no_grad():
+            query, query_mask = encode_prompts(tokenizer, batch, device)
+            policy_u = unwrapped().policy
+            gen = policy_u.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
+                                    do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
+            response = gen[:, query.shape[1]:]  # (B, <=T)
+            pad = C.PPO_RESPONSE_LEN - response.shape[1]  # equal shapes on every process
+            response = torch.nn.functional.pad(response, (0, pad), value=tokenizer.pad_token_id)  # (B, T)
+            response = truncate_after_eos(response, eos_ids, tokenizer.pad_token_id)
+            mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
+
+            old_logp, ref_logp, values = [], [], []
+            for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
+                s = slice(i, i + C.PPO_MINI_BATCH_SIZE)
+                q, qm, r = query[s], query_mask[s], response[s]
+                ids = torch.cat([q, r], 1)
+                am = torch.cat([qm, torch.ones_like(r)], 1)
+                logits, v = model(ids, am, positions(am))
+                old_logp.append(logprobs_from_logits(logits[:, q.shape[1] - 1: -1], r, C.PPO_TEMPERATURE))
+                values.append(v[:, q.shape[1] - 1: -1])  # V(s_t): state before response token t
+                ref_ctx, ref_model = reference()
+                with ref_ctx:
+                    ref_logp.append(logprobs_from_logits(response_logits(ref_model, q, qm, r), r, C.PPO_TEMPERATURE))
+            old_logp, ref_logp, values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(values)  # (B, T)
+
+            texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
+            rm_ctx, rm_model = rm()
+            with rm_ctx:
+                score, rm_score, passed = score_responses(rm_model, rm_tokenizer, norm, batch, texts, ends_with_eos, device)
+
+            # ---- rewards and advantages
+            kl = torch.where(mask, kl_estimate(old_logp, ref_logp, C.PPO_KL_ESTIMATOR), 0.0)  # (B, T)
+            rewards = per_token_rewards(score, kl, mask, last_index, kl_ctl.value)  # (B, T)
+            advantages, returns = gae(rewards, values, mask, C.PPO_GAMMA, C.PPO_LAM)
+            advantages = masked_whiten(advantages, mask)  # Ziegler et al. 2019; N+
+            kl_per_response = kl.sum(1)  # (B,)
+
+        # ---- PPO update: PPO_EPOCHS passes over the batch in shuffled mini-batches
+        model.train()
+        stats = []
+        shuffle = torch.Generator().manual_seed(C.SEED + 7919 * step + accelerator.process_index)
+        for _ in range(C.PPO_EPOCHS):
+            order = torch.randperm(C.PPO_BATCH_SIZE, generator=shuffle).to(device)
+            for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
+                idx = order[i: i + C.PPO_MINI_BATCH_SIZE]
+                q, qm, r, m = query[idx], query_mask[idx], response[idx], mask[idx]
+                ids = torch.cat([q, r], 1)
+                am = torch.cat([qm, torch.ones_like(r)], 1)
+                logits, v = model(ids, am, positions(am))
+                logits, v = logits[:, q.shape[1] - 1: -1], v[:, q.shape[1] - 1: -1]  # (B', T, V), (B', T)
+                logp = logprobs_from_logits(logits, r, C.PPO_TEMPERATURE)
+                pg_loss, pg_stats = policy_loss(logp, old_logp[idx], advantages[idx], m, C.PPO_CLIP)
+                vf_loss, vf_stats = value_loss(v, values[idx], returns[idx], m, C.PPO_VF_CLIP)
+                loss = pg_loss + C.PPO_VF_COEF * vf_loss
+                if not torch.isfinite(loss):
+                    where = last_checkpoint(ckpt_dir) or "none yet"
+                    raise UserError(f"non-finite PPO loss at step {step} (policy {pg_loss.item()}, value {vf_loss.item()}); "
+                                    f"last good checkpoint: {where}. Lower PPO_LR or check the reward scale")
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, C.PPO_MAX_GRAD_NORM)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                with torch.no_grad():
+                    entropy = masked_mean(entropy_from_logits(logits, C.PPO_TEMPERATURE), m)
+                stats.append({"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy,
+                              **pg_stats, **vf_stats})
+
+        # ---- metrics: means over this process's batch, then over processes
+        tested = ~torch.isnan(passed)
+        local = {
+            "score": score.mean(), "rm_score": rm_score.mean(),
+            "test_pass_rate": passed[tested].mean() if tested.any() else torch.tensor(float("nan"), device=device),
+            "kl": kl_per_response.mean(),
+            "non_score_reward": (rewards.sum(1) - score).mean(),
+            "reward_mean": rewards.sum(1).mean(),
+            "response_length": mask.sum(1).float().mean(), "eos_rate": ends_with_eos.float().mean(),
+            **{k: torch.stack([s_[k] for s_ in stats]).float().mean() for k in stats[0]},
+        }
+        metrics = {k: accelerator.reduce(v.detach().float().reshape(1).to(device), "mean").item() for k, v in local.items()}
+        kl_ctl.update(metrics["kl"], C.PPO_BATCH_SIZE * accelerator.num_processes)
+        metrics.update(kl_coef=kl_ctl.value, lr=scheduler.get_last_lr()[0], seconds=time.time() - t0)
+        episodes += C.PPO_BATCH_SIZE * accelerator.num_processes
+        accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=step)
+        if accelerator.is_main_process:
+            bar.update(1)
+            bar.write(f"ppo step {step}/{C.PPO_STEPS} | score {metrics['score']:.3f} | pass {metrics['test_pass_rate']:.2f} "
+                      f"| kl {metrics['kl']:.3f} | entropy {metrics['entropy']:.2f} | len {metrics['response_length']:.0f} "
+                      f"| eos {metrics['eos_rate']:.2f} | clip {metrics['clipfrac']:.2f} | {metrics['seconds']:.1f} s")
+        row = {"step": step, **metrics}
+        if C.PPO_EVAL_EVERY and step % C.PPO_EVAL_EVERY == 0 and step != C.PPO_STEPS:
+            row.update({f"eval_{k}": v for k, v in run_eval(step).items()})
+        history.append(row)
+        if C.PPO_SAVE_EVERY and step % C.PPO_SAVE_EVERY == 0 and step != C.PPO_STEPS:
+            save_checkpoint(accelerator, ckpt_dir, step, history)
+    bar.close()
+    seconds = time.time() - t_start
+
+    # ---- final evaluation and save ./ppo_model
+    final = run_eval(C.PPO_STEPS)
+    if accelerator.is_main_process:
+        trained = [h for h in history if "kl" in h]
+        last_rows = trained[-5:] or [{}]
+        metrics = {
+            **final,
+            "kl": sum(h.get("kl", 0.0) for h in last_rows) / len(last_rows),
+            "reward_mean": sum(h.get("reward_mean", 0.0) for h in last_rows) / len(last_rows),
+            "response_length": sum(h.get("response_length", 0.0) for h in last_rows) / len(last_rows),
+            "train_seconds": seconds,
+            "episodes_per_second": episodes / seconds if episodes else None,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "history": history,
+        }
+        policy_out = unwrapped().policy
+        if C.USE_LORA:
+            policy_out = policy_out.merge_and_unload()
+
+        def save(tmp):
+            policy_out.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "history"})
+
+        save_stage_output(C.PPO_DIR, "ppo", save, metrics)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "history"}
+        print(f"ppo done | {shown} | saved {C.PPO_DIR}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,0 +1,120 @@
+"""train_ppo.py as a user runs it, on tiny models: a toy reward goes up with the KL bounded,
+a killed run resumes to the same result, missing inputs give one clear line."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tiny_base, tmp_path_factory):
+    """A tiny ./sft_model (the untrained tiny base), a ./rm_model from it, prompts with tests."""
+    from rlhf.common import load_tokenizer, save_stage_output
+    from rlhf.reward import load_reward_model, save_reward_normalization
+
+    folder = tmp_path_factory.mktemp("ppo_inputs")
+    sft, rm = str(folder / "sft_model"), str(folder / "rm_model")
+    save_stage_output(sft, "sft", lambda tmp: shutil.copytree(tiny_base, tmp, dirs_exist_ok=True), {})
+    model, tok = load_reward_model(sft), load_tokenizer(sft)
+
+    def save_rm(tmp):
+        save_reward_normalization(tmp, {"mean": 0.0, "std": 1.0}, model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    save_stage_output(rm, "rm", save_rm, {})
+    rows = [{"task_id": f"t{k}", "prompt": [{"role": "user", "content": f"Write add_{k}(x) returning x plus {k}."}],
+             "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}]} for k in range(1, 21)]
+    prompts = write_jsonl(folder / "ppo.jsonl", rows)
+    tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in rows[:4]])
+    return {"sft": sft, "rm": rm, "prompts": prompts, "tasks": tasks, "folder": folder}
+
+
+def ppo_args(inp, out, *extra):
+    return [f"--SFT_DIR={inp['sft']}", f"--RM_DIR={inp['rm']}", f"--PPO_DIR={out}/ppo_model", f"--RUNS_DIR={out}/runs",
+            f"--PPO_PROMPTS_FILE={inp['prompts']}", f"--EVAL_TASKS_FILE={inp['tasks']}", "--MAX_LEN=128",
+            "--PPO_BATCH_SIZE=8", "--PPO_MINI_BATCH_SIZE=4", "--PPO_RESPONSE_LEN=12", "--GEN_MAX_NEW_TOKENS=12",
+            "--REPORT_TO=none", *extra]
+
+
+def test_toy_reward_rises_with_bounded_kl(ppo_inputs, tmp_path):
+    """Reward for the letter 'a' in the response (tests/ppo_toy_reward.py), nothing else."""
+    proc = run_script("train_ppo.py", *ppo_args(
+        ppo_inputs, tmp_path, "--PPO_STEPS=16", "--PPO_BATCH_SIZE=16", "--PPO_MINI_BATCH_SIZE=8", "--PPO_RESPONSE_LEN=16",
+        "--PPO_RM_WEIGHT=0", "--PPO_EXEC_WEIGHT=0", "--PPO_REWARD_FN=tests.ppo_toy_reward:reward",
+        "--PPO_PENALIZE_MISSING_EOS=false", "--PPO_LR=1e-2", "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.load(open(tmp_path / "ppo_model" / "rlhf_stage.json"))["metrics"]["history"]
+    scores = [h["score"] for h in history]
+    first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
+    assert last > first + 0.05, scores
+    assert max(h["kl"] for h in history) < 10.0  # the KL penalty holds the policy near the reference
+    assert "ppo step 16/16 | score" in proc.stderr + proc.stdout
+
+
+def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_STEPS=2", "--PPO_EVAL_EVERY=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "ppo_model"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template and model.config.model_type == "qwen2"
+    results = json.load(open(folder / "eval_results.json"))
+    for key in ("pass_at_1", "rm_score", "kl", "reward_mean", "response_length", "episodes_per_second", "peak_rss_mib"):
+        assert key in results, key
+    history = json.load(open(folder / "rlhf_stage.json"))["metrics"]["history"]
+    assert history[0]["step"] == 0 and "eval_pass_at_1" in history[0]  # evaluated before training
+    trained = [h for h in history if "kl" in h]
+    assert len(trained) == 2 and all(0.0 <= h["test_pass_rate"] <= 1.0 for h in trained)
+    assert not os.path.exists(tmp_path / "runs" / "ppo" / "checkpoints")
+
+
+def test_killed_run_resumes_to_the_same_model(ppo_inputs, tmp_path):
+    from safetensors.torch import load_file
+
+    extra = ("--PPO_STEPS=4", "--PPO_SAVE_EVERY=2", "--PPO_EVAL_EVERY=0")
+    straight = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path / "a", *extra))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "b"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ppo.py"), *ppo_args(ppo_inputs, out, *extra)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "runs" / "ppo" / "checkpoints" / "step_2" / "ppo_state.json"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (out / "ppo_model").exists()  # killed after step 2, before the end
+
+    resumed = run_script("train_ppo.py", *ppo_args(ppo_inputs, out, *extra))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
+    a = load_file(tmp_path / "a" / "ppo_model" / "model.safetensors")
+    b = load_file(out / "ppo_model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_inputs_name_the_command(tmp_path, ppo_inputs):
+    proc = run_script("train_ppo.py", f"--SFT_DIR={tmp_path}/none", f"--RM_DIR={ppo_inputs['rm']}")
+    assert proc.returncode == 2 and "run `python train_sft.py` first" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("train_ppo.py", f"--SFT_DIR={ppo_inputs['sft']}", f"--RM_DIR={tmp_path}/none")
+    assert proc.returncode == 2 and "run `python train_rm.py` first" in proc.stderr
+    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_BATCH_SIZE=6"))
+    assert proc.returncode == 2 and "multiple of PPO_MINI_BATCH_SIZE" in proc.stderr
+    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, f"--PPO_PROMPTS_FILE={tmp_path}/x.jsonl"))
+    assert proc.returncode == 2 and "not found" in proc.stderr
