@@ -47,6 +47,8 @@ class Problem:
             text = HUMANEVAL_INSTRUCTION.format(prompt=r["prompt"])
         elif self.format == "mbpp":  # the first test fixes the function name, as in the MBPP paper
             text = r["text"] + "\nYour code should pass this test:\n" + r["test_list"][0]
+        elif isinstance(r["prompt"], list):  # ppo_prompts.jsonl: already chat messages
+            return list(r["prompt"])
         else:
             text = r["prompt"]
         return [{"role": "user", "content": text}]
@@ -61,7 +63,7 @@ class Problem:
             tests = list(r["test_list"]) + list(r.get("challenge_test_list") or [])
             name = re.search(r"(\w+)\s*\(", r["test_list"][0].replace("assert", "", 1))
             return {"program": completion, "setup": r.get("test_setup_code") or "",
-                    "test_code": "\n".join(tests), "entry_point": name.group(1) if name else ""}
+                    "test_code": "\n".join(tests), "entry_point": name.group(1) if name else "", "check": False}
         return {"program": completion, "setup": r.get("setup") or "",
                 "calls": [t["call"] for t in r["tests"]],
                 "expected": [ast.literal_eval(t["expected"]) for t in r["tests"]]}
@@ -131,7 +133,7 @@ def humaneval_path() -> str:
 def extract_code(text: str) -> str:
     """Code of the first ```python (or ```) block; a missing closing fence ends at the text's end."""
     m = re.search(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:\n?```|\Z)", text, re.S | re.I)
-    return m.group(1) if m else text
+    return m.group(1).rstrip("\n") if m else text
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -252,7 +252,7 @@ def main():
     tests_code = None
     if mode == "asserts":
         test = job["test_code"]
-        if job.get("entry_point"):
+        if job.get("entry_point") and job.get("check"):
             test += "\ncheck(" + job["entry_point"] + ")\n"
         body = ast.parse(test, "<tests>").body or [ast.Pass()]
         fn = ast.FunctionDef("__sandbox_tests__", ast.arguments(
@@ -482,15 +482,17 @@ def run_calls(program: str, calls: list[str], expected: list, setup: str = "",
 
 
 def run_asserts(program: str, test_code: str, entry_point: str = "", setup: str = "",
-                timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> Verdict:
+                check: bool = True, timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> Verdict:
     """Run `setup` + `program`, then assert-style `test_code` in the same namespace.
 
-    With `entry_point`, `check(<entry_point>)` is called after the test code (HumanEval).
+    Results of calls to `candidate` or `entry_point` must be exact builtin values. With
+    `entry_point` and `check`, `check(<entry_point>)` runs after the test code (HumanEval);
+    MBPP passes check=False (its asserts call the function directly).
     Passed only when the runner reaches the end of the tests and reports it with the nonce.
     """
     records, stderr, rc, timed_out, seconds = _run(
         {"mode": "asserts", "program": program, "setup": setup, "test_code": test_code,
-         "entry_point": entry_point}, timeout, memory_mb)
+         "entry_point": entry_point, "check": check}, timeout, memory_mb)
     for r in records:
         if r["k"] in ("load", "end"):
             ok = r["status"] == "passed"

