@@ -56,7 +56,7 @@ MAX_LEN = 512  # tokens per sequence (prompt + answer); longer examples are drop
 LR = 2e-3  # peak learning rate (cosine decay, warm-up below); 1e-5 for a pretrained 1.5B model
 WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up
 WEIGHT_DECAY = 0.0  # AdamW weight decay
-PACKING = True  # pack examples padding-free (no compute spent on padding); False pads each batch
+PACKING = False  # True: pack padding-free (fast only with flash-attention on a GPU); False: batches grouped by length
 SFT_EVAL_PASS_AT_1 = True  # after training, generate for EVAL_TASKS_FILE and report pass@1 (sandboxed)
 LOG_EVERY = 10  # optimizer steps between log lines
 EVAL_EVERY = 0  # optimizer steps between held-out evaluations; 0 = once per epoch

@@ -92,7 +92,10 @@ def main(argv):
         warmup_steps=C.WARMUP_RATIO,  # a float below 1 is a share of the total steps
         weight_decay=C.WEIGHT_DECAY,
         max_length=C.MAX_LEN,
-        packing=C.PACKING,  # best-fit-decreasing packing, padding-free (position_ids restart per example)
+        # padding-free packing needs varlen attention (flash-attention) to pay off; without it,
+        # batches of similar lengths waste little on padding
+        packing=C.PACKING,
+        train_sampling_strategy="random" if C.PACKING else "group_by_length",
         logging_steps=C.LOG_EVERY,
         eval_strategy="steps" if C.EVAL_EVERY else "epoch",
         eval_steps=C.EVAL_EVERY or None,

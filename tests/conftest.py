@@ -62,3 +62,43 @@ def tiny_base(tmp_path_factory, toy_data):
     build_base_model(str(out), data_files=[toy_data["sft_train"]], vocab_size=400, hidden=32, layers=2,
                      heads=4, kv_heads=2, intermediate=64, max_positions=256, stdlib_bytes=100_000)
     return str(out)
+
+
+def toy_preference_pairs(n, seed=0):
+    """`add_k` tasks as preference pairs: chosen adds k, rejected subtracts it (an easy toy
+    preference a tiny reward model can learn in a few steps)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.randint(1, 30)
+        prompt = rng.choice([f"Write a function add_{k}(x) that returns x plus {k}.",
+                             f"写一个函数 add_{k}(x)，返回 x 加 {k}。"])
+        rows.append({
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": f"```python\ndef add_{k}(x):\n    return x + {k}\n```"}],
+            "rejected": [{"role": "assistant", "content": f"```python\ndef add_{k}(x):\n    return x - {k}\n```"}],
+            "task_id": f"toy/{i}", "family": "add",  # extra fields, as in the bundled data
+        })
+    return rows
+
+
+@pytest.fixture(scope="session")
+def toy_pairs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy_pairs")
+    return {
+        "rm_train": write_jsonl(folder / "rm_train.jsonl", toy_preference_pairs(48, seed=3)),
+        "rm_eval": write_jsonl(folder / "rm_eval.jsonl", toy_preference_pairs(16, seed=4)),
+        "folder": folder,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_base, toy_data, tmp_path_factory):
+    """./sft_model of the tiny base, made by running train_sft.py once (a finished stage output)."""
+    out = tmp_path_factory.mktemp("tiny_sft")
+    proc = run_script("train_sft.py", f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={out / 'sft_model'}",
+                      f"--RUNS_DIR={out / 'runs'}", f"--SFT_TRAIN_FILE={toy_data['sft_train']}",
+                      f"--SFT_EVAL_FILE={toy_data['sft_eval']}", "--EPOCHS=1", "--BATCH_SIZE=8",
+                      "--SFT_EVAL_PASS_AT_1=false", "--REPORT_TO=none")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return str(out / "sft_model")

@@ -1,0 +1,194 @@
+"""Reward-model helpers shared by the RM stage (train_rm.py) and PPO (train_ppo.py): loading a
+scalar-head model, building its input exactly as TRL's RewardTrainer did in training, scoring,
+and the reward normalisation stored with the model.
+
+What the RM sees (TRL 1.16 RewardTrainer, conversational data): the chat template applied to
+prompt + [assistant answer], tokenised by `apply_chat_template`, with no EOS appended (TRL only
+appends EOS to non-conversational text) and no generation prompt. With our ChatML template the
+sequence ends `...answer<|im_end|>\\n`, and the score is read at its last token, the newline
+(the model's own pooling: the rightmost token that is not `pad_token_id`). PPO must score the
+decoded response through `score_responses` so the score is read at that same position
+(Huang et al. 2024, "score at the last real token"); tests/test_rm.py checks the match.
+"""
+
+import json
+import os
+
+from rlhf.settings import UserError
+
+NORMALIZATION_FILE = "reward_normalization.json"
+
+
+def load_reward_model(path, dtype=None, for_training=False):
+    """AutoModelForSequenceClassification with one output (the reward) from a causal-LM folder
+    (./sft_model: the score head is new and random) or a saved reward model (./rm_model).
+    `config.pad_token_id` is set: the model pools at the last token that is not padding."""
+    import logging
+
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=1)
+    except OSError as e:
+        raise UserError(f"cannot load a model from {path!r}: {str(e).splitlines()[0]}") from None
+    if config.get_text_config().pad_token_id is None:
+        raise UserError(f"{path}/config.json has no pad_token_id; the reward model needs it to find the last real token")
+    # From a causal LM, `score.weight` is missing (new head) and `lm_head` is unused: expected, so
+    # those load messages are silenced (TRL's RewardTrainer does the same).
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype or torch.float32)
+    finally:
+        hf_logging.set_verbosity(level)
+    if not for_training:
+        model.eval()
+    return model
+
+
+def conversation_ids(tokenizer, messages):
+    """Token ids of a whole conversation as TRL's RewardTrainer tokenises a conversational
+    preference sample: `apply_chat_template(prompt + answer, tokenize=True)`, nothing added."""
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
+def response_conversation(prompt, response):
+    """prompt (text or messages) + the assistant's `response` text -> the messages the RM scores."""
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return prompt + [{"role": "assistant", "content": response}]
+
+
+def score_conversations(rm, tokenizer, conversations, batch_size=64, device=None):
+    """Scalar RM score of each conversation (list of messages) -> float32 tensor (N,) on the CPU.
+
+    Right padding with the tokenizer's pad token, as TRL's collator does; the model pools at the
+    last non-pad token. Sequences are batched longest first to waste little on padding; the
+    order of the result is the order of `conversations`."""
+    import torch
+
+    device = device or next(rm.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None or pad_id == tokenizer.eos_token_id:
+        raise ValueError("the tokenizer needs a pad token distinct from EOS (use rlhf.common.load_tokenizer)")
+    if rm.config.get_text_config().pad_token_id != pad_id:
+        raise ValueError(f"reward model pads with id {rm.config.get_text_config().pad_token_id}, tokenizer with {pad_id}")
+    ids = [conversation_ids(tokenizer, conv) for conv in conversations]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    scores = torch.empty(len(ids), dtype=torch.float32)
+    was_training = rm.training
+    rm.eval()
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = len(ids[chunk[0]])
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (B, T)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
+            for row, i in enumerate(chunk):
+                input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+                attention_mask[row, :len(ids[i])] = 1
+            logits = rm(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
+            scores[chunk] = logits.squeeze(-1).float().cpu()  # (B,)
+    rm.train(was_training)
+    return scores
+
+
+def score_responses(rm, tokenizer, prompts, responses, batch_size=64, device=None):
+    """RM score of each (prompt, response text) pair -> float32 tensor (N,) on the CPU.
+
+    `prompts`: text or lists of messages (without the answer); `responses`: the assistant's
+    answer as text, e.g. a PPO rollout decoded with skip_special_tokens=True and cut at EOS.
+    The input is built as in RM training (see the module docstring)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    conversations = [response_conversation(p, r) for p, r in zip(prompts, responses)]
+    return score_conversations(rm, tokenizer, conversations, batch_size=batch_size, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward normalisation: PPO uses (score - mean) / std
+# ---------------------------------------------------------------------------------------------
+
+def reward_statistics(chosen_scores, rejected_scores, source):
+    """Mean and std of the RM's scores over reference responses, both sides of the training
+    pairs. Centred this way, 0 is the boundary between preferred and rejected answers and one
+    std is about half the gap between them, so a normalised reward is near +1 for a typical
+    preferred answer and near -1 for a rejected one. (Chosen answers alone would centre on the
+    good answers, N+ style, but a well-trained RM scores those tightly, and dividing by their
+    small spread would blow up every other reward.)"""
+    import torch
+
+    both = torch.cat([chosen_scores, rejected_scores]).double()
+    return {
+        "mean": both.mean().item(),
+        "std": max(both.std().item(), 1e-6),
+        "count": len(both),
+        "chosen_mean": chosen_scores.double().mean().item(),
+        "chosen_std": chosen_scores.double().std().item() if len(chosen_scores) > 1 else 0.0,
+        "rejected_mean": rejected_scores.double().mean().item(),
+        "rejected_std": rejected_scores.double().std().item() if len(rejected_scores) > 1 else 0.0,
+        "source": source,
+        "usage": "normalised reward = (score - mean) / std",
+    }
+
+
+def save_reward_normalization(folder, stats, model=None):
+    """Write reward_normalization.json into `folder`; with `model`, also store mean/std in its
+    config (`reward_mean`, `reward_std`, as OpenRLHF does) before it is saved."""
+    with open(os.path.join(folder, NORMALIZATION_FILE), "w") as f:
+        json.dump(stats, f, indent=2)
+    if model is not None:
+        model.config.reward_mean = stats["mean"]
+        model.config.reward_std = stats["std"]
+
+
+def load_reward_normalization(path):
+    """{'mean', 'std', ...} from a reward-model folder or its reward_normalization.json."""
+    file = os.path.join(path, NORMALIZATION_FILE) if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise UserError(f"{file} not found: the reward model was not saved by train_rm.py; run `python train_rm.py`")
+    with open(file) as f:
+        stats = json.load(f)
+    if not all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std")) or stats["std"] <= 0:
+        raise UserError(f"{file}: needs numeric `mean` and a positive `std`")
+    return stats
+
+
+def normalize_rewards(scores, stats):
+    """(score - mean) / std, with the statistics from load_reward_normalization."""
+    return (scores - stats["mean"]) / stats["std"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out metrics
+# ---------------------------------------------------------------------------------------------
+
+def preference_metrics(chosen_scores, rejected_scores, threshold):
+    """accuracy: share of pairs whose chosen answer scores above the rejected one.
+    margin: mean of chosen minus rejected score.
+    F1: each pair gives two examples, chosen (label 1) and rejected (label 0), classified as
+    preferred when score > threshold; F1 = 2PR / (P + R) of the preferred class. The threshold
+    is the normalisation mean (from the training pairs, so no held-out label is used): F1 says
+    how well the sign of the normalised reward PPO sees, one answer at a time, separates
+    good from bad answers across prompts, where accuracy only compares answers of one prompt."""
+    import torch
+
+    chosen, rejected = chosen_scores.double(), rejected_scores.double()
+    tp = (chosen > threshold).sum().item()
+    fp = (rejected > threshold).sum().item()
+    fn = len(chosen) - tp
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "accuracy": (chosen > rejected).double().mean().item(),
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "margin": (chosen - rejected).mean().item(),
+        "threshold": float(threshold),
+        "pairs": len(chosen),
+        "chosen_mean": chosen.mean().item(),
+        "rejected_mean": rejected.mean().item(),
+        "score_std": torch.cat([chosen, rejected]).std().item(),
+    }

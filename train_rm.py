@@ -1,0 +1,203 @@
+"""Stage 2 of 3: reward model (RM) with TRL's RewardTrainer.
+
+Reads  ./sft_model (SFT_DIR: the SFT stage's output, with its tokenizer and chat template) and
+       the preference pairs in RM_TRAIN_FILE / RM_EVAL_FILE (TRL conversational preference
+       format: {"prompt": [messages], "chosen": [assistant message], "rejected": [...]}).
+Writes ./rm_model (RM_DIR): a plain AutoModelForSequenceClassification folder with one output
+       (merged when LoRA is on) and the SFT tokenizer, plus reward_normalization.json (mean/std
+       for PPO; also in config.json as reward_mean/reward_std), eval_results.json (held-out
+       accuracy, F1, margin) and rlhf_stage.json (hand-off metadata).
+
+The SFT model gets a scalar head (`score`) and is trained with the Bradley-Terry loss
+-log sigmoid(r_chosen - r_rejected) (Ouyang et al. 2022), plus a small centring term that keeps
+scores near 0 (Eisenstein et al. 2023). The score is read at the last token the chat template
+emits for prompt + answer; PPO scores its rollouts through rlhf.reward.score_responses, which
+builds that same input.
+
+Metrics on the held-out pairs (RM_EVAL_FILE):
+  accuracy  share of pairs whose chosen answer scores above the rejected one;
+  margin    mean of (chosen score - rejected score);
+  F1        each pair counts as two examples, chosen (label 1) and rejected (label 0), each
+            classified "preferred" when its score is above the normalisation mean (computed on
+            the training pairs, so no held-out label is used); F1 = 2PR/(P+R) of that class.
+            Accuracy compares two answers to the same prompt; F1 checks that one threshold
+            separates good from bad answers across prompts, as PPO needs: it sees one answer at
+            a time and its centred reward (score - mean) / std is positive exactly when the
+            answer is classified preferred.
+Reward normalisation: mean and std of the RM's scores on both sides of the training pairs, after
+training, so 0 is the boundary between preferred and rejected answers and +-1 about a typical one.
+
+    python train_rm.py                                    # embedded default, CPU is fine
+    python train_rm.py --USE_LORA=true --RM_LR=1e-4       # LoRA (score head fully trained), merged on save
+    accelerate launch --num_processes 2 train_rm.py       # several GPUs (or CPU processes)
+
+Any constant of config.py can be overridden as --NAME=value.
+"""
+
+import os
+import shutil
+import time
+
+import config as C
+from rlhf.common import (
+    check_output_dir, drop_too_long, load_preference_pairs, load_tokenizer, lora_config, require_stage_output,
+    run_stage, save_stage_output, start_stage, torch_dtype, trainer_args, write_json,
+)
+from rlhf.reward import (
+    conversation_ids, load_reward_model, preference_metrics, reward_statistics, save_reward_normalization,
+    score_conversations,
+)
+
+
+def pair_lengths(tokenizer, pairs):
+    """Tokens of the longer side of each pair (RewardTrainer drops a pair if either side is too long)."""
+    return [max(len(conversation_ids(tokenizer, p["prompt"] + p["chosen"])),
+                len(conversation_ids(tokenizer, p["prompt"] + p["rejected"]))) for p in pairs]
+
+
+def score_pairs(model, tokenizer, pairs, device):
+    """(chosen scores, rejected scores) of the pairs, each a float tensor (N,)."""
+    scores = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs] +
+                                 [p["prompt"] + p["rejected"] for p in pairs], C.RM_SCORE_BATCH_SIZE, device)
+    return scores[:len(pairs)], scores[len(pairs):]
+
+
+def log_line_callback(stage):
+    """One fixed-format line per log step (as train_sft.py), with the RM's metrics."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LogLine(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            if not any(k in logs for k in ("loss", "eval_loss")):
+                return  # the end-of-training summary: printed by the stage itself
+            parts = [f"{stage} step {state.global_step}/{state.max_steps}"]
+            for key, label in (("loss", "loss"), ("accuracy", "acc"), ("margin", "margin"),
+                               ("eval_loss", "eval loss"), ("eval_accuracy", "eval acc"),
+                               ("eval_margin", "eval margin"), ("learning_rate", "lr")):
+                if key in logs:
+                    parts.append(f"{label} {logs[key]:.4g}")
+            now = time.time()
+            parts.append(f"{now - getattr(self, '_last', now):.1f} s")
+            self._last = now
+            self.training_bar.write(" | ".join(parts))
+
+    return LogLine
+
+
+def main(argv):
+    state = start_stage("rm", argv)
+    check_output_dir(C.RM_DIR)
+    require_stage_output(C.SFT_DIR, "sft")
+    tokenizer = load_tokenizer(C.SFT_DIR)  # the SFT stage's tokenizer: same chat template, same ids
+
+    # ---- data: conversational preference pairs, too-long pairs dropped with a count
+    train = load_preference_pairs(C.RM_TRAIN_FILE)
+    evals = load_preference_pairs(C.RM_EVAL_FILE)
+    # `length` lets the sampler batch pairs of similar length: each pair is padded to the longest
+    # sequence of its batch, and random batches of the bundled data would be ~40% padding.
+    train = [dict(p, length=n) for p, n in zip(train, pair_lengths(tokenizer, train))]
+    evals = [dict(p, length=n) for p, n in zip(evals, pair_lengths(tokenizer, evals))]
+    train = drop_too_long(train, [p["length"] for p in train], C.RM_MAX_LEN, C.RM_TRAIN_FILE)
+    evals = drop_too_long(evals, [p["length"] for p in evals], C.RM_MAX_LEN, C.RM_EVAL_FILE)
+    if state.is_main_process:
+        print(f"data: {len(train)} train / {len(evals)} eval preference pairs")
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    # ---- model: the SFT model with a new scalar head (num_labels=1), padding known to its config
+    model = load_reward_model(C.SFT_DIR, dtype=torch_dtype(), for_training=True)
+    model.config.pad_token_id = tokenizer.pad_token_id  # pooling reads the last token that is not padding
+    peft_config = None
+    if C.USE_LORA:
+        peft_config = lora_config("SEQ_CLS")
+        peft_config.modules_to_save = ["score"]  # the new head is trained fully, not through an adapter
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "rm")
+    checkpoint_dir = os.path.join(C.RUNS_DIR, "rm", "checkpoints")
+    args = RewardConfig(
+        output_dir=checkpoint_dir,
+        per_device_train_batch_size=C.RM_BATCH_SIZE,
+        per_device_eval_batch_size=C.RM_BATCH_SIZE,
+        gradient_accumulation_steps=C.RM_GRAD_ACCUM,
+        num_train_epochs=C.RM_EPOCHS,
+        learning_rate=C.RM_LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=C.RM_WARMUP_RATIO,  # a float below 1 is a share of the total steps
+        max_length=C.RM_MAX_LEN,  # nothing left to filter: too-long pairs were dropped above
+        train_sampling_strategy="group_by_length",  # shuffled mega-batches sorted by `length` (less padding)
+        remove_unused_columns=False,  # keeps `length` for the sampler; the collator reads only the token ids
+        center_rewards_coefficient=C.RM_CENTER_REWARDS_COEF or None,
+        disable_dropout=True,
+        logging_steps=C.LOG_EVERY,
+        eval_strategy="steps" if C.EVAL_EVERY else "epoch",
+        eval_steps=C.EVAL_EVERY or None,
+        save_strategy="steps" if C.EVAL_EVERY else "epoch",
+        save_steps=C.EVAL_EVERY or None,
+        save_total_limit=1,
+        **trainer_args(RewardConfig),  # fp32 on CPU: TRL's bf16 default is ~20x slower here
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals), peft_config=peft_config,
+    )
+    from transformers.trainer_callback import ProgressCallback
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(log_line_callback("rm"))
+
+    # ---- train (resuming from the last checkpoint of an interrupted run)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    t0 = time.time()
+    last = get_last_checkpoint(checkpoint_dir) if C.RESUME and os.path.isdir(checkpoint_dir) else None
+    if last and state.is_main_process:
+        print(f"resuming from {last}")
+    result = trainer.train(resume_from_checkpoint=last)
+    train_seconds = time.time() - t0
+    train_tokens = trainer.state.num_input_tokens_seen or None  # chosen + rejected, padding excluded
+
+    model = trainer.model
+    if C.USE_LORA:
+        model = model.merge_and_unload()  # a plain model: PPO and transformers load it as is
+    model.eval()
+
+    # ---- normalisation on the training pairs, then held-out accuracy / F1 / margin
+    if state.is_main_process:
+        t1 = time.time()
+        train_chosen, train_rejected = score_pairs(model, tokenizer, train, state.device)
+        stats = reward_statistics(train_chosen, train_rejected, f"both answers of the {len(train)} pairs of {C.RM_TRAIN_FILE}")
+        eval_chosen, eval_rejected = score_pairs(model, tokenizer, evals, state.device)
+        held_out = preference_metrics(eval_chosen, eval_rejected, threshold=stats["mean"])
+        on_train = preference_metrics(train_chosen, train_rejected, threshold=stats["mean"])
+        metrics = {f"eval_{k}": v for k, v in held_out.items()}
+        metrics.update({
+            "train_accuracy": on_train["accuracy"], "train_margin": on_train["margin"],
+            "train_loss": result.training_loss, "train_seconds": train_seconds, "train_tokens": train_tokens,
+            "train_tokens_per_second": train_tokens / train_seconds if train_tokens else None,
+            "score_seconds": time.time() - t1,
+            "reward_mean": stats["mean"], "reward_std": stats["std"],
+        })
+        print(f"rm eval | accuracy {held_out['accuracy']:.4f} | f1 {held_out['f1']:.4f} | "
+              f"margin {held_out['margin']:.4g} | {held_out['pairs']} pairs | "
+              f"reward mean {stats['mean']:.4g} std {stats['std']:.4g}")
+
+        # ---- save ./rm_model (atomic, with metadata)
+        metrics["log_history"] = trainer.state.log_history
+
+        def save(tmp):
+            save_reward_normalization(tmp, stats, model)  # also sets config.reward_mean / reward_std
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "log_history"})
+
+        save_stage_output(C.RM_DIR, "rm", save, metrics, extra={"sft_model": C.SFT_DIR})
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the next run starts fresh
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+                 if k in ("eval_accuracy", "eval_f1", "eval_margin", "train_loss", "train_seconds",
+                          "train_tokens_per_second")}
+        print(f"rm done | {shown} | saved {C.RM_DIR}")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    run_stage(main)
