@@ -27,7 +27,7 @@ OVERWRITE = False  # True: allow a stage to replace an existing finished output 
 # Embedded default base model (used only when MODEL_NAME == BASE_MODEL_DIR)
 # ---------------------------------------------------------------------------------------------
 BASE_MODEL_DIR = "./base_model"  # where the embedded model is built (randomly initialised, trained by SFT)
-BASE_VOCAB_SIZE = 2048  # byte-level BPE vocabulary trained on the bundled data and Python's stdlib
+BASE_VOCAB_SIZE = 4096  # byte-level BPE vocabulary trained on the bundled data and Python's stdlib
 BASE_HIDDEN = 256  # hidden size of the embedded Qwen2 model
 BASE_LAYERS = 4  # transformer layers
 BASE_HEADS = 8  # attention heads (head dim = BASE_HIDDEN / BASE_HEADS)
@@ -118,4 +118,4 @@ PPO_EXEC_WEIGHT = 1.0  # weight of the unit-test pass fraction (prompts with tes
 PPO_REWARD_FN = ""  # optional extra reward "module:function", f(prompt messages, response texts) -> floats
 PPO_EVAL_EVERY = 10  # iterations between held-out evaluations (pass@1, RM score); 0 = only at the end
 PPO_SAVE_EVERY = 10  # iterations between checkpoints (resume with RESUME); 0 = never
-PPO_EVAL_TASKS = 0  # held-out tasks evaluated during training; 0 = all of EVAL_TASKS_FILE
+PPO_EVAL_TASKS = 64  # held-out tasks evaluated every PPO_EVAL_EVERY (a subset, for speed); all at the end

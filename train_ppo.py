@@ -398,7 +398,9 @@ def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device):
     summary, _ = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t)}
                                           for p, t in zip(problems, texts)], ks=(1,), progress=False)
     scores = rm_scores(rm, rm_tokenizer, [p.messages() for p in problems], texts, device=device)
-    return {"pass_at_1": summary["pass@1"], "rm_score": ((scores.float().mean().item() - norm["mean"]) / norm["std"])}
+    per_lang = {f"pass_at_1_{k[len('pass@1_'):]}": v for k, v in summary.items() if k.startswith("pass@1_")}
+    return {"pass_at_1": summary["pass@1"], **per_lang,
+            "rm_score": (scores.float().mean().item() - norm["mean"]) / norm["std"]}
 
 
 def last_checkpoint(folder):
@@ -500,7 +502,7 @@ def main(argv):
 
     # ---- data
     prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)
-    problems = load_problems(C.EVAL_TASKS_FILE)[: C.PPO_EVAL_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
+    problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
     if accelerator.is_main_process:
         n_tested = sum(r["problem"] is not None for r in prompts)
         print(f"data: {len(prompts)} prompts ({n_tested} with unit tests), {len(problems)} held-out tasks")
@@ -517,12 +519,14 @@ def main(argv):
             print(f"resuming from {last} (step {start})")
     accelerator.init_trackers("ppo")
 
-    def run_eval(step):
+    def run_eval(step, final=False):
+        """Held-out pass@1 and RM score: a subset (PPO_EVAL_TASKS) during training, all at the end."""
         result = {}
         if accelerator.is_main_process and problems:
             ctx, rm_model = rm()
+            subset = problems if final else problems[: C.PPO_EVAL_TASKS or None]
             with ctx:
-                result = evaluate(unwrapped().policy, tokenizer, rm_model, rm_tokenizer, norm, problems, device)
+                result = evaluate(unwrapped().policy, tokenizer, rm_model, rm_tokenizer, norm, subset, device)
             print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
             accelerator.log({f"ppo/eval_{k}": v for k, v in result.items()}, step=step)
         accelerator.wait_for_everyone()
@@ -649,7 +653,7 @@ def main(argv):
     seconds = time.time() - t_start
 
     # ---- final evaluation and save ./ppo_model
-    final = run_eval(C.PPO_STEPS)
+    final = run_eval(C.PPO_STEPS, final=True)
     if accelerator.is_main_process:
         trained = [h for h in history if "kl" in h]
         last_rows = trained[-5:] or [{}]

@@ -41,7 +41,7 @@ import time
 import config as C
 from rlhf.common import (
     check_output_dir, drop_too_long, load_preference_pairs, load_tokenizer, lora_config, require_stage_output,
-    run_stage, save_stage_output, start_stage, torch_dtype, trainer_args, write_json,
+    run_stage, save_stage_output, start_stage, torch_dtype, trainer_args, use_log_line, write_json,
 )
 from rlhf.reward import (
     conversation_ids, load_reward_model, preference_metrics, reward_statistics, save_reward_normalization,
@@ -60,30 +60,6 @@ def score_pairs(model, tokenizer, pairs, device):
     scores = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs] +
                                  [p["prompt"] + p["rejected"] for p in pairs], C.RM_SCORE_BATCH_SIZE, device)
     return scores[:len(pairs)], scores[len(pairs):]
-
-
-def log_line_callback(stage):
-    """One fixed-format line per log step (as train_sft.py), with the RM's metrics."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class LogLine(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or self.training_bar is None or not logs:
-                return
-            if not any(k in logs for k in ("loss", "eval_loss")):
-                return  # the end-of-training summary: printed by the stage itself
-            parts = [f"{stage} step {state.global_step}/{state.max_steps}"]
-            for key, label in (("loss", "loss"), ("accuracy", "acc"), ("margin", "margin"),
-                               ("eval_loss", "eval loss"), ("eval_accuracy", "eval acc"),
-                               ("eval_margin", "eval margin"), ("learning_rate", "lr")):
-                if key in logs:
-                    parts.append(f"{label} {logs[key]:.4g}")
-            now = time.time()
-            parts.append(f"{now - getattr(self, '_last', now):.1f} s")
-            self._last = now
-            self.training_bar.write(" | ".join(parts))
-
-    return LogLine
 
 
 def main(argv):
@@ -141,9 +117,8 @@ def main(argv):
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals), peft_config=peft_config,
     )
-    from transformers.trainer_callback import ProgressCallback
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(log_line_callback("rm"))
+    use_log_line(trainer, "rm", [("loss", "loss"), ("accuracy", "acc"), ("margin", "margin"), ("eval_loss", "eval loss"),
+                                 ("eval_accuracy", "eval acc"), ("eval_margin", "eval margin"), ("learning_rate", "lr")])
 
     # ---- train (resuming from the last checkpoint of an interrupted run)
     from transformers.trainer_utils import get_last_checkpoint

@@ -7,8 +7,9 @@ Writes ./sft_model: a plain Hugging Face causal-LM folder (merged when LoRA is o
        tokenizer, chat template and generation config, plus eval_results.json (held-out
        perplexity, token accuracy, pass@1) and rlhf_stage.json (hand-off metadata).
 
-The loss is on the assistant's answer only (TRL's prompt-completion form), sequences are packed
-padding-free so no compute is spent on padding, precision follows the hardware.
+The loss is on the assistant's answer only (TRL's prompt-completion form). Batches group
+sequences of similar length so little compute goes to padding (PACKING=True packs padding-free,
+the faster choice on GPUs with flash-attention); precision follows the hardware.
 
     python train_sft.py                                   # embedded default, CPU is fine
     python train_sft.py --USE_LORA=true --LR=1e-4         # LoRA, merged on save
@@ -26,7 +27,7 @@ import config as C
 from rlhf.common import (
     check_output_dir, drop_too_long, load_causal_lm, load_sft_examples, load_tokenizer, lora_config,
     resolve_base_model, run_stage, save_stage_output, start_stage, trainer_args,
-    write_json,
+    use_log_line, write_json,
 )
 
 
@@ -34,30 +35,6 @@ def token_lengths(tokenizer, examples):
     """Tokens of prompt + completion as the chat template renders them (what SFTTrainer sees)."""
     return [len(tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True)["input_ids"])
             for ex in examples]
-
-
-def log_line_callback(stage):
-    """Replaces the Trainer's dict printout with one fixed-format line per log step, keeping
-    its progress bar."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class LogLine(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or self.training_bar is None or not logs:
-                return
-            if not any(k in logs for k in ("loss", "eval_loss")):
-                return  # the end-of-training summary: printed by the stage itself
-            parts = [f"{stage} step {state.global_step}/{state.max_steps}"]
-            for key, label in (("loss", "loss"), ("eval_loss", "eval loss"), ("mean_token_accuracy", "acc"),
-                               ("eval_mean_token_accuracy", "eval acc"), ("learning_rate", "lr")):
-                if key in logs:
-                    parts.append(f"{label} {logs[key]:.4g}")
-            now = time.time()
-            parts.append(f"{now - getattr(self, '_last', now):.1f} s")
-            self._last = now
-            self.training_bar.write(" | ".join(parts))
-
-    return LogLine
 
 
 def main(argv):
@@ -109,9 +86,8 @@ def main(argv):
         train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
         peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
     )
-    from transformers.trainer_callback import ProgressCallback
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(log_line_callback("sft"))
+    use_log_line(trainer, "sft", [("loss", "loss"), ("eval_loss", "eval loss"), ("mean_token_accuracy", "acc"),
+                                  ("eval_mean_token_accuracy", "eval acc"), ("learning_rate", "lr")])
 
     # ---- train (resuming from the last checkpoint of an interrupted run)
     t0 = time.time()
@@ -143,6 +119,7 @@ def main(argv):
         problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
         summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS)
         metrics["pass_at_1"] = summary["pass@1"]
+        metrics.update({f"pass_at_1_{k[len('pass@1_'):]}": v for k, v in summary.items() if k.startswith("pass@1_")})
         metrics["eval_tasks"] = len(problems)
 
     # ---- save ./sft_model (main process; atomic, with metadata)

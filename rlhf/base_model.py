@@ -3,8 +3,8 @@ and Python's own standard library, a ChatML chat template, and a small randomly 
 Qwen2 causal LM. It is an ordinary Hugging Face folder, so every stage runs the same code path
 it runs for Qwen2.5-Coder; SFT is what teaches it to write code.
 
-Build it by hand with `python scripts/build_base_model.py`; the stages build it when
-MODEL_NAME is the embedded default and the folder does not exist yet.
+train_sft.py builds it when MODEL_NAME is the embedded default (BASE_MODEL_DIR) and the folder
+does not exist yet; its size is set by the BASE_* constants in config.py.
 """
 
 import json

@@ -39,8 +39,9 @@ def start_stage(name, argv):
     seed_everything(C.SEED + state.process_index)  # per-rank seed (N+ implementation details)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if state.is_main_process:
+        reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}"}[name]
         print(f"== {name} | {state.num_processes} process(es) on {state.device} | "
-              f"precision {precision()} | model {C.MODEL_NAME} | lora {C.USE_LORA}")
+              f"precision {precision()} | from {reads} | lora {C.USE_LORA}")
     return state
 
 
@@ -351,13 +352,31 @@ def drop_too_long(examples, lengths, max_len, source):
 # Logging
 # ---------------------------------------------------------------------------------------------
 
-class StepTimer:
-    """Seconds since the last call, for the fixed-format log line."""
+def log_line_callback(stage, keys):
+    """A Trainer callback that replaces the dict printout with one fixed-format line per log step
+    (`sft step 40/206 | loss 1.2 | lr 0.002 | 5.1 s`), keeping the progress bar. `keys` lists
+    (log key, label) pairs to show, in order."""
+    from transformers.trainer_callback import ProgressCallback
 
-    def __init__(self):
-        self.last = time.time()
+    class LogLine(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            if not any(k in logs for k in ("loss", "eval_loss")):
+                return  # the end-of-training summary: printed by the stage itself
+            parts = [f"{stage} step {state.global_step}/{state.max_steps}"]
+            parts += [f"{label} {logs[key]:.4g}" for key, label in keys if key in logs]
+            now = time.time()
+            parts.append(f"{now - getattr(self, '_last', now):.1f} s")
+            self._last = now
+            self.training_bar.write(" | ".join(parts))
 
-    def lap(self):
-        now = time.time()
-        dt, self.last = now - self.last, now
-        return dt
+    return LogLine
+
+
+def use_log_line(trainer, stage, keys):
+    """Swap the Trainer's default progress printer for log_line_callback."""
+    from transformers.trainer_callback import ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(log_line_callback(stage, keys))

@@ -1,0 +1,132 @@
+"""scripts/pipeline.py end to end on tiny models (one short run of each stage), its reuse and
+--redo logic, a failing stage; scripts/generate.py on the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_script, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def pipeline_args(tiny_base, toy_data, toy_pairs, tmp_path_factory):
+    """Overrides that point every stage at tiny inputs and every output at a temporary folder."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    rows = [{"task_id": f"t{k}", "lang": "en", "prompt": [{"role": "user", "content": f"Write add_{k}(x) returning x plus {k}."}],
+             "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}]} for k in range(1, 9)]
+    prompts = write_jsonl(folder / "ppo.jsonl", rows)
+    tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in rows[:3]])
+    args = [f"--reports={folder / 'reports'}", f"--MODEL_NAME={tiny_base}", f"--RUNS_DIR={folder / 'runs'}",
+            f"--SFT_DIR={folder / 'sft_model'}", f"--RM_DIR={folder / 'rm_model'}", f"--PPO_DIR={folder / 'ppo_model'}",
+            f"--SFT_TRAIN_FILE={toy_data['sft_train']}", f"--SFT_EVAL_FILE={toy_data['sft_eval']}",
+            f"--RM_TRAIN_FILE={toy_pairs['rm_train']}", f"--RM_EVAL_FILE={toy_pairs['rm_eval']}",
+            f"--PPO_PROMPTS_FILE={prompts}", f"--EVAL_TASKS_FILE={tasks}",
+            "--EPOCHS=1", "--BATCH_SIZE=8", "--LOG_EVERY=2", "--MAX_LEN=128", "--RM_MAX_LEN=128", "--RM_BATCH_SIZE=8",
+            "--PPO_STEPS=2", "--PPO_BATCH_SIZE=4", "--PPO_MINI_BATCH_SIZE=2", "--PPO_EPOCHS=1", "--PPO_RESPONSE_LEN=8",
+            "--GEN_MAX_NEW_TOKENS=8", "--PPO_EVAL_EVERY=1", "--PPO_SAVE_EVERY=0", "--REPORT_TO=none"]
+    return folder, args
+
+
+@pytest.fixture(scope="module")
+def first_run(pipeline_args):
+    folder, args = pipeline_args
+    proc = run_script("scripts/pipeline.py", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return folder, args, proc
+
+
+def finished_at(folder, stage):
+    return json.load(open(folder / f"{stage}_model" / "rlhf_stage.json"))["finished_at"]
+
+
+def test_pipeline_runs_every_stage_and_reports(first_run):
+    folder, _, proc = first_run
+    reports = folder / "reports"
+    report = json.load(open(reports / "report.json"))
+    for stage, keys in {"sft": ("eval_perplexity", "eval_token_accuracy", "pass_at_1"), "rm": ("eval_accuracy", "eval_f1"),
+                        "ppo": ("pass_at_1", "kl", "reward_mean")}.items():
+        for key in keys:
+            assert isinstance(report[stage][key], float), (stage, key, report[stage].get(key))
+        assert report["seconds"][stage] > 0
+        assert report["settings"][stage]["PPO_STEPS"] == 2  # the settings the stage ran with
+    assert report["missing"] == [] and report["versions"]["torch"]
+    assert "## SFT versus PPO" in (reports / "report.md").read_text()
+    for png in ("sft_loss.png", "rm_accuracy.png", "ppo_training.png"):
+        assert (reports / png).stat().st_size > 10_000, png  # an empty figure is a few kB
+    timings = json.load(open(reports / "timings.json"))
+    assert set(timings) == {"sft", "rm", "ppo"} and all(t["source"] == "pipeline" for t in timings.values())
+    for stage in ("sft", "rm", "ppo"):  # the log file holds the stage's own output
+        assert f"{stage} done" in (reports / "logs" / f"{stage}.log").read_text()
+    assert "ppo step 2/2" in proc.stdout  # streamed to the terminal too
+
+
+def test_second_run_reuses_every_stage(first_run):
+    folder, args, _ = first_run
+    before = {s: finished_at(folder, s) for s in ("sft", "rm", "ppo")}
+    seconds = json.load(open(folder / "reports" / "timings.json"))
+    proc = run_script("scripts/pipeline.py", *args, "--PPO_KL_COEF=0.1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ppo: note: " in proc.stdout and "PPO_KL_COEF=0.05, not 0.1; --redo ppo" in proc.stdout
+    assert "sft: note" not in proc.stdout and "rm: note" not in proc.stdout  # a PPO setting concerns PPO only
+    for stage in ("sft", "rm", "ppo"):
+        assert f"{stage}: {folder / (stage + '_model')} is finished, reusing it (--redo {stage} to train again)" in proc.stdout
+        assert finished_at(folder, stage) == before[stage]
+    assert json.load(open(folder / "reports" / "timings.json")) == seconds  # earlier times kept
+
+
+def test_redo_ppo_retrains_only_ppo(first_run):
+    folder, args, _ = first_run
+    before = {s: finished_at(folder, s) for s in ("sft", "rm", "ppo")}
+    time.sleep(1.1)  # finished_at has a resolution of one second
+    proc = run_script("scripts/pipeline.py", *args, "--redo", "ppo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sft: " in proc.stdout and "rm: " in proc.stdout and "ppo step 2/2" in proc.stdout
+    assert "reusing it (--redo sft" in proc.stdout and "reusing it (--redo rm" in proc.stdout
+    assert "reusing it (--redo ppo" not in proc.stdout
+    assert finished_at(folder, "sft") == before["sft"] and finished_at(folder, "rm") == before["rm"]
+    assert finished_at(folder, "ppo") != before["ppo"]
+    assert json.load(open(folder / "reports" / "report.json"))["ppo"]["finished_at"] == finished_at(folder, "ppo")
+
+
+def test_failing_stage_stops_the_pipeline_with_its_error(first_run, tmp_path):
+    folder, args, _ = first_run
+    # SFT is reused; RM fails on a missing data file; PPO must not start
+    args = [a for a in args if not a.startswith(("--RM_DIR=", "--PPO_DIR=", "--RM_TRAIN_FILE=", "--reports="))]
+    proc = run_script("scripts/pipeline.py", *args, f"--RM_DIR={tmp_path / 'rm'}", f"--PPO_DIR={tmp_path / 'ppo'}",
+                      f"--RM_TRAIN_FILE={tmp_path / 'missing.jsonl'}", f"--reports={tmp_path / 'reports'}")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data file") and "missing.jsonl not found" in last
+    assert "stopped at rm" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert "missing.jsonl not found" in (tmp_path / "reports" / "logs" / "rm.log").read_text()
+    assert not (tmp_path / "ppo").exists() and not (tmp_path / "reports" / "logs" / "ppo.log").exists()
+
+
+def test_report_alone_marks_missing_stages(tmp_path):
+    proc = run_script("scripts/report.py", f"--reports={tmp_path}", f"--SFT_DIR={tmp_path / 'a'}",
+                      f"--RM_DIR={tmp_path / 'b'}", f"--PPO_DIR={tmp_path / 'c'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(tmp_path / "report.json"))
+    assert report["missing"] == ["sft", "rm", "ppo"] and report["sft"]["missing"] is True
+    assert "**ppo: missing**" in (tmp_path / "report.md").read_text()
+
+
+def test_generate_prints_an_answer(tiny_base):
+    proc = run_script("scripts/generate.py", "--model", tiny_base, "--max-new-tokens=8", "用Python实现快速排序算法")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip()  # the untrained tiny model says something, never nothing
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"), "--model", tiny_base,
+                           "--max-new-tokens=8", "--interactive"], input="first\nsecond\nexit\nnever read\n",
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip()  # answers to the prompts before `exit`
+
+
+def test_generate_missing_model_is_one_line(tmp_path):
+    proc = run_script("scripts/generate.py", "--model", str(tmp_path / "ppo_model"), "hi")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "is not a model folder" in proc.stderr
