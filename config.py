@@ -51,7 +51,7 @@ EVAL_TASKS_FILE = "data/eval_tasks.jsonl"  # held-out code tasks with tests: pas
 SFT_DIR = "./sft_model"  # output folder of the SFT stage, input of RM and PPO
 BATCH_SIZE = 16  # sequences per device per step; lower it first on out-of-memory
 GRAD_ACCUM = 1  # gradient accumulation steps; global batch = BATCH_SIZE * GRAD_ACCUM * processes
-EPOCHS = 12  # passes over the SFT data (the embedded model starts from random weights, so it needs many)
+EPOCHS = 4  # passes over the SFT data (the embedded model starts from random weights; 2 is plenty for a pretrained one)
 MAX_LEN = 512  # tokens per sequence (prompt + answer); longer examples are dropped with a count
 LR = 2e-3  # peak learning rate (cosine decay, warm-up below); 1e-5 for a pretrained 1.5B model
 WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up
@@ -67,9 +67,9 @@ EVAL_EVERY = 0  # optimizer steps between held-out evaluations; 0 = once per epo
 RM_DIR = "./rm_model"  # output folder of the RM stage (scalar-head model + reward normalisation), input of PPO
 RM_BATCH_SIZE = 16  # preference pairs per device per step (each pair is 2 sequences); lower it first on out-of-memory
 RM_GRAD_ACCUM = 1  # gradient accumulation steps; global batch = RM_BATCH_SIZE * RM_GRAD_ACCUM * processes
-RM_EPOCHS = 1  # passes over the preference pairs; 1 is the usual choice (more overfits, Ouyang et al. 2022)
+RM_EPOCHS = 2  # passes over the preference pairs; the embedded model (random init) needs 2, a pretrained one 1
 RM_MAX_LEN = 512  # tokens per sequence (prompt + answer); pairs with a longer side are dropped with a count
-RM_LR = 5e-4  # peak learning rate (cosine decay); 1e-5 (full) or 1e-4 (LoRA) for a pretrained 1.5B model
+RM_LR = 1e-3  # peak learning rate (cosine decay); 1e-5 (full) or 1e-4 (LoRA) for a pretrained 1.5B model
 RM_WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up
 RM_CENTER_REWARDS_COEF = 0.01  # loss += coef * mean(score^2), keeps scores near 0 (Eisenstein et al. 2023); 0 = off
 RM_SCORE_BATCH_SIZE = 64  # sequences per forward when scoring (evaluation, normalisation); memory only
@@ -77,7 +77,7 @@ RM_SCORE_BATCH_SIZE = 64  # sequences per forward when scoring (evaluation, norm
 # ---------------------------------------------------------------------------------------------
 # Evaluation by execution (all stages)
 # ---------------------------------------------------------------------------------------------
-GEN_MAX_NEW_TOKENS = 192  # longest generated answer, in tokens
+GEN_MAX_NEW_TOKENS = 160  # longest generated answer, in tokens
 EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +98,10 @@ PPO_STEPS = 40  # PPO iterations (each: one batch of rollouts, then PPO_EPOCHS o
 PPO_BATCH_SIZE = 32  # prompts rolled out per process per iteration
 PPO_MINI_BATCH_SIZE = 8  # responses per gradient step (PPO_BATCH_SIZE must be a multiple)
 PPO_EPOCHS = 4  # passes over each rollout batch (TRL: 4)
-PPO_LR = 3e-5  # learning rate of policy and critic, linear decay to 0; ~1e-6..3e-6 for 1B+ models
-PPO_RESPONSE_LEN = 160  # max new tokens per rollout; shapes stay equal across processes
+PPO_LR = 3e-5  # policy learning rate, linear decay to 0; ~1e-6..3e-6 for 1B+ models
+PPO_CRITIC_LR = 3e-4  # critic (value model) learning rate; ~10x the policy's (OpenRLHF)
+PPO_SAMPLES_PER_PROMPT = 4  # answers sampled per prompt in a batch (PPO_BATCH_SIZE must be a multiple)
+PPO_RESPONSE_LEN = 128  # max new tokens per rollout; shapes stay equal across processes
 PPO_TEMPERATURE = 0.7  # sampling temperature (top_k 0, top_p 1: the policy's own distribution)
 PPO_KL_COEF = 0.05  # beta of the per-token KL penalty to the SFT reference (TRL 0.05)
 PPO_KL_TARGET = 0.0  # > 0: adapt beta towards this KL per response (Ziegler et al. 2019); 0 = fixed

@@ -444,8 +444,9 @@ def main(argv):
     require_stage_output(C.SFT_DIR, "sft")
     require_stage_output(C.RM_DIR, "rm")
     check_output_dir(C.PPO_DIR)
-    if C.PPO_BATCH_SIZE % C.PPO_MINI_BATCH_SIZE:
-        raise UserError(f"PPO_BATCH_SIZE ({C.PPO_BATCH_SIZE}) must be a multiple of PPO_MINI_BATCH_SIZE ({C.PPO_MINI_BATCH_SIZE})")
+    for name in ("PPO_MINI_BATCH_SIZE", "PPO_SAMPLES_PER_PROMPT"):
+        if getattr(C, name) < 1 or C.PPO_BATCH_SIZE % getattr(C, name):
+            raise UserError(f"PPO_BATCH_SIZE ({C.PPO_BATCH_SIZE}) must be a multiple of {name} ({getattr(C, name)})")
     run_dir = os.path.join(C.RUNS_DIR, "ppo")
     accelerator = Accelerator(mixed_precision="bf16" if precision() == "bf16" else "no",
                               log_with=report_to() or None, project_dir=run_dir)
@@ -480,7 +481,11 @@ def main(argv):
 
     model = PolicyAndCritic(policy, critic)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=C.PPO_LR, eps=1e-5)  # eps 1e-5: N+ details
+    # the critic learns faster than the policy (OpenRLHF: critic lr ~10x the actor's); eps 1e-5: N+ details
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": C.PPO_LR},
+        {"params": [p for p in critic.parameters() if p.requires_grad], "lr": C.PPO_CRITIC_LR},
+    ], eps=1e-5)
     mini_batches = C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, C.PPO_STEPS * C.PPO_EPOCHS * mini_batches)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -549,7 +554,10 @@ def main(argv):
         # prompts of this step: a function of (seed, rank, step) only, so a resumed run sees the
         # same prompts it would have seen, with no sampler state to save
         rng = random.Random(C.SEED * 1_000_003 + accelerator.process_index * 10_007 + step)
-        batch = [prompts[rng.randrange(len(prompts))] for _ in range(C.PPO_BATCH_SIZE)]
+        # each prompt is sampled PPO_SAMPLES_PER_PROMPT times: answers to the same prompt that
+        # pass and fail side by side are what the advantages learn from
+        picked = [prompts[rng.randrange(len(prompts))] for _ in range(C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT)]
+        batch = [row for row in picked for _ in range(C.PPO_SAMPLES_PER_PROMPT)]
 
         # ---- rollout (no gradients): sample, then logprobs, reference logprobs, values, scores
         model.eval()
@@ -559,9 +567,12 @@ def main(argv):
             gen = policy_u.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
                                     do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
-            response = gen[:, query.shape[1]:]  # (B, <=T)
-            pad = C.PPO_RESPONSE_LEN - response.shape[1]  # equal shapes on every process
-            response = torch.nn.functional.pad(response, (0, pad), value=tokenizer.pad_token_id)  # (B, T)
+            response = gen[:, query.shape[1]:]  # (B, T'): generate stops when every row has ended
+            # pad to the longest response of any process (not to PPO_RESPONSE_LEN: most answers are
+            # far shorter), so every process runs the same number of identically shaped steps
+            longest = accelerator.reduce(torch.tensor([response.shape[1]], device=device), "max").item()
+            response = torch.nn.functional.pad(response, (0, longest - response.shape[1]),
+                                               value=tokenizer.pad_token_id)  # (B, T)
             response = truncate_after_eos(response, eos_ids, tokenizer.pad_token_id)
             mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
 
