@@ -94,15 +94,15 @@ EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
 # Stage 3: PPO (train_ppo.py); defaults follow TRL <= 1.10 and the N+ implementation details
 # ---------------------------------------------------------------------------------------------
 PPO_DIR = "./ppo_model"  # output folder of the PPO stage
-PPO_STEPS = 40  # PPO iterations (each: one batch of rollouts, then PPO_EPOCHS of updates)
+PPO_STEPS = 30  # PPO iterations (each: one batch of rollouts, then PPO_EPOCHS of updates)
 PPO_BATCH_SIZE = 32  # prompts rolled out per process per iteration
 PPO_MINI_BATCH_SIZE = 8  # responses per gradient step (PPO_BATCH_SIZE must be a multiple)
 PPO_EPOCHS = 4  # passes over each rollout batch (TRL: 4)
-PPO_LR = 3e-5  # policy learning rate, linear decay to 0; ~1e-6..3e-6 for 1B+ models
+PPO_LR = 2e-5  # policy learning rate, linear decay to 0; ~1e-6..3e-6 for 1B+ models
 PPO_CRITIC_LR = 3e-4  # critic (value model) learning rate; ~10x the policy's (OpenRLHF)
 PPO_SAMPLES_PER_PROMPT = 4  # answers sampled per prompt in a batch (PPO_BATCH_SIZE must be a multiple)
 PPO_RESPONSE_LEN = 128  # max new tokens per rollout; shapes stay equal across processes
-PPO_TEMPERATURE = 0.7  # sampling temperature (top_k 0, top_p 1: the policy's own distribution)
+PPO_TEMPERATURE = 1.0  # sampling temperature, top_k 0, top_p 1 (TRL uses 0.7; the peaked tiny model needs 1.0 to explore)
 PPO_KL_COEF = 0.05  # beta of the per-token KL penalty to the SFT reference (TRL 0.05)
 PPO_KL_TARGET = 0.0  # > 0: adapt beta towards this KL per response (Ziegler et al. 2019); 0 = fixed
 PPO_KL_HORIZON = 10000  # episodes over which the adaptive controller moves beta
