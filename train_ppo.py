@@ -539,7 +539,7 @@ def main(argv):
 
     evals = {h["step"]: h for h in history if "eval_pass_at_1" in h}
     if start == 0 and (C.PPO_EVAL_EVERY or 0) > 0:
-        before = run_eval(0)
+        before = run_eval(0, final=True)  # the SFT baseline, on the same tasks as the final evaluation
         if before:
             history.append({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
