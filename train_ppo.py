@@ -434,7 +434,7 @@ def save_checkpoint(accelerator, folder, step, history):
 # ---- the loop ----
 
 def main(argv):
-    state = start_stage("ppo", argv)
+    start_stage("ppo", argv)
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
@@ -537,7 +537,6 @@ def main(argv):
         accelerator.wait_for_everyone()
         return result
 
-    evals = {h["step"]: h for h in history if "eval_pass_at_1" in h}
     if start == 0 and (C.PPO_EVAL_EVERY or 0) > 0:
         before = run_eval(0, final=True)  # the SFT baseline, on the same tasks as the final evaluation
         if before:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
-import gzip
 import json
 import os
 import re
 
 import numpy as np
 
-from rlhf import sandbox
+from rlhf import common, sandbox
+from rlhf.settings import UserError
 
 FORMAT_FIELDS = {  # required fields per format, checked in this order
     "project": ("task_id", "prompt", "entry_point", "tests"),
@@ -80,20 +80,11 @@ def read_jsonl(path: str) -> list[dict]:
     """Rows of a jsonl / jsonl.gz file; DataError names the file and line of any bad row."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    opener = gzip.open if path.endswith(".gz") else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    try:
+        rows = common.read_jsonl(path)
+    except UserError as e:
+        raise DataError(str(e)) from None
+    return [{k: v for k, v in row.items() if k != "_line"} for row in rows]
 
 
 def load_problems(path: str) -> list[Problem]:

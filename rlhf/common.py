@@ -228,8 +228,8 @@ def load_rows(source):
     if os.path.exists(source):
         if os.path.getsize(source) == 0:
             raise UserError(f"{source} is empty")
-        if source.endswith(".jsonl"):
-            return _read_jsonl(source)
+        if source.endswith((".jsonl", ".jsonl.gz")):
+            return read_jsonl(source)
         if source.endswith(".json"):
             try:
                 with open(source, encoding="utf-8") as f:
@@ -256,9 +256,13 @@ def load_rows(source):
                         "download it first or point the setting at a local file") from None
 
 
-def _read_jsonl(path):
+def read_jsonl(path):
+    """Rows of a .jsonl (or .jsonl.gz) file, each with its line number in `_line`; a bad line is a
+    UserError naming the file and line."""
+    import gzip
+
     rows = []
-    with open(path, "rb") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")

@@ -20,7 +20,7 @@ import sys
 import time
 
 import config as C
-from rlhf.common import STAGE_INFO_FILE
+from rlhf.common import STAGE_INFO_FILE, run_stage
 from rlhf.settings import UserError, apply_overrides, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,8 +165,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(main)

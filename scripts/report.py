@@ -13,11 +13,10 @@ import json
 import math
 import os
 import platform
-import sys
 
 import config as C
-from rlhf.common import STAGE_INFO_FILE
-from rlhf.settings import UserError, apply_overrides
+from rlhf.common import STAGE_INFO_FILE, run_stage
+from rlhf.settings import apply_overrides
 
 STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
 REQUIRED = {  # keys report.json always has (None when the stage did not record them)
@@ -267,8 +266,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(main)
