@@ -118,3 +118,18 @@ def test_missing_inputs_name_the_command(tmp_path, ppo_inputs):
     assert proc.returncode == 2 and "multiple of PPO_MINI_BATCH_SIZE" in proc.stderr
     proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, f"--PPO_PROMPTS_FILE={tmp_path}/x.jsonl"))
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_lora_run_uses_disabled_adapters_and_saves_a_merged_model(ppo_inputs, tmp_path):
+    """With LoRA the reference is the policy with its adapter off and the RM the critic with its
+    adapter off; the saved model is merged (no adapter files) and loads as a plain causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--USE_LORA=true", "--PPO_STEPS=2",
+                                                "--PPO_EVAL_EVERY=0", "--PPO_LR=1e-3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "ppo_model"
+    assert not (folder / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(folder)
+    history = json.load(open(folder / "rlhf_stage.json"))["metrics"]["history"]
+    assert history[0]["kl"] == 0.0  # first rollout: policy == reference (LoRA B starts at zero)
