@@ -81,21 +81,11 @@ GEN_MAX_NEW_TOKENS = 160  # longest generated answer, in tokens
 EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
 
 # ---------------------------------------------------------------------------------------------
-# A real model on a GPU: copy these values above (or pass them as --NAME=value).
-# Qwen2.5-Coder-1.5B-Instruct on one 24 GB GPU, full fine-tuning in bf16:
-#   MODEL_NAME = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
-#   BATCH_SIZE = 2; GRAD_ACCUM = 4; EPOCHS = 2; MAX_LEN = 1024; LR = 1e-5
-#   GRADIENT_CHECKPOINTING = True
-# The same with LoRA on a 12-16 GB GPU: add USE_LORA = True and LR = 1e-4.
-# Your own data: point SFT_TRAIN_FILE/SFT_EVAL_FILE at jsonl files or hub dataset ids.
-# ---------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------------
 # Stage 3: PPO (train_ppo.py); defaults follow TRL <= 1.10 and the N+ implementation details
 # ---------------------------------------------------------------------------------------------
 PPO_DIR = "./ppo_model"  # output folder of the PPO stage
 PPO_STEPS = 30  # PPO iterations (each: one batch of rollouts, then PPO_EPOCHS of updates)
-PPO_BATCH_SIZE = 32  # prompts rolled out per process per iteration
+PPO_BATCH_SIZE = 32  # responses rolled out per process per iteration (PPO_BATCH_SIZE / PPO_SAMPLES_PER_PROMPT prompts)
 PPO_MINI_BATCH_SIZE = 8  # responses per gradient step (PPO_BATCH_SIZE must be a multiple)
 PPO_EPOCHS = 4  # passes over each rollout batch (TRL: 4)
 PPO_LR = 2e-5  # policy learning rate, linear decay to 0; ~1e-6..3e-6 for 1B+ models
@@ -121,3 +111,16 @@ PPO_REWARD_FN = ""  # optional extra reward "module:function", f(prompt messages
 PPO_EVAL_EVERY = 10  # iterations between held-out evaluations (pass@1, RM score); 0 = only at the end
 PPO_SAVE_EVERY = 10  # iterations between checkpoints (resume with RESUME); 0 = never
 PPO_EVAL_TASKS = 64  # held-out tasks evaluated every PPO_EVAL_EVERY (a subset, for speed); all at the end
+
+# ---------------------------------------------------------------------------------------------
+# A real model on a GPU: copy these values above (or pass them as --NAME=value).
+# Qwen2.5-Coder-1.5B-Instruct on one 24 GB GPU, full fine-tuning in bf16:
+#   MODEL_NAME = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+#   BATCH_SIZE = 2; GRAD_ACCUM = 4; EPOCHS = 2; MAX_LEN = 1024; LR = 1e-5
+#   GRADIENT_CHECKPOINTING = True
+# The same with LoRA on a 12-16 GB GPU: add USE_LORA = True and LR = 1e-4.
+# Reward model: RM_EPOCHS = 1; RM_LR = 1e-5 (LoRA: 1e-4). PPO: PPO_LR = 1e-6 to 3e-6 (policy),
+#   PPO_CRITIC_LR = 1e-5, PPO_TEMPERATURE = 0.7, PPO_SAMPLES_PER_PROMPT = 1 or more; USE_LORA = True
+#   keeps PPO at two networks (reference and reward model are the adapters switched off).
+# Your own data: point SFT_TRAIN_FILE/SFT_EVAL_FILE at jsonl files or hub dataset ids.
+# ---------------------------------------------------------------------------------------------
