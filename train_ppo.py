@@ -33,7 +33,7 @@ import torch
 import config as C
 from rlhf.common import (
     as_conversation, check_output_dir, load_rows, load_tokenizer, lora_config, precision, report_to,
-    require_stage_output, run_stage, save_stage_output, start_stage, torch_dtype, write_json,
+    require_stage_output, run_stage, save_stage_output, save_tokenizer, start_stage, torch_dtype, write_json,
 )
 from rlhf.settings import UserError
 
@@ -683,7 +683,7 @@ def main(argv):
 
         def save(tmp):
             policy_out.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
             write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "history"})
 
         save_stage_output(C.PPO_DIR, "ppo", save, metrics)

@@ -41,7 +41,7 @@ import time
 import config as C
 from rlhf.common import (
     check_output_dir, drop_too_long, load_preference_pairs, load_tokenizer, lora_config, require_stage_output,
-    run_stage, save_stage_output, start_stage, torch_dtype, trainer_args, use_log_line, write_json,
+    run_stage, save_stage_output, save_tokenizer, start_stage, torch_dtype, trainer_args, use_log_line, write_json,
 )
 from rlhf.reward import (
     conversation_ids, load_reward_model, preference_metrics, reward_statistics, save_reward_normalization,
@@ -162,7 +162,7 @@ def main(argv):
         def save(tmp):
             save_reward_normalization(tmp, stats, model)  # also sets config.reward_mean / reward_std
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
             write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "log_history"})
 
         save_stage_output(C.RM_DIR, "rm", save, metrics, extra={"sft_model": C.SFT_DIR})

@@ -26,7 +26,7 @@ import time
 import config as C
 from rlhf.common import (
     check_output_dir, drop_too_long, load_causal_lm, load_sft_examples, load_tokenizer, lora_config,
-    resolve_base_model, run_stage, save_stage_output, start_stage, trainer_args,
+    resolve_base_model, run_stage, save_stage_output, save_tokenizer, start_stage, trainer_args,
     use_log_line, write_json,
 )
 
@@ -128,7 +128,7 @@ def main(argv):
 
         def save(tmp):
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
             write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "log_history"})
 
         save_stage_output(C.SFT_DIR, "sft", save, metrics)

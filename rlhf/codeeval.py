@@ -184,7 +184,6 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     from tqdm.auto import tqdm
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # generation continues right after each prompt's last token
     sample = bool(temperature)
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
              for m in messages_list]
@@ -193,7 +192,9 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     was_training = model.training
     model.eval()
     for start in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress, leave=False):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+        # left padding: generation continues right after each prompt's last token (passed per
+        # call, so the tokenizer that a stage saves afterwards keeps its own padding side)
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,

@@ -172,6 +172,17 @@ def load_causal_lm(path, for_training=True):
     return model
 
 
+def save_tokenizer(tokenizer, folder):
+    """save_pretrained with right padding. transformers 5 keeps a per-call padding_side="left"
+    (used for generation) in the Rust backend and writes it to tokenizer.json, so the saved
+    tokenizer would pad left for whoever loads it next; the padding state is reset first."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "no_padding"):
+        backend.no_padding()
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(folder)
+
+
 def require_stage_output(path, stage):
     """Fail with the command to run when a previous stage's output is missing or unfinished."""
     if not os.path.isdir(path):

@@ -70,6 +70,7 @@ def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.chat_template and model.config.model_type == "qwen2"
+    assert tok.padding_side == "right"  # generating for the evaluation must not change the saved tokenizer
     results = json.load(open(folder / "eval_results.json"))
     for key in ("pass_at_1", "rm_score", "kl", "reward_mean", "response_length", "episodes_per_second", "peak_rss_mib"):
         assert key in results, key
