@@ -193,6 +193,15 @@ def require_stage_output(path, stage):
     return path
 
 
+def read_stage_info(folder):
+    """A stage output's metadata (rlhf_stage.json) as a dict, or None when it is not finished."""
+    path = os.path.join(folder, STAGE_INFO_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def check_output_dir(path):
     """Refuse to replace a finished stage output unless OVERWRITE is set."""
     if os.path.exists(os.path.join(path, STAGE_INFO_FILE)) and not C.OVERWRITE:

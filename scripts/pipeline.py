@@ -20,7 +20,7 @@ import sys
 import time
 
 import config as C
-from rlhf.common import STAGE_INFO_FILE, run_stage
+from rlhf.common import read_stage_info, run_stage
 from rlhf.settings import UserError, apply_overrides, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,14 +78,6 @@ def run_logged(cmd, log_path):
     return code, error
 
 
-def stage_info(folder):
-    path = os.path.join(folder, STAGE_INFO_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def stale_settings(stage, info, changes):
     """Settings given on this command line that differ from those a reused stage was trained
     with. RM_* and PPO_* settings only concern their own stage; any other one is reported at
@@ -122,7 +114,7 @@ def main(argv):
     trained = None  # the first stage trained in this run: every later stage must follow it
     for name, script, dir_setting in STAGES:
         folder = getattr(C, dir_setting)
-        info = stage_info(folder)
+        info = read_stage_info(folder)
         if info and name not in redo and trained is None:
             print(f"{name}: {folder} is finished, reusing it (--redo {name} to train again)", flush=True)
             for key, (old, new) in stale_settings(name, info, changes).items():
@@ -149,7 +141,7 @@ def main(argv):
                   file=sys.stderr)
             print(error or f"error: {name} crashed, see the traceback above", file=sys.stderr)
             sys.exit(code)
-        info = stage_info(folder) or {}
+        info = read_stage_info(folder) or {}
         timings[name] = {"seconds": time.time() - t0, "finished_at": info.get("finished_at"), "source": "pipeline"}
         trained = trained or name
         write_timings(timings_path, timings)  # after each stage: a later failure keeps the earlier times

@@ -15,7 +15,7 @@ import os
 import platform
 
 import config as C
-from rlhf.common import STAGE_INFO_FILE, run_stage
+from rlhf.common import read_stage_info, run_stage
 from rlhf.settings import apply_overrides
 
 STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
@@ -25,14 +25,6 @@ REQUIRED = {  # keys report.json always has (None when the stage did not record 
     "ppo": ("pass_at_1", "kl", "reward_mean"),
 }
 LANGS = ("zh", "en")  # per-language pass@1 is shown when a stage recorded pass_at_1_<lang>
-
-
-def load_stage(folder):
-    path = os.path.join(folder, STAGE_INFO_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def scalars(metrics):
@@ -248,7 +240,7 @@ def main(argv):
     ap.add_argument("--reports", default="reports", metavar="DIR", help="output folder (and where timings.json is)")
     args, overrides = ap.parse_known_args(argv)
     apply_overrides(overrides, quiet=True)
-    infos = {name: load_stage(getattr(C, setting)) for name, setting in STAGES}
+    infos = {name: read_stage_info(getattr(C, setting)) for name, setting in STAGES}
     timings_path = os.path.join(args.reports, "timings.json")
     timings = {}
     if os.path.exists(timings_path):
