@@ -40,6 +40,7 @@ def token_lengths(tokenizer, examples):
 def main(argv):
     state = start_stage("sft", argv)
     from datasets import Dataset
+    from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
     check_output_dir(C.SFT_DIR)
@@ -79,12 +80,16 @@ def main(argv):
         save_strategy="steps" if C.EVAL_EVERY else "epoch",
         save_steps=C.EVAL_EVERY or None,
         save_total_limit=1,
+        # with early stopping the checkpoint of lowest held-out loss is kept and loaded at the end
+        load_best_model_at_end=C.SFT_EARLY_STOP_PATIENCE > 0,
+        metric_for_best_model="eval_loss",
         **trainer_args(SFTConfig),
     )
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
         peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
+        callbacks=[EarlyStoppingCallback(C.SFT_EARLY_STOP_PATIENCE)] if C.SFT_EARLY_STOP_PATIENCE > 0 else None,
     )
     use_log_line(trainer, "sft", [("loss", "loss"), ("eval_loss", "eval loss"), ("mean_token_accuracy", "acc"),
                                   ("eval_mean_token_accuracy", "eval acc"), ("learning_rate", "lr")])
@@ -106,7 +111,11 @@ def main(argv):
         "train_loss": result.training_loss,
         "train_seconds": train_seconds,
         "train_tokens": trainer.state.num_input_tokens_seen or None,
+        "epochs_trained": round(trainer.state.epoch or 0, 2),
     }
+    if C.SFT_EARLY_STOP_PATIENCE > 0 and state.is_main_process:
+        print(f"early stopping: best held-out loss {trainer.state.best_metric:.4f} at "
+              f"{trainer.state.best_model_checkpoint}, trained {metrics['epochs_trained']} of {C.EPOCHS} epochs")
     model = trainer.model
     if C.USE_LORA:
         model = model.merge_and_unload()  # a plain model: RM, PPO and transformers load it as is
