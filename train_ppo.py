@@ -450,8 +450,15 @@ def main(argv):
                               log_with=report_to() or None, project_dir=run_dir)
     device = accelerator.device
 
-    # ---- models: policy + reference from SFT, critic + reward model from RM
+    # ---- data (before the models: a mistake in it is reported in seconds)
     tokenizer = load_tokenizer(C.SFT_DIR)
+    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)
+    problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
+    if accelerator.is_main_process:
+        n_tested = sum(r["problem"] is not None for r in prompts)
+        print(f"data: {len(prompts)} prompts ({n_tested} with unit tests), {len(problems)} held-out tasks")
+
+    # ---- models: policy + reference from SFT, critic + reward model from RM
     rm_tokenizer = load_tokenizer(C.RM_DIR)
     norm = load_reward_normalization(C.RM_DIR)
     policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights
@@ -502,13 +509,6 @@ def main(argv):
         if C.USE_LORA:
             return unwrapped().critic.disable_adapter(), unwrapped().critic
         return contextlib.nullcontext(), reward_model
-
-    # ---- data
-    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)
-    problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
-    if accelerator.is_main_process:
-        n_tested = sum(r["problem"] is not None for r in prompts)
-        print(f"data: {len(prompts)} prompts ({n_tested} with unit tests), {len(problems)} held-out tasks")
 
     # ---- resume
     ckpt_dir = os.path.join(run_dir, "checkpoints")

@@ -287,14 +287,20 @@ def staging_folder(stage):
     return os.path.join(checkpoint_folder(stage), ".saving")
 
 
-def last_checkpoint(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
-    """The newest complete checkpoint in `folder`: a `<prefix>N` folder holding `marker`, or None."""
-    found = []
+def complete_checkpoints(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
+    """{step: path} of the complete checkpoints in `folder`: `<prefix>N` folders holding `marker`."""
+    found = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         step = name[len(prefix):]
         if name.startswith(prefix) and step.isdigit() and os.path.exists(os.path.join(folder, name, marker)):
-            found.append((int(step), os.path.join(folder, name)))
-    return max(found)[1] if found else None
+            found[int(step)] = os.path.join(folder, name)
+    return found
+
+
+def last_checkpoint(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
+    """The newest complete checkpoint in `folder`, or None."""
+    found = complete_checkpoints(folder, marker, prefix)
+    return found[max(found)] if found else None
 
 
 def resume_from(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
@@ -304,10 +310,11 @@ def resume_from(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
     from accelerate import PartialState
 
     main = PartialState().is_main_process
-    last = last_checkpoint(folder, marker, prefix)
+    complete = complete_checkpoints(folder, marker, prefix)
+    last = complete[max(complete)] if complete else None
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) and main else []:
         path = os.path.join(folder, name)
-        if os.path.isdir(path) and path != last and not os.path.exists(os.path.join(path, marker)):
+        if os.path.isdir(path) and path not in complete.values():
             print(f"removing {path}: an incomplete checkpoint (the run was stopped while saving it)")
             shutil.rmtree(path, ignore_errors=True)
     if last and not C.RESUME:
