@@ -34,7 +34,7 @@ import config as C
 from rlhf.common import (
     check_output_dir, disk_full_is_an_error, diverged, load_rows, load_tokenizer, lora_config,
     precision, prompt_messages, report_to, require_stage_output, resume_from, run_stage, save_stage_output,
-    save_tokenizer, start_stage, torch_dtype, write_json,
+    save_tokenizer, scalar_settings, start_stage, torch_dtype, write_json,
 )
 from rlhf.settings import UserError
 
@@ -419,7 +419,8 @@ def save_checkpoint(accelerator, folder, step, history):
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()  # save_state has no barrier: every process's RNG state is written
         if accelerator.is_main_process:
-            write_json(os.path.join(tmp, CHECKPOINT["marker"]), {"step": step, "history": history})
+            write_json(os.path.join(tmp, CHECKPOINT["marker"]), {"step": step, "history": history,
+                                                                 "settings": scalar_settings()})
     if accelerator.is_main_process:
         os.replace(tmp, final)
         for d in os.listdir(folder):

@@ -323,6 +323,13 @@ def resume_from(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
         return None
     if last and main:
         print(f"resuming from {last} (step {last[len(os.path.join(folder, prefix)):]})")
+        with open(os.path.join(last, marker)) as f:
+            saved = json.load(f).get("settings", {})
+        changed = [f"{k}={v!r} (now {getattr(C, k)!r})" for k, v in saved.items()
+                   if k not in ("RESUME", "OVERWRITE") and hasattr(C, k) and getattr(C, k) != v]
+        if changed:
+            print(f"note: the checkpoint was made with {', '.join(changed)}; its optimizer, learning rate "
+                  "and place in the data win: --RESUME=false to start over with the new settings")
     return last
 
 

@@ -180,7 +180,7 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path, capsys, monkeypatc
     for folder, marker in ((trainer / "checkpoint-2", CHECKPOINT_MARKER), (ppo / "step_2", "ppo_state.json"),
                            (ppo / "step_4.tmp", "ppo_state.json")):  # killed between the marker and the rename
         os.makedirs(folder)
-        (folder / marker).write_text("{}")
+        (folder / marker).write_text(json.dumps({"settings": {"LR": C.LR * 10, "EPOCHS": C.EPOCHS}}))
     for partial in (trainer / "checkpoint-4", trainer / ".saving" / "checkpoint-6", ppo / "step_6"):
         os.makedirs(partial)
         (partial / "model.safetensors").write_bytes(b"half")
@@ -192,6 +192,7 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path, capsys, monkeypatc
         assert f"{removed}: an incomplete checkpoint" in out, removed
     assert os.listdir(trainer) == ["checkpoint-2"] and os.listdir(ppo) == ["step_2"]
     assert "resuming from" in out and out.count("(step 2)") == 2
+    assert out.count(f"note: the checkpoint was made with LR={C.LR * 10!r} (now {C.LR!r}); its optimizer") == 2
     monkeypatch.setattr(C, "RESUME", False)
     assert resume_from(str(trainer)) is None and "RESUME is false: starting over" in capsys.readouterr().out
 
