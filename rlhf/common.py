@@ -315,7 +315,8 @@ def resume_from(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) and main else []:
         path = os.path.join(folder, name)
         if os.path.isdir(path) and path not in complete.values():
-            print(f"removing {path}: an incomplete checkpoint (the run was stopped while saving it)")
+            if os.listdir(path):  # (the Trainer creates its empty staging folder itself)
+                print(f"removing {path}: an incomplete checkpoint (the run was stopped while saving it)")
             shutil.rmtree(path, ignore_errors=True)
     if last and not C.RESUME:
         if main:

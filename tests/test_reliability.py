@@ -224,7 +224,8 @@ def test_killed_stage_resumes_and_finishes(stage, tmp_path, tiny_base, toy_data,
     folder = tmp_path / "runs" / stage / "checkpoints"
     checkpoint = kill_after_first_checkpoint(f"train_{stage}.py", args, folder)
     assert not (tmp_path / f"{stage}_model").exists()  # killed before the end
-    os.makedirs(folder / "checkpoint-999")  # what a kill mid-save of a later step would leave, without marker
+    os.makedirs(folder / "checkpoint-999")  # what a kill mid-save of a later step would leave: no marker
+    (folder / "checkpoint-999" / "model.safetensors").write_bytes(b"half")
     step = int(checkpoint.rsplit("-", 1)[1])
 
     stage_main(stage)(args)
