@@ -96,6 +96,17 @@ def test_bad_data_is_one_line_and_writes_nothing(stage, case, tmp_path, tiny_bas
     assert sorted(os.listdir(tmp_path)) == (["bad.jsonl"] if bad.exists() else [])  # no output, no runs/
 
 
+def test_json_files_name_the_line_or_byte(tmp_path):
+    from rlhf.common import load_rows
+
+    (tmp_path / "d.json").write_text('[\n  {"prompt": "a"},\n  {"prompt": }\n]\n')
+    with pytest.raises(UserError, match=r"d.json:3: malformed JSON \(Expecting value\)"):
+        load_rows(str(tmp_path / "d.json"))
+    (tmp_path / "d.json").write_bytes(b'[{"prompt": "\xff"}]')
+    with pytest.raises(UserError, match=r"d.json: not UTF-8 text \(byte 13\)"):
+        load_rows(str(tmp_path / "d.json"))
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_all_examples_too_long_is_an_error(stage, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs, stage_main):
     limit = {"sft": ["--MAX_LEN=5"], "rm": ["--RM_MAX_LEN=5"], "ppo": ["--MAX_LEN=16", "--PPO_RESPONSE_LEN=12"]}[stage]
