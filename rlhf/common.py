@@ -228,9 +228,36 @@ def read_stage_info(folder):
 
 
 def check_output_dir(path):
-    """Refuse to replace a finished stage output unless OVERWRITE is set."""
+    """Refuse to replace a finished stage output unless OVERWRITE is set (after finishing a save
+    that a kill interrupted)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        recover_interrupted_save(path)
+    PartialState().wait_for_everyone()
     if os.path.exists(os.path.join(path, STAGE_INFO_FILE)) and not C.OVERWRITE:
         raise UserError(f"{path} already holds a finished model; move it away or pass --OVERWRITE=true to replace it")
+
+
+def recover_interrupted_save(path):
+    """What a kill during save_stage_output left next to `path`: a complete `<path>.tmp-PID` (killed
+    between its two renames, `path` itself gone) is moved into place; an incomplete one (killed while
+    writing: possibly gigabytes) is removed; a `<path>.old-PID` whose replacement is in place is removed.
+    Each with a line."""
+    import glob
+
+    base = path.rstrip("/")
+    for tmp in sorted(glob.glob(f"{glob.escape(base)}.tmp-*")):
+        if os.path.exists(os.path.join(tmp, STAGE_INFO_FILE)) and not os.path.exists(path):
+            print(f"{path}: finishing a save that was interrupted (moving {tmp} into place)")
+            os.rename(tmp, path)
+        else:
+            print(f"removing {tmp}: an incomplete save of {path} (the run was stopped while saving it)")
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(glob.glob(f"{glob.escape(base)}.old-*")):
+        if os.path.exists(path):
+            print(f"removing {old}: the model {path} replaced (the run was stopped before removing it)")
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_stage_output(path, stage, save_fn, metrics, extra=None):

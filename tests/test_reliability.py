@@ -186,6 +186,29 @@ def test_finished_output_is_not_overwritten(stage, tmp_path, tiny_base, toy_data
 # Interruptions: SIGKILL, half-written checkpoints
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("moment", ["writing", "between the renames"])
+def test_kill_while_saving_the_output_loses_and_leaks_nothing(moment, tmp_path, capsys):
+    """save_stage_output writes <out>.tmp-PID, renames <out> to <out>.old-PID, then the temporary
+    folder to <out>. What each kill leaves is cleaned or finished by the next run of the stage."""
+    from rlhf.common import check_output_dir
+
+    out = tmp_path / "sft_model"
+    save_stage_output(str(out), "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"), {})
+    if moment == "writing":  # a half-written new model next to the finished one
+        os.makedirs(tmp_path / "sft_model.tmp-4242")
+        (tmp_path / "sft_model.tmp-4242" / "weights").write_text("half")
+    else:  # the new model is complete, the old one moved aside, the new one not yet in place
+        save_stage_output(str(tmp_path / "sft_model.tmp-4242"), "sft",
+                          lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v2"), {})
+        os.rename(out, tmp_path / "sft_model.old-4242")
+    with pytest.raises(UserError, match="already holds a finished model"):
+        check_output_dir(str(out))
+    assert os.listdir(tmp_path) == ["sft_model"]
+    assert open(out / "weights").read() == ("v1" if moment == "writing" else "v2")
+    said = capsys.readouterr().out
+    assert ("an incomplete save of" in said) if moment == "writing" else ("finishing a save that was interrupted" in said)
+
+
 def test_half_written_checkpoints_are_never_resumed(tmp_path, capsys, monkeypatch):
     trainer, ppo = tmp_path / "sft", tmp_path / "ppo"
     for folder, marker in ((trainer / "checkpoint-2", CHECKPOINT_MARKER), (ppo / "step_2", "ppo_state.json"),
