@@ -32,8 +32,9 @@ import torch
 
 import config as C
 from rlhf.common import (
-    as_conversation, check_output_dir, load_rows, load_tokenizer, lora_config, precision, report_to,
-    require_stage_output, run_stage, save_stage_output, save_tokenizer, start_stage, torch_dtype, write_json,
+    check_output_dir, disk_full_is_an_error, diverged, load_rows, load_tokenizer, lora_config,
+    precision, prompt_messages, report_to, require_stage_output, resume_from, run_stage, save_stage_output,
+    save_tokenizer, scalar_settings, start_stage, torch_dtype, write_json,
 )
 from rlhf.settings import UserError
 
@@ -320,10 +321,8 @@ def load_prompts(path, tokenizer):
     from rlhf.codeeval import Problem, detect_format
 
     rows = []
-    for row in load_rows(path):
-        if "prompt" not in row and "messages" not in row:
-            raise UserError(f"{path}:{row.get('_line', '?')}: missing field `prompt`")
-        messages = as_conversation(row.get("prompt") or row["messages"][:1], "user")
+    for i, row in enumerate(load_rows(path)):
+        messages = prompt_messages(row, f"{path}:{row.get('_line', i + 1)}")
         record = {k: v for k, v in row.items() if k != "_line"}
         if isinstance(record.get("prompt"), list):  # the task formats expect the request as text
             record["prompt"] = messages[-1]["content"]
@@ -403,12 +402,7 @@ def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device):
             "rm_score": (scores.float().mean().item() - norm["mean"]) / norm["std"]}
 
 
-def last_checkpoint(folder):
-    """The newest complete checkpoint (step_N with its state file), or None."""
-    if not os.path.isdir(folder):
-        return None
-    done = [d for d in os.listdir(folder) if d.startswith("step_") and os.path.exists(os.path.join(folder, d, "ppo_state.json"))]
-    return os.path.join(folder, max(done, key=lambda d: int(d.split("_")[1]))) if done else None
+CHECKPOINT = {"marker": "ppo_state.json", "prefix": "step_"}  # step_N is complete once it holds ppo_state.json
 
 
 def save_checkpoint(accelerator, folder, step, history):
@@ -420,9 +414,14 @@ def save_checkpoint(accelerator, folder, step, history):
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    kept = "the previous checkpoint is kept and a rerun resumes from it"
+    with disk_full_is_an_error(f"checkpoint {final}", tmp, kept):
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()  # save_state has no barrier: every process's RNG state is written
+        if accelerator.is_main_process:
+            write_json(os.path.join(tmp, CHECKPOINT["marker"]), {"step": step, "history": history,
+                                                                 "settings": scalar_settings()})
     if accelerator.is_main_process:
-        write_json(os.path.join(tmp, "ppo_state.json"), {"step": step, "history": history})
         os.replace(tmp, final)
         for d in os.listdir(folder):
             if d.startswith("step_") and d != f"step_{step}":
@@ -452,8 +451,15 @@ def main(argv):
                               log_with=report_to() or None, project_dir=run_dir)
     device = accelerator.device
 
-    # ---- models: policy + reference from SFT, critic + reward model from RM
+    # ---- data (before the models: a mistake in it is reported in seconds)
     tokenizer = load_tokenizer(C.SFT_DIR)
+    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)
+    problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
+    if accelerator.is_main_process:
+        n_tested = sum(r["problem"] is not None for r in prompts)
+        print(f"data: {len(prompts)} prompts ({n_tested} with unit tests), {len(problems)} held-out tasks")
+
+    # ---- models: policy + reference from SFT, critic + reward model from RM
     rm_tokenizer = load_tokenizer(C.RM_DIR)
     norm = load_reward_normalization(C.RM_DIR)
     policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights
@@ -505,23 +511,14 @@ def main(argv):
             return unwrapped().critic.disable_adapter(), unwrapped().critic
         return contextlib.nullcontext(), reward_model
 
-    # ---- data
-    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)
-    problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
-    if accelerator.is_main_process:
-        n_tested = sum(r["problem"] is not None for r in prompts)
-        print(f"data: {len(prompts)} prompts ({n_tested} with unit tests), {len(problems)} held-out tasks")
-
     # ---- resume
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     start, history = 0, []
-    last = last_checkpoint(ckpt_dir) if C.RESUME else None
+    last = resume_from(ckpt_dir, **CHECKPOINT)
     if last:
         accelerator.load_state(last)
-        saved = json.load(open(os.path.join(last, "ppo_state.json")))
+        saved = json.load(open(os.path.join(last, CHECKPOINT["marker"])))
         start, history = saved["step"], saved["history"]
-        if accelerator.is_main_process:
-            print(f"resuming from {last} (step {start})")
     accelerator.init_trackers("ppo")
 
     def run_eval(step, final=False):
@@ -619,9 +616,8 @@ def main(argv):
                 vf_loss, vf_stats = value_loss(v, values[idx], returns[idx], m, C.PPO_VF_CLIP)
                 loss = pg_loss + C.PPO_VF_COEF * vf_loss
                 if not torch.isfinite(loss):
-                    where = last_checkpoint(ckpt_dir) or "none yet"
-                    raise UserError(f"non-finite PPO loss at step {step} (policy {pg_loss.item()}, value {vf_loss.item()}); "
-                                    f"last good checkpoint: {where}. Lower PPO_LR or check the reward scale")
+                    raise diverged("ppo", step, f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}",
+                                   ckpt_dir, "PPO_LR (or PPO_CRITIC_LR, or check the reward scale)", **CHECKPOINT)
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(params, C.PPO_MAX_GRAD_NORM)
                 optimizer.step()

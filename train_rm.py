@@ -40,8 +40,9 @@ import time
 
 import config as C
 from rlhf.common import (
-    check_output_dir, drop_too_long, load_preference_pairs, load_tokenizer, lora_config, require_stage_output,
-    run_stage, save_stage_output, save_tokenizer, start_stage, torch_dtype, trainer_args, use_log_line, write_json,
+    check_output_dir, checkpoint_folder, drop_too_long, load_preference_pairs, load_tokenizer, lora_config,
+    require_stage_output, run_stage, save_stage_output, save_tokenizer, staging_folder, start_stage, torch_dtype,
+    train_resumable, trainer_args, use_log_line, write_json,
 )
 from rlhf.reward import (
     conversation_ids, load_reward_model, preference_metrics, reward_statistics, save_reward_normalization,
@@ -75,8 +76,8 @@ def main(argv):
     # sequence of its batch, and random batches of the bundled data would be ~40% padding.
     train = [dict(p, length=n) for p, n in zip(train, pair_lengths(tokenizer, train))]
     evals = [dict(p, length=n) for p, n in zip(evals, pair_lengths(tokenizer, evals))]
-    train = drop_too_long(train, [p["length"] for p in train], C.RM_MAX_LEN, C.RM_TRAIN_FILE)
-    evals = drop_too_long(evals, [p["length"] for p in evals], C.RM_MAX_LEN, C.RM_EVAL_FILE)
+    train = drop_too_long(train, [p["length"] for p in train], C.RM_MAX_LEN, C.RM_TRAIN_FILE, "RM_MAX_LEN")
+    evals = drop_too_long(evals, [p["length"] for p in evals], C.RM_MAX_LEN, C.RM_EVAL_FILE, "RM_MAX_LEN")
     if state.is_main_process:
         print(f"data: {len(train)} train / {len(evals)} eval preference pairs")
     from datasets import Dataset
@@ -90,9 +91,8 @@ def main(argv):
         peft_config = lora_config("SEQ_CLS")
         peft_config.modules_to_save = ["score"]  # the new head is trained fully, not through an adapter
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "rm")
-    checkpoint_dir = os.path.join(C.RUNS_DIR, "rm", "checkpoints")
     args = RewardConfig(
-        output_dir=checkpoint_dir,
+        output_dir=staging_folder("rm"),  # checkpoints are moved from there when complete (train_resumable)
         per_device_train_batch_size=C.RM_BATCH_SIZE,
         per_device_eval_batch_size=C.RM_BATCH_SIZE,
         gradient_accumulation_steps=C.RM_GRAD_ACCUM,
@@ -120,14 +120,9 @@ def main(argv):
     use_log_line(trainer, "rm", [("loss", "loss"), ("accuracy", "acc"), ("margin", "margin"), ("eval_loss", "eval loss"),
                                  ("eval_accuracy", "eval acc"), ("eval_margin", "eval margin"), ("learning_rate", "lr")])
 
-    # ---- train (resuming from the last checkpoint of an interrupted run)
-    from transformers.trainer_utils import get_last_checkpoint
-
+    # ---- train (resuming from the last complete checkpoint of an interrupted run)
     t0 = time.time()
-    last = get_last_checkpoint(checkpoint_dir) if C.RESUME and os.path.isdir(checkpoint_dir) else None
-    if last and state.is_main_process:
-        print(f"resuming from {last}")
-    result = trainer.train(resume_from_checkpoint=last)
+    result = train_resumable(trainer, "rm", "RM_LR")
     train_seconds = time.time() - t0
     train_tokens = trainer.state.num_input_tokens_seen or None  # chosen + rejected, padding excluded
 
@@ -166,7 +161,7 @@ def main(argv):
             write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "log_history"})
 
         save_stage_output(C.RM_DIR, "rm", save, metrics, extra={"sft_model": C.SFT_DIR})
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the next run starts fresh
+        shutil.rmtree(checkpoint_folder("rm"), ignore_errors=True)  # finished: the next run starts fresh
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
                  if k in ("eval_accuracy", "eval_f1", "eval_margin", "train_loss", "train_seconds",
                           "train_tokens_per_second")}

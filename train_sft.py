@@ -25,9 +25,9 @@ import time
 
 import config as C
 from rlhf.common import (
-    check_output_dir, drop_too_long, load_causal_lm, load_sft_examples, load_tokenizer, lora_config,
-    resolve_base_model, run_stage, save_stage_output, save_tokenizer, start_stage, trainer_args,
-    use_log_line, write_json,
+    check_output_dir, checkpoint_folder, drop_too_long, load_causal_lm, load_sft_examples, load_tokenizer,
+    lora_config, resolve_base_model, run_stage, save_stage_output, save_tokenizer, staging_folder, start_stage,
+    train_resumable, trainer_args, use_log_line, write_json,
 )
 
 
@@ -44,12 +44,11 @@ def main(argv):
     from trl import SFTConfig, SFTTrainer
 
     check_output_dir(C.SFT_DIR)
+    # ---- data: conversational prompt-completion, too-long examples dropped with a count
+    train = load_sft_examples(C.SFT_TRAIN_FILE)  # read before the base model is built: bad data writes nothing
+    evals = load_sft_examples(C.SFT_EVAL_FILE)
     base = resolve_base_model()
     tokenizer = load_tokenizer(base)
-
-    # ---- data: conversational prompt-completion, too-long examples dropped with a count
-    train = load_sft_examples(C.SFT_TRAIN_FILE)
-    evals = load_sft_examples(C.SFT_EVAL_FILE)
     train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
     evals = drop_too_long(evals, token_lengths(tokenizer, evals), C.MAX_LEN, C.SFT_EVAL_FILE)
     if state.is_main_process:
@@ -58,9 +57,8 @@ def main(argv):
     # ---- model
     model = load_causal_lm(base)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
-    checkpoint_dir = os.path.join(C.RUNS_DIR, "sft", "checkpoints")
     args = SFTConfig(
-        output_dir=checkpoint_dir,
+        output_dir=staging_folder("sft"),  # checkpoints are moved from there when complete (train_resumable)
         per_device_train_batch_size=C.BATCH_SIZE,
         per_device_eval_batch_size=C.BATCH_SIZE,
         gradient_accumulation_steps=C.GRAD_ACCUM,
@@ -94,12 +92,9 @@ def main(argv):
     use_log_line(trainer, "sft", [("loss", "loss"), ("eval_loss", "eval loss"), ("mean_token_accuracy", "acc"),
                                   ("eval_mean_token_accuracy", "eval acc"), ("learning_rate", "lr")])
 
-    # ---- train (resuming from the last checkpoint of an interrupted run)
+    # ---- train (resuming from the last complete checkpoint of an interrupted run)
     t0 = time.time()
-    last = _last_checkpoint(checkpoint_dir) if C.RESUME else None
-    if last and state.is_main_process:
-        print(f"resuming from {last}")
-    result = trainer.train(resume_from_checkpoint=last)
+    result = train_resumable(trainer, "sft", "LR")
     train_seconds = time.time() - t0
 
     # ---- evaluate on the held-out conversations
@@ -141,16 +136,10 @@ def main(argv):
             write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "log_history"})
 
         save_stage_output(C.SFT_DIR, "sft", save, metrics)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the next run starts fresh
+        shutil.rmtree(checkpoint_folder("sft"), ignore_errors=True)  # finished: the next run starts fresh
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "log_history"}
         print(f"sft done | {shown} | saved {C.SFT_DIR}")
     state.wait_for_everyone()
-
-
-def _last_checkpoint(folder):
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
 
 
 if __name__ == "__main__":
