@@ -412,16 +412,30 @@ def atomic_checkpoints(folder):
     from transformers import TrainerCallback
 
     class AtomicCheckpoints(TrainerCallback):
+        # With load_best_model_at_end (early stopping) the Trainer records the best checkpoint by
+        # the path it wrote it to, the staging folder: point it at where the checkpoint lives now,
+        # after each save and after a resume (trainer_state.json holds the staging path), and
+        # never remove it while it is the best.
+        def _moved(self, args, state):
+            staging = os.path.join(args.output_dir, "")
+            if state.best_model_checkpoint and state.best_model_checkpoint.startswith(staging):
+                state.best_model_checkpoint = os.path.join(folder, state.best_model_checkpoint[len(staging):])
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._moved(args, state)
+
         def on_save(self, args, state, control, **kwargs):
             PartialState().wait_for_everyone()  # every process has written its part (RNG state)
+            self._moved(args, state)
             if state.is_world_process_zero:
                 name = f"checkpoint-{state.global_step}"
                 staged, final = os.path.join(args.output_dir, name), os.path.join(folder, name)
                 write_json(os.path.join(staged, CHECKPOINT_MARKER), {"step": state.global_step, "settings": scalar_settings()})
                 shutil.rmtree(final, ignore_errors=True)  # the same step from a run with RESUME=false
                 os.replace(staged, final)
+                best = os.path.basename(state.best_model_checkpoint or "")
                 for other in os.listdir(folder):
-                    if other.startswith("checkpoint-") and other != name:
+                    if other.startswith("checkpoint-") and other not in (name, best):
                         shutil.rmtree(os.path.join(folder, other), ignore_errors=True)
             PartialState().wait_for_everyone()
 

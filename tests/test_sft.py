@@ -66,3 +66,27 @@ def test_sft_clear_errors_for_user_mistakes(tmp_path, tiny_base, toy_data):
                       f"--SFT_TRAIN_FILE={toy_data['sft_train']}", f"--SFT_EVAL_FILE={toy_data['sft_eval']}", "--MAX_LEN=5")
     assert proc.returncode == 2 and "longer than MAX_LEN=5" in proc.stderr
     assert not os.path.exists(tmp_path / "o")  # nothing written on error
+
+
+def test_sft_early_stopping_keeps_the_best_checkpoint(tiny_base, toy_data, tmp_path):
+    """Held-out answers the training data contradicts (x - k against x + k): the held-out loss
+    falls while the format is learned, then rises; training stops `patience` evaluations after its
+    lowest point and the saved model is that best one, not the last."""
+    from conftest import toy_conversations, write_jsonl
+
+    contradicting = [{"messages": [r["messages"][0], {"role": "assistant", "content": r["messages"][1]["content"]
+                                                      .replace("x + ", "x - ")}]} for r in toy_conversations(8, seed=2)]
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", contradicting)
+    proc = run_script("train_sft.py", f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={tmp_path / 'sft'}",
+                      f"--RUNS_DIR={tmp_path / 'runs'}", f"--SFT_TRAIN_FILE={toy_data['sft_train']}",
+                      f"--SFT_EVAL_FILE={eval_file}", "--EPOCHS=12", "--BATCH_SIZE=8", "--LR=1e-2",
+                      "--EVAL_EVERY=3", "--SFT_EARLY_STOP_PATIENCE=2", "--SFT_EVAL_PASS_AT_1=false", "--REPORT_TO=none")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.load(open(tmp_path / "sft" / "rlhf_stage.json"))["metrics"]
+    evals = [h["eval_loss"] for h in info["log_history"] if "eval_loss" in h][:-1]  # the last is the final evaluate()
+    best = min(range(len(evals)), key=evals.__getitem__)
+    assert info["epochs_trained"] < 12, evals  # it stopped early ...
+    assert len(evals) == best + 1 + 2  # ... two evaluations after the best one
+    assert abs(info["eval_loss"] - evals[best]) < 1e-4  # and the saved model is the best, not the last
+    assert "early stopping: best held-out loss" in proc.stdout
+    assert not os.path.exists(tmp_path / "runs" / "sft" / "checkpoints")
