@@ -26,7 +26,7 @@ import time
 import config as C
 from rlhf.common import (
     check_output_dir, drop_too_long, load_causal_lm, load_sft_examples, load_tokenizer, lora_config,
-    resolve_base_model, run_stage, save_stage_output, save_tokenizer, start_stage, trainer_args,
+    merge_lora_weights, resolve_base_model, run_stage, save_stage_output, save_tokenizer, start_stage, trainer_args,
     use_log_line, write_json,
 )
 
@@ -108,8 +108,8 @@ def main(argv):
         "train_tokens": trainer.state.num_input_tokens_seen or None,
     }
     model = trainer.model
-    if C.USE_LORA:
-        model = model.merge_and_unload()  # a plain model: RM, PPO and transformers load it as is
+    if C.USE_LORA:  # a plain model: RM, PPO and transformers load it as is (QLoRA: merged into a full-precision base)
+        model = merge_lora_weights(base, model.state_dict()) if C.QLORA else model.merge_and_unload()
     model.eval()
 
     # ---- pass@1 on held-out code tasks, run in the sandbox
