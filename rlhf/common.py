@@ -41,12 +41,25 @@ def start_stage(name, argv):
     state = PartialState(cpu=not torch.cuda.is_available())
     seed_everything(C.SEED + state.process_index)  # per-rank seed (N+ implementation details)
     qlora_load_kwargs()  # a QLoRA set-up this machine cannot run fails now, not after the data is loaded
+    if name in ("sft", "rm") and launched_with_sharded_weights():
+        raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
+                        "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "
+                        "or deepspeed_zero2.yaml (PPO supports all four)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if state.is_main_process:
         reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}"}[name]
         print(f"== {name} | {state.num_processes} process(es) on {state.device} | "
               f"precision {precision()} | from {reads} | lora {C.USE_LORA}")
     return state
+
+
+def launched_with_sharded_weights():
+    """True when `accelerate launch` set up DeepSpeed ZeRO-3 or FSDP (read from the environment
+    it passes to each process, before any Accelerator exists)."""
+    from accelerate.utils import parse_flag_from_env
+
+    zero3 = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    return zero3 or parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def seed_everything(seed):

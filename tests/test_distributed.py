@@ -48,6 +48,22 @@ def sft_losses(folder):
     return [h["loss"] for h in history if "loss" in h]
 
 
+def same_length_conversations(model_dir, n):
+    """n toy conversations that all have the same number of tokens. SFT batches group examples
+    by length (transformers' LengthGroupedSampler), and its groups depend on the per-device batch
+    size, so 1 x 4 and 2 x 2 put different examples together; at equal lengths both keep the
+    sampler's random order and the global batches hold the same examples."""
+    from rlhf.common import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    rows = toy_conversations(20 * n, seed=11)
+    lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
+    common = max(set(lengths), key=lengths.count)
+    rows = [r for r, length in zip(rows, lengths) if length == common]
+    assert len(rows) >= n, f"only {len(rows)} toy conversations of {common} tokens"
+    return rows[:n]
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tiny_base, tmp_path_factory):
     """SFT on 1 process (batch 4) and on 2 (batch 2 each), then RM and PPO on 2 processes from
@@ -55,7 +71,7 @@ def two_process_runs(tiny_base, tmp_path_factory):
     of 4: the last batch of a rank would be missing or short (with the step counts uneven, one
     rank would wait forever for the others), and PPO's prompts differ in length across ranks."""
     folder = tmp_path_factory.mktemp("dist")
-    sft_train = write_jsonl(folder / "sft_train.jsonl", toy_conversations(46, seed=11))
+    sft_train = write_jsonl(folder / "sft_train.jsonl", same_length_conversations(tiny_base, 46))
     sft_eval = write_jsonl(folder / "sft_eval.jsonl", toy_conversations(5, seed=12))
     common = [f"--MODEL_NAME={tiny_base}", f"--SFT_TRAIN_FILE={sft_train}", f"--SFT_EVAL_FILE={sft_eval}",
               "--EPOCHS=1", "--LOG_EVERY=1", "--LR=1e-3", "--SFT_EVAL_PASS_AT_1=false", "--REPORT_TO=none"]
@@ -107,15 +123,19 @@ def test_every_stage_runs_on_two_processes(two_process_runs):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(two_process_runs):
-    """SFT, 1 process x batch 4 vs 2 processes x batch 2: the same examples in each global batch,
-    so the same gradients up to the order of float additions. Compared: the training loss of every
-    step but the last (that one is short: 46 = 11 x 4 + 2, and 2 processes pad it by repeating
-    examples). Tolerance 1e-4 relative: fp32 sums in another order differ by ~1e-7 per step,
-    and Adam amplifies such differences over 11 steps only to ~1e-5 on this model; a wrong
-    batch split or an unaveraged loss is off by several percent from the first step."""
+    """SFT, 1 process x batch 4 vs 2 processes x batch 2, same seed, no dropout: the same
+    examples in each global batch (same_length_conversations), so the same gradients up to the
+    order of float additions. Compared: the logged training loss of every step but the last (that
+    one is short, 46 = 11 x 4 + 2, and accelerate fills the 2-process one up by repeating
+    examples so both ranks take the same number of steps). Measured here: at most 1.7e-7
+    relative (fp32 sums in another order). Tolerance 1e-5 relative leaves room for other CPUs
+    and thread counts; a wrong split is far outside it (batches grouped by length with the
+    per-device batch, i.e. different examples per step, were 4e-3 off; gradients not averaged
+    across ranks change the updates, hence the losses from the second step on). The examples
+    have equal lengths, so this does not check how a loss is averaged over uneven token counts."""
     one, two = sft_losses(two_process_runs["one"] / "sft"), sft_losses(two_process_runs["two"] / "sft")
     assert len(one) == len(two) == 12
-    torch.testing.assert_close(torch.tensor(two[:-1]), torch.tensor(one[:-1]), rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(torch.tensor(two[:-1]), torch.tensor(one[:-1]), rtol=1e-5, atol=0.0)
 
 
 def test_accelerate_configs_load_with_accelerates_own_loader():
@@ -139,15 +159,19 @@ def test_accelerate_configs_load_with_accelerates_own_loader():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a CUDA GPU")
-def test_qlora_without_a_gpu_is_one_clear_line(tiny_base, toy_data, tmp_path):
-    args = [f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={tmp_path}/sft", f"--RUNS_DIR={tmp_path}/runs",
-            f"--SFT_TRAIN_FILE={toy_data['sft_train']}", f"--SFT_EVAL_FILE={toy_data['sft_eval']}", "--QLORA=true"]
-    proc = run_script("train_sft.py", *args, "--USE_LORA=true")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: QLORA=True needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none; "
-        "use --QLORA=false (--USE_LORA=true alone trains LoRA without quantisation)")
-    assert not os.path.exists(tmp_path / "sft")
+def test_qlora_without_a_gpu_stops_at_the_start(monkeypatch):
+    """Checked in start_stage, before data and models load; run_stage prints it as one line."""
+    import config as C
+    from rlhf.common import start_stage
+    from rlhf.settings import UserError
+
+    monkeypatch.setattr(C, "QLORA", True)
+    monkeypatch.setattr(C, "USE_LORA", True)
+    for stage in ("sft", "ppo"):
+        with pytest.raises(UserError) as error:
+            start_stage(stage, [])
+        assert str(error.value) == ("QLORA=True needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none; "
+                                    "use --QLORA=false (--USE_LORA=true alone trains LoRA without quantisation)")
 
 
 def test_qlora_needs_lora(monkeypatch):
@@ -186,3 +210,21 @@ def test_merge_lora_weights_matches_merging_in_place(tiny_base):
                            base["model.layers.0.self_attn.q_proj.weight"])  # the adapter was merged in
     with pytest.raises(RuntimeError, match="LoRA weights missing"):
         merge_lora_weights(tiny_base, {}, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true"},
+                                 {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
+def test_sft_and_rm_refuse_sharded_weights_before_training(monkeypatch, env):
+    """SFT and RM evaluate and save on the main process: with ZeRO-3/FSDP shards they would save
+    a broken model after the whole run, so they stop at the start instead (PPO gathers)."""
+    from rlhf.common import start_stage
+    from rlhf.settings import UserError
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for stage in ("sft", "rm"):
+        with pytest.raises(UserError, match="ddp.yaml or deepspeed_zero2.yaml"):
+            start_stage(stage, [])
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    start_stage("sft", [])  # ZeRO-2 keeps whole weights on every process
