@@ -14,7 +14,8 @@ source; the loop is main().
 
     python train_ppo.py                                    # embedded default, CPU is fine
     python train_ppo.py --USE_LORA=true --PPO_LR=1e-5      # LoRA: reference = adapter disabled
-    accelerate launch --num_processes 2 train_ppo.py       # each process rolls out its share
+    accelerate launch --config_file accelerate_configs/ddp.yaml train_ppo.py  # several GPUs (README: DeepSpeed, FSDP)
+    accelerate launch --config_file accelerate_configs/cpu.yaml train_ppo.py  # 2 CPU processes
 
 Any constant of config.py can be overridden as --NAME=value. Interrupted runs resume from the
 last checkpoint (RESUME, PPO_SAVE_EVERY).

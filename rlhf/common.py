@@ -44,7 +44,7 @@ def start_stage(name, argv):
     if name in ("sft", "rm") and launched_with_sharded_weights():
         raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
                         "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "
-                        "or deepspeed_zero2.yaml (PPO supports all four)")
+                        "or deepspeed_zero2.yaml (train_ppo.py gathers the shards itself)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if state.is_main_process:
         reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}"}[name]
