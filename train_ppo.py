@@ -312,23 +312,25 @@ def sharded(accelerator):
 
 
 @contextlib.contextmanager
-def full_weights_for_generation(accelerator, model):
+def full_weights_for_generation(accelerator, model, with_critic=False):
     """The policy of the prepared PolicyAndCritic, ready for `generate` under every engine.
-    Every process must enter it together (it gathers weights).
+    Every process must enter it together (it gathers weights). with_critic: the critic is used
+    inside too (with LoRA it is the reward model, adapter disabled): gather it as well.
 
     - DDP, ZeRO-1/2, one process: the weights are whole already; nothing to do.
     - ZeRO-3: gather the policy's weights once for the whole generation
       (deepspeed.zero.GatheredParameters) and take ZeRO-3's per-layer fetch/release hooks off
       meanwhile, instead of one all-gather per layer per generated token. TRL's
       unwrap_model_for_generation does the same (and we call its remove_hooks/add_hooks);
-      OpenRLHF and verl avoid the problem by generating with vLLM.
+      OpenRLHF and verl mostly avoid the problem by generating with vLLM.
     - FSDP2: the decoder blocks gather their weights in their own forward, but the top-level
       weights (embeddings, final norm, lm_head) belong to the root module, PolicyAndCritic, whose
       forward generate never calls: unshard the root for the generation. FSDP1: the same with
-      summon_full_params(recurse=False), as verl's HF rollout does. Every forward is then still a
+      summon_full_params(recurse=False) (pytorch/pytorch#100069), as verl's HF rollout and the DPO
+      reference code (eric-mitchell/direct-preference-optimization) do. Every forward is then still a
       collective, so generate must keep all processes stepping until the last one has finished
       (synced_gpus): transformers turns it on for modules marked FSDP-managed.
-    Memory: ZeRO-3 holds one full copy of the policy per GPU during generation.
+    Memory: ZeRO-3 holds one full copy of the policy (and critic) per GPU inside.
     """
     from accelerate.utils import DistributedType
 
@@ -351,7 +353,8 @@ def full_weights_for_generation(accelerator, model):
         import deepspeed
         from trl.models.utils import add_hooks, remove_hooks
 
-        with deepspeed.zero.GatheredParameters(list(policy.parameters())):
+        gathered = unwrapped if with_critic else policy  # without hooks, what is not gathered is unusable
+        with deepspeed.zero.GatheredParameters(list(gathered.parameters())):
             remove_hooks(model)
             try:
                 yield policy
@@ -618,7 +621,7 @@ def main(argv):
         if (accelerator.is_main_process or sharded(accelerator)) and problems:  # sharded: forwards are collectives
             ctx, rm_model = rm()
             subset = problems if final else problems[: C.PPO_EVAL_TASKS or None]
-            with ctx, full_weights_for_generation(accelerator, model) as policy_full:
+            with ctx, full_weights_for_generation(accelerator, model, with_critic=True) as policy_full:
                 result = evaluate(policy_full, tokenizer, rm_model, rm_tokenizer, norm, subset, device)
         if accelerator.is_main_process and result:
             print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
