@@ -228,3 +228,45 @@ def test_sft_and_rm_refuse_sharded_weights_before_training(monkeypatch, env):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     start_stage("sft", [])  # ZeRO-2 keeps whole weights on every process
+
+
+def test_generation_context_unshards_the_fsdp2_root_and_syncs_generate():
+    """The FSDP2 branch of full_weights_for_generation on a stand-in for the prepared module (no
+    FSDP on a CPU here): the root is unsharded around the generation, resharded after, even when
+    generation fails, and transformers' generate sees an FSDP-managed policy (synced_gpus)."""
+    from accelerate.utils import DistributedType
+    from transformers.distributed.fsdp import is_fsdp_managed_module
+
+    from train_ppo import full_weights_for_generation
+
+    calls = []
+
+    class Root(torch.nn.Module):  # what fully_shard leaves: the module, with unshard/reshard added
+        def __init__(self):
+            super().__init__()
+            self.policy, self.critic = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+
+        def unshard(self):
+            calls.append("unshard")
+
+        def reshard(self):
+            calls.append("reshard")
+
+    class Accelerator:
+        def __init__(self, kind):
+            self.distributed_type = kind
+
+        def unwrap_model(self, model):
+            return model
+
+    root = Root()
+    with full_weights_for_generation(Accelerator(DistributedType.FSDP), root) as policy:
+        calls.append("generate")
+        assert policy is root.policy and is_fsdp_managed_module(policy)
+    with pytest.raises(RuntimeError), full_weights_for_generation(Accelerator(DistributedType.FSDP), root):
+        raise RuntimeError("generation failed")
+    assert calls == ["unshard", "generate", "reshard", "unshard", "reshard"]
+    plain = Root()
+    with full_weights_for_generation(Accelerator(DistributedType.MULTI_CPU), plain) as policy:
+        assert policy is plain.policy and not is_fsdp_managed_module(policy)
+    assert calls[5:] == []
