@@ -117,11 +117,14 @@ def main(argv):
         "PPO": [py, "train_ppo.py", *base, f"--PPO_DIR={work}/ppo", f"--SFT_DIR={sft_dir}", f"--RM_DIR={rm_dir}",
                 "--PPO_STEPS=2", "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0", "--RESUME=false"],
     }
+    variants = {"full": [], "LoRA": ["--USE_LORA=true"]}
+    # LoRA without its dropout: peft keeps a dropped-out copy of the input of every adapted layer
+    extra = {"SFT": {"LoRA, LORA_DROPOUT=0": ["--USE_LORA=true", "--LORA_DROPOUT=0"]}}
     results = []
     for name, cmd in runs.items():
-        for lora in ((False,) if name == "libraries only" else (False, True)):
-            full_cmd = cmd + (["--USE_LORA=true"] if lora else [])
-            label = name if name == "libraries only" else f"{name}, {'LoRA' if lora else 'full'}"
+        for variant, flags in ({"": []} if name == "libraries only" else {**variants, **extra.get(name, {})}).items():
+            full_cmd = cmd + flags
+            label = f"{name}, {variant}" if variant else name
             log = os.path.join(work, label.replace(", ", "_").replace(" ", "_") + ".log")
             code, peak, tree, seconds = run_measured(full_cmd, log)
             if code != 0:
