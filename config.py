@@ -17,6 +17,7 @@ LORA_R = 16  # LoRA rank; 8-64 is typical
 LORA_ALPHA = 32  # LoRA scaling numerator (scale = alpha / r)
 LORA_DROPOUT = 0.05  # dropout inside the LoRA adapters during SFT/RM (PPO turns all dropout off)
 LORA_TARGET_MODULES = "all-linear"  # which layers get adapters: "all-linear" or a comma list like "q_proj,v_proj"
+QLORA = False  # True (with USE_LORA): SFT and the PPO policy train LoRA on a 4-bit base (bitsandbytes, CUDA GPU only); RM and PPO critic stay plain LoRA
 GRADIENT_CHECKPOINTING = False  # True trades ~30% more compute for much less activation memory (large models)
 REPORT_TO = "tensorboard"  # tensorboard | wandb | none; logs go under RUNS_DIR/<stage>
 RUNS_DIR = "./runs"  # TensorBoard logs and per-stage log files

@@ -14,7 +14,8 @@ source; the loop is main().
 
     python train_ppo.py                                    # embedded default, CPU is fine
     python train_ppo.py --USE_LORA=true --PPO_LR=1e-5      # LoRA: reference = adapter disabled
-    accelerate launch --num_processes 2 train_ppo.py       # each process rolls out its share
+    accelerate launch --config_file accelerate_configs/ddp.yaml train_ppo.py  # several GPUs (README: DeepSpeed, FSDP)
+    accelerate launch --config_file accelerate_configs/cpu.yaml train_ppo.py  # 2 CPU processes
 
 Any constant of config.py can be overridden as --NAME=value. Interrupted runs resume from the
 last checkpoint (RESUME, PPO_SAVE_EVERY).
@@ -32,7 +33,7 @@ import torch
 
 import config as C
 from rlhf.common import (
-    check_output_dir, disk_full_is_an_error, diverged, load_rows, load_tokenizer, lora_config,
+    check_output_dir, disk_full_is_an_error, diverged, load_causal_lm, load_rows, load_tokenizer, lora_config,
     precision, prompt_messages, report_to, require_stage_output, resume_from, run_stage, save_stage_output,
     save_tokenizer, scalar_settings, start_stage, torch_dtype, write_json,
 )
@@ -300,6 +301,90 @@ def disable_dropout(model):
             module.p = 0.0
 
 
+def sharded(accelerator):
+    """True under DeepSpeed ZeRO-3 and FSDP: each process holds a shard of the weights, so every
+    forward is a collective that all processes must run together."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def full_weights_for_generation(accelerator, model, with_critic=False):
+    """The policy of the prepared PolicyAndCritic, ready for `generate` under every engine.
+    Every process must enter it together (it gathers weights). with_critic: the critic is used
+    inside too (with LoRA it is the reward model, adapter disabled): gather it as well.
+
+    - DDP, ZeRO-1/2, one process: the weights are whole already; nothing to do.
+    - ZeRO-3: gather the policy's weights once for the whole generation
+      (deepspeed.zero.GatheredParameters) and take ZeRO-3's per-layer fetch/release hooks off
+      meanwhile, instead of one all-gather per layer per generated token. TRL's
+      unwrap_model_for_generation does the same (and we call its remove_hooks/add_hooks);
+      OpenRLHF and verl mostly avoid the problem by generating with vLLM.
+    - FSDP2: the decoder blocks gather their weights in their own forward, but the top-level
+      weights (embeddings, final norm, lm_head) belong to the root module, PolicyAndCritic, whose
+      forward generate never calls: unshard the root for the generation. FSDP1: the same with
+      summon_full_params(recurse=False) (pytorch/pytorch#100069), as verl's HF rollout and the DPO
+      reference code (eric-mitchell/direct-preference-optimization) do. Every forward is then still a
+      collective, so generate must keep all processes stepping until the last one has finished
+      (synced_gpus): transformers turns it on for modules marked FSDP-managed.
+    Memory: ZeRO-3 holds one full copy of the policy (and critic) per GPU inside.
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    policy = unwrapped.policy
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        policy._is_fsdp_managed_module = True  # read by transformers' generate: synced_gpus=True
+        if isinstance(model, FullyShardedDataParallel):  # FSDP1
+            with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
+                yield policy
+        else:  # FSDP2: fully_shard made the root an FSDPModule in place
+            model.unshard()
+            try:
+                yield policy
+            finally:
+                model.reshard()
+    elif sharded(accelerator):  # ZeRO-3
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        gathered = unwrapped if with_critic else policy  # without hooks, what is not gathered is unusable
+        with deepspeed.zero.GatheredParameters(list(gathered.parameters())):
+            remove_hooks(model)
+            try:
+                yield policy
+            finally:
+                add_hooks(model)
+    else:
+        yield policy
+
+
+def plain_policy(accelerator, model, dtype):
+    """The trained policy as a plain causal LM on the main process (None on the others), LoRA
+    merged. Every process must call it: under ZeRO-3 and FSDP the full state dict is gathered
+    first (accelerator.get_state_dict; ZeRO-3 needs zero3_save_16bit_model), then loaded into a
+    fresh copy of the SFT model. One more copy of the policy in CPU memory, at the end only."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.common import merge_lora_weights
+
+    state = accelerator.get_state_dict(model)  # names prefixed "policy." / "critic."
+    if not accelerator.is_main_process:
+        return None
+    state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+    if C.USE_LORA:
+        return merge_lora_weights(C.SFT_DIR, state, dtype=dtype)
+    policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=dtype)
+    policy.load_state_dict(state)
+    return policy
+
+
 def positions(attention_mask):
     """Position ids that skip the left padding, as generate() computes them (B, L)."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
@@ -462,7 +547,7 @@ def main(argv):
     # ---- models: policy + reference from SFT, critic + reward model from RM
     rm_tokenizer = load_tokenizer(C.RM_DIR)
     norm = load_reward_normalization(C.RM_DIR)
-    policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights
+    policy = load_causal_lm(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights (QLORA: 4-bit base)
     critic = AutoModelForSequenceClassification.from_pretrained(C.RM_DIR, dtype=torch.float32)
     if C.USE_LORA:
         # LoRA: the reference is the policy with its adapter disabled, the reward model the critic
@@ -494,6 +579,12 @@ def main(argv):
     ], eps=1e-5)
     mini_batches = C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, C.PPO_STEPS * C.PPO_EPOCHS * mini_batches)
+    if accelerator.state.deepspeed_plugin is not None:
+        # no dataloader goes through prepare, so DeepSpeed cannot infer the micro-batch; and it clips
+        # gradients itself (accelerator.clip_grad_norm_ is a no-op there). TRL's PPO set the same.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = C.PPO_MINI_BATCH_SIZE
+        ds_config["gradient_clipping"] = C.PPO_MAX_GRAD_NORM
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     kl_ctl = KLController(C.PPO_KL_COEF, C.PPO_KL_TARGET or None, C.PPO_KL_HORIZON)
     accelerator.register_for_checkpointing(kl_ctl)
@@ -524,11 +615,12 @@ def main(argv):
     def run_eval(step, final=False):
         """Held-out pass@1 and RM score: a subset (PPO_EVAL_TASKS) during training, all at the end."""
         result = {}
-        if accelerator.is_main_process and problems:
+        if (accelerator.is_main_process or sharded(accelerator)) and problems:  # sharded: forwards are collectives
             ctx, rm_model = rm()
             subset = problems if final else problems[: C.PPO_EVAL_TASKS or None]
-            with ctx:
-                result = evaluate(unwrapped().policy, tokenizer, rm_model, rm_tokenizer, norm, subset, device)
+            with ctx, full_weights_for_generation(accelerator, model, with_critic=True) as policy_full:
+                result = evaluate(policy_full, tokenizer, rm_model, rm_tokenizer, norm, subset, device)
+        if accelerator.is_main_process and result:
             print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
             accelerator.log({f"ppo/eval_{k}": v for k, v in result.items()}, step=step)
         accelerator.wait_for_everyone()
@@ -559,10 +651,10 @@ def main(argv):
         model.eval()
         with torch.no_grad():
             query, query_mask = encode_prompts(tokenizer, batch, device)
-            policy_u = unwrapped().policy
-            gen = policy_u.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
-                                    do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
+            with full_weights_for_generation(accelerator, model) as policy_full:
+                gen = policy_full.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
+                                           do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
+                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
             response = gen[:, query.shape[1]:]  # (B, T'): generate stops when every row has ended
             # pad to the longest response of any process (not to PPO_RESPONSE_LEN: most answers are
             # far shorter), so every process runs the same number of identically shaped steps
@@ -660,6 +752,7 @@ def main(argv):
 
     # ---- final evaluation and save ./ppo_model
     final = run_eval(C.PPO_STEPS, final=True)
+    policy_out = plain_policy(accelerator, model, torch.float32)  # every process: gathers shards
     if accelerator.is_main_process:
         trained = [h for h in history if "kl" in h]
         last_rows = trained[-5:] or [{}]
@@ -673,9 +766,6 @@ def main(argv):
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "history": history,
         }
-        policy_out = unwrapped().policy
-        if C.USE_LORA:
-            policy_out = policy_out.merge_and_unload()
 
         def save(tmp):
             policy_out.save_pretrained(tmp)

@@ -13,7 +13,8 @@ the faster choice on GPUs with flash-attention); precision follows the hardware.
 
     python train_sft.py                                   # embedded default, CPU is fine
     python train_sft.py --USE_LORA=true --LR=1e-4         # LoRA, merged on save
-    accelerate launch --num_processes 2 train_sft.py      # several GPUs (or CPU processes)
+    accelerate launch --config_file accelerate_configs/ddp.yaml train_sft.py  # several GPUs (README: DeepSpeed, FSDP)
+    accelerate launch --config_file accelerate_configs/cpu.yaml train_sft.py  # 2 CPU processes
 
 Any constant of config.py can be overridden as --NAME=value.
 """
@@ -26,8 +27,8 @@ import time
 import config as C
 from rlhf.common import (
     check_output_dir, checkpoint_folder, drop_too_long, load_causal_lm, load_sft_examples, load_tokenizer,
-    lora_config, resolve_base_model, run_stage, save_stage_output, save_tokenizer, staging_folder, start_stage,
-    train_resumable, trainer_args, use_log_line, write_json,
+    lora_config, merge_lora_weights, resolve_base_model, run_stage, save_stage_output, save_tokenizer,
+    staging_folder, start_stage, train_resumable, trainer_args, use_log_line, write_json,
 )
 
 
@@ -112,8 +113,8 @@ def main(argv):
         print(f"early stopping: best held-out loss {trainer.state.best_metric:.4f} at "
               f"{trainer.state.best_model_checkpoint}, trained {metrics['epochs_trained']} of {C.EPOCHS} epochs")
     model = trainer.model
-    if C.USE_LORA:
-        model = model.merge_and_unload()  # a plain model: RM, PPO and transformers load it as is
+    if C.USE_LORA:  # a plain model: RM, PPO and transformers load it as is (QLoRA: merged into a full-precision base)
+        model = merge_lora_weights(base, model.state_dict()) if C.QLORA else model.merge_and_unload()
     model.eval()
 
     # ---- pass@1 on held-out code tasks, run in the sandbox

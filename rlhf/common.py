@@ -34,12 +34,20 @@ def run_stage(main):
 def start_stage(name, argv):
     """Common start of every stage: apply overrides, fix the seed, print the settings that
     matter. Returns the accelerate PartialState (rank, world size, device)."""
+    import torch
     from accelerate import PartialState
 
     apply_overrides(argv, quiet=False)
     check_values()
-    state = PartialState()
+    # without CUDA, processes started by torchrun (accelerate_configs/cpu.yaml) join over gloo on the
+    # CPU; accelerate only does that when told cpu=True (else each believes it is alone)
+    state = PartialState(cpu=not torch.cuda.is_available())
     seed_everything(C.SEED + state.process_index)  # per-rank seed (N+ implementation details)
+    qlora_load_kwargs()  # a QLoRA set-up this machine cannot run fails now, not after the data is loaded
+    if name in ("sft", "rm") and launched_with_sharded_weights():
+        raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
+                        "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "
+                        "or deepspeed_zero2.yaml (train_ppo.py gathers the shards itself)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if state.is_main_process:
         reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}"}[name]
@@ -68,6 +76,15 @@ def check_values():
         value = getattr(C, name, None)
         if value is not None and not value > 0:
             raise UserError(f"{name} must be above 0, not {value!r} (config.py or --{name}=...)")
+
+
+def launched_with_sharded_weights():
+    """True when `accelerate launch` set up DeepSpeed ZeRO-3 or FSDP (read from the environment
+    it passes to each process, before any Accelerator exists)."""
+    from accelerate.utils import parse_flag_from_env
+
+    zero3 = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    return zero3 or parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def seed_everything(seed):
@@ -184,17 +201,72 @@ def load_tokenizer(path):
     return tok
 
 
-def load_causal_lm(path, for_training=True):
-    """A causal LM in the stage's precision; dropout off when not training."""
+def load_causal_lm(path, for_training=True, dtype=None):
+    """A causal LM in the stage's precision (or `dtype`); dropout off when not training. With
+    QLORA a model for training is loaded in 4-bit and prepared for k-bit training (peft)."""
     from transformers import AutoModelForCausalLM
 
+    quantized = qlora_load_kwargs() if for_training else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch_dtype(), **quantized)
     except OSError as e:
         raise UserError(f"cannot load a model from {path!r}: {str(e).splitlines()[0]}") from None
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # norms and the output layer in fp32, input grads on for the adapters (Dettmers et al. 2023)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=C.GRADIENT_CHECKPOINTING)
     if not for_training:
         model.eval()
     return model
+
+
+def qlora_load_kwargs():
+    """from_pretrained arguments that load the frozen base in 4-bit NF4 with double quantisation
+    and bf16/fp16 compute (QLoRA, Dettmers et al. 2023) when QLORA is set; {} otherwise."""
+    if not C.QLORA:
+        return {}
+    import importlib.util
+
+    import torch
+
+    if not C.USE_LORA:
+        raise UserError("QLORA=True trains LoRA adapters on a 4-bit base: add --USE_LORA=true")
+    if not torch.cuda.is_available():
+        raise UserError("QLORA=True needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none; "
+                        "use --QLORA=false (--USE_LORA=true alone trains LoRA without quantisation)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("QLORA=True needs bitsandbytes: pip install bitsandbytes (or use --QLORA=false)")
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute)
+    # a quantised model is placed when loaded: each process on its own GPU (data parallel only)
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
+
+
+def merge_lora_weights(base_path, state_dict, dtype=None):
+    """A plain causal LM: base_path loaded in full precision (the stage's, or `dtype`) with the
+    LoRA weights found in `state_dict` (a state dict of a peft model made with
+    lora_config("CAUSAL_LM"); other keys are ignored) merged in.
+
+    For where merging in place would be wrong: a 4-bit base (QLoRA: merged into quantised
+    weights, the saved model would be quantised and rounded) or weights sharded across processes
+    (ZeRO-3, FSDP: the caller gathers the state dict first)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or torch_dtype()),
+                           lora_config("CAUSAL_LM"))
+    lora = {k: v for k, v in state_dict.items() if "lora_" in k}
+    expected = {k for k in model.state_dict() if "lora_" in k}
+    if set(lora) != expected:
+        raise RuntimeError(f"merge_lora_weights: {len(expected - set(lora))} LoRA weights missing, "
+                           f"{len(set(lora) - expected)} unexpected (LORA_* settings changed since training?)")
+    model.load_state_dict(lora, strict=False)
+    return model.merge_and_unload()
 
 
 def save_tokenizer(tokenizer, folder):
