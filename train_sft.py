@@ -37,28 +37,12 @@ def token_lengths(tokenizer, examples):
             for ex in examples]
 
 
-def main(argv):
-    state = start_stage("sft", argv)
+def sft_trainer(model, tokenizer, train, evals, checkpoint_dir, **overrides):
+    """The SFTTrainer of this stage; `overrides` replace SFTConfig fields (bench/ uses max_steps)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    check_output_dir(C.SFT_DIR)
-    base = resolve_base_model()
-    tokenizer = load_tokenizer(base)
-
-    # ---- data: conversational prompt-completion, too-long examples dropped with a count
-    train = load_sft_examples(C.SFT_TRAIN_FILE)
-    evals = load_sft_examples(C.SFT_EVAL_FILE)
-    train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
-    evals = drop_too_long(evals, token_lengths(tokenizer, evals), C.MAX_LEN, C.SFT_EVAL_FILE)
-    if state.is_main_process:
-        print(f"data: {len(train)} train / {len(evals)} eval conversations")
-
-    # ---- model
-    model = load_causal_lm(base)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
-    checkpoint_dir = os.path.join(C.RUNS_DIR, "sft", "checkpoints")
-    args = SFTConfig(
+    fields = dict(
         output_dir=checkpoint_dir,
         per_device_train_batch_size=C.BATCH_SIZE,
         per_device_eval_batch_size=C.BATCH_SIZE,
@@ -79,13 +63,35 @@ def main(argv):
         save_strategy="steps" if C.EVAL_EVERY else "epoch",
         save_steps=C.EVAL_EVERY or None,
         save_total_limit=1,
-        **trainer_args(SFTConfig),
     )
-    trainer = SFTTrainer(
+    fields.update(trainer_args(SFTConfig), **overrides)
+    args = SFTConfig(**fields)
+    return SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
         peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
     )
+
+
+def main(argv):
+    state = start_stage("sft", argv)
+    check_output_dir(C.SFT_DIR)
+    base = resolve_base_model()
+    tokenizer = load_tokenizer(base)
+
+    # ---- data: conversational prompt-completion, too-long examples dropped with a count
+    train = load_sft_examples(C.SFT_TRAIN_FILE)
+    evals = load_sft_examples(C.SFT_EVAL_FILE)
+    train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
+    evals = drop_too_long(evals, token_lengths(tokenizer, evals), C.MAX_LEN, C.SFT_EVAL_FILE)
+    if state.is_main_process:
+        print(f"data: {len(train)} train / {len(evals)} eval conversations")
+
+    # ---- model
+    model = load_causal_lm(base)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
+    checkpoint_dir = os.path.join(C.RUNS_DIR, "sft", "checkpoints")
+    trainer = sft_trainer(model, tokenizer, train, evals, checkpoint_dir)
     use_log_line(trainer, "sft", [("loss", "loss"), ("eval_loss", "eval loss"), ("mean_token_accuracy", "acc"),
                                   ("eval_mean_token_accuracy", "eval acc"), ("learning_rate", "lr")])
 
