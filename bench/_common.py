@@ -127,3 +127,19 @@ def table(header_row, rows):
     """A Markdown table (list of lines)."""
     lines = ["| " + " | ".join(header_row) + " |", "|" + "---|" * len(header_row)]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def run_train_ppo(out, steps, overrides=()):
+    """train_ppo.py for `steps` iterations in a subprocess, without evaluation or checkpoints,
+    writing under `out`; returns its per-iteration history (seconds, generate_seconds,
+    response_length, rm_score, ...)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "train_ppo.py"), f"--PPO_STEPS={steps}", f"--PPO_DIR={out}/ppo_model",
+           f"--RUNS_DIR={out}/runs", "--EVAL_TASKS_FILE=none", "--PPO_SAVE_EVERY=0", "--PPO_EVAL_EVERY=0",
+           "--REPORT_TO=none", *overrides]
+    subprocess.run(cmd, check=True, cwd=root)
+    with open(os.path.join(out, "ppo_model", "rlhf_stage.json")) as f:
+        return json.load(f)["metrics"]["history"]

@@ -28,8 +28,6 @@ and where the SFT step's time goes (torch.profiler).
 """
 
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,6 @@ import _common
 import config as C
 from rlhf.settings import apply_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXES = {  # name -> SFTConfig overrides tried on top of the stage's settings
     "fused AdamW": dict(optim="adamw_torch_fused"),
     "torch.compile": dict(torch_compile=True),
@@ -151,27 +148,11 @@ def attribute(prof, wall, vocab):
     return {"wall_seconds": wall, "buckets": seconds}
 
 
-def run_ppo(steps, out):
-    """train_ppo.py for `steps` iterations in a subprocess; returns its per-step history."""
-    import json
-
-    cmd = [sys.executable, os.path.join(ROOT, "train_ppo.py"), f"--PPO_STEPS={steps}", f"--PPO_DIR={out}/ppo_model",
-           f"--RUNS_DIR={out}/runs", "--EVAL_TASKS_FILE=none", "--PPO_SAVE_EVERY=0", "--PPO_EVAL_EVERY=0",
-           "--REPORT_TO=none", f"--SFT_DIR={C.SFT_DIR}", f"--RM_DIR={C.RM_DIR}", *PASS_THROUGH]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stdout, stderr=subprocess.STDOUT)
-    with open(os.path.join(out, "ppo_model", "rlhf_stage.json")) as f:
-        return json.load(f)["metrics"]["history"]
-
-
-PASS_THROUGH = []  # config overrides given to this bench, passed on to train_ppo.py
-
-
 def main(argv):
     own, rest = _common.own_options(argv, {"steps": 20, "warmup": 3, "profile_steps": 4, "ppo_steps": 4,
                                            "rm_steps": 20, "only": "sft,rm,ppo,profile,fixes",
                                            "fixes": ",".join(FIXES)})
     apply_overrides(rest)
-    PASS_THROUGH.extend(rest)
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -217,7 +198,7 @@ def main(argv):
                             "mfu": 6 * n * tps / peak, "model": C.SFT_DIR}
             rows.append(["RM", f"{tps:,.0f} real", f"{n / 1e6:.2f}M", f"{100 * result['rm']['mfu']:.1f}%", ""])
         if "ppo" in only:
-            history = run_ppo(own["ppo_steps"], out)
+            history = _common.run_train_ppo(out, own["ppo_steps"], [f"--SFT_DIR={C.SFT_DIR}", f"--RM_DIR={C.RM_DIR}", *rest])
             timed = history[1:] or history  # the first iteration warms up
             n_pol = _common.flop_params(AutoModelForCausalLM.from_pretrained(C.SFT_DIR))
             n_crit = _common.flop_params(AutoModelForSequenceClassification.from_pretrained(C.RM_DIR))
