@@ -68,7 +68,7 @@ def matmul_peak(threads=None, sizes=(512, 1024, 2048), repeats=5):
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.matmul(a, b)  # warm-up (allocations, BLAS thread pool)
         best = float("inf")
-        calls = max(1, int(2e9 // (2 * n**3)))  # ~2 GFLOP per timed sample
+        calls = max(1, min(100, int(2e9 // (2 * n**3))))  # ~2 GFLOP per timed sample (at most 100 calls)
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(calls):

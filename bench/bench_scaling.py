@@ -54,7 +54,7 @@ def make_models(size, folder):
     return sft_dir, rm_dir, sum(p.numel() for p in model.parameters())
 
 
-def time_stages(sft_dir, rm_dir, steps, warmup, ppo_steps, out, batch=None):
+def time_stages(sft_dir, rm_dir, steps, warmup, ppo_steps, out, overrides, batch=None):
     """Seconds per step of SFT and RM and per PPO iteration for the models in sft_dir / rm_dir,
     with BATCH_SIZE, RM_BATCH_SIZE and PPO_BATCH_SIZE set to `batch` when given."""
     from bench_mfu import run_sft
@@ -74,7 +74,7 @@ def time_stages(sft_dir, rm_dir, steps, warmup, ppo_steps, out, batch=None):
         C.MODEL_NAME, C.BATCH_SIZE, C.RM_BATCH_SIZE = saved
     ppo_batch = [f"--PPO_BATCH_SIZE={batch}", f"--PPO_MINI_BATCH_SIZE={max(1, batch // 4)}"] if batch else []
     history = _common.run_train_ppo(os.path.join(out, "ppo"), ppo_steps,
-                                    [f"--SFT_DIR={sft_dir}", f"--RM_DIR={rm_dir}", "--OVERWRITE=true", *ppo_batch])
+                                    [f"--SFT_DIR={sft_dir}", f"--RM_DIR={rm_dir}", "--OVERWRITE=true", *overrides, *ppo_batch])
     shutil.rmtree(os.path.join(out, "ppo"), ignore_errors=True)
     timed = history[1:] or history
     return {"sft_seconds_per_step": sft["seconds"] / sft["steps"], "sft_real_tokens_per_second": sft["real_tokens_per_second"],
@@ -92,12 +92,12 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         for size in own["sizes"].split(","):
             sft_dir, rm_dir, n = make_models(size, os.path.join(tmp, size))
-            t = time_stages(sft_dir, rm_dir, own["steps"], own["warmup"], own["ppo_steps"], os.path.join(tmp, "run"))
+            t = time_stages(sft_dir, rm_dir, own["steps"], own["warmup"], own["ppo_steps"], os.path.join(tmp, "run"), rest)
             result["by_size"][size] = {"parameters": n, **t}
             print(f"size {size} ({n / 1e6:.1f}M) | {t}", flush=True)
         sft_dir, rm_dir, n = make_models(f"{C.BASE_HIDDEN}x{C.BASE_LAYERS}", os.path.join(tmp, "default"))
         for batch in (int(b) for b in own["batches"].split(",")):
-            t = time_stages(sft_dir, rm_dir, own["steps"], own["warmup"], own["ppo_steps"], os.path.join(tmp, "run"), batch)
+            t = time_stages(sft_dir, rm_dir, own["steps"], own["warmup"], own["ppo_steps"], os.path.join(tmp, "run"), rest, batch)
             result["by_batch"][batch] = t
             print(f"batch {batch} | {t}", flush=True)
     result["load_average_1min_after"] = os.getloadavg()[0]
