@@ -174,7 +174,12 @@ def main(argv):
         if "fixes" in only and own["fixes"]:
             result["sft_fixes"] = {}
             for name in own["fixes"].split(","):
-                fixed = run_sft(own["steps"], own["warmup"], out, **FIXES[name])
+                try:
+                    fixed = run_sft(own["steps"], own["warmup"], out, **FIXES[name])
+                except (RuntimeError, ImportError, OSError) as e:  # e.g. torch.compile without a C++ compiler
+                    result["sft_fixes"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                    print(f"sft with {name}: failed ({result['sft_fixes'][name]['error']})")
+                    continue
                 result["sft_fixes"][name] = fixed
                 base = result.get("sft", {}).get("useful_tokens_per_second")
                 print(f"sft with {name}: {fixed['useful_tokens_per_second']:,.0f} useful tokens/s"
@@ -220,7 +225,8 @@ def main(argv):
     if "sft_fixes" in result and "sft" in result:
         base = result["sft"]["useful_tokens_per_second"]
         for name, fixed in result["sft_fixes"].items():
-            print(f"SFT fix {name}: {fixed['useful_tokens_per_second'] / base:.2f}x")
+            if "error" not in fixed:
+                print(f"SFT fix {name}: {fixed['useful_tokens_per_second'] / base:.2f}x")
     if "sft_profile" in result:
         p = result["sft_profile"]
         print(f"SFT profile over {p['steps']} steps, {p['wall_seconds']:.1f} s wall; padding {100 * p['padding_share']:.0f}% "
