@@ -84,8 +84,8 @@ def time_stages(sft_dir, rm_dir, steps, warmup, ppo_steps, out, overrides, batch
 
 
 def main(argv):
-    own, rest = _common.own_options(argv, {"sizes": "128x2,256x4,384x6", "batches": "8,16,32", "steps": 6,
-                                           "warmup": 2, "ppo_steps": 3})
+    own, rest = _common.own_options(argv, {"sizes": "128x2,256x4,384x6", "batches": "8,16,32", "steps": 4,
+                                           "warmup": 1, "ppo_steps": 2})
     apply_overrides(rest)
     result = _common.header("python bench/bench_scaling.py " + " ".join(argv))
     result.update(by_size={}, by_batch={})

@@ -19,7 +19,7 @@ if [ "${1:-}" = "--quick" ]; then
 else
     python bench/bench_mfu.py          # ~6 min: peak, SFT/RM/PPO MFU, SFT fixes, SFT profile
     python bench/bench_rollout.py      # ~2 min: generation variants
-    python bench/bench_ppo_vs_trl.py   # ~10 min: ours vs TRL 1.10, 2 rounds x 8 iterations, held-out eval
+    python bench/bench_ppo_vs_trl.py   # ~10 min: ours vs TRL 1.10, 2 rounds x 6 iterations, held-out eval
     python bench/bench_scaling.py      # ~6 min: 3 model sizes, 3 batch sizes
 fi
 echo "raw results in bench/results/"
