@@ -606,6 +606,7 @@ def main(argv):
             kl_per_response = kl.sum(1)  # (B,)
 
         # ---- PPO update: PPO_EPOCHS passes over the batch in shuffled mini-batches
+        t_update = time.time()
         model.train()
         stats = []
         shuffle = torch.Generator().manual_seed(C.SEED + 7919 * step + accelerator.process_index)
@@ -636,6 +637,7 @@ def main(argv):
                 stats.append({"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy,
                               **pg_stats, **vf_stats})
 
+        update_seconds = time.time() - t_update
         # ---- metrics: means over this process's batch, then over processes
         tested = ~torch.isnan(passed)
         local = {
@@ -650,7 +652,7 @@ def main(argv):
         metrics = {k: accelerator.reduce(v.detach().float().reshape(1).to(device), "mean").item() for k, v in local.items()}
         kl_ctl.update(metrics["kl"], C.PPO_BATCH_SIZE * accelerator.num_processes)
         metrics.update(kl_coef=kl_ctl.value, lr=scheduler.get_last_lr()[0], seconds=time.time() - t0,
-                       generate_seconds=gen_seconds)  # this process's sampling time (bench/: rollout tokens/s)
+                       generate_seconds=gen_seconds, update_seconds=update_seconds)  # this process's (bench/)
         episodes += C.PPO_BATCH_SIZE * accelerator.num_processes
         accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=step)
         if accelerator.is_main_process:

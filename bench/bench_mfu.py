@@ -113,6 +113,14 @@ def run_sft(steps, warmup, out, profile_steps=0, **overrides):
     return result
 
 
+def median_run(runs):
+    """The run with the median useful tokens/s (all rounds' rates kept), or the first error."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["useful_tokens_per_second"])
+    if not ok:
+        return runs[0]
+    return dict(ok[(len(ok) - 1) // 2], rounds=[r["useful_tokens_per_second"] for r in ok])
+
+
 def bucket(event, vocab):
     """The bucket of one profiler event's own time (see the module docstring)."""
     parent = event.cpu_parent
@@ -149,7 +157,7 @@ def attribute(prof, wall, vocab):
 
 
 def main(argv):
-    own, rest = _common.own_options(argv, {"steps": 20, "warmup": 3, "profile_steps": 4, "ppo_steps": 4,
+    own, rest = _common.own_options(argv, {"steps": 12, "warmup": 3, "rounds": 2, "profile_steps": 4, "ppo_steps": 4,
                                            "rm_steps": 20, "only": "sft,rm,ppo,profile,fixes",
                                            "fixes": ",".join(FIXES)})
     apply_overrides(rest)
@@ -158,32 +166,34 @@ def main(argv):
 
     only = own["only"].split(",")
     result = _common.header("python bench/bench_mfu.py " + " ".join(argv))
+    # the peak is measured before and after the stages and the higher is used: on a machine that
+    # is not quiet, a peak taken at a busy moment would inflate every MFU
     peak, per_size = _common.matmul_peak(torch.get_num_threads())
     result["peak_flops"], result["peak_by_size"] = peak, per_size
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({', '.join(f'{n}: {f / 1e9:.1f}' for n, f in per_size.items())})")
     rows = []
     with tempfile.TemporaryDirectory() as out:
         if "sft" in only:
-            sft = run_sft(own["steps"], own["warmup"], out)
+            # the stage as it is and each fix alternate (base, fix 1, fix 2, base, ...), same batches;
+            # medians over rounds, so a change in the machine's load hits all of them alike
+            fixes = [f for f in own["fixes"].split(",") if f] if "fixes" in only else []
+            runs = {"as it is": [], **{f: [] for f in fixes}}
+            for _ in range(own["rounds"]):
+                for name in runs:
+                    try:
+                        runs[name].append(run_sft(own["steps"], own["warmup"], out, **FIXES.get(name, {})))
+                    except (RuntimeError, ImportError, OSError) as e:  # e.g. torch.compile without a C++ compiler
+                        runs[name].append({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+                    print(f"sft {name}: " + (runs[name][-1].get("error") or
+                                             f"{runs[name][-1]['useful_tokens_per_second']:,.0f} useful tokens/s"), flush=True)
+            sft = median_run(runs.pop("as it is"))
             sft["mfu_useful"] = 6 * sft["flop_params"] * sft["useful_tokens_per_second"] / peak
             sft["mfu_real"] = 6 * sft["flop_params"] * sft["real_tokens_per_second"] / peak
             result["sft"] = sft
+            result["sft_fixes"] = {name: median_run(r) for name, r in runs.items()}
             rows.append(["SFT", f"{sft['useful_tokens_per_second']:,.0f} loss-bearing ({sft['real_tokens_per_second']:,.0f} real)",
                          f"{sft['flop_params'] / 1e6:.2f}M", f"{100 * sft['mfu_useful']:.1f}%",
                          f"{100 * sft['mfu_real']:.1f}% on real tokens"])
-        if "fixes" in only and own["fixes"]:
-            result["sft_fixes"] = {}
-            for name in own["fixes"].split(","):
-                try:
-                    fixed = run_sft(own["steps"], own["warmup"], out, **FIXES[name])
-                except (RuntimeError, ImportError, OSError) as e:  # e.g. torch.compile without a C++ compiler
-                    result["sft_fixes"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-                    print(f"sft with {name}: failed ({result['sft_fixes'][name]['error']})")
-                    continue
-                result["sft_fixes"][name] = fixed
-                base = result.get("sft", {}).get("useful_tokens_per_second")
-                print(f"sft with {name}: {fixed['useful_tokens_per_second']:,.0f} useful tokens/s"
-                      + (f" ({fixed['useful_tokens_per_second'] / base:.2f}x the stage as it is)" if base else ""))
         if "profile" in only:
             prof = run_sft(own["profile_steps"], own["warmup"], out, profile_steps=own["profile_steps"])
             result["sft_profile"] = prof["profile"]
@@ -210,23 +220,37 @@ def main(argv):
             tokens = sum(h["response_length"] * C.PPO_BATCH_SIZE for h in timed)
             seconds = sum(h["seconds"] for h in timed)
             gen_seconds = sum(h["generate_seconds"] for h in timed)
+            update_seconds = sum(h["update_seconds"] for h in timed)
             per_token = 2 * n_pol + 2 * (2 * n_pol + n_crit) + 6 * (n_pol + n_crit) * C.PPO_EPOCHS
             mfu = per_token * tokens / seconds / peak
             result["ppo"] = {"iterations_timed": len(timed), "seconds": seconds, "response_tokens": tokens,
                              "episodes_per_second": len(timed) * C.PPO_BATCH_SIZE / seconds,
                              "response_tokens_per_second": tokens / seconds, "generate_seconds": gen_seconds,
                              "rollout_tokens_per_second": tokens / gen_seconds, "generate_share": gen_seconds / seconds,
+                             "update_share": update_seconds / seconds,
                              "flops_per_response_token": per_token, "mfu": mfu, "history": history}
             rows.append(["PPO", f"{tokens / seconds:,.0f} response ({len(timed) * C.PPO_BATCH_SIZE / seconds:.2f} episodes/s)",
                          f"{n_pol / 1e6:.2f}M + {n_crit / 1e6:.2f}M", f"{100 * mfu:.1f}%",
-                         f"generation {100 * gen_seconds / seconds:.0f}% of the time, {tokens / gen_seconds:,.0f} tokens/s"])
+                         f"time: generation {100 * gen_seconds / seconds:.0f}% ({tokens / gen_seconds:,.0f} tokens/s), "
+                         f"updates {100 * update_seconds / seconds:.0f}%, rest (rollout forwards, RM, tests) "
+                         f"{100 * (1 - (gen_seconds + update_seconds) / seconds):.0f}%"])
+    peak_after, _ = _common.matmul_peak(torch.get_num_threads())
+    result["peak_flops_after"] = peak_after
+    if peak_after > peak:  # MFU against the higher of the two
+        for key, part in (("mfu_useful", "sft"), ("mfu_real", "sft"), ("mfu", "rm"), ("mfu", "ppo")):
+            if part in result:
+                result[part][key] *= peak / peak_after
+        rows = [row[:3] + [f"{float(row[3][:-1]) * peak / peak_after:.1f}%"] + row[4:] for row in rows]
+        peak = peak_after
+    print(f"fp32 matmul peak after the stages: {peak_after / 1e9:.1f} GFLOP/s; MFU against {peak / 1e9:.1f}")
     result["load_average_1min_after"] = os.getloadavg()[0]
     print("\n".join(_common.table(["stage", "useful tokens/s", "N (FLOP params)", "MFU", "note"], rows)))
     if "sft_fixes" in result and "sft" in result:
         base = result["sft"]["useful_tokens_per_second"]
         for name, fixed in result["sft_fixes"].items():
-            if "error" not in fixed:
-                print(f"SFT fix {name}: {fixed['useful_tokens_per_second'] / base:.2f}x")
+            print(f"SFT fix {name}: " + (fixed.get("error") or f"{fixed['useful_tokens_per_second'] / base:.2f}x "
+                                         f"(rounds {', '.join(f'{t:,.0f}' for t in fixed['rounds'])} vs "
+                                         f"{', '.join(f'{t:,.0f}' for t in result['sft']['rounds'])})"))
     if "sft_profile" in result:
         p = result["sft_profile"]
         print(f"SFT profile over {p['steps']} steps, {p['wall_seconds']:.1f} s wall; padding {100 * p['padding_share']:.0f}% "
