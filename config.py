@@ -93,7 +93,6 @@ PPO_CRITIC_LR = 3e-4  # critic (value model) learning rate; ~10x the policy's (O
 PPO_SAMPLES_PER_PROMPT = 4  # answers sampled per prompt in a batch (PPO_BATCH_SIZE must be a multiple)
 PPO_RESPONSE_LEN = 128  # max new tokens per rollout; shapes stay equal across processes
 PPO_TEMPERATURE = 1.0  # sampling temperature, top_k 0, top_p 1 (TRL uses 0.7; the peaked tiny model needs 1.0 to explore)
-PPO_GEN_CACHE = "static"  # KV cache of rollout generation: "static" (preallocated; faster here, bench/README.md) or "" (dynamic)
 PPO_KL_COEF = 0.05  # beta of the per-token KL penalty to the SFT reference (TRL 0.05)
 PPO_KL_TARGET = 0.0  # > 0: adapt beta towards this KL per response (Ziegler et al. 2019); 0 = fixed
 PPO_KL_HORIZON = 10000  # episodes over which the adaptive controller moves beta

@@ -564,11 +564,9 @@ def main(argv):
             query, query_mask = encode_prompts(tokenizer, batch, device)
             policy_u = unwrapped().policy
             t_gen = time.time()
-            # a static KV cache (preallocated, no per-token concatenation): faster rollouts on CPU, see bench/README.md
             gen = policy_u.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
                                     do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
-                                    cache_implementation=C.PPO_GEN_CACHE or None)
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
             gen_seconds = time.time() - t_gen
             response = gen[:, query.shape[1]:]  # (B, T'): generate stops when every row has ended
             # pad to the longest response of any process (not to PPO_RESPONSE_LEN: most answers are

@@ -8,8 +8,8 @@ rate, KL coefficient, clip ranges, temperature and seed, and --steps iterations 
 one sample per prompt and the RM as the only reward (PPO_SAMPLES_PER_PROMPT=1,
 PPO_EXEC_WEIGHT=0), as TRL's PPOTrainer does; TRL's reward model is the RM with its score head
 divided by the RM stage's std, so both optimise the same normalised score. What stays different
-is each implementation's own choice (ours: critic lr PPO_CRITIC_LR, gradient clipping, static KV
-cache, responses padded to the longest; TRL: one lr, full-vocabulary logits kept from generate()).
+is each implementation's own choice (ours: critic lr PPO_CRITIC_LR, gradient clipping, responses
+padded to the longest; TRL: one lr, full-vocabulary logits kept from generate()).
 
 Speed: episodes per second over the iterations after the first (warm-up), median over rounds.
 Reward gain: both final policies and the SFT model answer the same PPO_EVAL_TASKS held-out tasks

@@ -11,9 +11,9 @@ EOS (what PPO trains on); "row-steps" are all positions generate() computed (B x
     python bench/bench_rollout.py --rounds=5 --batches=2
     python bench/bench_rollout.py --SFT_DIR=/tmp/x/sft_model --PPO_BATCH_SIZE=64
 
-Variants: dynamic KV cache (transformers' default), static KV cache (PPO_GEN_CACHE="static",
-train_ppo.py's default), no KV cache (contrast), and prompts sorted by length then generated in
-two halves (less left padding per call, half the batch per call).
+Variants: dynamic KV cache (transformers' default, what train_ppo.py uses), static KV cache,
+no KV cache (contrast), and prompts sorted by length then generated in two halves (less left
+padding per call, half the batch per call).
 """
 
 import random
