@@ -28,6 +28,7 @@ and where the SFT step's time goes (torch.profiler).
 """
 
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -114,11 +115,15 @@ def run_sft(steps, warmup, out, profile_steps=0, **overrides):
 
 
 def median_run(runs):
-    """The run with the median useful tokens/s (all rounds' rates kept), or the first error."""
-    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["useful_tokens_per_second"])
+    """The first good run's counts with the median rates over rounds (all rounds' rates kept),
+    or the first error when every round failed."""
+    ok = [r for r in runs if "error" not in r]
     if not ok:
         return runs[0]
-    return dict(ok[(len(ok) - 1) // 2], rounds=[r["useful_tokens_per_second"] for r in ok])
+    merged = dict(ok[0], rounds=[r["useful_tokens_per_second"] for r in ok])
+    for key in ("useful_tokens_per_second", "real_tokens_per_second"):
+        merged[key] = statistics.median(r[key] for r in ok)
+    return merged
 
 
 def bucket(event, vocab):
@@ -171,7 +176,6 @@ def main(argv):
     peak, per_size = _common.matmul_peak(torch.get_num_threads())
     result["peak_flops"], result["peak_by_size"] = peak, per_size
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({', '.join(f'{n}: {f / 1e9:.1f}' for n, f in per_size.items())})")
-    rows = []
     with tempfile.TemporaryDirectory() as out:
         if "sft" in only:
             # the stage as it is and each fix alternate (base, fix 1, fix 2, base, ...), same batches;
@@ -187,13 +191,11 @@ def main(argv):
                     print(f"sft {name}: " + (runs[name][-1].get("error") or
                                              f"{runs[name][-1]['useful_tokens_per_second']:,.0f} useful tokens/s"), flush=True)
             sft = median_run(runs.pop("as it is"))
-            sft["mfu_useful"] = 6 * sft["flop_params"] * sft["useful_tokens_per_second"] / peak
-            sft["mfu_real"] = 6 * sft["flop_params"] * sft["real_tokens_per_second"] / peak
             result["sft"] = sft
             result["sft_fixes"] = {name: median_run(r) for name, r in runs.items()}
-            rows.append(["SFT", f"{sft['useful_tokens_per_second']:,.0f} loss-bearing ({sft['real_tokens_per_second']:,.0f} real)",
-                         f"{sft['flop_params'] / 1e6:.2f}M", f"{100 * sft['mfu_useful']:.1f}%",
-                         f"{100 * sft['mfu_real']:.1f}% on real tokens"])
+            for name, fixed in result["sft_fixes"].items():  # per-round ratios: load drift cancels within a round
+                if "error" not in fixed:
+                    fixed["speedup"] = statistics.median(f / b for f, b in zip(fixed["rounds"], sft["rounds"]))
         if "profile" in only:
             prof = run_sft(own["profile_steps"], own["warmup"], out, profile_steps=own["profile_steps"])
             result["sft_profile"] = prof["profile"]
@@ -210,8 +212,7 @@ def main(argv):
                                    own["warmup"] + own["rm_steps"], own["warmup"], out)
             n = _common.flop_params(AutoModelForSequenceClassification.from_pretrained(C.SFT_DIR, num_labels=1))
             result["rm"] = {"real_tokens_per_second": tps, "tokens_per_step": per_step, "flop_params": n,
-                            "mfu": 6 * n * tps / peak, "model": C.SFT_DIR}
-            rows.append(["RM", f"{tps:,.0f} real", f"{n / 1e6:.2f}M", f"{100 * result['rm']['mfu']:.1f}%", ""])
+                            "model": C.SFT_DIR}
         if "ppo" in only:
             history = _common.run_train_ppo(out, own["ppo_steps"], [f"--SFT_DIR={C.SFT_DIR}", f"--RM_DIR={C.RM_DIR}", *rest])
             timed = history[1:] or history  # the first iteration warms up
@@ -222,35 +223,43 @@ def main(argv):
             gen_seconds = sum(h["generate_seconds"] for h in timed)
             update_seconds = sum(h["update_seconds"] for h in timed)
             per_token = 2 * n_pol + 2 * (2 * n_pol + n_crit) + 6 * (n_pol + n_crit) * C.PPO_EPOCHS
-            mfu = per_token * tokens / seconds / peak
             result["ppo"] = {"iterations_timed": len(timed), "seconds": seconds, "response_tokens": tokens,
                              "episodes_per_second": len(timed) * C.PPO_BATCH_SIZE / seconds,
                              "response_tokens_per_second": tokens / seconds, "generate_seconds": gen_seconds,
                              "rollout_tokens_per_second": tokens / gen_seconds, "generate_share": gen_seconds / seconds,
-                             "update_share": update_seconds / seconds,
-                             "flops_per_response_token": per_token, "mfu": mfu, "history": history}
-            rows.append(["PPO", f"{tokens / seconds:,.0f} response ({len(timed) * C.PPO_BATCH_SIZE / seconds:.2f} episodes/s)",
-                         f"{n_pol / 1e6:.2f}M + {n_crit / 1e6:.2f}M", f"{100 * mfu:.1f}%",
-                         f"time: generation {100 * gen_seconds / seconds:.0f}% ({tokens / gen_seconds:,.0f} tokens/s), "
-                         f"updates {100 * update_seconds / seconds:.0f}%, rest (rollout forwards, RM, tests) "
-                         f"{100 * (1 - (gen_seconds + update_seconds) / seconds):.0f}%"])
+                             "update_share": update_seconds / seconds, "flop_params": [n_pol, n_crit],
+                             "flops_per_response_token": per_token, "history": history}
     peak_after, _ = _common.matmul_peak(torch.get_num_threads())
+    peak = result["peak_flops_used"] = max(peak, peak_after)
     result["peak_flops_after"] = peak_after
-    if peak_after > peak:  # MFU against the higher of the two
-        for key, part in (("mfu_useful", "sft"), ("mfu_real", "sft"), ("mfu", "rm"), ("mfu", "ppo")):
-            if part in result:
-                result[part][key] *= peak / peak_after
-        rows = [row[:3] + [f"{float(row[3][:-1]) * peak / peak_after:.1f}%"] + row[4:] for row in rows]
-        peak = peak_after
     print(f"fp32 matmul peak after the stages: {peak_after / 1e9:.1f} GFLOP/s; MFU against {peak / 1e9:.1f}")
     result["load_average_1min_after"] = os.getloadavg()[0]
+    rows = []
+    if "sft" in result:
+        sft = result["sft"]
+        sft["mfu_useful"] = 6 * sft["flop_params"] * sft["useful_tokens_per_second"] / peak
+        sft["mfu_real"] = 6 * sft["flop_params"] * sft["real_tokens_per_second"] / peak
+        rows.append(["SFT", f"{sft['useful_tokens_per_second']:,.0f} loss-bearing ({sft['real_tokens_per_second']:,.0f} real)",
+                     f"{sft['flop_params'] / 1e6:.2f}M", f"{100 * sft['mfu_useful']:.1f}%",
+                     f"{100 * sft['mfu_real']:.1f}% on real tokens"])
+    if "rm" in result:
+        rm = result["rm"]
+        rm["mfu"] = 6 * rm["flop_params"] * rm["real_tokens_per_second"] / peak
+        rows.append(["RM", f"{rm['real_tokens_per_second']:,.0f} real", f"{rm['flop_params'] / 1e6:.2f}M",
+                     f"{100 * rm['mfu']:.1f}%", ""])
+    if "ppo" in result:
+        ppo = result["ppo"]
+        ppo["mfu"] = ppo["flops_per_response_token"] * ppo["response_tokens_per_second"] / peak
+        rest_share = 1 - ppo["generate_share"] - ppo["update_share"]
+        rows.append(["PPO", f"{ppo['response_tokens_per_second']:,.0f} response ({ppo['episodes_per_second']:.2f} episodes/s)",
+                     " + ".join(f"{n / 1e6:.2f}M" for n in ppo["flop_params"]), f"{100 * ppo['mfu']:.1f}%",
+                     f"time: generation {100 * ppo['generate_share']:.0f}% ({ppo['rollout_tokens_per_second']:,.0f} tokens/s), "
+                     f"updates {100 * ppo['update_share']:.0f}%, rest (rollout forwards, RM, tests) {100 * rest_share:.0f}%"])
     print("\n".join(_common.table(["stage", "useful tokens/s", "N (FLOP params)", "MFU", "note"], rows)))
-    if "sft_fixes" in result and "sft" in result:
-        base = result["sft"]["useful_tokens_per_second"]
-        for name, fixed in result["sft_fixes"].items():
-            print(f"SFT fix {name}: " + (fixed.get("error") or f"{fixed['useful_tokens_per_second'] / base:.2f}x "
-                                         f"(rounds {', '.join(f'{t:,.0f}' for t in fixed['rounds'])} vs "
-                                         f"{', '.join(f'{t:,.0f}' for t in result['sft']['rounds'])})"))
+    for name, fixed in result.get("sft_fixes", {}).items():
+        print(f"SFT fix {name}: " + (fixed.get("error") or f"{fixed['speedup']:.2f}x (median of per-round ratios; rounds "
+                                     f"{', '.join(f'{t:,.0f}' for t in fixed['rounds'])} vs "
+                                     f"{', '.join(f'{t:,.0f}' for t in result['sft']['rounds'])} useful tokens/s)"))
     if "sft_profile" in result:
         p = result["sft_profile"]
         print(f"SFT profile over {p['steps']} steps, {p['wall_seconds']:.1f} s wall; padding {100 * p['padding_share']:.0f}% "
