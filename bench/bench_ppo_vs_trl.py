@@ -16,7 +16,7 @@ Reward gain: both final policies and the SFT model answer the same PPO_EVAL_TASK
 greedily; the gain is the mean normalised RM score (and pass@1) minus the SFT model's.
 
     bash bench/setup_trl110.sh                          # once: the TRL 1.10 venv
-    python bench/bench_ppo_vs_trl.py                    # 2 rounds x 6 iterations each
+    python bench/bench_ppo_vs_trl.py                    # 2 rounds x 5 iterations each
     python bench/bench_ppo_vs_trl.py --rounds=1 --steps=3 --PPO_RESPONSE_LEN=64
 """
 
@@ -73,7 +73,7 @@ def held_out(policy_dir, tasks):
 
 
 def main(argv):
-    own, rest = _common.own_options(argv, {"rounds": 2, "steps": 6, "venv": os.environ.get("TRL110_VENV", "bench/.venv-trl110")})
+    own, rest = _common.own_options(argv, {"rounds": 2, "steps": 5, "venv": os.environ.get("TRL110_VENV", "bench/.venv-trl110")})
     apply_overrides(rest)
     python = os.path.join(ROOT, own["venv"], "bin", "python")
     if not os.path.exists(python):
