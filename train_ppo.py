@@ -651,10 +651,12 @@ def main(argv):
         model.eval()
         with torch.no_grad():
             query, query_mask = encode_prompts(tokenizer, batch, device)
+            t_gen = time.time()
             with full_weights_for_generation(accelerator, model) as policy_full:
                 gen = policy_full.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
                                            do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
+            gen_seconds = time.time() - t_gen
             response = gen[:, query.shape[1]:]  # (B, T'): generate stops when every row has ended
             # pad to the longest response of any process (not to PPO_RESPONSE_LEN: most answers are
             # far shorter), so every process runs the same number of identically shaped steps
@@ -691,6 +693,7 @@ def main(argv):
             kl_per_response = kl.sum(1)  # (B,)
 
         # ---- PPO update: PPO_EPOCHS passes over the batch in shuffled mini-batches
+        t_update = time.time()
         model.train()
         stats = []
         shuffle = torch.Generator().manual_seed(C.SEED + 7919 * step + accelerator.process_index)
@@ -720,6 +723,7 @@ def main(argv):
                 stats.append({"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy,
                               **pg_stats, **vf_stats})
 
+        update_seconds = time.time() - t_update
         # ---- metrics: means over this process's batch, then over processes
         tested = ~torch.isnan(passed)
         local = {
@@ -733,7 +737,8 @@ def main(argv):
         }
         metrics = {k: accelerator.reduce(v.detach().float().reshape(1).to(device), "mean").item() for k, v in local.items()}
         kl_ctl.update(metrics["kl"], C.PPO_BATCH_SIZE * accelerator.num_processes)
-        metrics.update(kl_coef=kl_ctl.value, lr=scheduler.get_last_lr()[0], seconds=time.time() - t0)
+        metrics.update(kl_coef=kl_ctl.value, lr=scheduler.get_last_lr()[0], seconds=time.time() - t0,
+                       generate_seconds=gen_seconds, update_seconds=update_seconds)  # this process's (bench/)
         episodes += C.PPO_BATCH_SIZE * accelerator.num_processes
         accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=step)
         if accelerator.is_main_process:

@@ -38,28 +38,15 @@ def token_lengths(tokenizer, examples):
             for ex in examples]
 
 
-def main(argv):
-    state = start_stage("sft", argv)
+def sft_trainer(model, tokenizer, train, evals, output_dir, **overrides):
+    """The SFTTrainer of this stage, writing checkpoints to output_dir; `overrides` replace SFTConfig
+    fields (bench/ uses max_steps)."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
-    check_output_dir(C.SFT_DIR)
-    # ---- data: conversational prompt-completion, too-long examples dropped with a count
-    train = load_sft_examples(C.SFT_TRAIN_FILE)  # read before the base model is built: bad data writes nothing
-    evals = load_sft_examples(C.SFT_EVAL_FILE)
-    base = resolve_base_model()
-    tokenizer = load_tokenizer(base)
-    train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
-    evals = drop_too_long(evals, token_lengths(tokenizer, evals), C.MAX_LEN, C.SFT_EVAL_FILE)
-    if state.is_main_process:
-        print(f"data: {len(train)} train / {len(evals)} eval conversations")
-
-    # ---- model
-    model = load_causal_lm(base)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
-    args = SFTConfig(
-        output_dir=staging_folder("sft"),  # checkpoints are moved from there when complete (train_resumable)
+    fields = dict(
+        output_dir=output_dir,
         per_device_train_batch_size=C.BATCH_SIZE,
         per_device_eval_batch_size=C.BATCH_SIZE,
         gradient_accumulation_steps=C.GRAD_ACCUM,
@@ -82,14 +69,36 @@ def main(argv):
         # with early stopping the checkpoint of lowest held-out loss is kept and loaded at the end
         load_best_model_at_end=C.SFT_EARLY_STOP_PATIENCE > 0,
         metric_for_best_model="eval_loss",
-        **trainer_args(SFTConfig),
     )
-    trainer = SFTTrainer(
+    fields.update(trainer_args(SFTConfig), **overrides)
+    args = SFTConfig(**fields)
+    return SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
         peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
         callbacks=[EarlyStoppingCallback(C.SFT_EARLY_STOP_PATIENCE)] if C.SFT_EARLY_STOP_PATIENCE > 0 else None,
     )
+
+
+def main(argv):
+    state = start_stage("sft", argv)
+    check_output_dir(C.SFT_DIR)
+
+    # ---- data: conversational prompt-completion, too-long examples dropped with a count
+    train = load_sft_examples(C.SFT_TRAIN_FILE)  # read before the base model is built: bad data writes nothing
+    evals = load_sft_examples(C.SFT_EVAL_FILE)
+    base = resolve_base_model()
+    tokenizer = load_tokenizer(base)
+    train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
+    evals = drop_too_long(evals, token_lengths(tokenizer, evals), C.MAX_LEN, C.SFT_EVAL_FILE)
+    if state.is_main_process:
+        print(f"data: {len(train)} train / {len(evals)} eval conversations")
+
+    # ---- model
+    model = load_causal_lm(base)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
+    # checkpoints are written to the staging folder and moved when complete (train_resumable)
+    trainer = sft_trainer(model, tokenizer, train, evals, staging_folder("sft"))
     use_log_line(trainer, "sft", [("loss", "loss"), ("eval_loss", "eval loss"), ("mean_token_accuracy", "acc"),
                                   ("eval_mean_token_accuracy", "eval acc"), ("learning_rate", "lr")])
 

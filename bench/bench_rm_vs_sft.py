@@ -18,32 +18,16 @@ Other settings of config.py are overridden as --NAME=value, as in the stage scri
 
 import datetime
 import os
-import platform
-import re
 import statistics
 import sys
-import time
 
+import _common
 import config as C
 from rlhf.common import load_preference_pairs, load_tokenizer, resolve_base_model, seed_everything, trainer_args
 from rlhf.settings import apply_overrides
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 HEADING = "## RM vs SFT throughput"
-
-
-def timing_callback(warmup):
-    """Records (seconds, tokens seen) at the end of every optimizer step after `warmup`."""
-    from transformers import TrainerCallback
-
-    class Timing(TrainerCallback):
-        marks = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= warmup:
-                self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
-
-    return Timing()
 
 
 def tokens_per_second(cb):
@@ -76,7 +60,7 @@ def run_sft(model_path, tokenizer, pairs, steps, warmup, out):
     model = AutoModelForCausalLM.from_pretrained(model_path)
     args = SFTConfig(per_device_train_batch_size=rows_per_step, max_length=C.RM_MAX_LEN, packing=C.PACKING,
                      **common_args(steps, out))
-    cb = timing_callback(warmup)
+    cb = _common.timing_callback(warmup)
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
                          callbacks=[cb])
     trainer.train()
@@ -99,28 +83,11 @@ def run_rm(model_path, tokenizer, pairs, steps, warmup, out, bf16=False):
     args = RewardConfig(per_device_train_batch_size=C.RM_BATCH_SIZE, max_length=C.RM_MAX_LEN,
                         train_sampling_strategy="group_by_length", remove_unused_columns=False,  # as train_rm.py
                         **fields)
-    cb = timing_callback(warmup)
+    cb = _common.timing_callback(warmup)
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
                             callbacks=[cb])
     trainer.train()
     return tokens_per_second(cb)
-
-
-def machine():
-    cpu = "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        cpu = names[0].strip() if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.machine()}"
-
-
-def versions():
-    import torch
-    import transformers
-    import trl
-
-    return f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
 
 
 def main(argv):
@@ -155,9 +122,9 @@ def main(argv):
     command = "python bench/bench_rm_vs_sft.py " + " ".join(argv)
     lines = [
         f"- command: `{command.strip()}`",
-        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}; machine: {machine()}; "
+        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}; machine: {_common.machine()}; "
         f"torch threads {torch.get_num_threads()}",
-        f"- versions: {versions()}",
+        f"- versions: {_common.versions()}",
         f"- model: {model_path}; batch: {C.RM_BATCH_SIZE} pairs (RM), the same {2 * C.RM_BATCH_SIZE} conversations' "
         f"worth of packed rows of {C.RM_MAX_LEN} tokens (SFT, packing {C.PACKING}); {steps} timed steps after "
         f"{warmup} warm-up; {rounds} alternating rounds",

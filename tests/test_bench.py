@@ -1,0 +1,48 @@
+"""bench/_common.py: the FLOP parameter count behind every MFU figure, the bench options parser
+and the matmul peak. Loaded from its file (bench/ is a folder of scripts, not a package)."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def common():
+    spec = importlib.util.spec_from_file_location("bench_common", os.path.join(ROOT, "bench", "_common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_qwen2(tied):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_flop_params_count_the_output_layer_not_the_input_lookup(common):
+    tied, untied = tiny_qwen2(True), tiny_qwen2(False)
+    embed = 64 * 16
+    # tied: the one vocab x hidden matrix is used as the output matmul, so everything counts
+    assert common.flop_params(tied) == sum(p.numel() for p in tied.parameters())
+    # untied: the separate input table is a lookup and drops out; the output matrix stays
+    assert common.flop_params(untied) == sum(p.numel() for p in untied.parameters()) - embed
+    assert common.flop_params(untied) == common.flop_params(tied)
+
+
+def test_own_options_split_bench_options_from_config_overrides(common):
+    own, rest = common.own_options(["--steps=5", "--LR=1e-4", "--quick", "--only=sft"],
+                                   {"steps": 20, "quick": False, "only": "all"})
+    assert own == {"steps": 5, "quick": True, "only": "sft"}
+    assert rest == ["--LR=1e-4"]
+
+
+def test_matmul_peak_is_a_positive_rate_per_size(common):
+    best, per_size = common.matmul_peak(sizes=(64, 128), repeats=2)
+    assert set(per_size) == {64, 128}
+    assert best == max(per_size.values()) > 0
