@@ -52,8 +52,8 @@ EVAL_TASKS_FILE = "data/eval_tasks.jsonl"  # held-out code tasks with tests: pas
 SFT_DIR = "./sft_model"  # output folder of the SFT stage, input of RM and PPO
 BATCH_SIZE = 16  # sequences per device per step; lower it first on out-of-memory
 GRAD_ACCUM = 1  # gradient accumulation steps; global batch = BATCH_SIZE * GRAD_ACCUM * processes
-EPOCHS = 4  # passes over the SFT data (the embedded model starts from random weights; 2 is plenty for a pretrained one)
-SFT_EARLY_STOP_PATIENCE = 0  # > 0: stop after this many evaluations without a lower held-out loss, keep the best; 0 = off
+EPOCHS = 12  # most passes over the SFT data: the embedded model (random init) plateaus at ~12; 2 is plenty for a pretrained one
+SFT_EARLY_STOP_PATIENCE = 2  # stop after this many evaluations without a lower held-out loss, keep the best; 0 = off
 MAX_LEN = 512  # tokens per sequence (prompt + answer); longer examples are dropped with a count
 LR = 2e-3  # peak learning rate (cosine decay, warm-up below); 1e-5 for a pretrained 1.5B model
 WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up

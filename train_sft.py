@@ -71,12 +71,13 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, **overrides):
         metric_for_best_model="eval_loss",
     )
     fields.update(trainer_args(SFTConfig), **overrides)
+    fields["load_best_model_at_end"] &= fields["eval_strategy"] != "no"  # no evaluations, nothing to stop on
     args = SFTConfig(**fields)
     return SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
         peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
-        callbacks=[EarlyStoppingCallback(C.SFT_EARLY_STOP_PATIENCE)] if C.SFT_EARLY_STOP_PATIENCE > 0 else None,
+        callbacks=[EarlyStoppingCallback(C.SFT_EARLY_STOP_PATIENCE)] if args.load_best_model_at_end else None,
     )
 
 
