@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of bench/README.md in one sitting, for a quiet machine (nothing else running):
-# ~25 minutes on the 2-core reference machine (estimated from loaded-machine runs of each part,
-# not yet timed quiet). Raw results go to bench/results/*.json, each script prints its table;
+# 13 minutes on the 2-core reference machine (measured quiet, 2026-11-29). Raw results go to
+# bench/results/*.json, each script prints its table;
 # paste them into bench/README.md (or compare with what is there).
 #
 #     bash bench/run_all.sh                 # needs ./sft_model and ./rm_model (bash run.sh makes them)
