@@ -37,6 +37,7 @@ from rlhf.common import (
     precision, prompt_messages, report_to, require_stage_output, resume_from, run_stage, save_stage_output,
     save_tokenizer, scalar_settings, start_stage, torch_dtype, write_json,
 )
+from rlhf.engines import full_weights_for_generation, plain_policy, sharded
 from rlhf.settings import UserError
 
 # ---- PPO math (pure functions, unit-tested in tests/test_ppo_math.py) ----
@@ -299,90 +300,6 @@ def disable_dropout(model):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-
-
-def sharded(accelerator):
-    """True under DeepSpeed ZeRO-3 and FSDP: each process holds a shard of the weights, so every
-    forward is a collective that all processes must run together."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    return plugin is not None and plugin.zero_stage == 3
-
-
-@contextlib.contextmanager
-def full_weights_for_generation(accelerator, model, with_critic=False):
-    """The policy of the prepared PolicyAndCritic, ready for `generate` under every engine.
-    Every process must enter it together (it gathers weights). with_critic: the critic is used
-    inside too (with LoRA it is the reward model, adapter disabled): gather it as well.
-
-    - DDP, ZeRO-1/2, one process: the weights are whole already; nothing to do.
-    - ZeRO-3: gather the policy's weights once for the whole generation
-      (deepspeed.zero.GatheredParameters) and take ZeRO-3's per-layer fetch/release hooks off
-      meanwhile, instead of one all-gather per layer per generated token. TRL's
-      unwrap_model_for_generation does the same (and we call its remove_hooks/add_hooks);
-      OpenRLHF and verl mostly avoid the problem by generating with vLLM.
-    - FSDP2: the decoder blocks gather their weights in their own forward, but the top-level
-      weights (embeddings, final norm, lm_head) belong to the root module, PolicyAndCritic, whose
-      forward generate never calls: unshard the root for the generation. FSDP1: the same with
-      summon_full_params(recurse=False) (pytorch/pytorch#100069), as verl's HF rollout and the DPO
-      reference code (eric-mitchell/direct-preference-optimization) do. Every forward is then still a
-      collective, so generate must keep all processes stepping until the last one has finished
-      (synced_gpus): transformers turns it on for modules marked FSDP-managed.
-    Memory: ZeRO-3 holds one full copy of the policy (and critic) per GPU inside.
-    """
-    from accelerate.utils import DistributedType
-
-    unwrapped = accelerator.unwrap_model(model)
-    policy = unwrapped.policy
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        policy._is_fsdp_managed_module = True  # read by transformers' generate: synced_gpus=True
-        if isinstance(model, FullyShardedDataParallel):  # FSDP1
-            with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
-                yield policy
-        else:  # FSDP2: fully_shard made the root an FSDPModule in place
-            model.unshard()
-            try:
-                yield policy
-            finally:
-                model.reshard()
-    elif sharded(accelerator):  # ZeRO-3
-        import deepspeed
-        from trl.models.utils import add_hooks, remove_hooks
-
-        gathered = unwrapped if with_critic else policy  # without hooks, what is not gathered is unusable
-        with deepspeed.zero.GatheredParameters(list(gathered.parameters())):
-            remove_hooks(model)
-            try:
-                yield policy
-            finally:
-                add_hooks(model)
-    else:
-        yield policy
-
-
-def plain_policy(accelerator, model, dtype):
-    """The trained policy as a plain causal LM on the main process (None on the others), LoRA
-    merged. Every process must call it: under ZeRO-3 and FSDP the full state dict is gathered
-    first (accelerator.get_state_dict; ZeRO-3 needs zero3_save_16bit_model), then loaded into a
-    fresh copy of the SFT model. One more copy of the policy in CPU memory, at the end only."""
-    from transformers import AutoModelForCausalLM
-
-    from rlhf.common import merge_lora_weights
-
-    state = accelerator.get_state_dict(model)  # names prefixed "policy." / "critic."
-    if not accelerator.is_main_process:
-        return None
-    state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
-    if C.USE_LORA:
-        return merge_lora_weights(C.SFT_DIR, state, dtype=dtype)
-    policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=dtype)
-    policy.load_state_dict(state)
-    return policy
 
 
 def positions(attention_mask):

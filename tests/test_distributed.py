@@ -237,7 +237,7 @@ def test_generation_context_unshards_the_fsdp2_root_and_syncs_generate():
     from accelerate.utils import DistributedType
     from transformers.distributed.fsdp import is_fsdp_managed_module
 
-    from train_ppo import full_weights_for_generation
+    from rlhf.engines import full_weights_for_generation
 
     calls = []
 
