@@ -242,6 +242,27 @@ def value_loss(values, old_values, returns, mask, clip):
     return loss, stats
 
 
+def mixed_groups(passed, group):
+    """(N / group,) bool: True for each group of `group` consecutive responses (the answers to one
+    prompt) whose unit-test rewards `passed` (N,) differ. NaN (no tests) counts as not mixed."""
+    groups = passed.reshape(-1, group)
+    return (groups.amax(1) > groups.amin(1)) & ~groups.isnan().any(1)
+
+
+def informative_groups(passed, group, keep):
+    """Indices (keep * group,) of the responses to train on, out of a larger sampled batch: `keep`
+    groups, those with mixed test results first (in sampled order), then the others to fill up, so
+    the count and every shape stay fixed; returned in sampled order.
+
+    A group whose answers all pass or all fail teaches little: its advantages are mostly the
+    critic's error on one outcome. Training on the prompts with mixed outcomes is DAPO's "dynamic
+    sampling" (Yu et al. 2025, arXiv 2503.14476); here sampling cost is small next to the update.
+    """
+    mixed = mixed_groups(passed, group)
+    chosen = torch.cat([mixed.nonzero().flatten(), (~mixed).nonzero().flatten()])[:keep].sort().values
+    return (chosen.unsqueeze(1) * group + torch.arange(group, device=passed.device)).flatten()
+
+
 class KLController:
     """KL coefficient beta: fixed when target is None, else adaptive (Ziegler et al. 2019):
     beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon.
@@ -350,30 +371,39 @@ def encode_prompts(tokenizer, batch, device):
 
 # ---- scoring: reward model + unit tests ----
 
-def score_responses(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, device):
-    """Sequence scores (B,) and the unit-test pass fraction (B,) (NaN where a prompt has no tests).
-
-    The RM reads the response exactly as it was trained on it: prompt + answer through the chat
-    template, scored at the template's last token (rlhf.reward.score_responses); normalised with
-    the mean/std the RM stage stored (N+: centre on reference responses)."""
+def test_rewards(batch, texts, device):
+    """Unit-test reward (B,) of each response (PPO_EXEC_REWARD of its sandbox verdict); NaN where the
+    prompt has no tests or PPO_EXEC_WEIGHT is 0."""
     from rlhf.codeeval import completion_for
-    from rlhf.reward import score_responses as rm_scores
     from rlhf.sandbox import run_many
 
-    rm_score = rm_scores(rm, rm_tokenizer, [r["messages"] for r in batch], texts, device=device)
-    rm_score = (rm_score.float().to(device) - norm["mean"]) / norm["std"]
     passed = torch.full((len(batch),), float("nan"), device=device)
     tested = [i for i, r in enumerate(batch) if r["problem"] is not None]
     if tested and C.PPO_EXEC_WEIGHT:
         verdicts = run_many([batch[i]["problem"].job(completion_for(batch[i]["problem"], texts[i])) for i in tested])
-        passed[tested] = torch.tensor([v.pass_fraction for v in verdicts], device=device)
+        # "all": the verdict greedy pass@1 counts; "fraction" also pays for near misses
+        passed[tested] = torch.tensor([float(v.passed) if C.PPO_EXEC_REWARD == "all" else v.pass_fraction
+                                       for v in verdicts], device=device)
+    return passed
+
+
+def score_responses(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device):
+    """Sequence scores (B,) and the normalised RM scores (B,), given the test rewards `passed` (B,).
+
+    The RM reads the response exactly as it was trained on it: prompt + answer through the chat
+    template, scored at the template's last token (rlhf.reward.score_responses); normalised with
+    the mean/std the RM stage stored (N+: centre on reference responses)."""
+    from rlhf.reward import score_responses as rm_scores
+
+    rm_score = rm_scores(rm, rm_tokenizer, [r["messages"] for r in batch], texts, device=device)
+    rm_score = (rm_score.float().to(device) - norm["mean"]) / norm["std"]
     score = C.PPO_RM_WEIGHT * rm_score + C.PPO_EXEC_WEIGHT * torch.nan_to_num(passed, nan=0.0)
     if C.PPO_REWARD_FN:  # a user's own reward on top: f(list of messages, list of texts) -> floats
         score = score + torch.tensor(custom_reward_fn()([r["messages"] for r in batch], texts),
                                      dtype=score.dtype, device=device)
     if C.PPO_PENALIZE_MISSING_EOS:
         score = apply_missing_eos_penalty(score, ends_with_eos, C.PPO_MISSING_EOS_PENALTY)
-    return score, rm_score, passed
+    return score, rm_score
 
 
 def custom_reward_fn():
@@ -448,6 +478,8 @@ def main(argv):
     for name in ("PPO_MINI_BATCH_SIZE", "PPO_SAMPLES_PER_PROMPT"):
         if getattr(C, name) < 1 or C.PPO_BATCH_SIZE % getattr(C, name):
             raise UserError(f"PPO_BATCH_SIZE ({C.PPO_BATCH_SIZE}) must be a multiple of {name} ({getattr(C, name)})")
+    if C.PPO_OVERSAMPLE > 1 and not C.PPO_EXEC_WEIGHT:
+        raise UserError("PPO_OVERSAMPLE > 1 picks prompts by their unit-test results: set PPO_EXEC_WEIGHT > 0 or PPO_OVERSAMPLE=1")
     run_dir = os.path.join(C.RUNS_DIR, "ppo")
     accelerator = Accelerator(mixed_precision="bf16" if precision() == "bf16" else "no",
                               log_with=report_to() or None, project_dir=run_dir)
@@ -460,6 +492,8 @@ def main(argv):
     if accelerator.is_main_process:
         n_tested = sum(r["problem"] is not None for r in prompts)
         print(f"data: {len(prompts)} prompts ({n_tested} with unit tests), {len(problems)} held-out tasks")
+        if not os.path.exists(C.EVAL_TASKS_FILE):
+            print(f"no held-out evaluation: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist")
 
     # ---- models: policy + reference from SFT, critic + reward model from RM
     rm_tokenizer = load_tokenizer(C.RM_DIR)
@@ -561,7 +595,8 @@ def main(argv):
         rng = random.Random(C.SEED * 1_000_003 + accelerator.process_index * 10_007 + step)
         # each prompt is sampled PPO_SAMPLES_PER_PROMPT times: answers to the same prompt that
         # pass and fail side by side are what the advantages learn from
-        picked = [prompts[rng.randrange(len(prompts))] for _ in range(C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT)]
+        n_prompts = C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT
+        picked = [prompts[rng.randrange(len(prompts))] for _ in range(n_prompts * C.PPO_OVERSAMPLE)]
         batch = [row for row in picked for _ in range(C.PPO_SAMPLES_PER_PROMPT)]
 
         # ---- rollout (no gradients): sample, then logprobs, reference logprobs, values, scores
@@ -574,13 +609,25 @@ def main(argv):
                                            do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
             gen_seconds = time.time() - t_gen
-            response = gen[:, query.shape[1]:]  # (B, T'): generate stops when every row has ended
+            # generate stops when every row has ended: (B, T') with T' <= PPO_RESPONSE_LEN
+            response = truncate_after_eos(gen[:, query.shape[1]:], eos_ids, tokenizer.pad_token_id)
+            _, _, last_index = first_eos_mask(response, eos_ids)
+            texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
+            passed = test_rewards(batch, texts, device)  # (B,) unit-test reward, NaN without tests
+            sampled = {"sampled_pass_rate": passed.nanmean(),  # of every sampled answer, before filtering
+                       "mixed_groups": mixed_groups(passed, C.PPO_SAMPLES_PER_PROMPT).float().mean()}
+            if C.PPO_OVERSAMPLE > 1:  # keep PPO_BATCH_SIZE responses, prompts with mixed test results first
+                keep = informative_groups(passed, C.PPO_SAMPLES_PER_PROMPT, n_prompts)
+                batch, texts, passed = [batch[i] for i in keep], [texts[i] for i in keep], passed[keep]
+                query, query_mask, response = query[keep], query_mask[keep], response[keep]
+                width = int(query_mask.sum(1).max())  # drop the columns that were padding for every kept row
+                query, query_mask = query[:, -width:], query_mask[:, -width:]
+                response = response[:, : int(last_index[keep].max()) + 1]
             # pad to the longest response of any process (not to PPO_RESPONSE_LEN: most answers are
             # far shorter), so every process runs the same number of identically shaped steps
             longest = accelerator.reduce(torch.tensor([response.shape[1]], device=device), "max").item()
             response = torch.nn.functional.pad(response, (0, longest - response.shape[1]),
                                                value=tokenizer.pad_token_id)  # (B, T)
-            response = truncate_after_eos(response, eos_ids, tokenizer.pad_token_id)
             mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
 
             old_logp, ref_logp, values = [], [], []
@@ -597,10 +644,9 @@ def main(argv):
                     ref_logp.append(logprobs_from_logits(response_logits(ref_model, q, qm, r), r, C.PPO_TEMPERATURE))
             old_logp, ref_logp, values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(values)  # (B, T)
 
-            texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
             rm_ctx, rm_model = rm()
             with rm_ctx:
-                score, rm_score, passed = score_responses(rm_model, rm_tokenizer, norm, batch, texts, ends_with_eos, device)
+                score, rm_score = score_responses(rm_model, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device)
 
             # ---- rewards and advantages
             kl = torch.where(mask, kl_estimate(old_logp, ref_logp, C.PPO_KL_ESTIMATOR), 0.0)  # (B, T)
@@ -644,7 +690,7 @@ def main(argv):
         # ---- metrics: means over this process's batch, then over processes
         tested = ~torch.isnan(passed)
         local = {
-            "score": score.mean(), "rm_score": rm_score.mean(),
+            "score": score.mean(), "rm_score": rm_score.mean(), **sampled,
             "test_pass_rate": passed[tested].mean() if tested.any() else torch.tensor(float("nan"), device=device),
             "kl": kl_per_response.mean(),
             "non_score_reward": (rewards.sum(1) - score).mean(),
@@ -667,7 +713,8 @@ def main(argv):
         if C.PPO_EVAL_EVERY and step % C.PPO_EVAL_EVERY == 0 and step != C.PPO_STEPS:
             row.update({f"eval_{k}": v for k, v in run_eval(step).items()})
         history.append(row)
-        if C.PPO_SAVE_EVERY and step % C.PPO_SAVE_EVERY == 0 and step != C.PPO_STEPS:
+        if C.PPO_SAVE_EVERY and (step % C.PPO_SAVE_EVERY == 0 or step == C.PPO_STEPS):  # the last one too: a
+            # kill during the final evaluation or save then costs no training
             save_checkpoint(accelerator, ckpt_dir, step, history)
     bar.close()
     seconds = time.time() - t_start

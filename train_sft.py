@@ -136,6 +136,8 @@ def main(argv):
         metrics["pass_at_1"] = summary["pass@1"]
         metrics.update({f"pass_at_1_{k[len('pass@1_'):]}": v for k, v in summary.items() if k.startswith("pass@1_")})
         metrics["eval_tasks"] = len(problems)
+    elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
+        print(f"no pass@1: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist (set it, or SFT_EVAL_PASS_AT_1=False)")
 
     # ---- save ./sft_model (main process; atomic, with metadata)
     if state.is_main_process:

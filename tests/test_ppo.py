@@ -64,7 +64,8 @@ def test_toy_reward_rises_with_bounded_kl(ppo_inputs, tmp_path):
 def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_STEPS=2", "--PPO_EVAL_EVERY=1"))
+    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_STEPS=2", "--PPO_EVAL_EVERY=1",
+                                                "--PPO_OVERSAMPLE=2", "--PPO_EXEC_REWARD=all"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "ppo_model"
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -78,6 +79,8 @@ def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path):
     assert history[0]["step"] == 0 and "eval_pass_at_1" in history[0]  # evaluated before training
     trained = [h for h in history if "kl" in h]
     assert len(trained) == 2 and all(0.0 <= h["test_pass_rate"] <= 1.0 for h in trained)
+    # PPO_OVERSAMPLE=2: twice the prompts sampled, the batch filled with those whose tests disagree first
+    assert all(0.0 <= h["mixed_groups"] <= 1.0 and 0.0 <= h["sampled_pass_rate"] <= 1.0 for h in trained)
     assert not os.path.exists(tmp_path / "runs" / "ppo" / "checkpoints")
 
 

@@ -301,3 +301,16 @@ def test_fixed_kl_controller_does_not_move():
     ctl = P.KLController(0.05)
     ctl.update(100.0, n_steps=10**6)
     assert ctl.value == 0.05
+
+
+def test_mixed_groups_and_informative_groups():
+    nan = float("nan")
+    # 4 prompts x 2 answers: all fail, mixed, all pass, no tests; then 2 more prompts: mixed, partial credit equal
+    passed = torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0, 1.0, nan, nan, 0.0, 0.5, 0.5, 0.5])
+    assert P.mixed_groups(passed, 2).tolist() == [False, True, False, False, True, False]
+    # keep 3 groups: the two mixed ones (1 and 4) first, then the first uniform one (0); sampled order
+    assert P.informative_groups(passed, 2, 3).tolist() == [0, 1, 2, 3, 8, 9]
+    # no mixed group: the first `keep` groups, i.e. what an unfiltered batch would have been
+    assert P.informative_groups(torch.ones(8), 4, 1).tolist() == [0, 1, 2, 3]
+    # more mixed groups than needed: the earliest sampled ones
+    assert P.informative_groups(torch.tensor([0.0, 1.0] * 3), 2, 2).tolist() == [0, 1, 2, 3]
