@@ -32,11 +32,12 @@ import time
 import torch
 
 import config as C
+from rlhf.checkpoints import disk_full_is_an_error, diverged, resume_from
 from rlhf.common import (
-    check_output_dir, disk_full_is_an_error, diverged, load_causal_lm, load_rows, load_tokenizer, lora_config,
-    precision, prompt_messages, report_to, require_stage_output, resume_from, run_stage, save_stage_output,
-    save_tokenizer, scalar_settings, start_stage, torch_dtype, write_json,
+    check_output_dir, load_causal_lm, load_tokenizer, lora_config, precision, report_to, require_stage_output,
+    run_stage, save_stage_output, save_tokenizer, scalar_settings, start_stage, torch_dtype, write_json,
 )
+from rlhf.data import load_rows, prompt_messages
 from rlhf.engines import full_weights_for_generation, plain_policy, sharded
 from rlhf.settings import UserError
 

@@ -40,11 +40,12 @@ import shutil
 import time
 
 import config as C
+from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
 from rlhf.common import (
-    check_output_dir, checkpoint_folder, drop_too_long, load_preference_pairs, load_tokenizer, lora_config,
-    require_stage_output, run_stage, save_stage_output, save_tokenizer, staging_folder, start_stage, torch_dtype,
-    train_resumable, trainer_args, use_log_line, write_json,
+    check_output_dir, load_tokenizer, lora_config, require_stage_output, run_stage, save_stage_output, save_tokenizer,
+    start_stage, torch_dtype, trainer_args, use_log_line, write_json,
 )
+from rlhf.data import drop_too_long, load_preference_pairs
 from rlhf.reward import (
     conversation_ids, load_reward_model, preference_metrics, reward_statistics, save_reward_normalization,
     score_conversations,

@@ -25,11 +25,12 @@ import shutil
 import time
 
 import config as C
+from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
 from rlhf.common import (
-    check_output_dir, checkpoint_folder, drop_too_long, load_causal_lm, load_sft_examples, load_tokenizer,
-    lora_config, merge_lora_weights, resolve_base_model, run_stage, save_stage_output, save_tokenizer,
-    staging_folder, start_stage, train_resumable, trainer_args, use_log_line, write_json,
+    check_output_dir, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, resolve_base_model, run_stage,
+    save_stage_output, save_tokenizer, start_stage, trainer_args, use_log_line, write_json,
 )
+from rlhf.data import drop_too_long, load_sft_examples
 
 
 def token_lengths(tokenizer, examples):

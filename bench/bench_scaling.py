@@ -60,7 +60,8 @@ def time_stages(sft_dir, rm_dir, steps, warmup, ppo_steps, out, overrides, batch
     from bench_mfu import run_sft
     from bench_rm_vs_sft import run_rm
 
-    from rlhf.common import load_preference_pairs, load_tokenizer
+    from rlhf.common import load_tokenizer
+    from rlhf.data import load_preference_pairs
 
     saved = C.MODEL_NAME, C.BATCH_SIZE, C.RM_BATCH_SIZE
     C.MODEL_NAME = sft_dir

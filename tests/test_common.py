@@ -8,10 +8,8 @@ import pytest
 
 import config as C
 from conftest import write_jsonl
-from rlhf.common import (
-    STAGE_INFO_FILE, check_output_dir, load_preference_pairs, load_sft_examples, load_tokenizer,
-    require_stage_output, save_stage_output,
-)
+from rlhf.common import STAGE_INFO_FILE, check_output_dir, load_tokenizer, require_stage_output, save_stage_output
+from rlhf.data import load_preference_pairs, load_sft_examples
 from rlhf.settings import UserError
 
 CONVERSATION = [{"role": "user", "content": "用Python实现快速排序算法"},

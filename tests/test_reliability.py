@@ -16,9 +16,9 @@ import pytest
 
 import config as C
 from conftest import ROOT, toy_conversations, toy_preference_pairs, write_jsonl
-from rlhf.common import (
-    CHECKPOINT_MARKER, disk_full_is_an_error, drop_too_long, resume_from, run_stage, save_stage_output,
-)
+from rlhf.checkpoints import CHECKPOINT_MARKER, disk_full_is_an_error, resume_from
+from rlhf.common import run_stage, save_stage_output
+from rlhf.data import drop_too_long
 from rlhf.settings import UserError, settings
 import test_ppo
 from test_ppo import ppo_args
@@ -97,7 +97,7 @@ def test_bad_data_is_one_line_and_writes_nothing(stage, case, tmp_path, tiny_bas
 
 
 def test_json_files_name_the_line_or_byte(tmp_path):
-    from rlhf.common import load_rows
+    from rlhf.data import load_rows
 
     (tmp_path / "d.json").write_text('[\n  {"prompt": "a"},\n  {"prompt": }\n]\n')
     with pytest.raises(UserError, match=r"d.json:3: malformed JSON \(Expecting value\)"):

@@ -23,7 +23,7 @@ def rm_run(tiny_sft, toy_pairs, tmp_path_factory):
 
 
 def _pairs(path):
-    from rlhf.common import load_preference_pairs
+    from rlhf.data import load_preference_pairs
 
     return load_preference_pairs(path)
 

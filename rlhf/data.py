@@ -1,0 +1,152 @@
+"""Data for the three stages: TRL's standard formats (conversational SFT examples, preference pairs,
+prompts) from local .jsonl/.json/.parquet files or hub datasets, validated row by row so a mistake
+is one line naming file:line."""
+
+import json
+import os
+
+from rlhf.settings import UserError
+
+def load_rows(source):
+    """Rows (list of dicts) from a .jsonl/.json/.parquet file or a `datasets` hub id
+    ("name" or "name:split")."""
+    if os.path.exists(source):
+        if os.path.getsize(source) == 0:
+            raise UserError(f"{source} is empty")
+        if source.endswith((".jsonl", ".jsonl.gz")):
+            return read_jsonl(source)
+        if source.endswith(".json"):
+            try:
+                with open(source, encoding="utf-8") as f:
+                    data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{source}:{e.lineno}: malformed JSON ({e.msg})") from None
+            except UnicodeDecodeError as e:
+                raise UserError(f"{source}: not UTF-8 text (byte {e.start})") from None
+            if not isinstance(data, list):
+                raise UserError(f"{source}: expected a JSON list of objects")
+            return data
+        if source.endswith(".parquet"):
+            import datasets
+
+            return datasets.load_dataset("parquet", data_files=source, split="train").to_list()
+        raise UserError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
+    if source.startswith((".", "/")) or source.endswith((".jsonl", ".json", ".parquet")):
+        raise UserError(f"data file {source} not found (build the bundled data with `python scripts/build_data.py`)")
+    import datasets
+
+    name, _, split = source.partition(":")
+    try:
+        return datasets.load_dataset(name, split=split or "train").to_list()
+    except Exception as e:  # the hub client raises many types; all mean "could not get it"
+        raise UserError(f"cannot load dataset {source!r} from the hub ({type(e).__name__}); "
+                        "download it first or point the setting at a local file") from None
+
+
+def read_jsonl(path):
+    """Rows of a .jsonl (or .jsonl.gz) file, each with its line number in `_line`; a bad line is a
+    UserError naming the file and line."""
+    import gzip
+
+    rows = []
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object")
+            row["_line"] = lineno
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no rows")
+    return rows
+
+
+def _where(source, row, index):
+    return f"{source}:{row.get('_line', index + 1)}"
+
+
+def _check_messages(messages, where, field):
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: `{field}` must be a non-empty list of {{role, content}} messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: every message in `{field}` needs a string `role` and `content`")
+
+
+def as_conversation(value, role):
+    """A TRL field that may be plain text or a list of messages -> a list of messages."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def prompt_messages(row, where):
+    """The prompt of a PPO row as messages: `prompt` (text or messages), else the first message of
+    `messages`; a missing or malformed prompt is an error naming file and line."""
+    if "prompt" in row:
+        messages = as_conversation(row["prompt"], "user")
+    elif "messages" in row:
+        messages = row["messages"][:1] if isinstance(row["messages"], list) else row["messages"]
+    else:
+        raise UserError(f"{where}: missing field `prompt`")
+    _check_messages(messages, where, "prompt")
+    return messages
+
+
+def load_sft_examples(source):
+    """SFT rows in TRL's conversational prompt-completion form: {"prompt": [messages],
+    "completion": [assistant message]}. Accepts {"messages": [...]} (the last message must be
+    the assistant's; loss goes on it) or {"prompt", "completion"} as text or messages."""
+    out = []
+    for i, row in enumerate(load_rows(source)):
+        where = _where(source, row, i)
+        if "messages" in row:
+            _check_messages(row["messages"], where, "messages")
+            if row["messages"][-1]["role"] != "assistant":
+                raise UserError(f"{where}: the last message must be the assistant's answer")
+            prompt, completion = row["messages"][:-1], row["messages"][-1:]
+        elif "prompt" in row and "completion" in row:
+            prompt, completion = as_conversation(row["prompt"], "user"), as_conversation(row["completion"], "assistant")
+            _check_messages(prompt, where, "prompt")
+            _check_messages(completion, where, "completion")
+        else:
+            raise UserError(f"{where}: missing field: each row needs `messages`, or `prompt` and `completion`")
+        out.append({"prompt": prompt, "completion": completion})
+    return out
+
+
+def load_preference_pairs(source):
+    """RM rows in TRL's conversational preference form {"prompt", "chosen", "rejected"}
+    (implicit-prompt rows with only chosen/rejected conversations are accepted too)."""
+    out = []
+    for i, row in enumerate(load_rows(source)):
+        where = _where(source, row, i)
+        missing = [k for k in ("chosen", "rejected") if k not in row]
+        if missing:
+            raise UserError(f"{where}: missing field `{missing[0]}`: each row needs `prompt`, `chosen`, `rejected`")
+        prompt = as_conversation(row.get("prompt", []), "user")
+        chosen, rejected = as_conversation(row["chosen"], "assistant"), as_conversation(row["rejected"], "assistant")
+        for field, value in (("chosen", chosen), ("rejected", rejected)):
+            _check_messages(value, where, field)
+        if prompt:
+            _check_messages(prompt, where, "prompt")
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def drop_too_long(examples, lengths, max_len, source, setting="MAX_LEN"):
+    """Drop examples over max_len tokens (the value of `setting`) with a count; an error if none is left."""
+    kept = [ex for ex, n in zip(examples, lengths) if n <= max_len]
+    dropped = len(examples) - len(kept)
+    if not kept:
+        raise UserError(f"{source}: all {len(examples)} examples are longer than {setting}={max_len} tokens; raise {setting}")
+    if dropped:
+        print(f"dropped {dropped} of {len(examples)} examples of {source} longer than {setting}={max_len} tokens")
+    return kept
