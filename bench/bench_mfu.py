@@ -46,7 +46,8 @@ FIXES = {  # name -> SFTConfig overrides tried on top of the stage's settings
 
 def sft_setup():
     """Model, tokenizer and data exactly as train_sft.py prepares them."""
-    from rlhf.common import drop_too_long, load_causal_lm, load_sft_examples, load_tokenizer, resolve_base_model
+    from rlhf.common import load_causal_lm, load_tokenizer, resolve_base_model
+    from rlhf.data import drop_too_long, load_sft_examples
     from train_sft import token_lengths
 
     base = resolve_base_model()
@@ -206,7 +207,8 @@ def main(argv):
         if "rm" in only:
             from bench_rm_vs_sft import run_rm
 
-            from rlhf.common import load_preference_pairs, load_tokenizer, seed_everything
+            from rlhf.common import load_tokenizer, seed_everything
+            from rlhf.data import load_preference_pairs
 
             seed_everything(C.SEED)
             tps, per_step = run_rm(C.SFT_DIR, load_tokenizer(C.SFT_DIR), load_preference_pairs(C.RM_TRAIN_FILE),

@@ -23,7 +23,8 @@ import sys
 
 import _common
 import config as C
-from rlhf.common import load_preference_pairs, load_tokenizer, resolve_base_model, seed_everything, trainer_args
+from rlhf.common import load_tokenizer, resolve_base_model, seed_everything, trainer_args
+from rlhf.data import load_preference_pairs
 from rlhf.settings import apply_overrides
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
