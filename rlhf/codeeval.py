@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from rlhf import common, sandbox
+from rlhf import data, sandbox
 from rlhf.settings import UserError
 
 FORMAT_FIELDS = {  # required fields per format, checked in this order
@@ -81,7 +81,7 @@ def read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:
-        rows = common.read_jsonl(path)
+        rows = data.read_jsonl(path)
     except UserError as e:
         raise DataError(str(e)) from None
     return [{k: v for k, v in row.items() if k != "_line"} for row in rows]

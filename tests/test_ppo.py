@@ -137,3 +137,18 @@ def test_lora_run_uses_disabled_adapters_and_saves_a_merged_model(ppo_inputs, tm
     AutoModelForCausalLM.from_pretrained(folder)
     history = json.load(open(folder / "rlhf_stage.json"))["metrics"]["history"]
     assert history[0]["kl"] == 0.0  # first rollout: policy == reference (LoRA B starts at zero)
+
+
+def test_rm_vs_tests_script_compares_failed_answers_with_references(ppo_inputs, tmp_path):
+    tasks = [{"task_id": f"t{k}", "prompt": f"Write add_{k}(x) returning x plus {k}.", "entry_point": f"add_{k}",
+              "solution": f"def add_{k}(x):\n    return x + {k}", "heldout_params": k > 2,
+              "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}]} for k in range(1, 5)]
+    results = [{"task_id": t["task_id"], "passed": k == 0, "raw": f"```python\n{t['solution'].replace('+', '-')}\n```"}
+               for k, t in enumerate(tasks)]
+    problems, answers = write_jsonl(tmp_path / "tasks.jsonl", tasks), write_jsonl(tmp_path / "results.jsonl", results)
+    proc = run_script("scripts/rm_vs_tests.py", f"--results={answers}", f"--problems={problems}", f"--rm={ppo_inputs['rm']}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "on 3 failed answers of 4" in proc.stdout  # the passing answer is left out
+    assert "held-out parameter values  n=   2" in proc.stdout and "seen parameter values      n=   1" in proc.stdout
+    proc = run_script("scripts/rm_vs_tests.py", f"--results={tmp_path}/none.jsonl", f"--rm={ppo_inputs['rm']}")
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
