@@ -93,7 +93,7 @@ PPO_EPOCHS = 4  # passes over each rollout batch (TRL: 4)
 PPO_LR = 2e-5  # policy learning rate, linear decay to 0; ~1e-6..3e-6 for 1B+ models
 PPO_CRITIC_LR = 3e-4  # critic (value model) learning rate; ~10x the policy's (OpenRLHF)
 PPO_SAMPLES_PER_PROMPT = 4  # answers sampled per prompt in a batch (PPO_BATCH_SIZE must be a multiple)
-PPO_OVERSAMPLE = 1  # > 1: sample this many times more prompts, train on those whose answers differ in the tests (DAPO)
+PPO_OVERSAMPLE = 4  # sample this many x more prompts, train on those whose answers differ in the tests (DAPO); 1 = off
 PPO_RESPONSE_LEN = 128  # max new tokens per rollout; shapes stay equal across processes
 PPO_TEMPERATURE = 1.0  # sampling temperature, top_k 0, top_p 1 (TRL uses 0.7; the peaked tiny model needs 1.0 to explore)
 PPO_KL_COEF = 0.05  # beta of the per-token KL penalty to the SFT reference (TRL 0.05)
@@ -108,9 +108,9 @@ PPO_LAM = 0.95  # GAE lambda
 PPO_MAX_GRAD_NORM = 1.0  # gradient clipping (TRL's PPO had none)
 PPO_MISSING_EOS_PENALTY = -1.0  # score given instead of the RM's to a response that never ends (N+)
 PPO_PENALIZE_MISSING_EOS = True  # False: responses cut at PPO_RESPONSE_LEN keep their score
-PPO_RM_WEIGHT = 1.0  # weight of the normalised reward-model score
+PPO_RM_WEIGHT = 0.25  # weight of the normalised RM score; low: on held-out tasks our RM prefers wrong answers (README)
 PPO_EXEC_WEIGHT = 1.0  # weight of the unit-test reward (prompts with tests); 0 = RM only
-PPO_EXEC_REWARD = "fraction"  # "fraction": share of tests passed (partial credit) | "all": 1 only if every test passes
+PPO_EXEC_REWARD = "all"  # "all": 1 only if every test passes (what pass@1 counts) | "fraction": share of tests passed
 PPO_REWARD_FN = ""  # optional extra reward "module:function", f(prompt messages, response texts) -> floats
 PPO_EVAL_EVERY = 10  # iterations between held-out evaluations (pass@1, RM score); 0 = only at the end
 PPO_SAVE_EVERY = 10  # iterations between checkpoints (resume with RESUME); 0 = never

@@ -479,8 +479,6 @@ def main(argv):
     for name in ("PPO_MINI_BATCH_SIZE", "PPO_SAMPLES_PER_PROMPT"):
         if getattr(C, name) < 1 or C.PPO_BATCH_SIZE % getattr(C, name):
             raise UserError(f"PPO_BATCH_SIZE ({C.PPO_BATCH_SIZE}) must be a multiple of {name} ({getattr(C, name)})")
-    if C.PPO_OVERSAMPLE > 1 and not C.PPO_EXEC_WEIGHT:
-        raise UserError("PPO_OVERSAMPLE > 1 picks prompts by their unit-test results: set PPO_EXEC_WEIGHT > 0 or PPO_OVERSAMPLE=1")
     run_dir = os.path.join(C.RUNS_DIR, "ppo")
     accelerator = Accelerator(mixed_precision="bf16" if precision() == "bf16" else "no",
                               log_with=report_to() or None, project_dir=run_dir)
@@ -490,8 +488,12 @@ def main(argv):
     tokenizer = load_tokenizer(C.SFT_DIR)
     prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)
     problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
+    n_tested = sum(r["problem"] is not None for r in prompts)
+    # oversampling picks prompts by their test results: without tests (or their reward) it would only cost time
+    oversample = C.PPO_OVERSAMPLE if n_tested and C.PPO_EXEC_WEIGHT else 1
     if accelerator.is_main_process:
-        n_tested = sum(r["problem"] is not None for r in prompts)
+        if oversample < C.PPO_OVERSAMPLE:
+            print(f"PPO_OVERSAMPLE={C.PPO_OVERSAMPLE} is not used: no prompt has unit tests, or PPO_EXEC_WEIGHT is 0")
         print(f"data: {len(prompts)} prompts ({n_tested} with unit tests), {len(problems)} held-out tasks")
         if not os.path.exists(C.EVAL_TASKS_FILE):
             print(f"no held-out evaluation: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist")
@@ -597,7 +599,7 @@ def main(argv):
         # each prompt is sampled PPO_SAMPLES_PER_PROMPT times: answers to the same prompt that
         # pass and fail side by side are what the advantages learn from
         n_prompts = C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT
-        picked = [prompts[rng.randrange(len(prompts))] for _ in range(n_prompts * C.PPO_OVERSAMPLE)]
+        picked = [prompts[rng.randrange(len(prompts))] for _ in range(n_prompts * oversample)]
         batch = [row for row in picked for _ in range(C.PPO_SAMPLES_PER_PROMPT)]
 
         # ---- rollout (no gradients): sample, then logprobs, reference logprobs, values, scores
@@ -617,7 +619,7 @@ def main(argv):
             passed = test_rewards(batch, texts, device)  # (B,) unit-test reward, NaN without tests
             sampled = {"sampled_pass_rate": passed.nanmean(),  # of every sampled answer, before filtering
                        "mixed_groups": mixed_groups(passed, C.PPO_SAMPLES_PER_PROMPT).float().mean()}
-            if C.PPO_OVERSAMPLE > 1:  # keep PPO_BATCH_SIZE responses, prompts with mixed test results first
+            if oversample > 1:  # keep PPO_BATCH_SIZE responses, prompts with mixed test results first
                 keep = informative_groups(passed, C.PPO_SAMPLES_PER_PROMPT, n_prompts)
                 batch, texts, passed = [batch[i] for i in keep], [texts[i] for i in keep], passed[keep]
                 query, query_mask, response = query[keep], query_mask[keep], response[keep]
