@@ -6,10 +6,11 @@ Reads  ./sft_model (policy and frozen reference), ./rm_model (frozen reward mode
 Writes ./ppo_model: a plain causal-LM folder (merged when LoRA is on) with tokenizer, chat
        template, eval_results.json and rlhf_stage.json; checkpoints and logs under RUNS_DIR/ppo.
 
-One iteration: sample responses to a batch of prompts (rollout), score them (normalised RM
-score + unit-test pass fraction, a penalty when a response never ends), shape per-token rewards
-with a KL penalty to the SFT reference, estimate advantages with GAE, then PPO_EPOCHS of clipped
-policy and value updates over mini-batches. The math is in the section below, each trick with its
+One iteration: sample responses to a batch of prompts (rollout; PPO_OVERSAMPLE x more prompts,
+keeping those whose answers disagree in the unit tests), score them (normalised RM score + test
+reward, a penalty when a response never ends), shape per-token rewards with a KL penalty to the
+SFT reference, estimate advantages with GAE, then PPO_EPOCHS of clipped policy and value updates
+over mini-batches. The math is in the section below, each trick with its
 source; the loop is main().
 
     python train_ppo.py                                    # embedded default, CPU is fine
