@@ -10,8 +10,8 @@ One iteration: sample responses to a batch of prompts (rollout; PPO_OVERSAMPLE x
 keeping those whose answers disagree in the unit tests), score them (normalised RM score + test
 reward, a penalty when a response never ends), shape per-token rewards with a KL penalty to the
 SFT reference, estimate advantages with GAE, then PPO_EPOCHS of clipped policy and value updates
-over mini-batches. The math is in the section below, each trick with its
-source; the loop is main().
+over mini-batches. The math is in the section below, each trick with its source; the loop is
+main().
 
     python train_ppo.py                                    # embedded default, CPU is fine
     python train_ppo.py --USE_LORA=true --PPO_LR=1e-5      # LoRA: reference = adapter disabled
@@ -717,8 +717,8 @@ def main(argv):
         if C.PPO_EVAL_EVERY and step % C.PPO_EVAL_EVERY == 0 and step != C.PPO_STEPS:
             row.update({f"eval_{k}": v for k, v in run_eval(step).items()})
         history.append(row)
-        if C.PPO_SAVE_EVERY and (step % C.PPO_SAVE_EVERY == 0 or step == C.PPO_STEPS):  # the last one too: a
-            # kill during the final evaluation or save then costs no training
+        # every PPO_SAVE_EVERY iterations and after the last one: a kill in the final evaluation redoes no training
+        if C.PPO_SAVE_EVERY and (step % C.PPO_SAVE_EVERY == 0 or step == C.PPO_STEPS):
             save_checkpoint(accelerator, ckpt_dir, step, history)
     bar.close()
     seconds = time.time() - t_start
