@@ -172,7 +172,7 @@ def plot_lines(ax, history, specs, title, ylabel):
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend()
+        ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
 
@@ -225,7 +225,9 @@ def make_plots(infos, out_dir):
                    "KL (nats per response)")
         plot_lines(axes[1, 0], history, [("response_length", "mean response length", "-")],
                    "PPO response length per iteration", "tokens")
-        plot_lines(axes[1, 1], history, [("test_pass_rate", "rollouts: unit tests passed", "-"),
+        plot_lines(axes[1, 1], history, [("sampled_pass_rate", "rollouts: all sampled answers", "-"),
+                                         ("test_pass_rate", "rollouts: answers trained on", "-"),
+                                         ("mixed_groups", "prompts with passing and failing answers", ":"),
                                          ("eval_pass_at_1", "held-out pass@1 (greedy)", "o")],
                    "PPO test pass rate per iteration", "share passed")
         axes[1, 1].set_ylim(-0.02, 1.02)
