@@ -373,7 +373,7 @@ def encode_prompts(tokenizer, batch, device):
 
 # ---- scoring: reward model + unit tests ----
 
-def test_rewards(batch, texts, device):
+def exec_rewards(batch, texts, device):
     """Unit-test reward (B,) of each response (PPO_EXEC_REWARD of its sandbox verdict); NaN where the
     prompt has no tests or PPO_EXEC_WEIGHT is 0."""
     from rlhf.codeeval import completion_for
@@ -617,7 +617,7 @@ def main(argv):
             response = truncate_after_eos(gen[:, query.shape[1]:], eos_ids, tokenizer.pad_token_id)
             _, _, last_index = first_eos_mask(response, eos_ids)
             texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
-            passed = test_rewards(batch, texts, device)  # (B,) unit-test reward, NaN without tests
+            passed = exec_rewards(batch, texts, device)  # (B,) unit-test reward, NaN without tests
             sampled = {"sampled_pass_rate": passed.nanmean(),  # of every sampled answer, before filtering
                        "mixed_groups": mixed_groups(passed, C.PPO_SAMPLES_PER_PROMPT).float().mean()}
             if oversample > 1:  # keep PPO_BATCH_SIZE responses, prompts with mixed test results first
