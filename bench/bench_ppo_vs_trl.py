@@ -6,7 +6,7 @@ with the same prompts (PPO_PROMPTS_FILE), batch (PPO_BATCH_SIZE), response lengt
 (PPO_RESPONSE_LEN), PPO epochs, mini-batches (PPO_BATCH_SIZE / PPO_MINI_BATCH_SIZE), learning
 rate, KL coefficient, clip ranges, temperature and seed, and --steps iterations each. Ours runs with
 one sample per prompt and the RM as the only reward (PPO_SAMPLES_PER_PROMPT=1,
-PPO_EXEC_WEIGHT=0), as TRL's PPOTrainer does; TRL's reward model is the RM with its score head
+PPO_EXEC_WEIGHT=0, PPO_RM_WEIGHT=1; no oversampling then), as TRL's PPOTrainer does; TRL's reward model is the RM with its score head
 divided by the RM stage's std, so both optimise the same normalised score. What stays different
 is each implementation's own choice (ours: critic lr PPO_CRITIC_LR, gradient clipping, responses
 padded to the longest; TRL: one lr, full-vocabulary logits kept from generate()).
@@ -32,7 +32,7 @@ import config as C
 from rlhf.settings import apply_overrides
 
 ROOT = os.path.dirname(os.path.abspath(os.path.dirname(__file__)))
-SAME_REWARD = ["--PPO_SAMPLES_PER_PROMPT=1", "--PPO_EXEC_WEIGHT=0"]  # what TRL's PPOTrainer does
+SAME_REWARD = ["--PPO_SAMPLES_PER_PROMPT=1", "--PPO_EXEC_WEIGHT=0", "--PPO_RM_WEIGHT=1"]  # what TRL's PPOTrainer does
 
 
 def run_ours(out, steps, overrides):
