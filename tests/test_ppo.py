@@ -65,7 +65,7 @@ def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_STEPS=2", "--PPO_EVAL_EVERY=1",
-                                                "--PPO_OVERSAMPLE=2", "--PPO_EXEC_REWARD=all"))
+                                                "--PPO_OVERSAMPLE=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "ppo_model"
     model = AutoModelForCausalLM.from_pretrained(folder)
