@@ -1,6 +1,7 @@
 """The README's commands stay true: every script it runs exists, every --NAME=value is a real
 setting, every --flag of our command-line tools is one they accept, and the deployment snippet
-runs as written on a tiny model."""
+runs as written on a tiny model. The same checks run over the Chinese README, which must stay in
+step with the English one: the same sections in the same order, the same commands, the same code."""
 
 import functools
 import os
@@ -15,18 +16,23 @@ import pytest
 from conftest import ROOT, run_script
 
 README = os.path.join(ROOT, "README.md")
+README_ZH = os.path.join(ROOT, "README_zh.md")
+BOTH = pytest.mark.parametrize("readme", [README, README_ZH], ids=["en", "zh"])
 TOOLS = ("scripts/evaluate.py", "scripts/generate.py", "scripts/pipeline.py", "scripts/report.py")
 
 
-def fenced_blocks(language):
-    text = open(README, encoding="utf-8").read()
-    return re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
+def read(readme):
+    return open(readme, encoding="utf-8").read()
 
 
-def bash_commands():
+def fenced_blocks(language, readme=README):
+    return re.findall(rf"^```{language}\n(.*?)^```", read(readme), re.S | re.M)
+
+
+def bash_commands(readme=README):
     """Each command line of the ```bash blocks, split like the shell does, comments dropped."""
     commands = []
-    for block in fenced_blocks("bash"):
+    for block in fenced_blocks("bash", readme):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if words:
@@ -41,18 +47,38 @@ def help_text(script):
     return proc.stdout
 
 
-def test_readme_has_commands_and_the_figures_placeholder():
-    commands = [" ".join(c) for c in bash_commands()]
+def headings(readme):
+    """(level, code spans) of each ## and ### heading outside code blocks: what a translation keeps."""
+    text = re.sub(r"^```.*?^```", "", read(readme), flags=re.S | re.M)
+    return [(len(m.group(1)), re.findall(r"`[^`]+`", m.group(2)))
+            for m in re.finditer(r"^(#{2,3}) (.+)$", text, re.M)]
+
+
+@BOTH
+def test_readme_has_commands_and_the_figures_placeholder(readme):
+    commands = [" ".join(c) for c in bash_commands(readme)]
     assert "bash run.sh" in commands and "bash test.sh" in commands
     assert 'python scripts/generate.py --model ./ppo_model 用Python实现快速排序算法' in commands
-    assert "<!-- FIGURES" in open(README, encoding="utf-8").read()
+    assert "<!-- FIGURES" in read(readme) and "<!-- /FIGURES -->" in read(readme)
 
 
-def test_readme_commands_name_real_scripts_settings_and_flags():
+def test_readme_zh_is_in_step_with_readme():
+    en, zh = read(README), read(README_ZH)
+    assert "(README_zh.md)" in en.split("\n## ")[0], "README.md must link README_zh.md at the top"
+    assert "(README.md)" in zh.split("\n## ")[0], "README_zh.md must link README.md at the top"
+    en_headings, zh_headings = headings(README), headings(README_ZH)
+    assert len(en_headings) >= 10, en_headings  # the parser found the sections
+    assert zh_headings == en_headings, "README_zh.md's ##/### sections differ from README.md's (level, `code`)"
+    assert bash_commands(README_ZH) == bash_commands(README), "the ```bash commands of the two READMEs differ"
+    assert fenced_blocks("python", README_ZH) == fenced_blocks("python", README), "the python snippets differ"
+
+
+@BOTH
+def test_readme_commands_name_real_scripts_settings_and_flags(readme):
     from rlhf.settings import settings
 
     known = settings()
-    for words in bash_commands():
+    for words in bash_commands(readme):
         scripts = [w for w in words if w.endswith((".py", ".sh")) and not w.startswith("-") and "=" not in w]
         for script in scripts:
             if script.startswith(("my_", "/")):
