@@ -91,7 +91,7 @@ PPO_BATCH_SIZE = 32  # responses rolled out per process per iteration (PPO_BATCH
 PPO_MINI_BATCH_SIZE = 8  # responses per gradient step (PPO_BATCH_SIZE must be a multiple)
 PPO_EPOCHS = 4  # passes over each rollout batch (TRL: 4)
 PPO_LR = 2e-5  # policy learning rate, linear decay to 0; ~1e-6..3e-6 for 1B+ models
-PPO_CRITIC_LR = 3e-4  # critic (value model) learning rate; ~10x the policy's (OpenRLHF)
+PPO_CRITIC_LR = 3e-4  # critic (value model) learning rate, gae only; ~10x the policy's (OpenRLHF)
 PPO_SAMPLES_PER_PROMPT = 4  # answers sampled per prompt in a batch (PPO_BATCH_SIZE must be a multiple)
 PPO_OVERSAMPLE = 4  # sample this many x more prompts, train on those whose answers differ in the tests (DAPO); 1 = off
 PPO_RESPONSE_LEN = 128  # max new tokens per rollout; shapes stay equal across processes
@@ -101,14 +101,17 @@ PPO_KL_TARGET = 0.0  # > 0: adapt beta towards this KL per response (Ziegler et 
 PPO_KL_HORIZON = 10000  # episodes over which the adaptive controller moves beta
 PPO_KL_ESTIMATOR = "k1"  # k1 (logp - ref_logp, TRL/N+) | k3 (non-negative, lower variance)
 PPO_CLIP = 0.2  # policy ratio clip range
-PPO_VF_CLIP = 0.2  # value clip range
-PPO_VF_COEF = 0.1  # weight of the value loss
+PPO_VF_CLIP = 0.2  # value clip range (gae)
+PPO_VF_COEF = 0.1  # weight of the value loss (gae)
+PPO_ADVANTAGE = "grpo"  # gae (critic, GAE) | grpo | dr_grpo | rloo | reinforce++ (critic-free: no value model is built); README
+PPO_KL_LOSS = False  # True: the KL to the reference is a loss term (per token, PPO_KL_ESTIMATOR k2 or k3; GRPO) instead of a reward penalty
 PPO_GAMMA = 1.0  # discount
-PPO_LAM = 0.95  # GAE lambda
+PPO_LAM = 0.95  # GAE lambda (gae)
 PPO_MAX_GRAD_NORM = 1.0  # gradient clipping (TRL's PPO had none)
 PPO_MISSING_EOS_PENALTY = -1.0  # score given instead of the RM's to a response that never ends (N+)
 PPO_PENALIZE_MISSING_EOS = True  # False: responses cut at PPO_RESPONSE_LEN keep their score
-PPO_RM_WEIGHT = 0.25  # weight of the normalised RM score; low: on held-out tasks our RM prefers wrong answers (README)
+PPO_RM_WEIGHT = 1.0  # weight of the normalised RM score, on prompts without unit tests (and on all with PPO_RM_ON_TESTED)
+PPO_RM_ON_TESTED = False  # True: add the RM score where unit tests exist too; off: tests decide (on held-out tasks our RM prefers failing answers, README)
 PPO_EXEC_WEIGHT = 1.0  # weight of the unit-test reward (prompts with tests); 0 = RM only
 PPO_EXEC_REWARD = "all"  # "all": 1 only if every test passes (what pass@1 counts) | "fraction": share of tests passed
 PPO_REWARD_FN = ""  # optional extra reward "module:function", f(prompt messages, response texts) -> floats
@@ -124,7 +127,7 @@ PPO_EVAL_TASKS = 64  # held-out tasks evaluated every PPO_EVAL_EVERY (a subset, 
 #   GRADIENT_CHECKPOINTING = True
 # The same with LoRA on a 12-16 GB GPU: add USE_LORA = True and LR = 1e-4.
 # Reward model: RM_EPOCHS = 1; RM_LR = 1e-5 (LoRA: 1e-4). PPO: PPO_LR = 1e-6 to 3e-6 (policy),
-#   PPO_CRITIC_LR = 1e-5, PPO_TEMPERATURE = 0.7, PPO_SAMPLES_PER_PROMPT = 1 or more; USE_LORA = True
+#   PPO_CRITIC_LR = 1e-5 (gae), PPO_TEMPERATURE = 0.7, PPO_SAMPLES_PER_PROMPT = 4 or more (grpo/rloo compare them); USE_LORA = True
 #   keeps PPO at two networks (reference and reward model are the adapters switched off).
 # Your own data: point SFT_TRAIN_FILE/SFT_EVAL_FILE at jsonl files or hub dataset ids.
 # ---------------------------------------------------------------------------------------------

@@ -206,6 +206,59 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, advantages + values
 
 
+def group_advantages(rewards, group, kind):
+    """Critic-free advantage (N,) of each answer from its sequence reward (N,), measured against
+    the other answers to the same prompt (`group` consecutive answers per prompt, group >= 2):
+      grpo     (r - mean) / (std + 1e-4)   DeepSeekMath (Shao et al. 2024); std unbiased, as TRL and OpenRLHF
+      dr_grpo  r - mean                    Dr. GRPO (Liu et al. 2025): dividing by the group's std
+                                           up-weights prompts the policy almost always passes or fails
+      rloo     r - mean of the OTHER answers = group / (group - 1) * (r - mean)   (Ahmadian et al. 2024)
+    A group whose answers all score the same gets 0 from each. The caller gives every token of an
+    answer its answer's advantage. Dr. GRPO's other fix, no division by each answer's own length,
+    holds for every estimator here: policy_loss averages over all tokens of the mini-batch.
+    """
+    r = rewards.float().reshape(-1, group)  # (N / group, group)
+    centred = r - r.mean(1, keepdim=True)
+    if kind == "grpo":
+        advantages = centred / (r.std(1, keepdim=True) + 1e-4)
+    elif kind == "dr_grpo":
+        advantages = centred
+    elif kind == "rloo":
+        advantages = centred * group / (group - 1)
+    else:
+        raise ValueError(f"group_advantages: unknown kind {kind!r}; use 'grpo', 'dr_grpo' or 'rloo'")
+    return advantages.flatten()  # (N,)
+
+
+def compute_advantages(kind, score, kl, values, mask, last_index, kl_coef, group, trains_policy, gamma, lam):
+    """Advantages (B, T) of one rollout batch, and the critic's targets (B, T) (None without a critic).
+
+    score (B,) sequence scores; kl (B, T) per-token KL estimate, paid as reward at kl_coef (pass 0
+    when the KL is a loss term instead); values (B, T) the critic's, or None; trains_policy (B,)
+    bool, False for answers whose group all passed or all failed its unit tests: their advantage
+    is 0, so they cannot move the policy (they still train the critic). kind:
+      gae          critic, GAE(gamma, lam) over KL-shaped per-token rewards, then whitened (N+, TRL)
+      reinforce++  no critic, the return-to-go of the same rewards, whitened over the batch (Hu 2025,
+                   OpenRLHF's "reinforce++")
+      grpo, dr_grpo, rloo   no critic, the group baseline of group_advantages on score - kl_coef * KL
+    """
+    live = mask & trains_policy.unsqueeze(1)  # (B, T) tokens whose advantage can move the policy
+    returns = None
+    if kind in ("gae", "reinforce++"):
+        rewards = per_token_rewards(score, kl, mask, last_index, kl_coef)  # (B, T)
+        if kind == "gae":
+            advantages, returns = gae(rewards, values, mask, gamma, lam)
+        else:  # returns-to-go: GAE with no critic and lambda 1
+            advantages = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0]
+        if live.sum() < 2:  # nothing to learn from in this batch
+            return torch.zeros_like(advantages), returns
+        advantages = masked_whiten(advantages, live)  # Ziegler et al. 2019; over trained tokens only
+    else:
+        sequence = score - kl_coef * torch.where(mask, kl, 0.0).sum(1)  # (B,)
+        advantages = group_advantages(sequence, group, kind).unsqueeze(1).expand_as(kl)  # (B, T)
+    return torch.where(live, advantages, 0.0), returns
+
+
 def policy_loss(logp, old_logp, advantages, mask, clip):
     """Clipped surrogate loss of PPO (Schulman et al. 2017), masked mean over valid tokens.
 
@@ -296,15 +349,19 @@ class KLController:
 # ---- models ----
 
 class PolicyAndCritic(torch.nn.Module):
-    """Policy and critic in one module, so accelerate (DDP, DeepSpeed, FSDP) prepares, clips and
-    checkpoints them together with one optimizer (as TRL's PolicyAndValueWrapper)."""
+    """Policy and critic (None with a critic-free estimator) in one module, so accelerate (DDP,
+    DeepSpeed, FSDP) prepares, clips and checkpoints them together with one optimizer (as TRL's
+    PolicyAndValueWrapper)."""
 
-    def __init__(self, policy, critic):
+    def __init__(self, policy, critic=None):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             logits_to_keep=logits_to_keep).logits
+        if self.critic is None:
+            return logits, None
         return logits, token_values(self.critic, input_ids, attention_mask, position_ids)
 
 
@@ -315,6 +372,19 @@ def token_values(critic, input_ids, attention_mask, position_ids):
     backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return critic.score(hidden).squeeze(-1).float()  # (B, L); peft routes `score` to its trained copy
+
+
+def zero_value_head(critic):
+    """Start the critic at V = 0 everywhere. Its head comes from the RM, whose raw scores (std 2.6 on
+    the embedded default, and never trained on answer prefixes) are on another scale than the returns
+    built from normalised scores; N+ subtracts the RM bias, OpenRLHF normalises the critic's output.
+    With LoRA only the trained copy of the head is zeroed: the original stays the reward model's."""
+    head = critic.score
+    head = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 def disable_dropout(model):
@@ -330,12 +400,49 @@ def positions(attention_mask):
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def response_logits(model, query, query_mask, response):
-    """Logits (B, T, V) that predict each response token, from one forward over prompt + response."""
+def response_forward(model, query, query_mask, response):
+    """One forward over prompt + response -> (logits (B, T, V) that predict each response token,
+    values (B, T) of the state before each response token, or None when `model` has no critic).
+    `model` is the PolicyAndCritic or a plain causal LM (the reference). Only the last T + 1
+    positions go through the LM head (logits_to_keep): prompt logits would be thrown away."""
+    T = response.shape[1]
     ids = torch.cat([query, response], 1)  # (B, P + T)
     mask = torch.cat([query_mask, torch.ones_like(response)], 1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    return logits[:, query.shape[1] - 1: -1]  # (B, T, V): position P-1+t predicts response token t
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=T + 1)
+    logits, values = out if isinstance(out, tuple) else (out.logits, None)
+    # position P-1+t predicts response token t; V(s_t) is read at the same position
+    return logits[:, :-1], None if values is None else values[:, -T - 1:-1]
+
+
+@contextlib.contextmanager
+def frozen(accelerator, model, copy, host):
+    """The frozen reference ("policy") or reward model ("critic"): its own `copy` when it has one,
+    else (LoRA) that network of the prepared model with its adapter disabled: four roles, two
+    networks (TRL, LLaMA-Factory, verl)."""
+    if copy is not None:
+        yield copy
+        return
+    network = getattr(accelerator.unwrap_model(model), host)
+    with network.disable_adapter():
+        yield network
+
+
+def sample(policy, query, query_mask, eos_ids, pad_id, **extra):
+    """PPO_RESPONSE_LEN tokens at most per prompt, sampled from plain softmax(logits / T): the
+    distribution every logprob of the loop assumes. generate() fills each field left unset from the
+    checkpoint's generation_config (repetition_penalty 1.05-1.1 in public Qwen instruct models,
+    top_k, min_p, no_repeat_ngram_size, ...), so it runs with an empty one; TRL's GRPOTrainer sets
+    every sampling field for the same reason. `extra`: more generate() arguments (tests)."""
+    from transformers import GenerationConfig
+
+    hf_model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # peft: where generate reads it
+    saved, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+    try:
+        return policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
+                               do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
+                               pad_token_id=pad_id, eos_token_id=eos_ids, **extra)
+    finally:
+        hf_model.generation_config = saved
 
 
 # ---- data ----
@@ -365,13 +472,22 @@ def load_prompts(path, tokenizer):
     return kept
 
 
+def step_prompts(prompts, step, rank, count):
+    """The `count` prompts of one iteration on one process, each repeated PPO_SAMPLES_PER_PROMPT
+    times (answers that pass and fail side by side are what the advantages learn from). A function
+    of (seed, rank, step) only: a resumed run sees the prompts it would have seen, no sampler state."""
+    rng = random.Random(C.SEED * 1_000_003 + rank * 10_007 + step)
+    picked = [prompts[rng.randrange(len(prompts))] for _ in range(count)]
+    return [row for row in picked for _ in range(C.PPO_SAMPLES_PER_PROMPT)]
+
+
 def encode_prompts(tokenizer, batch, device):
     texts = [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False) for r in batch]
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-# ---- scoring: reward model + unit tests ----
+# ---- scoring: unit tests + reward model ----
 
 def exec_rewards(batch, texts, device):
     """Unit-test reward (B,) of each response (PPO_EXEC_REWARD of its sandbox verdict); NaN where the
@@ -389,17 +505,24 @@ def exec_rewards(batch, texts, device):
     return passed
 
 
-def score_responses(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device):
-    """Sequence scores (B,) and the normalised RM scores (B,), given the test rewards `passed` (B,).
+def sequence_scores(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device):
+    """Sequence scores (B,) and the normalised RM scores (B,) (NaN where the RM was not asked).
 
-    The RM reads the response exactly as it was trained on it: prompt + answer through the chat
-    template, scored at the template's last token (rlhf.reward.score_responses); normalised with
-    the mean/std the RM stage stored (N+: centre on reference responses)."""
-    from rlhf.reward import score_responses as rm_scores
+    Where the prompt has unit tests, they decide: score = PPO_EXEC_WEIGHT x test reward (+ the RM's
+    with PPO_RM_ON_TESTED: on held-out tasks our RM prefers the failing answer two times in three,
+    README). Elsewhere score = PPO_RM_WEIGHT x normalised RM score, read as in RM training (prompt +
+    answer through the chat template, at its last token; rlhf.reward.score_responses), normalised
+    with the mean/std the RM stage stored."""
+    from rlhf.reward import normalize_rewards, score_responses
 
-    rm_score = rm_scores(rm, rm_tokenizer, [r["messages"] for r in batch], texts, device=device)
-    rm_score = (rm_score.float().to(device) - norm["mean"]) / norm["std"]
-    score = C.PPO_RM_WEIGHT * rm_score + C.PPO_EXEC_WEIGHT * torch.nan_to_num(passed, nan=0.0)
+    tested = ~torch.isnan(passed)  # (B,)
+    asked = torch.ones_like(tested) if C.PPO_RM_ON_TESTED else ~tested
+    rm_score = torch.full_like(passed, float("nan"))
+    if asked.any():
+        rows = asked.nonzero().flatten().tolist()
+        raw = score_responses(rm, rm_tokenizer, [batch[i]["messages"] for i in rows], [texts[i] for i in rows], device=device)
+        rm_score[rows] = normalize_rewards(raw.float().to(device), norm)
+    score = C.PPO_RM_WEIGHT * torch.nan_to_num(rm_score) + C.PPO_EXEC_WEIGHT * torch.nan_to_num(passed)
     if C.PPO_REWARD_FN:  # a user's own reward on top: f(list of messages, list of texts) -> floats
         score = score + torch.tensor(custom_reward_fn()([r["messages"] for r in batch], texts),
                                      dtype=score.dtype, device=device)
@@ -419,21 +542,35 @@ def custom_reward_fn():
         raise UserError(f"PPO_REWARD_FN={C.PPO_REWARD_FN!r}: no such function; write it as module:function") from None
 
 
+def keep_informative(roll, n_prompts):
+    """Keep n_prompts of the oversampled prompts, those whose answers disagree in the tests first
+    (informative_groups), and every per-answer field of the rollout `roll` with them; then drop the
+    columns that were padding for every kept row."""
+    keep = informative_groups(roll["passed"], C.PPO_SAMPLES_PER_PROMPT, n_prompts)
+    for key in ("batch", "texts"):
+        roll[key] = [roll[key][i] for i in keep]
+    for key in ("passed", "query", "query_mask", "response", "last_index"):
+        roll[key] = roll[key][keep]
+    width = int(roll["query_mask"].sum(1).max())
+    roll["query"], roll["query_mask"] = roll["query"][:, -width:], roll["query_mask"][:, -width:]
+    roll["response"] = roll["response"][:, : int(roll["last_index"].max()) + 1]
+    return roll
+
+
 # ---- evaluation, checkpoints ----
 
 def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device):
     """Greedy pass@1 on held-out tasks (sandboxed) and the mean normalised RM score of the answers."""
     from rlhf.codeeval import completion_for, generate_completions, score_samples
-    from rlhf.reward import score_responses as rm_scores
+    from rlhf.reward import normalize_rewards, score_responses
 
     texts = [t[0] for t in generate_completions(policy, tokenizer, [p.messages() for p in problems],
                                                 C.GEN_MAX_NEW_TOKENS, progress=False)]
     summary, _ = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t)}
                                           for p, t in zip(problems, texts)], ks=(1,), progress=False)
-    scores = rm_scores(rm, rm_tokenizer, [p.messages() for p in problems], texts, device=device)
+    scores = score_responses(rm, rm_tokenizer, [p.messages() for p in problems], texts, device=device)
     per_lang = {f"pass_at_1_{k[len('pass@1_'):]}": v for k, v in summary.items() if k.startswith("pass@1_")}
-    return {"pass_at_1": summary["pass@1"], **per_lang,
-            "rm_score": (scores.float().mean().item() - norm["mean"]) / norm["std"]}
+    return {"pass_at_1": summary["pass@1"], **per_lang, "rm_score": normalize_rewards(scores.float().mean().item(), norm)}
 
 
 CHECKPOINT = {"marker": "ppo_state.json", "prefix": "step_"}  # step_N is complete once it holds ppo_state.json
@@ -464,202 +601,201 @@ def save_checkpoint(accelerator, folder, step, history):
     return final
 
 
-# ---- the loop ----
+# ---- set-up: settings, data, models, optimizer, resume ----
 
-def main(argv):
-    start_stage("ppo", argv)
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
-
-    from rlhf.codeeval import load_problems
-    from rlhf.reward import load_reward_normalization
-
-    require_stage_output(C.SFT_DIR, "sft")
-    require_stage_output(C.RM_DIR, "rm")
-    check_output_dir(C.PPO_DIR)
+def check_settings():
+    """Settings that only make sense together: one line each, before any model is loaded."""
     for name in ("PPO_MINI_BATCH_SIZE", "PPO_SAMPLES_PER_PROMPT"):
         if getattr(C, name) < 1 or C.PPO_BATCH_SIZE % getattr(C, name):
             raise UserError(f"PPO_BATCH_SIZE ({C.PPO_BATCH_SIZE}) must be a multiple of {name} ({getattr(C, name)})")
-    run_dir = os.path.join(C.RUNS_DIR, "ppo")
-    accelerator = Accelerator(mixed_precision="bf16" if precision() == "bf16" else "no",
-                              log_with=report_to() or None, project_dir=run_dir)
-    device = accelerator.device
+    if C.PPO_ADVANTAGE in ("grpo", "dr_grpo", "rloo") and C.PPO_SAMPLES_PER_PROMPT < 2:
+        raise UserError(f"PPO_ADVANTAGE={C.PPO_ADVANTAGE} compares the answers to one prompt: set PPO_SAMPLES_PER_PROMPT >= 2")
+    if C.PPO_KL_LOSS and C.PPO_KL_ESTIMATOR == "k1":
+        raise UserError("PPO_KL_LOSS needs PPO_KL_ESTIMATOR k2 or k3: k1 as a loss term has no gradient in expectation")
 
-    # ---- data (before the models: a mistake in it is reported in seconds)
-    tokenizer = load_tokenizer(C.SFT_DIR)
-    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)
-    problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
-    n_tested = sum(r["problem"] is not None for r in prompts)
+
+def setup(accelerator):
+    """Data, models, optimizer and scheduler (prepared), KL controller, and the resume point.
+    Returns a namespace; the loop in main() reads it."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+
+    from rlhf.codeeval import load_problems
+    from rlhf.reward import load_reward_model, load_reward_normalization
+
+    s = SimpleNamespace(critic=C.PPO_ADVANTAGE == "gae")
+    # data (before the models: a mistake in it is reported in seconds)
+    s.tokenizer = load_tokenizer(C.SFT_DIR)
+    s.prompts = load_prompts(C.PPO_PROMPTS_FILE, s.tokenizer)
+    s.problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
+    n_tested = sum(r["problem"] is not None for r in s.prompts)
     # oversampling picks prompts by their test results: without tests (or their reward) it would only cost time
-    oversample = C.PPO_OVERSAMPLE if n_tested and C.PPO_EXEC_WEIGHT else 1
+    s.oversample = C.PPO_OVERSAMPLE if n_tested and C.PPO_EXEC_WEIGHT else 1
     if accelerator.is_main_process:
-        if oversample < C.PPO_OVERSAMPLE:
+        if s.oversample < C.PPO_OVERSAMPLE:
             print(f"PPO_OVERSAMPLE={C.PPO_OVERSAMPLE} is not used: no prompt has unit tests, or PPO_EXEC_WEIGHT is 0")
-        print(f"data: {len(prompts)} prompts ({n_tested} with unit tests), {len(problems)} held-out tasks")
+        print(f"data: {len(s.prompts)} prompts ({n_tested} with unit tests), {len(s.problems)} held-out tasks | "
+              f"advantages: {C.PPO_ADVANTAGE}")
         if not os.path.exists(C.EVAL_TASKS_FILE):
             print(f"no held-out evaluation: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist")
 
-    # ---- models: policy + reference from SFT, critic + reward model from RM
-    rm_tokenizer = load_tokenizer(C.RM_DIR)
-    norm = load_reward_normalization(C.RM_DIR)
+    # models: policy + reference from SFT; reward model from RM, and the critic (gae only) too
+    s.rm_tokenizer, s.norm = load_tokenizer(C.RM_DIR), load_reward_normalization(C.RM_DIR)
     policy = load_causal_lm(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights (QLORA: 4-bit base)
-    critic = AutoModelForSequenceClassification.from_pretrained(C.RM_DIR, dtype=torch.float32)
-    if C.USE_LORA:
-        # LoRA: the reference is the policy with its adapter disabled, the reward model the critic
-        # with its adapter disabled: four roles, two networks (TRL, LLaMA-Factory, verl).
+    critic = load_reward_model(C.RM_DIR, dtype=torch.float32) if s.critic else None
+    s.ref_policy = s.reward_model = None
+    if C.USE_LORA:  # the reference is the policy with its adapter off; the RM is the critic's, when there is one
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora_config("CAUSAL_LM"))
-        critic_cfg = lora_config("SEQ_CLS")
-        critic_cfg.modules_to_save = ["score"]
-        critic = get_peft_model(critic, critic_cfg)
-        ref_policy, reward_model = None, None
+        if critic is not None:
+            critic_cfg = lora_config("SEQ_CLS")
+            critic_cfg.modules_to_save = ["score"]
+            critic = get_peft_model(critic, critic_cfg)
     else:
-        ref_policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch_dtype()).to(device).eval()
-        reward_model = AutoModelForSequenceClassification.from_pretrained(C.RM_DIR, dtype=torch_dtype()).to(device).eval()
-        for frozen in (ref_policy, reward_model):
-            frozen.requires_grad_(False)
-    for m in (policy, critic, ref_policy, reward_model):
+        s.ref_policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch_dtype()).to(accelerator.device)
+    if critic is None or not C.USE_LORA:
+        s.reward_model = load_reward_model(C.RM_DIR, dtype=torch_dtype()).to(accelerator.device)
+    for m in (policy, critic, s.ref_policy, s.reward_model):
         if m is not None:
             disable_dropout(m)
+    for m in (s.ref_policy, s.reward_model):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    if critic is not None:
+        zero_value_head(critic)
     if C.GRADIENT_CHECKPOINTING:
         policy.gradient_checkpointing_enable()
 
-    model = PolicyAndCritic(policy, critic)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # the critic learns faster than the policy (OpenRLHF: critic lr ~10x the actor's); eps 1e-5: N+ details
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": C.PPO_LR},
-        {"params": [p for p in critic.parameters() if p.requires_grad], "lr": C.PPO_CRITIC_LR},
-    ], eps=1e-5)
-    mini_batches = C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, C.PPO_STEPS * C.PPO_EPOCHS * mini_batches)
+    # one optimizer; the critic learns faster than the policy (OpenRLHF: ~10x); eps 1e-5: N+ details
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": C.PPO_LR}]
+    if critic is not None:
+        groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": C.PPO_CRITIC_LR})
+    optimizer = torch.optim.AdamW(groups, eps=1e-5)
+    n_updates = C.PPO_STEPS * C.PPO_EPOCHS * (C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, n_updates)
     if accelerator.state.deepspeed_plugin is not None:
         # no dataloader goes through prepare, so DeepSpeed cannot infer the micro-batch; and it clips
         # gradients itself (accelerator.clip_grad_norm_ is a no-op there). TRL's PPO set the same.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = C.PPO_MINI_BATCH_SIZE
         ds_config["gradient_clipping"] = C.PPO_MAX_GRAD_NORM
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    kl_ctl = KLController(C.PPO_KL_COEF, C.PPO_KL_TARGET or None, C.PPO_KL_HORIZON)
-    accelerator.register_for_checkpointing(kl_ctl)
+    s.model, s.optimizer, s.scheduler = accelerator.prepare(PolicyAndCritic(policy, critic), optimizer, scheduler)
+    s.kl_ctl = KLController(C.PPO_KL_COEF, C.PPO_KL_TARGET or None, C.PPO_KL_HORIZON)
+    accelerator.register_for_checkpointing(s.kl_ctl)
 
-    def unwrapped():
-        return accelerator.unwrap_model(model)
-
-    def reference():  # context + model giving reference logits
-        if C.USE_LORA:
-            return unwrapped().policy.disable_adapter(), unwrapped().policy
-        return contextlib.nullcontext(), ref_policy
-
-    def rm():
-        if C.USE_LORA:
-            return unwrapped().critic.disable_adapter(), unwrapped().critic
-        return contextlib.nullcontext(), reward_model
-
-    # ---- resume
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    start, history = 0, []
-    last = resume_from(ckpt_dir, **CHECKPOINT)
+    s.ckpt_dir, s.start, s.history = os.path.join(C.RUNS_DIR, "ppo", "checkpoints"), 0, []
+    last = resume_from(s.ckpt_dir, **CHECKPOINT)
     if last:
         accelerator.load_state(last)
         saved = json.load(open(os.path.join(last, CHECKPOINT["marker"])))
-        start, history = saved["step"], saved["history"]
+        s.start, s.history = saved["step"], saved["history"]
+    return s
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, loss):
+    """Backward, clip, step. Clips the parameters of the PREPARED model: FSDP2 replaces the parameter
+    objects in prepare, so a list collected before it would hold tensors that never get a gradient."""
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), C.PPO_MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
+# ---- the loop ----
+
+def main(argv):
+    start_stage("ppo", argv)
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    require_stage_output(C.SFT_DIR, "sft")
+    require_stage_output(C.RM_DIR, "rm")
+    check_output_dir(C.PPO_DIR)
+    check_settings()
+    accelerator = Accelerator(mixed_precision="bf16" if precision() == "bf16" else "no",
+                              log_with=report_to() or None, project_dir=os.path.join(C.RUNS_DIR, "ppo"))
+    device, s = accelerator.device, setup(accelerator)
+    model, tokenizer, kl_ctl, history = s.model, s.tokenizer, s.kl_ctl, s.history
     accelerator.init_trackers("ppo")
 
     def run_eval(step, final=False):
         """Held-out pass@1 and RM score: a subset (PPO_EVAL_TASKS) during training, all at the end."""
         result = {}
-        if (accelerator.is_main_process or sharded(accelerator)) and problems:  # sharded: forwards are collectives
-            ctx, rm_model = rm()
-            subset = problems if final else problems[: C.PPO_EVAL_TASKS or None]
-            with ctx, full_weights_for_generation(accelerator, model, with_critic=True) as policy_full:
-                result = evaluate(policy_full, tokenizer, rm_model, rm_tokenizer, norm, subset, device)
+        if (accelerator.is_main_process or sharded(accelerator)) and s.problems:  # sharded: forwards are collectives
+            subset = s.problems if final else s.problems[: C.PPO_EVAL_TASKS or None]
+            with frozen(accelerator, model, s.reward_model, "critic") as rm, \
+                    full_weights_for_generation(accelerator, model, with_critic=s.critic) as policy_full:
+                result = evaluate(policy_full, tokenizer, rm, s.rm_tokenizer, s.norm, subset, device)
         if accelerator.is_main_process and result:
             print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
             accelerator.log({f"ppo/eval_{k}": v for k, v in result.items()}, step=step)
         accelerator.wait_for_everyone()
         return result
 
-    if start == 0 and (C.PPO_EVAL_EVERY or 0) > 0:
+    if s.start == 0 and (C.PPO_EVAL_EVERY or 0) > 0:
         before = run_eval(0, final=True)  # the SFT baseline, on the same tasks as the final evaluation
         if before:
             history.append({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
-    # ---- train
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=C.PPO_STEPS, initial=start, desc="ppo", disable=not accelerator.is_main_process)
-    t_start, episodes = time.time(), 0
-    eos_ids = [tokenizer.eos_token_id]
-    for step in range(start + 1, C.PPO_STEPS + 1):
+    bar = tqdm(total=C.PPO_STEPS, initial=s.start, desc="ppo", disable=not accelerator.is_main_process)
+    t_start, episodes, eos_ids = time.time(), 0, [tokenizer.eos_token_id]
+    n_prompts = C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT
+    for step in range(s.start + 1, C.PPO_STEPS + 1):
         t0 = time.time()
-        # prompts of this step: a function of (seed, rank, step) only, so a resumed run sees the
-        # same prompts it would have seen, with no sampler state to save
-        rng = random.Random(C.SEED * 1_000_003 + accelerator.process_index * 10_007 + step)
-        # each prompt is sampled PPO_SAMPLES_PER_PROMPT times: answers to the same prompt that
-        # pass and fail side by side are what the advantages learn from
-        n_prompts = C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT
-        picked = [prompts[rng.randrange(len(prompts))] for _ in range(n_prompts * oversample)]
-        batch = [row for row in picked for _ in range(C.PPO_SAMPLES_PER_PROMPT)]
-
-        # ---- rollout (no gradients): sample, then logprobs, reference logprobs, values, scores
+        # 1. rollout (no gradients): sample oversampled prompts, run their tests, keep the informative ones
         model.eval()
         with torch.no_grad():
+            batch = step_prompts(s.prompts, step, accelerator.process_index, n_prompts * s.oversample)
             query, query_mask = encode_prompts(tokenizer, batch, device)
             t_gen = time.time()
             with full_weights_for_generation(accelerator, model) as policy_full:
-                gen = policy_full.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
-                                           do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
-                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
+                gen = sample(policy_full, query, query_mask, eos_ids, tokenizer.pad_token_id)
             gen_seconds = time.time() - t_gen
             # generate stops when every row has ended: (B, T') with T' <= PPO_RESPONSE_LEN
             response = truncate_after_eos(gen[:, query.shape[1]:], eos_ids, tokenizer.pad_token_id)
             _, _, last_index = first_eos_mask(response, eos_ids)
             texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
-            passed = exec_rewards(batch, texts, device)  # (B,) unit-test reward, NaN without tests
-            sampled = {"sampled_pass_rate": passed.nanmean(),  # of every sampled answer, before filtering
-                       "mixed_groups": mixed_groups(passed, C.PPO_SAMPLES_PER_PROMPT).float().mean()}
-            if oversample > 1:  # keep PPO_BATCH_SIZE responses, prompts with mixed test results first
-                keep = informative_groups(passed, C.PPO_SAMPLES_PER_PROMPT, n_prompts)
-                batch, texts, passed = [batch[i] for i in keep], [texts[i] for i in keep], passed[keep]
-                query, query_mask, response = query[keep], query_mask[keep], response[keep]
-                width = int(query_mask.sum(1).max())  # drop the columns that were padding for every kept row
-                query, query_mask = query[:, -width:], query_mask[:, -width:]
-                response = response[:, : int(last_index[keep].max()) + 1]
+            roll = dict(batch=batch, texts=texts, passed=exec_rewards(batch, texts, device), query=query,
+                        query_mask=query_mask, response=response, last_index=last_index)  # passed (B,): NaN without tests
+            mixed = mixed_groups(roll["passed"], C.PPO_SAMPLES_PER_PROMPT)
+            sampled = {"sampled_pass_rate": roll["passed"].nanmean(), "mixed_groups": mixed.float().mean()}
+            if s.oversample > 1:
+                roll = keep_informative(roll, n_prompts)
+            batch, texts, passed, query, query_mask = (roll[k] for k in ("batch", "texts", "passed", "query", "query_mask"))
             # pad to the longest response of any process (not to PPO_RESPONSE_LEN: most answers are
             # far shorter), so every process runs the same number of identically shaped steps
-            longest = accelerator.reduce(torch.tensor([response.shape[1]], device=device), "max").item()
-            response = torch.nn.functional.pad(response, (0, longest - response.shape[1]),
+            longest = accelerator.reduce(torch.tensor([roll["response"].shape[1]], device=device), "max").item()
+            response = torch.nn.functional.pad(roll["response"], (0, longest - roll["response"].shape[1]),
                                                value=tokenizer.pad_token_id)  # (B, T)
             mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
 
+            # 2. logprobs of the sampled tokens now ("old") and under the reference, values
             old_logp, ref_logp, values = [], [], []
             for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
-                s = slice(i, i + C.PPO_MINI_BATCH_SIZE)
-                q, qm, r = query[s], query_mask[s], response[s]
-                ids = torch.cat([q, r], 1)
-                am = torch.cat([qm, torch.ones_like(r)], 1)
-                logits, v = model(ids, am, positions(am))
-                old_logp.append(logprobs_from_logits(logits[:, q.shape[1] - 1: -1], r, C.PPO_TEMPERATURE))
-                values.append(v[:, q.shape[1] - 1: -1])  # V(s_t): state before response token t
-                ref_ctx, ref_model = reference()
-                with ref_ctx:
-                    ref_logp.append(logprobs_from_logits(response_logits(ref_model, q, qm, r), r, C.PPO_TEMPERATURE))
-            old_logp, ref_logp, values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(values)  # (B, T)
+                q, qm, r = query[i: i + C.PPO_MINI_BATCH_SIZE], query_mask[i: i + C.PPO_MINI_BATCH_SIZE], response[i: i + C.PPO_MINI_BATCH_SIZE]
+                logits, v = response_forward(model, q, qm, r)
+                old_logp.append(logprobs_from_logits(logits, r, C.PPO_TEMPERATURE))
+                values.append(v)
+                with frozen(accelerator, model, s.ref_policy, "policy") as ref:
+                    ref_logp.append(logprobs_from_logits(response_forward(ref, q, qm, r)[0], r, C.PPO_TEMPERATURE))
+            old_logp, ref_logp = torch.cat(old_logp), torch.cat(ref_logp)  # (B, T)
+            values = torch.cat(values) if s.critic else None
 
-            rm_ctx, rm_model = rm()
-            with rm_ctx:
-                score, rm_score = score_responses(rm_model, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device)
-
-            # ---- rewards and advantages
+            # 3. scores, KL, advantages; answers of all-pass / all-fail groups do not train the policy
+            with frozen(accelerator, model, s.reward_model, "critic") as rm:
+                score, rm_score = sequence_scores(rm, s.rm_tokenizer, s.norm, batch, texts, ends_with_eos, passed, device)
+            trains_policy = (mixed_groups(passed, C.PPO_SAMPLES_PER_PROMPT)
+                             | torch.isnan(passed).reshape(-1, C.PPO_SAMPLES_PER_PROMPT).all(1))
+            trains_policy = trains_policy.repeat_interleave(C.PPO_SAMPLES_PER_PROMPT)  # (B,)
             kl = torch.where(mask, kl_estimate(old_logp, ref_logp, C.PPO_KL_ESTIMATOR), 0.0)  # (B, T)
-            rewards = per_token_rewards(score, kl, mask, last_index, kl_ctl.value)  # (B, T)
-            advantages, returns = gae(rewards, values, mask, C.PPO_GAMMA, C.PPO_LAM)
-            advantages = masked_whiten(advantages, mask)  # Ziegler et al. 2019; N+
-            kl_per_response = kl.sum(1)  # (B,)
+            kl_reward_coef = 0.0 if C.PPO_KL_LOSS else kl_ctl.value  # KL paid in the reward, or as a loss term below
+            advantages, returns = compute_advantages(C.PPO_ADVANTAGE, score, kl, values, mask, last_index, kl_reward_coef,
+                                                     C.PPO_SAMPLES_PER_PROMPT, trains_policy, C.PPO_GAMMA, C.PPO_LAM)
 
-        # ---- PPO update: PPO_EPOCHS passes over the batch in shuffled mini-batches
+        # 4. update: PPO_EPOCHS passes over the batch in shuffled mini-batches
         t_update = time.time()
         model.train()
         stats = []
@@ -668,43 +804,44 @@ def main(argv):
             order = torch.randperm(C.PPO_BATCH_SIZE, generator=shuffle).to(device)
             for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
                 idx = order[i: i + C.PPO_MINI_BATCH_SIZE]
-                q, qm, r, m = query[idx], query_mask[idx], response[idx], mask[idx]
-                ids = torch.cat([q, r], 1)
-                am = torch.cat([qm, torch.ones_like(r)], 1)
-                logits, v = model(ids, am, positions(am))
-                logits, v = logits[:, q.shape[1] - 1: -1], v[:, q.shape[1] - 1: -1]  # (B', T, V), (B', T)
-                logp = logprobs_from_logits(logits, r, C.PPO_TEMPERATURE)
-                pg_loss, pg_stats = policy_loss(logp, old_logp[idx], advantages[idx], m, C.PPO_CLIP)
-                vf_loss, vf_stats = value_loss(v, values[idx], returns[idx], m, C.PPO_VF_CLIP)
-                loss = pg_loss + C.PPO_VF_COEF * vf_loss
+                m = mask[idx]
+                logits, v = response_forward(model, query[idx], query_mask[idx], response[idx])  # (B', T, V), (B', T)
+                logp = logprobs_from_logits(logits, response[idx], C.PPO_TEMPERATURE)
+                loss, step_stats = policy_loss(logp, old_logp[idx], advantages[idx], m, C.PPO_CLIP)
+                step_stats["policy_loss"] = loss.detach()
+                if s.critic:
+                    vf_loss, vf_stats = value_loss(v, values[idx], returns[idx], m, C.PPO_VF_CLIP)
+                    loss = loss + C.PPO_VF_COEF * vf_loss
+                    step_stats.update(value_loss=vf_loss.detach(), **vf_stats)
+                if C.PPO_KL_LOSS:  # GRPO's KL term (DeepSeekMath): in the loss, per token, instead of the reward
+                    kl_loss = masked_mean(kl_estimate(logp, ref_logp[idx], C.PPO_KL_ESTIMATOR), m)
+                    loss = loss + kl_ctl.value * kl_loss
+                    step_stats["kl_loss"] = kl_loss.detach()
                 if not torch.isfinite(loss):
-                    raise diverged("ppo", step, f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}",
-                                   ckpt_dir, "PPO_LR (or PPO_CRITIC_LR, or check the reward scale)", **CHECKPOINT)
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(params, C.PPO_MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                    raise diverged("ppo", step, f"loss {loss.item()} ({ {k: float(v) for k, v in step_stats.items()} })",
+                                   s.ckpt_dir, "PPO_LR (or PPO_CRITIC_LR, or check the reward scale)", **CHECKPOINT)
+                optimizer_step(accelerator, model, s.optimizer, s.scheduler, loss)
                 with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits, C.PPO_TEMPERATURE), m)
-                stats.append({"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy,
-                              **pg_stats, **vf_stats})
-
+                    step_stats["entropy"] = masked_mean(entropy_from_logits(logits, C.PPO_TEMPERATURE), m)
+                stats.append(step_stats)
         update_seconds = time.time() - t_update
-        # ---- metrics: means over this process's batch, then over processes
+
+        # 5. metrics: means over this process's batch, then over processes
         tested = ~torch.isnan(passed)
+        nan = torch.tensor(float("nan"), device=device)
+        kl_per_response = kl.sum(1)  # (B,)
         local = {
-            "score": score.mean(), "rm_score": rm_score.mean(), **sampled,
-            "test_pass_rate": passed[tested].mean() if tested.any() else torch.tensor(float("nan"), device=device),
-            "kl": kl_per_response.mean(),
-            "non_score_reward": (rewards.sum(1) - score).mean(),
-            "reward_mean": rewards.sum(1).mean(),
+            "score": score.mean(), "rm_score": rm_score.nanmean(), **sampled,
+            "test_pass_rate": passed[tested].mean() if tested.any() else nan,
+            "trained_share": trains_policy.float().mean(),
+            "kl": kl_per_response.mean(), "non_score_reward": -kl_ctl.value * kl_per_response.mean(),
             "response_length": mask.sum(1).float().mean(), "eos_rate": ends_with_eos.float().mean(),
             **{k: torch.stack([s_[k] for s_ in stats]).float().mean() for k in stats[0]},
         }
         metrics = {k: accelerator.reduce(v.detach().float().reshape(1).to(device), "mean").item() for k, v in local.items()}
         kl_ctl.update(metrics["kl"], C.PPO_BATCH_SIZE * accelerator.num_processes)
-        metrics.update(kl_coef=kl_ctl.value, lr=scheduler.get_last_lr()[0], seconds=time.time() - t0,
+        metrics.update(reward_mean=metrics["score"] + metrics["non_score_reward"], kl_coef=kl_ctl.value,
+                       lr=s.scheduler.get_last_lr()[0], seconds=time.time() - t0,
                        generate_seconds=gen_seconds, update_seconds=update_seconds)  # this process's (bench/)
         episodes += C.PPO_BATCH_SIZE * accelerator.num_processes
         accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=step)
@@ -719,21 +856,19 @@ def main(argv):
         history.append(row)
         # every PPO_SAVE_EVERY iterations and after the last one: a kill in the final evaluation redoes no training
         if C.PPO_SAVE_EVERY and (step % C.PPO_SAVE_EVERY == 0 or step == C.PPO_STEPS):
-            save_checkpoint(accelerator, ckpt_dir, step, history)
+            save_checkpoint(accelerator, s.ckpt_dir, step, history)
     bar.close()
     seconds = time.time() - t_start
 
-    # ---- final evaluation and save ./ppo_model
+    # 6. final evaluation and save ./ppo_model
     final = run_eval(C.PPO_STEPS, final=True)
     policy_out = plain_policy(accelerator, model, torch.float32)  # every process: gathers shards
     if accelerator.is_main_process:
-        trained = [h for h in history if "kl" in h]
-        last_rows = trained[-5:] or [{}]
+        last_rows = [h for h in history if "kl" in h][-5:] or [{}]
         metrics = {
             **final,
-            "kl": sum(h.get("kl", 0.0) for h in last_rows) / len(last_rows),
-            "reward_mean": sum(h.get("reward_mean", 0.0) for h in last_rows) / len(last_rows),
-            "response_length": sum(h.get("response_length", 0.0) for h in last_rows) / len(last_rows),
+            **{k: sum(h.get(k, 0.0) for h in last_rows) / len(last_rows) for k in ("kl", "reward_mean", "response_length")},
+            "advantage_estimator": C.PPO_ADVANTAGE,
             "train_seconds": seconds,
             "episodes_per_second": episodes / seconds if episodes else None,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -746,7 +881,7 @@ def main(argv):
             write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "history"})
 
         save_stage_output(C.PPO_DIR, "ppo", save, metrics)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(s.ckpt_dir, ignore_errors=True)
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "history"}
         print(f"ppo done | {shown} | saved {C.PPO_DIR}")
     accelerator.end_training()

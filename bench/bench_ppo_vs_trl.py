@@ -32,7 +32,7 @@ import config as C
 from rlhf.settings import apply_overrides
 
 ROOT = os.path.dirname(os.path.abspath(os.path.dirname(__file__)))
-SAME_REWARD = ["--PPO_SAMPLES_PER_PROMPT=1", "--PPO_EXEC_WEIGHT=0", "--PPO_RM_WEIGHT=1"]  # what TRL's PPOTrainer does
+SAME_REWARD = ["--PPO_SAMPLES_PER_PROMPT=1", "--PPO_EXEC_WEIGHT=0", "--PPO_RM_WEIGHT=1", "--PPO_ADVANTAGE=gae"]  # what TRL's PPOTrainer does (GAE critic)
 
 
 def run_ours(out, steps, overrides):

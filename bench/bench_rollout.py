@@ -17,7 +17,6 @@ no KV cache (contrast), and prompts sorted by length then generated in two halve
 padding per call, half the batch per call).
 """
 
-import random
 import statistics
 import sys
 import time
@@ -35,10 +34,10 @@ VARIANTS = {  # name -> (generate() keyword arguments, number of calls the batch
 
 
 def ppo_batch(prompts, step):
-    """The prompts of PPO step `step` on process 0, as train_ppo.py picks them."""
-    rng = random.Random(C.SEED * 1_000_003 + step)
-    picked = [prompts[rng.randrange(len(prompts))] for _ in range(C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT)]
-    return [row for row in picked for _ in range(C.PPO_SAMPLES_PER_PROMPT)]
+    """The prompts of PPO step `step` on process 0, as train_ppo.py picks them (without oversampling)."""
+    from train_ppo import step_prompts
+
+    return step_prompts(prompts, step, 0, C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT)
 
 
 def generate_batch(policy, tokenizer, batch, kwargs, calls, sort):

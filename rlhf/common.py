@@ -57,7 +57,7 @@ def start_stage(name, argv):
 
 # settings whose value must be one of a few words, or a positive number: checked before any work
 CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "REPORT_TO": ("tensorboard", "wandb", "none"),
-           "PPO_KL_ESTIMATOR": ("k1", "k2", "k3"),
+           "PPO_KL_ESTIMATOR": ("k1", "k2", "k3"), "PPO_ADVANTAGE": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
            "PPO_EXEC_REWARD": ("fraction", "all")}
 POSITIVE = ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "MAX_LEN", "LR", "LOG_EVERY", "RM_BATCH_SIZE", "RM_GRAD_ACCUM",
             "RM_EPOCHS", "RM_MAX_LEN", "RM_LR", "RM_SCORE_BATCH_SIZE", "GEN_MAX_NEW_TOKENS", "LORA_R", "PPO_STEPS",

@@ -314,3 +314,55 @@ def test_mixed_groups_and_informative_groups():
     assert P.informative_groups(torch.ones(8), 4, 1).tolist() == [0, 1, 2, 3]
     # more mixed groups than needed: the earliest sampled ones
     assert P.informative_groups(torch.tensor([0.0, 1.0] * 3), 2, 2).tolist() == [0, 1, 2, 3]
+
+
+# ---- critic-free advantages (PPO_ADVANTAGE) ----
+
+
+def test_group_advantages_hand_computed():
+    # two prompts x 4 answers: one pass in the first group, all pass in the second
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    # group 1: mean 0.25, centred (0.75, -0.25, -0.25, -0.25); unbiased std sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5
+    assert_close(P.group_advantages(r, 4, "grpo"), torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]) / (0.5 + 1e-4))
+    assert_close(P.group_advantages(r, 4, "dr_grpo"), torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+    # RLOO: each answer against the mean of the 3 others: 1 - 0 = 1, 0 - 1/3 = -1/3
+    assert_close(P.group_advantages(r, 4, "rloo"), torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3, 0, 0, 0, 0]))
+    with pytest.raises(ValueError):
+        P.group_advantages(r, 4, "ppo")
+
+
+def test_compute_advantages_group_kinds_broadcast_and_pay_kl_per_answer():
+    mask = torch.tensor([[T_, T_], [T_, F_]])
+    kl = torch.tensor([[0.5, 0.5], [0.0, 0.0]])
+    score, last = torch.tensor([1.0, 0.0]), torch.tensor([1, 0])
+    trains = torch.tensor([True, True])
+    # sequence rewards 1 - 0.1 * (0.5 + 0.5) = 0.9 and 0; dr_grpo: 0.9 - 0.45 = 0.45 and -0.45 on every valid token
+    adv, returns = P.compute_advantages("dr_grpo", score, kl, None, mask, last, 0.1, 2, trains, 1.0, 1.0)
+    assert returns is None
+    assert_close(adv, torch.tensor([[0.45, 0.45], [-0.45, 0.0]]))
+
+
+def test_compute_advantages_answers_that_do_not_train_the_policy_get_zero():
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    score, kl, last = torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.rand(4, 3), torch.full((4,), 2)
+    trains = torch.tensor([True, True, False, False])  # second group: all failed its tests
+    for kind in ("grpo", "rloo", "dr_grpo", "reinforce++"):
+        adv, _ = P.compute_advantages(kind, score, kl, None, mask, last, 0.05, 2, trains, 1.0, 1.0)
+        assert adv[2:].abs().sum() == 0 and adv[:2].abs().sum() > 0, kind
+    adv, returns = P.compute_advantages("gae", score, kl, torch.rand(4, 3), mask, last, 0.05, 2, trains, 1.0, 0.95)
+    assert adv[2:].abs().sum() == 0 and returns[2:].abs().sum() > 0  # the critic still learns from them
+    # whitened over the trained tokens only: mean 0 and unbiased variance 1 there
+    assert_close(adv[:2].mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+    assert_close(adv[:2].var(), torch.tensor(1.0), atol=1e-3, rtol=0)
+    # nothing to train on: zeros, not NaN
+    adv, _ = P.compute_advantages("reinforce++", score, kl, None, mask, last, 0.05, 2, torch.zeros(4, dtype=torch.bool), 1.0, 1.0)
+    assert adv.abs().sum() == 0
+
+
+def test_reinforce_pp_is_the_whitened_return_to_go():
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    # no KL: rewards (0, 1) and (0, 0) -> returns-to-go (1, 1) and (0, 0); mean 0.5, unbiased var 4 * 0.25 / 3 = 1/3
+    adv, _ = P.compute_advantages("reinforce++", torch.tensor([1.0, 0.0]), torch.zeros(2, 2), None, mask,
+                                  torch.tensor([1, 1]), 0.0, 2, torch.tensor([True, True]), 1.0, 1.0)
+    z = 0.5 / math.sqrt(1 / 3)
+    assert_close(adv, torch.tensor([[z, z], [-z, -z]]), atol=1e-4, rtol=0)

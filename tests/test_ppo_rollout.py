@@ -1,0 +1,86 @@
+"""The parts of train_ppo.py around the math that a wrong line would silently break: the
+distribution the rollout samples from, the critic's starting scale, which parameters are clipped."""
+
+import pytest
+import torch
+
+import config as C
+import train_ppo as P
+
+
+@pytest.fixture
+def policy_and_tokenizer(tiny_base):
+    from rlhf.common import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(tiny_base, dtype=torch.float32).eval(), load_tokenizer(tiny_base)
+
+
+def test_rollout_samples_plain_softmax_whatever_the_checkpoint_generation_config(policy_and_tokenizer, monkeypatch):
+    """A checkpoint's generation_config (repetition_penalty 1.05-1.1 in public Qwen instruct models,
+    top_k, ...) must not reach the rollout: the logprobs of the loop assume softmax(logits / T)."""
+    policy, tok = policy_and_tokenizer
+    policy.generation_config.repetition_penalty = 1.5
+    policy.generation_config.top_k = 3
+    policy.generation_config.no_repeat_ngram_size = 1
+    monkeypatch.setattr(C, "PPO_RESPONSE_LEN", 8)
+    monkeypatch.setattr(C, "PPO_TEMPERATURE", 0.7)
+    query, query_mask = P.encode_prompts(tok, [{"messages": [{"role": "user", "content": "add add add add"}]}] * 2, "cpu")
+    with torch.no_grad():
+        out = P.sample(policy, query, query_mask, [tok.eos_token_id], tok.pad_token_id,
+                       output_scores=True, output_logits=True, return_dict_in_generate=True)
+    assert len(out.scores) >= 1
+    for processed, raw in zip(out.scores, out.logits):  # (B, V) each, one per generated token
+        torch.testing.assert_close(torch.log_softmax(processed.float(), -1), torch.log_softmax(raw.float() / 0.7, -1))
+    assert policy.generation_config.repetition_penalty == 1.5  # the checkpoint's own config is left as it was
+
+
+def test_critic_starts_at_zero_and_the_reward_model_keeps_its_head(tiny_base):
+    from peft import get_peft_model
+
+    from rlhf.common import lora_config
+    from rlhf.reward import load_reward_model
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask, pos = torch.ones_like(ids), torch.arange(4).unsqueeze(0)
+    critic = load_reward_model(tiny_base)
+    assert P.token_values(critic, ids, mask, pos).abs().sum() > 0
+    P.zero_value_head(critic)
+    assert P.token_values(critic, ids, mask, pos).abs().sum() == 0
+
+    # LoRA: the critic's trained copy of the head starts at 0, the reward model (adapter off) is untouched
+    critic = load_reward_model(tiny_base)
+    rm_before = critic(input_ids=ids, attention_mask=mask).logits
+    cfg = lora_config("SEQ_CLS")
+    cfg.modules_to_save = ["score"]
+    critic = get_peft_model(critic, cfg)
+    P.zero_value_head(critic)
+    assert P.token_values(critic, ids, mask, pos).abs().sum() == 0
+    with critic.disable_adapter():
+        torch.testing.assert_close(critic(input_ids=ids, attention_mask=mask).logits, rm_before)
+
+
+def test_gradient_clipping_acts_on_the_prepared_parameters(monkeypatch):
+    """FSDP2's prepare replaces the parameter objects: clipping a list taken before it clips tensors
+    that never get a gradient. optimizer_step must clip the prepared model's own parameters."""
+    monkeypatch.setattr(C, "PPO_MAX_GRAD_NORM", 0.01)
+    model = torch.nn.Linear(4, 1)
+    before = list(model.parameters())
+    model.weight = torch.nn.Parameter(model.weight.detach().clone())  # what fully_shard does, in place
+    model.bias = torch.nn.Parameter(model.bias.detach().clone())
+
+    class Accelerator:  # the two calls optimizer_step makes, as accelerate does them on one process
+        def backward(self, loss):
+            loss.backward()
+
+        def clip_grad_norm_(self, parameters, max_norm):
+            self.clipped = list(parameters)
+            return torch.nn.utils.clip_grad_norm_(self.clipped, max_norm)
+
+    acc, optimizer = Accelerator(), torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    weight = model.weight.detach().clone()
+    P.optimizer_step(acc, model, optimizer, scheduler, (model(torch.ones(2, 4)) * 100).sum())
+    assert [id(p) for p in acc.clipped] == [id(p) for p in model.parameters()]
+    assert not any(p is q for p in acc.clipped for q in before)
+    # the step moved the weights by lr x the clipped gradient: at most the clip norm
+    assert 0 < (model.weight.detach() - weight).norm() <= 0.01 + 1e-6
