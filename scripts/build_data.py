@@ -2,7 +2,7 @@
 verified by running it in rlhf/sandbox.py (references pass, rejected programs fail).
 
 Writes sft_train/sft_eval (TRL conversational), rm_train/rm_eval (TRL preference),
-ppo_prompts and eval_tasks (project problem format, see data/DATA_CARD.md).
+ppo_prompts, eval_tasks and val_tasks (project problem format, see data/DATA_CARD.md).
 
     python scripts/build_data.py                      # seed 0 -> data/
     python scripts/build_data.py --seed 1 --out /tmp/data
@@ -34,6 +34,7 @@ RM_TRAIN_PER_FAMILY = 60
 RM_EVAL_PER_FAMILY = 8
 EVAL_PER_FAMILY = 5           # held-out problems per family (eval_tasks.jsonl)
 PPO_PER_FAMILY = 20           # PPO prompts per family, same distribution as eval, other instances
+VAL_PER_FAMILY = 3            # validation tasks per family (val_tasks.jsonl): for choosing settings, never trained on
 EVAL_POOL_MIN = 30            # reserve at least this many unseen instances per family for eval + PPO
 
 
@@ -118,7 +119,7 @@ def split(all_tasks, rng):
     by_family = collections.defaultdict(list)
     for t in all_tasks:
         by_family[t["family"]].append(t)
-    out = collections.defaultdict(list)
+    out, val = collections.defaultdict(list), []
     for family, tasks in by_family.items():
         rng.shuffle(tasks)
         bare = [t for t in tasks if t["bare"]]  # the natural prompts always go to SFT
@@ -130,6 +131,7 @@ def split(all_tasks, rng):
         rest = seen[reserve:]
         out["eval"] += pool[:EVAL_PER_FAMILY]
         out["ppo"] += pool[EVAL_PER_FAMILY:EVAL_PER_FAMILY + PPO_PER_FAMILY]
+        val += pool[EVAL_PER_FAMILY + PPO_PER_FAMILY:EVAL_PER_FAMILY + PPO_PER_FAMILY + VAL_PER_FAMILY]
         out["sft_eval"] += rest[:SFT_EVAL_PER_FAMILY]
         train = bare + rest[SFT_EVAL_PER_FAMILY:SFT_EVAL_PER_FAMILY + SFT_TRAIN_PER_FAMILY - len(bare)]
         out["sft_train"] += train
@@ -137,6 +139,8 @@ def split(all_tasks, rng):
         out["rm_eval"] += rest[:RM_EVAL_PER_FAMILY]
     for rows in out.values():
         rng.shuffle(rows)
+    random.Random(len(val)).shuffle(val)  # its own RNG: the other files stay as they were before it existed
+    out["val"] = val
     return out
 
 
@@ -152,11 +156,12 @@ def build(out_dir, seed=0, n_families=None, workers=None):
     families = task_families.F[:n_families] if n_families else task_families.F
     all_tasks = [t for fi, fam in enumerate(families) for t in instances(fi, fam, rng)]
     parts = split(all_tasks, rng)
-    used = [t for name in ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo", "eval") for t in parts[name]]
+    used = [t for name in ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo", "eval", "val") for t in parts[name]]
     n_programs, failing, dropped = verify(used, parts["rm_train"] + parts["rm_eval"], workers)
     ids = {name: {t["task_id"] for t in parts[name]} for name in parts}
     assert not ids["sft_train"] & (ids["sft_eval"] | ids["eval"] | ids["ppo"]), "splits overlap"
     assert not ids["eval"] & ids["ppo"] and not ids["sft_eval"] & (ids["eval"] | ids["ppo"]), "splits overlap"
+    assert not ids["val"] & (ids["eval"] | ids["ppo"] | ids["sft_train"] | ids["sft_eval"]), "splits overlap"
 
     def sft(t):
         return {"messages": [{"role": "user", "content": t["prompt"]},
@@ -176,7 +181,8 @@ def build(out_dir, seed=0, n_families=None, workers=None):
     os.makedirs(out_dir, exist_ok=True)
     files = {"sft_train": [sft(t) for t in parts["sft_train"]], "sft_eval": [sft(t) for t in parts["sft_eval"]],
              "rm_train": [pair(t) for t in parts["rm_train"]], "rm_eval": [pair(t) for t in parts["rm_eval"]],
-             "ppo_prompts": [ppo(t) for t in parts["ppo"]], "eval_tasks": [task_record(t) for t in parts["eval"]]}
+             "ppo_prompts": [ppo(t) for t in parts["ppo"]], "eval_tasks": [task_record(t) for t in parts["eval"]],
+             "val_tasks": [task_record(t) for t in parts["val"]]}
     for name, rows in files.items():
         write_jsonl(os.path.join(out_dir, name + ".jsonl"), rows)
     counts = {name: len(rows) for name, rows in files.items()}

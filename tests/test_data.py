@@ -11,7 +11,7 @@ from rlhf import codeeval
 from scripts import build_data
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-FILES = ["sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts", "eval_tasks"]
+FILES = ["sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts", "eval_tasks", "val_tasks"]
 
 
 def rows(name):
@@ -25,9 +25,11 @@ def test_formats_and_disjoint_splits():
     pair = rows("rm_train")[0]
     assert {"prompt", "chosen", "rejected", "bug"} <= set(pair) and pair["chosen"] != pair["rejected"]
     train_ids = {r["task_id"] for r in sft}
-    for name in ("sft_eval", "ppo_prompts", "eval_tasks"):
+    for name in ("sft_eval", "ppo_prompts", "eval_tasks", "val_tasks"):
         assert not train_ids & {r["task_id"] for r in rows(name)}, name
     assert not {r["task_id"] for r in rows("ppo_prompts")} & {r["task_id"] for r in rows("eval_tasks")}
+    val = {r["task_id"] for r in rows("val_tasks")}  # the validation split: trained on by nothing, not the eval set
+    assert val and not val & ({r["task_id"] for r in rows("ppo_prompts")} | {r["task_id"] for r in rows("eval_tasks")})
     # held-out parameter values: present in eval, absent from SFT
     assert any(r["heldout_params"] for r in rows("eval_tasks"))
     assert {"zh", "en"} == {r["lang"] for r in sft}
@@ -36,7 +38,7 @@ def test_formats_and_disjoint_splits():
 
 
 def test_eval_and_ppo_files_load_as_problems():
-    for name in ("eval_tasks", "ppo_prompts"):
+    for name in ("eval_tasks", "ppo_prompts", "val_tasks"):
         problems = codeeval.load_problems(os.path.join(DATA, name + ".jsonl"))
         assert all(p.format == "project" for p in problems)
         assert problems[0].messages()[0]["role"] == "user"
