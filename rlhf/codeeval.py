@@ -58,7 +58,7 @@ class Problem:
         r = self.record
         if self.format == "humaneval":
             return {"program": r["prompt"] + completion, "test_code": r["test"],
-                    "entry_point": r["entry_point"]}
+                    "entry_point": r["entry_point"], "helpers": r["prompt"]}
         if self.format == "mbpp":
             tests = list(r["test_list"]) + list(r.get("challenge_test_list") or [])
             name = re.search(r"(\w+)\s*\(", r["test_list"][0].replace("assert", "", 1))
