@@ -607,16 +607,19 @@ class _Child:
         # namespaces: SIGKILL the namespace's init (unshare's child); unshare returns only once
         # every process in that namespace is gone. weak: the session's process group.
         pid = self.proc.pid
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                children = [int(x) for x in f.read().split()]
-        except OSError:
-            children = []
-        for child in children:
+        if self.backend != "weak":
             try:
-                os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    children = [int(x) for x in f.read().split()]
+            except OSError:  # no such file (CONFIG_PROC_CHILDREN off): the process group below
+                children = None
+            for child in children or []:
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if children is not None:
+                return
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
