@@ -129,7 +129,32 @@ def boot(cfg):
         os.setgid(cfg["uid"])
         os.setuid(cfg["uid"])  # leaving uid 0 clears every capability
     os.chdir("/work")
+    worker = os.fork()
+    if worker:
+        supervise(worker, cfg["lifeline"], libc)
+    os.close(cfg["lifeline"])
     del sys.modules["ctypes"]
+
+def supervise(worker, lifeline, libc):
+    # pid 1 of the namespace: the program runs in `worker`. This process leaves when the
+    # evaluating process closes the lifeline (or dies), or when the worker exits (its status
+    # becomes our exit code, 128 + signal); either way the kernel then kills everything else
+    # in the namespace. Signals from inside the namespace cannot kill a namespace's init.
+    import select
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: not ptrace-able by the program's uid
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)  # the reply pipe: only the worker may hold it (EOF when it dies)
+    fds = [lifeline]
+    try:
+        fds.append(os.pidfd_open(worker))
+    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3: the lifeline only
+        pass
+    while lifeline not in select.select(fds, [], [])[0]:
+        pid, status = os.waitpid(worker, os.WNOHANG)
+        if pid:
+            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    os._exit(0)
 
 def main():
     # only builtin and C modules from here on: json, signal or types would pull in re, enum
@@ -460,11 +485,12 @@ class _Child:
         self.tmp = None
         self.buf = b""
         self.idle = False  # True while the program waits for a request (it may then exit cleanly)
+        self.lifeline = None  # namespaces: its write end; closing it ends the whole namespace
         cfg = {"isolate": backend != "weak", "userns": backend == "userns", "audit_hook": _AUDIT_HOOK,
                "cpu_s": math.ceil(timeout) + 1, "memory": memory_mb << 20, "fsize": C.SANDBOX_FILE_SIZE_MB << 20,
                "nofile": MAX_OPEN_FILES, "nproc": C.SANDBOX_MAX_PROCS, "uid": UID_BASE + 256 * os.getpid() + self.slot}
         env = {"PATH": "/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/work", "LANG": "C.UTF-8"}
-        kw = {}
+        kw, read_end = {}, None
         if backend == "weak":
             self.tmp = tempfile.mkdtemp(prefix="sandbox-")
             os.chmod(self.tmp, 0o700)
@@ -483,6 +509,9 @@ class _Child:
                        sys_pivot_root=_PIVOT_ROOT[platform.machine()])
             if backend == "userns":
                 cfg["uid"] = 0
+            read_end, self.lifeline = os.pipe()
+            cfg["lifeline"] = read_end
+            kw = dict(pass_fds=(read_end,))
             argv = ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child",
                     *(["--user", "--map-root-user"] if backend == "userns" else []),
                     exe, "-I", "-S", "-B", "-c", RUNNER, marshal.dumps(cfg).hex()]
@@ -493,6 +522,9 @@ class _Child:
         except BaseException:
             self.close()
             raise
+        finally:
+            if read_end is not None:
+                os.close(read_end)
         self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         os.set_blocking(self.wfd, False)
 
@@ -572,6 +604,9 @@ class _Child:
 
     def close(self) -> None:
         """End the run: every process of it is gone when this returns."""
+        if self.lifeline is not None:  # namespaces: pid 1 leaves, the kernel kills the rest
+            os.close(self.lifeline)
+            self.lifeline = None
         proc = getattr(self, "proc", None)
         if proc is not None:
             for f in (proc.stdin, proc.stdout):
@@ -579,15 +614,18 @@ class _Child:
                     f.close()
                 except OSError:
                     pass
-            try:  # on EOF the runner exits, and the kernel kills the rest of its PID namespace
-                if not self.idle:
-                    raise subprocess.TimeoutExpired(proc.args, 0)
-                proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
+            if self.backend == "weak":
+                try:  # on EOF an idle runner exits by itself
+                    if self.idle:
+                        proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._kill()  # the session's process group: forked children too
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # only if pid 1 could not leave: kill it
                 self._kill()
                 proc.wait()
-            if self.backend == "weak":  # no namespace: the session's forked processes
-                self._kill()
             proc.stderr.close()
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -344,3 +344,22 @@ def test_host_files_are_invisible(hook, needs_namespaces):
     finally:
         os.remove(path)
         os.rmdir(folder)
+
+
+def test_nothing_survives_the_evaluating_process(needs_namespaces):
+    # the evaluating process is killed while a program sleeps: the namespace must go with it
+    code = ("from rlhf import sandbox\nsandbox._AUDIT_HOOK = False\nsandbox.run_calls('import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n"
+            "time.sleep(60)\\n', ['f()'], [1], timeout=60)\n")
+    evaluator = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        deadline = time.time() + 20
+        while len(sandbox_processes()) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(sandbox_processes()) >= 2  # the program and its fork are running
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+    deadline = time.time() + 5
+    while sandbox_processes() and time.time() < deadline:
+        time.sleep(0.05)
+    assert sandbox_processes() == []
