@@ -49,7 +49,6 @@ MAX_OPEN_FILES = 64        # RLIMIT_NOFILE
 READ_BACK_BYTES = 4 << 20  # largest message read back from a program (one value)
 MAX_DEPTH = 100            # deepest nesting of a value exchanged with a program
 UID_BASE = 1 << 24         # root: sample uid = UID_BASE + 256 * our pid + slot, unique on the host
-WEAK_UID = 65534           # nobody; weak mode as root runs programs as this when UID_BASE cannot run Python
 _AUDIT_HOOK = True         # tests switch it off to check that the kernel boundary holds on its own
 
 STATUSES = ("passed", "failed", "error", "timeout", "memory", "refused")
@@ -430,7 +429,7 @@ def active_mode() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _weak_interpreter() -> str:
-    """Weak mode as root: an interpreter uid WEAK_UID can execute (a pyenv Python under /root
+    """Weak mode as root: an interpreter the sample uids can execute (a pyenv Python under /root
     cannot be), or SandboxUnavailable; never a fallback to running programs as root."""
     for exe in dict.fromkeys([sys.executable, getattr(sys, "_base_executable", sys.executable),
                               "/usr/bin/python3", "/usr/local/bin/python3"]):
@@ -438,13 +437,13 @@ def _weak_interpreter() -> str:
             continue
         try:
             probe = subprocess.run([exe, "-I", "-S", "-B", "-c", "import resource, json, types"],
-                                   user=WEAK_UID, group=WEAK_UID, extra_groups=[], cwd="/", env={},
+                                   user=UID_BASE, group=UID_BASE, extra_groups=[], cwd="/", env={},
                                    capture_output=True, timeout=30)
         except PermissionError:
             continue
         if probe.returncode == 0:
             return exe
-    raise SandboxUnavailable(f"SANDBOX_MODE=weak as root: no Python interpreter is executable by uid {WEAK_UID}; "
+    raise SandboxUnavailable(f"SANDBOX_MODE=weak as root: no Python interpreter is executable by uid {UID_BASE}; "
                              "install python3 under /usr, or use the default SANDBOX_MODE=namespaces")
 
 
@@ -495,10 +494,10 @@ class _Child:
             self.tmp = tempfile.mkdtemp(prefix="sandbox-")
             os.chmod(self.tmp, 0o700)
             exe = sys.executable
-            if os.geteuid() == 0:
+            if os.geteuid() == 0:  # a uid of its own here too: siblings cannot signal each other
                 exe = _weak_interpreter()
-                os.chown(self.tmp, WEAK_UID, WEAK_UID)
-                kw = dict(user=WEAK_UID, group=WEAK_UID, extra_groups=[])
+                os.chown(self.tmp, cfg["uid"], cfg["uid"])
+                kw = dict(user=cfg["uid"], group=cfg["uid"], extra_groups=[])
             else:
                 cfg["nproc"] = -1  # RLIMIT_NPROC counts all of the user's processes: leave it
             env.update(HOME=self.tmp, TMPDIR=self.tmp)
