@@ -111,6 +111,7 @@ def boot(cfg):
     mount("tmpfs", R + "/work", "tmpfs", NOSUID | NODEV,
           "size=%dk,nr_inodes=%d,mode=700%s" % (cfg["disk_kb"], cfg["inodes"], own))
     os.symlink("work", R + "/tmp")
+    os.symlink("/work", R + "/dev/shm")  # POSIX semaphores and shared memory, privately
     os.chdir(R)
     check(libc.syscall(cfg["sys_pivot_root"], b".", b"."), "pivot_root")
     check(libc.umount2(b".", 2), "umount old root")  # MNT_DETACH: the host tree is gone
@@ -132,7 +133,32 @@ def boot(cfg):
     if worker:
         supervise(worker, cfg["lifeline"], libc)
     os.close(cfg["lifeline"])
+    if cfg["seccomp"]:
+        seccomp(libc, ctypes, cfg["seccomp"])
     del sys.modules["ctypes"]
+
+def seccomp(libc, ctypes, table):
+    # A classic-BPF seccomp filter (no_new_privs is set): the syscalls that open kernel attack
+    # surface no solution needs (new namespaces: a nested user namespace would give back
+    # capabilities, mounts, ptrace, keys, bpf, perf, io_uring, modules) fail with EPERM; clone3
+    # gets ENOSYS so libc falls back to clone, whose namespace flags are checked; another ABI
+    # (x32, i386) kills the process.
+    import struct
+    arch, deny, clone, clone3 = table
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
+    prog = [(LD, 0, 0, 4), (JEQ, 0, "kill", arch), (LD, 0, 0, 0), (JGE, "kill", 0, 0x40000000)]
+    prog += [(JEQ, "eperm", 0, nr) for nr in deny]
+    prog += [(JEQ, "enosys", 0, clone3), (JEQ, 0, "allow", clone), (LD, 0, 0, 16),
+             (JSET, "eperm", "allow", 0x7E020000)]  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+    n = len(prog)
+    labels = {"allow": n, "eperm": n + 1, "enosys": n + 2, "kill": n + 3}
+    prog += [(RET, 0, 0, 0x7FFF0000), (RET, 0, 0, 0x00050001), (RET, 0, 0, 0x00050026), (RET, 0, 0, 0x80000000)]
+    code = b"".join(struct.pack("HBBI", op, labels[jt] - i - 1 if jt else 0, labels[jf] - i - 1 if jf else 0, k)
+                    for i, (op, jt, jf, k) in enumerate(prog))
+    filt = ctypes.create_string_buffer(code, len(code))
+    fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxP", len(prog), ctypes.addressof(filt)), 16)
+    if libc.prctl(22, 2, fprog, 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "seccomp")
 
 def supervise(worker, lifeline, libc):
     # pid 1 of the namespace: the program runs in `worker`. This process leaves when the
@@ -359,7 +385,15 @@ finally:
 
 
 # --------------------------------------------------------------------------- isolation set-up
-_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}
+# seccomp: (AUDIT_ARCH_*, syscalls refused with EPERM, clone, clone3), from the kernel's
+# arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h
+_X86_64_DENY = [272, 308, 165, 166, 155, 161, 101, 250, 248, 249, 321, 298, 323, 425, 426, 427, 246, 320,
+                175, 313, 176, 304, 303, 428, 429, 430, 431, 432, 433, 442, 103, 179, 163, 167, 168, 169]
+_GENERIC_DENY = [97, 268, 40, 39, 41, 51, 117, 219, 217, 218, 280, 241, 282, 425, 426, 427, 104, 294,
+                 105, 273, 106, 265, 264, 428, 429, 430, 431, 432, 433, 442, 116, 60, 89, 224, 225, 142]
+_SECCOMP = {"x86_64": (0xC000003E, _X86_64_DENY, 56, 435), "aarch64": (0xC00000B7, _GENERIC_DENY, 220, 435),
+            "riscv64": (0xC00000F3, _GENERIC_DENY, 220, 435)}
 
 
 def _flags_of(path: str) -> int:
@@ -505,7 +539,7 @@ class _Child:
         else:
             exe, mountpoint, entries = _fs_view()
             cfg.update(mountpoint=mountpoint, entries=entries, disk_kb=C.SANDBOX_DISK_MB << 10, inodes=4096,
-                       sys_pivot_root=_PIVOT_ROOT[platform.machine()])
+                       sys_pivot_root=_PIVOT_ROOT[platform.machine()], seccomp=_SECCOMP.get(platform.machine()))
             if backend == "userns":
                 cfg["uid"] = 0
             read_end, self.lifeline = os.pipe()

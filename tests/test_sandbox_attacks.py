@@ -350,12 +350,14 @@ def test_nothing_survives_the_evaluating_process(needs_namespaces):
     # the evaluating process is killed while a program sleeps: the namespace must go with it
     code = ("from rlhf import sandbox\nsandbox._AUDIT_HOOK = False\nsandbox.run_calls('import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n"
             "time.sleep(60)\\n', ['f()'], [1], timeout=60)\n")
-    evaluator = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    evaluator = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                                 stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 20
-        while len(sandbox_processes()) < 2 and time.time() < deadline:
+        while len(sandbox_processes()) < 3 and time.time() < deadline and evaluator.poll() is None:
             time.sleep(0.05)
-        assert len(sandbox_processes()) >= 2  # the program and its fork are running
+        # the namespace's init, the program and its fork are running
+        assert len(sandbox_processes()) >= 3, evaluator.poll() is not None and evaluator.stderr.read()[-2000:]
     finally:
         evaluator.kill()
         evaluator.wait()
@@ -363,3 +365,12 @@ def test_nothing_survives_the_evaluating_process(needs_namespaces):
     while sandbox_processes() and time.time() < deadline:
         time.sleep(0.05)
     assert sandbox_processes() == []
+
+
+def test_no_nested_namespaces(hook, needs_namespaces):
+    # a new user namespace would hand the program every capability again, inside it: then a
+    # mount namespace of its own (an unbounded tmpfs), chroot games; seccomp refuses both calls
+    attack = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+              "OK = libc.unshare(0x10000000) == 0 and libc.unshare(0x00020000) == 0\n"
+              "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if OK else 0\n")
+    assert not any(v.passed for v in run_side_by_side(attack))
