@@ -949,6 +949,8 @@ def run_job(job: dict) -> Verdict:
         return run_calls(**job) if "calls" in job else run_asserts(**job)
     except (TypeError, ValueError) as e:
         return Verdict(False, "error", f"malformed job: {e}"[:500], 0.0, 0.0)
+    except OSError as e:  # no process or pipe to be had (EAGAIN, EMFILE): this sample only
+        return Verdict(False, "error", f"the sandbox could not start: {e}"[:500], 0.0, 0.0)
 
 
 def run_many(jobs: list[dict], workers: int | None = None, progress: bool = False) -> list[Verdict]:

@@ -54,8 +54,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=None, help="sandbox processes in parallel (default: CPUs)")
     args, settings = ap.parse_known_args()
-    try:
-        apply_overrides(settings)  # e.g. --SANDBOX_MODE=weak where namespaces are unavailable
+    try:  # e.g. --SANDBOX_MODE=weak where namespaces are unavailable; stdout stays the JSON summary
+        for name, value in apply_overrides(settings, quiet=True).items():
+            print(f"setting {name} = {value!r}", file=sys.stderr)
     except UserError as e:
         sys.exit(f"error: {e}")
     if (args.samples is None) == (args.model is None):
