@@ -132,6 +132,19 @@ def needs_namespaces():
         pytest.skip("kernel isolation is off (SANDBOX_MODE=weak)")
 
 
+@pytest.fixture(params=["root", "userns"])
+def backend(request, monkeypatch, needs_namespaces):
+    """Kernel-level attacks run in both isolation set-ups: a uid of its own (root) and a user
+    namespace (what a non-root user gets), wherever this machine can run them."""
+    if request.param == "root" and os.geteuid() != 0:
+        pytest.skip("a uid per sample needs root")
+    if request.param == "userns" and not sandbox._run_calls_with("userns", "def f():\n    return 1\n",
+                                                                  ["f()"], [1], "", 30.0).passed:
+        pytest.skip("no unprivileged user namespaces here")
+    monkeypatch.setattr(sandbox, "_backend", lambda mode: request.param)
+    return request.param
+
+
 # --------------------------------------------------------------------------- forged verdicts
 @pytest.mark.parametrize("attack", [
     # the runner's emit/send reached through f_back, then exit before any test runs
@@ -190,7 +203,7 @@ def test_prompt_helpers_are_the_trusted_ones():
 
 
 # --------------------------------------------------------------------------- escapes
-def test_loopback_tcp_and_abstract_unix_sockets(hook, needs_namespaces):
+def test_loopback_tcp_and_abstract_unix_sockets(hook, backend):
     tcp = socket.socket()
     tcp.bind(("127.0.0.1", 0))
     tcp.listen(8)
@@ -226,7 +239,7 @@ def test_loopback_tcp_and_abstract_unix_sockets(hook, needs_namespaces):
     assert accepted == [] and not any(v.passed for v in verdicts), (accepted, verdicts)
 
 
-def test_setsid_grandchild_does_not_outlive_the_run(hook, needs_namespaces):
+def test_setsid_grandchild_does_not_outlive_the_run(hook, backend):
     marker = f"{time.time() % 1000:.6f}"[:10]  # a `sleep` argument no other process uses
     attack = (BYPASS + "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
               f"        os.execv('/bin/sleep', ['sleep', '{marker}'])\n    os._exit(0)\n" + WRONG)
@@ -244,7 +257,7 @@ def test_setsid_grandchild_does_not_outlive_the_run(hook, needs_namespaces):
     assert left == [] and not any(v.passed for v in verdicts)
 
 
-def test_cannot_kill_sibling_samples(hook, needs_namespaces):
+def test_cannot_kill_sibling_samples(hook, backend):
     killer = (BYPASS + "import os, time\nend = time.time() + 1.5\nwhile time.time() < end:\n"
               "    for pid in os.listdir('/proc') if os.path.isdir('/proc') else []:\n"
               "        if pid.isdigit() and int(pid) != os.getpid():\n            try:\n"
@@ -287,7 +300,7 @@ def test_problems_file_is_out_of_reach(tmp_path, needs_namespaces):
         os.rmdir(folder)
 
 
-def test_no_files_in_world_writable_dirs(hook):
+def test_no_files_in_world_writable_dirs(hook, backend):
     tag = uuid.uuid4().hex
     paths = [f"/tmp/sandbox-fifo-{tag}", f"/dev/shm/sandbox-node-{tag}", f"/var/tmp/sandbox-fifo-{tag}"]
     attack = ("import os, stat\ndef secret(x):\n"
@@ -301,7 +314,7 @@ def test_no_files_in_world_writable_dirs(hook):
     assert left == [] and not any(v.passed for v in verdicts)
 
 
-def test_disk_is_bounded(hook, needs_namespaces):
+def test_disk_is_bounded(hook, backend):
     # passes only if 280 MiB could be allocated: 40 files, each under RLIMIT_FSIZE
     attack = ("import os\ndef add(a, b):\n    done = 0\n    for i in range(40):\n        try:\n"
               "            fd = os.open('fill%d' % i, os.O_CREAT | os.O_WRONLY, 0o600)\n"
@@ -330,7 +343,7 @@ def test_malformed_jobs_are_errors_not_exceptions():
     assert [v.status for v in verdicts[:3]] == ["error"] * 3 and verdicts[3].passed
 
 
-def test_host_files_are_invisible(hook, needs_namespaces):
+def test_host_files_are_invisible(hook, backend):
     # a world-readable file in a world-readable folder: the weak sandbox's uid could read it
     folder = tempfile.mkdtemp(prefix="sandbox-attack-")
     try:
@@ -367,7 +380,7 @@ def test_nothing_survives_the_evaluating_process(needs_namespaces):
     assert sandbox_processes() == []
 
 
-def test_no_nested_namespaces(hook, needs_namespaces):
+def test_no_nested_namespaces(hook, backend):
     # a new user namespace would hand the program every capability again, inside it: then a
     # mount namespace of its own (an unbounded tmpfs), chroot games; seccomp refuses both calls
     attack = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
