@@ -5,10 +5,11 @@ inside new network, PID, IPC, UTS and mount namespaces (util-linux `unshare`). B
 its code runs, the runner mounts a private size-limited tmpfs as its work dir, shows the rest of
 the file system read-only (only /usr, the interpreter and four /dev nodes exist), pivots its
 root there, drops to a uid of its own (root) or all capabilities (user namespace), sets
-no_new_privs and rlimits. When the run ends its PID namespace is torn down, so nothing it
-started survives. An audit hook (PEP 578) inside refuses sockets, processes, ctypes, ... as an
-extra layer only. SANDBOX_MODE="weak" (an explicit opt-in) keeps the hook, the limits and a
-separate uid but no namespaces.
+no_new_privs, a seccomp deny list and rlimits. The namespace's init is a supervisor holding a
+lifeline pipe from us: when the run ends (or we die) it leaves and the kernel kills everything
+else in the namespace. An audit hook (PEP 578) inside refuses sockets, processes, ctypes, ...
+as an extra layer only. SANDBOX_MODE="weak" (an explicit opt-in) keeps the hook, the limits and
+a separate uid but no namespaces.
 
 Verdicts: the program never sees a test. The trusted side (this process) sends it call
 requests over a pipe and gets back strictly encoded builtin values (or the exception's name):
@@ -69,8 +70,9 @@ class Verdict:
 
 # --------------------------------------------------------------------------- child side
 # Passed with -c. boot() runs as root (or userns root) inside the new namespaces, builds the
-# file system view from the trusted config in argv[1], drops privileges, then serve() reads
-# requests from fd 0 and answers on fd 1; the program's own stdin/stdout/stderr are /dev/null.
+# file system view from the trusted config in argv[1], drops privileges and forks: pid 1 stays
+# as supervise(), the child installs seccomp, then serve() reads requests from fd 0 and answers
+# on fd 1; the program's own stdin/stdout/stderr are /dev/null.
 RUNNER = r'''
 import os, sys
 def boot(cfg):
