@@ -37,6 +37,7 @@ import platform
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -139,26 +140,11 @@ def boot(cfg):
         seccomp(libc, ctypes, cfg["seccomp"])
     del sys.modules["ctypes"]
 
-def seccomp(libc, ctypes, table):
-    # A classic-BPF seccomp filter (no_new_privs is set): the syscalls that open kernel attack
-    # surface no solution needs (new namespaces: a nested user namespace would give back
-    # capabilities, mounts, ptrace, keys, bpf, perf, io_uring, modules) fail with EPERM; clone3
-    # gets ENOSYS so libc falls back to clone, whose namespace flags are checked; another ABI
-    # (x32, i386) kills the process.
+def seccomp(libc, ctypes, code):
+    # the BPF program built by _seccomp_filter() on the trusted side; no_new_privs is set
     import struct
-    arch, deny, clone, clone3 = table
-    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
-    prog = [(LD, 0, 0, 4), (JEQ, 0, "kill", arch), (LD, 0, 0, 0), (JGE, "kill", 0, 0x40000000)]
-    prog += [(JEQ, "eperm", 0, nr) for nr in deny]
-    prog += [(JEQ, "enosys", 0, clone3), (JEQ, 0, "allow", clone), (LD, 0, 0, 16),
-             (JSET, "eperm", "allow", 0x7E020000)]  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
-    n = len(prog)
-    labels = {"allow": n, "eperm": n + 1, "enosys": n + 2, "kill": n + 3}
-    prog += [(RET, 0, 0, 0x7FFF0000), (RET, 0, 0, 0x00050001), (RET, 0, 0, 0x00050026), (RET, 0, 0, 0x80000000)]
-    code = b"".join(struct.pack("HBBI", op, labels[jt] - i - 1 if jt else 0, labels[jf] - i - 1 if jf else 0, k)
-                    for i, (op, jt, jf, k) in enumerate(prog))
     filt = ctypes.create_string_buffer(code, len(code))
-    fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxP", len(prog), ctypes.addressof(filt)), 16)
+    fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxP", len(code) // 8, ctypes.addressof(filt)), 16)
     if libc.prctl(22, 2, fprog, 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
         raise OSError(ctypes.get_errno(), "seccomp")
 
@@ -398,6 +384,30 @@ _SECCOMP = {"x86_64": (0xC000003E, _X86_64_DENY, 56, 435), "aarch64": (0xC00000B
             "riscv64": (0xC00000F3, _GENERIC_DENY, 220, 435)}
 
 
+@functools.lru_cache(maxsize=None)
+def _seccomp_filter(machine: str) -> bytes | None:
+    """Classic-BPF seccomp program (struct sock_filter array) for this CPU, or None.
+
+    The syscalls that open kernel attack surface no solution needs (new namespaces: a nested
+    user namespace would give back capabilities; mounts, ptrace, keys, bpf, perf, io_uring,
+    modules, kexec) fail with EPERM; clone3 gets ENOSYS so libc falls back to clone, whose
+    namespace flags are checked; another ABI (x32, i386) kills the process.
+    """
+    if machine not in _SECCOMP:
+        return None
+    arch, deny, clone, clone3 = _SECCOMP[machine]
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    prog = [(LD, 0, 0, 4), (JEQ, 0, "kill", arch), (LD, 0, 0, 0), (JGE, "kill", 0, 0x40000000)]
+    prog += [(JEQ, "eperm", 0, nr) for nr in deny]
+    prog += [(JEQ, "enosys", 0, clone3), (JEQ, 0, "allow", clone), (LD, 0, 0, 16),  # clone's flags
+             (JSET, "eperm", "allow", 0x7E020000)]  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+    n = len(prog)
+    labels = {"allow": n, "eperm": n + 1, "enosys": n + 2, "kill": n + 3}
+    prog += [(RET, 0, 0, 0x7FFF0000), (RET, 0, 0, 0x00050001), (RET, 0, 0, 0x00050026), (RET, 0, 0, 0x80000000)]
+    return b"".join(struct.pack("HBBI", op, labels[jt] - i - 1 if jt else 0, labels[jf] - i - 1 if jf else 0, k)
+                    for i, (op, jt, jf, k) in enumerate(prog))
+
+
 def _flags_of(path: str) -> int:
     """Mount flags of `path` that a read-only re-mount must keep (MS_NOSUID.. MS_RELATIME)."""
     f = os.statvfs(path).f_flag
@@ -541,7 +551,7 @@ class _Child:
         else:
             exe, mountpoint, entries = _fs_view()
             cfg.update(mountpoint=mountpoint, entries=entries, disk_kb=C.SANDBOX_DISK_MB << 10, inodes=4096,
-                       sys_pivot_root=_PIVOT_ROOT[platform.machine()], seccomp=_SECCOMP.get(platform.machine()))
+                       sys_pivot_root=_PIVOT_ROOT[platform.machine()], seccomp=_seccomp_filter(platform.machine()))
             if backend == "userns":
                 cfg["uid"] = 0
             read_end, self.lifeline = os.pipe()
