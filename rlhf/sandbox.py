@@ -137,15 +137,19 @@ def boot(cfg):
         supervise(worker, cfg["lifeline"], libc)
     os.close(cfg["lifeline"])
     if cfg["seccomp"]:
-        seccomp(libc, ctypes, cfg["seccomp"])
+        seccomp(libc, ctypes, cfg["seccomp"], cfg["sys_seccomp"])
     del sys.modules["ctypes"]
 
-def seccomp(libc, ctypes, code):
+def seccomp(libc, ctypes, code, sys_seccomp):
     # the BPF program built by _seccomp_filter() on the trusted side; no_new_privs is set
     import struct
     filt = ctypes.create_string_buffer(code, len(code))
     fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxP", len(code) // 8, ctypes.addressof(filt)), 16)
-    if libc.prctl(22, 2, fprog, 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    # seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_SPEC_ALLOW): without the flag, kernels
+    # whose Spectre mitigations are in "seccomp" mode add barriers (IBPB/STIBP, SSBD) on every
+    # switch to this task. They protect the task from others, not others from it, and the
+    # program is the attacker here; Docker passes the flag too (moby pull request 41889)
+    if libc.syscall(sys_seccomp, 1, 4, fprog) != 0:
         raise OSError(ctypes.get_errno(), "seccomp")
 
 def supervise(worker, lifeline, libc):
@@ -551,7 +555,8 @@ class _Child:
         else:
             exe, mountpoint, entries = _fs_view()
             cfg.update(mountpoint=mountpoint, entries=entries, disk_kb=C.SANDBOX_DISK_MB << 10, inodes=4096,
-                       sys_pivot_root=_PIVOT_ROOT[platform.machine()], seccomp=_seccomp_filter(platform.machine()))
+                       sys_pivot_root=_PIVOT_ROOT[platform.machine()], seccomp=_seccomp_filter(platform.machine()),
+                       sys_seccomp={"x86_64": 317}.get(platform.machine(), 277))
             if backend == "userns":
                 cfg["uid"] = 0
             read_end, self.lifeline = os.pipe()
