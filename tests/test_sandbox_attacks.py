@@ -8,10 +8,13 @@ that sandbox's own record format); `len` shadowing; HumanEval/32's `poly`; the h
 rebound, then a loopback TCP connect, a setsid grandchild that outlived the run, and the
 sibling samples killed; mkfifo/mknod in /tmp and /dev/shm; 280 MiB of posix_fallocate; and
 malformed records raised KeyError/RecursionError in the parent. The finaliser, signal-frame,
-abstract-socket and /proc/<parent>/cmdline cases were not re-run against it.
+abstract-socket and /proc/<parent>/cmdline cases were not re-run against it; the nested
+namespace attack succeeds in this sandbox with its seccomp filter off.
 Kernel-level attacks also run with the audit hook off (`_AUDIT_HOOK`), as if a program had
-found a way around it: the namespaces must hold on their own. Each case is bounded by the
-sandbox's own limits (SANDBOX_TIMEOUT_S below, memory, processes, a 64 MiB disk).
+found a way around it (the namespaces must hold on their own), and in both set-ups: a uid per
+sample (root) and a user namespace. Each case is bounded by the sandbox's own limits
+(SANDBOX_TIMEOUT_S below, memory, processes, a 64 MiB disk), and after each one no process of a
+sample uid may be left.
 """
 import json
 import os
