@@ -83,6 +83,16 @@ GEN_MAX_NEW_TOKENS = 160  # longest generated answer, in tokens
 EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
 
 # ---------------------------------------------------------------------------------------------
+# Sandbox (evaluation by execution): every generated program runs in rlhf/sandbox.py (docs/SANDBOX.md)
+# ---------------------------------------------------------------------------------------------
+SANDBOX_MODE = "namespaces"  # "namespaces": kernel isolation per program (root, or user namespaces); "weak": audit hook and limits only, an explicit opt-in where namespaces are unavailable (not safe against hostile code)
+SANDBOX_TIMEOUT_S = 5.0  # wall-clock seconds per program (load + all its tests); CPU limit = this rounded up + 1
+SANDBOX_MEMORY_MB = 512  # address space per process of a program (RLIMIT_AS)
+SANDBOX_DISK_MB = 64  # private tmpfs work dir per program (held in RAM while it runs); the rest of the file system is read-only
+SANDBOX_FILE_SIZE_MB = 8  # largest single file a program may write (RLIMIT_FSIZE)
+SANDBOX_MAX_PROCS = 64  # processes and threads per program (RLIMIT_NPROC of its own uid)
+
+# ---------------------------------------------------------------------------------------------
 # Stage 3: PPO (train_ppo.py); defaults follow TRL <= 1.10 and the N+ implementation details
 # ---------------------------------------------------------------------------------------------
 PPO_DIR = "./ppo_model"  # output folder of the PPO stage

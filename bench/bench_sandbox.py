@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import time
 
 from rlhf import sandbox
@@ -24,13 +25,21 @@ def main():
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args()
-    print(f"{datetime.date.today()} | {platform.node()} | {os.cpu_count()} CPUs | {platform.platform()}")
+    print(f"{datetime.date.today()} | {platform.node()} | {os.cpu_count()} CPUs | {platform.platform()} | "
+          f"load {os.getloadavg()[0]:.1f} | sandbox {sandbox.active_mode()}")
     for name, job in (("trivial", TRIVIAL), ("typical", TYPICAL)):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         verdicts = sandbox.run_many([job] * args.n, workers=args.workers)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         assert all(v.passed for v in verdicts), verdicts[0]
-        print(f"{name:8s} {args.n / dt:6.1f} programs/s ({args.n} programs, {dt:.1f} s)")
+        # CPU per program (ours + the children's) depends less on other load than programs/s does
+        print(f"{name:8s} {args.n / dt:6.1f} programs/s ({args.n} programs, {dt:.1f} s), "
+              f"{1000 * cpu / args.n:.0f} ms CPU per program")
+
+
+def cpu_seconds():
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class Problem:
         r = self.record
         if self.format == "humaneval":
             return {"program": r["prompt"] + completion, "test_code": r["test"],
-                    "entry_point": r["entry_point"]}
+                    "entry_point": r["entry_point"], "helpers": r["prompt"]}
         if self.format == "mbpp":
             tests = list(r["test_list"]) + list(r.get("challenge_test_list") or [])
             name = re.search(r"(\w+)\s*\(", r["test_list"][0].replace("assert", "", 1))
@@ -151,7 +151,9 @@ def score_samples(problems: list[Problem], samples: list[dict], ks=(1, 10, 100),
     verdicts = sandbox.run_many(jobs, workers=workers, progress=progress)
     results = [{**s, "passed": v.passed, "status": v.status, "detail": v.detail,
                 "pass_fraction": v.pass_fraction} for s, v in zip(samples, verdicts)]
-    return summarize(problems, results, ks), results
+    summary = summarize(problems, results, ks)
+    summary["sandbox"] = sandbox.active_mode()  # which isolation ran the programs
+    return summary, results
 
 
 def summarize(problems: list[Problem], results: list[dict], ks=(1, 10, 100)) -> dict:

@@ -9,6 +9,7 @@ a summary JSON (pass@k, counts, statuses) is printed.
     python scripts/evaluate.py --benchmark humaneval --samples broken       # must print 0
     python scripts/evaluate.py --model out/ppo --problems data/eval_tasks.jsonl
     python scripts/evaluate.py --model out/sft --problems data/eval_tasks.jsonl --num-samples 10 --temperature 0.8
+    python scripts/evaluate.py ... --SANDBOX_TIMEOUT_S=10    # any config.py sandbox setting (docs/SANDBOX.md)
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import os
 import sys
 
 from rlhf import codeeval
+from rlhf.settings import UserError, apply_overrides
 
 
 def reference_samples(problems, kind):
@@ -51,7 +53,12 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=None, help="sandbox processes in parallel (default: CPUs)")
-    args = ap.parse_args()
+    args, settings = ap.parse_known_args()
+    try:  # e.g. --SANDBOX_MODE=weak where namespaces are unavailable; stdout stays the JSON summary
+        for name, value in apply_overrides(settings, quiet=True).items():
+            print(f"setting {name} = {value!r}", file=sys.stderr)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     if (args.samples is None) == (args.model is None):
         sys.exit("evaluate: give exactly one of --samples FILE and --model DIR")
     try:
@@ -73,6 +80,8 @@ def main():
         summary, results = codeeval.score_samples(problems, samples, ks, args.workers)
     except codeeval.DataError as e:
         sys.exit(f"evaluate: {e}")
+    except UserError as e:  # e.g. the sandbox cannot isolate programs here: the line names the fix
+        sys.exit(f"error: {e}")
     if out:
         with open(out, "w", encoding="utf-8") as f:
             for r in results:

@@ -9,6 +9,11 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   . .venv/bin/activate
 fi
+# The sandbox isolates generated programs with util-linux `unshare` (docs/SANDBOX.md); present on
+# Debian/Ubuntu, missing from some minimal images.
+if ! command -v unshare >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -q && apt-get install -y -q util-linux; } >/dev/null || echo "setup: could not install util-linux (unshare); see docs/SANDBOX.md"
+fi
 stamp=.venv-installed
 want=$(cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 if [ -f "$VIRTUAL_ENV/$stamp" ] && [ "$(cat "$VIRTUAL_ENV/$stamp")" = "$want" ]; then

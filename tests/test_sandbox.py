@@ -1,8 +1,12 @@
-"""Sandbox verdicts: correct, wrong, crashing, hanging, hostile and reward-hacking programs."""
+"""Sandbox verdicts: correct, wrong, crashing, hanging, hostile and reward-hacking programs.
+Attacks on the isolation itself: tests/test_sandbox_attacks.py."""
 import os
+import subprocess
+import sys
 
 import pytest
 
+import config as C
 from rlhf import sandbox
 
 ADD = "def add(a, b):\n    return a + b\n"
@@ -100,7 +104,7 @@ def test_files_outside_are_untouched(tmp_path):
 def test_cannot_read_answers():
     data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
     v = calls(f"text = open({data!r}).read()\n" + ADD)
-    assert v.status == "refused"
+    assert not v.passed and v.status in ("refused", "error")  # the hook refuses, or the file is not there
 
 
 @pytest.mark.parametrize("program", [
@@ -123,3 +127,46 @@ def test_run_many_keeps_order():
             for i in range(6)] + [dict(program=ADD, test_code="assert add(1, 1) == 2\n")]
     got = [v.passed for v in sandbox.run_many(jobs, workers=3)]
     assert got == [True, False, False, False, False, False, True]
+
+
+def test_temp_dirs_and_files_in_own_dir():
+    # os.makedirs and TemporaryDirectory were refused on Python 3.11 (dir_fd=-1 read as a dir_fd)
+    program = ("import os, tempfile, shutil\nos.makedirs('a/b/c', exist_ok=True)\n"
+               "open('a/b/c/f.txt', 'w').write('x')\nwith tempfile.TemporaryDirectory() as d:\n"
+               "    open(os.path.join(d, 'g'), 'w').write('y')\nwith tempfile.NamedTemporaryFile() as f:\n"
+               "    f.write(b'z')\nshutil.rmtree('a')\n" + ADD)
+    v = calls(program)
+    assert v.passed, v.detail
+    assert asserts(program).passed
+
+
+def test_each_concurrent_sample_has_its_own_uid():
+    if C.SANDBOX_MODE != "namespaces" or sandbox.active_mode() != "namespaces (root: a uid per sample)":
+        pytest.skip("a uid per sample needs root")
+    job = dict(program="import os, time\ntime.sleep(0.5)\ndef uid():\n    return os.getuid()\n",
+               calls=["uid()"], expected=[0])
+    uids = {int(v.detail.rsplit(" ", 1)[1]) for v in sandbox.run_many([job] * 3, workers=3)}
+    assert len(uids) == 3 and all(u >= sandbox.UID_BASE for u in uids)
+
+
+def test_weak_mode_is_explicit_and_reported(monkeypatch):
+    monkeypatch.setattr(C, "SANDBOX_MODE", "weak")
+    assert sandbox.active_mode().startswith("weak")
+    assert calls(ADD).passed and not calls("def add(a, b):\n    return 0\n").passed
+
+
+def test_no_isolation_stops_with_the_fix(monkeypatch):
+    # without `unshare` the default mode refuses to run anything, and names the fixes
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    sandbox._backend.cache_clear()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailable, match="SANDBOX_MODE=weak"):
+            sandbox.run_many([dict(program=ADD, calls=["add(1, 1)"], expected=[2])])
+    finally:
+        sandbox._backend.cache_clear()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "scripts/evaluate.py", "--benchmark", "humaneval", "--samples", "canonical"],
+                       cwd=root, env={**os.environ, "PYTHONPATH": root, "PATH": "/nonexistent"},
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-1500:]

@@ -1,0 +1,392 @@
+"""Hostile programs against rlhf/sandbox.py, in both test formats, two workers side by side.
+
+Every attack targets a "secret" task whose answers cannot be computed (secret(1) == 7312,
+secret(2) == 'k9q'), so a pass can only be a forged verdict; the attacks on the host are
+checked on the host. Against the previous in-process sandbox (commit 9edaf5b) these
+succeeded: forged passes through f_back, a traceback's frame and a racing thread (with only
+that sandbox's own record format); `len` shadowing; HumanEval/32's `poly`; the hook's closure
+rebound, then a loopback TCP connect, a setsid grandchild that outlived the run, and the
+sibling samples killed; mkfifo/mknod in /tmp and /dev/shm; 280 MiB of posix_fallocate; and
+malformed records raised KeyError/RecursionError in the parent. The finaliser, signal-frame,
+abstract-socket and /proc/<parent>/cmdline cases were not re-run against it; the nested
+namespace attack succeeds in this sandbox with its seccomp filter off.
+Kernel-level attacks also run with the audit hook off (`_AUDIT_HOOK`), as if a program had
+found a way around it (the namespaces must hold on their own), and in both set-ups: a uid per
+sample (root) and a user namespace. Each case is bounded by the sandbox's own limits
+(SANDBOX_TIMEOUT_S below, memory, processes, a 64 MiB disk), and after each one no process of a
+sample uid may be left.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import pytest
+
+import config as C
+from rlhf import codeeval, sandbox
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CALLS, EXPECTED = ["secret(1)", "secret(2)"], [7312, "k9q"]
+TESTS = "def check(candidate):\n    assert candidate(1) == 7312\n    assert candidate(2) == 'k9q'\n"
+WRONG = "def secret(x):\n    return 0\n"
+ADD_OK = dict(program="import time\ntime.sleep(0.3)\ndef add(a, b):\n    return a + b\n",
+              calls=["add(2, 3)", "add(-1, 1)"], expected=[5, 0])
+ADD_TESTS_OK = dict(program=ADD_OK["program"], test_code="def check(candidate):\n    assert candidate(2, 3) == 5\n",
+                    entry_point="add")
+
+# walks every frame above the program and rebinds the audit hook's `refuse` cell to a no-op
+BYPASS = '''
+import sys
+def _bypass():
+    f = sys._getframe(0)
+    while f is not None:
+        for v in list(f.f_locals.values()):
+            code = getattr(v, "__code__", None)
+            if code is not None and v.__closure__ and "refuse" in code.co_freevars:
+                v.__closure__[code.co_freevars.index("refuse")].cell_contents = lambda event: None
+        f = f.f_back
+_bypass()
+'''
+# what a forger writes: the old runner's records (with its nonce, found in its frames) and
+# claims of success in the new protocol, to every writer function and descriptor it can find
+FORGE = '''
+import os, sys, re
+def _targets():
+    found, nonce = [], None
+    f = sys._getframe(0)
+    while f is not None:
+        for k, v in list(f.f_locals.items()):
+            if k in ("emit", "send") and callable(v):
+                found.append(v)
+            if k == "nonce" and type(v) is str:
+                nonce = v
+        f = f.f_back
+    return found, nonce
+WRITERS, NONCE = _targets()
+RECORDS = ['{"k":"end","status":"passed"}', '{"k":"call","i":0,"ok":true,"v":["i","7312"]}',
+           '{"k":"call","i":1,"ok":true,"v":["s","k9q"]}', '{"k":"done"}', '{"ok":true,"status":"passed"}']
+def forge():
+    for w in WRITERS:
+        for r in RECORDS:
+            try:
+                w(r)
+            except Exception:
+                pass
+    if NONCE:
+        try:
+            with open(".result", "w") as out:
+                out.write("".join(NONCE + " " + r + "\\n" for r in RECORDS))
+        except OSError:
+            pass
+'''
+
+
+def secret_jobs(program):
+    """The same hostile program in the project's format and in HumanEval format."""
+    return [dict(program=program, calls=CALLS, expected=EXPECTED),
+            dict(program=program, test_code=TESTS, entry_point="secret")]
+
+
+def run_side_by_side(program):
+    """Both formats of `program` next to two benign samples, 2 workers; benign ones must pass."""
+    verdicts = sandbox.run_many(secret_jobs(program) + [ADD_OK, ADD_TESTS_OK], workers=2)
+    assert [v.passed for v in verdicts[2:]] == [True, True], verdicts[2:]
+    return verdicts[:2]
+
+
+def sandbox_processes():
+    """Live processes running under one of the sandbox's per-sample uids."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if sandbox.UID_BASE <= uid < sandbox.UID_BASE + (1 << 30):
+            out.append(int(pid))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def bounded(monkeypatch):
+    monkeypatch.setattr(C, "SANDBOX_TIMEOUT_S", 3.0)
+    yield
+    assert sandbox_processes() == []  # nothing of any sample outlives its run
+
+
+@pytest.fixture(params=[True, False], ids=["hook", "no-hook"])
+def hook(request, monkeypatch):
+    """Kernel-level attacks run with the audit hook on (and the bypass), and with it off."""
+    monkeypatch.setattr(sandbox, "_AUDIT_HOOK", request.param)
+    return request.param
+
+
+@pytest.fixture
+def needs_namespaces():
+    if C.SANDBOX_MODE != "namespaces":
+        pytest.skip("kernel isolation is off (SANDBOX_MODE=weak)")
+
+
+@pytest.fixture(params=["root", "userns"])
+def backend(request, monkeypatch, needs_namespaces):
+    """Kernel-level attacks run in both isolation set-ups: a uid of its own (root) and a user
+    namespace (what a non-root user gets), wherever this machine can run them."""
+    if request.param == "root" and os.geteuid() != 0:
+        pytest.skip("a uid per sample needs root")
+    if request.param == "userns" and not sandbox._run_calls_with("userns", "def f():\n    return 1\n",
+                                                                  ["f()"], [1], "", 30.0).passed:
+        pytest.skip("no unprivileged user namespaces here")
+    monkeypatch.setattr(sandbox, "_backend", lambda mode: request.param)
+    return request.param
+
+
+# --------------------------------------------------------------------------- forged verdicts
+@pytest.mark.parametrize("attack", [
+    # the runner's emit/send reached through f_back, then exit before any test runs
+    FORGE + "forge()\nos._exit(0)\n",
+    # the same from a traceback's frame and from a signal handler's frame
+    FORGE + "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    WRITERS += _targets()[0]\n    forge()\n" + WRONG,
+    FORGE + "import signal\nsignal.signal(signal.SIGALRM, lambda s, fr: forge())\nsignal.setitimer(signal.ITIMER_REAL, 0.01)\n"
+    "import time\ntime.sleep(0.1)\n" + WRONG,
+    # a finaliser that rewrites the verdict after the runner wrote it (module dropped at the end)
+    FORGE + "class Late:\n    def __del__(self):\n        forge()\nkeep = Late()\ndel sys.modules['__sandbox__']\n" + WRONG,
+    # a thread racing the runner's writes
+    FORGE + "import threading, time\ndef race():\n    for _ in range(2000):\n        forge()\n        time.sleep(0.0005)\n"
+    "threading.Thread(target=race, daemon=True).start()\ndef secret(x):\n    time.sleep(0.2)\n    return 0\n",
+    # garbage and deep nesting on the channel (a record the old parent could not parse)
+    FORGE + "RECORDS[:] = ['[' * 200000, '{\"k\":\"end\"}', '{\"k\":\"load\"}', '{\"ok\":false}', '{\"ok\":true,\"v\":' + '[' * 100000 + ']}']\n"
+    "forge()\n" + WRONG,
+], ids=["frame-walk", "traceback-frame", "signal-frame", "finaliser", "racing-thread", "malformed-records"])
+def test_forged_verdicts_fail(attack):
+    for v in run_side_by_side(attack):
+        assert not v.passed and v.status in sandbox.STATUSES, v
+
+
+def test_asserted_constants_are_not_in_the_program():
+    # the old runner held the test source in its locals: find it and answer from it
+    attack = ("import sys, re\ndef _find():\n    f = sys._getframe(0)\n    while f is not None:\n"
+              "        for v in list(f.f_locals.values()):\n"
+              "            text = v.get('test_code') if type(v) is dict else v\n"
+              "            if type(text) is str and 'assert' in text:\n                return text\n"
+              "        f = f.f_back\n    return ''\nTEXT = _find()\n"
+              "def secret(x):\n    m = re.search(r'candidate\\(' + str(x) + r'\\) == (.+)', TEXT)\n"
+              "    return eval(m.group(1)) if m else 0\n")
+    for v in run_side_by_side(attack):
+        assert not v.passed, v
+
+
+@pytest.mark.parametrize("shadow, returns, test", [
+    ("abs = lambda x: 0\n", "0", "assert abs(secret(1) - 7.5) < 1e-6\n"),
+    ("len = lambda x: 3\n", "[0]", "assert len(secret(1)) == 3\n"),
+    ("sorted = lambda x: [1, 2]\n", "[0]", "assert sorted(secret(1)) == [1, 2]\n"),
+    ("set = lambda x: {4}\n", "[0]", "assert set(secret(1)) == {4}\n"),
+])
+def test_shadowed_builtins_do_not_reach_the_tests(shadow, returns, test):
+    # MBPP style (the asserts call the function by name); the old runner ran them in the
+    # program's globals, where a module-level `len` hides the builtin
+    v = sandbox.run_asserts(f"{shadow}def secret(x):\n    return {returns}\n", test, entry_point="secret", check=False)
+    assert not v.passed and v.status in ("failed", "error"), v
+
+
+def test_prompt_helpers_are_the_trusted_ones():
+    # HumanEval/32: the tests check find_zero's root with the prompt's poly(); a completion
+    # that redefines poly to return 0 passed when tests shared the program's globals
+    problem = next(p for p in codeeval.load_problems(codeeval.humaneval_path()) if p.task_id == "HumanEval/32")
+    forged = problem.job("    return 0.0\n\n\ndef poly(xs, x):\n    return 0.0\n")
+    honest = problem.job(problem.record["canonical_solution"])
+    assert [v.passed for v in sandbox.run_many([forged, honest], workers=2)] == [False, True]
+
+
+# --------------------------------------------------------------------------- escapes
+def test_loopback_tcp_and_abstract_unix_sockets(hook, backend):
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(8)
+    name = "\0sandbox-test-" + uuid.uuid4().hex
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(name)
+    unix.listen(8)
+    accepted = []
+
+    def accept(s):
+        s.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(s.accept()[0])
+            except OSError:
+                pass
+
+    stop = threading.Event()
+    threads = [threading.Thread(target=accept, args=(s,)) for s in (tcp, unix)]
+    for t in threads:
+        t.start()
+    attack = (BYPASS + "import socket\ndef secret(x):\n"
+              f"    a = socket.create_connection(('127.0.0.1', {tcp.getsockname()[1]}), timeout=1)\n"
+              f"    b = socket.socket(socket.AF_UNIX)\n    b.connect({name!r})\n    return 0\n")
+    try:
+        verdicts = run_side_by_side(attack)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        for s in [tcp, unix] + accepted:
+            s.close()
+    assert accepted == [] and not any(v.passed for v in verdicts), (accepted, verdicts)
+
+
+def test_setsid_grandchild_does_not_outlive_the_run(hook, backend):
+    marker = f"{time.time() % 1000:.6f}"[:10]  # a `sleep` argument no other process uses
+    attack = (BYPASS + "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+              f"        os.execv('/bin/sleep', ['sleep', '{marker}'])\n    os._exit(0)\n" + WRONG)
+    verdicts = run_side_by_side(attack)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    left.append(int(pid))
+        except OSError:
+            pass
+    for pid in left:  # started by this test: do not leave them behind even when it fails
+        os.kill(pid, signal.SIGKILL)
+    assert left == [] and not any(v.passed for v in verdicts)
+
+
+def test_cannot_kill_sibling_samples(hook, backend):
+    killer = (BYPASS + "import os, time\nend = time.time() + 1.5\nwhile time.time() < end:\n"
+              "    for pid in os.listdir('/proc') if os.path.isdir('/proc') else []:\n"
+              "        if pid.isdigit() and int(pid) != os.getpid():\n            try:\n"
+              "                os.kill(int(pid), 9)\n            except OSError:\n                pass\n"
+              "    try:\n        os.kill(-1, 9)\n    except OSError:\n        pass\n" + WRONG)
+    victim = dict(program="import time\ntime.sleep(1.0)\ndef add(a, b):\n    return a + b\n",
+                  calls=["add(2, 3)"], expected=[5])
+    verdicts = sandbox.run_many([dict(program=killer, calls=CALLS, expected=EXPECTED), victim, victim], workers=3)
+    assert [v.passed for v in verdicts] == [False, True, True], verdicts
+
+
+def test_problems_file_is_out_of_reach(tmp_path, needs_namespaces):
+    # the old attack: the parent's command line in /proc names --problems; read the answers there
+    folder = tempfile.mkdtemp(prefix="sandbox-attack-")
+    try:
+        os.chmod(folder, 0o755)  # as readable as a checkout's data/ usually is
+        problems = os.path.join(folder, "problems.jsonl")
+        with open(problems, "w") as f:
+            f.write(json.dumps({"task_id": "s1", "prompt": "p", "entry_point": "secret",
+                                "tests": [{"call": "secret(1)", "expected": "7312"}]}) + "\n")
+        os.chmod(problems, 0o644)
+        attack = (BYPASS + "import os, json\ndef secret(x):\n    for pid in os.listdir('/proc'):\n"
+                  "        try:\n            args = open('/proc/%s/cmdline' % pid, 'rb').read().split(b'\\0')\n"
+                  "        except OSError:\n            continue\n        for a in args:\n"
+                  "            if a.endswith(b'.jsonl') and b'problems' in a:\n"
+                  "                row = json.loads(open(a.decode()).readline())\n"
+                  "                return eval(row['tests'][0]['expected'])\n    return 0\n")
+        samples = tmp_path / "samples.jsonl"
+        samples.write_text(json.dumps({"task_id": "s1", "completion": attack}) + "\n")
+        out = tmp_path / "results.jsonl"
+        r = subprocess.run([sys.executable, "scripts/evaluate.py", "--problems", problems, "--samples", str(samples),
+                            "--out", str(out), "--workers", "2", "--k", "1", "--SANDBOX_TIMEOUT_S=3"],
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        summary = json.loads(r.stdout[r.stdout.index("{"):])
+        assert summary["passed"] == 0 and summary["sandbox"].startswith("namespaces"), summary
+    finally:
+        for name in os.listdir(folder):
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
+
+
+def test_no_files_in_world_writable_dirs(hook, backend):
+    tag = uuid.uuid4().hex
+    paths = [f"/tmp/sandbox-fifo-{tag}", f"/dev/shm/sandbox-node-{tag}", f"/var/tmp/sandbox-fifo-{tag}"]
+    attack = ("import os, stat\ndef secret(x):\n"
+              f"    for p in {paths!r}:\n        try:\n"
+              "            os.mkfifo(p) if 'fifo' in p else os.mknod(p, 0o666 | stat.S_IFREG)\n"
+              "        except OSError:\n            pass\n    return 0\n")
+    verdicts = run_side_by_side(attack)
+    left = [p for p in paths if os.path.lexists(p)]
+    for p in left:
+        os.remove(p)
+    assert left == [] and not any(v.passed for v in verdicts)
+
+
+def test_disk_is_bounded(hook, backend):
+    # passes only if 280 MiB could be allocated: 40 files, each under RLIMIT_FSIZE
+    attack = ("import os\ndef add(a, b):\n    done = 0\n    for i in range(40):\n        try:\n"
+              "            fd = os.open('fill%d' % i, os.O_CREAT | os.O_WRONLY, 0o600)\n"
+              "            os.posix_fallocate(fd, 0, 7 << 20)\n            done += 1\n"
+              "        except OSError:\n            pass\n    return a + b if done == 40 else 0\n")
+    verdicts = sandbox.run_many([dict(ADD_OK, program=attack), dict(ADD_TESTS_OK, program=attack), ADD_OK], workers=2)
+    assert [v.passed for v in verdicts] == [False, False, True], verdicts
+
+
+# --------------------------------------------------------------------------- malformed results
+@pytest.mark.parametrize("body", [
+    "    x = []\n    for _ in range(100000):\n        x = [x]\n    return x\n",    # deeper than MAX_DEPTH
+    "    return 'x' * (5 << 20)\n",                                          # over READ_BACK_BYTES
+    "    return {1: object()}\n",                                            # not a builtin value
+    "    import os\n    os._exit(0)\n",                                      # no answer at all
+    "    raise SystemExit(0)\n",
+])
+def test_bad_results_are_that_samples_verdict(body):
+    for v in run_side_by_side("def secret(x):\n" + body):
+        assert not v.passed and v.status in ("failed", "error", "memory"), v
+
+
+def test_malformed_jobs_are_errors_not_exceptions():
+    verdicts = sandbox.run_many([{"program": "x = 1"}, {"calls": ["f()"], "expected": [1]},
+                                 {"program": "x", "test_code": "assert (", "entry_point": "f"}, ADD_OK], workers=2)
+    assert [v.status for v in verdicts[:3]] == ["error"] * 3 and verdicts[3].passed
+
+
+def test_host_files_are_invisible(hook, backend):
+    # a world-readable file in a world-readable folder: the weak sandbox's uid could read it
+    folder = tempfile.mkdtemp(prefix="sandbox-attack-")
+    try:
+        os.chmod(folder, 0o755)
+        path = os.path.join(folder, "answers.txt")
+        with open(path, "w") as f:
+            f.write("7312")
+        os.chmod(path, 0o644)
+        attack = BYPASS + f"def secret(x):\n    return int(open({path!r}).read()) if x == 1 else 'k9q'\n"
+        assert not any(v.passed for v in run_side_by_side(attack))
+    finally:
+        os.remove(path)
+        os.rmdir(folder)
+
+
+def test_nothing_survives_the_evaluating_process(needs_namespaces):
+    # the evaluating process is killed while a program sleeps: the namespace must go with it
+    code = ("from rlhf import sandbox\nsandbox._AUDIT_HOOK = False\nsandbox.run_calls('import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n"
+            "time.sleep(60)\\n', ['f()'], [1], timeout=60)\n")
+    evaluator = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                                 stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 20
+        while len(sandbox_processes()) < 3 and time.time() < deadline and evaluator.poll() is None:
+            time.sleep(0.05)
+        # the namespace's init, the program and its fork are running
+        assert len(sandbox_processes()) >= 3, evaluator.poll() is not None and evaluator.stderr.read()[-2000:]
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+    deadline = time.time() + 5
+    while sandbox_processes() and time.time() < deadline:
+        time.sleep(0.05)
+    assert sandbox_processes() == []
+
+
+def test_no_nested_namespaces(hook, backend):
+    # a new user namespace would hand the program every capability again, inside it: then a
+    # mount namespace of its own (an unbounded tmpfs), chroot games; seccomp refuses both calls
+    attack = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+              "OK = libc.unshare(0x10000000) == 0 and libc.unshare(0x00020000) == 0\n"
+              "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if OK else 0\n")
+    assert not any(v.passed for v in run_side_by_side(attack))
