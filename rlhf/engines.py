@@ -36,7 +36,8 @@ def full_weights_for_generation(accelerator, model, with_critic=False):
       OpenRLHF and verl mostly avoid the problem by generating with vLLM.
     - FSDP2: the decoder blocks gather their weights in their own forward, but the top-level
       weights (embeddings, final norm, lm_head) belong to the root module, PolicyAndCritic, whose
-      forward generate never calls: unshard the root for the generation. FSDP1: the same with
+      forward generate never calls: unshard the root for the generation (after its forward hooks
+      have run once: fsdp2_root_forward_hooks). FSDP1: the same with
       summon_full_params(recurse=False) (pytorch/pytorch#100069), as verl's HF rollout and the DPO
       reference code (eric-mitchell/direct-preference-optimization) do. Every forward is then still a
       collective, so generate must keep all processes stepping until the last one has finished
@@ -55,6 +56,7 @@ def full_weights_for_generation(accelerator, model, with_critic=False):
             with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
                 yield policy
         else:  # FSDP2: fully_shard made the root an FSDPModule in place
+            fsdp2_root_forward_hooks(model)
             model.unshard()
             try:
                 yield policy
@@ -73,6 +75,21 @@ def full_weights_for_generation(accelerator, model, with_critic=False):
                 add_hooks(model)
     else:
         yield policy
+
+
+def fsdp2_root_forward_hooks(model):
+    """Run the FSDP2 root's forward hooks once, around a no-op. FSDP2 decides which module is the
+    root (and initialises itself) in the first forward; when that first forward is the policy's,
+    inside generate, a decoder block runs before the root and FSDP2 stops with "FSDP requires
+    running forward through the root module first" (seen on the first rollout of train_ppo.py under
+    fully_shard, tests/test_multinode.py). register_fsdp_forward_method is torch's public way to
+    give a method other than forward the root's hooks."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if "_fsdp_root_noop" not in vars(model):
+        model._fsdp_root_noop = lambda: None
+        register_fsdp_forward_method(model, "_fsdp_root_noop")
+    model._fsdp_root_noop()
 
 
 def plain_policy(accelerator, model, dtype):
