@@ -110,3 +110,51 @@ def plain_policy(accelerator, model, dtype):
     policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=dtype)
     policy.load_state_dict(state)
     return policy
+
+
+def frozen_model_deepspeed_config(train_config, hidden_size):
+    """The DeepSpeed config of an inference-only engine for a frozen model (PPO's reference policy
+    and reward model), built from the training engine's config after accelerator.prepare (which
+    has filled in its "auto" values). The recipe of TRL's prepare_deepspeed (trl/models/utils.py),
+    written out here as nested keys:
+    - ZeRO-3: the same stage, so the frozen model is sharded like the policy (1/N of its weights
+      per GPU, each layer gathered for its forward), with DeepSpeed's bucket sizes scaled to the
+      model as transformers' HfDeepSpeedConfig does for "auto": reduce bucket h^2, prefetch 0.9 h^2,
+      parameters under 10 h elements kept whole (biases, norms).
+    - ZeRO-0/1/2: stage 0, a plain whole copy per GPU (stages 1-2 shard optimizer states and
+      gradients, which a frozen model has none of).
+    - no optimizer, scheduler or optimizer offload: there is nothing to optimise, and DeepSpeed
+      would build them (a CPU Adam for an offloaded optimizer) and fail without an optimizer.
+      Parameter offload (offload_param) is kept: a frozen model can live in CPU memory too.
+    Pure: needs no deepspeed, returns a new dict."""
+    import copy
+
+    config = copy.deepcopy(train_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if zero.get("stage", 0) == 3:
+        zero.update({"reduce_bucket_size": hidden_size * hidden_size,
+                     "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                     "stage3_param_persistence_threshold": 10 * hidden_size})
+    else:
+        zero["stage"] = 0
+    return config
+
+
+def shard_frozen_model(accelerator, model):
+    """Under DeepSpeed: `model` (frozen, eval) wrapped in an inference-only DeepSpeed engine with
+    frozen_model_deepspeed_config, i.e. sharded under ZeRO-3 instead of whole on every GPU (the
+    README's memory table: 4P per GPU for the reference and reward model becomes 4P/N). Every
+    process must call it, after accelerator.prepare, and then run every forward of the model
+    together (PPO's rollout loop does: same number of equally shaped mini-batches on all ranks).
+    Anything else (DDP, FSDP, one process): the model unchanged."""
+    if accelerator.state.deepspeed_plugin is None:
+        return model
+    import deepspeed
+
+    hidden = max(getattr(model.config, "hidden_sizes", None) or [model.config.hidden_size])
+    config = frozen_model_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, hidden)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine.eval()

@@ -226,3 +226,36 @@ def test_ppo_under_fsdp2_on_cpu_matches_ddp(two_process_runs, tmp_path):
     for name in got:
         assert not torch.equal(got[name], sft[name]), f"{name} was not trained under FSDP2"
         torch.testing.assert_close(got[name], want[name], rtol=0.0, atol=1e-7, msg=name)
+
+
+def test_frozen_model_deepspeed_config():
+    """PPO_SHARD_FROZEN_MODELS: the config of the inference-only engine for the reference and
+    reward model (deepspeed itself is not needed to build it; not installed here)."""
+    from rlhf.engines import frozen_model_deepspeed_config
+
+    train = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+             "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-6}},
+             "scheduler": {"type": "WarmupLR"},
+             "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
+                                   "stage3_gather_16bit_weights_on_model_save": True}}
+    frozen = frozen_model_deepspeed_config(train, hidden_size=1536)  # Qwen2.5-Coder-1.5B
+    assert frozen["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"},
+                                           "stage3_gather_16bit_weights_on_model_save": True,
+                                           "reduce_bucket_size": 1536 ** 2, "stage3_prefetch_bucket_size": int(0.9 * 1536 ** 2),
+                                           "stage3_param_persistence_threshold": 15360}
+    assert "optimizer" not in frozen and "scheduler" not in frozen
+    assert frozen["bf16"] == {"enabled": True} and frozen["train_micro_batch_size_per_gpu"] == 8
+    assert train["zero_optimization"]["offload_optimizer"] == {"device": "cpu"} and "optimizer" in train  # not changed
+    for stage in (0, 1, 2):  # whole weights on every GPU: a frozen model has no optimizer state or gradient to shard
+        zero2 = dict(train, zero_optimization={"stage": stage, "offload_optimizer": {"device": "cpu"}})
+        assert frozen_model_deepspeed_config(zero2, hidden_size=64)["zero_optimization"] == {"stage": 0}
+
+
+def test_shard_frozen_model_leaves_models_alone_without_deepspeed():
+    from types import SimpleNamespace
+
+    from rlhf.engines import shard_frozen_model
+
+    model = torch.nn.Linear(2, 2)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))  # DDP, FSDP, one process
+    assert shard_frozen_model(accelerator, model) is model
