@@ -36,7 +36,7 @@ def prepare_and_show_the_shards(self, *args):
     from torch.distributed.fsdp import FSDPModule
 
     prepared = _accelerator_prepare(self, *args)
-    for obj in prepared if isinstance(prepared, tuple) else (prepared,):
+    for obj in prepared if isinstance(prepared, (tuple, list)) else (prepared,):
         if isinstance(obj, FSDPModule) and self.is_main_process:
             units = [name or "<root>" for name, m in obj.named_modules() if isinstance(m, FSDPModule)]
             print(f"fsdp2 units: {', '.join(units)}", flush=True)

@@ -1,7 +1,9 @@
 """Several processes: every stage under `accelerate launch` with 2 CPU processes (gloo,
 accelerate_configs/cpu.yaml), 2-process SFT losses against 1 process with the same global batch,
-no rank left waiting when the ranks' data differ, the accelerate configs, and QLoRA's message
-on a machine without a GPU. DeepSpeed, FSDP, bf16 and QLoRA itself need GPUs: not run here."""
+no rank left waiting when the ranks' data differ, PPO under FSDP2 (fully_shard on CPU) against
+DDP, the accelerate configs, the DeepSpeed config of the frozen models, and QLoRA's message on a
+machine without a GPU. DeepSpeed itself, bf16 and QLoRA need GPUs: not run here. The launch
+helpers and the two_process_runs fixture are in conftest.py (tests/test_multinode.py uses them)."""
 
 import glob
 import json
