@@ -126,12 +126,20 @@ def frozen_model_deepspeed_config(train_config, hidden_size):
     - no optimizer, scheduler or optimizer offload: there is nothing to optimise, and DeepSpeed
       would build them (a CPU Adam for an offloaded optimizer) and fail without an optimizer.
       Parameter offload (offload_param) is kept: a frozen model can live in CPU memory too.
+    - batch sizes and clipping still "auto" (accelerate fills them in only when it prepares the
+      training engine) are dropped, the micro-batch set to 1: DeepSpeed rejects "auto", and an
+      engine that only runs forwards uses none of them.
     Pure: needs no deepspeed, returns a new dict."""
     import copy
 
     config = copy.deepcopy(train_config)
     for key in ("optimizer", "scheduler"):
         config.pop(key, None)
+    for key in ("train_batch_size", "gradient_accumulation_steps", "gradient_clipping"):
+        if config.get(key) == "auto":
+            config.pop(key)
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = 1
     zero = config.setdefault("zero_optimization", {})
     zero.pop("offload_optimizer", None)
     if zero.get("stage", 0) == 3:
@@ -147,8 +155,9 @@ def shard_frozen_model(accelerator, model):
     """Under DeepSpeed: `model` (frozen, eval) wrapped in an inference-only DeepSpeed engine with
     frozen_model_deepspeed_config, i.e. sharded under ZeRO-3 instead of whole on every GPU (the
     README's memory table: 4P per GPU for the reference and reward model becomes 4P/N). Every
-    process must call it, after accelerator.prepare, and then run every forward of the model
-    together (PPO's rollout loop does: same number of equally shaped mini-batches on all ranks).
+    process must call it (best after accelerator.prepare, when the training config is complete),
+    and then run every forward of the model together (PPO's rollout loop does: the same number of
+    equally shaped mini-batches on all ranks, and its evaluation runs on all ranks when sharded).
     Anything else (DDP, FSDP, one process): the model unchanged."""
     if accelerator.state.deepspeed_plugin is None:
         return model
