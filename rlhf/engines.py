@@ -166,4 +166,5 @@ def shard_frozen_model(accelerator, model):
     hidden = max(getattr(model.config, "hidden_sizes", None) or [model.config.hidden_size])
     config = frozen_model_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, hidden)
     engine, *_ = deepspeed.initialize(model=model, config=config)
-    return engine.eval()
+    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+    return engine
