@@ -92,6 +92,28 @@ def fsdp2_root_forward_hooks(model):
     model._fsdp_root_noop()
 
 
+@contextlib.contextmanager
+def whole_models_loaded(accelerator):
+    """from_pretrained loading whole models, also under ZeRO-3. accelerate (1.15) registers its
+    DeepSpeed config with transformers whenever ZeRO-3 is on, whatever zero3_init_flag says, and
+    transformers then builds every model it loads inside deepspeed.zero.Init: partitioned across
+    the processes, and a collective that all of them must run. A model loaded on one process
+    (the final save) waits forever for the others; seen running train_ppo.py under ZeRO-3 on CPU
+    processes. Unregistered meanwhile, registered again after."""
+    plugin = accelerator.state.deepspeed_plugin
+    registered = getattr(plugin, "dschf", None) if plugin is not None else None
+    if registered is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
+
+
 def plain_policy(accelerator, model, dtype):
     """The trained policy as a plain causal LM on the main process (None on the others), LoRA
     merged. Every process must call it: under ZeRO-3 and FSDP the full state dict is gathered
@@ -105,9 +127,10 @@ def plain_policy(accelerator, model, dtype):
     if not accelerator.is_main_process:
         return None
     state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
-    if C.USE_LORA:
-        return merge_lora_weights(C.SFT_DIR, state, dtype=dtype)
-    policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=dtype)
+    with whole_models_loaded(accelerator):  # on this process only: no ZeRO-3 partitioning
+        if C.USE_LORA:
+            return merge_lora_weights(C.SFT_DIR, state, dtype=dtype)
+        policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=dtype)
     policy.load_state_dict(state)
     return policy
 
@@ -158,7 +181,8 @@ def shard_frozen_model(accelerator, model):
     process must call it (best after accelerator.prepare, when the training config is complete),
     and then run every forward of the model together (PPO's rollout loop does: the same number of
     equally shaped mini-batches on all ranks, and its evaluation runs on all ranks when sharded).
-    Anything else (DDP, FSDP, one process): the model unchanged."""
+    Returns the model (the engine's module), sharded, with ZeRO-3's hooks that gather each
+    layer's weights for its forward. Anything else (DDP, FSDP, one process): the model unchanged."""
     if accelerator.state.deepspeed_plugin is None:
         return model
     import deepspeed
@@ -166,5 +190,7 @@ def shard_frozen_model(accelerator, model):
     hidden = max(getattr(model.config, "hidden_sizes", None) or [model.config.hidden_size])
     config = frozen_model_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, hidden)
     engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
-    return engine
+    engine.eval()
+    # the model itself, not the engine: ZeRO-3's gather hooks sit on the model's own modules, and
+    # callers read model attributes (rm.config is the model's config, engine.config DeepSpeed's)
+    return engine.module
