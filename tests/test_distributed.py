@@ -317,3 +317,34 @@ def test_ppo_under_zero3_on_cpu_matches_ddp(two_process_runs, tmp_path):
                  config=ZERO3_CONFIG, log_dir=tmp_path, launch_options=["--mixed_precision", "no"])
     assert "deepspeed engine: zero stage 3" in log, log[-3000:]
     assert_ppo_matches_ddp(two_process_runs, out / "ppo")
+
+
+def test_whole_models_loaded_unregisters_the_zero3_config_meanwhile():
+    """While accelerate's ZeRO-3 config is registered with transformers, from_pretrained
+    partitions what it loads (deepspeed.zero.Init); whole_models_loaded lifts that and restores
+    it, also when the loading fails."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    from rlhf.engines import whole_models_loaded
+
+    class Registered:  # accelerate's HfDeepSpeedConfig, reduced to what transformers asks of it
+        def is_zero3(self):
+            return True
+
+    registered = Registered()
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(dschf=registered)))
+    set_hf_deepspeed_config(registered)
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with whole_models_loaded(accelerator):
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+        with pytest.raises(OSError), whole_models_loaded(accelerator):
+            raise OSError("no model there")
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()
+    with whole_models_loaded(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))):  # DDP, FSDP
+        assert not is_deepspeed_zero3_enabled()
