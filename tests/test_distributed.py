@@ -223,8 +223,8 @@ def test_ppo_under_fsdp2_on_cpu_matches_ddp(two_process_runs, tmp_path):
     (two_process_runs). Exercised for real: generation from the sharded policy
     (full_weights_for_generation: the root's hooks, unshard/reshard, synced generate), the
     gradient clipping on the prepared (sharded) parameters, the final evaluation on all ranks and
-    the gathered save (plain_policy). The decoder blocks are named as shard units on the command
-    line, as a user of a model the config does not know would.
+    the gathered save (plain_policy). accelerate's transformer-based wrap must make every decoder
+    block a shard unit of its own (from PolicyAndCritic._no_split_modules), not one unit for all.
 
     Same seeds, same rollouts, same updates: only the order of float sums differs (reduce-scatter
     of shards vs all-reduce). Measured: saved weights within 4e-9 of DDP's (the policy moved
@@ -237,7 +237,7 @@ def test_ppo_under_fsdp2_on_cpu_matches_ddp(two_process_runs, tmp_path):
     out = tmp_path / "fsdp2"
     log = launch("tests/sharded_on_cpu.py", os.path.join(ROOT, "train_ppo.py"), *two_process_runs["ppo_args"],
                  f"--PPO_DIR={out}/ppo", f"--RUNS_DIR={out}/runs", config=FSDP_CONFIG, log_dir=tmp_path,
-                 launch_options=["--mixed_precision", "no", "--fsdp_transformer_layer_cls_to_wrap", "Qwen2DecoderLayer"])
+                 launch_options=["--mixed_precision", "no"])
     assert "== ppo | 2 process(es) on cpu" in log, log[-3000:]
     units = re.search(r"fsdp2 units: (.*)", log).group(1).split(", ")
     assert units[0] == "<root>" and "policy.model.layers.1" in units and "critic.model.layers.1" in units, units
