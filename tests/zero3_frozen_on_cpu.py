@@ -22,12 +22,13 @@ def main(model_dir):
                     "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
                     "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=train_config)))
-    engine = shard_frozen_model(accelerator, frozen)
-    held = sum(p.ds_tensor.numel() for p in engine.module.parameters())  # this rank's partition
-    total = sum(p.ds_numel for p in engine.module.parameters())
+    sharded = shard_frozen_model(accelerator, frozen)
+    assert sharded.config.model_type == plain.config.model_type  # still the model, with its attributes
+    held = sum(p.ds_tensor.numel() for p in sharded.parameters())  # this rank's partition
+    total = sum(p.ds_numel for p in sharded.parameters())
     ids = torch.randint(0, plain.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (engine(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max().item()
+        diff = (sharded(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max().item()
     print(f"rank {dist.get_rank()}: holds {held} of {total} weights, max |logits - plain| {diff}", flush=True)
     dist.destroy_process_group()
 
