@@ -128,6 +128,7 @@ PPO_REWARD_FN = ""  # optional extra reward "module:function", f(prompt messages
 PPO_EVAL_EVERY = 10  # iterations between held-out evaluations (pass@1, RM score); 0 = only at the end
 PPO_SAVE_EVERY = 10  # iterations between checkpoints (resume with RESUME); 0 = never
 PPO_EVAL_TASKS = 64  # held-out tasks evaluated every PPO_EVAL_EVERY (a subset, for speed); all at the end
+PPO_SHARD_FROZEN_MODELS = False  # DeepSpeed, USE_LORA=False: reference and reward model in inference-only engines of the training ZeRO stage (TRL prepare_deepspeed); ZeRO-3: 4P -> 4P/N bytes per GPU (docs/SCALING.md); untested on GPUs yet
 
 # ---------------------------------------------------------------------------------------------
 # A real model on a GPU: copy these values above (or pass them as --NAME=value).

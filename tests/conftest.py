@@ -102,3 +102,180 @@ def tiny_sft(tiny_base, toy_data, tmp_path_factory):
                       "--SFT_EVAL_PASS_AT_1=false", "--REPORT_TO=none")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return str(out / "sft_model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes, several "machines" (tests/test_distributed.py, tests/test_multinode.py)
+# ---------------------------------------------------------------------------------------------
+CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
+LAUNCH_TIMEOUT = 300  # seconds; a rank waiting forever for another fails the test here
+
+
+def free_port():
+    """A free TCP port: other runs on this machine may hold accelerate's default 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_pids(pid):
+    """Processes whose parent is pid (read from /proc: torchrun starts each worker in a session
+    of its own, so killing the launcher's process group leaves the workers running)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:  # the process ended while we looked
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
+def kill_launch(proc):
+    """End an `accelerate launch` and its workers for good (SIGKILL), whatever state they are in."""
+    import signal
+
+    for pid in child_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def start_launch(log_path, script, *args, config=CPU_CONFIG, processes=2, machines=1, machine_rank=0, port=None,
+                 launch_options=()):
+    """Start `accelerate launch --config_file CONFIG --num_processes N [--num_machines M --machine_rank R
+    --main_process_ip 127.0.0.1] --main_process_port P script args` in a session of its own, its
+    output (stdout and stderr together) going to log_path. N counts the processes of all machines,
+    as on a real cluster; every machine is given the same port."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(processes),
+           "--main_process_port", str(port or free_port())]
+    if machines > 1:
+        cmd += ["--num_machines", str(machines), "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+    cmd += [*launch_options, os.path.join(ROOT, script), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_launches(procs, logs, timeout=LAUNCH_TIMEOUT, what="the run"):
+    """Wait for every launch to end (all within timeout seconds); a launch still running then is
+    killed with its workers and the test fails. Returns each launch's output."""
+    import time
+
+    import pytest
+
+    deadline = time.time() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            kill_launch(proc)
+        pytest.fail(f"{what} did not finish in {timeout} s (a rank waiting for another?)\n"
+                    + "\n".join(open(log).read()[-3000:] for log in logs))
+    return [open(log).read() for log in logs]
+
+
+def launch(script, *args, processes=2, timeout=LAUNCH_TIMEOUT, config=CPU_CONFIG, launch_options=(), log_dir=None):
+    """One machine, `processes` processes (cpu.yaml: torchrun, gloo); asserts it succeeded and
+    returns its output."""
+    import tempfile
+
+    log = os.path.join(log_dir or tempfile.mkdtemp(), f"{os.path.basename(script)}.{free_port()}.log")
+    proc = start_launch(log, script, *args, config=config, processes=processes, launch_options=launch_options)
+    (out,) = wait_launches([proc], [log], timeout, f"{script} on {processes} processes")
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def launch_machines(script, *args, machines=2, processes_per_machine=1, timeout=LAUNCH_TIMEOUT, log_dir=None):
+    """`machines` launches on this host, as on `machines` machines: the same command on each but
+    --machine_rank, all pointing at machine 0's address and port. Asserts every one succeeded;
+    returns their outputs, machine 0's first."""
+    import tempfile
+
+    log_dir = log_dir or tempfile.mkdtemp()
+    port = free_port()
+    logs = [os.path.join(log_dir, f"{os.path.basename(script)}.{port}.machine{r}.log") for r in range(machines)]
+    procs = [start_launch(logs[r], script, *args, processes=machines * processes_per_machine, machines=machines,
+                          machine_rank=r, port=port) for r in range(machines)]
+    outs = wait_launches(procs, logs, timeout, f"{script} on {machines} machines")
+    for r, (proc, out) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0, f"machine {r}:\n" + out[-6000:]
+    return outs
+
+
+def sft_losses(folder):
+    history = json.load(open(os.path.join(folder, "rlhf_stage.json")))["metrics"]["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def ppo_history(folder):
+    return json.load(open(os.path.join(folder, "rlhf_stage.json")))["metrics"]["history"]
+
+
+def same_length_conversations(model_dir, n):
+    """n toy conversations that all have the same number of tokens. SFT batches group examples
+    by length (transformers' LengthGroupedSampler), and its groups depend on the per-device batch
+    size, so 1 x 4 and 2 x 2 put different examples together; at equal lengths both keep the
+    sampler's random order and the global batches hold the same examples."""
+    from rlhf.common import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    rows = toy_conversations(20 * n, seed=11)
+    lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
+    common = max(set(lengths), key=lengths.count)
+    rows = [r for r, length in zip(rows, lengths) if length == common]
+    assert len(rows) >= n, f"only {len(rows)} toy conversations of {common} tokens"
+    return rows[:n]
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tiny_base, tmp_path_factory):
+    """SFT on 1 process (batch 4) and on 2 (batch 2 each), then RM and PPO on 2 processes from
+    the 2-process outputs. 22 SFT examples and 21 RM pairs do not divide into the global batch
+    of 4: the last batch of a rank would be missing or short (with the step counts uneven, one
+    rank would wait forever for the others), and PPO's prompts differ in length across ranks.
+    Also returned: the settings used, so that other launches (several machines, FSDP2) can
+    repeat a run and compare."""
+    folder = tmp_path_factory.mktemp("dist")
+    sft_train = write_jsonl(folder / "sft_train.jsonl", same_length_conversations(tiny_base, 22))
+    sft_eval = write_jsonl(folder / "sft_eval.jsonl", toy_conversations(5, seed=12))
+    sft_args = [f"--MODEL_NAME={tiny_base}", f"--SFT_TRAIN_FILE={sft_train}", f"--SFT_EVAL_FILE={sft_eval}",
+                "--EPOCHS=1", "--LOG_EVERY=1", "--LR=1e-3", "--SFT_EVAL_PASS_AT_1=false", "--REPORT_TO=none"]
+    one = folder / "one"
+    proc = run_script("train_sft.py", *sft_args, "--BATCH_SIZE=4", f"--SFT_DIR={one}/sft", f"--RUNS_DIR={one}/runs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = folder / "two"
+    logs = {"sft": launch("train_sft.py", *sft_args, "--BATCH_SIZE=2", f"--SFT_DIR={two}/sft", f"--RUNS_DIR={two}/runs",
+                          log_dir=folder)}
+
+    rm_train = write_jsonl(folder / "rm_train.jsonl", toy_preference_pairs(21, seed=13))
+    rm_eval = write_jsonl(folder / "rm_eval.jsonl", toy_preference_pairs(7, seed=14))
+    logs["rm"] = launch("train_rm.py", f"--SFT_DIR={two}/sft", f"--RM_DIR={two}/rm", f"--RUNS_DIR={two}/runs",
+                        f"--RM_TRAIN_FILE={rm_train}", f"--RM_EVAL_FILE={rm_eval}", "--RM_BATCH_SIZE=2",
+                        "--RM_EPOCHS=1", "--LOG_EVERY=5", "--REPORT_TO=none", log_dir=folder)
+
+    rng = random.Random(15)  # prompts of 1 to 12 sentences: each rank's batch has its own padded length
+    prompts = [{"task_id": f"t{k}", "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}],
+                "prompt": [{"role": "user", "content": " ".join([f"Write add_{k}(x) returning x plus {k}."] * rng.randint(1, 12))}]}
+               for k in range(1, 25)]
+    prompts_file = write_jsonl(folder / "ppo.jsonl", prompts)
+    tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in prompts[:3]])
+    ppo_args = [f"--SFT_DIR={two}/sft", f"--RM_DIR={two}/rm", f"--PPO_PROMPTS_FILE={prompts_file}",
+                f"--EVAL_TASKS_FILE={tasks}", "--MAX_LEN=256", "--PPO_STEPS=2", "--PPO_BATCH_SIZE=4",
+                "--PPO_MINI_BATCH_SIZE=2", "--PPO_SAMPLES_PER_PROMPT=1", "--PPO_RESPONSE_LEN=16", "--GEN_MAX_NEW_TOKENS=8",
+                "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0", "--REPORT_TO=none"]  # evaluated once, at the end
+    logs["ppo"] = launch("train_ppo.py", *ppo_args, f"--PPO_DIR={two}/ppo", f"--RUNS_DIR={two}/runs", log_dir=folder)
+    return {"one": one, "two": two, "logs": logs, "folder": folder, "sft_args": sft_args, "ppo_args": ppo_args}

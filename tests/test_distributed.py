@@ -1,105 +1,27 @@
 """Several processes: every stage under `accelerate launch` with 2 CPU processes (gloo,
 accelerate_configs/cpu.yaml), 2-process SFT losses against 1 process with the same global batch,
-no rank left waiting when the ranks' data differ, the accelerate configs, and QLoRA's message
-on a machine without a GPU. DeepSpeed, FSDP, bf16 and QLoRA itself need GPUs: not run here."""
+no rank left waiting when the ranks' data differ, PPO under FSDP2 (fully_shard on CPU) against
+DDP, the accelerate configs, the DeepSpeed config of the frozen models, and QLoRA's message on a
+machine without a GPU. DeepSpeed itself, bf16 and QLoRA need GPUs: not run here. The launch
+helpers and the two_process_runs fixture are in conftest.py (tests/test_multinode.py uses them)."""
 
 import glob
+import importlib.util
 import json
 import os
-import random
-import signal
-import socket
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_script, toy_conversations, toy_preference_pairs, write_jsonl
+from conftest import ROOT, launch, ppo_history, sft_losses
 
-CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
-LAUNCH_TIMEOUT = 300  # seconds; a rank waiting forever for another fails the test here
-
-
-def launch(script, *args, processes=2, timeout=LAUNCH_TIMEOUT):
-    """`accelerate launch --config_file accelerate_configs/cpu.yaml --num_processes N script args`,
-    in its own process group so that a hung run is killed whole (torchrun and its workers)."""
-    with socket.socket() as s:  # a free port: other runs on this machine may hold 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG,
-           "--num_processes", str(processes), "--main_process_port", str(port), os.path.join(ROOT, script), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{script} on {processes} processes did not finish in {timeout} s (a rank waiting for another?)\n"
-                    + err[-3000:])
-    assert proc.returncode == 0, out[-2000:] + err[-4000:]
-    return out + err
-
-
-def sft_losses(folder):
-    history = json.load(open(os.path.join(folder, "rlhf_stage.json")))["metrics"]["log_history"]
-    return [h["loss"] for h in history if "loss" in h]
-
-
-def same_length_conversations(model_dir, n):
-    """n toy conversations that all have the same number of tokens. SFT batches group examples
-    by length (transformers' LengthGroupedSampler), and its groups depend on the per-device batch
-    size, so 1 x 4 and 2 x 2 put different examples together; at equal lengths both keep the
-    sampler's random order and the global batches hold the same examples."""
-    from rlhf.common import load_tokenizer
-
-    tok = load_tokenizer(model_dir)
-    rows = toy_conversations(20 * n, seed=11)
-    lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
-    common = max(set(lengths), key=lengths.count)
-    rows = [r for r, length in zip(rows, lengths) if length == common]
-    assert len(rows) >= n, f"only {len(rows)} toy conversations of {common} tokens"
-    return rows[:n]
-
-
-@pytest.fixture(scope="module")
-def two_process_runs(tiny_base, tmp_path_factory):
-    """SFT on 1 process (batch 4) and on 2 (batch 2 each), then RM and PPO on 2 processes from
-    the 2-process outputs. 22 SFT examples and 21 RM pairs do not divide into the global batch
-    of 4: the last batch of a rank would be missing or short (with the step counts uneven, one
-    rank would wait forever for the others), and PPO's prompts differ in length across ranks."""
-    folder = tmp_path_factory.mktemp("dist")
-    sft_train = write_jsonl(folder / "sft_train.jsonl", same_length_conversations(tiny_base, 22))
-    sft_eval = write_jsonl(folder / "sft_eval.jsonl", toy_conversations(5, seed=12))
-    common = [f"--MODEL_NAME={tiny_base}", f"--SFT_TRAIN_FILE={sft_train}", f"--SFT_EVAL_FILE={sft_eval}",
-              "--EPOCHS=1", "--LOG_EVERY=1", "--LR=1e-3", "--SFT_EVAL_PASS_AT_1=false", "--REPORT_TO=none"]
-    one = folder / "one"
-    proc = run_script("train_sft.py", *common, "--BATCH_SIZE=4", f"--SFT_DIR={one}/sft", f"--RUNS_DIR={one}/runs")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = folder / "two"
-    logs = {"sft": launch("train_sft.py", *common, "--BATCH_SIZE=2", f"--SFT_DIR={two}/sft", f"--RUNS_DIR={two}/runs")}
-
-    rm_train = write_jsonl(folder / "rm_train.jsonl", toy_preference_pairs(21, seed=13))
-    rm_eval = write_jsonl(folder / "rm_eval.jsonl", toy_preference_pairs(7, seed=14))
-    logs["rm"] = launch("train_rm.py", f"--SFT_DIR={two}/sft", f"--RM_DIR={two}/rm", f"--RUNS_DIR={two}/runs",
-                        f"--RM_TRAIN_FILE={rm_train}", f"--RM_EVAL_FILE={rm_eval}", "--RM_BATCH_SIZE=2",
-                        "--RM_EPOCHS=1", "--LOG_EVERY=5", "--REPORT_TO=none")
-
-    rng = random.Random(15)  # prompts of 1 to 12 sentences: each rank's batch has its own padded length
-    prompts = [{"task_id": f"t{k}", "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}],
-                "prompt": [{"role": "user", "content": " ".join([f"Write add_{k}(x) returning x plus {k}."] * rng.randint(1, 12))}]}
-               for k in range(1, 25)]
-    prompts_file = write_jsonl(folder / "ppo.jsonl", prompts)
-    tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in prompts[:3]])
-    logs["ppo"] = launch("train_ppo.py", f"--SFT_DIR={two}/sft", f"--RM_DIR={two}/rm", f"--PPO_DIR={two}/ppo",
-                         f"--RUNS_DIR={two}/runs", f"--PPO_PROMPTS_FILE={prompts_file}", f"--EVAL_TASKS_FILE={tasks}",
-                         "--MAX_LEN=256", "--PPO_STEPS=2", "--PPO_BATCH_SIZE=4", "--PPO_MINI_BATCH_SIZE=2",
-                         "--PPO_SAMPLES_PER_PROMPT=1", "--PPO_RESPONSE_LEN=16", "--GEN_MAX_NEW_TOKENS=8",
-                         "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0", "--REPORT_TO=none")  # evaluated once, at the end
-    return {"one": one, "two": two, "logs": logs}
-
+FSDP_CONFIG = os.path.join(ROOT, "accelerate_configs", "fsdp.yaml")
+ZERO3_CONFIG = os.path.join(ROOT, "accelerate_configs", "deepspeed_zero3.yaml")
+# deepspeed is not in requirements.txt: CI skips these; run them where it is installed
+NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 def test_every_stage_runs_on_two_processes(two_process_runs):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -270,3 +192,159 @@ def test_generation_context_unshards_the_fsdp2_root_and_syncs_generate():
     with full_weights_for_generation(Accelerator(DistributedType.MULTI_CPU), plain) as policy:
         assert policy is plain.policy and not is_fsdp_managed_module(policy)
     assert calls[5:] == []
+
+
+def assert_ppo_matches_ddp(two_process_runs, ppo_dir):
+    """The PPO run in ppo_dir logged the figures and saved the weights of two_process_runs' DDP run
+    (same settings), within the tolerances measured in test_ppo_under_fsdp2_on_cpu_matches_ddp."""
+    from transformers import AutoModelForCausalLM
+
+    two = two_process_runs["two"]
+    ddp, sharded = ppo_history(two / "ppo"), ppo_history(ppo_dir)
+    assert [h["step"] for h in sharded if "kl" in h] == [1, 2]
+    for key in ("policy_loss", "value_loss", "kl", "score", "entropy", "approx_kl"):
+        # atol: the policy loss is a mean of terms of both signs, the KL a difference of sums
+        torch.testing.assert_close(torch.tensor([h[key] for h in sharded if key in h]),
+                                   torch.tensor([h[key] for h in ddp if key in h]), rtol=1e-5,
+                                   atol=1e-5 if key == "kl" else 1e-7, msg=key)
+    assert "pass_at_1" in json.load(open(ppo_dir / "eval_results.json"))
+    sft = AutoModelForCausalLM.from_pretrained(two / "sft").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(two / "ppo").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(ppo_dir).state_dict()
+    assert got.keys() == want.keys()
+    for name in got:
+        assert not torch.equal(got[name], sft[name]), f"{name} was not trained"
+        torch.testing.assert_close(got[name], want[name], rtol=0.0, atol=1e-7, msg=name)
+
+
+def test_ppo_under_fsdp2_on_cpu_matches_ddp(two_process_runs, tmp_path):
+    """train_ppo.py under FSDP2 (accelerate_configs/fsdp.yaml, fully_shard over gloo on 2 CPU
+    processes; tests/sharded_on_cpu.py says why it needs a wrapper) against the same run under DDP
+    (two_process_runs). Exercised for real: generation from the sharded policy
+    (full_weights_for_generation: the root's hooks, unshard/reshard, synced generate), the
+    gradient clipping on the prepared (sharded) parameters, the final evaluation on all ranks and
+    the gathered save (plain_policy). accelerate's transformer-based wrap must make every decoder
+    block a shard unit of its own (from PolicyAndCritic._no_split_modules), not one unit for all.
+
+    Same seeds, same rollouts, same updates: only the order of float sums differs (reduce-scatter
+    of shards vs all-reduce). Measured: saved weights within 4e-9 of DDP's (the policy moved
+    6e-5 or more in every tensor), losses within 3e-6 relative, the KL of step 2 within 2e-7
+    (a sum over 16 tokens of differences of log-probabilities near -6: fp32 rounding, hence its
+    absolute tolerance of 1e-5). What this catches, measured on the same toy: a clipping that does
+    nothing (the norm of parameters the optimizer does not hold) moves the value loss by 1e-4
+    relative and the weights by 1.3e-6; parameters left out of training (the tied embeddings under
+    fsdp_cpu_ram_efficient_loading: true, accelerate 1.15) keep their SFT values exactly."""
+    out = tmp_path / "fsdp2"
+    log = launch("tests/sharded_on_cpu.py", os.path.join(ROOT, "train_ppo.py"), *two_process_runs["ppo_args"],
+                 f"--PPO_DIR={out}/ppo", f"--RUNS_DIR={out}/runs", config=FSDP_CONFIG, log_dir=tmp_path,
+                 launch_options=["--mixed_precision", "no"])
+    assert "== ppo | 2 process(es) on cpu" in log, log[-3000:]
+    units = re.search(r"fsdp2 units: (.*)", log).group(1).split(", ")
+    assert units[0] == "<root>" and "policy.model.layers.1" in units and "critic.model.layers.1" in units, units
+
+    assert_ppo_matches_ddp(two_process_runs, out / "ppo")
+
+
+def test_frozen_model_deepspeed_config():
+    """PPO_SHARD_FROZEN_MODELS: the config of the inference-only engine for the reference and
+    reward model (deepspeed itself is not needed to build it; not installed here)."""
+    from rlhf.engines import frozen_model_deepspeed_config
+
+    train = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+             "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-6}},
+             "scheduler": {"type": "WarmupLR"},
+             "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
+                                   "stage3_gather_16bit_weights_on_model_save": True}}
+    frozen = frozen_model_deepspeed_config(train, hidden_size=1536)  # Qwen2.5-Coder-1.5B
+    assert frozen["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"},
+                                           "stage3_gather_16bit_weights_on_model_save": True,
+                                           "reduce_bucket_size": 1536 ** 2, "stage3_prefetch_bucket_size": int(0.9 * 1536 ** 2),
+                                           "stage3_param_persistence_threshold": 15360}
+    assert "optimizer" not in frozen and "scheduler" not in frozen
+    assert frozen["bf16"] == {"enabled": True} and frozen["train_micro_batch_size_per_gpu"] == 8
+    assert train["zero_optimization"]["offload_optimizer"] == {"device": "cpu"} and "optimizer" in train  # not changed
+    # before accelerator.prepare the plugin's config still says "auto" for what only training uses
+    unfilled = dict(train, train_batch_size="auto", gradient_accumulation_steps="auto", gradient_clipping="auto",
+                    train_micro_batch_size_per_gpu="auto")
+    frozen = frozen_model_deepspeed_config(unfilled, hidden_size=1536)
+    assert "auto" not in json.dumps(frozen) and frozen["train_micro_batch_size_per_gpu"] == 1
+    for stage in (0, 1, 2):  # whole weights on every GPU: a frozen model has no optimizer state or gradient to shard
+        zero2 = dict(train, zero_optimization={"stage": stage, "offload_optimizer": {"device": "cpu"}})
+        assert frozen_model_deepspeed_config(zero2, hidden_size=64)["zero_optimization"] == {"stage": 0}
+
+
+def test_shard_frozen_model_leaves_models_alone_without_deepspeed():
+    from types import SimpleNamespace
+
+    from rlhf.engines import shard_frozen_model
+
+    model = torch.nn.Linear(2, 2)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))  # DDP, FSDP, one process
+    assert shard_frozen_model(accelerator, model) is model
+
+
+@NEEDS_DEEPSPEED
+def test_shard_frozen_model_under_zero3_on_cpu(tiny_base, tmp_path):
+    """shard_frozen_model for real, where deepspeed is installed (it is not in requirements.txt,
+    so CI skips this): 2 CPU processes over gloo, ZeRO-3. Each holds half of the frozen model's
+    weights (ZeRO-3 pads each tensor to a multiple of the processes), and its forward gives the
+    plain model's logits."""
+    from conftest import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "tests", "zero3_frozen_on_cpu.py"), tiny_base]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = re.findall(r"rank (\d): holds (\d+) of (\d+) weights, max \|logits - plain\| (\S+)", proc.stdout)
+    assert sorted(r[0] for r in ranks) == ["0", "1"], proc.stdout[-2000:]
+    for _, held, total, diff in ranks:
+        assert int(total) / 2 <= int(held) <= int(total) / 2 + 1000  # half, plus padding
+        assert float(diff) < 1e-5
+
+
+@NEEDS_DEEPSPEED
+def test_ppo_under_zero3_on_cpu_matches_ddp(two_process_runs, tmp_path):
+    """train_ppo.py under DeepSpeed ZeRO-3 (accelerate_configs/deepspeed_zero3.yaml) with
+    PPO_SHARD_FROZEN_MODELS=true, on 2 CPU processes (tests/sharded_on_cpu.py), against DDP.
+    Exercised: the policy gathered once for generation with ZeRO-3's hooks off
+    (full_weights_for_generation), DeepSpeed's own gradient clipping, the reference and reward
+    model as inference-only ZeRO-3 engines (shard_frozen_model), the gathered save (plain_policy,
+    whole_models_loaded). Measured: saved weights within 4e-9 of DDP's, as under FSDP2."""
+    out = tmp_path / "zero3"
+    log = launch("tests/sharded_on_cpu.py", os.path.join(ROOT, "train_ppo.py"), *two_process_runs["ppo_args"],
+                 "--PPO_SHARD_FROZEN_MODELS=true", f"--PPO_DIR={out}/ppo", f"--RUNS_DIR={out}/runs",
+                 config=ZERO3_CONFIG, log_dir=tmp_path, launch_options=["--mixed_precision", "no"])
+    assert "deepspeed engine: zero stage 3" in log, log[-3000:]
+    assert_ppo_matches_ddp(two_process_runs, out / "ppo")
+
+
+def test_whole_models_loaded_unregisters_the_zero3_config_meanwhile():
+    """While accelerate's ZeRO-3 config is registered with transformers, from_pretrained
+    partitions what it loads (deepspeed.zero.Init); whole_models_loaded lifts that and restores
+    it, also when the loading fails."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    from rlhf.engines import whole_models_loaded
+
+    class Registered:  # accelerate's HfDeepSpeedConfig, reduced to what transformers asks of it
+        def is_zero3(self):
+            return True
+
+    registered = Registered()
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(dschf=registered)))
+    set_hf_deepspeed_config(registered)
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with whole_models_loaded(accelerator):
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+        with pytest.raises(OSError), whole_models_loaded(accelerator):
+            raise OSError("no model there")
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()
+    with whole_models_loaded(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))):  # DDP, FSDP
+        assert not is_deepspeed_zero3_enabled()
