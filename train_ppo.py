@@ -39,7 +39,7 @@ from rlhf.common import (
     run_stage, save_stage_output, save_tokenizer, scalar_settings, start_stage, torch_dtype, write_json,
 )
 from rlhf.data import load_rows, prompt_messages
-from rlhf.engines import full_weights_for_generation, plain_policy, sharded
+from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
 from rlhf.settings import UserError
 
 # ---- PPO math (pure functions, unit-tested in tests/test_ppo_math.py) ----
@@ -356,6 +356,9 @@ class PolicyAndCritic(torch.nn.Module):
     def __init__(self, policy, critic=None):
         super().__init__()
         self.policy, self.critic = policy, critic
+        # the decoder block classes: FSDP's transformer-based wrap (accelerate) shards each block apart
+        self._no_split_modules = sorted({*(getattr(policy, "_no_split_modules", None) or []),
+                                         *(getattr(critic, "_no_split_modules", None) or [])})
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -653,10 +656,13 @@ def setup(accelerator):
             critic_cfg = lora_config("SEQ_CLS")
             critic_cfg.modules_to_save = ["score"]
             critic = get_peft_model(critic, critic_cfg)
-    else:
-        s.ref_policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch_dtype()).to(accelerator.device)
-    if critic is None or not C.USE_LORA:
-        s.reward_model = load_reward_model(C.RM_DIR, dtype=torch_dtype()).to(accelerator.device)
+    # frozen copies: whole on every process, or (PPO_SHARD_FROZEN_MODELS, ZeRO-3) partitioned as they load
+    # and given inference engines after prepare
+    with contextlib.nullcontext() if C.PPO_SHARD_FROZEN_MODELS else whole_models_loaded(accelerator):
+        if not C.USE_LORA:
+            s.ref_policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch_dtype()).to(accelerator.device)
+        if critic is None or not C.USE_LORA:
+            s.reward_model = load_reward_model(C.RM_DIR, dtype=torch_dtype()).to(accelerator.device)
     for m in (policy, critic, s.ref_policy, s.reward_model):
         if m is not None:
             disable_dropout(m)
@@ -682,6 +688,9 @@ def setup(accelerator):
         ds_config["train_micro_batch_size_per_gpu"] = C.PPO_MINI_BATCH_SIZE
         ds_config["gradient_clipping"] = C.PPO_MAX_GRAD_NORM
     s.model, s.optimizer, s.scheduler = accelerator.prepare(PolicyAndCritic(policy, critic), optimizer, scheduler)
+    if C.PPO_SHARD_FROZEN_MODELS:  # after prepare: the DeepSpeed config is complete
+        s.ref_policy, s.reward_model = (None if m is None else shard_frozen_model(accelerator, m)
+                                        for m in (s.ref_policy, s.reward_model))
     s.kl_ctl = KLController(C.PPO_KL_COEF, C.PPO_KL_TARGET or None, C.PPO_KL_HORIZON)
     accelerator.register_for_checkpointing(s.kl_ctl)
 

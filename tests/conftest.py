@@ -275,7 +275,8 @@ def two_process_runs(tiny_base, tmp_path_factory):
     tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in prompts[:3]])
     ppo_args = [f"--SFT_DIR={two}/sft", f"--RM_DIR={two}/rm", f"--PPO_PROMPTS_FILE={prompts_file}",
                 f"--EVAL_TASKS_FILE={tasks}", "--MAX_LEN=256", "--PPO_STEPS=2", "--PPO_BATCH_SIZE=4",
-                "--PPO_MINI_BATCH_SIZE=2", "--PPO_SAMPLES_PER_PROMPT=1", "--PPO_RESPONSE_LEN=16", "--GEN_MAX_NEW_TOKENS=8",
+                "--PPO_MINI_BATCH_SIZE=2", "--PPO_SAMPLES_PER_PROMPT=2", "--PPO_ADVANTAGE=gae",  # the critic path: harder for the engines
+                "--PPO_RESPONSE_LEN=16", "--GEN_MAX_NEW_TOKENS=8",
                 "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0", "--REPORT_TO=none"]  # evaluated once, at the end
     logs["ppo"] = launch("train_ppo.py", *ppo_args, f"--PPO_DIR={two}/ppo", f"--RUNS_DIR={two}/runs", log_dir=folder)
     return {"one": one, "two": two, "logs": logs, "folder": folder, "sft_args": sft_args, "ppo_args": ppo_args}
