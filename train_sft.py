@@ -21,16 +21,16 @@ Any constant of config.py can be overridden as --NAME=value.
 
 import math
 import os
-import shutil
 import time
 
 import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
 from rlhf.common import (
-    check_output_dir, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, resolve_base_model, run_stage,
-    save_stage_output, save_tokenizer, start_stage, trainer_args, use_log_line, write_json,
+    check_lora_targets, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, resolve_base_model, run_stage,
+    start_stage, trainer_args, trainer_schedule, use_log_line,
 )
 from rlhf.data import drop_too_long, load_sft_examples
+from rlhf.handoff import check_output_dir, save_stage
 
 
 def token_lengths(tokenizer, examples):
@@ -53,20 +53,13 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, **overrides):
         gradient_accumulation_steps=C.GRAD_ACCUM,
         num_train_epochs=C.EPOCHS,
         learning_rate=C.LR,
-        lr_scheduler_type="cosine",
-        warmup_steps=C.WARMUP_RATIO,  # a float below 1 is a share of the total steps
         weight_decay=C.WEIGHT_DECAY,
         max_length=C.MAX_LEN,
         # padding-free packing needs varlen attention (flash-attention) to pay off; without it,
         # batches of similar lengths waste little on padding
         packing=C.PACKING,
         train_sampling_strategy="random" if C.PACKING else "group_by_length",
-        logging_steps=C.LOG_EVERY,
-        eval_strategy="steps" if C.EVAL_EVERY else "epoch",
-        eval_steps=C.EVAL_EVERY or None,
-        save_strategy="steps" if C.EVAL_EVERY else "epoch",
-        save_steps=C.EVAL_EVERY or None,
-        save_total_limit=1,
+        **trainer_schedule(C.WARMUP_RATIO),  # cosine after warm-up; log, evaluate and save as RM does
         # with early stopping the checkpoint of lowest held-out loss is kept and loaded at the end
         load_best_model_at_end=C.SFT_EARLY_STOP_PATIENCE > 0,
         metric_for_best_model="eval_loss",
@@ -98,6 +91,7 @@ def main(argv):
 
     # ---- model
     model = load_causal_lm(base)
+    check_lora_targets(model)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
     # checkpoints are written to the staging folder and moved when complete (train_resumable)
     trainer = sft_trainer(model, tokenizer, train, evals, staging_folder("sft"))
@@ -143,16 +137,7 @@ def main(argv):
     # ---- save ./sft_model (main process; atomic, with metadata)
     if state.is_main_process:
         metrics["log_history"] = trainer.state.log_history
-
-        def save(tmp):
-            model.save_pretrained(tmp)
-            save_tokenizer(tokenizer, tmp)
-            write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "log_history"})
-
-        save_stage_output(C.SFT_DIR, "sft", save, metrics)
-        shutil.rmtree(checkpoint_folder("sft"), ignore_errors=True)  # finished: the next run starts fresh
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "log_history"}
-        print(f"sft done | {shown} | saved {C.SFT_DIR}")
+        save_stage("sft", C.SFT_DIR, model, tokenizer, metrics, checkpoint_folder("sft"))
     state.wait_for_everyone()
 
 
