@@ -25,6 +25,7 @@ import time
 
 import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
+from rlhf.codeeval import evaluate_model, load_problems
 from rlhf.common import (
     check_lora_targets, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, resolve_base_model, run_stage,
     start_stage, trainer_args, trainer_schedule, use_log_line,
@@ -82,6 +83,9 @@ def main(argv):
     # ---- data: conversational prompt-completion, too-long examples dropped with a count
     train = load_sft_examples(C.SFT_TRAIN_FILE)  # read before the base model is built: bad data writes nothing
     evals = load_sft_examples(C.SFT_EVAL_FILE)
+    problems = None  # held-out code tasks for pass@1 at the end, read now: a bad row stops the run before training
+    if C.SFT_EVAL_PASS_AT_1 and os.path.exists(C.EVAL_TASKS_FILE):
+        problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
     base = resolve_base_model()
     tokenizer = load_tokenizer(base)
     train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
@@ -123,10 +127,7 @@ def main(argv):
     model.eval()
 
     # ---- pass@1 on held-out code tasks, run in the sandbox
-    if C.SFT_EVAL_PASS_AT_1 and state.is_main_process and os.path.exists(C.EVAL_TASKS_FILE):
-        from rlhf.codeeval import evaluate_model, load_problems
-
-        problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
+    if problems is not None and state.is_main_process:
         summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS)
         metrics["pass_at_1"] = summary["pass@1"]
         metrics.update({f"pass_at_1_{k[len('pass@1_'):]}": v for k, v in summary.items() if k.startswith("pass@1_")})

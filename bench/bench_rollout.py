@@ -17,13 +17,13 @@ no KV cache (contrast), and prompts sorted by length then generated in two halve
 padding per call, half the batch per call).
 """
 
-import random
 import statistics
 import sys
 import time
 
 import _common
 import config as C
+from rlhf.common import prompt_rng
 from rlhf.settings import apply_overrides
 
 VARIANTS = {  # name -> (generate() keyword arguments, number of calls the batch is split into, sort by length)
@@ -36,7 +36,7 @@ VARIANTS = {  # name -> (generate() keyword arguments, number of calls the batch
 
 def ppo_batch(prompts, step):
     """The prompts of PPO step `step` on process 0, as train_ppo.py picks them."""
-    rng = random.Random(C.SEED * 1_000_003 + step)
+    rng = prompt_rng(C.SEED, 0, step)
     picked = [prompts[rng.randrange(len(prompts))] for _ in range(C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT)]
     return [row for row in picked for _ in range(C.PPO_SAMPLES_PER_PROMPT)]
 

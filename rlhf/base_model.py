@@ -34,8 +34,9 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Texts whose token ids must survive save + reload unchanged (see PPO_NOTES: transformers can
-# swap in an architecture-specific tokenizer class with other pre-tokenisation on reload).
+# Texts whose token ids must survive save + reload unchanged (build_tokenizer's docstring: transformers
+# reloads a qwen2 folder as Qwen2Tokenizer, which rebuilds the pre-tokenisation from its own code;
+# tests/test_common.py::test_tokenizer_reload_keeps_ids_and_template checks these).
 PROBE_TEXTS = [
     "def quick_sort(arr):\n    if len(arr) <= 1:\n        return arr\n",
     "用Python实现快速排序算法",

@@ -12,7 +12,7 @@ import time
 import config as C
 # The hand-off names train_ppo.py and the tests import from here; their home is rlhf/handoff.py.
 from rlhf.handoff import (  # noqa: F401
-    STAGE_INFO_FILE, check_output_dir, read_stage_info, require_stage_output, save_stage, save_stage_output,
+    STAGE_COMMANDS, STAGE_INFO_FILE, check_output_dir, read_stage_info, require_stage_output, save_stage, save_stage_output,
     save_tokenizer, write_json,
 )
 from rlhf.settings import UserError, apply_overrides, check_values, scalar_settings, stage_help  # noqa: F401
@@ -237,6 +237,24 @@ def load_causal_lm(path, for_training=True, dtype=None):
     if not for_training:
         model.eval()
     return model
+
+
+def load_for_generation(name):
+    """(model, tokenizer) of a stage output or hub id, as the tools in scripts/ use it: the model in
+    PRECISION (auto: bf16 on GPUs that support it, else fp32), dropout off, on the GPU when there
+    is one; the tokenizer with load_tokenizer's pad/EOS set-up."""
+    path = os.path.expanduser(name)
+    looks_local = name.startswith((".", "/", "~")) or os.path.isdir(path)
+    if looks_local and not os.path.exists(os.path.join(path, "config.json")):
+        stage = {"sft_model": "sft", "rm_model": "rm", "ppo_model": "ppo"}.get(os.path.basename(name.rstrip("/")))
+        hint = (f"run `{STAGE_COMMANDS[stage]}` (or `bash run.sh`) first" if stage else
+                "give a model folder saved with save_pretrained, or a hub id")
+        raise UserError(f"{name} is not a model folder (no config.json there): {hint}")
+    import torch  # after the folder check: a typo should not wait for torch to import
+
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, for_training=False)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
 
 def qlora_load_kwargs():

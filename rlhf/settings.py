@@ -79,6 +79,9 @@ def check_values():
     `--WARMUP_RATIO=2`): one line at the start, not a traceback (or a silent misreading) later."""
     for name in CHOICES:
         choice(name)
+    for name, value in settings().items():  # a data file that is a folder: IsADirectoryError deep in a reader
+        if name.endswith("_FILE") and isinstance(value, str) and value and os.path.isdir(value):
+            raise UserError(f"{name}={value!r} is a folder; give a data file (.jsonl, .json or .parquet)")
     for name, interval in RANGES.items():
         value = getattr(C, name, None)
         if isinstance(value, (int, float)) and not in_range(value, interval):
@@ -187,8 +190,9 @@ def names_read_by(*paths):
     return found
 
 
-def settings_help(names, width=100):
-    """The settings in `names`, grouped under config.py's banners: `--NAME=default  comment`."""
+def settings_help(names, width=100, flags=True):
+    """The settings in `names`, grouped under config.py's banners: `--NAME=default  comment`
+    (`NAME = default  comment` with flags=False, for a tool that takes no overrides)."""
     current, out = settings(), []
     for title, rows in config_sections():
         rows = [(n, c) for n, c in rows if n in names and n in current]
@@ -197,7 +201,8 @@ def settings_help(names, width=100):
         out.append(f"{title}:")
         for name, comment in rows:
             value = current[name]
-            flag = f"  --{name}={value}" if not isinstance(value, str) or value else f"  --{name}=\"\""
+            shown = value if not isinstance(value, str) or value else '""'
+            flag = f"  --{name}={shown}" if flags else f"  {name} = {shown}"
             if name in CHOICES:
                 flag += " {" + ",".join(CHOICES[name]) + "}"
             elif name in RANGES:
@@ -222,9 +227,11 @@ def stage_help(stage, doc=""):
             "--NAME=value. {a,b} lists the allowed values, [0, 1) the allowed range.\n\n" + settings_help(names))
 
 
-def tool_help(path):
-    """An argparse epilog for a tool in scripts/: the config.py settings it reads, as in --help of a stage."""
-    names = names_read_by(os.path.relpath(path, ROOT))
+def tool_help(path, *names, overrides=False):
+    """An argparse epilog for a tool in scripts/: the config.py settings it reads (`C.NAME` in its
+    source, and `names`), as in --help of a stage; `overrides`: the tool takes --NAME=value."""
+    names = names_read_by(os.path.relpath(path, ROOT)) | set(names)
     if not names:
         return None
-    return "Defaults taken from config.py:\n\n" + settings_help(names)
+    head = "Settings it reads (config.py; override with --NAME=value)" if overrides else "Defaults from config.py"
+    return f"{head}:\n\n" + settings_help(names, flags=overrides)

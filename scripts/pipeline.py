@@ -32,7 +32,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         description="Run data -> SFT -> RM -> PPO -> report; extra --NAME=value settings go to every stage.",
         allow_abbrev=False,  # `--rep=...` must not silently mean --reports
-        epilog="Settings are the constants of config.py, e.g. --PPO_STEPS=5 --LR=1e-3.")
+        epilog="Settings are the constants of config.py, e.g. --PPO_STEPS=5 --LR=1e-3; "
+               "`python train_<stage>.py --help` lists the ones each stage reads, with their defaults.")
     ap.add_argument("--redo", default="", metavar="STAGES",
                     help="comma list of stages to train again even if finished (sft,rm,ppo) or 'all'")
     ap.add_argument("--reports", default="reports", metavar="DIR", help="where logs, timings and the report go")

@@ -16,7 +16,7 @@ import platform
 
 import config as C
 from rlhf.common import read_stage_info, run_stage
-from rlhf.settings import apply_overrides
+from rlhf.settings import apply_overrides, tool_help
 
 STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
 REQUIRED = {  # keys report.json always has (None when the stage did not record them)
@@ -238,7 +238,8 @@ def make_plots(infos, out_dir):
 
 def main(argv):
     ap = argparse.ArgumentParser(description="Write report.json, report.md and plots of the pipeline's stage outputs.",
-                                 allow_abbrev=False, epilog="Stage folders come from config.py (--SFT_DIR=... etc.).")
+                                 allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=tool_help(__file__, *(setting for _, setting in STAGES), overrides=True))
     ap.add_argument("--reports", default="reports", metavar="DIR", help="output folder (and where timings.json is)")
     args, overrides = ap.parse_known_args(argv)
     apply_overrides(overrides, quiet=True)
