@@ -143,7 +143,7 @@ def test_some_examples_too_long_are_dropped_with_a_count(tiny_base, tmp_path, ca
     ("--LORA_DROPOUT=-0.1", "LORA_DROPOUT must be in [0, 1), not -0.1"),
     ("--PPO_LAM=1.5", "PPO_LAM must be in [0, 1], not 1.5"),
     ("--PPO_KL_COEF=-1", "PPO_KL_COEF must be 0 or more, not -1.0"),
-    ("--EVAL_TASKS_FILE=data", "EVAL_TASKS_FILE='data' is a folder; give a data file"),
+    (f"--EVAL_TASKS_FILE={ROOT}/data", f"EVAL_TASKS_FILE='{ROOT}/data' is a folder; give a data file"),
 ])
 def test_unknown_or_mistyped_settings(stage, arg, message, stage_main, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)  # nothing may be written, not even under the default folders
