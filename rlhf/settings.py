@@ -164,17 +164,19 @@ def config_sections():
     """[(banner title, [(NAME, comment), ...]), ...] in config.py's order, read from its source."""
     with open(C.__file__, encoding="utf-8") as f:
         source = f.read()
-    sections, title, lines = [], None, source.splitlines()
+    sections, lines = [], source.splitlines()
     for i, line in enumerate(lines):
         if (line.startswith("# ") and not line.startswith("# -") and i > 0 and lines[i - 1].startswith("# ---")
-                and i + 1 < len(lines) and lines[i + 1].startswith("# ---")):
-            title = line[2:].strip()
-            sections.append((title, []))
+                and i + 1 < len(lines) and lines[i + 1].startswith("# ---")):  # a banner between two rules
+            sections.append((line[2:].strip(), []))
             continue
         name = re.match(r"([A-Z][A-Z0-9_]*)\s*=", line)
         if name and sections:
-            comments = [t.string for t in tokenize.generate_tokens(io.StringIO(line).readline)
-                        if t.type == tokenize.COMMENT]
+            try:  # the trailing comment, found by the tokenizer so a "#" inside a string is not one
+                comments = [t.string for t in tokenize.generate_tokens(io.StringIO(line).readline)
+                            if t.type == tokenize.COMMENT]
+            except tokenize.TokenError:  # a value continued on the next line
+                comments = []
             sections[-1][1].append((name.group(1), comments[0][1:].strip() if comments else ""))
     return [(t, rows) for t, rows in sections if rows]
 
