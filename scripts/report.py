@@ -159,19 +159,44 @@ def series(history, key):
     return [s for s, _ in rows], [v for _, v in rows]
 
 
-def plot_lines(ax, history, specs, title, ylabel):
-    drawn = False
-    for key, label, style in specs:
-        x, y = series(history, key)
-        if x:
+def smoothed(y, log=False):
+    """Centred moving average over about a tenth of the points, the window narrowing symmetrically
+    towards the ends (so the line starts and ends on the data, without the lag of an exponential
+    average): the trend through the noise of single log steps (length-grouped SFT batches give a
+    saw-tooth, PPO iterations are noisy). log=True averages the logarithms (for a log axis)."""
+    values = [math.log(v) for v in y] if log else list(y)
+    half = max(2, len(values) // 20)
+    out = []
+    for i in range(len(values)):
+        h = min(half, i, len(values) - 1 - i)
+        window = values[i - h: i + h + 1]
+        out.append(sum(window) / len(window))
+    return [math.exp(v) for v in out] if log else out
+
+
+def plot_lines(ax, history, specs, title, ylabel, log_if_decades=False):
+    """One line per (key, label, style) of `specs`. A curve ("-", ":") of 10 points or more is drawn
+    raw, thin and faint, with its smoothed trend over it in the same colour; markers ("o") are drawn
+    as they are. With log_if_decades, a y-axis whose values are positive and span 30x or more is
+    logarithmic (a loss falling from 8 to 0.01 shows its late progress)."""
+    lines = [(label, style, *series(history, key)) for key, label, style in specs]
+    lines = [line for line in lines if line[2]]
+    values = [v for *_, y in lines for v in y]
+    log = log_if_decades and bool(values) and min(values) > 0 and max(values) / min(values) >= 30
+    for label, style, x, y in lines:
+        if style in ("-", ":", "--") and len(x) >= 10:  # a curve, not markers
+            raw, = ax.plot(x, y, style, linewidth=0.8, alpha=0.35, label=f"{label} (raw)")
+            ax.plot(x, smoothed(y, log), style, color=raw.get_color(), linewidth=2, label=f"{label} (smoothed)")
+        else:
             ax.plot(x, y, style, label=label, markersize=5)
-            drawn = True
     ax.set_title(title)
     ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     ax.set_xlabel("optimizer step" if "ppo" not in title.lower() else "PPO iteration")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if drawn:
+    ax.set_ylabel(f"{ylabel}, log scale" if log else ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both" if log else "major")
+    if lines:
         ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
@@ -196,8 +221,8 @@ def make_plots(infos, out_dir):
     if infos["sft"]:
         history = infos["sft"]["metrics"].get("log_history", [])
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        plot_lines(a, history, [("loss", "train (mean over log interval)", "-"), ("eval_loss", "held-out", "o-")],
-                   "SFT loss", "cross-entropy (nats/token)")
+        plot_lines(a, history, [("loss", "train", "-"), ("eval_loss", "held-out", "o-")],
+                   "SFT loss", "cross-entropy (nats/token)", log_if_decades=True)
         plot_lines(b, history, [("mean_token_accuracy", "train", "-"), ("eval_mean_token_accuracy", "held-out", "o-")],
                    "SFT next-token accuracy", "accuracy (share of answer tokens)")
         fig.suptitle("Stage 1: supervised fine-tuning")
@@ -208,7 +233,7 @@ def make_plots(infos, out_dir):
         plot_lines(a, history, [("accuracy", "train batches", "-"), ("eval_accuracy", "held-out", "o-")],
                    "RM pairwise accuracy", "share of pairs with chosen > rejected")
         plot_lines(b, history, [("loss", "train", "-"), ("eval_loss", "held-out", "o-")],
-                   "RM loss", "Bradley-Terry loss (nats/pair)")
+                   "RM loss", "Bradley-Terry loss (nats/pair)", log_if_decades=True)
         fig.suptitle("Stage 2: reward model")
         save(fig, "rm_accuracy.png", "RM accuracy and loss")
     if infos["ppo"]:
