@@ -10,10 +10,10 @@ import sys
 import time
 
 import config as C
-# The hand-off names train_ppo.py and the tests import from here; their home is rlhf/handoff.py.
+# Names train_ppo.py and tests/test_ppo.py still import from here, re-exported until they import
+# them from their home (rlhf/handoff.py; scalar_settings: rlhf/settings.py).
 from rlhf.handoff import (  # noqa: F401
-    STAGE_COMMANDS, STAGE_INFO_FILE, check_output_dir, read_stage_info, require_stage_output, save_stage, save_stage_output,
-    save_tokenizer, write_json,
+    STAGE_COMMANDS, check_output_dir, require_stage_output, save_stage_output, save_tokenizer, write_json,
 )
 from rlhf.settings import UserError, apply_overrides, check_values, scalar_settings, stage_help  # noqa: F401
 from rlhf.settings import choice as settings_choice

@@ -20,7 +20,8 @@ import sys
 import time
 
 import config as C
-from rlhf.common import read_stage_info, run_stage
+from rlhf.common import run_stage
+from rlhf.handoff import read_stage_info
 from rlhf.settings import UserError, apply_overrides, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,8 @@ import os
 import platform
 
 import config as C
-from rlhf.common import read_stage_info, run_stage
+from rlhf.common import run_stage
+from rlhf.handoff import read_stage_info
 from rlhf.settings import apply_overrides, tool_help
 
 STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
