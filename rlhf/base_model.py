@@ -7,12 +7,12 @@ train_sft.py builds it when MODEL_NAME is the embedded default (BASE_MODEL_DIR) 
 does not exist yet; its size is set by the BASE_* constants in config.py.
 """
 
-import json
 import os
 import random
 import sysconfig
 
 import config as C
+from rlhf.data import read_jsonl
 
 # ChatML, as Qwen2.5 uses, with no system turn. EOS is <|im_end|>; padding has its own token
 # so that masking padding never masks EOS (a policy whose EOS is masked never learns to stop).
@@ -54,10 +54,8 @@ def corpus_texts(data_files, stdlib_bytes):
     for path in data_files:
         if not os.path.exists(path):
             continue
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    texts.extend(_strings_in(json.loads(line)))
+        for row in read_jsonl(path):
+            texts.extend(_strings_in(row))  # (its line number `_line` is no string: not taken)
     stdlib = sysconfig.get_paths()["stdlib"]
     files = sorted(os.path.join(stdlib, n) for n in os.listdir(stdlib) if n.endswith(".py"))
     random.Random(0).shuffle(files)
