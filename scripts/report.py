@@ -160,18 +160,24 @@ def series(history, key):
     return [s for s, _ in rows], [v for _, v in rows]
 
 
-def smoothed(y, log=False):
-    """Centred moving average over about a tenth of the points, the window narrowing symmetrically
-    towards the ends (so the line starts and ends on the data, without the lag of an exponential
-    average): the trend through the noise of single log steps (length-grouped SFT batches give a
-    saw-tooth, PPO iterations are noisy). log=True averages the logarithms (for a log axis)."""
-    values = [math.log(v) for v in y] if log else list(y)
-    half = max(2, len(values) // 20)
+def smoothed(x, y, log=False):
+    """The trend through the noise of single log steps (length-grouped SFT batches give a saw-tooth,
+    PPO iterations are noisy): at each point, a straight line fitted by least squares to a window
+    of about a tenth of the points, read at that point (a moving-window regression, Savitzky and
+    Golay 1964, order 1). In the middle that is the centred mean; at the ends the window keeps its
+    size inside the data, so the line neither lags (as an exponential average does) nor follows
+    the last noisy point. log=True fits the logarithms (for a log axis)."""
+    values = [math.log(v) for v in y] if log else [float(v) for v in y]
+    n = len(values)
+    width = min(n, 2 * max(2, n // 20) + 1)
     out = []
-    for i in range(len(values)):
-        h = min(half, i, len(values) - 1 - i)
-        window = values[i - h: i + h + 1]
-        out.append(sum(window) / len(window))
+    for i in range(n):
+        lo = min(max(0, i - width // 2), n - width)
+        xs, vs = x[lo:lo + width], values[lo:lo + width]
+        mx, mv = sum(xs) / width, sum(vs) / width
+        sxx = sum((a - mx) ** 2 for a in xs)
+        slope = sum((a - mx) * (b - mv) for a, b in zip(xs, vs)) / sxx if sxx else 0.0
+        out.append(mv + slope * (x[i] - mx))
     return [math.exp(v) for v in out] if log else out
 
 
@@ -187,7 +193,7 @@ def plot_lines(ax, history, specs, title, ylabel, log_if_decades=False):
     for label, style, x, y in lines:
         if style in ("-", ":", "--") and len(x) >= 10:  # a curve, not markers
             raw, = ax.plot(x, y, style, linewidth=0.8, alpha=0.35, label=f"{label} (raw)")
-            ax.plot(x, smoothed(y, log), style, color=raw.get_color(), linewidth=2, label=f"{label} (smoothed)")
+            ax.plot(x, smoothed(x, y, log), style, color=raw.get_color(), linewidth=2, label=f"{label} (smoothed)")
         else:
             ax.plot(x, y, style, label=label, markersize=5)
     ax.set_title(title)

@@ -18,16 +18,19 @@ def axes():
 
 
 def test_smoothing_removes_a_saw_tooth_and_keeps_the_trend():
-    saw = [10.0 - 0.1 * i + (1.0 if i % 2 else -1.0) for i in range(60)]  # falling trend, +-1 teeth
-    smooth = report.smoothed(saw)
+    steps = list(range(60))
+    saw = [10.0 - 0.1 * i + (1.0 if i % 2 else -1.0) for i in steps]  # falling trend, +-1 teeth
+    smooth = report.smoothed(steps, saw)
     assert len(smooth) == len(saw)
-    inner = smooth[3:-3]  # the window narrows towards the ends, where the line meets the data
-    assert max(abs(b - a) for a, b in zip(inner, inner[1:])) < 0.5  # the teeth (2.0 apart) are gone
-    assert (smooth[0], smooth[-1]) == (saw[0], saw[-1]) and smooth[0] > smooth[30] > smooth[-1]  # the trend stays
+    assert max(abs(s - (10.0 - 0.1 * i)) for i, s in zip(steps, smooth)) < 0.5  # on the trend, ends included
+    assert max(abs(b - a) for a, b in zip(smooth, smooth[1:])) < 0.5  # the teeth (2.0 apart) are gone
 
 
-def test_smoothing_on_a_log_axis_averages_the_logarithms():
-    assert report.smoothed([1.0, 100.0, 1.0, 100.0, 1.0], log=True)[2] == pytest.approx(10 ** 0.8)  # not 40.6
+def test_smoothing_follows_a_straight_line_exactly_and_fits_logs_on_a_log_axis():
+    steps = list(range(1, 40))
+    assert report.smoothed(steps, [3.0 - 0.05 * s for s in steps]) == pytest.approx([3.0 - 0.05 * s for s in steps])
+    decay = [8.0 * 0.8 ** s for s in steps]  # a straight line in log space
+    assert report.smoothed(steps, decay, log=True) == pytest.approx(decay)
 
 
 def test_loss_spanning_decades_gets_a_log_axis_and_a_smoothed_line(axes):
