@@ -22,7 +22,7 @@ import time
 import config as C
 from rlhf.common import run_stage
 from rlhf.handoff import read_stage_info
-from rlhf.settings import UserError, apply_overrides, settings
+from rlhf.settings import UserError, apply_overrides, check_values, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [("sft", "train_sft.py", "SFT_DIR"), ("rm", "train_rm.py", "RM_DIR"), ("ppo", "train_ppo.py", "PPO_DIR")]
@@ -99,6 +99,7 @@ def main(argv):
     args, redo, overrides = parse_args(argv)
     defaults = settings()
     changes = apply_overrides(overrides, quiet=True)  # fail on a typo before hours of training
+    check_values()  # and on a value out of range (--WARMUP_RATIO=2), before the data is built
     if C.OVERWRITE:
         redo = {s for s, _, _ in STAGES}  # --OVERWRITE=true reaches every stage: it means redo all
     ensure_data(defaults)
