@@ -23,6 +23,9 @@ REPORT_TO = "tensorboard"  # tensorboard | wandb | none; logs go under RUNS_DIR/
 RUNS_DIR = "./runs"  # TensorBoard logs and per-stage log files
 RESUME = True  # continue an interrupted stage from its last checkpoint (under RUNS_DIR/<stage>/checkpoints)
 OVERWRITE = False  # True: allow a stage to replace an existing finished output folder
+MAX_LEN = 512  # SFT and PPO: tokens per sequence (prompt + answer); longer SFT examples are dropped with a count
+LOG_EVERY = 10  # SFT and RM: optimizer steps between log lines (PPO logs every iteration)
+EVAL_EVERY = 0  # SFT and RM: optimizer steps between held-out evaluations and checkpoints; 0 = once per epoch
 
 # ---------------------------------------------------------------------------------------------
 # Embedded default base model (used only when MODEL_NAME == BASE_MODEL_DIR)
@@ -54,14 +57,11 @@ BATCH_SIZE = 16  # sequences per device per step; lower it first on out-of-memor
 GRAD_ACCUM = 1  # gradient accumulation steps; global batch = BATCH_SIZE * GRAD_ACCUM * processes
 EPOCHS = 12  # most passes over the SFT data: the embedded model (random init) plateaus at ~12; 2 is plenty for a pretrained one
 SFT_EARLY_STOP_PATIENCE = 2  # stop after this many evaluations without a lower held-out loss, keep the best; 0 = off
-MAX_LEN = 512  # tokens per sequence (prompt + answer); longer examples are dropped with a count
 LR = 2e-3  # peak learning rate (cosine decay, warm-up below); 1e-5 for a pretrained 1.5B model
 WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up
 WEIGHT_DECAY = 0.0  # AdamW weight decay
 PACKING = False  # True: pack padding-free (fast only with flash-attention on a GPU); False: batches grouped by length
 SFT_EVAL_PASS_AT_1 = True  # after training, generate for EVAL_TASKS_FILE and report pass@1 (sandboxed)
-LOG_EVERY = 10  # optimizer steps between log lines
-EVAL_EVERY = 0  # optimizer steps between held-out evaluations; 0 = once per epoch
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2: reward model (train_rm.py)
@@ -109,7 +109,7 @@ PPO_TEMPERATURE = 1.0  # sampling temperature, top_k 0, top_p 1 (TRL uses 0.7; t
 PPO_KL_COEF = 0.05  # beta of the per-token KL penalty to the SFT reference (TRL 0.05)
 PPO_KL_TARGET = 0.0  # > 0: adapt beta towards this KL per response (Ziegler et al. 2019); 0 = fixed
 PPO_KL_HORIZON = 10000  # episodes over which the adaptive controller moves beta
-PPO_KL_ESTIMATOR = "k1"  # k1 (logp - ref_logp, TRL/N+) | k3 (non-negative, lower variance)
+PPO_KL_ESTIMATOR = "k1"  # k1 (logp - ref_logp, TRL/N+) | k2 (0.5 * (logp - ref_logp)^2, biased) | k3 (non-negative, lower variance)
 PPO_CLIP = 0.2  # policy ratio clip range
 PPO_VF_CLIP = 0.2  # value clip range (gae)
 PPO_VF_COEF = 0.1  # weight of the value loss (gae)

@@ -25,7 +25,6 @@ last checkpoint (RESUME, PPO_SAVE_EVERY).
 import contextlib
 import json
 import os
-import random
 import resource
 import shutil
 import time
@@ -33,14 +32,15 @@ import time
 import torch
 
 import config as C
-from rlhf.checkpoints import disk_full_is_an_error, diverged, resume_from
+from rlhf.checkpoints import diverged, resume_from
 from rlhf.common import (
-    check_output_dir, load_causal_lm, load_tokenizer, lora_config, precision, report_to, require_stage_output,
-    run_stage, save_stage_output, save_tokenizer, scalar_settings, start_stage, torch_dtype, write_json,
+    check_lora_targets, load_causal_lm, load_tokenizer, lora_config, precision, prompt_rng, report_to, run_stage,
+    start_stage, torch_dtype,
 )
 from rlhf.data import load_rows, prompt_messages
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
-from rlhf.settings import UserError
+from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json
+from rlhf.settings import UserError, scalar_settings
 
 # ---- PPO math (pure functions, unit-tested in tests/test_ppo_math.py) ----
 # Conventions shared by every function below:
@@ -453,17 +453,16 @@ def sample(policy, query, query_mask, eos_ids, pad_id, **extra):
 def load_prompts(path, tokenizer):
     """PPO prompts: {"prompt": text or messages, ...}; rows that also carry unit tests (the
     project's task format, or HumanEval/MBPP fields) get an execution reward."""
-    from rlhf.codeeval import Problem, detect_format
+    from rlhf.codeeval import problem_from_row
 
     rows = []
     for i, row in enumerate(load_rows(path)):
-        messages = prompt_messages(row, f"{path}:{row.get('_line', i + 1)}")
-        record = {k: v for k, v in row.items() if k != "_line"}
+        where = f"{path}:{row.get('_line', i + 1)}"
+        messages = prompt_messages(row, where)
+        record = {"task_id": str(len(rows)), **{k: v for k, v in row.items() if k != "_line"}}
         if isinstance(record.get("prompt"), list):  # the task formats expect the request as text
             record["prompt"] = messages[-1]["content"]
-        fmt = detect_format(record)
-        problem = Problem(str(record.get("task_id", len(rows))), fmt, record) if fmt else None
-        rows.append({"messages": messages, "problem": problem})
+        rows.append({"messages": messages, "problem": problem_from_row(record, where)})  # tests checked here
     limit = C.MAX_LEN - C.PPO_RESPONSE_LEN
     lengths = [len(tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"])
                for r in rows]
@@ -479,7 +478,7 @@ def step_prompts(prompts, step, rank, count):
     """The `count` prompts of one iteration on one process, each repeated PPO_SAMPLES_PER_PROMPT
     times (answers that pass and fail side by side are what the advantages learn from). A function
     of (seed, rank, step) only: a resumed run sees the prompts it would have seen, no sampler state."""
-    rng = random.Random(C.SEED * 1_000_003 + rank * 10_007 + step)
+    rng = prompt_rng(C.SEED, rank, step)
     picked = [prompts[rng.randrange(len(prompts))] for _ in range(count)]
     return [row for row in picked for _ in range(C.PPO_SAMPLES_PER_PROMPT)]
 
@@ -646,16 +645,15 @@ def setup(accelerator):
     # models: policy + reference from SFT; reward model from RM, and the critic (gae only) too
     s.rm_tokenizer, s.norm = load_tokenizer(C.RM_DIR), load_reward_normalization(C.RM_DIR)
     policy = load_causal_lm(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights (QLORA: 4-bit base)
+    check_lora_targets(policy)
     critic = load_reward_model(C.RM_DIR, dtype=torch.float32) if s.critic else None
     s.ref_policy = s.reward_model = None
     if C.USE_LORA:  # the reference is the policy with its adapter off; the RM is the critic's, when there is one
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora_config("CAUSAL_LM"))
-        if critic is not None:
-            critic_cfg = lora_config("SEQ_CLS")
-            critic_cfg.modules_to_save = ["score"]
-            critic = get_peft_model(critic, critic_cfg)
+        if critic is not None:  # its head `score` trained in full (modules_to_save)
+            critic = get_peft_model(critic, lora_config("SEQ_CLS"))
     # frozen copies: whole on every process, or (PPO_SHARD_FROZEN_MODELS, ZeRO-3) partitioned as they load
     # and given inference engines after prepare
     with contextlib.nullcontext() if C.PPO_SHARD_FROZEN_MODELS else whole_models_loaded(accelerator):
@@ -883,16 +881,7 @@ def main(argv):
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "history": history,
         }
-
-        def save(tmp):
-            policy_out.save_pretrained(tmp)
-            save_tokenizer(tokenizer, tmp)
-            write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "history"})
-
-        save_stage_output(C.PPO_DIR, "ppo", save, metrics)
-        shutil.rmtree(s.ckpt_dir, ignore_errors=True)
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "history"}
-        print(f"ppo done | {shown} | saved {C.PPO_DIR}")
+        save_stage("ppo", C.PPO_DIR, policy_out, tokenizer, metrics, s.ckpt_dir)
     accelerator.end_training()
 
 

@@ -36,16 +36,16 @@ Any constant of config.py can be overridden as --NAME=value.
 """
 
 import os
-import shutil
 import time
 
 import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
 from rlhf.common import (
-    check_output_dir, load_tokenizer, lora_config, require_stage_output, run_stage, save_stage_output, save_tokenizer,
-    start_stage, torch_dtype, trainer_args, use_log_line, write_json,
+    check_lora_targets, load_tokenizer, lora_config, run_stage, start_stage, torch_dtype, trainer_args, trainer_schedule,
+    use_log_line,
 )
 from rlhf.data import drop_too_long, load_preference_pairs
+from rlhf.handoff import check_output_dir, require_stage_output, save_stage
 from rlhf.reward import (
     conversation_ids, load_reward_model, preference_metrics, reward_statistics, save_reward_normalization,
     score_conversations,
@@ -88,10 +88,7 @@ def main(argv):
     # ---- model: the SFT model with a new scalar head (num_labels=1), padding known to its config
     model = load_reward_model(C.SFT_DIR, dtype=torch_dtype(), for_training=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # pooling reads the last token that is not padding
-    peft_config = None
-    if C.USE_LORA:
-        peft_config = lora_config("SEQ_CLS")
-        peft_config.modules_to_save = ["score"]  # the new head is trained fully, not through an adapter
+    check_lora_targets(model)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "rm")
     args = RewardConfig(
         output_dir=staging_folder("rm"),  # checkpoints are moved from there when complete (train_resumable)
@@ -100,24 +97,18 @@ def main(argv):
         gradient_accumulation_steps=C.RM_GRAD_ACCUM,
         num_train_epochs=C.RM_EPOCHS,
         learning_rate=C.RM_LR,
-        lr_scheduler_type="cosine",
-        warmup_steps=C.RM_WARMUP_RATIO,  # a float below 1 is a share of the total steps
         max_length=C.RM_MAX_LEN,  # nothing left to filter: too-long pairs were dropped above
         train_sampling_strategy="group_by_length",  # shuffled mega-batches sorted by `length` (less padding)
         remove_unused_columns=False,  # keeps `length` for the sampler; the collator reads only the token ids
         center_rewards_coefficient=C.RM_CENTER_REWARDS_COEF or None,
         disable_dropout=True,
-        logging_steps=C.LOG_EVERY,
-        eval_strategy="steps" if C.EVAL_EVERY else "epoch",
-        eval_steps=C.EVAL_EVERY or None,
-        save_strategy="steps" if C.EVAL_EVERY else "epoch",
-        save_steps=C.EVAL_EVERY or None,
-        save_total_limit=1,
+        **trainer_schedule(C.RM_WARMUP_RATIO),  # cosine after warm-up; log, evaluate and save as SFT does
         **trainer_args(RewardConfig),  # fp32 on CPU: TRL's bf16 default is ~20x slower here
     )
     trainer = RewardTrainer(
         model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals), peft_config=peft_config,
+        train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
+        peft_config=lora_config("SEQ_CLS") if C.USE_LORA else None,  # the new score head is trained fully
     )
     use_log_line(trainer, "rm", [("loss", "loss"), ("accuracy", "acc"), ("margin", "margin"), ("eval_loss", "eval loss"),
                                  ("eval_accuracy", "eval acc"), ("eval_margin", "eval margin"), ("learning_rate", "lr")])
@@ -153,21 +144,12 @@ def main(argv):
               f"margin {held_out['margin']:.4g} | {held_out['pairs']} pairs | "
               f"reward mean {stats['mean']:.4g} std {stats['std']:.4g}")
 
-        # ---- save ./rm_model (atomic, with metadata)
+        # ---- save ./rm_model (atomic, with metadata; the normalisation also goes into config.json)
         metrics["log_history"] = trainer.state.log_history
-
-        def save(tmp):
-            save_reward_normalization(tmp, stats, model)  # also sets config.reward_mean / reward_std
-            model.save_pretrained(tmp)
-            save_tokenizer(tokenizer, tmp)
-            write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "log_history"})
-
-        save_stage_output(C.RM_DIR, "rm", save, metrics, extra={"sft_model": C.SFT_DIR})
-        shutil.rmtree(checkpoint_folder("rm"), ignore_errors=True)  # finished: the next run starts fresh
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
-                 if k in ("eval_accuracy", "eval_f1", "eval_margin", "train_loss", "train_seconds",
-                          "train_tokens_per_second")}
-        print(f"rm done | {shown} | saved {C.RM_DIR}")
+        save_stage("rm", C.RM_DIR, model, tokenizer, metrics, checkpoint_folder("rm"),
+                   also=lambda tmp: save_reward_normalization(tmp, stats, model), extra={"sft_model": C.SFT_DIR},
+                   show=("eval_accuracy", "eval_f1", "eval_margin", "train_loss", "train_seconds",
+                         "train_tokens_per_second"))
     state.wait_for_everyone()
 
 

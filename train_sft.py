@@ -21,16 +21,17 @@ Any constant of config.py can be overridden as --NAME=value.
 
 import math
 import os
-import shutil
 import time
 
 import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
+from rlhf.codeeval import evaluate_model, load_problems
 from rlhf.common import (
-    check_output_dir, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, resolve_base_model, run_stage,
-    save_stage_output, save_tokenizer, start_stage, trainer_args, use_log_line, write_json,
+    check_lora_targets, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, resolve_base_model, run_stage,
+    start_stage, trainer_args, trainer_schedule, use_log_line,
 )
 from rlhf.data import drop_too_long, load_sft_examples
+from rlhf.handoff import check_output_dir, save_stage
 
 
 def token_lengths(tokenizer, examples):
@@ -53,20 +54,13 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, **overrides):
         gradient_accumulation_steps=C.GRAD_ACCUM,
         num_train_epochs=C.EPOCHS,
         learning_rate=C.LR,
-        lr_scheduler_type="cosine",
-        warmup_steps=C.WARMUP_RATIO,  # a float below 1 is a share of the total steps
         weight_decay=C.WEIGHT_DECAY,
         max_length=C.MAX_LEN,
         # padding-free packing needs varlen attention (flash-attention) to pay off; without it,
         # batches of similar lengths waste little on padding
         packing=C.PACKING,
         train_sampling_strategy="random" if C.PACKING else "group_by_length",
-        logging_steps=C.LOG_EVERY,
-        eval_strategy="steps" if C.EVAL_EVERY else "epoch",
-        eval_steps=C.EVAL_EVERY or None,
-        save_strategy="steps" if C.EVAL_EVERY else "epoch",
-        save_steps=C.EVAL_EVERY or None,
-        save_total_limit=1,
+        **trainer_schedule(C.WARMUP_RATIO),  # cosine after warm-up; log, evaluate and save as RM does
         # with early stopping the checkpoint of lowest held-out loss is kept and loaded at the end
         load_best_model_at_end=C.SFT_EARLY_STOP_PATIENCE > 0,
         metric_for_best_model="eval_loss",
@@ -89,6 +83,9 @@ def main(argv):
     # ---- data: conversational prompt-completion, too-long examples dropped with a count
     train = load_sft_examples(C.SFT_TRAIN_FILE)  # read before the base model is built: bad data writes nothing
     evals = load_sft_examples(C.SFT_EVAL_FILE)
+    problems = None  # held-out code tasks for pass@1 at the end, read now: a bad row stops the run before training
+    if C.SFT_EVAL_PASS_AT_1 and os.path.exists(C.EVAL_TASKS_FILE):
+        problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
     base = resolve_base_model()
     tokenizer = load_tokenizer(base)
     train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
@@ -98,6 +95,7 @@ def main(argv):
 
     # ---- model
     model = load_causal_lm(base)
+    check_lora_targets(model)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
     # checkpoints are written to the staging folder and moved when complete (train_resumable)
     trainer = sft_trainer(model, tokenizer, train, evals, staging_folder("sft"))
@@ -129,10 +127,7 @@ def main(argv):
     model.eval()
 
     # ---- pass@1 on held-out code tasks, run in the sandbox
-    if C.SFT_EVAL_PASS_AT_1 and state.is_main_process and os.path.exists(C.EVAL_TASKS_FILE):
-        from rlhf.codeeval import evaluate_model, load_problems
-
-        problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
+    if problems is not None and state.is_main_process:
         summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS)
         metrics["pass_at_1"] = summary["pass@1"]
         metrics.update({f"pass_at_1_{k[len('pass@1_'):]}": v for k, v in summary.items() if k.startswith("pass@1_")})
@@ -143,16 +138,7 @@ def main(argv):
     # ---- save ./sft_model (main process; atomic, with metadata)
     if state.is_main_process:
         metrics["log_history"] = trainer.state.log_history
-
-        def save(tmp):
-            model.save_pretrained(tmp)
-            save_tokenizer(tokenizer, tmp)
-            write_json(os.path.join(tmp, "eval_results.json"), {k: v for k, v in metrics.items() if k != "log_history"})
-
-        save_stage_output(C.SFT_DIR, "sft", save, metrics)
-        shutil.rmtree(checkpoint_folder("sft"), ignore_errors=True)  # finished: the next run starts fresh
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "log_history"}
-        print(f"sft done | {shown} | saved {C.SFT_DIR}")
+        save_stage("sft", C.SFT_DIR, model, tokenizer, metrics, checkpoint_folder("sft"))
     state.wait_for_everyone()
 
 

@@ -68,8 +68,9 @@ def run_measured(cmd, log_path):
 
 def longest_rows(path, n, length, out_path):
     """Write the n rows of a jsonl file with the largest length(row) to out_path."""
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    from rlhf.data import read_jsonl
+
+    rows = [{k: v for k, v in row.items() if k != "_line"} for row in read_jsonl(path)]
     rows.sort(key=length, reverse=True)
     with open(out_path, "w", encoding="utf-8") as f:
         for row in rows[:n]:

@@ -30,7 +30,8 @@ def make_models(size, folder):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf.common import STAGE_INFO_FILE, load_tokenizer, resolve_base_model, save_tokenizer, write_json
+    from rlhf.common import load_tokenizer, resolve_base_model
+    from rlhf.handoff import STAGE_INFO_FILE, save_tokenizer, write_json
     from rlhf.reward import load_reward_model, save_reward_normalization
 
     base = resolve_base_model()

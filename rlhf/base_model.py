@@ -7,12 +7,12 @@ train_sft.py builds it when MODEL_NAME is the embedded default (BASE_MODEL_DIR) 
 does not exist yet; its size is set by the BASE_* constants in config.py.
 """
 
-import json
 import os
 import random
 import sysconfig
 
 import config as C
+from rlhf.data import read_jsonl
 
 # ChatML, as Qwen2.5 uses, with no system turn. EOS is <|im_end|>; padding has its own token
 # so that masking padding never masks EOS (a policy whose EOS is masked never learns to stop).
@@ -34,8 +34,9 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Texts whose token ids must survive save + reload unchanged (see PPO_NOTES: transformers can
-# swap in an architecture-specific tokenizer class with other pre-tokenisation on reload).
+# Texts whose token ids must survive save + reload unchanged (build_tokenizer's docstring: transformers
+# reloads a qwen2 folder as Qwen2Tokenizer, which rebuilds the pre-tokenisation from its own code;
+# tests/test_common.py::test_tokenizer_reload_keeps_ids_and_template checks these).
 PROBE_TEXTS = [
     "def quick_sort(arr):\n    if len(arr) <= 1:\n        return arr\n",
     "用Python实现快速排序算法",
@@ -53,10 +54,8 @@ def corpus_texts(data_files, stdlib_bytes):
     for path in data_files:
         if not os.path.exists(path):
             continue
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    texts.extend(_strings_in(json.loads(line)))
+        for row in read_jsonl(path):
+            texts.extend(_strings_in(row))  # (its line number `_line` is no string: not taken)
     stdlib = sysconfig.get_paths()["stdlib"]
     files = sorted(os.path.join(stdlib, n) for n in os.listdir(stdlib) if n.endswith(".py"))
     random.Random(0).shuffle(files)

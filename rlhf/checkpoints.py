@@ -2,18 +2,15 @@
 only when complete; a loss that stops being finite and a full disk end in one line that names the
 last good checkpoint. Used by the three stages (the Trainer's through train_resumable, PPO's own)."""
 
-import contextlib
-import errno
 import json
 import os
 import shutil
 
 import config as C
-from rlhf.common import scalar_settings, write_json
-from rlhf.settings import UserError
+from rlhf.handoff import disk_full_is_an_error, write_json
+from rlhf.settings import UserError, scalar_settings
 
 CHECKPOINT_MARKER = "rlhf_checkpoint.json"  # written into a Trainer checkpoint before it is renamed into place
-FREE_BYTES_WHEN_FULL = 16 * 2**20  # a save that failed with less than this free on its disk failed for lack of space
 
 
 def checkpoint_folder(stage):
@@ -81,37 +78,6 @@ def diverged(stage, step, detail, folder, lr_setting, marker=CHECKPOINT_MARKER, 
     return UserError(f"{stage}: training diverged at step {step} ({detail}); last good checkpoint: {last}. "
                      f"Lower {lr_setting} and start over with --RESUME=false (a resumed run keeps the "
                      "checkpoint's learning rate)")
-
-
-def is_disk_full(error, path):
-    """Did `error` come from a full disk? OSError says so (ENOSPC, EDQUOT); safetensors wraps it in
-    its own error; torch.save says only "unexpected pos N vs M" (seen on a full tmpfs, torch 2.13),
-    so the free space left on the disk decides."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
-        return True
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path)
-    try:
-        return shutil.disk_usage(path or ".").free < FREE_BYTES_WHEN_FULL
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def disk_full_is_an_error(what, tmp, kept):
-    """Around a save into the temporary folder `tmp`: whatever fails, `tmp` is removed; a full disk
-    becomes one line that names what was being saved and what is kept."""
-    try:
-        yield
-    except Exception as e:
-        full = not isinstance(e, UserError) and is_disk_full(e, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not full:
-            raise
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"disk full while saving {what} ({reason}): free space and rerun; {kept}") from None
 
 
 def atomic_checkpoints(folder):

@@ -30,10 +30,6 @@ FORMAT_FIELDS = {  # required fields per format, checked in this order
 HUMANEVAL_INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
 
 
-class DataError(Exception):
-    """A problem or sample file the user gave is missing or malformed (one-line message)."""
-
-
 @dataclasses.dataclass
 class Problem:
     task_id: str
@@ -76,36 +72,38 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of a jsonl / jsonl.gz file; DataError names the file and line of any bad row."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    try:
-        rows = data.read_jsonl(path)
-    except UserError as e:
-        raise DataError(str(e)) from None
-    return [{k: v for k, v in row.items() if k != "_line"} for row in rows]
+def problem_from_row(row: dict, where: str) -> Problem | None:
+    """The Problem a task row describes (format detected from its fields), or None for a row
+    without tests (a plain prompt). Tests that cannot run are a UserError naming `where`
+    (file:line) now, not a crash in the middle of a rollout or an evaluation."""
+    if "tests" in row and not isinstance(row["tests"], list):
+        raise UserError(f"{where}: `tests` must be a list of {{\"call\", \"expected\"}} objects, "
+                        f"not {type(row['tests']).__name__}")
+    if "test_list" in row and not (isinstance(row["test_list"], list) and row["test_list"]
+                                   and all(isinstance(t, str) for t in row["test_list"])):
+        raise UserError(f"{where}: `test_list` must be a non-empty list of assert statements (strings)")
+    fmt = detect_format(row)
+    if fmt == "project":
+        for t in row["tests"]:
+            if not isinstance(t, dict) or not isinstance(t.get("call"), str) or not isinstance(t.get("expected"), str):
+                raise UserError(f"{where}: each test needs a string `call` and `expected` (a Python literal as text)")
+            try:
+                ast.literal_eval(t["expected"])
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                raise UserError(f"{where}: expected {t['expected']!r} is not a Python literal") from None
+    return Problem(str(row["task_id"]), fmt, row) if fmt else None
 
 
 def load_problems(path: str) -> list[Problem]:
     """Problems from a file in any of the three formats (auto-detected per row)."""
     problems = []
-    for lineno, row in enumerate(read_jsonl(path), 1):
-        fmt = detect_format(row)
-        if fmt is None:
+    for row in data.read_jsonl(path):
+        where = f"{path}:{row.pop('_line')}"
+        problem = problem_from_row(row, where)
+        if problem is None:
             wanted = " | ".join(", ".join(f) for f in FORMAT_FIELDS.values())
-            raise DataError(f"{path}: row {lineno}: unknown problem format, fields {sorted(row)}; "
-                            f"expected one of: {wanted}")
-        if fmt == "project":
-            for t in row["tests"]:
-                if not isinstance(t, dict) or "call" not in t or "expected" not in t:
-                    raise DataError(f"{path}: row {lineno}: each test needs 'call' and 'expected'")
-                try:
-                    ast.literal_eval(t["expected"])
-                except (ValueError, SyntaxError):
-                    raise DataError(f"{path}: row {lineno}: expected {t['expected']!r} "
-                                    "is not a Python literal") from None
-        problems.append(Problem(str(row["task_id"]), fmt, row))
+            raise UserError(f"{where}: unknown problem format, fields {sorted(row)}; expected one of: {wanted}")
+        problems.append(problem)
     return problems
 
 
@@ -144,9 +142,9 @@ def score_samples(problems: list[Problem], samples: list[dict], ks=(1, 10, 100),
     by_id = {p.task_id: p for p in problems}
     for i, s in enumerate(samples, 1):
         if "task_id" not in s or "completion" not in s:
-            raise DataError(f"sample {i}: needs 'task_id' and 'completion'")
+            raise UserError(f"sample {i}: needs 'task_id' and 'completion'")
         if str(s["task_id"]) not in by_id:
-            raise DataError(f"sample {i}: task_id {s['task_id']!r} is not in the problems")
+            raise UserError(f"sample {i}: task_id {s['task_id']!r} is not in the problems")
     jobs = [by_id[str(s["task_id"])].job(s["completion"]) for s in samples]
     verdicts = sandbox.run_many(jobs, workers=workers, progress=progress)
     results = [{**s, "passed": v.passed, "status": v.status, "detail": v.detail,
@@ -184,8 +182,8 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     """
     import torch
     from tqdm.auto import tqdm
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # rlhf.common.load_tokenizer's rule
+        raise ValueError("generate_completions needs a pad token distinct from EOS: load the tokenizer with load_tokenizer")
     sample = bool(temperature)
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
              for m in messages_list]

@@ -1,20 +1,18 @@
-"""What the three stages must do identically: settings and errors, seeding, precision, the
-tokenizer's pad/EOS set-up, and the hand-off between stages (atomic save with a small metadata
-file, clear errors for a missing input). Data loading is in rlhf/data.py, checkpoints in
+"""What the three stages must do identically: start-up (settings, --help, errors, seeding),
+precision, the Trainer settings SFT and RM share, LoRA, the tokenizer's pad/EOS set-up and model
+loading. The hand-off between stages (atomic save with a small metadata file, clear errors for a
+missing input) is in rlhf/handoff.py, data loading in rlhf/data.py, checkpoints in
 rlhf/checkpoints.py."""
 
-import datetime
-import json
 import os
-import shutil
+import random
 import sys
 import time
 
 import config as C
-from rlhf.settings import UserError, apply_overrides, settings
-
-STAGE_INFO_FILE = "rlhf_stage.json"  # written last: its presence marks a finished stage output
-STAGE_COMMANDS = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo": "python train_ppo.py"}
+from rlhf.handoff import STAGE_COMMANDS
+from rlhf.settings import UserError, apply_overrides, check_values, stage_help
+from rlhf.settings import choice as settings_choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -22,7 +20,7 @@ STAGE_COMMANDS = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo
 # ---------------------------------------------------------------------------------------------
 
 def run_stage(main):
-    """Run a stage's main(argv); a UserError becomes one `error:` line and exit code 2."""
+    """Run a stage's or a tool's main(argv); a UserError becomes one `error:` line and exit code 2."""
     try:
         main(sys.argv[1:])
     except UserError as e:
@@ -33,6 +31,10 @@ def run_stage(main):
 def start_stage(name, argv):
     """Common start of every stage: apply overrides, fix the seed, print the settings that
     matter. Returns the accelerate PartialState (rank, world size, device)."""
+    if any(a in ("-h", "--help") for a in argv):  # the stage's docstring and the settings it reads
+        script = sys.modules.get(f"train_{name}") or sys.modules["__main__"]
+        print(stage_help(name, script.__doc__ or ""))
+        sys.exit(0)
     import torch
     from accelerate import PartialState
 
@@ -53,29 +55,6 @@ def start_stage(name, argv):
         print(f"== {name} | {state.num_processes} process(es) on {state.device} | "
               f"precision {precision()} | from {reads} | lora {C.USE_LORA}")
     return state
-
-
-# settings whose value must be one of a few words, or a positive number: checked before any work
-CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "REPORT_TO": ("tensorboard", "wandb", "none"),
-           "PPO_KL_ESTIMATOR": ("k1", "k2", "k3"), "PPO_ADVANTAGE": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
-           "PPO_EXEC_REWARD": ("fraction", "all")}
-POSITIVE = ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "MAX_LEN", "LR", "LOG_EVERY", "RM_BATCH_SIZE", "RM_GRAD_ACCUM",
-            "RM_EPOCHS", "RM_MAX_LEN", "RM_LR", "RM_SCORE_BATCH_SIZE", "GEN_MAX_NEW_TOKENS", "LORA_R", "PPO_STEPS",
-            "PPO_BATCH_SIZE", "PPO_MINI_BATCH_SIZE", "PPO_EPOCHS", "PPO_LR", "PPO_CRITIC_LR", "PPO_SAMPLES_PER_PROMPT",
-            "PPO_OVERSAMPLE", "PPO_RESPONSE_LEN", "PPO_TEMPERATURE")
-
-
-def check_values():
-    """A value of the right type can still be wrong (`--PPO_KL_ESTIMATOR=k4`, `--BATCH_SIZE=0`): one line
-    at the start, not a traceback from deep inside a library later."""
-    for name, allowed in CHOICES.items():
-        value = getattr(C, name, None)
-        if value is not None and str(value).lower() not in allowed:
-            raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-    for name in POSITIVE:
-        value = getattr(C, name, None)
-        if value is not None and not value > 0:
-            raise UserError(f"{name} must be above 0, not {value!r} (config.py or --{name}=...)")
 
 
 def launched_with_sharded_weights():
@@ -99,9 +78,7 @@ def precision():
     hundreds of times slower than fp32); PRECISION overrides."""
     import torch
 
-    choice = C.PRECISION.lower()
-    if choice not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"PRECISION must be auto, fp32, bf16 or fp16, not {C.PRECISION!r}")
+    choice = settings_choice("PRECISION")
     if choice == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if choice == "fp16" and not torch.cuda.is_available():
@@ -135,22 +112,59 @@ def trainer_args(config_cls):
     }
 
 
+def trainer_schedule(warmup_ratio):
+    """When SFT's and RM's Trainer log, evaluate and save, and their learning-rate schedule: cosine
+    decay after a warm-up share of the steps; a held-out evaluation and a checkpoint every
+    EVAL_EVERY optimizer steps (0: each epoch), one checkpoint kept."""
+    every = "steps" if C.EVAL_EVERY else "epoch"
+    return {
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": warmup_ratio,  # a float below 1 is a share of the total steps (check_values keeps it there)
+        "logging_steps": C.LOG_EVERY,
+        "eval_strategy": every, "eval_steps": C.EVAL_EVERY or None,
+        "save_strategy": every, "save_steps": C.EVAL_EVERY or None,
+        "save_total_limit": 1,
+    }
+
+
 def report_to():
-    choice = C.REPORT_TO.lower()
-    if choice not in ("tensorboard", "wandb", "none"):
-        raise UserError(f"REPORT_TO must be tensorboard, wandb or none, not {C.REPORT_TO!r}")
+    choice = settings_choice("REPORT_TO")
     return [] if choice == "none" else [choice]
 
 
 def lora_config(task_type):
-    """peft LoraConfig from the LORA_* settings (task_type 'CAUSAL_LM' or 'SEQ_CLS')."""
+    """peft LoraConfig from the LORA_* settings: task_type 'CAUSAL_LM' (SFT, PPO policy) or
+    'SEQ_CLS' (reward model, PPO critic), whose new scalar head `score` is trained fully, not
+    through an adapter."""
     from peft import LoraConfig
 
     targets = C.LORA_TARGET_MODULES
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return LoraConfig(r=C.LORA_R, lora_alpha=C.LORA_ALPHA, lora_dropout=C.LORA_DROPOUT,
-                      target_modules=targets, task_type=task_type)
+    return LoraConfig(r=C.LORA_R, lora_alpha=C.LORA_ALPHA, lora_dropout=C.LORA_DROPOUT, target_modules=targets,
+                      task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+
+
+def check_lora_targets(model):
+    """LORA_TARGET_MODULES names layers `model` has: one line listing its linear layers, before any
+    training, instead of peft's error from inside the Trainer."""
+    if not C.USE_LORA or C.LORA_TARGET_MODULES == "all-linear":
+        return
+    import torch
+
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    wanted = [t.strip() for t in C.LORA_TARGET_MODULES.split(",") if t.strip()]
+    missing = [t for t in wanted if not any(name == t or name.endswith("." + t) for name, _ in model.named_modules())]
+    if missing or not wanted:
+        raise UserError(f"LORA_TARGET_MODULES: the model has no layer named {', '.join(missing) or '(none given)'}; "
+                        f"its linear layers are {', '.join(linear)} (or use all-linear)")
+
+
+def prompt_rng(seed, rank, step):
+    """The random generator that picks the prompts of one PPO step: a function of (seed, rank,
+    step) only, so a resumed run sees the prompts it would have seen, with no sampler state to
+    save, and each process draws its own."""
+    return random.Random(seed * 1_000_003 + rank * 10_007 + step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +235,24 @@ def load_causal_lm(path, for_training=True, dtype=None):
     return model
 
 
+def load_for_generation(name):
+    """(model, tokenizer) of a stage output or hub id, as the tools in scripts/ use it: the model in
+    PRECISION (auto: bf16 on GPUs that support it, else fp32), dropout off, on the GPU when there
+    is one; the tokenizer with load_tokenizer's pad/EOS set-up."""
+    path = os.path.expanduser(name)
+    looks_local = name.startswith((".", "/", "~")) or os.path.isdir(path)
+    if looks_local and not os.path.exists(os.path.join(path, "config.json")):
+        stage = {"sft_model": "sft", "rm_model": "rm", "ppo_model": "ppo"}.get(os.path.basename(name.rstrip("/")))
+        hint = (f"run `{STAGE_COMMANDS[stage]}` (or `bash run.sh`) first" if stage else
+                "give a model folder saved with save_pretrained, or a hub id")
+        raise UserError(f"{name} is not a model folder (no config.json there): {hint}")
+    import torch  # after the folder check: a typo should not wait for torch to import
+
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, for_training=False)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+
+
 def qlora_load_kwargs():
     """from_pretrained arguments that load the frozen base in 4-bit NF4 with double quantisation
     and bf16/fp16 compute (QLoRA, Dettmers et al. 2023) when QLORA is set; {} otherwise."""
@@ -267,106 +299,6 @@ def merge_lora_weights(base_path, state_dict, dtype=None):
                            f"{len(set(lora) - expected)} unexpected (LORA_* settings changed since training?)")
     model.load_state_dict(lora, strict=False)
     return model.merge_and_unload()
-
-
-def save_tokenizer(tokenizer, folder):
-    """save_pretrained with right padding. transformers 5 keeps a per-call padding_side="left"
-    (used for generation) in the Rust backend and writes it to tokenizer.json, so the saved
-    tokenizer would pad left for whoever loads it next; the padding state is reset first."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "no_padding"):
-        backend.no_padding()
-    tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(folder)
-
-
-def require_stage_output(path, stage):
-    """Fail with the command to run when a previous stage's output is missing or unfinished."""
-    if not os.path.isdir(path):
-        raise UserError(f"{path} does not exist: run `{STAGE_COMMANDS[stage]}` first")
-    if not os.path.exists(os.path.join(path, STAGE_INFO_FILE)):
-        raise UserError(f"{path} holds no finished {stage.upper()} model (no {STAGE_INFO_FILE}; "
-                        f"the run may have been interrupted): run `{STAGE_COMMANDS[stage]}` again")
-    return path
-
-
-def read_stage_info(folder):
-    """A stage output's metadata (rlhf_stage.json) as a dict, or None when it is not finished."""
-    path = os.path.join(folder, STAGE_INFO_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_output_dir(path):
-    """Refuse to replace a finished stage output unless OVERWRITE is set (after finishing a save
-    that a kill interrupted)."""
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        recover_interrupted_save(path)
-    PartialState().wait_for_everyone()
-    if os.path.exists(os.path.join(path, STAGE_INFO_FILE)) and not C.OVERWRITE:
-        raise UserError(f"{path} already holds a finished model; move it away or pass --OVERWRITE=true to replace it")
-
-
-def recover_interrupted_save(path):
-    """What a kill during save_stage_output left next to `path`: a complete `<path>.tmp-PID` (killed
-    between its two renames, `path` itself gone) is moved into place; an incomplete one (killed while
-    writing: possibly gigabytes) is removed; a `<path>.old-PID` whose replacement is in place is removed.
-    Each with a line."""
-    import glob
-
-    base = path.rstrip("/")
-    for tmp in sorted(glob.glob(f"{glob.escape(base)}.tmp-*")):
-        if os.path.exists(os.path.join(tmp, STAGE_INFO_FILE)) and not os.path.exists(path):
-            print(f"{path}: finishing a save that was interrupted (moving {tmp} into place)")
-            os.rename(tmp, path)
-        else:
-            print(f"removing {tmp}: an incomplete save of {path} (the run was stopped while saving it)")
-            shutil.rmtree(tmp, ignore_errors=True)
-    for old in sorted(glob.glob(f"{glob.escape(base)}.old-*")):
-        if os.path.exists(path):
-            print(f"removing {old}: the model {path} replaced (the run was stopped before removing it)")
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def save_stage_output(path, stage, save_fn, metrics, extra=None):
-    """Save atomically: `save_fn(tmp_dir)` writes the model and tokenizer into a temporary
-    sibling folder, we add the metadata file, then swap it into place. A crash mid-save leaves
-    the previous output (or nothing), never a half-written folder that looks finished."""
-    from rlhf.checkpoints import disk_full_is_an_error  # (it imports this module)
-
-    tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    kept = f"{path} is unchanged" if os.path.exists(path) else f"nothing was written to {path}"
-    with disk_full_is_an_error(path, tmp, f"{kept}, the checkpoints under {C.RUNS_DIR} are kept"):
-        os.makedirs(tmp)
-        save_fn(tmp)
-        info = {
-            "stage": stage,
-            "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
-            "base_model": C.MODEL_NAME,
-            "metrics": metrics,
-            "settings": scalar_settings(),
-        }
-        info.update(extra or {})
-        write_json(os.path.join(tmp, STAGE_INFO_FILE), info)
-    old = f"{path.rstrip('/')}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-
-
-def scalar_settings():
-    return {k: v for k, v in settings().items() if isinstance(v, (bool, int, float, str, type(None)))}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
-"""Data for the three stages: TRL's standard formats (conversational SFT examples, preference pairs,
-prompts) from local .jsonl/.json/.parquet files or hub datasets, validated row by row so a mistake
-is one line naming file:line."""
+"""Data for the three stages and the tools: TRL's standard formats (conversational SFT examples,
+preference pairs, prompts) from local .jsonl/.json/.parquet files or hub datasets, validated row
+by row so a mistake is one line naming file:line. The one jsonl reader of the project."""
 
 import json
 import os
 
 from rlhf.settings import UserError
 
+ROLES = ("system", "user", "assistant", "tool")  # what chat templates (ours, Qwen's, Llama's) render
+
+
 def load_rows(source):
     """Rows (list of dicts) from a .jsonl/.json/.parquet file or a `datasets` hub id
     ("name" or "name:split")."""
+    if os.path.isdir(source):
+        raise UserError(f"{source} is a folder; give a data file in it (.jsonl, .json or .parquet)")
     if os.path.exists(source):
         if os.path.getsize(source) == 0:
             raise UserError(f"{source} is empty")
@@ -44,10 +49,14 @@ def load_rows(source):
 
 
 def read_jsonl(path):
-    """Rows of a .jsonl (or .jsonl.gz) file, each with its line number in `_line`; a bad line is a
-    UserError naming the file and line."""
+    """Rows of a .jsonl (or .jsonl.gz) file, each with its line number in `_line`; a missing file,
+    a folder or a bad line is a UserError naming the file (and line)."""
     import gzip
 
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; give a .jsonl file")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
     rows = []
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -80,6 +89,8 @@ def _check_messages(messages, where, field):
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise UserError(f"{where}: every message in `{field}` needs a string `role` and `content`")
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: unknown role {m['role']!r} in `{field}`; use {', '.join(ROLES)}")
 
 
 def as_conversation(value, role):

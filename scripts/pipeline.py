@@ -20,8 +20,9 @@ import sys
 import time
 
 import config as C
-from rlhf.common import read_stage_info, run_stage
-from rlhf.settings import UserError, apply_overrides, settings
+from rlhf.common import run_stage
+from rlhf.handoff import read_stage_info
+from rlhf.settings import UserError, apply_overrides, check_values, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [("sft", "train_sft.py", "SFT_DIR"), ("rm", "train_rm.py", "RM_DIR"), ("ppo", "train_ppo.py", "PPO_DIR")]
@@ -32,7 +33,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         description="Run data -> SFT -> RM -> PPO -> report; extra --NAME=value settings go to every stage.",
         allow_abbrev=False,  # `--rep=...` must not silently mean --reports
-        epilog="Settings are the constants of config.py, e.g. --PPO_STEPS=5 --LR=1e-3.")
+        epilog="Settings are the constants of config.py, e.g. --PPO_STEPS=5 --LR=1e-3; "
+               "`python train_<stage>.py --help` lists the ones each stage reads, with their defaults.")
     ap.add_argument("--redo", default="", metavar="STAGES",
                     help="comma list of stages to train again even if finished (sft,rm,ppo) or 'all'")
     ap.add_argument("--reports", default="reports", metavar="DIR", help="where logs, timings and the report go")
@@ -97,6 +99,7 @@ def main(argv):
     args, redo, overrides = parse_args(argv)
     defaults = settings()
     changes = apply_overrides(overrides, quiet=True)  # fail on a typo before hours of training
+    check_values()  # and on a value out of range (--WARMUP_RATIO=2), before the data is built
     if C.OVERWRITE:
         redo = {s for s, _, _ in STAGES}  # --OVERWRITE=true reaches every stage: it means redo all
     ensure_data(defaults)

@@ -15,8 +15,9 @@ import os
 import platform
 
 import config as C
-from rlhf.common import read_stage_info, run_stage
-from rlhf.settings import apply_overrides
+from rlhf.common import run_stage
+from rlhf.handoff import read_stage_info
+from rlhf.settings import apply_overrides, tool_help
 
 STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
 REQUIRED = {  # keys report.json always has (None when the stage did not record them)
@@ -159,19 +160,50 @@ def series(history, key):
     return [s for s, _ in rows], [v for _, v in rows]
 
 
-def plot_lines(ax, history, specs, title, ylabel):
-    drawn = False
-    for key, label, style in specs:
-        x, y = series(history, key)
-        if x:
+def smoothed(x, y, log=False):
+    """The trend through the noise of single log steps (length-grouped SFT batches give a saw-tooth,
+    PPO iterations are noisy): at each point, a straight line fitted by least squares to a window
+    of about a tenth of the points, read at that point (a moving-window regression, Savitzky and
+    Golay 1964, order 1). In the middle that is the centred mean; at the ends the window keeps its
+    size inside the data, so the line neither lags (as an exponential average does) nor follows
+    the last noisy point. log=True fits the logarithms (for a log axis)."""
+    values = [math.log(v) for v in y] if log else [float(v) for v in y]
+    n = len(values)
+    width = min(n, 2 * max(2, n // 20) + 1)
+    out = []
+    for i in range(n):
+        lo = min(max(0, i - width // 2), n - width)
+        xs, vs = x[lo:lo + width], values[lo:lo + width]
+        mx, mv = sum(xs) / width, sum(vs) / width
+        sxx = sum((a - mx) ** 2 for a in xs)
+        slope = sum((a - mx) * (b - mv) for a, b in zip(xs, vs)) / sxx if sxx else 0.0
+        out.append(mv + slope * (x[i] - mx))
+    return [math.exp(v) for v in out] if log else out
+
+
+def plot_lines(ax, history, specs, title, ylabel, log_if_decades=False):
+    """One line per (key, label, style) of `specs`. A curve ("-", ":") of 10 points or more is drawn
+    raw, thin and faint, with its smoothed trend over it in the same colour; markers ("o") are drawn
+    as they are. With log_if_decades, a y-axis whose values are positive and span 30x or more is
+    logarithmic (a loss falling from 8 to 0.01 shows its late progress)."""
+    lines = [(label, style, *series(history, key)) for key, label, style in specs]
+    lines = [line for line in lines if line[2]]
+    values = [v for *_, y in lines for v in y]
+    log = log_if_decades and bool(values) and min(values) > 0 and max(values) / min(values) >= 30
+    for label, style, x, y in lines:
+        if style in ("-", ":", "--") and len(x) >= 10:  # a curve, not markers
+            raw, = ax.plot(x, y, style, linewidth=0.8, alpha=0.35, label=f"{label} (raw)")
+            ax.plot(x, smoothed(x, y, log), style, color=raw.get_color(), linewidth=2, label=f"{label} (smoothed)")
+        else:
             ax.plot(x, y, style, label=label, markersize=5)
-            drawn = True
     ax.set_title(title)
     ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     ax.set_xlabel("optimizer step" if "ppo" not in title.lower() else "PPO iteration")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if drawn:
+    ax.set_ylabel(f"{ylabel}, log scale" if log else ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both" if log else "major")
+    if lines:
         ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
@@ -196,8 +228,8 @@ def make_plots(infos, out_dir):
     if infos["sft"]:
         history = infos["sft"]["metrics"].get("log_history", [])
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        plot_lines(a, history, [("loss", "train (mean over log interval)", "-"), ("eval_loss", "held-out", "o-")],
-                   "SFT loss", "cross-entropy (nats/token)")
+        plot_lines(a, history, [("loss", "train", "-"), ("eval_loss", "held-out", "o-")],
+                   "SFT loss", "cross-entropy (nats/token)", log_if_decades=True)
         plot_lines(b, history, [("mean_token_accuracy", "train", "-"), ("eval_mean_token_accuracy", "held-out", "o-")],
                    "SFT next-token accuracy", "accuracy (share of answer tokens)")
         fig.suptitle("Stage 1: supervised fine-tuning")
@@ -208,7 +240,7 @@ def make_plots(infos, out_dir):
         plot_lines(a, history, [("accuracy", "train batches", "-"), ("eval_accuracy", "held-out", "o-")],
                    "RM pairwise accuracy", "share of pairs with chosen > rejected")
         plot_lines(b, history, [("loss", "train", "-"), ("eval_loss", "held-out", "o-")],
-                   "RM loss", "Bradley-Terry loss (nats/pair)")
+                   "RM loss", "Bradley-Terry loss (nats/pair)", log_if_decades=True)
         fig.suptitle("Stage 2: reward model")
         save(fig, "rm_accuracy.png", "RM accuracy and loss")
     if infos["ppo"]:
@@ -238,7 +270,8 @@ def make_plots(infos, out_dir):
 
 def main(argv):
     ap = argparse.ArgumentParser(description="Write report.json, report.md and plots of the pipeline's stage outputs.",
-                                 allow_abbrev=False, epilog="Stage folders come from config.py (--SFT_DIR=... etc.).")
+                                 allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=tool_help(__file__, *(setting for _, setting in STAGES), overrides=True))
     ap.add_argument("--reports", default="reports", metavar="DIR", help="output folder (and where timings.json is)")
     args, overrides = ap.parse_known_args(argv)
     apply_overrides(overrides, quiet=True)

@@ -12,12 +12,13 @@ held out of SFT/RM data ("heldout_params") against the others.
     python scripts/rm_vs_tests.py --results /tmp/sft.jsonl            # RM: ./rm_model
 """
 import argparse
-import json
 import os
-import sys
 
 import config as C
 from rlhf import codeeval
+from rlhf.common import load_tokenizer, run_stage
+from rlhf.data import read_jsonl
+from rlhf.settings import UserError, tool_help
 
 
 def reference_answer(problem):
@@ -28,26 +29,25 @@ def reference_answer(problem):
     return f"```python\n{code}\n```" if code else None
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=tool_help(__file__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="per-task results jsonl written by scripts/evaluate.py --out")
     ap.add_argument("--problems", default=C.EVAL_TASKS_FILE, help="the problem file those results are for")
     ap.add_argument("--rm", default=C.RM_DIR, help="reward model folder")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     for path in (args.results, args.problems, args.rm):
         if not os.path.exists(path):
-            sys.exit(f"rm_vs_tests: {path} does not exist")
-    from transformers import AutoTokenizer
-
+            raise UserError(f"{path} does not exist")
     from rlhf.reward import load_reward_model, score_responses
 
     problems = {p.task_id: p for p in codeeval.load_problems(args.problems)}
-    rows = [json.loads(line) for line in open(args.results, encoding="utf-8") if line.strip()]
+    rows = read_jsonl(args.results)
     failed = [r for r in rows if not r.get("passed") and r.get("task_id") in problems and "raw" in r]
     failed = [r for r in failed if reference_answer(problems[r["task_id"]])]
     if not failed:
-        sys.exit(f"rm_vs_tests: no failed answer with a reference solution in {args.results}")
-    rm, tokenizer = load_reward_model(args.rm), AutoTokenizer.from_pretrained(args.rm)
+        raise UserError(f"no failed answer with a reference solution in {args.results}")
+    rm, tokenizer = load_reward_model(args.rm), load_tokenizer(args.rm)
     prompts = [problems[r["task_id"]].messages() for r in failed]
     wrong = score_responses(rm, tokenizer, prompts, [r["raw"] for r in failed])
     right = score_responses(rm, tokenizer, prompts, [reference_answer(problems[r["task_id"]]) for r in failed])
@@ -67,4 +67,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,9 +1,17 @@
 """Shared fixtures: a tiny locally built model and tiny data files, so every test runs offline
-on a CPU in seconds. Everything runs with the Hugging Face hub switched off."""
+on a CPU in seconds. Everything runs with the Hugging Face hub switched off.
 
+Two lanes: `bash test.sh -m "not slow"` runs the unit tests (under a minute); `bash test.sh` runs
+everything, as CI does. A test is `slow` when it, or a fixture it uses, starts a process (a stage
+script, a tool, `accelerate launch`): marked here, from the source, so no test can forget it.
+Tests that train in this process carry @pytest.mark.slow themselves."""
+
+import inspect
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 
@@ -34,6 +42,25 @@ def toy_conversations(n, seed=0):
         answer = f"```python\ndef add_{k}(x):\n    return x + {k}\n```"
         rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
     return rows
+
+
+LAUNCHES_A_PROCESS = re.compile(r"\b(run_script|subprocess\.\w+|Popen|launch|run_evaluate)\(")
+
+
+def starts_a_process(function):
+    try:
+        return bool(LAUNCHES_A_PROCESS.search(inspect.getsource(function)))
+    except (OSError, TypeError):  # no source (a builtin fixture)
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test that starts a process itself or through one of its fixtures."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = [d for ds in (fixtures.name2fixturedefs.values() if fixtures else []) for d in ds]
+        if starts_a_process(getattr(item, "function", None)) or any(starts_a_process(d.func) for d in defs):
+            item.add_marker(pytest.mark.slow)
 
 
 def run_script(script, *args, cwd=ROOT, timeout=600):
@@ -280,3 +307,36 @@ def two_process_runs(tiny_base, tmp_path_factory):
                 "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0", "--REPORT_TO=none"]  # evaluated once, at the end
     logs["ppo"] = launch("train_ppo.py", *ppo_args, f"--PPO_DIR={two}/ppo", f"--RUNS_DIR={two}/runs", log_dir=folder)
     return {"one": one, "two": two, "logs": logs, "folder": folder, "sft_args": sft_args, "ppo_args": ppo_args}
+
+
+@pytest.fixture(scope="session")
+def ppo_inputs(tiny_base, tmp_path_factory):
+    """A tiny ./sft_model (the untrained tiny base), a ./rm_model from it, prompts with tests."""
+    from rlhf.common import load_tokenizer
+    from rlhf.handoff import save_stage_output
+    from rlhf.reward import load_reward_model, save_reward_normalization
+
+    folder = tmp_path_factory.mktemp("ppo_inputs")
+    sft, rm = str(folder / "sft_model"), str(folder / "rm_model")
+    save_stage_output(sft, "sft", lambda tmp: shutil.copytree(tiny_base, tmp, dirs_exist_ok=True), {})
+    model, tok = load_reward_model(sft), load_tokenizer(sft)
+
+    def save_rm(tmp):
+        save_reward_normalization(tmp, {"mean": 0.0, "std": 1.0}, model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    save_stage_output(rm, "rm", save_rm, {})
+    rows = [{"task_id": f"t{k}", "prompt": [{"role": "user", "content": f"Write add_{k}(x) returning x plus {k}."}],
+             "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}]} for k in range(1, 21)]
+    prompts = write_jsonl(folder / "ppo.jsonl", rows)
+    tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in rows[:4]])
+    return {"sft": sft, "rm": rm, "prompts": prompts, "tasks": tasks, "folder": folder}
+
+
+def ppo_args(inp, out, *extra):
+    """Overrides that run train_ppo.py on ppo_inputs `inp`, every output under `out`, in seconds."""
+    return [f"--SFT_DIR={inp['sft']}", f"--RM_DIR={inp['rm']}", f"--PPO_DIR={out}/ppo_model", f"--RUNS_DIR={out}/runs",
+            f"--PPO_PROMPTS_FILE={inp['prompts']}", f"--EVAL_TASKS_FILE={inp['tasks']}", "--MAX_LEN=128",
+            "--PPO_BATCH_SIZE=8", "--PPO_MINI_BATCH_SIZE=4", "--PPO_RESPONSE_LEN=12", "--GEN_MAX_NEW_TOKENS=12",
+            "--REPORT_TO=none", *extra]

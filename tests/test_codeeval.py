@@ -58,7 +58,21 @@ def test_user_errors_are_one_line(tmp_path, content, message):
     if content is not None:
         path.write_text(content)
     r = run_evaluate("--problems", str(path), "--samples", "canonical")
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], r.stderr
+
+
+@pytest.mark.parametrize("tests, message", [
+    ("add(1, 2) == 3", r"p.jsonl:1: `tests` must be a list"),
+    ([{"call": "add(1, 2)", "expected": "three"}], r"p.jsonl:1: expected 'three' is not a Python literal"),
+    ([{"call": "add(1, 2)"}], r"p.jsonl:1: each test needs a string `call` and `expected`"),
+])
+def test_task_rows_whose_tests_cannot_run(tmp_path, tests, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(dict(PROJECT, tests=tests)) + "\n")
+    with pytest.raises(codeeval.UserError, match=message):
+        codeeval.load_problems(str(path))
+    assert codeeval.problem_from_row({"prompt": "no tests here"}, "x:1") is None  # a plain prompt (PPO)
 
 
 def test_samples_file_and_results(tmp_path):

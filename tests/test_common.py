@@ -1,15 +1,10 @@
-"""Shared helpers: the embedded tokenizer and chat template, pad/EOS handling, data loading and
-its errors, and the stage hand-off."""
-
-import json
-import os
+"""rlhf/common.py: the embedded tokenizer and chat template, pad/EOS handling, LoRA set-up, the
+Trainer schedule SFT and RM share, the PPO prompt generator."""
 
 import pytest
 
 import config as C
-from conftest import write_jsonl
-from rlhf.common import STAGE_INFO_FILE, check_output_dir, load_tokenizer, require_stage_output, save_stage_output
-from rlhf.data import load_preference_pairs, load_sft_examples
+from rlhf.common import check_lora_targets, load_tokenizer, lora_config, prompt_rng, trainer_schedule
 from rlhf.settings import UserError
 
 CONVERSATION = [{"role": "user", "content": "用Python实现快速排序算法"},
@@ -60,71 +55,37 @@ def test_tokenizer_without_distinct_pad_borrows_a_special_token(tiny_base, tmp_p
     assert fixed.pad_token in ("<|pad|>", "<|endoftext|>")
 
 
-def test_sft_formats_are_normalised(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": CONVERSATION},
-        {"prompt": "hi", "completion": "```python\nprint(1)\n```"},
-        {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "x"}]},
-    ])
-    rows = load_sft_examples(path)
-    assert rows[0] == {"prompt": CONVERSATION[:1], "completion": CONVERSATION[1:]}
-    assert rows[1]["prompt"] == [{"role": "user", "content": "hi"}]
-    assert rows[1]["completion"][0]["role"] == "assistant"
-    assert rows[2]["completion"] == [{"role": "assistant", "content": "x"}]
+def test_score_head_lora_trains_the_head_fully():
+    """RM and PPO critic: the new `score` head is trained as a whole, the body through adapters."""
+    assert lora_config("SEQ_CLS").modules_to_save == ["score"]
+    assert lora_config("CAUSAL_LM").modules_to_save is None
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"messages": [{"role": "user", "content": "a"}]}\n{"oops": 1}\n', r"d.jsonl:1: the last message must be the assistant"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"oops": 1}\n',
-     r"d.jsonl:2: missing field"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{not json\n',
-     r"d.jsonl:2: malformed JSON"),
-    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}\n', r"d.jsonl:1: .*`role` and `content`"),
-    ('\n\n', r"holds no rows"),
-    ('[1, 2]\n', r"d.jsonl:1: expected a JSON object"),
-])
-def test_malformed_sft_data_names_file_and_line(tmp_path, content, message):
-    (tmp_path / "d.jsonl").write_text(content, encoding="utf-8")
-    with pytest.raises(UserError, match=message):
-        load_sft_examples(str(tmp_path / "d.jsonl"))
+def test_lora_targets_are_checked_against_the_model(tiny_base, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    monkeypatch.setattr(C, "USE_LORA", True)
+    monkeypatch.setattr(C, "LORA_TARGET_MODULES", "q_proj, v_proj")
+    check_lora_targets(model)
+    monkeypatch.setattr(C, "LORA_TARGET_MODULES", "q_proj,query_key_value")
+    with pytest.raises(UserError, match=r"no layer named query_key_value; its linear layers are .*v_proj"):
+        check_lora_targets(model)
+    monkeypatch.setattr(C, "USE_LORA", False)
+    check_lora_targets(model)  # without LoRA the setting is not used
 
 
-def test_non_utf8_and_missing_and_empty_files(tmp_path):
-    (tmp_path / "bad.jsonl").write_bytes(b'{"messages": "\xff\xfe"}\n')
-    with pytest.raises(UserError, match="bad.jsonl:1: not UTF-8"):
-        load_sft_examples(str(tmp_path / "bad.jsonl"))
-    with pytest.raises(UserError, match="not found"):
-        load_sft_examples(str(tmp_path / "nope.jsonl"))
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(UserError, match="is empty"):
-        load_sft_examples(str(tmp_path / "empty.jsonl"))
+def test_trainer_schedule_follows_eval_every(monkeypatch):
+    monkeypatch.setattr(C, "EVAL_EVERY", 0)
+    assert trainer_schedule(0.1)["eval_strategy"] == "epoch" and trainer_schedule(0.1)["save_steps"] is None
+    monkeypatch.setattr(C, "EVAL_EVERY", 5)
+    schedule = trainer_schedule(0.1)
+    assert (schedule["eval_strategy"], schedule["eval_steps"], schedule["save_steps"], schedule["warmup_steps"]) == \
+        ("steps", 5, 5, 0.1)
 
 
-def test_preference_pairs_need_chosen_and_rejected(tmp_path):
-    good = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
-            "rejected": [{"role": "assistant", "content": "b"}]}
-    assert load_preference_pairs(write_jsonl(tmp_path / "ok.jsonl", [good, dict(good, prompt="q")]))[1]["prompt"] == \
-        [{"role": "user", "content": "q"}]
-    with pytest.raises(UserError, match=r"p.jsonl:2: missing field `rejected`"):
-        load_preference_pairs(write_jsonl(tmp_path / "p.jsonl", [good, {"prompt": "q", "chosen": "a"}]))
-
-
-def test_hand_off_requires_a_finished_output_and_refuses_overwrite(tmp_path, monkeypatch):
-    out = str(tmp_path / "sft_model")
-    with pytest.raises(UserError, match="does not exist: run `python train_sft.py` first"):
-        require_stage_output(out, "sft")
-    os.makedirs(out)  # a half-written folder (no metadata) is not a finished output
-    with pytest.raises(UserError, match="no finished SFT model"):
-        require_stage_output(out, "sft")
-
-    save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"), {"m": 1})
-    assert require_stage_output(out, "sft") == out
-    assert json.load(open(os.path.join(out, STAGE_INFO_FILE)))["metrics"] == {"m": 1}
-    monkeypatch.setattr(C, "OVERWRITE", False)
-    with pytest.raises(UserError, match="--OVERWRITE=true"):
-        check_output_dir(out)
-    monkeypatch.setattr(C, "OVERWRITE", True)
-    check_output_dir(out)
-    save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v2"), {"m": 2})
-    assert open(os.path.join(out, "weights")).read() == "v2"
-    assert sorted(os.listdir(tmp_path)) == ["sft_model"]  # no temporary folders left behind
+def test_prompt_rng_depends_on_seed_rank_and_step_only():
+    draw = [prompt_rng(42, 0, 3).randrange(1000) for _ in range(2)]
+    assert draw[0] == draw[1]  # the same step draws the same prompts (a resumed run)
+    others = {prompt_rng(*key).randrange(10**9) for key in ((42, 0, 3), (42, 1, 3), (42, 0, 4), (43, 0, 3))}
+    assert len(others) == 4

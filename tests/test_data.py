@@ -1,69 +1,84 @@
-"""The bundled data: formats, labels verified by execution, disjoint splits, determinism."""
-import filecmp
-import json
+"""rlhf/data.py: the TRL data formats of the three stages, read by one jsonl reader, and every
+mistake as one line naming file and line."""
+
 import os
-import subprocess
-import sys
 
 import pytest
 
-from rlhf import codeeval
-from scripts import build_data
+from conftest import write_jsonl
+from rlhf.data import load_preference_pairs, load_rows, load_sft_examples, read_jsonl
+from rlhf.settings import UserError
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-FILES = ["sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts", "eval_tasks", "val_tasks"]
-
-
-def rows(name):
-    return codeeval.read_jsonl(os.path.join(DATA, name + ".jsonl"))
+CONVERSATION = [{"role": "user", "content": "用Python实现快速排序算法"},
+                {"role": "assistant", "content": "```python\ndef quick_sort(a):\n    return sorted(a)\n```"}]
 
 
-def test_formats_and_disjoint_splits():
-    sft = rows("sft_train")
-    assert all(r["messages"][1]["content"].startswith("```python\n") and r["messages"][1]["content"].endswith("\n```")
-               for r in sft)
-    pair = rows("rm_train")[0]
-    assert {"prompt", "chosen", "rejected", "bug"} <= set(pair) and pair["chosen"] != pair["rejected"]
-    train_ids = {r["task_id"] for r in sft}
-    for name in ("sft_eval", "ppo_prompts", "eval_tasks", "val_tasks"):
-        assert not train_ids & {r["task_id"] for r in rows(name)}, name
-    assert not {r["task_id"] for r in rows("ppo_prompts")} & {r["task_id"] for r in rows("eval_tasks")}
-    val = {r["task_id"] for r in rows("val_tasks")}  # the validation split: trained on by nothing, not the eval set
-    assert val and not val & ({r["task_id"] for r in rows("ppo_prompts")} | {r["task_id"] for r in rows("eval_tasks")})
-    # held-out parameter values: present in eval, absent from SFT
-    assert any(r["heldout_params"] for r in rows("eval_tasks"))
-    assert {"zh", "en"} == {r["lang"] for r in sft}
-    assert len({r["family"] for r in sft}) >= 30
-    assert "用Python实现快速排序算法" in {r["messages"][0]["content"] for r in sft}
+def test_sft_formats_are_normalised(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": CONVERSATION},
+        {"prompt": "hi", "completion": "```python\nprint(1)\n```"},
+        {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "x"}]},
+    ])
+    rows = load_sft_examples(path)
+    assert rows[0] == {"prompt": CONVERSATION[:1], "completion": CONVERSATION[1:]}
+    assert rows[1]["prompt"] == [{"role": "user", "content": "hi"}]
+    assert rows[1]["completion"][0]["role"] == "assistant"
+    assert rows[2]["completion"] == [{"role": "assistant", "content": "x"}]
 
 
-def test_eval_and_ppo_files_load_as_problems():
-    for name in ("eval_tasks", "ppo_prompts", "val_tasks"):
-        problems = codeeval.load_problems(os.path.join(DATA, name + ".jsonl"))
-        assert all(p.format == "project" for p in problems)
-        assert problems[0].messages()[0]["role"] == "user"
+@pytest.mark.parametrize("content, message", [
+    ('{"messages": [{"role": "user", "content": "a"}]}\n{"oops": 1}\n', r"d.jsonl:1: the last message must be the assistant"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"oops": 1}\n',
+     r"d.jsonl:2: missing field"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{not json\n',
+     r"d.jsonl:2: malformed JSON"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}\n', r"d.jsonl:1: .*`role` and `content`"),
+    ('\n\n', r"holds no rows"),
+    ('[1, 2]\n', r"d.jsonl:1: expected a JSON object"),
+])
+def test_malformed_sft_data_names_file_and_line(tmp_path, content, message):
+    (tmp_path / "d.jsonl").write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        load_sft_examples(str(tmp_path / "d.jsonl"))
 
 
-def small_tasks():
-    rng = build_data.random.Random(0)
-    return [t for fam in build_data.task_families.F[:2] for t in build_data.instances(0, fam, rng)][:4]
+def test_non_utf8_and_missing_and_empty_files(tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"messages": "\xff\xfe"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1: not UTF-8"):
+        load_sft_examples(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(UserError, match="not found"):
+        load_sft_examples(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="is empty"):
+        load_sft_examples(str(tmp_path / "empty.jsonl"))
 
 
-def test_verify_rejects_a_corrupt_reference():
-    tasks = small_tasks()
-    build_data.verify(tasks, tasks[:1], workers=2)  # the real labels pass
-    broken = dict(tasks[0], solution=tasks[0]["solution"].replace("==", "!="))
-    with pytest.raises(SystemExit, match="reference"):
-        build_data.verify([broken], [], workers=2)
-    no_bug = dict(tasks[0], bugs={"same": tasks[0]["solution"]})  # a "bug" that passes
-    with pytest.raises(SystemExit, match="no bug fails"):
-        build_data.verify([no_bug], [no_bug], workers=2)
+def test_preference_pairs_need_chosen_and_rejected(tmp_path):
+    good = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}]}
+    assert load_preference_pairs(write_jsonl(tmp_path / "ok.jsonl", [good, dict(good, prompt="q")]))[1]["prompt"] == \
+        [{"role": "user", "content": "q"}]
+    with pytest.raises(UserError, match=r"p.jsonl:2: missing field `rejected`"):
+        load_preference_pairs(write_jsonl(tmp_path / "p.jsonl", [good, {"prompt": "q", "chosen": "a"}]))
 
 
-def test_build_is_deterministic(tmp_path):
-    for d in ("a", "b"):
-        subprocess.run([sys.executable, "scripts/build_data.py", "--families", "2", "--seed", "3",
-                        "--out", str(tmp_path / d)], check=True, capture_output=True)
-    for name in FILES:
-        assert filecmp.cmp(tmp_path / "a" / f"{name}.jsonl", tmp_path / "b" / f"{name}.jsonl", shallow=False), name
-    assert json.loads(open(tmp_path / "a" / "eval_tasks.jsonl").readline())["family"] in ("sum_multiples", "count_char")
+def test_unknown_role_names_file_line_and_the_roles(tmp_path):
+    rows = [{"messages": CONVERSATION}, {"messages": [{"role": "robot", "content": "a"}, CONVERSATION[1]]}]
+    with pytest.raises(UserError, match=r"d.jsonl:2: unknown role 'robot' in `messages`; use system, user, assistant, tool"):
+        load_sft_examples(write_jsonl(tmp_path / "d.jsonl", rows))
+    system = {"messages": [{"role": "system", "content": "be brief"}] + CONVERSATION}
+    assert load_sft_examples(write_jsonl(tmp_path / "s.jsonl", [system]))[0]["prompt"][0]["role"] == "system"
+
+
+def test_a_folder_is_not_a_data_file(tmp_path):
+    os.makedirs(tmp_path / "d.jsonl")
+    for read in (load_rows, read_jsonl, load_sft_examples):
+        with pytest.raises(UserError, match=r"d.jsonl is a folder"):
+            read(str(tmp_path / "d.jsonl"))
+
+
+def test_read_jsonl_keeps_line_numbers_and_skips_blank_lines(tmp_path):
+    (tmp_path / "r.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert read_jsonl(str(tmp_path / "r.jsonl")) == [{"a": 1, "_line": 1}, {"a": 2, "_line": 3}]
+    with pytest.raises(UserError, match=r"nope.jsonl: no such file"):
+        read_jsonl(str(tmp_path / "nope.jsonl"))

@@ -130,3 +130,9 @@ def test_generate_missing_model_is_one_line(tmp_path):
     proc = run_script("scripts/generate.py", "--model", str(tmp_path / "ppo_model"), "hi")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "is not a model folder" in proc.stderr
+
+
+def test_pipeline_refuses_a_value_out_of_range_before_any_work(tmp_path):
+    proc = run_script("scripts/pipeline.py", f"--reports={tmp_path / 'reports'}", "--WARMUP_RATIO=2")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: WARMUP_RATIO must be in [0, 1), not 2.0 (config.py or --WARMUP_RATIO=...)"
+    assert os.listdir(tmp_path) == []  # no reports folder, no data built, nothing trained

@@ -3,7 +3,6 @@ a killed run resumes to the same result, missing inputs give one clear line."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,38 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def ppo_inputs(tiny_base, tmp_path_factory):
-    """A tiny ./sft_model (the untrained tiny base), a ./rm_model from it, prompts with tests."""
-    from rlhf.common import load_tokenizer, save_stage_output
-    from rlhf.reward import load_reward_model, save_reward_normalization
-
-    folder = tmp_path_factory.mktemp("ppo_inputs")
-    sft, rm = str(folder / "sft_model"), str(folder / "rm_model")
-    save_stage_output(sft, "sft", lambda tmp: shutil.copytree(tiny_base, tmp, dirs_exist_ok=True), {})
-    model, tok = load_reward_model(sft), load_tokenizer(sft)
-
-    def save_rm(tmp):
-        save_reward_normalization(tmp, {"mean": 0.0, "std": 1.0}, model)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-
-    save_stage_output(rm, "rm", save_rm, {})
-    rows = [{"task_id": f"t{k}", "prompt": [{"role": "user", "content": f"Write add_{k}(x) returning x plus {k}."}],
-             "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}]} for k in range(1, 21)]
-    prompts = write_jsonl(folder / "ppo.jsonl", rows)
-    tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in rows[:4]])
-    return {"sft": sft, "rm": rm, "prompts": prompts, "tasks": tasks, "folder": folder}
-
-
-def ppo_args(inp, out, *extra):
-    return [f"--SFT_DIR={inp['sft']}", f"--RM_DIR={inp['rm']}", f"--PPO_DIR={out}/ppo_model", f"--RUNS_DIR={out}/runs",
-            f"--PPO_PROMPTS_FILE={inp['prompts']}", f"--EVAL_TASKS_FILE={inp['tasks']}", "--MAX_LEN=128",
-            "--PPO_BATCH_SIZE=8", "--PPO_MINI_BATCH_SIZE=4", "--PPO_RESPONSE_LEN=12", "--GEN_MAX_NEW_TOKENS=12",
-            "--REPORT_TO=none", *extra]
+from conftest import ROOT, ppo_args, run_script, write_jsonl
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])

@@ -15,15 +15,12 @@ import time
 import pytest
 
 import config as C
-from conftest import ROOT, toy_conversations, toy_preference_pairs, write_jsonl
-from rlhf.checkpoints import CHECKPOINT_MARKER, disk_full_is_an_error, resume_from
-from rlhf.common import run_stage, save_stage_output
+from conftest import ROOT, ppo_args, toy_conversations, toy_preference_pairs, write_jsonl
+from rlhf.checkpoints import CHECKPOINT_MARKER, resume_from
+from rlhf.common import run_stage
 from rlhf.data import drop_too_long
+from rlhf.handoff import disk_full_is_an_error, save_stage_output
 from rlhf.settings import UserError, settings
-import test_ppo
-from test_ppo import ppo_args
-
-ppo_inputs = test_ppo.ppo_inputs  # the fixture: a tiny finished SFT and RM, prompts with tests
 
 STAGES = ("sft", "rm", "ppo")
 PPO_QUICK = ["--PPO_BATCH_SIZE=4", "--PPO_MINI_BATCH_SIZE=4", "--PPO_SAMPLES_PER_PROMPT=2", "--PPO_EPOCHS=1",
@@ -66,8 +63,12 @@ def good_row(stage):
 # Bad input: one line naming file and line, non-zero exit, nothing written
 # ---------------------------------------------------------------------------------------------
 
+ROBOT = {"role": "robot", "content": "beep"}
 BAD_DATA = {  # case -> (file content after one good row, expected message)
     "malformed": (b"{not json\n", r"bad.jsonl:2: malformed JSON"),
+    "unknown role": (json.dumps({"messages": [ROBOT, {"role": "assistant", "content": "x"}], "prompt": [ROBOT],
+                                 "chosen": "x", "rejected": "y"}).encode() + b"\n",
+                     r"bad.jsonl:2: unknown role 'robot' in `(messages|prompt)`; use system, user, assistant, tool"),
     "missing field": (b'{"oops": 1}\n', r"bad.jsonl:2: missing field"),
     "non-utf8": (b'{"prompt": "\xff\xfe"}\n', r"bad.jsonl:2: not UTF-8"),
     "empty": (None, r"bad.jsonl is empty"),
@@ -137,6 +138,12 @@ def test_some_examples_too_long_are_dropped_with_a_count(tiny_base, tmp_path, ca
     ("--PPO_KL_ESTIMATOR=k4", "PPO_KL_ESTIMATOR must be one of k1, k2, k3, not 'k4'"),
     ("--BATCH_SIZE=0", "BATCH_SIZE must be above 0"),
     ("--LR", "settings are given as --NAME=value"),
+    ("--WARMUP_RATIO=2", "WARMUP_RATIO must be in [0, 1), not 2.0"),  # transformers would read it as 2 steps
+    ("--RM_WARMUP_RATIO=1", "RM_WARMUP_RATIO must be in [0, 1), not 1.0"),
+    ("--LORA_DROPOUT=-0.1", "LORA_DROPOUT must be in [0, 1), not -0.1"),
+    ("--PPO_LAM=1.5", "PPO_LAM must be in [0, 1], not 1.5"),
+    ("--PPO_KL_COEF=-1", "PPO_KL_COEF must be 0 or more, not -1.0"),
+    (f"--EVAL_TASKS_FILE={ROOT}/data", f"EVAL_TASKS_FILE='{ROOT}/data' is a folder; give a data file"),
 ])
 def test_unknown_or_mistyped_settings(stage, arg, message, stage_main, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)  # nothing may be written, not even under the default folders
@@ -159,6 +166,60 @@ def test_stage_out_of_order_names_the_command(stage, missing, command, tmp_path,
     with pytest.raises(UserError, match=f"no finished {missing.upper()} model .*run `{command}` again"):
         stage_main(stage)(args)
     assert os.listdir(tmp_path) == [f"{missing}_model"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_data_file_that_is_a_folder(stage, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs, stage_main, monkeypatch,
+                                    capsys):
+    os.makedirs(tmp_path / "train.jsonl")  # a folder named like a file: IsADirectoryError before
+    args = stage_args(stage, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs, data=tmp_path / "train.jsonl")
+    monkeypatch.setattr(sys, "argv", [f"train_{stage}.py", *args])
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(stage_main(stage))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and re.match(r"error: \w+_FILE='.*train.jsonl' is a folder", err[0]), err
+    assert os.listdir(tmp_path) == ["train.jsonl"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_lora_target_the_model_lacks(stage, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs, stage_main):
+    args = stage_args(stage, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs)
+    with pytest.raises(UserError, match=r"LORA_TARGET_MODULES: the model has no layer named nope_proj; its linear "
+                                        r"layers are .*q_proj.* \(or use all-linear\)"):
+        stage_main(stage)(args + ["--USE_LORA=true", "--LORA_TARGET_MODULES=q_proj,nope_proj"])
+    assert os.listdir(tmp_path) == []
+
+
+BAD_TESTS = {  # case -> (the `tests` of a task row, expected message)
+    "tests as a string": ("add_1(1) == 2", r"`tests` must be a list of \{\"call\", \"expected\"\} objects, not str"),
+    "expected not a literal": ([{"call": "add_1(1)", "expected": "two"}], r"expected 'two' is not a Python literal"),
+    "test without call": ([{"expected": "2"}], r"each test needs a string `call` and `expected`"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TESTS))
+def test_eval_task_rows_with_unrunnable_tests(case, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs, stage_main):
+    """SFT reads EVAL_TASKS_FILE before training (pass@1 at its end): a row whose tests cannot run
+    stops it at once, naming file and line, not after hours of training."""
+    tests, message = BAD_TESTS[case]
+    good = {"task_id": "t1", "prompt": "Write add_1(x).", "entry_point": "add_1",
+            "tests": [{"call": "add_1(1)", "expected": "2"}]}
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [good, dict(good, task_id="t2", tests=tests)])
+    args = stage_args("sft", tmp_path / "out", tiny_base, toy_data, toy_pairs, ppo_inputs)
+    with pytest.raises(UserError, match=rf"tasks.jsonl:2: {message}"):
+        stage_main("sft")(args + [f"--EVAL_TASKS_FILE={tasks}", "--SFT_EVAL_PASS_AT_1=true"])
+    assert os.listdir(tmp_path) == ["tasks.jsonl"]
+
+
+@pytest.mark.parametrize("case", list(BAD_TESTS))
+def test_ppo_prompt_rows_with_unrunnable_tests(case, tmp_path, ppo_inputs, stage_main):
+    tests, message = BAD_TESTS[case]
+    rows = [dict(json.loads(open(ppo_inputs["prompts"]).readline()), tests=tests)]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    with pytest.raises(UserError, match=rf"prompts.jsonl:1: {message}"):
+        stage_main("ppo")(ppo_args(ppo_inputs, tmp_path / "out", f"--PPO_PROMPTS_FILE={prompts}", "--PPO_STEPS=1",
+                                   "--PPO_EVAL_EVERY=0", *PPO_QUICK))
+    assert os.listdir(tmp_path) == ["prompts.jsonl"]
 
 
 def test_model_path_that_does_not_exist(tmp_path, stage_main):
@@ -190,7 +251,7 @@ def test_finished_output_is_not_overwritten(stage, tmp_path, tiny_base, toy_data
 def test_kill_while_saving_the_output_loses_and_leaks_nothing(moment, tmp_path, capsys):
     """save_stage_output writes <out>.tmp-PID, renames <out> to <out>.old-PID, then the temporary
     folder to <out>. What each kill leaves is cleaned or finished by the next run of the stage."""
-    from rlhf.common import check_output_dir
+    from rlhf.handoff import check_output_dir
 
     out = tmp_path / "sft_model"
     save_stage_output(str(out), "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"), {})
@@ -245,6 +306,7 @@ def kill_after_first_checkpoint(script, args, folder):
     return os.path.dirname(done[0])
 
 
+@pytest.mark.slow  # trains in this process
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_killed_stage_resumes_and_finishes(stage, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs, stage_main,
                                            capsys):
@@ -285,6 +347,7 @@ def reward_nan_from_step_2(prompts, texts):
     return [float("nan") if len(REWARD_CALLS) >= 2 else 0.0] * len(texts)
 
 
+@pytest.mark.slow  # trains in this process
 @pytest.mark.parametrize("stage, trigger", [
     ("sft", ["--LR=1e30", "--EVAL_EVERY=1"]),  # an absurd learning rate: the weights overflow
     ("rm", ["--RM_LR=1e30", "--EVAL_EVERY=1"]),
@@ -340,6 +403,7 @@ def test_disk_full_seen_by_torch_save_is_recognised(tmp_path, monkeypatch):
         assert not tmp.exists()
 
 
+@pytest.mark.slow  # trains in this process
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(stage, tmp_path, tiny_base, toy_data, toy_pairs,
                                                                  ppo_inputs, stage_main, monkeypatch):

@@ -1,4 +1,8 @@
-"""The --NAME=value override mechanism shared by every stage script."""
+"""rlhf/settings.py: the --NAME=value override mechanism shared by every stage script, the checks
+of allowed values and ranges, and --help."""
+
+import os
+import re
 
 import pytest
 
@@ -56,3 +60,67 @@ def test_argument_without_equals_is_an_error():
 def test_each_change_is_printed(capsys):
     apply_overrides(["--EPOCHS=2"])
     assert "EPOCHS = 2" in capsys.readouterr().out
+
+
+def test_allowed_values_agree_with_config_comments():
+    """CHOICES is the one list of allowed values: config.py's comment names each of them."""
+    from rlhf.settings import CHOICES, config_sections
+
+    comments = {name: comment for _, rows in config_sections() for name, comment in rows}
+    for name, allowed in CHOICES.items():
+        missing = [v for v in allowed if v not in comments[name]]
+        assert not missing, f"config.py's comment of {name} omits {missing}"
+
+
+def test_defaults_pass_the_checks_and_every_checked_name_exists():
+    from rlhf.settings import CHOICES, RANGES, check_values, settings
+
+    assert set(CHOICES) | set(RANGES) <= set(settings())
+    check_values()
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--WARMUP_RATIO=1", "WARMUP_RATIO must be in [0, 1), not 1.0"),
+    ("--PPO_GAMMA=1.01", "PPO_GAMMA must be in [0, 1], not 1.01"),
+    ("--PPO_MAX_GRAD_NORM=0", "PPO_MAX_GRAD_NORM must be above 0"),
+    ("--PRECISION=fp8", "PRECISION must be one of auto, fp32, bf16, fp16, not 'fp8'"),
+])
+def test_out_of_range_values_are_refused(arg, message):
+    from rlhf.settings import check_values
+
+    apply_overrides([arg], quiet=True)
+    with pytest.raises(UserError) as e:
+        check_values()
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_stage_help_lists_its_settings_grouped_with_defaults_and_comments(stage, capsys, monkeypatch, tmp_path):
+    import importlib
+
+    from rlhf.common import run_stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [f"train_{stage}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(importlib.import_module(f"train_{stage}").main)
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and os.listdir(tmp_path) == []
+    assert out.startswith(f"usage: python train_{stage}.py [--NAME=value ...]")
+    assert "Shared by all stages:\n  --MODEL_NAME=./base_model " in out  # grouped as in config.py, default shown
+    assert "--PRECISION=auto {auto,fp32,bf16,fp16}" in out
+    own = {"sft": "--WARMUP_RATIO=0.05 [0, 1)", "rm": "--RM_LR=0.001", "ppo": "--PPO_KL_ESTIMATOR=k1 {k1,k2,k3}"}[stage]
+    assert own in out
+    others = {"sft": "--RM_LR=", "rm": "--PPO_LR=", "ppo": "--WARMUP_RATIO="}[stage]
+    assert others not in out  # only what this stage reads
+    assert "peak learning rate (cosine decay" in out or "policy learning rate" in out  # config.py's comment
+
+
+@pytest.mark.parametrize("tool", ["build_data", "evaluate", "generate", "pipeline", "report", "rm_vs_tests"])
+def test_every_tool_has_help(tool):
+    from conftest import run_script
+
+    proc = run_script(f"scripts/{tool}.py", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:") and not proc.stderr, proc.stderr
+    if tool in ("generate", "rm_vs_tests", "report"):  # they take defaults from config.py: shown with comments
+        assert re.search(r"\n  (--)?[A-Z_]+( = |=)\S+ +\w", proc.stdout), proc.stdout

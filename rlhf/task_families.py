@@ -1,4 +1,5 @@
-"""Task families for scripts/build_data.py: prompts (zh/en), reference code, bugs, test inputs.
+"""Task families, the data behind data/ (built by scripts/build_data.py): prompts (zh/en),
+reference code, bugs, test inputs.
 
 A family is one kind of task with parameter variants. Templates use string.Template:
 $name is the function name, other $fields come from the parameter dict. A prompt template

@@ -1,0 +1,177 @@
+"""The hand-off between stages: a stage output is a model folder saved atomically with a small
+metadata file (rlhf_stage.json, written last: its presence marks a finished output); the next
+stage refuses a missing or unfinished one with the command that makes it. A kill mid-save leaves
+the previous output (or nothing), and the next run finishes or removes what it left. A full disk
+is one line that says what is kept. rlhf/checkpoints.py builds its atomic checkpoints on this."""
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import shutil
+
+import config as C
+from rlhf.settings import UserError, scalar_settings
+
+STAGE_INFO_FILE = "rlhf_stage.json"  # written last: its presence marks a finished stage output
+STAGE_COMMANDS = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo": "python train_ppo.py"}
+HISTORY_KEYS = ("log_history", "history")  # per-step logs: in rlhf_stage.json, not in eval_results.json
+FREE_BYTES_WHEN_FULL = 16 * 2**20  # a save that failed with less than this free on its disk failed for lack of space
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a previous stage's output
+# ---------------------------------------------------------------------------------------------
+
+def require_stage_output(path, stage):
+    """Fail with the command to run when a previous stage's output is missing or unfinished."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path} does not exist: run `{STAGE_COMMANDS[stage]}` first")
+    if not os.path.exists(os.path.join(path, STAGE_INFO_FILE)):
+        raise UserError(f"{path} holds no finished {stage.upper()} model (no {STAGE_INFO_FILE}; "
+                        f"the run may have been interrupted): run `{STAGE_COMMANDS[stage]}` again")
+    return path
+
+
+def read_stage_info(folder):
+    """A stage output's metadata (rlhf_stage.json) as a dict, or None when it is not finished."""
+    path = os.path.join(folder, STAGE_INFO_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing this stage's output
+# ---------------------------------------------------------------------------------------------
+
+def check_output_dir(path):
+    """Refuse to replace a finished stage output unless OVERWRITE is set (after finishing a save
+    that a kill interrupted)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        recover_interrupted_save(path)
+    PartialState().wait_for_everyone()
+    if os.path.exists(os.path.join(path, STAGE_INFO_FILE)) and not C.OVERWRITE:
+        raise UserError(f"{path} already holds a finished model; move it away or pass --OVERWRITE=true to replace it")
+
+
+def recover_interrupted_save(path):
+    """What a kill during save_stage_output left next to `path`: a complete `<path>.tmp-PID` (killed
+    between its two renames, `path` itself gone) is moved into place; an incomplete one (killed while
+    writing: possibly gigabytes) is removed; a `<path>.old-PID` whose replacement is in place is removed.
+    Each with a line."""
+    import glob
+
+    base = path.rstrip("/")
+    for tmp in sorted(glob.glob(f"{glob.escape(base)}.tmp-*")):
+        if os.path.exists(os.path.join(tmp, STAGE_INFO_FILE)) and not os.path.exists(path):
+            print(f"{path}: finishing a save that was interrupted (moving {tmp} into place)")
+            os.rename(tmp, path)
+        else:
+            print(f"removing {tmp}: an incomplete save of {path} (the run was stopped while saving it)")
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(glob.glob(f"{glob.escape(base)}.old-*")):
+        if os.path.exists(path):
+            print(f"removing {old}: the model {path} replaced (the run was stopped before removing it)")
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_stage_output(path, stage, save_fn, metrics, extra=None):
+    """Save atomically: `save_fn(tmp_dir)` writes the model and tokenizer into a temporary
+    sibling folder, we add the metadata file, then swap it into place. A crash mid-save leaves
+    the previous output (or nothing), never a half-written folder that looks finished."""
+    tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = f"{path} is unchanged" if os.path.exists(path) else f"nothing was written to {path}"
+    with disk_full_is_an_error(path, tmp, f"{kept}, the checkpoints under {C.RUNS_DIR} are kept"):
+        os.makedirs(tmp)
+        save_fn(tmp)
+        info = {
+            "stage": stage,
+            "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+            "base_model": C.MODEL_NAME,
+            "metrics": metrics,
+            "settings": scalar_settings(),
+        }
+        info.update(extra or {})
+        write_json(os.path.join(tmp, STAGE_INFO_FILE), info)
+    old = f"{path.rstrip('/')}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_stage(stage, path, model, tokenizer, metrics, checkpoints, also=None, extra=None, show=None):
+    """The end of every stage (main process only): the model, its tokenizer, eval_results.json
+    (the metrics without the per-step history) and the metadata, saved atomically to `path`; then
+    the stage's checkpoint folder is removed (finished: the next run starts fresh) and one line
+    printed. `also(tmp)` writes anything else first; `show` limits the metrics in that line."""
+    results = {k: v for k, v in metrics.items() if k not in HISTORY_KEYS}
+
+    def save(tmp):
+        if also is not None:
+            also(tmp)
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+        write_json(os.path.join(tmp, "eval_results.json"), results)
+
+    save_stage_output(path, stage, save, metrics, extra)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if show is None or k in show}
+    print(f"{stage} done | {shown} | saved {path}")
+
+
+def save_tokenizer(tokenizer, folder):
+    """save_pretrained with right padding. transformers 5 keeps a per-call padding_side="left"
+    (used for generation) in the Rust backend and writes it to tokenizer.json, so the saved
+    tokenizer would pad left for whoever loads it next; the padding state is reset first."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "no_padding"):
+        backend.no_padding()
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(folder)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+# ---------------------------------------------------------------------------------------------
+
+def is_disk_full(error, path):
+    """Did `error` come from a full disk? OSError says so (ENOSPC, EDQUOT); safetensors wraps it in
+    its own error; torch.save says only "unexpected pos N vs M" (seen on a full tmpfs, torch 2.13),
+    so the free space left on the disk decides."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+        return True
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path or ".").free < FREE_BYTES_WHEN_FULL
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(what, tmp, kept):
+    """Around a save into the temporary folder `tmp`: whatever fails, `tmp` is removed; a full disk
+    becomes one line that names what was being saved and what is kept."""
+    try:
+        yield
+    except Exception as e:
+        full = not isinstance(e, UserError) and is_disk_full(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"disk full while saving {what} ({reason}): free space and rerun; {kept}") from None
