@@ -15,7 +15,7 @@ main().
 
     python train_ppo.py                                    # embedded default, CPU is fine
     python train_ppo.py --USE_LORA=true --PPO_LR=1e-5      # LoRA: reference = adapter disabled
-    accelerate launch --config_file accelerate_configs/ddp.yaml train_ppo.py  # several GPUs (README: DeepSpeed, FSDP)
+    accelerate launch --config_file accelerate_configs/ddp.yaml train_ppo.py  # several GPUs (docs/DISTRIBUTED.md: DeepSpeed, FSDP)
     accelerate launch --config_file accelerate_configs/cpu.yaml train_ppo.py  # 2 CPU processes
 
 Any constant of config.py can be overridden as --NAME=value. Interrupted runs resume from the

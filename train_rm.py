@@ -29,7 +29,7 @@ training, so 0 is the boundary between preferred and rejected answers and +-1 ab
 
     python train_rm.py                                    # embedded default, CPU is fine
     python train_rm.py --USE_LORA=true --RM_LR=1e-4       # LoRA (score head fully trained), merged on save
-    accelerate launch --config_file accelerate_configs/ddp.yaml train_rm.py  # several GPUs (README: DeepSpeed, FSDP)
+    accelerate launch --config_file accelerate_configs/ddp.yaml train_rm.py  # several GPUs (docs/DISTRIBUTED.md: DeepSpeed, FSDP)
     accelerate launch --config_file accelerate_configs/cpu.yaml train_rm.py  # 2 CPU processes
 
 Any constant of config.py can be overridden as --NAME=value.

@@ -13,7 +13,7 @@ the faster choice on GPUs with flash-attention); precision follows the hardware.
 
     python train_sft.py                                   # embedded default, CPU is fine
     python train_sft.py --USE_LORA=true --LR=1e-4         # LoRA, merged on save
-    accelerate launch --config_file accelerate_configs/ddp.yaml train_sft.py  # several GPUs (README: DeepSpeed, FSDP)
+    accelerate launch --config_file accelerate_configs/ddp.yaml train_sft.py  # several GPUs (docs/DISTRIBUTED.md: DeepSpeed, FSDP)
     accelerate launch --config_file accelerate_configs/cpu.yaml train_sft.py  # 2 CPU processes
 
 Any constant of config.py can be overridden as --NAME=value.
