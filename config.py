@@ -121,7 +121,7 @@ PPO_MAX_GRAD_NORM = 1.0  # gradient clipping (TRL's PPO had none)
 PPO_MISSING_EOS_PENALTY = -1.0  # score given instead of the RM's to a response that never ends (N+)
 PPO_PENALIZE_MISSING_EOS = True  # False: responses cut at PPO_RESPONSE_LEN keep their score
 PPO_RM_WEIGHT = 1.0  # weight of the normalised RM score, on prompts without unit tests (and on all with PPO_RM_ON_TESTED)
-PPO_RM_ON_TESTED = False  # True: add the RM score where unit tests exist too; off: tests decide (on held-out tasks our RM prefers failing answers, README)
+PPO_RM_ON_TESTED = False  # True: add the RM score where unit tests exist too; off: tests decide (on held-out tasks our RM prefers failing answers, docs/RESULTS.md)
 PPO_EXEC_WEIGHT = 1.0  # weight of the unit-test reward (prompts with tests); 0 = RM only
 PPO_EXEC_REWARD = "all"  # "all": 1 only if every test passes (what pass@1 counts) | "fraction": share of tests passed
 PPO_REWARD_FN = ""  # optional extra reward "module:function", f(prompt messages, response texts) -> floats
