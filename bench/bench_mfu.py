@@ -217,7 +217,9 @@ def main(argv):
             result["rm"] = {"real_tokens_per_second": tps, "tokens_per_step": per_step, "flop_params": n,
                             "model": C.SFT_DIR}
         if "ppo" in only:
-            history = _common.run_train_ppo(out, own["ppo_steps"], [f"--SFT_DIR={C.SFT_DIR}", f"--RM_DIR={C.RM_DIR}", *rest])
+            # the critic path (gae): the FLOP count below includes the critic's forwards and updates
+            history = _common.run_train_ppo(out, own["ppo_steps"], [f"--SFT_DIR={C.SFT_DIR}", f"--RM_DIR={C.RM_DIR}",
+                                                                    "--PPO_ADVANTAGE=gae", *rest])
             timed = history[1:] or history  # the first iteration warms up
             n_pol = _common.flop_params(AutoModelForCausalLM.from_pretrained(C.SFT_DIR))
             n_crit = _common.flop_params(AutoModelForSequenceClassification.from_pretrained(C.RM_DIR))

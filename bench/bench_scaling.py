@@ -76,7 +76,8 @@ def time_stages(sft_dir, rm_dir, steps, warmup, ppo_steps, out, overrides, batch
         C.MODEL_NAME, C.BATCH_SIZE, C.RM_BATCH_SIZE = saved
     ppo_batch = [f"--PPO_BATCH_SIZE={batch}", f"--PPO_MINI_BATCH_SIZE={max(1, batch // 4)}"] if batch else []
     history = _common.run_train_ppo(os.path.join(out, "ppo"), ppo_steps,
-                                    [f"--SFT_DIR={sft_dir}", f"--RM_DIR={rm_dir}", "--OVERWRITE=true", *overrides, *ppo_batch])
+                                    [f"--SFT_DIR={sft_dir}", f"--RM_DIR={rm_dir}", "--OVERWRITE=true", "--PPO_ADVANTAGE=gae",
+                                     *overrides, *ppo_batch])  # gae: as in the figures of bench/README.md
     shutil.rmtree(os.path.join(out, "ppo"), ignore_errors=True)
     timed = history[1:] or history
     return {"sft_seconds_per_step": sft["seconds"] / sft["steps"], "sft_real_tokens_per_second": sft["real_tokens_per_second"],
