@@ -384,10 +384,15 @@ def zero_value_head(critic):
     With LoRA only the trained copy of the head is zeroed: the original stays the reward model's."""
     head = critic.score
     head = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
-    with torch.no_grad():
-        head.weight.zero_()
-        if head.bias is not None:
-            head.bias.zero_()
+    params = list(head.parameters())
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned it at load: gather, zero, re-partition
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with gathered, torch.no_grad():
+        for p in params:
+            p.zero_()
 
 
 def disable_dropout(model):
@@ -563,7 +568,7 @@ def keep_informative(roll, n_prompts):
 
 def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device):
     """Greedy pass@1 on held-out tasks (sandboxed) and the mean normalised RM score of the answers."""
-    from rlhf.codeeval import completion_for, generate_completions, score_samples
+    from rlhf.codeeval import completion_for, generate_completions, pass_at_1_metrics, score_samples
     from rlhf.reward import normalize_rewards, score_responses
 
     texts = [t[0] for t in generate_completions(policy, tokenizer, [p.messages() for p in problems],
@@ -571,8 +576,7 @@ def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device):
     summary, _ = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t)}
                                           for p, t in zip(problems, texts)], ks=(1,), progress=False)
     scores = score_responses(rm, rm_tokenizer, [p.messages() for p in problems], texts, device=device)
-    per_lang = {f"pass_at_1_{k[len('pass@1_'):]}": v for k, v in summary.items() if k.startswith("pass@1_")}
-    return {"pass_at_1": summary["pass@1"], **per_lang, "rm_score": normalize_rewards(scores.float().mean().item(), norm)}
+    return {**pass_at_1_metrics(summary), "rm_score": normalize_rewards(scores.float().mean().item(), norm)}
 
 
 CHECKPOINT = {"marker": "ppo_state.json", "prefix": "step_"}  # step_N is complete once it holds ppo_state.json

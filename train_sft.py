@@ -25,7 +25,7 @@ import time
 
 import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
-from rlhf.codeeval import evaluate_model, load_problems
+from rlhf.codeeval import evaluate_model, load_problems, pass_at_1_metrics
 from rlhf.common import (
     check_lora_targets, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, resolve_base_model, run_stage,
     start_stage, trainer_args, trainer_schedule, use_log_line,
@@ -129,8 +129,7 @@ def main(argv):
     # ---- pass@1 on held-out code tasks, run in the sandbox
     if problems is not None and state.is_main_process:
         summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS)
-        metrics["pass_at_1"] = summary["pass@1"]
-        metrics.update({f"pass_at_1_{k[len('pass@1_'):]}": v for k, v in summary.items() if k.startswith("pass@1_")})
+        metrics.update(pass_at_1_metrics(summary))
         metrics["eval_tasks"] = len(problems)
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
         print(f"no pass@1: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist (set it, or SFT_EVAL_PASS_AT_1=False)")

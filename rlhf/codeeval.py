@@ -173,6 +173,12 @@ def summarize(problems: list[Problem], results: list[dict], ks=(1, 10, 100)) -> 
     return summary
 
 
+def pass_at_1_metrics(summary: dict) -> dict:
+    """The stage metrics of a summary: pass_at_1 and pass_at_1_<lang> (names TensorBoard, JSON
+    keys and the report share; the summary's own keys are "pass@1", "pass@1_<lang>")."""
+    return {k.replace("pass@1", "pass_at_1"): v for k, v in summary.items() if k == "pass@1" or k.startswith("pass@1_")}
+
+
 def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_new_tokens: int,
                          num_samples: int = 1, temperature: float | None = None,
                          top_p: float = 0.95, batch_size: int = 16, progress: bool = True) -> list[list[str]]:

@@ -91,3 +91,8 @@ def test_humaneval_canonical_all_pass_broken_none():
     # the acceptance check: 164/164 canonical solutions, 0 for `return None`
     assert json.loads(run_evaluate("--benchmark", "humaneval", "--samples", "canonical").stdout)["passed"] == 164
     assert json.loads(run_evaluate("--benchmark", "humaneval", "--samples", "broken").stdout)["passed"] == 0
+
+
+def test_pass_at_1_metrics_one_spelling_for_the_stages():
+    summary = {"pass@1": 0.5, "pass@1_zh": 0.25, "pass@1_en": 0.75, "pass@10": 0.9, "problems": 4}
+    assert codeeval.pass_at_1_metrics(summary) == {"pass_at_1": 0.5, "pass_at_1_zh": 0.25, "pass_at_1_en": 0.75}
