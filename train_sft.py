@@ -40,6 +40,54 @@ def token_lengths(tokenizer, examples):
             for ex in examples]
 
 
+def score_answer_tokens_only(model):
+    """On a CPU, make the forward TRL's SFTTrainer calls (`fused_lm_head=True`) project only the
+    answer positions through the LM head, with plain log_softmax.
+
+    TRL computes the loss without materialising (batch, seq, vocab) logits: on GPUs with Triton
+    only the positions that carry a label go through the head; elsewhere its tiled torch
+    fallback scores every position (prompts and padding too) and recomputes each tile in the
+    backward pass. On the embedded default that fallback was 40% of an SFT step (bench/README.md);
+    here the head sees the answer tokens once: (answer tokens, vocab) logits, ~20 MiB per batch.
+    Same loss, gradients and metrics as TRL's (tests/test_sft.py)."""
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text_config = model.config.get_text_config()
+    scaled = any(getattr(text_config, a, None) is not None for a in
+                 ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+    if model.device.type != "cpu" or scaled:  # GPUs: TRL's kernel is already compact; scaled heads: keep TRL's
+        return
+    trl_forward = model.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            return trl_forward(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                               **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, T, H)
+        if shift_labels is None:  # position t predicts token t + 1
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        mask = labels != -100  # (B, T-1): answer tokens
+        target = labels[mask]
+        logps = self.get_output_embeddings()(hidden[mask]).float().log_softmax(-1)  # (answer tokens, vocab)
+        token_logps = logps.gather(-1, target[:, None]).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(logps.exp() * logps).sum(-1)
+            is_top1 = logps.argmax(-1) == target
+        full = lambda x: x.new_zeros(mask.shape).masked_scatter(mask, x)  # noqa: E731  back to (B, T-1), 0 elsewhere
+        log_probs = full(token_logps)
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=full(entropy),
+                                   is_top1=full(is_top1), label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
 def sft_trainer(model, tokenizer, train, evals, output_dir, **overrides):
     """The SFTTrainer of this stage, writing checkpoints to output_dir; `overrides` replace SFTConfig
     fields (bench/ uses max_steps)."""
@@ -68,12 +116,15 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, **overrides):
     fields.update(trainer_args(SFTConfig), **overrides)
     fields["load_best_model_at_end"] &= fields["eval_strategy"] != "no"  # no evaluations, nothing to stop on
     args = SFTConfig(**fields)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
         peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
         callbacks=[EarlyStoppingCallback(C.SFT_EARLY_STOP_PATIENCE)] if args.load_best_model_at_end else None,
     )
+    # the model TRL patched (under the LoRA wrapper when there is one)
+    score_answer_tokens_only(trainer.model.get_base_model() if C.USE_LORA else trainer.model)
+    return trainer
 
 
 def main(argv):

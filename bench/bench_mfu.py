@@ -20,8 +20,10 @@ and where the SFT step's time goes (torch.profiler).
   ops (norms, activations, rotary, copies); the rest of the wall time is Python and framework
   overhead (Trainer loop, callbacks, logging). Padding and prompt shares come from the batches.
 - Fixes: SFT again with each cheap change, alternating with the stage as it is, same batches:
-  fused AdamW by default; --fixes="fused AdamW,torch.compile" adds torch.compile (its compile
-  time is not timed, its recompiles for new batch lengths are).
+  fused AdamW and, as the contrast of the change that was adopted, TRL's own CPU loss path
+  ("TRL CPU head": every position through the LM head; train_sft.score_answer_tokens_only is
+  what replaced it) by default; --fixes="fused AdamW,torch.compile" adds torch.compile (its
+  compile time is not timed, its recompiles for new batch lengths are).
 
     python bench/bench_mfu.py                      # everything, ~6 minutes on a quiet 2-core machine
     python bench/bench_mfu.py --only=sft,profile --steps=10
@@ -41,6 +43,9 @@ from rlhf.settings import apply_overrides
 FIXES = {  # name -> SFTConfig overrides tried on top of the stage's settings
     "fused AdamW": dict(optim="adamw_torch_fused"),
     "torch.compile": dict(torch_compile=True),
+    # the contrast: TRL's own CPU loss path (every position through the LM head, recomputed in the
+    # backward), which train_sft.score_answer_tokens_only replaces on CPUs
+    "TRL CPU head": dict(trl_cpu_head=True),
 }
 
 
@@ -63,15 +68,21 @@ def run_sft(steps, warmup, out, profile_steps=0, **overrides):
     import torch
     from transformers import TrainerCallback
 
+    import train_sft
     from rlhf.common import seed_everything
-    from train_sft import sft_trainer
 
     seed_everything(C.SEED)
     base, tokenizer, train, load_causal_lm = sft_setup()
     model = load_causal_lm(base)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(out, "runs")
-    trainer = sft_trainer(model, tokenizer, train, train[:8], out, max_steps=warmup + steps,
-                          save_strategy="no", eval_strategy="no", disable_tqdm=True, **overrides)
+    own_head = train_sft.score_answer_tokens_only
+    if overrides.pop("trl_cpu_head", False):
+        train_sft.score_answer_tokens_only = lambda model: None
+    try:
+        trainer = train_sft.sft_trainer(model, tokenizer, train, train[:8], out, max_steps=warmup + steps,
+                                        save_strategy="no", eval_strategy="no", disable_tqdm=True, **overrides)
+    finally:
+        train_sft.score_answer_tokens_only = own_head
     counts = []  # per training step: (loss-bearing tokens, real tokens, padded positions)
     compute_loss = trainer.compute_loss
 
@@ -166,7 +177,7 @@ def attribute(prof, wall, vocab):
 def main(argv):
     own, rest = _common.own_options(argv, {"steps": 12, "warmup": 3, "rounds": 2, "profile_steps": 4, "ppo_steps": 4,
                                            "rm_steps": 20, "only": "sft,rm,ppo,profile,fixes",
-                                           "fixes": "fused AdamW"})
+                                           "fixes": "fused AdamW,TRL CPU head"})
     apply_overrides(rest)
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -47,22 +47,22 @@ def test_sft_reports_metrics_and_logs(sft_run):
     assert not os.path.exists(out / "runs" / "sft" / "checkpoints")  # cleaned after a finished run
 
 
-def test_sft_refuses_to_overwrite_a_finished_model(sft_run):
+def test_sft_refuses_to_overwrite_a_finished_model(sft_run, run_in_process):
     out, _, args = sft_run
-    proc = run_script("train_sft.py", *args)
+    proc = run_in_process("train_sft.py", *args)
     assert proc.returncode == 2
     assert "already holds a finished model" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_sft_clear_errors_for_user_mistakes(tmp_path, tiny_base, toy_data):
+def test_sft_clear_errors_for_user_mistakes(tmp_path, tiny_base, toy_data, run_in_process):
     proc = run_script("train_sft.py", "--BATCHSIZE=4")
     assert proc.returncode == 2 and "did you mean BATCH_SIZE" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("train_sft.py", f"--MODEL_NAME={tmp_path / 'missing'}", f"--SFT_DIR={tmp_path / 'o'}")
+    proc = run_in_process("train_sft.py", f"--MODEL_NAME={tmp_path / 'missing'}", f"--SFT_DIR={tmp_path / 'o'}")
     assert proc.returncode == 2 and "is not a model folder" in proc.stderr
-    proc = run_script("train_sft.py", f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={tmp_path / 'o'}",
+    proc = run_in_process("train_sft.py", f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={tmp_path / 'o'}",
                       f"--SFT_TRAIN_FILE={tmp_path / 'nope.jsonl'}")
     assert proc.returncode == 2 and "nope.jsonl not found" in proc.stderr
-    proc = run_script("train_sft.py", f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={tmp_path / 'o'}",
+    proc = run_in_process("train_sft.py", f"--MODEL_NAME={tiny_base}", f"--SFT_DIR={tmp_path / 'o'}",
                       f"--SFT_TRAIN_FILE={toy_data['sft_train']}", f"--SFT_EVAL_FILE={toy_data['sft_eval']}", "--MAX_LEN=5")
     assert proc.returncode == 2 and "longer than MAX_LEN=5" in proc.stderr
     assert not os.path.exists(tmp_path / "o")  # nothing written on error
@@ -90,3 +90,48 @@ def test_sft_early_stopping_keeps_the_best_checkpoint(tiny_base, toy_data, tmp_p
     assert abs(info["eval_loss"] - evals[best]) < 1e-4  # and the saved model is the best, not the last
     assert "early stopping: best held-out loss" in proc.stdout
     assert not os.path.exists(tmp_path / "runs" / "sft" / "checkpoints")
+
+
+def test_answer_only_head_gives_trl_loss_gradients_and_metrics():
+    """score_answer_tokens_only (CPU) against TRL's own fused head on the same weights and batch:
+    prompt and padding positions labelled -100, as SFTTrainer labels them."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    from trl.trainer.utils import add_fused_lm_head
+
+    from train_sft import score_answer_tokens_only
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    trl_model = AutoModelForCausalLM.from_config(config)
+    ours = copy.deepcopy(trl_model)
+    for m in (trl_model, ours):
+        add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
+    score_answer_tokens_only(ours)
+
+    input_ids = torch.randint(0, 64, (3, 10))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 7:] = 0  # right padding, as SFTTrainer pads
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # prompt
+    labels[1, :6] = -100  # a longer prompt
+    labels[attention_mask == 0] = -100
+    results = []
+    for m in (trl_model, ours):
+        out = m(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        results.append((out, grads))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(b.loss, a.loss)
+    torch.testing.assert_close(b.log_probs, a.log_probs)
+    torch.testing.assert_close(b.entropy, a.entropy)
+    assert torch.equal(b.is_top1.bool(), a.is_top1.bool()) and torch.equal(b.label_mask, a.label_mask)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+    # without fused_lm_head the model is the plain one (generation, logits)
+    plain = ours(input_ids=input_ids).logits
+    assert plain.shape == (3, 10, 64)
