@@ -422,6 +422,16 @@ def response_forward(model, query, query_mask, response):
     return logits[:, :-1], None if values is None else values[:, -T - 1:-1]
 
 
+def without_padding_columns(query, query_mask, response, mask):
+    """A mini-batch cut to the columns some row uses: prompts are left-padded (leading columns),
+    responses padded after their EOS (trailing). Every loss and statistic is a masked mean, so
+    the figures are the same with fewer positions through the network. Returns (query,
+    query_mask, response, T') with T' the longest valid response of the mini-batch."""
+    start = int((query_mask.cumsum(1) == 0).all(0).sum())  # columns that are padding in every prompt
+    T = max(1, int(mask.sum(1).max()))
+    return query[:, start:], query_mask[:, start:], response[:, :T], T
+
+
 @contextlib.contextmanager
 def frozen(accelerator, model, copy, host):
     """The frozen reference ("policy") or reward model ("critic"): its own `copy` when it has one,
@@ -625,7 +635,7 @@ def setup(accelerator):
     Returns a namespace; the loop in main() reads it."""
     from types import SimpleNamespace
 
-    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+    from transformers import AutoModelForCausalLM
 
     from rlhf.codeeval import load_problems
     from rlhf.reward import load_reward_model, load_reward_normalization
@@ -682,7 +692,9 @@ def setup(accelerator):
         groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": C.PPO_CRITIC_LR})
     optimizer = torch.optim.AdamW(groups, eps=1e-5)
     n_updates = C.PPO_STEPS * C.PPO_EPOCHS * (C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, n_updates)
+    # linear decay to 0, no warm-up (transformers' get_linear_schedule_with_warmup(optimizer, 0, n); not
+    # imported from there: it loads the Trainer utilities and peft, seconds of start-up for every rank)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, (n_updates - k) / max(1, n_updates)))
     if accelerator.state.deepspeed_plugin is not None:
         # no dataloader goes through prepare, so DeepSpeed cannot infer the micro-batch; and it clips
         # gradients itself (accelerator.clip_grad_norm_ is a no-op there). TRL's PPO set the same.
@@ -785,14 +797,16 @@ def main(argv):
 
             # 2. logprobs of the sampled tokens now ("old") and under the reference, values
             old_logp, ref_logp, values = [], [], []
+            back = lambda x: torch.nn.functional.pad(x, (0, response.shape[1] - x.shape[1]))  # noqa: E731  (B', T') -> (B', T)
             for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
-                q, qm, r = query[i: i + C.PPO_MINI_BATCH_SIZE], query_mask[i: i + C.PPO_MINI_BATCH_SIZE], response[i: i + C.PPO_MINI_BATCH_SIZE]
+                rows = slice(i, i + C.PPO_MINI_BATCH_SIZE)
+                q, qm, r, _ = without_padding_columns(query[rows], query_mask[rows], response[rows], mask[rows])
                 logits, v = response_forward(model, q, qm, r)
-                old_logp.append(logprobs_from_logits(logits, r, C.PPO_TEMPERATURE))
-                values.append(v)
+                old_logp.append(back(logprobs_from_logits(logits, r, C.PPO_TEMPERATURE)))
+                values.append(None if v is None else back(v))
                 with frozen(accelerator, model, s.ref_policy, "policy") as ref:
-                    ref_logp.append(logprobs_from_logits(response_forward(ref, q, qm, r)[0], r, C.PPO_TEMPERATURE))
-            old_logp, ref_logp = torch.cat(old_logp), torch.cat(ref_logp)  # (B, T)
+                    ref_logp.append(back(logprobs_from_logits(response_forward(ref, q, qm, r)[0], r, C.PPO_TEMPERATURE)))
+            old_logp, ref_logp = torch.cat(old_logp), torch.cat(ref_logp)  # (B, T), 0 after each response
             values = torch.cat(values) if s.critic else None
 
             # 3. scores, KL, advantages; answers of all-pass / all-fail groups do not train the policy
@@ -815,17 +829,18 @@ def main(argv):
             order = torch.randperm(C.PPO_BATCH_SIZE, generator=shuffle).to(device)
             for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
                 idx = order[i: i + C.PPO_MINI_BATCH_SIZE]
-                m = mask[idx]
-                logits, v = response_forward(model, query[idx], query_mask[idx], response[idx])  # (B', T, V), (B', T)
-                logp = logprobs_from_logits(logits, response[idx], C.PPO_TEMPERATURE)
-                loss, step_stats = policy_loss(logp, old_logp[idx], advantages[idx], m, C.PPO_CLIP)
+                q, qm, r, T = without_padding_columns(query[idx], query_mask[idx], response[idx], mask[idx])
+                m = mask[idx, :T]
+                logits, v = response_forward(model, q, qm, r)  # (B', T, V), (B', T)
+                logp = logprobs_from_logits(logits, r, C.PPO_TEMPERATURE)
+                loss, step_stats = policy_loss(logp, old_logp[idx, :T], advantages[idx, :T], m, C.PPO_CLIP)
                 step_stats["policy_loss"] = loss.detach()
                 if s.critic:
-                    vf_loss, vf_stats = value_loss(v, values[idx], returns[idx], m, C.PPO_VF_CLIP)
+                    vf_loss, vf_stats = value_loss(v, values[idx, :T], returns[idx, :T], m, C.PPO_VF_CLIP)
                     loss = loss + C.PPO_VF_COEF * vf_loss
                     step_stats.update(value_loss=vf_loss.detach(), **vf_stats)
                 if C.PPO_KL_LOSS:  # GRPO's KL term (DeepSeekMath): in the loss, per token, instead of the reward
-                    kl_loss = masked_mean(kl_estimate(logp, ref_logp[idx], C.PPO_KL_ESTIMATOR), m)
+                    kl_loss = masked_mean(kl_estimate(logp, ref_logp[idx, :T], C.PPO_KL_ESTIMATOR), m)
                     loss = loss + kl_ctl.value * kl_loss
                     step_stats["kl_loss"] = kl_loss.detach()
                 if not torch.isfinite(loss):

@@ -84,3 +84,23 @@ def test_gradient_clipping_acts_on_the_prepared_parameters(monkeypatch):
     assert not any(p is q for p in acc.clipped for q in before)
     # the step moved the weights by lr x the clipped gradient: at most the clip norm
     assert 0 < (model.weight.detach() - weight).norm() <= 0.01 + 1e-6
+
+
+def test_padding_columns_cut_from_a_mini_batch_leave_its_logprobs(policy_and_tokenizer):
+    """without_padding_columns drops the prompt columns every row pads and the response columns
+    after every row's EOS; the logprobs of the valid tokens must not move."""
+    policy, tok = policy_and_tokenizer
+    prompts = [{"messages": [{"role": "user", "content": text}]} for text in ("add 1", "add two to x please", "add 3")]
+    query, query_mask = P.encode_prompts(tok, prompts, "cpu")  # left-padded
+    query, query_mask = torch.cat([torch.full((3, 2), tok.pad_token_id), query], 1), torch.cat(
+        [torch.zeros(3, 2, dtype=query_mask.dtype), query_mask], 1)  # two more all-padding columns
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    response = torch.tensor([[5, 6, eos, pad, pad, pad, pad], [7, eos, pad, pad, pad, pad, pad],
+                             [8, 9, 10, 11, eos, pad, pad]])
+    mask = P.first_eos_mask(response, [eos])[0]
+    q, qm, r, T = P.without_padding_columns(query, query_mask, response, mask)
+    assert T == 5 and r.shape == (3, 5) and qm[:, 0].any() and q.shape[1] < query.shape[1]
+    with torch.no_grad():
+        full = P.logprobs_from_logits(P.response_forward(policy, query, query_mask, response)[0], response, 1.0)
+        cut = P.logprobs_from_logits(P.response_forward(policy, q, qm, r)[0], r, 1.0)
+    torch.testing.assert_close(cut[mask[:, :T]], full[mask], rtol=1e-5, atol=1e-5)
