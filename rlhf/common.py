@@ -67,10 +67,15 @@ def launched_with_sharded_weights():
 
 
 def seed_everything(seed):
-    """Python, NumPy and torch RNGs (transformers.set_seed covers all three)."""
-    from transformers import set_seed
+    """Python, NumPy and torch RNGs (every device's), as transformers.set_seed seeds them; not
+    through it: importing it loads transformers' Trainer utilities and with them peft, ~4 s of
+    start-up for a process that needs neither (PPO, the tools)."""
+    import numpy as np
+    import torch
 
-    set_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
 
 
 def precision():

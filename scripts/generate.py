@@ -11,7 +11,7 @@ import argparse
 import sys
 
 import config as C
-from rlhf.common import load_for_generation, run_stage
+from rlhf.common import load_for_generation, run_stage, seed_everything
 from rlhf.settings import tool_help
 
 
@@ -40,9 +40,7 @@ def main(argv):
         ap.error("--temperature must be > 0 (use --greedy for greedy decoding)")
 
     model, tokenizer = load_for_generation(args.model)
-    from transformers import set_seed
-
-    set_seed(args.seed)
+    seed_everything(args.seed)
     if args.prompt and not args.interactive:
         print(answer(model, tokenizer, args.prompt, args))
         return

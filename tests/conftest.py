@@ -20,6 +20,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# test.sh runs the tests in 2 pytest-xdist workers: each worker, and every process it starts,
+# gets an equal share of the cores, so that their torch threads do not fight over them
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,13 +58,40 @@ def starts_a_process(function):
         return False
 
 
+# test.sh runs the tests in 2 pytest-xdist workers, a file at a time (--dist loadfile), so that a
+# file's fixtures are built once; files that share an expensive session fixture share a worker
+# (two_process_runs: about a minute of 2-process training)
+SAME_WORKER = {"tests/test_multinode.py": "tests/test_distributed.py"}
+# the files that take longest, first (test.sh keeps this order: --no-loadscope-reorder), so that no
+# worker is left with a long file at the end
+LONGEST_FIRST = ["test_distributed.py", "test_multinode.py", "test_ppo.py", "test_pipeline.py"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the files of SAME_WORKER sent to one worker as one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LoadFileGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            file = super()._split_scope(nodeid)
+            return SAME_WORKER.get(file, file)
+
+    return LoadFileGroups(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Mark `slow` every test that starts a process itself or through one of its fixtures."""
+    """Mark `slow` every test that starts a process itself or through one of its fixtures; the
+    longest files first."""
     for item in items:
         fixtures = getattr(item, "_fixtureinfo", None)
         defs = [d for ds in (fixtures.name2fixturedefs.values() if fixtures else []) for d in ds]
         if starts_a_process(getattr(item, "function", None)) or any(starts_a_process(d.func) for d in defs):
             item.add_marker(pytest.mark.slow)
+    order = {file: i for i, file in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(os.path.basename(str(item.fspath)), len(order)))
 
 
 def run_script(script, *args, cwd=ROOT, timeout=600):
@@ -68,6 +99,43 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def run_in_process(monkeypatch, capsys):
+    """run(script, *args): a stage script run in this process the way `python <script> <args>`
+    runs it (run_stage: a UserError is one `error:` line on stderr and exit code 2), without the
+    interpreter start-up and its ~6 s of imports; for the errors a stage reports before it trains.
+    Every run starts from the settings the test had; they are restored afterwards. Returns a
+    CompletedProcess (output from capsys)."""
+    import importlib
+    from subprocess import CompletedProcess
+
+    import config as C
+    from rlhf.common import run_stage
+    from rlhf.settings import settings
+
+    saved = settings()
+    for name, value in saved.items():
+        monkeypatch.setattr(C, name, value)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")
+    monkeypatch.chdir(ROOT)
+
+    def run(script, *args):
+        for name, value in saved.items():
+            setattr(C, name, value)
+        main = importlib.import_module(script.removesuffix(".py")).main
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        capsys.readouterr()
+        try:
+            run_stage(main)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return CompletedProcess([script, *args], code, out.out, out.err)
+
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -340,3 +408,5 @@ def ppo_args(inp, out, *extra):
             f"--PPO_PROMPTS_FILE={inp['prompts']}", f"--EVAL_TASKS_FILE={inp['tasks']}", "--MAX_LEN=128",
             "--PPO_BATCH_SIZE=8", "--PPO_MINI_BATCH_SIZE=4", "--PPO_RESPONSE_LEN=12", "--GEN_MAX_NEW_TOKENS=12",
             "--REPORT_TO=none", *extra]
+
+

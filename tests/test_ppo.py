@@ -89,18 +89,18 @@ def test_killed_run_resumes_to_the_same_model(ppo_inputs, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_missing_inputs_name_the_command(tmp_path, ppo_inputs):
-    proc = run_script("train_ppo.py", f"--SFT_DIR={tmp_path}/none", f"--RM_DIR={ppo_inputs['rm']}")
+def test_missing_inputs_name_the_command(tmp_path, ppo_inputs, run_in_process):
+    proc = run_in_process("train_ppo.py", f"--SFT_DIR={tmp_path}/none", f"--RM_DIR={ppo_inputs['rm']}")
     assert proc.returncode == 2 and "run `python train_sft.py` first" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("train_ppo.py", f"--SFT_DIR={ppo_inputs['sft']}", f"--RM_DIR={tmp_path}/none")
+    proc = run_in_process("train_ppo.py", f"--SFT_DIR={ppo_inputs['sft']}", f"--RM_DIR={tmp_path}/none")
     assert proc.returncode == 2 and "run `python train_rm.py` first" in proc.stderr
-    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_BATCH_SIZE=6"))
+    proc = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_BATCH_SIZE=6"))
     assert proc.returncode == 2 and "multiple of PPO_MINI_BATCH_SIZE" in proc.stderr
-    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_SAMPLES_PER_PROMPT=1", "--PPO_ADVANTAGE=rloo"))
+    proc = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_SAMPLES_PER_PROMPT=1", "--PPO_ADVANTAGE=rloo"))
     assert proc.returncode == 2 and "PPO_SAMPLES_PER_PROMPT >= 2" in proc.stderr
-    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_KL_LOSS=true", "--PPO_KL_ESTIMATOR=k1"))
+    proc = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_KL_LOSS=true", "--PPO_KL_ESTIMATOR=k1"))
     assert proc.returncode == 2 and "k1 as a loss term" in proc.stderr
-    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, f"--PPO_PROMPTS_FILE={tmp_path}/x.jsonl"))
+    proc = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, f"--PPO_PROMPTS_FILE={tmp_path}/x.jsonl"))
     assert proc.returncode == 2 and "not found" in proc.stderr
 
 

@@ -193,15 +193,15 @@ def test_rm_lora_trains_the_head_and_saves_a_merged_model(tiny_sft, toy_pairs, t
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, start.model.layers[0].self_attn.q_proj.weight)
 
 
-def test_rm_clear_errors_for_user_mistakes(tmp_path, tiny_sft, toy_pairs):
-    proc = run_script("train_rm.py", f"--SFT_DIR={tmp_path / 'no_sft'}", f"--RM_DIR={tmp_path / 'o'}")
+def test_rm_clear_errors_for_user_mistakes(tmp_path, tiny_sft, toy_pairs, run_in_process):
+    proc = run_in_process("train_rm.py", f"--SFT_DIR={tmp_path / 'no_sft'}", f"--RM_DIR={tmp_path / 'o'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{tmp_path / 'no_sft'} does not exist: run `python train_sft.py` first" in proc.stderr
 
     rows = toy_preference_pairs(4)
     del rows[2]["rejected"]
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
-    proc = run_script("train_rm.py", f"--SFT_DIR={tiny_sft}", f"--RM_DIR={tmp_path / 'o'}", f"--RM_TRAIN_FILE={bad}")
+    proc = run_in_process("train_rm.py", f"--SFT_DIR={tiny_sft}", f"--RM_DIR={tmp_path / 'o'}", f"--RM_TRAIN_FILE={bad}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{bad}:3: missing field `rejected`" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

@@ -101,8 +101,11 @@ def run_side_by_side(program):
     return verdicts[:2]
 
 
-def sandbox_processes():
-    """Live processes running under one of the sandbox's per-sample uids."""
+def sandbox_processes(evaluator_pid=None):
+    """Live processes running under one of the per-sample uids that this test process (or the
+    evaluating process `evaluator_pid`) hands out: UID_BASE + 256 * its pid + slot. A training run
+    using the sandbox beside the tests does not count."""
+    low = sandbox.UID_BASE + 256 * (evaluator_pid or os.getpid())
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -110,7 +113,7 @@ def sandbox_processes():
                 uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
         except (OSError, StopIteration, ValueError):
             continue
-        if sandbox.UID_BASE <= uid < sandbox.UID_BASE + (1 << 30):
+        if low <= uid < low + 256:
             out.append(int(pid))
     return out
 
@@ -370,17 +373,17 @@ def test_nothing_survives_the_evaluating_process(needs_namespaces):
                                  stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 20
-        while len(sandbox_processes()) < 3 and time.time() < deadline and evaluator.poll() is None:
+        while len(sandbox_processes(evaluator.pid)) < 3 and time.time() < deadline and evaluator.poll() is None:
             time.sleep(0.05)
         # the namespace's init, the program and its fork are running
-        assert len(sandbox_processes()) >= 3, evaluator.poll() is not None and evaluator.stderr.read()[-2000:]
+        assert len(sandbox_processes(evaluator.pid)) >= 3, evaluator.poll() is not None and evaluator.stderr.read()[-2000:]
     finally:
         evaluator.kill()
         evaluator.wait()
     deadline = time.time() + 5
-    while sandbox_processes() and time.time() < deadline:
+    while sandbox_processes(evaluator.pid) and time.time() < deadline:
         time.sleep(0.05)
-    assert sandbox_processes() == []
+    assert sandbox_processes(evaluator.pid) == []
 
 
 def test_no_nested_namespaces(hook, backend):
