@@ -797,7 +797,7 @@ def main(argv):
 
             # 2. logprobs of the sampled tokens now ("old") and under the reference, values
             old_logp, ref_logp, values = [], [], []
-            back = lambda x: torch.nn.functional.pad(x, (0, response.shape[1] - x.shape[1]))  # noqa: E731  (B', T') -> (B', T)
+            back = lambda x: torch.nn.functional.pad(x, (0, response.shape[1] - x.shape[1]))  # noqa: E731  to (B', T)
             for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
                 rows = slice(i, i + C.PPO_MINI_BATCH_SIZE)
                 q, qm, r, _ = without_padding_columns(query[rows], query_mask[rows], response[rows], mask[rows])

@@ -22,8 +22,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # test.sh runs the tests in 2 pytest-xdist workers: each worker, and every process it starts,
 # gets an equal share of the cores, so that their torch threads do not fight over them
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -408,5 +409,3 @@ def ppo_args(inp, out, *extra):
             f"--PPO_PROMPTS_FILE={inp['prompts']}", f"--EVAL_TASKS_FILE={inp['tasks']}", "--MAX_LEN=128",
             "--PPO_BATCH_SIZE=8", "--PPO_MINI_BATCH_SIZE=4", "--PPO_RESPONSE_LEN=12", "--GEN_MAX_NEW_TOKENS=12",
             "--REPORT_TO=none", *extra]
-
-
