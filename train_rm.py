@@ -6,7 +6,7 @@ Reads  ./sft_model (SFT_DIR: the SFT stage's output, with its tokenizer and chat
 Writes ./rm_model (RM_DIR): a plain AutoModelForSequenceClassification folder with one output
        (merged when LoRA is on) and the SFT tokenizer, plus reward_normalization.json (mean/std
        for PPO; also in config.json as reward_mean/reward_std), eval_results.json (held-out
-       accuracy, F1, margin) and rlhf_stage.json (hand-off metadata).
+       accuracy, F1, margin, agreement with the tests) and rlhf_stage.json (hand-off metadata).
 
 The SFT model gets a scalar head (`score`) and is trained with the Bradley-Terry loss
 -log sigmoid(r_chosen - r_rejected) (Ouyang et al. 2022), plus a small centring term that keeps
@@ -24,6 +24,9 @@ Metrics on the held-out pairs (RM_EVAL_FILE):
             separates good from bad answers across prompts, as PPO needs: it sees one answer at
             a time and its centred reward (score - mean) / std is positive exactly when the
             answer is classified preferred.
+  heldout_test_agreement  where the SFT model failed a held-out task's tests (SFT_DIR's
+            eval_results.jsonl, EVAL_TASKS_FILE), the share where the RM scores the task's
+            reference program above the failed answer: does it reward what the tests reward?
 Reward normalisation: mean and std of the RM's scores on both sides of the training pairs, after
 training, so 0 is the boundary between preferred and rejected answers and +-1 about a typical one.
 
@@ -44,11 +47,11 @@ from rlhf.common import (
     check_lora_targets, load_tokenizer, lora_config, run_stage, start_stage, torch_dtype, trainer_args, trainer_schedule,
     use_log_line,
 )
-from rlhf.data import drop_too_long, load_preference_pairs
+from rlhf.data import drop_too_long, load_preference_pairs, read_jsonl
 from rlhf.handoff import check_output_dir, require_stage_output, save_stage
 from rlhf.reward import (
-    conversation_ids, load_reward_model, preference_metrics, reward_statistics, save_reward_normalization,
-    score_conversations,
+    agreement_with_tests, conversation_ids, load_reward_model, preference_metrics, reward_statistics,
+    save_reward_normalization, score_conversations,
 )
 
 
@@ -63,6 +66,18 @@ def score_pairs(model, tokenizer, pairs, device):
     scores = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs] +
                                  [p["prompt"] + p["rejected"] for p in pairs], C.RM_SCORE_BATCH_SIZE, device)
     return scores[:len(pairs)], scores[len(pairs):]
+
+
+def sft_failures():
+    """(held-out tasks, the SFT model's answers to them) when the SFT stage saved its pass@1
+    answers (SFT_DIR/eval_results.jsonl) for the EVAL_TASKS_FILE that exists now; else None.
+    Read before training, so that a bad task file stops the run before anything is trained."""
+    from rlhf.codeeval import load_problems
+
+    answers = os.path.join(C.SFT_DIR, "eval_results.jsonl")
+    if not (os.path.exists(answers) and os.path.exists(C.EVAL_TASKS_FILE)):
+        return None
+    return load_problems(C.EVAL_TASKS_FILE), read_jsonl(answers)
 
 
 def main(argv):
@@ -82,6 +97,7 @@ def main(argv):
     evals = drop_too_long(evals, [p["length"] for p in evals], C.RM_MAX_LEN, C.RM_EVAL_FILE, "RM_MAX_LEN")
     if state.is_main_process:
         print(f"data: {len(train)} train / {len(evals)} eval preference pairs")
+    failures = sft_failures()
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -144,12 +160,22 @@ def main(argv):
               f"margin {held_out['margin']:.4g} | {held_out['pairs']} pairs | "
               f"reward mean {stats['mean']:.4g} std {stats['std']:.4g}")
 
+        # ---- does the RM agree with the tests on held-out tasks? where the SFT model failed them, the
+        # task's reference program should score above the failed answer (scripts/rm_vs_tests.py)
+        groups = agreement_with_tests(model, tokenizer, *failures, device=state.device) if failures else {}
+        if groups:
+            share, n = groups["all failures"][:2]
+            metrics.update(heldout_test_agreement=share, heldout_test_failures=n)
+            if "held-out parameter values" in groups:
+                metrics["heldout_test_agreement_heldout_params"] = groups["held-out parameter values"][0]
+            print(f"rm vs tests | prefers the reference to {n} failed SFT answers on held-out tasks {share:.1%}")
+
         # ---- save ./rm_model (atomic, with metadata; the normalisation also goes into config.json)
         metrics["log_history"] = trainer.state.log_history
         save_stage("rm", C.RM_DIR, model, tokenizer, metrics, checkpoint_folder("rm"),
                    also=lambda tmp: save_reward_normalization(tmp, stats, model), extra={"sft_model": C.SFT_DIR},
-                   show=("eval_accuracy", "eval_f1", "eval_margin", "train_loss", "train_seconds",
-                         "train_tokens_per_second"))
+                   show=("eval_accuracy", "eval_f1", "eval_margin", "heldout_test_agreement", "train_loss",
+                         "train_seconds", "train_tokens_per_second"))
     state.wait_for_everyone()
 
 

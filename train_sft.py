@@ -5,7 +5,9 @@ Reads  MODEL_NAME (the embedded ./base_model by default, built when missing) and
        `prompt` + `completion`).
 Writes ./sft_model: a plain Hugging Face causal-LM folder (merged when LoRA is on) with
        tokenizer, chat template and generation config, plus eval_results.json (held-out
-       perplexity, token accuracy, pass@1) and rlhf_stage.json (hand-off metadata).
+       perplexity, token accuracy, pass@1), eval_results.jsonl (each held-out task's answer and
+       verdict, as scripts/evaluate.py writes them; train_rm.py checks its RM against them) and
+       rlhf_stage.json (hand-off metadata).
 
 The loss is on the assistant's answer only (TRL's prompt-completion form). Batches group
 sequences of similar length so little compute goes to padding (PACKING=True packs padding-free,
@@ -31,7 +33,7 @@ from rlhf.common import (
     start_stage, trainer_args, trainer_schedule, use_log_line,
 )
 from rlhf.data import drop_too_long, load_sft_examples
-from rlhf.handoff import check_output_dir, save_stage
+from rlhf.handoff import check_output_dir, save_stage, write_jsonl
 
 
 def token_lengths(tokenizer, examples):
@@ -178,8 +180,10 @@ def main(argv):
     model.eval()
 
     # ---- pass@1 on held-out code tasks, run in the sandbox
+    answers = []  # per task: the answer and its verdict (saved as eval_results.jsonl)
     if problems is not None and state.is_main_process:
-        summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS)
+        summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS,
+                                 results_out=answers)
         metrics.update(pass_at_1_metrics(summary))
         metrics["eval_tasks"] = len(problems)
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
@@ -188,7 +192,8 @@ def main(argv):
     # ---- save ./sft_model (main process; atomic, with metadata)
     if state.is_main_process:
         metrics["log_history"] = trainer.state.log_history
-        save_stage("sft", C.SFT_DIR, model, tokenizer, metrics, checkpoint_folder("sft"))
+        save_stage("sft", C.SFT_DIR, model, tokenizer, metrics, checkpoint_folder("sft"),
+                   also=lambda tmp: write_jsonl(os.path.join(tmp, "eval_results.jsonl"), answers) if answers else None)
     state.wait_for_everyone()
 
 

@@ -142,6 +142,13 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
+def write_jsonl(path, rows):
+    """One JSON object per line (the per-task results of scripts/evaluate.py and the SFT stage)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # A full disk
 # ---------------------------------------------------------------------------------------------

@@ -192,3 +192,46 @@ def preference_metrics(chosen_scores, rejected_scores, threshold):
         "rejected_mean": rejected.mean().item(),
         "score_std": torch.cat([chosen, rejected]).std().item(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Does the RM agree with the unit tests? (train_rm.py at the end, scripts/rm_vs_tests.py)
+# ---------------------------------------------------------------------------------------------
+
+def reference_answer(problem):
+    """A problem's reference program as an assistant answer (one fenced block, as the RM's data
+    writes answers), or None when the problem has none."""
+    r = problem.record
+    code = {"humaneval": (r.get("prompt") or "") + (r.get("canonical_solution") or ""), "mbpp": r.get("code"),
+            "project": r.get("solution")}[problem.format]
+    return f"```python\n{code}\n```" if code else None
+
+
+def agreement_with_tests(rm, tokenizer, problems, results, device=None):
+    """For every answer in `results` (per-task rows of scripts/evaluate.py or the SFT stage:
+    task_id, passed, raw) that FAILED its tests and whose task has a reference program: does the
+    RM score the reference above the failed answer? An RM that rewards correctness does; one that
+    rewards looking like its training data may not, and PPO would then pull towards the failure.
+
+    Returns {group: (share where the RM prefers the reference, n, mean score of the references,
+    mean score of the failed answers)} for "all failures" and, where tasks say so
+    (`heldout_params`), "held-out parameter values" / "seen parameter values"; {} without failures."""
+    by_id = {p.task_id: p for p in problems}
+    failed = [r for r in results if not r.get("passed") and str(r.get("task_id")) in by_id and "raw" in r
+              and reference_answer(by_id[str(r["task_id"])])]
+    if not failed:
+        return {}
+    tasks = [by_id[str(r["task_id"])] for r in failed]
+    prompts = [p.messages() for p in tasks]
+    wrong = score_responses(rm, tokenizer, prompts, [r["raw"] for r in failed], device=device)
+    right = score_responses(rm, tokenizer, prompts, [reference_answer(p) for p in tasks], device=device)
+    heldout = [p.record.get("heldout_params") for p in tasks]
+    groups = {"all failures": [True] * len(failed), "held-out parameter values": [h is True for h in heldout],
+              "seen parameter values": [h is False for h in heldout]}
+    out = {}
+    for name, member in groups.items():
+        idx = [i for i, m in enumerate(member) if m]
+        if idx:
+            out[name] = (sum(bool(right[i] > wrong[i]) for i in idx) / len(idx), len(idx),
+                         sum(float(right[i]) for i in idx) / len(idx), sum(float(wrong[i]) for i in idx) / len(idx))
+    return out

@@ -19,6 +19,7 @@ import sys
 from rlhf import codeeval
 from rlhf.common import load_for_generation, run_stage
 from rlhf.data import read_jsonl
+from rlhf.handoff import write_jsonl
 from rlhf.settings import UserError, apply_overrides, tool_help
 
 
@@ -79,9 +80,7 @@ def main(argv):
         out = args.out or args.samples + "_results.jsonl"
     summary, results = codeeval.score_samples(problems, samples, ks, args.workers)
     if out:
-        with open(out, "w", encoding="utf-8") as f:
-            for r in results:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl(out, results)
         summary["results_file"] = out
     print(json.dumps(summary, indent=2))
 

@@ -22,7 +22,7 @@ from rlhf.settings import apply_overrides, tool_help
 STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
 REQUIRED = {  # keys report.json always has (None when the stage did not record them)
     "sft": ("eval_perplexity", "eval_token_accuracy", "pass_at_1"),
-    "rm": ("eval_accuracy", "eval_f1"),
+    "rm": ("eval_accuracy", "eval_f1", "heldout_test_agreement"),
     "ppo": ("pass_at_1", "kl", "reward_mean"),
 }
 LANGS = ("zh", "en")  # per-language pass@1 is shown when a stage recorded pass_at_1_<lang>
@@ -137,7 +137,10 @@ def markdown(report, plots):
     lines += ["## Reward model (held-out preference pairs)", "", "| metric | value |", "|---|---|"]
     for key, label in (("eval_accuracy", "accuracy (chosen scored above rejected)"), ("eval_f1", "F1 (one threshold)"),
                        ("eval_margin", "margin (chosen - rejected score)"), ("train_accuracy", "train accuracy"),
-                       ("eval_pairs", "held-out pairs")):
+                       ("eval_pairs", "held-out pairs"),
+                       ("heldout_test_agreement", "agrees with the tests: reference above the SFT model's failed "
+                                                  "answer, held-out tasks"),
+                       ("heldout_test_failures", "failed SFT answers checked")):
         lines.append(f"| {label} | {fmt(rm.get(key))} |")
     lines += ["", "## Time", "", "| stage | wall time |", "|---|---|"]
     for name, _ in STAGES:

@@ -10,6 +10,10 @@ held out of SFT/RM data ("heldout_params") against the others.
 
     python scripts/evaluate.py --problems data/eval_tasks.jsonl --model ./sft_model --out /tmp/sft.jsonl
     python scripts/rm_vs_tests.py --results /tmp/sft.jsonl            # RM: ./rm_model
+    python scripts/rm_vs_tests.py --results ./sft_model/eval_results.jsonl   # the SFT stage's own answers
+
+train_rm.py computes the first figure ("all failures") at its end from the SFT stage's answers:
+`heldout_test_agreement` in ./rm_model/eval_results.json and in the pipeline's report.
 """
 import argparse
 import os
@@ -19,14 +23,6 @@ from rlhf import codeeval
 from rlhf.common import load_tokenizer, run_stage
 from rlhf.data import read_jsonl
 from rlhf.settings import UserError, tool_help
-
-
-def reference_answer(problem):
-    """The problem's reference program, as the assistant answers in the RM's data are written."""
-    r = problem.record
-    code = {"humaneval": (r.get("prompt") or "") + (r.get("canonical_solution") or ""), "mbpp": r.get("code"),
-            "project": r.get("solution")}[problem.format]
-    return f"```python\n{code}\n```" if code else None
 
 
 def main(argv):
@@ -39,30 +35,17 @@ def main(argv):
     for path in (args.results, args.problems, args.rm):
         if not os.path.exists(path):
             raise UserError(f"{path} does not exist")
-    from rlhf.reward import load_reward_model, score_responses
+    from rlhf.reward import load_reward_model, agreement_with_tests
 
-    problems = {p.task_id: p for p in codeeval.load_problems(args.problems)}
+    problems = codeeval.load_problems(args.problems)
     rows = read_jsonl(args.results)
-    failed = [r for r in rows if not r.get("passed") and r.get("task_id") in problems and "raw" in r]
-    failed = [r for r in failed if reference_answer(problems[r["task_id"]])]
-    if not failed:
-        raise UserError(f"no failed answer with a reference solution in {args.results}")
     rm, tokenizer = load_reward_model(args.rm), load_tokenizer(args.rm)
-    prompts = [problems[r["task_id"]].messages() for r in failed]
-    wrong = score_responses(rm, tokenizer, prompts, [r["raw"] for r in failed])
-    right = score_responses(rm, tokenizer, prompts, [reference_answer(problems[r["task_id"]]) for r in failed])
-    heldout = [problems[r["task_id"]].record.get("heldout_params") for r in failed]
-    groups = {"all failures": [True] * len(failed), "held-out parameter values": [h is True for h in heldout],
-              "seen parameter values": [h is False for h in heldout]}
-    print(f"RM {args.rm} on {len(failed)} failed answers of {len(rows)} ({args.results}):")
-    for name, member in groups.items():
-        idx = [i for i, m in enumerate(member) if m]
-        if not idx:
-            continue
-        prefers = sum(bool(right[i] > wrong[i]) for i in idx) / len(idx)
-        mean_right = sum(float(right[i]) for i in idx) / len(idx)
-        mean_wrong = sum(float(wrong[i]) for i in idx) / len(idx)
-        print(f"  {name:26s} n={len(idx):4d} | RM prefers the reference {prefers:.1%} | "
+    groups = agreement_with_tests(rm, tokenizer, problems, rows)
+    if not groups:
+        raise UserError(f"no failed answer with a reference solution in {args.results}")
+    print(f"RM {args.rm} on {groups['all failures'][1]} failed answers of {len(rows)} ({args.results}):")
+    for name, (prefers, n, mean_right, mean_wrong) in groups.items():
+        print(f"  {name:26s} n={n:4d} | RM prefers the reference {prefers:.1%} | "
               f"mean RM score: reference {mean_right:.2f}, failed answer {mean_wrong:.2f}")
 
 

@@ -17,7 +17,8 @@ def pipeline_args(tiny_base, toy_data, toy_pairs, tmp_path_factory):
     """Overrides that point every stage at tiny inputs and every output at a temporary folder."""
     folder = tmp_path_factory.mktemp("pipeline")
     rows = [{"task_id": f"t{k}", "lang": "en", "prompt": [{"role": "user", "content": f"Write add_{k}(x) returning x plus {k}."}],
-             "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}]} for k in range(1, 9)]
+             "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}],
+             "solution": f"def add_{k}(x):\n    return x + {k}"} for k in range(1, 9)]
     prompts = write_jsonl(folder / "ppo.jsonl", rows)
     tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in rows[:3]])
     args = [f"--reports={folder / 'reports'}", f"--MODEL_NAME={tiny_base}", f"--RUNS_DIR={folder / 'runs'}",
@@ -54,6 +55,12 @@ def test_pipeline_runs_every_stage_and_reports(first_run):
         assert report["seconds"][stage] > 0
         assert report["settings"][stage]["PPO_STEPS"] == 2  # the settings the stage ran with
     assert report["missing"] == [] and report["versions"]["torch"]
+    # the RM checked against the tests where the SFT model failed (its answers: sft_model/eval_results.jsonl)
+    answers = [json.loads(line) for line in open(folder / "sft_model" / "eval_results.jsonl")]
+    assert len(answers) == 3 and all({"task_id", "passed", "raw"} <= set(a) for a in answers)
+    assert report["rm"]["heldout_test_failures"] == sum(not a["passed"] for a in answers) >= 1
+    assert 0.0 <= report["rm"]["heldout_test_agreement"] <= 1.0
+    assert "agrees with the tests" in (reports / "report.md").read_text()
     assert "## SFT versus PPO" in (reports / "report.md").read_text()
     for png in ("sft_loss.png", "rm_accuracy.png", "ppo_training.png"):
         assert (reports / png).stat().st_size > 10_000, png  # an empty figure is a few kB
