@@ -81,6 +81,7 @@ RM_SCORE_BATCH_SIZE = 64  # sequences per forward when scoring (evaluation, norm
 # ---------------------------------------------------------------------------------------------
 GEN_MAX_NEW_TOKENS = 160  # longest generated answer, in tokens
 EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
+EVAL_SAMPLES = 8  # after SFT and after PPO: answers per held-out task sampled at temperature 1 (top_p 1) -> pass@EVAL_SAMPLES, what the model reaches when it may try (the headroom PPO can turn into pass@1); 0 = off
 
 # ---------------------------------------------------------------------------------------------
 # Sandbox (evaluation by execution): every generated program runs in rlhf/sandbox.py (docs/SANDBOX.md)

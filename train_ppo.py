@@ -33,6 +33,7 @@ import torch
 
 import config as C
 from rlhf.checkpoints import diverged, resume_from
+from rlhf.codeeval import sampled_pass_at_k
 from rlhf.common import (
     check_lora_targets, load_causal_lm, load_tokenizer, lora_config, precision, prompt_rng, report_to, run_stage,
     start_stage, torch_dtype,
@@ -745,13 +746,17 @@ def main(argv):
     accelerator.init_trackers("ppo")
 
     def run_eval(step, final=False):
-        """Held-out pass@1 and RM score: a subset (PPO_EVAL_TASKS) during training, all at the end."""
+        """Held-out pass@1 and RM score: a subset (PPO_EVAL_TASKS) during training, all at the end
+        (and pass@EVAL_SAMPLES of sampled answers after the last iteration)."""
         result = {}
         if (accelerator.is_main_process or sharded(accelerator)) and s.problems:  # sharded: forwards are collectives
             subset = s.problems if final else s.problems[: C.PPO_EVAL_TASKS or None]
             with frozen(accelerator, model, s.reward_model, "critic") as rm, \
                     full_weights_for_generation(accelerator, model, with_critic=s.critic) as policy_full:
                 result = evaluate(policy_full, tokenizer, rm, s.rm_tokenizer, s.norm, subset, device)
+                if final and step == C.PPO_STEPS and C.EVAL_SAMPLES:  # the trained policy's pass@k, as SFT reports it
+                    result.update(sampled_pass_at_k(policy_full, tokenizer, subset, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
+                                                    progress=False))
         if accelerator.is_main_process and result:
             print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
             accelerator.log({f"ppo/eval_{k}": v for k, v in result.items()}, step=step)

@@ -5,7 +5,7 @@ Reads  MODEL_NAME (the embedded ./base_model by default, built when missing) and
        `prompt` + `completion`).
 Writes ./sft_model: a plain Hugging Face causal-LM folder (merged when LoRA is on) with
        tokenizer, chat template and generation config, plus eval_results.json (held-out
-       perplexity, token accuracy, pass@1), eval_results.jsonl (each held-out task's answer and
+       perplexity, token accuracy, greedy pass@1, pass@EVAL_SAMPLES sampled), eval_results.jsonl (each held-out task's answer and
        verdict, as scripts/evaluate.py writes them; train_rm.py checks its RM against them) and
        rlhf_stage.json (hand-off metadata).
 
@@ -27,7 +27,7 @@ import time
 
 import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
-from rlhf.codeeval import evaluate_model, load_problems, pass_at_1_metrics
+from rlhf.codeeval import evaluate_model, load_problems, pass_at_1_metrics, sampled_pass_at_k
 from rlhf.common import (
     check_lora_targets, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, resolve_base_model, run_stage,
     start_stage, trainer_args, trainer_schedule, use_log_line,
@@ -186,6 +186,8 @@ def main(argv):
                                  results_out=answers)
         metrics.update(pass_at_1_metrics(summary))
         metrics["eval_tasks"] = len(problems)
+        if C.EVAL_SAMPLES:  # pass@k of sampled answers: the headroom above greedy pass@1 that PPO can use
+            metrics.update(sampled_pass_at_k(model, tokenizer, problems, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS))
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
         print(f"no pass@1: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist (set it, or SFT_EVAL_PASS_AT_1=False)")
 

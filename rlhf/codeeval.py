@@ -217,19 +217,30 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
 def evaluate_model(model, tokenizer, problems: list[Problem], num_samples: int = 1,
                    temperature: float | None = None, max_new_tokens: int = 256,
                    batch_size: int = 16, ks=(1, 10, 100), workers: int | None = None,
-                   progress: bool = True, results_out: list | None = None) -> dict:
+                   progress: bool = True, results_out: list | None = None, top_p: float = 0.95) -> dict:
     """Generate, extract code, run the tests; returns the summary (pass@k, counts, statuses).
 
     Per-sample results (score_samples) are appended to `results_out` when given.
     """
     texts = generate_completions(model, tokenizer, [p.messages() for p in problems], max_new_tokens,
-                                 num_samples, temperature, batch_size=batch_size, progress=progress)
+                                 num_samples, temperature, top_p, batch_size=batch_size, progress=progress)
     samples = [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
                for p, outs in zip(problems, texts) for t in outs]
     summary, results = score_samples(problems, samples, ks, workers, progress)
     if results_out is not None:
         results_out.extend(results)
     return summary
+
+
+def sampled_pass_at_k(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
+                      progress: bool = True) -> dict:
+    """{"pass_at_<samples>": ...}: `samples` answers per task from plain softmax (temperature 1,
+    top_p 1), pass@k with k = samples (Chen et al. 2021's unbiased estimator at n = k: the share of
+    tasks with at least one passing answer). Far above greedy pass@1, it is what PPO can still turn
+    into pass@1; close to it, PPO has little to learn from (docs/RESULTS.md)."""
+    summary = evaluate_model(model, tokenizer, problems, num_samples=samples, temperature=1.0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, ks=(samples,), progress=progress)
+    return {f"pass_at_{samples}": summary[f"pass@{samples}"]}
 
 
 def completion_for(problem: Problem, text: str) -> str:

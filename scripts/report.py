@@ -115,6 +115,8 @@ def markdown(report, plots):
     lines += ["## SFT versus PPO (held-out code tasks)", "", "| metric | SFT | PPO |", "|---|---|---|"]
     sft_pass = sft.get("pass_at_1") if not sft.get("missing") else ppo.get("sft_pass_at_1")
     lines.append(f"| pass@1 (greedy, sandboxed tests) | {fmt(sft_pass)} | {fmt(ppo.get('pass_at_1'))} |")
+    for key in sorted({k for stage in (sft, ppo) for k in stage if k.startswith("pass_at_") and k[8:].isdigit()} - {"pass_at_1"}):
+        lines.append(f"| pass@{key[8:]} ({key[8:]} answers sampled at temperature 1) | {fmt(sft.get(key))} | {fmt(ppo.get(key))} |")
     for lang in LANGS:
         a, b = sft.get(f"pass_at_1_{lang}"), ppo.get(f"pass_at_1_{lang}")
         if a is not None or b is not None:

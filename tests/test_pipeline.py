@@ -61,6 +61,9 @@ def test_pipeline_runs_every_stage_and_reports(first_run):
     assert report["rm"]["heldout_test_failures"] == sum(not a["passed"] for a in answers) >= 1
     assert 0.0 <= report["rm"]["heldout_test_agreement"] <= 1.0
     assert "agrees with the tests" in (reports / "report.md").read_text()
+    # pass@8 of 8 answers sampled per task (EVAL_SAMPLES), after SFT and after PPO
+    assert all(0.0 <= report[stage]["pass_at_8"] <= 1.0 for stage in ("sft", "ppo"))
+    assert "| pass@8 (8 answers sampled at temperature 1) |" in (reports / "report.md").read_text()
     assert "## SFT versus PPO" in (reports / "report.md").read_text()
     for png in ("sft_loss.png", "rm_accuracy.png", "ppo_training.png"):
         assert (reports / png).stat().st_size > 10_000, png  # an empty figure is a few kB
