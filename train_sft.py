@@ -5,8 +5,9 @@ Reads  MODEL_NAME (the embedded ./base_model by default, built when missing) and
        `prompt` + `completion`).
 Writes ./sft_model: a plain Hugging Face causal-LM folder (merged when LoRA is on) with
        tokenizer, chat template and generation config, plus eval_results.json (held-out
-       perplexity, token accuracy, greedy pass@1, pass@EVAL_SAMPLES sampled), eval_results.jsonl (each held-out task's answer and
-       verdict, as scripts/evaluate.py writes them; train_rm.py checks its RM against them) and
+       perplexity, token accuracy, greedy pass@1, pass@EVAL_SAMPLES of sampled answers),
+       eval_results.jsonl (each held-out task's greedy answer and verdict, as
+       scripts/evaluate.py writes them; train_rm.py checks its RM against them) and
        rlhf_stage.json (hand-off metadata).
 
 The loss is on the assistant's answer only (TRL's prompt-completion form). Batches group
