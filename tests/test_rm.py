@@ -159,22 +159,7 @@ def test_preference_metrics_definitions():
     assert m["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    """Run a stage's main() in this process (no interpreter start-up); the settings its
-    overrides change are restored afterwards."""
-    import config as C
-    from rlhf.settings import settings
-
-    for name, value in settings().items():
-        monkeypatch.setattr(C, name, value)
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")
-    import train_rm
-
-    return train_rm.main
-
-
-def test_rm_lora_trains_the_head_and_saves_a_merged_model(tiny_sft, toy_pairs, tmp_path, in_process):
+def test_rm_lora_trains_the_head_and_saves_a_merged_model(tiny_sft, toy_pairs, tmp_path, run_in_process):
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -182,9 +167,11 @@ def test_rm_lora_trains_the_head_and_saves_a_merged_model(tiny_sft, toy_pairs, t
     from rlhf.common import seed_everything
     from rlhf.reward import load_reward_model
 
-    in_process([f"--SFT_DIR={tiny_sft}", f"--RM_DIR={tmp_path / 'rm'}", f"--RUNS_DIR={tmp_path / 'runs'}",
-                f"--RM_TRAIN_FILE={toy_pairs['rm_train']}", f"--RM_EVAL_FILE={toy_pairs['rm_eval']}",
-                "--RM_BATCH_SIZE=16", "--RM_LR=3e-3", "--USE_LORA=true", "--REPORT_TO=none"])
+    proc = run_in_process("train_rm.py", f"--SFT_DIR={tiny_sft}", f"--RM_DIR={tmp_path / 'rm'}",
+                          f"--RUNS_DIR={tmp_path / 'runs'}", f"--RM_TRAIN_FILE={toy_pairs['rm_train']}",
+                          f"--RM_EVAL_FILE={toy_pairs['rm_eval']}", "--RM_BATCH_SIZE=16", "--RM_LR=3e-3",
+                          "--USE_LORA=true", "--REPORT_TO=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     seed_everything(C.SEED)
@@ -208,10 +195,8 @@ def test_rm_clear_errors_for_user_mistakes(tmp_path, tiny_sft, toy_pairs, run_in
     assert not os.path.exists(tmp_path / "o")  # nothing written on error
 
 
-def test_rm_missing_data_file(tmp_path, tiny_sft, toy_pairs, in_process):
-    from rlhf.settings import UserError
-
-    with pytest.raises(UserError, match="nope.jsonl not found"):
-        in_process([f"--SFT_DIR={tiny_sft}", f"--RM_DIR={tmp_path / 'o'}", f"--RM_TRAIN_FILE={toy_pairs['rm_train']}",
-                    f"--RM_EVAL_FILE={tmp_path / 'nope.jsonl'}"])
+def test_rm_missing_data_file(tmp_path, tiny_sft, toy_pairs, run_in_process):
+    proc = run_in_process("train_rm.py", f"--SFT_DIR={tiny_sft}", f"--RM_DIR={tmp_path / 'o'}",
+                          f"--RM_TRAIN_FILE={toy_pairs['rm_train']}", f"--RM_EVAL_FILE={tmp_path / 'nope.jsonl'}")
+    assert proc.returncode == 2 and "nope.jsonl not found" in proc.stderr
     assert not os.path.exists(tmp_path / "o")
