@@ -49,6 +49,12 @@ class Problem:
             text = r["prompt"]
         return [{"role": "user", "content": text}]
 
+    def reference(self) -> str | None:
+        """The reference solution as a completion (what job() runs): HumanEval's canonical body
+        (its prompt goes before it), MBPP's code, our `solution`; None when the file has none."""
+        r = self.record
+        return {"humaneval": r.get("canonical_solution"), "mbpp": r.get("code"), "project": r.get("solution")}[self.format]
+
     def job(self, completion: str) -> dict:
         """Sandbox job (see sandbox.run_job) that tests one completion of this problem."""
         r = self.record

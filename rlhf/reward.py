@@ -201,9 +201,9 @@ def preference_metrics(chosen_scores, rejected_scores, threshold):
 def reference_answer(problem):
     """A problem's reference program as an assistant answer (one fenced block, as the RM's data
     writes answers), or None when the problem has none."""
-    r = problem.record
-    code = {"humaneval": (r.get("prompt") or "") + (r.get("canonical_solution") or ""), "mbpp": r.get("code"),
-            "project": r.get("solution")}[problem.format]
+    code = problem.reference()
+    if code and problem.format == "humaneval":  # the whole program: signature and docstring, then the body
+        code = (problem.record.get("prompt") or "") + code
     return f"```python\n{code}\n```" if code else None
 
 

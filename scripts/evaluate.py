@@ -27,8 +27,7 @@ def reference_samples(problems, kind):
     """'canonical': each problem's reference solution; 'broken': a wrong one (acceptance check)."""
     out = []
     for p in problems:
-        r = p.record
-        ref = {"humaneval": r.get("canonical_solution"), "mbpp": r.get("code"), "project": r.get("solution")}[p.format]
+        r, ref = p.record, p.reference()
         if ref is None:
             raise UserError(f"{p.task_id}: no reference solution in the problem file")
         if kind == "broken" and p.format == "humaneval":
