@@ -91,9 +91,9 @@ def score_answer_tokens_only(model):
     model.forward = types.MethodType(forward, model)
 
 
-def sft_trainer(model, tokenizer, train, evals, output_dir, **overrides):
+def sft_trainer(model, tokenizer, train, evals, output_dir, answer_only_head=True, **overrides):
     """The SFTTrainer of this stage, writing checkpoints to output_dir; `overrides` replace SFTConfig
-    fields (bench/ uses max_steps)."""
+    fields (bench/ uses max_steps); answer_only_head=False keeps TRL's own CPU loss path (bench/)."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
@@ -125,8 +125,8 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, **overrides):
         peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
         callbacks=[EarlyStoppingCallback(C.SFT_EARLY_STOP_PATIENCE)] if args.load_best_model_at_end else None,
     )
-    # the model TRL patched (under the LoRA wrapper when there is one)
-    score_answer_tokens_only(trainer.model.get_base_model() if C.USE_LORA else trainer.model)
+    if answer_only_head:  # on the model TRL patched (under the LoRA wrapper when there is one)
+        score_answer_tokens_only(trainer.model.get_base_model() if C.USE_LORA else trainer.model)
     return trainer
 
 

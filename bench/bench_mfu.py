@@ -40,12 +40,12 @@ import _common
 import config as C
 from rlhf.settings import apply_overrides
 
-FIXES = {  # name -> SFTConfig overrides tried on top of the stage's settings
+FIXES = {  # name -> sft_trainer keywords (SFTConfig fields, or answer_only_head) tried on the stage as it is
     "fused AdamW": dict(optim="adamw_torch_fused"),
     "torch.compile": dict(torch_compile=True),
     # the contrast: TRL's own CPU loss path (every position through the LM head, recomputed in the
     # backward), which train_sft.score_answer_tokens_only replaces on CPUs
-    "TRL CPU head": dict(trl_cpu_head=True),
+    "TRL CPU head": dict(answer_only_head=False),
 }
 
 
@@ -68,21 +68,15 @@ def run_sft(steps, warmup, out, profile_steps=0, **overrides):
     import torch
     from transformers import TrainerCallback
 
-    import train_sft
     from rlhf.common import seed_everything
+    from train_sft import sft_trainer
 
     seed_everything(C.SEED)
     base, tokenizer, train, load_causal_lm = sft_setup()
     model = load_causal_lm(base)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(out, "runs")
-    own_head = train_sft.score_answer_tokens_only
-    if overrides.pop("trl_cpu_head", False):
-        train_sft.score_answer_tokens_only = lambda model: None
-    try:
-        trainer = train_sft.sft_trainer(model, tokenizer, train, train[:8], out, max_steps=warmup + steps,
-                                        save_strategy="no", eval_strategy="no", disable_tqdm=True, **overrides)
-    finally:
-        train_sft.score_answer_tokens_only = own_head
+    trainer = sft_trainer(model, tokenizer, train, train[:8], out, max_steps=warmup + steps,
+                          save_strategy="no", eval_strategy="no", disable_tqdm=True, **overrides)
     counts = []  # per training step: (loss-bearing tokens, real tokens, padded positions)
     compute_loss = trainer.compute_loss
 
