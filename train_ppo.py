@@ -33,7 +33,7 @@ import torch
 
 import config as C
 from rlhf.checkpoints import diverged, resume_from
-from rlhf.codeeval import sampled_pass_at_k
+from rlhf.codeeval import load_problems, sampled_pass_at_k, seed_prompt_passes
 from rlhf.common import (
     check_lora_targets, load_causal_lm, load_tokenizer, lora_config, precision, prompt_rng, report_to, run_stage,
     start_stage, torch_dtype,
@@ -638,7 +638,6 @@ def setup(accelerator):
 
     from transformers import AutoModelForCausalLM
 
-    from rlhf.codeeval import load_problems
     from rlhf.reward import load_reward_model, load_reward_normalization
 
     s = SimpleNamespace(critic=C.PPO_ADVANTAGE == "gae")
@@ -757,9 +756,12 @@ def main(argv):
                 if final and step == C.PPO_STEPS and C.EVAL_SAMPLES:  # the trained policy's pass@k, as SFT reports it
                     result.update(sampled_pass_at_k(policy_full, tokenizer, subset, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
                                                     progress=False))
+                if final and step == C.PPO_STEPS and C.SEED_PROMPT_SAMPLES and os.path.exists(C.SEED_PROMPTS_FILE):
+                    result.update(seed_prompt_passes(policy_full, tokenizer, load_problems(C.SEED_PROMPTS_FILE),
+                                                     C.SEED_PROMPT_SAMPLES, C.GEN_MAX_NEW_TOKENS, progress=False))
         if accelerator.is_main_process and result:
             print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
-            accelerator.log({f"ppo/eval_{k}": v for k, v in result.items()}, step=step)
+            accelerator.log({f"ppo/eval_{k}": v for k, v in result.items() if not isinstance(v, dict)}, step=step)
         accelerator.wait_for_everyone()
         return result
 

@@ -39,6 +39,11 @@ def fill(template, p, name):
     return template
 
 
+def seen_then_held(values, is_held):
+    """Values in order, the held-out ones (is_held) last: the Family.params order it expects."""
+    return [v for v in values if not is_held(v)] + [v for v in values if is_held(v)]
+
+
 def held_last(params, is_held):
     """Order params so the held-out ones (is_held) come last; returns (params, how many held)."""
     return sorted(params, key=is_held), sum(map(is_held, params))
@@ -204,7 +209,7 @@ def sq_matrix(rng, n):
 F = []  # all families, in a fixed order (the build is deterministic)
 
 F.append(Family(
-    "sum_multiples", [dict(k=k) for k in (2, 3, 5, 4, 10, 6, 7, 9, 8, 11, 13, 12)],
+    "sum_multiples", [dict(k=k) for k in seen_then_held(range(2, 26), lambda k: k % 3 == 1)],
     ["sum_multiples", "total_divisible"],
     ["Write a Python function $name(nums) that returns the sum of the numbers in nums divisible by $k.",
      "Implement $name(nums): add up every element of the list nums that is a multiple of $k and return the total.",
@@ -219,7 +224,7 @@ F.append(Family(
     lambda p, nums: sum(x for x in nums if x % p["k"] == 0)))
 
 F.append(Family(
-    "count_char", [dict(c=c) for c in "aeontlsirdu"],
+    "count_char", [dict(c=c) for c in "aeontlsirdcmhp" + "ubfgwyk"],
     ["count_char", "char_frequency"],
     ["Write a function $name(s) that counts how many times the character '$c' appears in the string s.",
      "Implement $name(s) returning the number of occurrences of '$c' in s (case-sensitive).",
@@ -247,7 +252,7 @@ F.append(Family(
     lambda p, n: sum(i ** p["p"] for i in range(1, n + 1))))
 
 F.append(Family(
-    "digit_sum", [dict(b=b) for b in (10, 2, 8, 16, 3, 5, 7)],
+    "digit_sum", [dict(b=b) for b in (10, 2, 8, 16, 3, 4, 6, 9, 12, 15) + (5, 7, 11, 13, 14)],
     ["digit_sum", "sum_of_digits"],
     ["Write $name(n) returning the sum of the digits of abs(n) written in base $b.",
      "Implement $name(n): convert |n| to base $b and add up its digits."],
@@ -292,7 +297,9 @@ F.append(Family(
 F.append(Family(
     "fizzbuzz", [dict(a=a, b=b, x=x, y=y) for a, b, x, y in [
         (3, 5, "Fizz", "Buzz"), (2, 3, "Foo", "Bar"), (3, 7, "Ping", "Pong"), (4, 6, "Tic", "Tac"),
-        (2, 5, "Hi", "Yo"), (5, 7, "Zip", "Zap"), (3, 4, "Foo", "Baz"), (2, 7, "Ab", "Cd")]],
+        (2, 5, "Hi", "Yo"), (5, 7, "Zip", "Zap"), (2, 9, "Up", "Down"), (3, 8, "Red", "Blue"),
+        (4, 5, "Yin", "Yang"), (2, 11, "Tik", "Tok"),
+        (3, 4, "Foo", "Baz"), (2, 7, "Ab", "Cd"), (4, 9, "Ding", "Dong"), (3, 10, "Bing", "Bong"), (5, 6, "Hop", "Skip")]],
     ["fizzbuzz", "play_game"],
     ["Write $name(n) returning a list for 1..n: '$x$y' for multiples of both $a and $b, '$x' for multiples of $a, '$y' for multiples of $b, otherwise the number as a string.",
      "FizzBuzz variant: implement $name(n) that returns strings for numbers 1 to n, using '$x' for multiples of $a, '$y' for multiples of $b and '$x$y' when both."],
@@ -339,7 +346,7 @@ F.append(Family(
     lambda p, s: (lambda t: t == t[::-1])(eval(p["prep"], {"s": s}))))
 
 F.append(Family(
-    "caesar", [dict(k=k) for k in (3, 1, 13, 2, 5, 7, 4, 10, 6, 11)],
+    "caesar", [dict(k=k) for k in seen_then_held(range(1, 26), lambda k: k % 3 == 0)],
     ["caesar", "shift_letters"],
     ["Write $name(s) that shifts every lowercase letter of s forward by $k in the alphabet (wrapping from z to a) and leaves other characters unchanged.",
      "Implement a Caesar cipher with shift $k: $name(s) encodes lowercase letters, everything else stays the same."],
@@ -453,7 +460,7 @@ F[-1].params = [
          bug="def $name(d):\n    out = {}\n    for k, v in d.items():\n        out[v] = [k]\n    return out")]
 
 F.append(Family(
-    "kth_largest", [dict(k=k) for k in (1, 2, 3, 4, 5)],
+    "kth_largest", [dict(k=k) for k in seen_then_held(range(1, 10), lambda k: k % 3 == 0)],
     ["kth_largest", "nth_biggest"],
     ["Write $name(nums) returning the ${k}-th largest distinct value in nums, or None if there are fewer than $k distinct values.",
      "Implement $name(nums): sort the distinct values in descending order and return the one at position $k (1-based); None if missing."],
@@ -490,7 +497,7 @@ def _scan(p, nums):
 
 
 F.append(Family(
-    "chunk", [dict(k=k) for k in (2, 3, 4, 5, 6)],
+    "chunk", [dict(k=k) for k in seen_then_held(range(2, 11), lambda k: k % 3 == 1)],
     ["chunk", "split_into_groups"],
     ["Write $name(lst) that splits lst into consecutive pieces of length $k (the last piece may be shorter) and returns them as a list of lists.",
      "Implement $name(lst): break the list into chunks of $k elements."],
@@ -503,7 +510,7 @@ F.append(Family(
     lambda p, lst: [lst[i:i + p["k"]] for i in range(0, len(lst), p["k"])]))
 
 F.append(Family(
-    "rotate", [dict(k=k, d=d, den=den, dzh=dzh) for d, den, dzh in (("left", "left", "左"), ("right", "right", "右")) for k in (1, 2, 3)],
+    "rotate", [dict(k=k, d=d, den=den, dzh=dzh) for d, den, dzh in (("left", "left", "左"), ("right", "right", "右")) for k in range(1, 7)],
     ["rotate_${d}", "rotate"],
     ["Write $name(lst) that rotates the list $den by $k positions (wrapping around) and returns a new list; an empty list stays empty.",
      "Implement $name(lst): cyclically shift the elements $k places to the $den."],
@@ -514,11 +521,11 @@ F.append(Family(
      "missing_guard": "def $name(lst):\n    k = $k % len(lst)\n    return ${body}"},
     lambda rng, p: lists(rng, [[1, 2, 3, 4, 5]]),
     lambda p, lst: (lambda k: lst[k:] + lst[:k] if p["d"] == "left" else lst[len(lst) - k:] + lst[:len(lst) - k])(p["k"] % len(lst)) if lst else [],
-    heldout=2))
+    heldout=4))
 for p_ in F[-1].params:
     left, right = "lst[k:] + lst[:k]", "lst[-k:] + lst[:-k] if k else lst[:]"
     p_["body"], p_["wrong"] = (left, right) if p_["d"] == "left" else (right, left)
-F[-1].params.sort(key=lambda p_: p_["k"] == 3)  # k = 3 (both directions) is held out
+F[-1].params.sort(key=lambda p_: p_["k"] % 3 == 0)  # k = 3 and 6 (both directions) are held out
 
 F.append(Family(
     "dedupe", [dict(mode="first", en="keeping the first occurrence of each value", zh="保留每个值第一次出现的位置"),
@@ -567,7 +574,8 @@ F.append(Family(
     lambda p, nums, target: next(((i, j) for j in range(len(nums)) for i in range(j) if nums[i] + nums[j] == target), None)))
 
 F.append(Family(
-    "fibonacci", [dict(a=a, b=b) for a, b in ((0, 1), (1, 1), (2, 1), (1, 2), (0, 2), (3, 1), (2, 3))],
+    "fibonacci", [dict(a=a, b=b) for a, b in ((0, 1), (1, 1), (2, 1), (1, 2), (0, 2), (3, 2), (1, 3), (2, 2))
+                  + ((3, 1), (2, 3), (4, 1), (0, 3))],
     ["fib", "sequence_term"],
     ["Write $name(n) returning the n-th term (0-based) of the sequence with f(0) = $a, f(1) = $b and f(n) = f(n-1) + f(n-2).",
      "Implement $name(n) iteratively: a Fibonacci-like sequence starting $a, $b; return term number n (starting from 0)."],
@@ -877,7 +885,7 @@ F.append(Family(
     lambda p, s: sum(1 for c in s if eval(p["cond"], {"c": c}))))
 
 F.append(Family(
-    "max_subarray", [dict(k=k) for k in (2, 3, 4)], ["max_window_sum", "best_window"],
+    "max_subarray", [dict(k=k) for k in seen_then_held(range(2, 8), lambda k: k % 3 == 1)], ["max_window_sum", "best_window"],
     ["Write $name(nums) returning the largest sum of $k consecutive elements of nums, or None if nums has fewer than $k elements.",
      "Sliding window: implement $name(nums) that finds the maximum total of any $k adjacent numbers (None when len(nums) < $k)."],
     ["编写 $name(nums)，返回 nums 中任意连续 $k 个元素之和的最大值；元素不足 $k 个时返回 None。",

@@ -2,7 +2,7 @@
 verified by running it in rlhf/sandbox.py (references pass, rejected programs fail).
 
 Writes sft_train/sft_eval (TRL conversational), rm_train/rm_eval (TRL preference),
-ppo_prompts, eval_tasks and val_tasks (project problem format, see data/DATA_CARD.md).
+ppo_prompts, eval_tasks, val_tasks and seed_prompts (project problem format, see data/DATA_CARD.md).
 
     python scripts/build_data.py                      # seed 0 -> data/
     python scripts/build_data.py --seed 1 --out /tmp/data
@@ -32,6 +32,14 @@ EVAL_PER_FAMILY = 5           # held-out problems per family (eval_tasks.jsonl)
 PPO_PER_FAMILY = 20           # PPO prompts per family, same distribution as eval, other instances
 VAL_PER_FAMILY = 3            # validation tasks per family (val_tasks.jsonl): for choosing settings, never trained on
 EVAL_POOL_MIN = 30            # reserve at least this many unseen instances per family for eval + PPO
+# Realistic imperfection (data/DATA_CARD.md): in these families most SFT demonstrations come from
+# a source with one habitual bug, as code scraped or written by people has. The tests and the RM
+# pairs still call it wrong, so SFT imitates it and RL has something to correct.
+HABITS = {"is_prime": "off_by_one", "fizzbuzz": "wrong_order", "caesar": "no_wrap", "kth_largest": "no_dedup",
+          "chunk": "drops_tail", "fibonacci": "off_by_one", "flatten": "one_level", "quick_sort": "wrong_comparison",
+          "power_sum": "off_by_one", "count_char": "off_by_one", "prefix_scan": "append_before_update",
+          "word_freq": "wrong_init", "run_length": "off_by_one", "max_subarray": "zero_init"}
+HABIT_SHARE = 0.6             # share of a habit family's SFT demonstrations that carry its bug
 
 
 def fenced(code):
@@ -41,8 +49,13 @@ def fenced(code):
 def instances(fi, fam, rng):
     """All (family, params, name, phrasing) instances of one family, with their task fields."""
     held = len(fam.params) // 3 if fam.heldout < 0 else fam.heldout
+    seen = fam.params[:len(fam.params) - held]
     out = []
     for pi, p in enumerate(fam.params):
+        # "wrong_value": the reference of another seen variant, i.e. code that ignores what the
+        # prompt asks (a count of 'e' for "count the 'a'"); seen variants only, so no held-out
+        # value reaches the RM pairs
+        other = next((q for q in seen[pi + 1:] + seen[:pi] if q is not p), None)
         tests_rng = random.Random(f"{rng.random()}")  # tests depend on (family, params) only
         args_list = fam.inputs(tests_rng, p)
         names = list(dict.fromkeys(task_families.fill(n, p, "") for n in fam.names))
@@ -56,7 +69,8 @@ def instances(fi, fam, rng):
                 tests.append({"call": call, "expected": repr(want)})
             base = {"family": fam.name, "entry_point": name, "setup": fam.setup,
                     "solution": task_families.fill(fam.code, p, name), "tests": tests,
-                    "bugs": {task_families.fill(k, p, name): task_families.fill(v, p, name) for k, v in fam.bugs.items()},
+                    "bugs": {task_families.fill(k, p, name): task_families.fill(v, p, name) for k, v in fam.bugs.items()}
+                    | ({"wrong_value": task_families.fill(fam.code, other, name)} if other else {}),
                     "heldout_params": pi >= len(fam.params) - held, "pi": pi}
             prompts = [("bare", lang, text) for lang, text in fam.bare] if pi == 0 and name == names[0] else []
             for lang in ("en", "zh"):
@@ -153,16 +167,25 @@ def build(out_dir, seed=0, n_families=None, workers=None):
     all_tasks = [t for fi, fam in enumerate(families) for t in instances(fi, fam, rng)]
     parts = split(all_tasks, rng)
     used = [t for name in ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo", "eval", "val") for t in parts[name]]
-    n_programs, failing, dropped = verify(used, parts["rm_train"] + parts["rm_eval"], workers)
+    with_bugs = parts["rm_train"] + parts["rm_eval"] + [t for t in parts["sft_train"] if t["family"] in HABITS]
+    n_programs, failing, dropped = verify(used, with_bugs, workers)
     ids = {name: {t["task_id"] for t in parts[name]} for name in parts}
     assert not ids["sft_train"] & (ids["sft_eval"] | ids["eval"] | ids["ppo"]), "splits overlap"
     assert not ids["eval"] & ids["ppo"] and not ids["sft_eval"] & (ids["eval"] | ids["ppo"]), "splits overlap"
     assert not ids["val"] & (ids["eval"] | ids["ppo"] | ids["sft_train"] | ids["sft_eval"]), "splits overlap"
 
-    def sft(t):
+    habit_rng = random.Random(f"habits {seed}")
+
+    def sft(t, flawed=False):
+        habit = HABITS.get(t["family"])
+        if (flawed and not t["bare"] and habit in failing[(t["family"], t["pi"], t["entry_point"])]
+                and habit_rng.random() < HABIT_SHARE):  # the natural prompts' demonstrations are correct
+            code, flaw = t["bugs"][habit], habit  # fails its tests: verified above
+        else:
+            code, flaw = t["solution"], ""
         return {"messages": [{"role": "user", "content": t["prompt"]},
-                             {"role": "assistant", "content": fenced(t["solution"])}],
-                "task_id": t["task_id"], "family": t["family"], "lang": t["lang"]}
+                             {"role": "assistant", "content": fenced(code)}],
+                "task_id": t["task_id"], "family": t["family"], "lang": t["lang"], "flaw": flaw}
 
     def pair(t):
         bug = rng.choice(failing[(t["family"], t["pi"], t["entry_point"])])
@@ -175,10 +198,12 @@ def build(out_dir, seed=0, n_families=None, workers=None):
         return task_record(t) | {"prompt": [{"role": "user", "content": t["prompt"]}]}
 
     os.makedirs(out_dir, exist_ok=True)
-    files = {"sft_train": [sft(t) for t in parts["sft_train"]], "sft_eval": [sft(t) for t in parts["sft_eval"]],
+    files = {"sft_train": [sft(t, flawed=True) for t in parts["sft_train"]], "sft_eval": [sft(t) for t in parts["sft_eval"]],
              "rm_train": [pair(t) for t in parts["rm_train"]], "rm_eval": [pair(t) for t in parts["rm_eval"]],
              "ppo_prompts": [ppo(t) for t in parts["ppo"]], "eval_tasks": [task_record(t) for t in parts["eval"]],
-             "val_tasks": [task_record(t) for t in parts["val"]]}
+             "val_tasks": [task_record(t) for t in parts["val"]],
+             # the natural prompts (also SFT demonstrations): asked 10 times after each stage (report.md)
+             "seed_prompts": sorted((task_record(t) for t in all_tasks if t["bare"]), key=lambda r: r["task_id"])}
     for name, rows in files.items():
         write_jsonl(os.path.join(out_dir, name + ".jsonl"), rows)
     counts = {name: len(rows) for name, rows in files.items()}
@@ -188,6 +213,9 @@ def build(out_dir, seed=0, n_families=None, workers=None):
     for name, n in counts.items():
         langs = collections.Counter(r["lang"] for r in files[name])
         print(f"  {name + '.jsonl':20s} {n:5d} rows  (zh {langs['zh']}, en {langs['en']})")
+    flawed = collections.Counter(r["family"] for r in files["sft_train"] if r["flaw"])
+    print(f"  sft_train demonstrations with a habitual bug: {sum(flawed.values())}/{counts['sft_train']} "
+          f"({len(flawed)} families, {HABIT_SHARE:.0%} of each one's demonstrations)")
     held = sum(t["heldout_params"] for t in parts["eval"])
     print(f"  eval_tasks with parameters unseen in SFT: {held}/{len(parts['eval'])}")
     return counts

@@ -28,8 +28,11 @@ REQUIRED = {  # keys report.json always has (None when the stage did not record 
 LANGS = ("zh", "en")  # per-language pass@1 is shown when a stage recorded pass_at_1_<lang>
 
 
+KEPT_DICTS = ("seed_prompt_passes",)  # small dicts report.json keeps (histories and logs stay out)
+
+
 def scalars(metrics):
-    return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict)) or k in KEPT_DICTS}
 
 
 def machine():
@@ -125,6 +128,11 @@ def markdown(report, plots):
                  f"{fmt(ppo.get('rm_score'))} |")
     lines.append(f"| response length (tokens, sampled rollouts) | {fmt(ppo.get('first_step_response_length'), 1)} | "
                  f"{fmt(ppo.get('response_length'), 1)} |")
+    prompts = list(dict.fromkeys(p for stage in (sft, ppo) for p in stage.get("seed_prompt_passes") or {}))
+    for prompt in prompts:  # the natural prompts, sampled as a user's generate call samples them
+        counts = [f"{stage['seed_prompt_passes'][prompt]}/{stage['seed_prompt_samples']}"
+                  if prompt in (stage.get("seed_prompt_passes") or {}) else "-" for stage in (sft, ppo)]
+        lines.append(f"| \"{prompt}\": answers passing (temperature 0.7, top_p 0.95) | {counts[0]} | {counts[1]} |")
     lines += ["", "SFT column: pass@1 from the SFT stage; RM score from PPO's evaluation before its first update "
               "(the SFT model); response length of PPO's first rollout batch. PPO column: final evaluation; "
               "response length averaged over the last 5 PPO steps.", ""]

@@ -408,4 +408,4 @@ def ppo_args(inp, out, *extra):
     return [f"--SFT_DIR={inp['sft']}", f"--RM_DIR={inp['rm']}", f"--PPO_DIR={out}/ppo_model", f"--RUNS_DIR={out}/runs",
             f"--PPO_PROMPTS_FILE={inp['prompts']}", f"--EVAL_TASKS_FILE={inp['tasks']}", "--MAX_LEN=128",
             "--PPO_BATCH_SIZE=8", "--PPO_MINI_BATCH_SIZE=4", "--PPO_RESPONSE_LEN=12", "--GEN_MAX_NEW_TOKENS=12",
-            "--EVAL_SAMPLES=0", "--REPORT_TO=none", *extra]  # pass@8: tests/test_pipeline.py and the 2-process runs
+            "--EVAL_SAMPLES=0", "--SEED_PROMPT_SAMPLES=0", "--REPORT_TO=none", *extra]  # both: tests/test_pipeline.py

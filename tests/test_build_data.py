@@ -3,6 +3,7 @@ disjoint splits, determinism."""
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from rlhf.settings import UserError
 from scripts import build_data
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-FILES = ["sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts", "eval_tasks", "val_tasks"]
+FILES = ["sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts", "eval_tasks", "val_tasks", "seed_prompts"]
 
 
 def rows(name):
@@ -40,8 +41,37 @@ def test_formats_and_disjoint_splits():
     assert "用Python实现快速排序算法" in {r["messages"][0]["content"] for r in sft}
 
 
+def test_flawed_demonstrations_and_rm_pairs_that_check_the_prompt():
+    sft = rows("sft_train")
+    flawed = [r for r in sft if r["flaw"]]
+    # only the habit families, each its one habitual bug, in about HABIT_SHARE of its demonstrations
+    assert flawed and {r["family"] for r in flawed} <= set(build_data.HABITS)
+    assert all(r["flaw"] == build_data.HABITS[r["family"]] for r in flawed)
+    in_habits = [r for r in sft if r["family"] in build_data.HABITS]
+    assert abs(len(flawed) / len(in_habits) - build_data.HABIT_SHARE) < 0.1
+    assert not any(r["flaw"] for r in rows("sft_eval"))
+    # a rejected answer may be another variant's reference: right code for a task the prompt did not ask
+    # (a seen variant's: SFT and the RM never see a held-out value)
+    pairs = rows("rm_train")
+    references = {r["messages"][1]["content"] for r in sft if not r["flaw"]} | {p["chosen"][0]["content"] for p in pairs}
+    wrong_value = [p for p in pairs if p["bug"] == "wrong_value"]
+    assert 0.3 < len(wrong_value) / len(pairs) < 0.6
+
+    def unnamed(code):  # the program with its function's (or class's) name replaced: names vary across variants
+        return code.replace(re.search(r"(?:def|class) (\w+)", code).group(1), "f")
+
+    assert {unnamed(p["rejected"][0]["content"]) for p in wrong_value} <= {unnamed(r) for r in references}
+
+
+def test_seed_prompts_file_holds_the_natural_prompts_with_their_tests():
+    problems = {p.messages()[0]["content"]: p for p in codeeval.load_problems(os.path.join(DATA, "seed_prompts.jsonl"))}
+    assert {"用Python实现快速排序算法", "用Python实现二叉树遍历"} <= set(problems)
+    quick = problems["用Python实现快速排序算法"]
+    assert quick.record["entry_point"] == "quick_sort" and len(quick.record["tests"]) >= 4
+
+
 def test_eval_and_ppo_files_load_as_problems():
-    for name in ("eval_tasks", "ppo_prompts", "val_tasks"):
+    for name in ("eval_tasks", "ppo_prompts", "val_tasks", "seed_prompts"):
         problems = codeeval.load_problems(os.path.join(DATA, name + ".jsonl"))
         assert all(p.format == "project" for p in problems)
         assert problems[0].messages()[0]["role"] == "user"

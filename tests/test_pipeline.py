@@ -65,6 +65,12 @@ def test_pipeline_runs_every_stage_and_reports(first_run):
     assert all(0.0 <= report[stage]["pass_at_8"] <= 1.0 for stage in ("sft", "ppo"))
     assert "| pass@8 (8 answers sampled at temperature 1) |" in (reports / "report.md").read_text()
     assert "## SFT versus PPO" in (reports / "report.md").read_text()
+    # the seed's natural prompts (data/seed_prompts.jsonl), 10 answers each at temperature 0.7
+    for stage in ("sft", "ppo"):
+        passes = report[stage]["seed_prompt_passes"]
+        assert set(passes) >= {"用Python实现快速排序算法", "用Python实现二叉树遍历"}, passes
+        assert report[stage]["seed_prompt_samples"] == 10 and all(0 <= n <= 10 for n in passes.values())
+    assert "| \"用Python实现快速排序算法\": answers passing" in (reports / "report.md").read_text()
     for png in ("sft_loss.png", "rm_accuracy.png", "ppo_training.png"):
         assert (reports / png).stat().st_size > 10_000, png  # an empty figure is a few kB
     timings = json.load(open(reports / "timings.json"))
