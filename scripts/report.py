@@ -26,8 +26,6 @@ REQUIRED = {  # keys report.json always has (None when the stage did not record 
     "ppo": ("pass_at_1", "kl", "reward_mean"),
 }
 LANGS = ("zh", "en")  # per-language pass@1 is shown when a stage recorded pass_at_1_<lang>
-
-
 KEPT_DICTS = ("seed_prompt_passes",)  # small dicts report.json keeps (histories and logs stay out)
 
 
