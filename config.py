@@ -75,6 +75,8 @@ RM_LR = 1e-3  # peak learning rate (cosine decay); 1e-5 (full) or 1e-4 (LoRA) fo
 RM_WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up
 RM_CENTER_REWARDS_COEF = 0.01  # loss += coef * mean(score^2), keeps scores near 0 (Eisenstein et al. 2023); 0 = off
 RM_SCORE_BATCH_SIZE = 64  # sequences per forward when scoring (evaluation, normalisation); memory only
+RM_ONPOLICY_SAMPLES = 0  # > 0: before training, answers the SFT model samples (temperature 1) per task of RM_ONPOLICY_PROMPTS_FILE; each failing one, against a passing one, becomes a pair (4 is typical; off by default: no gain measured on the embedded default, docs/RESULTS.md)
+RM_ONPOLICY_PROMPTS_FILE = "data/ppo_prompts.jsonl"  # tasks with unit tests for those pairs (the prompts PPO trains on); a missing file skips them
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation by execution (all stages)

@@ -756,9 +756,9 @@ def main(argv):
                 if final and step == C.PPO_STEPS and C.EVAL_SAMPLES:  # the trained policy's pass@k, as SFT reports it
                     result.update(sampled_pass_at_k(policy_full, tokenizer, subset, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
                                                     progress=False))
-                if final and step == C.PPO_STEPS and C.SEED_PROMPT_SAMPLES and os.path.exists(C.SEED_PROMPTS_FILE):
-                    result.update(seed_prompt_passes(policy_full, tokenizer, load_problems(C.SEED_PROMPTS_FILE),
-                                                     C.SEED_PROMPT_SAMPLES, C.GEN_MAX_NEW_TOKENS, progress=False))
+                if final and step == C.PPO_STEPS:  # the natural prompts, asked as a user asks
+                    result.update(seed_prompt_passes(policy_full, tokenizer, C.SEED_PROMPTS_FILE, C.SEED_PROMPT_SAMPLES,
+                                                     C.GEN_MAX_NEW_TOKENS, progress=False))
         if accelerator.is_main_process and result:
             print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
             accelerator.log({f"ppo/eval_{k}": v for k, v in result.items() if not isinstance(v, dict)}, step=step)

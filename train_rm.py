@@ -6,7 +6,8 @@ Reads  ./sft_model (SFT_DIR: the SFT stage's output, with its tokenizer and chat
 Writes ./rm_model (RM_DIR): a plain AutoModelForSequenceClassification folder with one output
        (merged when LoRA is on) and the SFT tokenizer, plus reward_normalization.json (mean/std
        for PPO; also in config.json as reward_mean/reward_std), eval_results.json (held-out
-       accuracy, F1, margin, agreement with the tests) and rlhf_stage.json (hand-off metadata).
+       accuracy, F1, margin, agreement with the tests), onpolicy_pairs.jsonl (the on-policy pairs
+       below, when made) and rlhf_stage.json (hand-off metadata).
 
 The SFT model gets a scalar head (`score`) and is trained with the Bradley-Terry loss
 -log sigmoid(r_chosen - r_rejected) (Ouyang et al. 2022), plus a small centring term that keeps
@@ -30,6 +31,13 @@ Metrics on the held-out pairs (RM_EVAL_FILE):
 Reward normalisation: mean and std of the RM's scores on both sides of the training pairs, after
 training, so 0 is the boundary between preferred and rejected answers and +-1 about a typical one.
 
+On-policy pairs (RM_ONPOLICY_SAMPLES > 0): before training, the SFT model answers each task of
+RM_ONPOLICY_PROMPTS_FILE (prompts with unit tests) RM_ONPOLICY_SAMPLES times at temperature 1;
+the tests label the answers, and each distinct failing answer (up to 2 per task) becomes the
+rejected side of a pair whose chosen side passes (a passing sampled answer, else the task's
+reference solution). These are the mistakes the policy actually makes, which the bundled pairs
+can only guess at (AceCoder, Zeng et al. 2025, builds its RM pairs from tests the same way).
+
     python train_rm.py                                    # embedded default, CPU is fine
     python train_rm.py --USE_LORA=true --RM_LR=1e-4       # LoRA (score head fully trained), merged on save
     accelerate launch --config_file accelerate_configs/ddp.yaml train_rm.py  # several GPUs (docs/DISTRIBUTED.md: DeepSpeed, FSDP)
@@ -48,7 +56,7 @@ from rlhf.common import (
     use_log_line,
 )
 from rlhf.data import drop_too_long, load_preference_pairs, read_jsonl
-from rlhf.handoff import check_output_dir, require_stage_output, save_stage
+from rlhf.handoff import check_output_dir, require_stage_output, save_stage, write_jsonl
 from rlhf.reward import (
     agreement_with_tests, conversation_ids, load_reward_model, preference_metrics, reward_statistics,
     save_reward_normalization, score_conversations,
@@ -66,6 +74,51 @@ def score_pairs(model, tokenizer, pairs, device):
     scores = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs] +
                                  [p["prompt"] + p["rejected"] for p in pairs], C.RM_SCORE_BATCH_SIZE, device)
     return scores[:len(pairs)], scores[len(pairs):]
+
+
+def on_policy_pairs(tokenizer, state):
+    """Preference pairs from the SFT model's own sampled answers, labelled by the unit tests (see
+    the module docstring), and the share of sampled answers that passed; ([], None) when off. The
+    main process samples and writes them to the stage's checkpoint folder, where every process
+    reads them; a resumed run reuses that file, so it trains on the pairs it started with."""
+    from rlhf.codeeval import evaluate_model, load_problems
+    from rlhf.common import load_causal_lm
+
+    if not (C.RM_ONPOLICY_SAMPLES and os.path.exists(C.RM_ONPOLICY_PROMPTS_FILE)):
+        return [], None
+    path = os.path.join(checkpoint_folder("rm"), "on_policy_pairs.jsonl")
+    if state.is_main_process and not (C.RESUME and os.path.exists(path)):
+        problems = [p for p in load_problems(C.RM_ONPOLICY_PROMPTS_FILE) if p.record.get("tests") or p.format != "project"]
+        model = load_causal_lm(C.SFT_DIR, for_training=False).to(state.device)
+        answers = []
+        evaluate_model(model, tokenizer, problems, num_samples=C.RM_ONPOLICY_SAMPLES, temperature=1.0, top_p=1.0,
+                       max_new_tokens=C.GEN_MAX_NEW_TOKENS, ks=(), results_out=answers)
+        del model
+        by_task = {}
+        for a in answers:
+            by_task.setdefault(a["task_id"], []).append(a)
+        rows, share = [], sum(a["passed"] for a in answers) / max(len(answers), 1)
+        for p in problems:
+            mine = by_task.get(p.task_id, [])
+            good = list(dict.fromkeys(a["raw"] for a in mine if a["passed"]))
+            if not good and p.format in ("project", "mbpp") and p.reference():  # whole programs (HumanEval: a body)
+                good = ["```python\n" + p.reference().strip() + "\n```"]
+            bad = list(dict.fromkeys(a["raw"] for a in mine if not a["passed"]))[:2]
+            rows += [{"prompt": p.messages(), "chosen": [{"role": "assistant", "content": good[i % len(good)]}],
+                      "rejected": [{"role": "assistant", "content": b}], "task_id": p.task_id, "passed_share": share}
+                     for i, b in enumerate(bad) if good]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_jsonl(path + ".tmp", rows)
+        os.replace(path + ".tmp", path)  # complete or absent: a kill mid-write leaves no half file
+    elif state.is_main_process:
+        print(f"on-policy pairs: reusing {path} of the interrupted run")
+    state.wait_for_everyone()
+    rows = read_jsonl(path)
+    passed = rows[0]["passed_share"] if rows else None
+    if state.is_main_process:
+        print(f"on-policy pairs: {len(rows)} from {C.RM_ONPOLICY_PROMPTS_FILE}"
+              + (f" ({passed:.1%} of the SFT model's sampled answers passed)" if rows else ""))
+    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows], passed
 
 
 def sft_failures():
@@ -89,6 +142,9 @@ def main(argv):
     # ---- data: conversational preference pairs, too-long pairs dropped with a count
     train = load_preference_pairs(C.RM_TRAIN_FILE)
     evals = load_preference_pairs(C.RM_EVAL_FILE)
+    failures = sft_failures()
+    onpolicy, onpolicy_passed = on_policy_pairs(tokenizer, state)  # the SFT model's failing answers, tested
+    train += onpolicy
     # `length` lets the sampler batch pairs of similar length: each pair is padded to the longest
     # sequence of its batch, and random batches of the bundled data would be ~40% padding.
     train = [dict(p, length=n) for p, n in zip(train, pair_lengths(tokenizer, train))]
@@ -97,7 +153,6 @@ def main(argv):
     evals = drop_too_long(evals, [p["length"] for p in evals], C.RM_MAX_LEN, C.RM_EVAL_FILE, "RM_MAX_LEN")
     if state.is_main_process:
         print(f"data: {len(train)} train / {len(evals)} eval preference pairs")
-    failures = sft_failures()
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -144,7 +199,7 @@ def main(argv):
     if state.is_main_process:
         t1 = time.time()
         train_chosen, train_rejected = score_pairs(model, tokenizer, train, state.device)
-        stats = reward_statistics(train_chosen, train_rejected, f"both answers of the {len(train)} pairs of {C.RM_TRAIN_FILE}")
+        stats = reward_statistics(train_chosen, train_rejected, f"both answers of the {len(train)} training pairs")
         eval_chosen, eval_rejected = score_pairs(model, tokenizer, evals, state.device)
         held_out = preference_metrics(eval_chosen, eval_rejected, threshold=stats["mean"])
         on_train = preference_metrics(train_chosen, train_rejected, threshold=stats["mean"])
@@ -153,7 +208,7 @@ def main(argv):
             "train_accuracy": on_train["accuracy"], "train_margin": on_train["margin"],
             "train_loss": result.training_loss, "train_seconds": train_seconds, "train_tokens": train_tokens,
             "train_tokens_per_second": train_tokens / train_seconds if train_tokens else None,
-            "score_seconds": time.time() - t1,
+            "score_seconds": time.time() - t1, "onpolicy_pairs": len(onpolicy), "onpolicy_passed": onpolicy_passed,
             "reward_mean": stats["mean"], "reward_std": stats["std"],
         })
         print(f"rm eval | accuracy {held_out['accuracy']:.4f} | f1 {held_out['f1']:.4f} | "
@@ -172,8 +227,14 @@ def main(argv):
 
         # ---- save ./rm_model (atomic, with metadata; the normalisation also goes into config.json)
         metrics["log_history"] = trainer.state.log_history
-        save_stage("rm", C.RM_DIR, model, tokenizer, metrics, checkpoint_folder("rm"),
-                   also=lambda tmp: save_reward_normalization(tmp, stats, model), extra={"sft_model": C.SFT_DIR},
+
+        def also(tmp):
+            save_reward_normalization(tmp, stats, model)
+            if onpolicy:  # what the RM was trained on besides RM_TRAIN_FILE, to read
+                write_jsonl(os.path.join(tmp, "onpolicy_pairs.jsonl"), onpolicy)
+
+        save_stage("rm", C.RM_DIR, model, tokenizer, metrics, checkpoint_folder("rm"), also=also,
+                   extra={"sft_model": C.SFT_DIR},
                    show=("eval_accuracy", "eval_f1", "eval_margin", "heldout_test_agreement", "train_loss",
                          "train_seconds", "train_tokens_per_second"))
     state.wait_for_everyone()

@@ -189,9 +189,9 @@ def main(argv):
         metrics["eval_tasks"] = len(problems)
         if C.EVAL_SAMPLES:  # pass@k of sampled answers: the headroom above greedy pass@1 that PPO can use
             metrics.update(sampled_pass_at_k(model, tokenizer, problems, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS))
-        if C.SEED_PROMPT_SAMPLES and os.path.exists(C.SEED_PROMPTS_FILE):  # the natural prompts, asked as a user asks
-            metrics.update(seed_prompt_passes(model, tokenizer, load_problems(C.SEED_PROMPTS_FILE),
-                                              C.SEED_PROMPT_SAMPLES, C.GEN_MAX_NEW_TOKENS))
+        # the natural prompts, asked as a user asks
+        metrics.update(seed_prompt_passes(model, tokenizer, C.SEED_PROMPTS_FILE, C.SEED_PROMPT_SAMPLES,
+                                          C.GEN_MAX_NEW_TOKENS))
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
         print(f"no pass@1: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist (set it, or SFT_EVAL_PASS_AT_1=False)")
 

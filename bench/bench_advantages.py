@@ -5,11 +5,12 @@ Each run is train_ppo.py with the default settings, `--PPO_ADVANTAGE=<estimator>
 greedy pass@1 on `--tasks` at the end (no evaluation during training, no checkpoints). The table:
 pass@1 (mean and per seed; the SFT model on the same tasks as the start), KL per response (last 5
 iterations), seconds per iteration, peak RSS. Choose settings with the validation split (the
-default, data/val_tasks.jsonl); run it on data/eval_tasks.jsonl once, for the final figure.
+default, data/val_tasks.jsonl); `--heldout=data/eval_tasks.jsonl` adds each final model's pass@1
+on the held-out set, the final figure, once.
 
     python bench/bench_advantages.py                                    # gae, grpo, rloo x seeds 42, 1, 2
     python bench/bench_advantages.py --estimators=grpo,gae --seeds=42 --PPO_STEPS=10
-    python bench/bench_advantages.py --tasks=data/eval_tasks.jsonl      # the held-out figure, once
+    python bench/bench_advantages.py --heldout=data/eval_tasks.jsonl    # and the held-out figure
 
 Needs ./sft_model and ./rm_model (bash run.sh). About 10 minutes a run on 2 cores (30 iterations).
 """
@@ -26,21 +27,21 @@ import config as C
 from rlhf.settings import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = {"estimators": "gae,grpo,rloo", "seeds": "42,1,2", "tasks": "data/val_tasks.jsonl"}
+DEFAULTS = {"estimators": "gae,grpo,rloo", "seeds": "42,1,2", "tasks": "data/val_tasks.jsonl", "heldout": ""}
 
 
-def sft_pass_at_1(tasks):
-    """Greedy pass@1 of the SFT model on `tasks`: where every PPO run starts."""
+def pass_at_1(model_dir, tasks):
+    """Greedy pass@1 of the model in `model_dir` on `tasks` (the SFT model: where every run starts)."""
     from rlhf.codeeval import evaluate_model, load_problems
     from rlhf.common import load_causal_lm, load_tokenizer
 
-    model = load_causal_lm(C.SFT_DIR, for_training=False)
-    summary = evaluate_model(model, load_tokenizer(C.SFT_DIR), load_problems(tasks), max_new_tokens=C.GEN_MAX_NEW_TOKENS,
+    model = load_causal_lm(model_dir, for_training=False)
+    summary = evaluate_model(model, load_tokenizer(model_dir), load_problems(tasks), max_new_tokens=C.GEN_MAX_NEW_TOKENS,
                              ks=(1,), progress=False)
     return summary["pass@1"]
 
 
-def run(out, estimator, seed, tasks, overrides):
+def run(out, estimator, seed, tasks, heldout, overrides):
     cmd = [sys.executable, os.path.join(ROOT, "train_ppo.py"), f"--PPO_ADVANTAGE={estimator}", f"--SEED={seed}",
            f"--EVAL_TASKS_FILE={tasks}", f"--PPO_DIR={out}/ppo_model", f"--RUNS_DIR={out}/runs", "--PPO_EVAL_EVERY=0",
            "--PPO_SAVE_EVERY=0", "--REPORT_TO=none", *overrides]
@@ -49,7 +50,8 @@ def run(out, estimator, seed, tasks, overrides):
         metrics = json.load(f)["metrics"]
     seconds = [h["seconds"] for h in metrics["history"] if "seconds" in h]
     return {"estimator": estimator, "seed": seed, "pass_at_1": metrics["pass_at_1"], "kl": metrics["kl"],
-            "seconds_per_iteration": statistics.median(seconds), "peak_rss_mib": metrics["peak_rss_mib"]}
+            "seconds_per_iteration": statistics.median(seconds), "peak_rss_mib": metrics["peak_rss_mib"],
+            "heldout_pass_at_1": pass_at_1(os.path.join(out, "ppo_model"), heldout) if heldout else None}
 
 
 def main(argv):
@@ -59,30 +61,39 @@ def main(argv):
         if not os.path.exists(os.path.join(path, "rlhf_stage.json")):
             raise SystemExit(f"error: {path} is needed: run `bash run.sh` (or train_sft.py, train_rm.py) first")
     tasks = os.path.abspath(own["tasks"])
+    heldout = own["heldout"] and os.path.abspath(own["heldout"])
     overrides = rest + [f"--SFT_DIR={os.path.abspath(C.SFT_DIR)}", f"--RM_DIR={os.path.abspath(C.RM_DIR)}"]
     result = _common.header("python bench/bench_advantages.py " + " ".join(argv))
-    result.update(tasks=own["tasks"], steps=C.PPO_STEPS, sft_pass_at_1=sft_pass_at_1(tasks), runs=[])
+    result.update(tasks=own["tasks"], heldout=own["heldout"], steps=C.PPO_STEPS, sft_pass_at_1=pass_at_1(C.SFT_DIR, tasks),
+                  sft_heldout_pass_at_1=pass_at_1(C.SFT_DIR, heldout) if heldout else None, runs=[])
     with tempfile.TemporaryDirectory() as tmp:
         for estimator in own["estimators"].split(","):
             for seed in [int(s) for s in own["seeds"].split(",")]:
                 out = os.path.join(tmp, f"{estimator}_{seed}")
-                result["runs"].append(run(out, estimator, seed, tasks, overrides))
+                result["runs"].append(run(out, estimator, seed, tasks, heldout, overrides))
                 r = result["runs"][-1]
-                print(f"{estimator} seed {seed} | pass@1 {r['pass_at_1']:.3f} | kl {r['kl']:.3f} | "
+                extra = f" | held-out pass@1 {r['heldout_pass_at_1']:.3f}" if heldout else ""
+                print(f"{estimator} seed {seed} | pass@1 {r['pass_at_1']:.3f}{extra} | kl {r['kl']:.3f} | "
                       f"{r['seconds_per_iteration']:.1f} s/iteration | {r['peak_rss_mib']:.0f} MiB", flush=True)
     result["load_average_1min_after"] = os.getloadavg()[0]
-    rows = [["SFT model (start)", f"{result['sft_pass_at_1']:.3f}", "", "", "", ""]]
+    ho = (lambda runs: [f"{statistics.mean(r['heldout_pass_at_1'] for r in runs):.3f}",
+                        ", ".join(f"{r['heldout_pass_at_1']:.3f}" for r in runs)]) if heldout else (lambda runs: [])
+    rows = [["SFT model (start)", f"{result['sft_pass_at_1']:.3f}", ""]
+            + ([f"{result['sft_heldout_pass_at_1']:.3f}", ""] if heldout else []) + ["", "", ""]]
     for estimator in own["estimators"].split(","):
         runs = [r for r in result["runs"] if r["estimator"] == estimator]
         rows.append([estimator, f"{statistics.mean(r['pass_at_1'] for r in runs):.3f}",
-                     ", ".join(f"{r['pass_at_1']:.3f}" for r in runs), f"{statistics.mean(r['kl'] for r in runs):.3f}",
+                     ", ".join(f"{r['pass_at_1']:.3f}" for r in runs), *ho(runs),
+                     f"{statistics.mean(r['kl'] for r in runs):.3f}",
                      f"{statistics.median(r['seconds_per_iteration'] for r in runs):.1f}",
                      f"{max(r['peak_rss_mib'] for r in runs):.0f}"])
-    print(f"held-out tasks: {own['tasks']}, {C.PPO_STEPS} iterations, {result['machine']}")
-    print("\n".join(_common.table(["estimator", "pass@1 (mean)", "per seed", "KL (nats/response)", "s/iteration",
-                                   "peak RSS (MiB)"], rows)))
-    _common.save_results("advantages", result)
-
+    print(f"tasks: {own['tasks']}{', held-out: ' + own['heldout'] if heldout else ''}, {C.PPO_STEPS} iterations, "
+          f"{result['machine']}")
+    print("\n".join(_common.table(["estimator", "pass@1 (mean)", "per seed"]
+                                  + (["held-out pass@1 (mean)", "per seed"] if heldout else [])
+                                  + ["KL (nats/response)", "s/iteration", "peak RSS (MiB)"], rows)))
+    name = "advantages" if own["estimators"] == DEFAULTS["estimators"] else "advantages_" + own["estimators"].replace(",", "_")
+    _common.save_results(name, result)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -249,12 +249,15 @@ def sampled_pass_at_k(model, tokenizer, problems: list[Problem], samples: int, m
     return {f"pass_at_{samples}": summary[f"pass@{samples}"]}
 
 
-def seed_prompt_passes(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
-                       progress: bool = True) -> dict:
+def seed_prompt_passes(model, tokenizer, path: str, samples: int, max_new_tokens: int, progress: bool = True) -> dict:
     """{"seed_prompt_passes": {prompt: passing answers}, "seed_prompt_samples": samples}: each
-    natural prompt (data/seed_prompts.jsonl, e.g. "用Python实现快速排序算法") asked `samples` times the
-    way a user's generate call asks it (temperature 0.7, top_p 0.95), each answer run against the
-    tests of what the prompt asks (data/DATA_CARD.md: the convention function name and behaviour)."""
+    natural prompt in `path` (data/seed_prompts.jsonl, e.g. "用Python实现快速排序算法") asked `samples`
+    times the way a user's generate call asks it (temperature 0.7, top_p 0.95), each answer run
+    against the tests of what the prompt asks (data/DATA_CARD.md: the convention function name and
+    behaviour). {} when samples is 0 or the file does not exist (the check is optional)."""
+    if not samples or not os.path.exists(path):
+        return {}
+    problems = load_problems(path)
     results = []
     evaluate_model(model, tokenizer, problems, num_samples=samples, temperature=0.7, top_p=0.95,
                    max_new_tokens=max_new_tokens, ks=(1,), progress=progress, results_out=results)

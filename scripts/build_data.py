@@ -166,6 +166,9 @@ def build(out_dir, seed=0, n_families=None, workers=None):
     families = task_families.F[:n_families] if n_families else task_families.F
     all_tasks = [t for fi, fam in enumerate(families) for t in instances(fi, fam, rng)]
     parts = split(all_tasks, rng)
+    # PPO trains on seen variants only: no held-out value of the eval set reaches any training data
+    # (filtered after the split, so every other file is what it was before this rule)
+    parts["ppo"] = [t for t in parts["ppo"] if not t["heldout_params"]]
     used = [t for name in ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo", "eval", "val") for t in parts[name]]
     with_bugs = parts["rm_train"] + parts["rm_eval"] + [t for t in parts["sft_train"] if t["family"] in HABITS]
     n_programs, failing, dropped = verify(used, with_bugs, workers)
@@ -173,6 +176,9 @@ def build(out_dir, seed=0, n_families=None, workers=None):
     assert not ids["sft_train"] & (ids["sft_eval"] | ids["eval"] | ids["ppo"]), "splits overlap"
     assert not ids["eval"] & ids["ppo"] and not ids["sft_eval"] & (ids["eval"] | ids["ppo"]), "splits overlap"
     assert not ids["val"] & (ids["eval"] | ids["ppo"] | ids["sft_train"] | ids["sft_eval"]), "splits overlap"
+    held = {(t["family"], t["pi"]) for t in parts["eval"] if t["heldout_params"]}
+    trained = ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo")
+    assert not held & {(t["family"], t["pi"]) for name in trained for t in parts[name]}, "a held-out value is trained on"
 
     habit_rng = random.Random(f"habits {seed}")
 

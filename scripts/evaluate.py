@@ -1,8 +1,10 @@
 """Score code completions (pass@k) in the sandbox, or generate them with a model first.
 
 Problems: our format (data/eval_tasks.jsonl), HumanEval or MBPP jsonl, auto-detected.
-Per-sample results go to --out (default: <samples>_results.jsonl, or <model>/eval_results.jsonl);
-a summary JSON (pass@k, counts, statuses) is printed.
+Per-sample results go to --out (default: <samples>_results.jsonl, or <model>/evaluate_<problems>.jsonl,
+never over the stage's own eval_results.jsonl); a summary JSON (pass@k, counts, statuses) is printed.
+Answers are up to GEN_MAX_NEW_TOKENS tokens unless --max-new-tokens says otherwise, as in the stages,
+so a stage's greedy pass@1 is reproduced by `--model <its folder>` on the same problems.
 
     python scripts/evaluate.py --problems data/eval_tasks.jsonl --samples samples.jsonl --k 1,10
     python scripts/evaluate.py --benchmark humaneval --samples canonical    # must print 164/164
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 
+import config as C
 from rlhf import codeeval
 from rlhf.common import load_for_generation, run_stage
 from rlhf.data import read_jsonl
@@ -53,7 +56,7 @@ def main(argv):
     ap.add_argument("--temperature", type=float, default=None,
                     help="sampling temperature (default: greedy for 1 sample, 0.8 for more)")
     ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: GEN_MAX_NEW_TOKENS)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=None, help="sandbox processes in parallel (default: CPUs)")
     args, settings = ap.parse_known_args(argv)
@@ -70,7 +73,8 @@ def main(argv):
     problems = codeeval.load_problems(codeeval.humaneval_path() if args.benchmark else args.problems)
     if args.model:
         samples = generate(args, problems)
-        out = args.out or os.path.join(args.model, "eval_results.jsonl")
+        stem = "humaneval" if args.benchmark else os.path.basename(args.problems).split(".")[0]
+        out = args.out or os.path.join(args.model, f"evaluate_{stem}.jsonl")
     elif args.samples in ("canonical", "broken"):
         samples = reference_samples(problems, args.samples)
         out = args.out
@@ -87,7 +91,8 @@ def main(argv):
 def generate(args, problems):
     model, tokenizer = load_for_generation(args.model)
     temperature = args.temperature if args.temperature is not None else (0.8 if args.num_samples > 1 else None)
-    texts = codeeval.generate_completions(model, tokenizer, [p.messages() for p in problems], args.max_new_tokens,
+    texts = codeeval.generate_completions(model, tokenizer, [p.messages() for p in problems],
+                                          args.max_new_tokens or C.GEN_MAX_NEW_TOKENS,
                                           args.num_samples, temperature, args.top_p, args.batch_size)
     return [{"task_id": p.task_id, "completion": codeeval.completion_for(p, t), "raw": t}
             for p, outs in zip(problems, texts) for t in outs]

@@ -148,7 +148,8 @@ def markdown(report, plots):
                        ("eval_pairs", "held-out pairs"),
                        ("heldout_test_agreement", "agrees with the tests: reference above the SFT model's failed "
                                                   "answer, held-out tasks"),
-                       ("heldout_test_failures", "failed SFT answers checked")):
+                       ("heldout_test_failures", "failed SFT answers checked"),
+                       ("onpolicy_pairs", "on-policy training pairs (the SFT model's failing answers)")):
         lines.append(f"| {label} | {fmt(rm.get(key))} |")
     lines += ["", "## Time", "", "| stage | wall time |", "|---|---|"]
     for name, _ in STAGES:

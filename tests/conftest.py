@@ -184,6 +184,11 @@ def toy_pairs(tmp_path_factory):
     return {
         "rm_train": write_jsonl(folder / "rm_train.jsonl", toy_preference_pairs(48, seed=3)),
         "rm_eval": write_jsonl(folder / "rm_eval.jsonl", toy_preference_pairs(16, seed=4)),
+        # tasks with tests and a reference: what the RM stage samples its on-policy pairs on
+        "tasks": write_jsonl(folder / "tasks.jsonl", [
+            {"task_id": f"t{k}", "prompt": f"Write add_{k}(x) returning x plus {k}.", "entry_point": f"add_{k}",
+             "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}], "solution": f"def add_{k}(x):\n    return x + {k}"}
+            for k in range(1, 4)]),
         "folder": folder,
     }
 
@@ -359,8 +364,13 @@ def two_process_runs(tiny_base, tmp_path_factory):
 
     rm_train = write_jsonl(folder / "rm_train.jsonl", toy_preference_pairs(21, seed=13))
     rm_eval = write_jsonl(folder / "rm_eval.jsonl", toy_preference_pairs(7, seed=14))
+    rm_tasks = write_jsonl(folder / "rm_tasks.jsonl", [  # on-policy pairs: rank 0 samples, both train on them
+        {"task_id": f"t{k}", "prompt": f"Write add_{k}(x).", "entry_point": f"add_{k}",
+         "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}], "solution": f"def add_{k}(x):\n    return x + {k}"}
+        for k in range(1, 3)])
     logs["rm"] = launch("train_rm.py", f"--SFT_DIR={two}/sft", f"--RM_DIR={two}/rm", f"--RUNS_DIR={two}/runs",
                         f"--RM_TRAIN_FILE={rm_train}", f"--RM_EVAL_FILE={rm_eval}", "--RM_BATCH_SIZE=2",
+                        f"--RM_ONPOLICY_PROMPTS_FILE={rm_tasks}", "--RM_ONPOLICY_SAMPLES=1", "--GEN_MAX_NEW_TOKENS=8",
                         "--RM_EPOCHS=1", "--LOG_EVERY=5", "--REPORT_TO=none", log_dir=folder)
 
     rng = random.Random(15)  # prompts of 1 to 12 sentences: each rank's batch has its own padded length

@@ -63,6 +63,19 @@ def test_flawed_demonstrations_and_rm_pairs_that_check_the_prompt():
     assert {unnamed(p["rejected"][0]["content"]) for p in wrong_value} <= {unnamed(r) for r in references}
 
 
+def test_no_training_file_holds_a_held_out_value_of_the_eval_set():
+    """Held-out parameter values (a variant: family + parameters, e.g. count the 'u') are eval-only:
+    no SFT demonstration, RM pair or PPO prompt asks for one, whatever its wording."""
+    def variant(r):
+        return tuple(r["task_id"].split("/")[:2])
+
+    held = {variant(r) for r in rows("eval_tasks") if r["heldout_params"]}
+    assert len(held) >= 20
+    for name in ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts"):
+        assert not held & {variant(r) for r in rows(name)}, name
+    assert not any(r["heldout_params"] for r in rows("ppo_prompts"))
+
+
 def test_seed_prompts_file_holds_the_natural_prompts_with_their_tests():
     problems = {p.messages()[0]["content"]: p for p in codeeval.load_problems(os.path.join(DATA, "seed_prompts.jsonl"))}
     assert {"用Python实现快速排序算法", "用Python实现二叉树遍历"} <= set(problems)

@@ -1,5 +1,6 @@
 """Code extraction, pass@k, the three problem formats, evaluate.py and the HumanEval check."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,24 @@ def test_samples_file_and_results(tmp_path):
     assert summary["pass@1"] == 0.5 and summary["pass@2"] == 1.0
     rows = [json.loads(x) for x in open(str(samples) + "_results.jsonl")]
     assert [x["passed"] for x in rows] == [True, False] and rows[1]["status"] == "failed"
+
+
+def test_model_results_never_replace_the_stage_answers(tmp_path, tiny_base):
+    """--model writes beside the model, not over eval_results.jsonl (the answers a stage saved, which
+    train_rm.py reads), and generates GEN_MAX_NEW_TOKENS tokens unless told otherwise."""
+    model = tmp_path / "sft_model"
+    shutil.copytree(tiny_base, model)
+    (model / "eval_results.jsonl").write_text("the stage's answers\n")
+    problems = tmp_path / "tasks.jsonl"
+    problems.write_text(json.dumps(PROJECT) + "\n")
+    r = run_evaluate("--problems", str(problems), "--model", str(model), "--k", "1", "--GEN_MAX_NEW_TOKENS=7")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["results_file"] == str(model / "evaluate_tasks.jsonl")
+    assert (model / "eval_results.jsonl").read_text() == "the stage's answers\n"
+    from transformers import AutoTokenizer
+
+    raw = json.loads(open(model / "evaluate_tasks.jsonl").readline())["raw"]
+    assert len(AutoTokenizer.from_pretrained(tiny_base)(raw)["input_ids"]) <= 14  # the default would be 160
 
 
 def test_humaneval_canonical_all_pass_broken_none():

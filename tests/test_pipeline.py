@@ -25,7 +25,8 @@ def pipeline_args(tiny_base, toy_data, toy_pairs, tmp_path_factory):
             f"--SFT_DIR={folder / 'sft_model'}", f"--RM_DIR={folder / 'rm_model'}", f"--PPO_DIR={folder / 'ppo_model'}",
             f"--SFT_TRAIN_FILE={toy_data['sft_train']}", f"--SFT_EVAL_FILE={toy_data['sft_eval']}",
             f"--RM_TRAIN_FILE={toy_pairs['rm_train']}", f"--RM_EVAL_FILE={toy_pairs['rm_eval']}",
-            f"--PPO_PROMPTS_FILE={prompts}", f"--EVAL_TASKS_FILE={tasks}",
+            f"--PPO_PROMPTS_FILE={prompts}", f"--EVAL_TASKS_FILE={tasks}", f"--RM_ONPOLICY_PROMPTS_FILE={tasks}",
+            "--RM_ONPOLICY_SAMPLES=1",
             "--EPOCHS=1", "--BATCH_SIZE=8", "--LOG_EVERY=2", "--MAX_LEN=128", "--RM_MAX_LEN=128", "--RM_BATCH_SIZE=8",
             "--PPO_STEPS=2", "--PPO_BATCH_SIZE=4", "--PPO_MINI_BATCH_SIZE=2", "--PPO_EPOCHS=1", "--PPO_RESPONSE_LEN=8",
             "--GEN_MAX_NEW_TOKENS=8", "--PPO_EVAL_EVERY=1", "--PPO_SAVE_EVERY=0", "--REPORT_TO=none"]

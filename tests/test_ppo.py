@@ -135,10 +135,12 @@ def test_rm_vs_tests_script_compares_failed_answers_with_references(ppo_inputs, 
 
 
 def test_bench_advantages_compares_estimators(ppo_inputs, tmp_path):
-    """bench/bench_advantages.py runs each estimator and prints one row per estimator (tiny settings)."""
+    """bench/bench_advantages.py runs each estimator and prints one row per estimator (tiny settings),
+    with each final model's pass@1 on a second task file when --heldout names one."""
     args = [a for a in ppo_args(ppo_inputs, tmp_path) if not a.startswith(("--PPO_DIR", "--RUNS_DIR", "--EVAL_TASKS_FILE"))]
     proc = run_script("bench/bench_advantages.py", "--estimators=gae,rloo", "--seeds=3", f"--tasks={ppo_inputs['tasks']}",
-                      "--PPO_STEPS=1", *args)
+                      f"--heldout={ppo_inputs['tasks']}", "--PPO_STEPS=1", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| gae", "| rloo", "| SFT"))]
     assert len(rows) == 3, proc.stdout[-2000:]
+    assert "held-out pass@1 (mean)" in proc.stdout and all(len(row.split("|")) == 10 for row in rows), proc.stdout[-2000:]

@@ -47,7 +47,8 @@ def stage_args(stage, out, tiny_base, toy_data, toy_pairs, inputs, data=None):
                          f"--SFT_TRAIN_FILE={data or toy_data['sft_train']}", f"--SFT_EVAL_FILE={toy_data['sft_eval']}"]
     if stage == "rm":
         return common + [f"--SFT_DIR={inputs['sft']}", f"--RM_DIR={out}/rm_model", "--RM_BATCH_SIZE=8",
-                         f"--RM_TRAIN_FILE={data or toy_pairs['rm_train']}", f"--RM_EVAL_FILE={toy_pairs['rm_eval']}"]
+                         f"--RM_TRAIN_FILE={data or toy_pairs['rm_train']}", f"--RM_EVAL_FILE={toy_pairs['rm_eval']}",
+                         "--RM_ONPOLICY_SAMPLES=0"]
     return ppo_args(inputs, out, "--PPO_EVAL_EVERY=0") + ([f"--PPO_PROMPTS_FILE={data}"] if data else [])
 
 

@@ -16,7 +16,8 @@ def rm_run(tiny_sft, toy_pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm")
     args = [f"--SFT_DIR={tiny_sft}", f"--RM_DIR={out / 'rm_model'}", f"--RUNS_DIR={out / 'runs'}",
             f"--RM_TRAIN_FILE={toy_pairs['rm_train']}", f"--RM_EVAL_FILE={toy_pairs['rm_eval']}",
-            "--RM_EPOCHS=2", "--RM_BATCH_SIZE=16", "--RM_LR=5e-3", "--LOG_EVERY=2"]
+            "--RM_EPOCHS=2", "--RM_BATCH_SIZE=16", "--RM_LR=5e-3", "--LOG_EVERY=2",
+            f"--RM_ONPOLICY_PROMPTS_FILE={toy_pairs['tasks']}", "--RM_ONPOLICY_SAMPLES=2", "--GEN_MAX_NEW_TOKENS=8"]
     proc = run_script("train_rm.py", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
@@ -62,6 +63,19 @@ def test_rm_saves_a_loadable_reward_model(rm_run):
     assert not os.path.exists(out / "runs" / "rm" / "checkpoints")  # cleaned after a finished run
 
 
+def test_rm_adds_on_policy_pairs_labelled_by_the_tests(rm_run, toy_pairs):
+    """The SFT model's sampled answers to the 3 toy tasks, run against their tests: the tiny model's
+    8-token answers all fail, so each distinct one (at most 2 per task) is paired with the reference."""
+    out, proc = rm_run
+    metrics = json.load(open(out / "rm_model" / "rlhf_stage.json"))["metrics"]
+    assert metrics["onpolicy_passed"] == 0.0 and 3 <= metrics["onpolicy_pairs"] <= 6
+    pairs = _pairs(str(out / "rm_model" / "onpolicy_pairs.jsonl"))  # kept beside the model, to read
+    assert len(pairs) == metrics["onpolicy_pairs"] and all(p["chosen"][0]["content"].startswith("```python\ndef add_")
+                                                           for p in pairs)
+    assert f"on-policy pairs: {metrics['onpolicy_pairs']} from {toy_pairs['tasks']} (0.0% of" in proc.stdout
+    assert f"data: {48 + metrics['onpolicy_pairs']} train / 16 eval preference pairs" in proc.stdout
+
+
 def test_rm_pulls_chosen_and_rejected_apart(rm_run, tiny_sft, toy_pairs):
     import config as C
     from rlhf.common import load_tokenizer, seed_everything
@@ -96,7 +110,7 @@ def test_reward_normalization_is_stored_and_matches_a_recomputation(rm_run, toy_
     results = json.load(open(os.path.join(folder, "eval_results.json")))
     assert results["reward_mean"] == stats["mean"]
 
-    pairs = _pairs(toy_pairs["rm_train"])
+    pairs = _pairs(toy_pairs["rm_train"]) + _pairs(os.path.join(folder, "onpolicy_pairs.jsonl"))  # all it trained on
     model, tok = load_reward_model(folder), AutoTokenizer.from_pretrained(folder)
     prompts = [p["prompt"] for p in pairs] * 2
     answers = [p["chosen"][0]["content"] for p in pairs] + [p["rejected"][0]["content"] for p in pairs]
@@ -170,7 +184,7 @@ def test_rm_lora_trains_the_head_and_saves_a_merged_model(tiny_sft, toy_pairs, t
     proc = run_in_process("train_rm.py", f"--SFT_DIR={tiny_sft}", f"--RM_DIR={tmp_path / 'rm'}",
                           f"--RUNS_DIR={tmp_path / 'runs'}", f"--RM_TRAIN_FILE={toy_pairs['rm_train']}",
                           f"--RM_EVAL_FILE={toy_pairs['rm_eval']}", "--RM_BATCH_SIZE=16", "--RM_LR=3e-3",
-                          "--USE_LORA=true", "--REPORT_TO=none")
+                          "--USE_LORA=true", "--RM_ONPOLICY_SAMPLES=0", "--REPORT_TO=none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32)
     assert not any("lora" in name for name, _ in merged.named_parameters())
