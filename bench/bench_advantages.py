@@ -95,5 +95,6 @@ def main(argv):
     name = "advantages" if own["estimators"] == DEFAULTS["estimators"] else "advantages_" + own["estimators"].replace(",", "_")
     _common.save_results(name, result)
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])
