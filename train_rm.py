@@ -58,7 +58,7 @@ from rlhf.common import (
 from rlhf.data import drop_too_long, load_preference_pairs, read_jsonl
 from rlhf.handoff import check_output_dir, require_stage_output, save_stage, write_jsonl
 from rlhf.reward import (
-    agreement_with_tests, conversation_ids, load_reward_model, preference_metrics, reward_statistics,
+    agreement_with_tests, conversation_ids, load_reward_model, preference_metrics, reference_answer, reward_statistics,
     save_reward_normalization, score_conversations,
 )
 
@@ -101,8 +101,8 @@ def on_policy_pairs(tokenizer, state):
         for p in problems:
             mine = by_task.get(p.task_id, [])
             good = list(dict.fromkeys(a["raw"] for a in mine if a["passed"]))
-            if not good and p.format in ("project", "mbpp") and p.reference():  # whole programs (HumanEval: a body)
-                good = ["```python\n" + p.reference().strip() + "\n```"]
+            if not good and reference_answer(p):
+                good = [reference_answer(p)]
             bad = list(dict.fromkeys(a["raw"] for a in mine if not a["passed"]))[:2]
             rows += [{"prompt": p.messages(), "chosen": [{"role": "assistant", "content": good[i % len(good)]}],
                       "rejected": [{"role": "assistant", "content": b}], "task_id": p.task_id, "passed_share": share}

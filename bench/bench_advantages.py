@@ -76,14 +76,14 @@ def main(argv):
                 print(f"{estimator} seed {seed} | pass@1 {r['pass_at_1']:.3f}{extra} | kl {r['kl']:.3f} | "
                       f"{r['seconds_per_iteration']:.1f} s/iteration | {r['peak_rss_mib']:.0f} MiB", flush=True)
     result["load_average_1min_after"] = os.getloadavg()[0]
-    ho = (lambda runs: [f"{statistics.mean(r['heldout_pass_at_1'] for r in runs):.3f}",
-                        ", ".join(f"{r['heldout_pass_at_1']:.3f}" for r in runs)]) if heldout else (lambda runs: [])
-    rows = [["SFT model (start)", f"{result['sft_pass_at_1']:.3f}", ""]
-            + ([f"{result['sft_heldout_pass_at_1']:.3f}", ""] if heldout else []) + ["", "", ""]]
+    def mean_and_seeds(runs, key):  # two table cells: the mean over seeds, then each seed's figure
+        return [f"{statistics.mean(r[key] for r in runs):.3f}", ", ".join(f"{r[key]:.3f}" for r in runs)]
+
+    keys = ["pass_at_1"] + (["heldout_pass_at_1"] if heldout else [])
+    rows = [["SFT model (start)"] + [c for k in keys for c in (f"{result['sft_' + k]:.3f}", "")] + ["", "", ""]]
     for estimator in own["estimators"].split(","):
         runs = [r for r in result["runs"] if r["estimator"] == estimator]
-        rows.append([estimator, f"{statistics.mean(r['pass_at_1'] for r in runs):.3f}",
-                     ", ".join(f"{r['pass_at_1']:.3f}" for r in runs), *ho(runs),
+        rows.append([estimator, *[c for k in keys for c in mean_and_seeds(runs, k)],
                      f"{statistics.mean(r['kl'] for r in runs):.3f}",
                      f"{statistics.median(r['seconds_per_iteration'] for r in runs):.1f}",
                      f"{max(r['peak_rss_mib'] for r in runs):.0f}"])
