@@ -511,12 +511,12 @@ def exec_rewards(batch, texts, device):
     """Unit-test reward (B,) of each response (PPO_EXEC_REWARD of its sandbox verdict); NaN where the
     prompt has no tests or PPO_EXEC_WEIGHT is 0."""
     from rlhf.codeeval import completion_for
-    from rlhf.sandbox import run_many
+    from rlhf.sandbox import run_unique
 
     passed = torch.full((len(batch),), float("nan"), device=device)
     tested = [i for i, r in enumerate(batch) if r["problem"] is not None]
     if tested and C.PPO_EXEC_WEIGHT:
-        verdicts = run_many([batch[i]["problem"].job(completion_for(batch[i]["problem"], texts[i])) for i in tested])
+        verdicts = run_unique([batch[i]["problem"].job(completion_for(batch[i]["problem"], texts[i])) for i in tested])
         # "all": the verdict greedy pass@1 counts; "fraction" also pays for near misses
         passed[tested] = torch.tensor([float(v.passed) if C.PPO_EXEC_REWARD == "all" else v.pass_fraction
                                        for v in verdicts], device=device)

@@ -19,7 +19,8 @@ requests over a pipe and gets back strictly encoded builtin values (or the excep
       from the trusted prompt helpers; every call of `candidate`/the entry point (or any other
       name the tests take from the program) is proxied to the program as encoded values.
 Anything malformed, oversized, late or missing from the program is that sample's verdict
-("error"/"timeout"), never an exception here. run_many(jobs) runs many in parallel threads.
+("error"/"timeout"), never an exception here. run_many(jobs) runs many in parallel threads;
+run_unique(jobs) runs each distinct job once.
 """
 from __future__ import annotations
 
@@ -957,6 +958,17 @@ def run_asserts(program: str, test_code: str, entry_point: str = "", setup: str 
     finally:
         child.close()
     return Verdict(True, "passed", "", time.monotonic() - child.t0, 1.0)
+
+
+def run_unique(jobs: list[dict], workers: int | None = None, progress: bool = False) -> list[Verdict]:
+    """run_many where jobs repeat (sampled answers often do): each distinct job runs once and every
+    copy gets its verdict; order kept."""
+    keys = [repr(sorted(job.items())) for job in jobs]
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    verdicts = dict(zip(first.values(), run_many([jobs[i] for i in first.values()], workers, progress)))
+    return [verdicts[first[key]] for key in keys]
 
 
 def run_job(job: dict) -> Verdict:

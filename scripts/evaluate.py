@@ -57,7 +57,7 @@ def main(argv):
                     help="sampling temperature (default: greedy for 1 sample, 0.8 for more)")
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: GEN_MAX_NEW_TOKENS)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=None, help="problems per generate call (default: 128 answers a call)")
     ap.add_argument("--workers", type=int, default=None, help="sandbox processes in parallel (default: CPUs)")
     args, settings = ap.parse_known_args(argv)
     # e.g. --SANDBOX_MODE=weak where namespaces are unavailable; stdout stays the JSON summary

@@ -1,5 +1,6 @@
 """Code extraction, pass@k, the three problem formats, evaluate.py and the HumanEval check."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -7,6 +8,8 @@ import sys
 import pytest
 
 from rlhf import codeeval
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROJECT = {"task_id": "p/0", "family": "add", "lang": "en", "prompt": "Write add(a, b).", "entry_point": "add",
            "solution": "def add(a, b):\n    return a + b", "tests": [{"call": "add(1, 2)", "expected": "3"}], "setup": ""}
@@ -115,3 +118,22 @@ def test_humaneval_canonical_all_pass_broken_none():
 def test_pass_at_1_metrics_one_spelling_for_the_stages():
     summary = {"pass@1": 0.5, "pass@1_zh": 0.25, "pass@1_en": 0.75, "pass@10": 0.9, "problems": 4}
     assert codeeval.pass_at_1_metrics(summary) == {"pass_at_1": 0.5, "pass_at_1_zh": 0.25, "pass_at_1_en": 0.75}
+
+
+def test_a_natural_prompt_takes_the_function_under_its_own_spelling():
+    """"Implement the quicksort algorithm in Python." names no function: a working `quicksort` passes
+    the seed-prompt check like `quick_sort` does; another function, or two candidates, do not."""
+    seed_prompts = codeeval.load_problems(os.path.join(ROOT, "data", "seed_prompts.jsonl"))
+    problem = next(p for p in seed_prompts if p.record["lang"] == "en" and p.record["entry_point"] == "quick_sort")
+    right = problem.reference().replace("quick_sort", "quicksort")
+    assert "quick_sort" not in right
+    answers = {"as is": right, "bound": codeeval.named_as_asked(right, "quick_sort"),
+               "camel": codeeval.named_as_asked(right.replace("quicksort", "quickSort"), "quick_sort"),
+               "other name": codeeval.named_as_asked(right.replace("quicksort", "sort_list"), "quick_sort"),
+               "two candidates": codeeval.named_as_asked(right + "\n" + right.replace("quicksort", "QuickSort"), "quick_sort"),
+               "not python": codeeval.named_as_asked("def quicksort(:", "quick_sort")}
+    samples = [{"task_id": problem.task_id, "completion": c} for c in answers.values()]
+    _, results = codeeval.score_samples([problem], samples, ks=(1,), progress=False)
+    assert dict(zip(answers, (r["passed"] for r in results))) == {
+        "as is": False, "bound": True, "camel": True, "other name": False, "two candidates": False, "not python": False}
+    assert codeeval.named_as_asked(problem.reference(), "quick_sort") == problem.reference()

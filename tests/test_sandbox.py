@@ -129,6 +129,13 @@ def test_run_many_keeps_order():
     assert got == [True, False, False, False, False, False, True]
 
 
+def test_run_unique_runs_each_distinct_job_once():
+    right, wrong = (dict(program=ADD, calls=["add(1, 1)"], expected=[e]) for e in (2, 3))
+    verdicts = sandbox.run_unique([right, wrong, dict(right), right, dict(wrong, calls=["add(1, 2)"])], workers=2)
+    assert [v.passed for v in verdicts] == [True, False, True, True, True]
+    assert verdicts[0] is verdicts[2] is verdicts[3] and verdicts[4] is not verdicts[0]
+
+
 def test_temp_dirs_and_files_in_own_dir():
     # os.makedirs and TemporaryDirectory were refused on Python 3.11 (dir_fd=-1 read as a dir_fd)
     program = ("import os, tempfile, shutil\nos.makedirs('a/b/c', exist_ok=True)\n"
