@@ -56,15 +56,14 @@ def main(argv):
         rows.append([f"sampled, {n} x {len(problems)} answers", f"{per_call} prompts ({per_call * n} answers) a call",
                      f"{seconds:.1f}", ""])
     jobs = [p.job(completion_for(p, t)) for p, outs in zip(problems, texts) for t in outs]
-    distinct = len({repr(sorted(job.items())) for job in jobs})
     for r in range(own["rounds"]):
         for run in (sandbox.run_many, sandbox.run_unique):
             verdicts, seconds = timed(run, jobs)
-            passed = sum(v.passed for v in verdicts)
-            result["verdicts"].append({"round": r, "how": run.__name__, "seconds": seconds, "passed": passed})
-            rows.append([f"sandbox verdicts of the {len(jobs)} sampled answers ({distinct} distinct)",
-                         f"{run.__name__}, round {r + 1}", f"{seconds:.1f}", f"{passed} pass"])
-    result.update(distinct_answers=distinct, load_average_1min_after=os.getloadavg()[0])
+            passed, ran = sum(v.passed for v in verdicts), len({id(v) for v in verdicts})  # a verdict per job run
+            result["verdicts"].append({"round": r, "how": run.__name__, "seconds": seconds, "passed": passed, "ran": ran})
+            rows.append([f"sandbox verdicts of the {len(jobs)} sampled answers", f"{run.__name__}, round {r + 1}",
+                         f"{seconds:.1f}", f"{passed} pass, {ran} programs run"])
+    result.update(load_average_1min_after=os.getloadavg()[0])
     print(f"{C.SFT_DIR} on {own['tasks']}, {result['machine']}, {result['torch_threads']} torch threads, "
           f"load {result['load_average_1min']:.2f} before, {result['load_average_1min_after']:.2f} after")
     print("\n".join(_common.table(["step", "how", "seconds", "result"], rows)))

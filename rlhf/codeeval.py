@@ -191,8 +191,8 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     """num_samples completions per conversation: greedy when temperature is None or 0.
 
     Prompts use the tokenizer's chat template with the generation prompt, left padded, `batch_size`
-    conversations per generate call (default: 128 sequences a call; greedy pass@1 on the embedded
-    default took 12.3 s at 16 a call, 7.7 s at 128: bench/README.md).
+    conversations per generate call (default: about 128 sequences a call, the fastest measured on
+    CPU: bench/README.md, "Evaluation inside the stages").
     """
     import torch
     from tqdm.auto import tqdm

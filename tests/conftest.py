@@ -160,6 +160,13 @@ def tiny_base(tmp_path_factory, toy_data):
     return str(out)
 
 
+def toy_tasks(n):
+    """n code tasks with a unit test and a reference: task k asks for add_k(x) = x + k."""
+    return [{"task_id": f"t{k}", "prompt": f"Write add_{k}(x) returning x plus {k}.", "entry_point": f"add_{k}",
+             "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}], "solution": f"def add_{k}(x):\n    return x + {k}"}
+            for k in range(1, n + 1)]
+
+
 def toy_preference_pairs(n, seed=0):
     """`add_k` tasks as preference pairs: chosen adds k, rejected subtracts it (an easy toy
     preference a tiny reward model can learn in a few steps)."""
@@ -185,10 +192,7 @@ def toy_pairs(tmp_path_factory):
         "rm_train": write_jsonl(folder / "rm_train.jsonl", toy_preference_pairs(48, seed=3)),
         "rm_eval": write_jsonl(folder / "rm_eval.jsonl", toy_preference_pairs(16, seed=4)),
         # tasks with tests and a reference: what the RM stage samples its on-policy pairs on
-        "tasks": write_jsonl(folder / "tasks.jsonl", [
-            {"task_id": f"t{k}", "prompt": f"Write add_{k}(x) returning x plus {k}.", "entry_point": f"add_{k}",
-             "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}], "solution": f"def add_{k}(x):\n    return x + {k}"}
-            for k in range(1, 4)]),
+        "tasks": write_jsonl(folder / "tasks.jsonl", toy_tasks(3)),
         "folder": folder,
     }
 
@@ -364,10 +368,7 @@ def two_process_runs(tiny_base, tmp_path_factory):
 
     rm_train = write_jsonl(folder / "rm_train.jsonl", toy_preference_pairs(21, seed=13))
     rm_eval = write_jsonl(folder / "rm_eval.jsonl", toy_preference_pairs(7, seed=14))
-    rm_tasks = write_jsonl(folder / "rm_tasks.jsonl", [  # on-policy pairs: rank 0 samples, both train on them
-        {"task_id": f"t{k}", "prompt": f"Write add_{k}(x).", "entry_point": f"add_{k}",
-         "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}], "solution": f"def add_{k}(x):\n    return x + {k}"}
-        for k in range(1, 3)])
+    rm_tasks = write_jsonl(folder / "rm_tasks.jsonl", toy_tasks(2))  # on-policy pairs: rank 0 samples, both train on them
     logs["rm"] = launch("train_rm.py", f"--SFT_DIR={two}/sft", f"--RM_DIR={two}/rm", f"--RUNS_DIR={two}/runs",
                         f"--RM_TRAIN_FILE={rm_train}", f"--RM_EVAL_FILE={rm_eval}", "--RM_BATCH_SIZE=2",
                         f"--RM_ONPOLICY_PROMPTS_FILE={rm_tasks}", "--RM_ONPOLICY_SAMPLES=1", "--GEN_MAX_NEW_TOKENS=8",

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, ppo_args, run_script, write_jsonl
+from conftest import ROOT, ppo_args, run_script, toy_tasks, write_jsonl
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
@@ -120,9 +120,7 @@ def test_lora_run_uses_disabled_adapters_and_saves_a_merged_model(ppo_inputs, tm
 
 
 def test_rm_vs_tests_script_compares_failed_answers_with_references(ppo_inputs, tmp_path):
-    tasks = [{"task_id": f"t{k}", "prompt": f"Write add_{k}(x) returning x plus {k}.", "entry_point": f"add_{k}",
-              "solution": f"def add_{k}(x):\n    return x + {k}", "heldout_params": k > 2,
-              "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}]} for k in range(1, 5)]
+    tasks = [dict(t, heldout_params=k > 2) for k, t in enumerate(toy_tasks(4), 1)]
     results = [{"task_id": t["task_id"], "passed": k == 0, "raw": f"```python\n{t['solution'].replace('+', '-')}\n```"}
                for k, t in enumerate(tasks)]
     problems, answers = write_jsonl(tmp_path / "tasks.jsonl", tasks), write_jsonl(tmp_path / "results.jsonl", results)
