@@ -15,10 +15,10 @@ from conftest import ROOT, ppo_args, run_script, toy_tasks, write_jsonl
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_toy_reward_rises_with_bounded_kl(ppo_inputs, tmp_path, advantage):
+def test_toy_reward_rises_with_bounded_kl(ppo_inputs, tmp_path, advantage, run_in_process):
     """Reward for the letter 'a' in the response (tests/ppo_toy_reward.py), nothing else; with a
     critic (gae) and without (grpo, the default)."""
-    proc = run_script("train_ppo.py", *ppo_args(
+    proc = run_in_process("train_ppo.py", *ppo_args(
         ppo_inputs, tmp_path, "--PPO_STEPS=16", "--PPO_BATCH_SIZE=16", "--PPO_MINI_BATCH_SIZE=8", "--PPO_RESPONSE_LEN=16",
         "--PPO_RM_WEIGHT=0", "--PPO_EXEC_WEIGHT=0", "--PPO_REWARD_FN=tests.ppo_toy_reward:reward",
         "--PPO_PENALIZE_MISSING_EOS=false", "--PPO_LR=1e-2", "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0",
@@ -35,10 +35,10 @@ def test_toy_reward_rises_with_bounded_kl(ppo_inputs, tmp_path, advantage):
     assert all(("value_loss" in h) == (advantage == "gae") for h in history)
 
 
-def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path):
+def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path, run_in_process):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_STEPS=2", "--PPO_EVAL_EVERY=1",
+    proc = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_STEPS=2", "--PPO_EVAL_EVERY=1",
                                                 "--PPO_OVERSAMPLE=2", "--PPO_ADVANTAGE=rloo", "--PPO_KL_LOSS=true",
                                                 "--PPO_KL_ESTIMATOR=k3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,11 +60,13 @@ def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path):
     assert not os.path.exists(tmp_path / "runs" / "ppo" / "checkpoints")
 
 
-def test_killed_run_resumes_to_the_same_model(ppo_inputs, tmp_path):
+def test_killed_run_resumes_to_the_same_model(ppo_inputs, tmp_path, run_in_process):
+    """The run to kill is a process of its own; the straight run and the resumed one run in this
+    process (no interpreter start-up)."""
     from safetensors.torch import load_file
 
     extra = ("--PPO_STEPS=4", "--PPO_SAVE_EVERY=2", "--PPO_EVAL_EVERY=0")
-    straight = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path / "a", *extra))
+    straight = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path / "a", *extra))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "b"
@@ -79,7 +81,7 @@ def test_killed_run_resumes_to_the_same_model(ppo_inputs, tmp_path):
     proc.wait()
     assert checkpoint.exists() and not (out / "ppo_model").exists()  # killed after step 2, before the end
 
-    resumed = run_script("train_ppo.py", *ppo_args(ppo_inputs, out, *extra))
+    resumed = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, out, *extra))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
     a = load_file(tmp_path / "a" / "ppo_model" / "model.safetensors")
@@ -104,12 +106,12 @@ def test_missing_inputs_name_the_command(tmp_path, ppo_inputs, run_in_process):
     assert proc.returncode == 2 and "not found" in proc.stderr
 
 
-def test_lora_run_uses_disabled_adapters_and_saves_a_merged_model(ppo_inputs, tmp_path):
+def test_lora_run_uses_disabled_adapters_and_saves_a_merged_model(ppo_inputs, tmp_path, run_in_process):
     """With LoRA the reference is the policy with its adapter off and the RM the critic with its
     adapter off; the saved model is merged (no adapter files) and loads as a plain causal LM."""
     from transformers import AutoModelForCausalLM
 
-    proc = run_script("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--USE_LORA=true", "--PPO_STEPS=2",
+    proc = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--USE_LORA=true", "--PPO_STEPS=2",
                                                 "--PPO_EVAL_EVERY=0", "--PPO_LR=1e-3", "--PPO_ADVANTAGE=gae"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "ppo_model"
