@@ -964,11 +964,13 @@ def run_unique(jobs: list[dict], workers: int | None = None, progress: bool = Fa
     """run_many where jobs repeat (sampled answers often do): each distinct job runs once and every
     copy gets its verdict; order kept."""
     keys = [repr(sorted(job.items())) for job in jobs]
-    first = {}
-    for i, key in enumerate(keys):
-        first.setdefault(key, i)
-    verdicts = dict(zip(first.values(), run_many([jobs[i] for i in first.values()], workers, progress)))
-    return [verdicts[first[key]] for key in keys]
+    index, distinct = {}, []  # key -> its place among the distinct jobs
+    for key, job in zip(keys, jobs):
+        if key not in index:
+            index[key] = len(distinct)
+            distinct.append(job)
+    verdicts = run_many(distinct, workers, progress)
+    return [verdicts[index[key]] for key in keys]
 
 
 def run_job(job: dict) -> Verdict:
