@@ -40,6 +40,7 @@ from rlhf.common import (
 )
 from rlhf.data import load_rows, prompt_messages
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
+from rlhf.generation import generate, positions
 from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json
 from rlhf.settings import UserError, scalar_settings
 
@@ -404,11 +405,6 @@ def disable_dropout(model):
             module.p = 0.0
 
 
-def positions(attention_mask):
-    """Position ids that skip the left padding, as generate() computes them (B, L)."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
 def response_forward(model, query, query_mask, response):
     """One forward over prompt + response -> (logits (B, T, V) that predict each response token,
     values (B, T) of the state before each response token, or None when `model` has no critic).
@@ -446,22 +442,12 @@ def frozen(accelerator, model, copy, host):
         yield network
 
 
-def sample(policy, query, query_mask, eos_ids, pad_id, **extra):
-    """PPO_RESPONSE_LEN tokens at most per prompt, sampled from plain softmax(logits / T): the
-    distribution every logprob of the loop assumes. generate() fills each field left unset from the
-    checkpoint's generation_config (repetition_penalty 1.05-1.1 in public Qwen instruct models,
-    top_k, min_p, no_repeat_ngram_size, ...), so it runs with an empty one; TRL's GRPOTrainer sets
-    every sampling field for the same reason. `extra`: more generate() arguments (tests)."""
-    from transformers import GenerationConfig
-
-    hf_model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # peft: where generate reads it
-    saved, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
-    try:
-        return policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
-                               do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
-                               pad_token_id=pad_id, eos_token_id=eos_ids, **extra)
-    finally:
-        hf_model.generation_config = saved
+def sample(policy, query, query_mask, eos_ids, pad_id):
+    """Responses (B, T), T <= PPO_RESPONSE_LEN, sampled from plain softmax(logits / T): the
+    distribution every logprob of the loop assumes (no top-k, top-p or repetition penalty, whatever
+    the checkpoint's generation_config says). Rows that have ended leave the batch
+    (rlhf.generation): generate() would keep computing them to the longest response."""
+    return generate(policy, query, query_mask, C.PPO_RESPONSE_LEN, eos_ids, pad_id, temperature=C.PPO_TEMPERATURE)
 
 
 # ---- data ----
@@ -782,10 +768,10 @@ def main(argv):
             query, query_mask = encode_prompts(tokenizer, batch, device)
             t_gen = time.time()
             with full_weights_for_generation(accelerator, model) as policy_full:
-                gen = sample(policy_full, query, query_mask, eos_ids, tokenizer.pad_token_id)
+                response = sample(policy_full, query, query_mask, eos_ids, tokenizer.pad_token_id)
             gen_seconds = time.time() - t_gen
-            # generate stops when every row has ended: (B, T') with T' <= PPO_RESPONSE_LEN
-            response = truncate_after_eos(gen[:, query.shape[1]:], eos_ids, tokenizer.pad_token_id)
+            # sampling stops when every row has ended: (B, T') with T' <= PPO_RESPONSE_LEN
+            response = truncate_after_eos(response, eos_ids, tokenizer.pad_token_id)
             _, _, last_index = first_eos_mask(response, eos_ids)
             texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
             roll = dict(batch=batch, texts=texts, passed=exec_rewards(batch, texts, device), query=query,

@@ -5,16 +5,18 @@ Each variant generates the same PPO_BATCH_SIZE-response batches (prompts picked 
 picks them, PPO_SAMPLES_PER_PROMPT answers each, same seed per batch) with PPO_RESPONSE_LEN new
 tokens at most and PPO_TEMPERATURE; variants run alternately (A, B, C, A, B, C, ...) and the
 median over rounds is reported. Tokens counted: response tokens up to and including the first
-EOS (what PPO trains on); "row-steps" are all positions generate() computed (B x longest).
+EOS (what PPO trains on); "row-steps" are all positions computed (generate(): B x longest;
+train_ppo.py's own loop: the rows still in the batch at each step).
 The no-cache contrast runs in the first round only (it is an order of magnitude slower).
 
     python bench/bench_rollout.py                        # ./sft_model, all variants
     python bench/bench_rollout.py --rounds=5 --batches=2
     python bench/bench_rollout.py --SFT_DIR=/tmp/x/sft_model --PPO_BATCH_SIZE=64
 
-Variants: dynamic KV cache (transformers' default, what train_ppo.py uses), static KV cache,
-no KV cache (contrast), and prompts sorted by length then generated in two halves (less left
-padding per call, half the batch per call).
+Variants: train_ppo.py's sampling (rlhf.generation: a row that has ended leaves the batch and
+its KV cache), and transformers' generate() with its dynamic KV cache (its default), a static KV
+cache, no KV cache (contrast), and prompts sorted by length then generated in two halves (less
+left padding per call, half the batch per call).
 """
 
 import statistics
@@ -25,8 +27,9 @@ import _common
 import config as C
 from rlhf.settings import apply_overrides
 
-VARIANTS = {  # name -> (generate() keyword arguments, number of calls the batch is split into, sort by length)
-    "dynamic cache (default)": (dict(), 1, False),
+VARIANTS = {  # name -> (generate() keyword arguments, or None for rlhf.generation; calls the batch is split into; sort by length)
+    "ended rows leave the batch (train_ppo.py)": (None, 1, False),
+    "generate(), dynamic cache": (dict(), 1, False),
     "static cache": (dict(cache_implementation="static"), 1, False),
     "no cache (contrast)": (dict(use_cache=False), 1, False),
     "static cache, sorted, 2 calls": (dict(cache_implementation="static"), 2, True),
@@ -44,6 +47,7 @@ def generate_batch(policy, tokenizer, batch, kwargs, calls, sort):
     """Sample responses for `batch`; returns (seconds, valid response tokens, row-steps)."""
     import torch
 
+    from rlhf.generation import generate_tokens
     from train_ppo import encode_prompts, first_eos_mask
 
     if sort:  # shortest prompts together: less left padding in each call
@@ -54,13 +58,20 @@ def generate_batch(policy, tokenizer, batch, kwargs, calls, sort):
         query, query_mask = encode_prompts(tokenizer, batch[i:i + size], "cpu")
         t0 = time.perf_counter()
         with torch.no_grad():
-            gen = policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
-                                  do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id], **kwargs)
+            if kwargs is None:
+                response, computed_now = generate_tokens(policy, query, query_mask, C.PPO_RESPONSE_LEN,
+                                                         [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                                                         temperature=C.PPO_TEMPERATURE, count_rows=True)
+            else:
+                gen = policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=C.PPO_RESPONSE_LEN,
+                                      do_sample=True, temperature=C.PPO_TEMPERATURE, top_k=0, top_p=1.0,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id],
+                                      **kwargs)
+                response = gen[:, query.shape[1]:]
+                computed_now = response.numel()
         seconds += time.perf_counter() - t0
-        response = gen[:, query.shape[1]:]
         valid += int(first_eos_mask(response, [tokenizer.eos_token_id])[0].sum())
-        computed += response.numel()
+        computed += computed_now
     return seconds, valid, computed
 
 
@@ -96,14 +107,15 @@ def main(argv):
                                              "tokens_per_second": valid / seconds})
             print(f"round {r + 1} | {name} | {valid / seconds:,.0f} tokens/s | {computed / seconds:,.0f} row-steps/s "
                   f"| {seconds:.1f} s", flush=True)
-    base = statistics.median(x["tokens_per_second"] for x in result["variants"][names[0]])
+    base_name = next((n for n in names if n.startswith("generate()")), names[0])
+    base = statistics.median(x["tokens_per_second"] for x in result["variants"][base_name])
     rows = []
     for name in names:
         runs = result["variants"][name]
         tps = statistics.median(x["tokens_per_second"] for x in runs)
         rows.append([name, f"{tps:,.0f}", ", ".join(f"{x['tokens_per_second']:,.0f}" for x in runs), f"{tps / base:.2f}x"])
     result["load_average_1min_after"] = __import__("os").getloadavg()[0]
-    print("\n".join(_common.table(["variant", "tokens/s (median)", "rounds", f"vs {names[0]}"], rows)))
+    print("\n".join(_common.table(["variant", "tokens/s (median)", "rounds", f"vs {base_name}"], rows)))
     _common.save_results("rollout", result)
 
 

@@ -187,15 +187,21 @@ def pass_at_1_metrics(summary: dict) -> dict:
 
 def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_new_tokens: int,
                          num_samples: int = 1, temperature: float | None = None,
-                         top_p: float = 0.95, batch_size: int | None = None, progress: bool = True) -> list[list[str]]:
-    """num_samples completions per conversation: greedy when temperature is None or 0.
+                         top_p: float = 0.95, batch_size: int | None = None, progress: bool = True,
+                         top_k: int = 0) -> list[list[str]]:
+    """num_samples completions per conversation: greedy when temperature is None or 0, else
+    sampled from softmax(logits / temperature) cut to top_k (0: no cut) and top_p; nothing of the
+    checkpoint's generation_config applies (no repetition penalty).
 
     Prompts use the tokenizer's chat template with the generation prompt, left padded, `batch_size`
-    conversations per generate call (default: about 128 sequences a call, the fastest measured on
-    CPU: bench/README.md, "Evaluation inside the stages").
+    conversations per call (default: about 128 sequences a call, the fastest measured on CPU:
+    bench/README.md, "Evaluation inside the stages"); rows that have ended leave the batch
+    (rlhf.generation).
     """
     import torch
     from tqdm.auto import tqdm
+
+    from rlhf.generation import generate
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # rlhf.common.load_tokenizer's rule
         raise ValueError("generate_completions needs a pad token distinct from EOS: load the tokenizer with load_tokenizer")
     sample = bool(temperature)
@@ -203,6 +209,7 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
              for m in messages_list]
     device = next(model.parameters()).device
+    stop_ids = end_of_turn_ids(model, tokenizer)
     out: list[list[str]] = []
     was_training = model.training
     model.eval()
@@ -211,16 +218,25 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
         # call, so the tokenizer that a stage saves afterwards keeps its own padding side)
         enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if num_samples > 1:  # each prompt num_samples times in a row
+            ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                                 temperature=temperature if sample else None,
-                                 top_p=top_p if sample else None, top_k=None,
-                                 num_return_sequences=num_samples,
-                                 pad_token_id=tokenizer.pad_token_id)
-        new = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = generate(model, ids, mask, max_new_tokens, stop_ids, tokenizer.pad_token_id,
+                           temperature=temperature if sample else None, top_p=top_p, top_k=top_k)
+        new = tokenizer.batch_decode(new, skip_special_tokens=True)
         out.extend(new[i:i + num_samples] for i in range(0, len(new), num_samples))
     model.train(was_training)
     return out
+
+
+def end_of_turn_ids(model, tokenizer) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS and those the checkpoint's
+    generation_config lists (chat models often end a turn with one token and a document with
+    another, e.g. Qwen2.5's <|im_end|> and <|endoftext|>)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [] if configured is None else [configured]
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
 
 
 def evaluate_model(model, tokenizer, problems: list[Problem], num_samples: int = 1,
@@ -255,7 +271,8 @@ def sampled_pass_at_k(model, tokenizer, problems: list[Problem], samples: int, m
 def seed_prompt_passes(model, tokenizer, path: str, samples: int, max_new_tokens: int, progress: bool = True) -> dict:
     """{"seed_prompt_passes": {prompt: passing answers}, "seed_prompt_samples": samples}: each
     natural prompt in `path` (data/seed_prompts.jsonl, e.g. "用Python实现快速排序算法") asked `samples`
-    times the way a user's generate call asks it (temperature 0.7, top_p 0.95), each answer run
+    times the way a user's generate call asks it (temperature 0.7, top_p 0.95, and transformers'
+    default top_k 50), each answer run
     against the tests of what the prompt asks (data/DATA_CARD.md: the convention function name and
     behaviour; an answer may spell the name its own way, see named_as_asked). {} when samples is 0
     or the file does not exist (the check is optional)."""
@@ -263,7 +280,7 @@ def seed_prompt_passes(model, tokenizer, path: str, samples: int, max_new_tokens
         return {}
     problems = load_problems(path)
     texts = generate_completions(model, tokenizer, [p.messages() for p in problems], max_new_tokens, samples,
-                                 temperature=0.7, top_p=0.95, progress=progress)
+                                 temperature=0.7, top_p=0.95, top_k=50, progress=progress)
     answers = [{"task_id": p.task_id, "completion": named_as_asked(completion_for(p, t), p.record.get("entry_point"))}
                for p, outs in zip(problems, texts) for t in outs]
     _, results = score_samples(problems, answers, ks=(1,), progress=progress)

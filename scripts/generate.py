@@ -20,7 +20,7 @@ def answer(model, tokenizer, prompt, args):
 
     return generate_completions(model, tokenizer, [[{"role": "user", "content": prompt}]], args.max_new_tokens,
                                 temperature=None if args.greedy else args.temperature, top_p=args.top_p,
-                                progress=False)[0][0]
+                                top_k=args.top_k, progress=False)[0][0]
 
 
 def main(argv):
@@ -32,6 +32,7 @@ def main(argv):
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     ap.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    ap.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all (default 50)")
     ap.add_argument("--max-new-tokens", type=int, default=C.GEN_MAX_NEW_TOKENS,
                     help=f"longest answer in tokens (default {C.GEN_MAX_NEW_TOKENS})")
     ap.add_argument("--seed", type=int, default=C.SEED, help=f"sampling seed (default {C.SEED})")

@@ -19,18 +19,29 @@ def test_rollout_samples_plain_softmax_whatever_the_checkpoint_generation_config
     """A checkpoint's generation_config (repetition_penalty 1.05-1.1 in public Qwen instruct models,
     top_k, ...) must not reach the rollout: the logprobs of the loop assume softmax(logits / T)."""
     policy, tok = policy_and_tokenizer
+    monkeypatch.setattr(C, "PPO_RESPONSE_LEN", 8)
+    monkeypatch.setattr(C, "PPO_TEMPERATURE", 0.7)
+    query, query_mask = P.encode_prompts(tok, [{"messages": [{"role": "user", "content": "add add add add"}]}] * 4, "cpu")
+    drawn = []  # the distribution of every draw
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n: drawn.append(probs) or multinomial(probs, n))
+
+    def rollout():
+        torch.manual_seed(0)
+        drawn.clear()
+        with torch.no_grad():
+            return P.sample(policy, query, query_mask, [tok.eos_token_id], tok.pad_token_id), list(drawn)
+
+    plain, plain_draws = rollout()
     policy.generation_config.repetition_penalty = 1.5
     policy.generation_config.top_k = 3
     policy.generation_config.no_repeat_ngram_size = 1
-    monkeypatch.setattr(C, "PPO_RESPONSE_LEN", 8)
-    monkeypatch.setattr(C, "PPO_TEMPERATURE", 0.7)
-    query, query_mask = P.encode_prompts(tok, [{"messages": [{"role": "user", "content": "add add add add"}]}] * 2, "cpu")
+    configured, configured_draws = rollout()
+    assert torch.equal(plain, configured) and len(plain_draws) == plain.shape[1]
+    # the first draw: softmax of the last prompt position's logits / 0.7, all of the vocabulary
     with torch.no_grad():
-        out = P.sample(policy, query, query_mask, [tok.eos_token_id], tok.pad_token_id,
-                       output_scores=True, output_logits=True, return_dict_in_generate=True)
-    assert len(out.scores) >= 1
-    for processed, raw in zip(out.scores, out.logits):  # (B, V) each, one per generated token
-        torch.testing.assert_close(torch.log_softmax(processed.float(), -1), torch.log_softmax(raw.float() / 0.7, -1))
+        logits = policy(input_ids=query, attention_mask=query_mask, position_ids=P.positions(query_mask)).logits[:, -1]
+    torch.testing.assert_close(configured_draws[0], torch.softmax(logits / 0.7, -1))
     assert policy.generation_config.repetition_penalty == 1.5  # the checkpoint's own config is left as it was
 
 

@@ -1,0 +1,116 @@
+"""Sampling for a batch of prompts whose answers end at different lengths.
+
+transformers' generate() keeps every row of the batch to the end, writing padding after each
+row's EOS, so a call costs as many positions as rows x the longest answer. Code answers vary a
+lot: on the embedded default at temperature 1 most positions that generate() computed were such
+padding (bench/README.md, "Evaluation inside the stages"). `generate_tokens` takes a row that has
+ended out of the batch and out of its KV cache, so later steps cost only the rows still writing.
+It samples from softmax(logits / temperature) with optional top-k and top-p (nucleus) cuts, or
+greedily, and reads nothing from the checkpoint's generation_config.
+
+One process, DDP, ZeRO-1/2: each process runs its own loop. Under DeepSpeed ZeRO-3 and FSDP every
+forward is a collective that all processes must run together, so callers use generate() with
+synced_gpus there: `generate` picks the path.
+"""
+
+import inspect
+
+import torch
+
+
+def positions(attention_mask):
+    """Position ids that skip the left padding, as generate() computes them (B, L)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def next_tokens(logits, temperature, top_p=1.0, top_k=0):
+    """One token per row of logits (B, V): argmax when temperature is falsy, else a draw from
+    softmax(logits / temperature) restricted to the top_k most likely tokens (0: all), then to the
+    smallest set whose probability reaches top_p (the most likely token always stays): the order
+    in which transformers applies them."""
+    if not temperature:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+def cache_argument(model):
+    """The name the model's forward takes its KV cache by: transformers 5 renamed past_key_values
+    to cache (the old name still works, with a warning per process)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature=None, top_p=1.0, top_k=0):
+    """New tokens (B, T) after left-padded prompts, as generate_tokens returns them; under
+    DeepSpeed ZeRO-3 or FSDP through transformers' generate(), which keeps every process stepping
+    until the last has finished (synced_gpus), with every sampling field set here rather than read
+    from the checkpoint's generation_config (repetition_penalty, top_k, ... of public instruct
+    models would change the distribution)."""
+    from rlhf.common import launched_with_sharded_weights
+
+    if not launched_with_sharded_weights():
+        return generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k)
+    from transformers import GenerationConfig
+
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: where generate reads it
+    saved, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+    sample = bool(temperature)
+    try:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=sample, temperature=temperature if sample else None,
+                             top_p=top_p if sample else None, top_k=top_k if sample else None,
+                             pad_token_id=pad_id, eos_token_id=list(eos_ids))
+    finally:
+        hf_model.generation_config = saved
+    return out[:, input_ids.shape[1]:]
+
+
+@torch.no_grad()
+def generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id,
+                    temperature=None, top_p=1.0, top_k=0, shrink_at=0.75, count_rows=False):
+    """New tokens (B, T) for left-padded prompts (B, P): each row up to and including its first
+    EOS (any of eos_ids), then pad_id; T <= max_new_tokens is the longest row's length, as
+    generate() returns it after the prompt. Rows that have ended leave the batch once the rows
+    still writing are at most `shrink_at` of the batch (copying the cache every step would cost
+    more than it saves). count_rows: also return the row-steps computed (bench/bench_rollout.py)."""
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    if batch == 0 or max_new_tokens <= 0:
+        return out[:, :0]
+    eos = torch.tensor(list(eos_ids), device=device)
+    rows = torch.arange(batch, device=device)  # the original row of each row still in the batch
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)  # per row still in the batch
+    cache_name = cache_argument(model)
+    mask = attention_mask
+    position = positions(mask)
+    result = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    cache, position = getattr(result, cache_name), position[:, -1:]
+    steps = row_steps = 0
+    for t in range(max_new_tokens):
+        token = next_tokens(result.logits[:, -1], temperature, top_p, top_k)
+        live = ~ended
+        out[rows[live], t] = token[live]
+        row_steps += len(rows)
+        ended |= torch.isin(token, eos)
+        steps = t + 1
+        if ended.all() or t + 1 == max_new_tokens:
+            break
+        if (~ended).sum() <= shrink_at * len(rows):  # drop the rows that have ended
+            keep = (~ended).nonzero().squeeze(1)
+            cache.reorder_cache(keep)
+            rows, ended, token, mask, position = rows[keep], ended[keep], token[keep], mask[keep], position[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        position = position + 1
+        result = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
+                       use_cache=True, logits_to_keep=1, **{cache_name: cache})
+    return (out[:, :steps], row_steps) if count_rows else out[:, :steps]

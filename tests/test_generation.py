@@ -1,0 +1,81 @@
+"""rlhf.generation: the sampling loop whose ended rows leave the batch gives what generate()
+gives, samples the distribution it says, and keeps ended rows ended."""
+
+import pytest
+import torch
+
+from rlhf.generation import generate_tokens, next_tokens
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts(tiny_base):
+    from rlhf.common import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(tiny_base, dtype=torch.float32).eval(), load_tokenizer(tiny_base)
+    torch.manual_seed(0)
+    with torch.no_grad():  # large random weights: answers that vary (a fresh model repeats one token)
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    texts = ["def add(a, b):", "写一个函数 add_3(x)，返回 x 加 3。 Then some more words of a longer prompt", "x", "return x + 1"]
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return model, tok, enc["input_ids"], enc["attention_mask"]
+
+
+def greedy_stop_tokens(model, ids, mask, pad_id):
+    """Tokens that end the greedy answers of different rows at different steps: the tokens two rows
+    write at steps of their own (the model never learnt to write its EOS)."""
+    with torch.no_grad():
+        full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                              pad_token_id=pad_id, eos_token_id=None)[:, ids.shape[1]:]
+    return sorted({int(full[0, 2]), int(full[1, 7])})
+
+
+def test_greedy_answers_equal_generate_while_rows_leave_the_batch(model_and_prompts):
+    model, tok, ids, mask = model_and_prompts
+    stops = greedy_stop_tokens(model, ids, mask, tok.pad_token_id)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=stops)[:, ids.shape[1]:]
+    for shrink_at in (0.75, 1.0, 0.0):  # 1.0: a row leaves as soon as it ends; 0.0: none leaves early
+        got = generate_tokens(model, ids, mask, 12, stops, tok.pad_token_id, shrink_at=shrink_at)
+        assert torch.equal(got, expected), shrink_at
+    ended = [row.tolist().index(s) for row in got for s in stops if s in row.tolist()]
+    assert len(set(ended)) > 1  # rows did end at different steps (else nothing left the batch)
+
+
+def test_rows_after_their_end_hold_only_padding_and_length_is_the_longest_row(model_and_prompts):
+    model, tok, ids, mask = model_and_prompts
+    stops = greedy_stop_tokens(model, ids, mask, tok.pad_token_id)
+    torch.manual_seed(0)
+    got = generate_tokens(model, ids.repeat(4, 1), mask.repeat(4, 1), 20, stops, tok.pad_token_id, temperature=1.0)
+    assert got.shape[0] == 16 and got.shape[1] <= 20
+    longest = 0
+    for row in got.tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        if end is not None:
+            assert all(t == tok.pad_token_id for t in row[end + 1:])
+            longest = max(longest, end + 1)
+        else:
+            longest = len(row)
+    assert got.shape[1] == longest
+
+
+def test_sampling_draws_from_softmax_over_temperature_and_the_top_k_top_p_set(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n: seen.append(probs) or probs.argmax(-1, keepdim=True))
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 0.0, 0.0]])
+    next_tokens(logits, 0.7, 1.0)
+    torch.testing.assert_close(seen[-1], torch.softmax(logits / 0.7, -1))
+    # top_p 0.8 of [0.61, 0.22, 0.14, 0.03] (T = 1): the two most likely reach it; of [0.04, 0.87, ...] one
+    next_tokens(logits, 1.0, 0.8)
+    probs = torch.softmax(logits, -1)
+    kept = torch.tensor([[True, True, False, False], [False, True, False, False]])
+    expected = torch.where(kept, probs, 0.0)
+    torch.testing.assert_close(seen[-1], expected / expected.sum(-1, keepdim=True))
+    # top_k 2: the two largest logits; ties with the second stay (as in transformers)
+    next_tokens(logits, 1.0, 1.0, top_k=2)
+    kept = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    expected = torch.where(kept, probs, 0.0)
+    torch.testing.assert_close(seen[-1], expected / expected.sum(-1, keepdim=True))
+    assert torch.equal(next_tokens(logits, None, 1.0), torch.tensor([0, 1]))  # greedy
