@@ -1,7 +1,7 @@
 """Every setting of the pipeline, as plain constants. Edit them here, or override any of them
 for one run with `--NAME=value` on a stage script's command line (e.g. `--LR=3e-4`).
 
-The defaults run the embedded default: a ~4M-parameter Qwen2-architecture model that the
+The defaults run the embedded default: a ~2.6M-parameter Qwen2-architecture model that the
 project builds itself (./base_model) and the bundled code tasks in data/. It runs offline on a
 laptop CPU. The block at the end lists the values for a real model on a GPU.
 """
@@ -33,7 +33,7 @@ EVAL_EVERY = 0  # SFT and RM: optimizer steps between held-out evaluations and c
 BASE_MODEL_DIR = "./base_model"  # where the embedded model is built (randomly initialised, trained by SFT)
 BASE_VOCAB_SIZE = 4096  # byte-level BPE vocabulary trained on the bundled data and Python's stdlib
 BASE_HIDDEN = 256  # hidden size of the embedded Qwen2 model
-BASE_LAYERS = 4  # transformer layers
+BASE_LAYERS = 2  # transformer layers (4 trains 1.7x slower for no better validation pass@1: bench/README.md)
 BASE_HEADS = 8  # attention heads (head dim = BASE_HIDDEN / BASE_HEADS)
 BASE_KV_HEADS = 4  # key/value heads (grouped-query attention as in Qwen2)
 BASE_INTERMEDIATE = 768  # MLP width
