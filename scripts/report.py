@@ -130,7 +130,7 @@ def markdown(report, plots):
     for prompt in prompts:  # the natural prompts, sampled as a user's generate call samples them
         counts = [f"{stage['seed_prompt_passes'][prompt]}/{stage['seed_prompt_samples']}"
                   if prompt in (stage.get("seed_prompt_passes") or {}) else "-" for stage in (sft, ppo)]
-        lines.append(f"| \"{prompt}\": answers passing (temperature 0.7, top_p 0.95) | {counts[0]} | {counts[1]} |")
+        lines.append(f"| \"{prompt}\": answers passing (temperature 0.7, top_p 0.95, top_k 50) | {counts[0]} | {counts[1]} |")
     lines += ["", "SFT column: pass@1 from the SFT stage; RM score from PPO's evaluation before its first update "
               "(the SFT model); response length of PPO's first rollout batch. PPO column: final evaluation; "
               "response length averaged over the last 5 PPO steps.", ""]
