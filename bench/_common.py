@@ -1,14 +1,22 @@
 """What every bench script shares: the machine and versions line, the measured matmul peak, the
 FLOP count of a model, step timing inside a Trainer, the bench's own --name=value options, and
 the raw-results file (bench/results/<name>.json). Imported as `import _common` (the scripts run
-as `python bench/<script>.py`, so bench/ is first on sys.path)."""
+as `python bench/<script>.py`, so bench/ is first on sys.path), before config and rlhf: it puts
+the tree the script lives in right after bench/ on sys.path, so a bench run from a second
+checkout (a git worktree of an older commit, say) measures that checkout's code, not the copy
+installed in the virtual environment (`pip install -e .` of another folder)."""
 
 import datetime
 import json
 import os
 import platform
 import re
+import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path[:2]:
+    sys.path.insert(1, ROOT)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -9,6 +9,7 @@ import platform
 import resource
 import time
 
+import _common  # noqa: F401  (this checkout's rlhf first on sys.path)
 from rlhf import sandbox
 
 TRIVIAL = dict(program="def f(x):\n    return x\n", calls=["f(1)"], expected=[1])

@@ -46,3 +46,20 @@ def test_matmul_peak_is_a_positive_rate_per_size(common):
     best, per_size = common.matmul_peak(sizes=(64, 128), repeats=2)
     assert set(per_size) == {64, 128}
     assert best == max(per_size.values()) > 0
+
+
+def test_a_bench_script_imports_the_checkout_it_lives_in(tmp_path):
+    """A bench run from a second checkout (a worktree of an older commit) must measure that
+    checkout's config and rlhf, not the copy installed in the environment."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "bench").mkdir()
+    shutil.copy(os.path.join(ROOT, "bench", "_common.py"), tmp_path / "bench" / "_common.py")
+    (tmp_path / "config.py").write_text("WHERE = 'the other checkout'\n")
+    (tmp_path / "bench" / "probe.py").write_text("import _common\nimport config\nprint(config.WHERE)\n")
+    out = subprocess.run([sys.executable, str(tmp_path / "bench" / "probe.py")], capture_output=True, text=True,
+                         cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "the other checkout"
