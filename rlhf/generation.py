@@ -3,7 +3,7 @@
 transformers' generate() keeps every row of the batch to the end, writing padding after each
 row's EOS, so a call costs as many positions as rows x the longest answer. Code answers vary a
 lot: on the embedded default at temperature 1 most positions that generate() computed were such
-padding (bench/README.md, "Evaluation inside the stages"). `generate_tokens` takes a row that has
+padding (bench/README.md, "Rollout (generation) speed"). `generate_tokens` takes a row that has
 ended out of the batch and out of its KV cache, so later steps cost only the rows still writing.
 It samples from softmax(logits / temperature) with optional top-k and top-p (nucleus) cuts, or
 greedily, and reads nothing from the checkpoint's generation_config.
