@@ -198,13 +198,11 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     bench/README.md, "Evaluation inside the stages"); rows that have ended leave the batch
     (rlhf.generation).
     """
-    import torch
     from tqdm.auto import tqdm
 
     from rlhf.generation import generate
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # rlhf.common.load_tokenizer's rule
         raise ValueError("generate_completions needs a pad token distinct from EOS: load the tokenizer with load_tokenizer")
-    sample = bool(temperature)
     batch_size = batch_size or max(1, 128 // num_samples)
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
              for m in messages_list]
@@ -221,9 +219,8 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
         ids, mask = enc["input_ids"], enc["attention_mask"]
         if num_samples > 1:  # each prompt num_samples times in a row
             ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
-        with torch.no_grad():
-            new = generate(model, ids, mask, max_new_tokens, stop_ids, tokenizer.pad_token_id,
-                           temperature=temperature if sample else None, top_p=top_p, top_k=top_k)
+        new = generate(model, ids, mask, max_new_tokens, stop_ids, tokenizer.pad_token_id,  # no gradients kept
+                       temperature=temperature, top_p=top_p, top_k=top_k)
         new = tokenizer.batch_decode(new, skip_special_tokens=True)
         out.extend(new[i:i + num_samples] for i in range(0, len(new), num_samples))
     model.train(was_training)

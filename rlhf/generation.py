@@ -42,11 +42,15 @@ def next_tokens(logits, temperature, top_p=1.0, top_k=0):
     return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
 
+def hf_model(model):
+    """The transformers model itself: a peft model's base (where generate() reads its config)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def cache_argument(model):
     """The name the model's forward takes its KV cache by: transformers 5 renamed past_key_values
     to cache (the old name still works, with a warning per process)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(hf_model(model).forward).parameters else "past_key_values"
 
 
 def generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature=None, top_p=1.0, top_k=0):
@@ -61,8 +65,8 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, 
         return generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k)
     from transformers import GenerationConfig
 
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: where generate reads it
-    saved, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+    base = hf_model(model)
+    saved, base.generation_config = base.generation_config, GenerationConfig()
     sample = bool(temperature)
     try:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -70,7 +74,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, 
                              top_p=top_p if sample else None, top_k=top_k if sample else None,
                              pad_token_id=pad_id, eos_token_id=list(eos_ids))
     finally:
-        hf_model.generation_config = saved
+        base.generation_config = saved
     return out[:, input_ids.shape[1]:]
 
 

@@ -107,7 +107,8 @@ def run_in_process(monkeypatch, capsys):
     """run(script, *args): a stage script run in this process the way `python <script> <args>`
     runs it (run_stage: a UserError is one `error:` line on stderr and exit code 2), without the
     interpreter start-up and its ~6 s of imports; for the errors a stage reports before it trains,
-    and for whole runs whose test needs no process of its own (tests/test_ppo.py). Every run starts from the settings the test had; they are restored afterwards. Returns a
+    and for whole runs whose test needs no process of its own (tests/test_ppo.py). Every run
+    starts from the settings the test had; they are restored afterwards. Returns a
     CompletedProcess (output from capsys)."""
     import importlib
     from subprocess import CompletedProcess
