@@ -19,6 +19,10 @@ and where the SFT step's time goes (torch.profiler).
   optimizer (anything under Optimizer.step), data loading (under the DataLoader's next), other
   ops (norms, activations, rotary, copies); the rest of the wall time is Python and framework
   overhead (Trainer loop, callbacks, logging). Padding and prompt shares come from the batches.
+- Ceiling: the matrix products of the mean SFT step (every linear layer at the step's positions,
+  the head at its answer positions; forward, input and weight gradients) timed alone, nothing
+  else. No change to the loop, kernels or framework can make a step faster than that, so its MFU
+  on loss-bearing tokens bounds the stage's at this batch size and data.
 - Fixes: SFT again with each cheap change, alternating with the stage as it is, same batches:
   fused AdamW and, as the contrast of the change that was adopted, TRL's own CPU loss path
   ("TRL CPU head": every position through the LM head; train_sft.score_answer_tokens_only is
@@ -168,9 +172,35 @@ def attribute(prof, wall, vocab):
     return {"wall_seconds": wall, "buckets": seconds}
 
 
+def gemm_ceiling(model, rows, answer_rows, repeats=20):
+    """Seconds of the matrix products alone of one SFT step: every linear layer's forward, input
+    gradient and weight gradient on `rows` positions (batch x padded length), the LM head on the
+    `answer_rows` answer positions (train_sft.score_answer_tokens_only), nothing else (no attention,
+    norms, softmax, optimizer, framework). A step cannot be faster than this, so
+    6 x N x answer tokens / these seconds / peak bounds the stage's MFU on loss-bearing tokens."""
+    import torch
+
+    head = model.get_output_embeddings()
+    products = []  # (rows, in, out) of each linear layer, the head last
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            products.append((rows, module.in_features, module.out_features))
+    products.append((answer_rows, head.in_features, head.out_features))
+    best = float("inf")
+    tensors = [(torch.randn(n, i), torch.randn(o, i), torch.randn(n, o)) for n, i, o in products]
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for x, w, g in tensors:
+            torch.nn.functional.linear(x, w)  # forward
+            g @ w  # gradient of the input
+            g.t() @ x  # gradient of the weight
+        best = min(best, time.perf_counter() - t0)
+    return best, sum(6 * n * i * o for n, i, o in products)
+
+
 def main(argv):
     own, rest = _common.own_options(argv, {"steps": 12, "warmup": 3, "rounds": 2, "profile_steps": 4, "ppo_steps": 4,
-                                           "rm_steps": 20, "only": "sft,rm,ppo,profile,fixes",
+                                           "rm_steps": 20, "only": "sft,rm,ppo,profile,fixes,ceiling",
                                            "fixes": "fused AdamW,TRL CPU head"})
     apply_overrides(rest)
     import torch
@@ -239,6 +269,16 @@ def main(argv):
                              "rollout_tokens_per_second": tokens / gen_seconds, "generate_share": gen_seconds / seconds,
                              "update_share": update_seconds / seconds, "flop_params": [n_pol, n_crit],
                              "flops_per_response_token": per_token, "history": history}
+    if "ceiling" in only and "sft" in result:  # the SFT step's own matrix products, timed alone
+        from rlhf.common import load_causal_lm
+
+        sft = result["sft"]
+        rows = round(sft["mean_padded_length"] * C.BATCH_SIZE)
+        answer_rows = round(sft["useful_tokens"] / sft["steps"])
+        seconds, flops = gemm_ceiling(load_causal_lm(sft_setup()[0]), rows, answer_rows)
+        result["sft_gemm_ceiling"] = {"rows": rows, "answer_rows": answer_rows, "seconds": seconds, "flops": flops,
+                                      "gemm_flops_per_second": flops / seconds,
+                                      "useful_tokens_per_second": answer_rows / seconds}
     peak_after, _ = _common.matmul_peak(torch.get_num_threads())
     peak = result["peak_flops_used"] = max(peak, peak_after)
     result["peak_flops_after"] = peak_after
@@ -252,6 +292,14 @@ def main(argv):
         rows.append(["SFT", f"{sft['useful_tokens_per_second']:,.0f} loss-bearing ({sft['real_tokens_per_second']:,.0f} real)",
                      f"{sft['flop_params'] / 1e6:.2f}M", f"{100 * sft['mfu_useful']:.1f}%",
                      f"{100 * sft['mfu_real']:.1f}% on real tokens"])
+    if "sft_gemm_ceiling" in result:
+        ceiling = result["sft_gemm_ceiling"]
+        ceiling["mfu_useful"] = 6 * result["sft"]["flop_params"] * ceiling["useful_tokens_per_second"] / peak
+        ceiling["gemm_share_of_peak"] = ceiling["gemm_flops_per_second"] / peak
+        rows.append(["SFT bound: its matrix products alone", f"{ceiling['useful_tokens_per_second']:,.0f} loss-bearing",
+                     "", f"{100 * ceiling['mfu_useful']:.1f}%",
+                     f"{ceiling['rows']} positions x every linear layer, head on {ceiling['answer_rows']} answer "
+                     f"positions, forward + 2 gradients: {100 * ceiling['gemm_share_of_peak']:.0f}% of the peak"])
     if "rm" in result:
         rm = result["rm"]
         rm["mfu"] = 6 * rm["flop_params"] * rm["real_tokens_per_second"] / peak

@@ -18,7 +18,7 @@ if [ "${1:-}" = "--quick" ]; then
     python bench/bench_ppo_vs_trl.py --rounds=1 --steps=2 --PPO_EVAL_TASKS=8
     python bench/bench_scaling.py --sizes=128x2,256x4 --batches=8,16 --steps=2 --warmup=1 --ppo_steps=2
 else
-    python bench/bench_mfu.py          # ~5 min: peak, SFT/RM/PPO MFU, fused AdamW vs not, SFT profile
+    python bench/bench_mfu.py          # ~5 min: peak, SFT/RM/PPO MFU, fused AdamW vs not, SFT profile and bound
     python bench/bench_rollout.py      # ~3 min: generation variants
     python bench/bench_ppo_vs_trl.py   # ~11 min: ours vs TRL 1.10, 2 rounds x 5 iterations, held-out eval
     python bench/bench_scaling.py      # ~7 min: 3 model sizes, 2 batch sizes

@@ -63,3 +63,21 @@ def test_a_bench_script_imports_the_checkout_it_lives_in(tmp_path):
                          cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "the other checkout"
+
+
+def test_sft_gemm_bound_times_every_weight_matrix_once_and_the_head_on_answers_only():
+    """bench_mfu.gemm_ceiling (the bound on SFT's MFU): each linear layer's three products at the
+    step's positions, the tied vocabulary head at the answer positions only."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_mfu
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    model = tiny_qwen2(True)
+    seconds, flops = bench_mfu.gemm_ceiling(model, rows=10, answer_rows=4, repeats=2)
+    head = 64 * 16
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2) - head  # tied: one vocab matrix
+    assert flops == 6 * (10 * matrices + 4 * head)
+    assert seconds > 0
