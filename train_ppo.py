@@ -40,7 +40,7 @@ from rlhf.common import (
 )
 from rlhf.data import load_rows, prompt_messages
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
-from rlhf.generation import generate, positions
+from rlhf.generation import generate, hf_model, positions
 from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json
 from rlhf.settings import UserError, scalar_settings
 
@@ -87,7 +87,8 @@ def logprobs_from_logits(logits, tokens, temperature):
     """Log-probability (B, T) of each taken token under softmax(logits / temperature).
 
     logits (B, T, V) must already be aligned with tokens (B, T): for a causal LM over prompt +
-    response, logits = output.logits[:, prompt_len - 1 : -1]. The SAME temperature must be used for
+    response, logits = output.logits[:, prompt_len - 1 : -1] (or (n, V) and (n,): the valid
+    tokens only, response_forward with `keep`). The SAME temperature must be used for
     the rollout ("old") logprobs, the reference logprobs and the training forward, otherwise the
     PPO ratio and the KL are off from step 0 (TRL <= 1.10 PPOv2 and the N+ code divide all three).
     Memory: one float32 (B, T, V) copy, gather + logsumexp instead of a full log_softmax output.
@@ -362,12 +363,42 @@ class PolicyAndCritic(torch.nn.Module):
         self._no_split_modules = sorted({*(getattr(policy, "_no_split_modules", None) or []),
                                          *(getattr(critic, "_no_split_modules", None) or [])})
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             logits_to_keep=logits_to_keep).logits
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, keep=None):
+        """(logits, values (B, L) or None): the policy's logits of the last logits_to_keep positions,
+        or with `keep` (B, T) only those of its True positions (n, V) (logits_for)."""
+        logits = logits_for(self.policy, input_ids, attention_mask, position_ids, logits_to_keep, keep)
         if self.critic is None:
             return logits, None
         return logits, token_values(self.critic, input_ids, attention_mask, position_ids)
+
+
+def head_apart(model):
+    """The transformers model whose backbone and LM head can be called one after the other, or
+    None: under ZeRO-3/FSDP a sharded module's parameters are gathered in its own (or its root's)
+    forward, and a head that scales or caps its logits is more than the linear layer."""
+    from rlhf.common import launched_with_sharded_weights
+
+    base = hf_model(model)
+    config = base.config.get_text_config()
+    scaled = any(getattr(config, a, None) is not None for a in
+                 ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+    plain = getattr(base, "base_model_prefix", None) and base.get_output_embeddings() is not None
+    return None if launched_with_sharded_weights() or scaled or not plain else base
+
+
+def logits_for(model, input_ids, attention_mask, position_ids, logits_to_keep, keep=None):
+    """A causal LM's logits: (B, logits_to_keep, V) as its forward gives them, or with `keep`
+    (B, T) the (n, V) logits that predict its n True tokens among the last T (position t predicts
+    token t + 1). Then only those positions go through the LM head: the padding after each
+    response's end, a large share of a mini-batch's columns, never does."""
+    base = head_apart(model) if keep is not None else None
+    if base is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=logits_to_keep).logits
+        return logits if keep is None else logits[:, -keep.shape[1] - 1:-1][keep]
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return base.get_output_embeddings()(hidden[:, -keep.shape[1] - 1:-1][keep])
 
 
 def token_values(critic, input_ids, attention_mask, position_ids):
@@ -405,18 +436,28 @@ def disable_dropout(model):
             module.p = 0.0
 
 
-def response_forward(model, query, query_mask, response):
+def response_forward(model, query, query_mask, response, keep=None):
     """One forward over prompt + response -> (logits (B, T, V) that predict each response token,
     values (B, T) of the state before each response token, or None when `model` has no critic).
-    `model` is the PolicyAndCritic or a plain causal LM (the reference). Only the last T + 1
-    positions go through the LM head (logits_to_keep): prompt logits would be thrown away."""
+    `model` is the (prepared) PolicyAndCritic or a plain causal LM (the reference). Only the last
+    T + 1 positions go through the LM head (logits_to_keep): prompt logits would be thrown away.
+    With `keep` (B, T), the response's valid tokens: logits (n, V) of those n tokens only."""
     T = response.shape[1]
     ids = torch.cat([query, response], 1)  # (B, P + T)
     mask = torch.cat([query_mask, torch.ones_like(response)], 1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=T + 1)
-    logits, values = out if isinstance(out, tuple) else (out.logits, None)
+    if not isinstance(getattr(model, "module", model), PolicyAndCritic):  # the reference: a causal LM
+        logits = logits_for(model, ids, mask, positions(mask), T + 1, keep)
+        return (logits[:, :-1] if keep is None else logits), None
+    # through the prepared module's own forward (DDP synchronises gradients there)
+    logits, values = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=T + 1,
+                           **({} if keep is None else {"keep": keep}))
     # position P-1+t predicts response token t; V(s_t) is read at the same position
-    return logits[:, :-1], None if values is None else values[:, -T - 1:-1]
+    return (logits[:, :-1] if keep is None else logits), None if values is None else values[:, -T - 1:-1]
+
+
+def scatter(values, mask):
+    """Values (n,) of the n True positions of mask (B, T) back to (B, T), 0 elsewhere."""
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
 def without_padding_columns(query, query_mask, response, mask):
@@ -793,12 +834,14 @@ def main(argv):
             back = lambda x: torch.nn.functional.pad(x, (0, response.shape[1] - x.shape[1]))  # noqa: E731  to (B', T)
             for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
                 rows = slice(i, i + C.PPO_MINI_BATCH_SIZE)
-                q, qm, r, _ = without_padding_columns(query[rows], query_mask[rows], response[rows], mask[rows])
-                logits, v = response_forward(model, q, qm, r)
-                old_logp.append(back(logprobs_from_logits(logits, r, C.PPO_TEMPERATURE)))
+                q, qm, r, T = without_padding_columns(query[rows], query_mask[rows], response[rows], mask[rows])
+                m = mask[rows, :T]  # logits only where a response token is
+                logits, v = response_forward(model, q, qm, r, keep=m)
+                old_logp.append(back(scatter(logprobs_from_logits(logits, r[m], C.PPO_TEMPERATURE), m)))
                 values.append(None if v is None else back(v))
                 with frozen(accelerator, model, s.ref_policy, "policy") as ref:
-                    ref_logp.append(back(logprobs_from_logits(response_forward(ref, q, qm, r)[0], r, C.PPO_TEMPERATURE)))
+                    ref_logits = response_forward(ref, q, qm, r, keep=m)[0]
+                    ref_logp.append(back(scatter(logprobs_from_logits(ref_logits, r[m], C.PPO_TEMPERATURE), m)))
             old_logp, ref_logp = torch.cat(old_logp), torch.cat(ref_logp)  # (B, T), 0 after each response
             values = torch.cat(values) if s.critic else None
 
@@ -824,8 +867,8 @@ def main(argv):
                 idx = order[i: i + C.PPO_MINI_BATCH_SIZE]
                 q, qm, r, T = without_padding_columns(query[idx], query_mask[idx], response[idx], mask[idx])
                 m = mask[idx, :T]
-                logits, v = response_forward(model, q, qm, r)  # (B', T, V), (B', T)
-                logp = logprobs_from_logits(logits, r, C.PPO_TEMPERATURE)
+                logits, v = response_forward(model, q, qm, r, keep=m)  # (n, V) at the n valid tokens, (B', T)
+                logp = scatter(logprobs_from_logits(logits, r[m], C.PPO_TEMPERATURE), m)  # (B', T), 0 elsewhere
                 loss, step_stats = policy_loss(logp, old_logp[idx, :T], advantages[idx, :T], m, C.PPO_CLIP)
                 step_stats["policy_loss"] = loss.detach()
                 if s.critic:
@@ -841,7 +884,7 @@ def main(argv):
                                    s.ckpt_dir, "PPO_LR (or PPO_CRITIC_LR, or check the reward scale)", **CHECKPOINT)
                 optimizer_step(accelerator, model, s.optimizer, s.scheduler, loss)
                 with torch.no_grad():
-                    step_stats["entropy"] = masked_mean(entropy_from_logits(logits, C.PPO_TEMPERATURE), m)
+                    step_stats["entropy"] = entropy_from_logits(logits, C.PPO_TEMPERATURE).mean()  # the n valid tokens
                 stats.append(step_stats)
         update_seconds = time.time() - t_update
 

@@ -115,3 +115,44 @@ def test_padding_columns_cut_from_a_mini_batch_leave_its_logprobs(policy_and_tok
         full = P.logprobs_from_logits(P.response_forward(policy, query, query_mask, response)[0], response, 1.0)
         cut = P.logprobs_from_logits(P.response_forward(policy, q, qm, r)[0], r, 1.0)
     torch.testing.assert_close(cut[mask[:, :T]], full[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_logits_of_the_valid_response_tokens_only_give_the_same_logprobs_values_and_gradients(tiny_base,
+                                                                                           policy_and_tokenizer):
+    """response_forward(keep=mask) sends only the valid response tokens through the LM head (the
+    reference, the policy with its critic, the policy with LoRA): their logprobs, the values and
+    the policy's gradient must be those of the full (B, T, V) logits."""
+    from peft import get_peft_model
+
+    from rlhf.common import load_causal_lm, lora_config
+    from rlhf.reward import load_reward_model
+
+    policy, tok = policy_and_tokenizer
+    prompts = [{"messages": [{"role": "user", "content": text}]} for text in ("add 1", "add two to x please")]
+    query, query_mask = P.encode_prompts(tok, prompts, "cpu")
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    response = torch.tensor([[5, 6, eos, pad], [7, 8, 9, eos]])
+    mask = P.first_eos_mask(response, [eos])[0]
+    lora = get_peft_model(load_causal_lm(tiny_base, dtype=torch.float32), lora_config("CAUSAL_LM"))
+    P.disable_dropout(lora)  # as train_ppo does: LoRA's dropout would make the two passes differ
+    for name, model in [("reference", policy), ("policy + critic", P.PolicyAndCritic(policy, load_reward_model(tiny_base))),
+                        ("LoRA policy", P.PolicyAndCritic(lora))]:
+        grads = []
+        for keep in (None, mask):
+            model.zero_grad()
+            logits, values = P.response_forward(model, query, query_mask, response, keep=keep)
+            logp = P.logprobs_from_logits(logits, response if keep is None else response[mask], 1.0)
+            logp = logp[mask] if keep is None else logp
+            logp.sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+            if keep is None:
+                full, full_values = logp.detach(), values
+            else:
+                assert logits.shape == (int(mask.sum()), logits.shape[-1]), name
+                torch.testing.assert_close(logp.detach(), full, rtol=1e-5, atol=1e-5)
+                assert (values is None) == (full_values is None), name
+                if values is not None:
+                    torch.testing.assert_close(values, full_values)
+        assert grads[0] and len(grads[0]) == len(grads[1]), name
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
