@@ -376,14 +376,17 @@ def head_apart(model):
     """The transformers model whose backbone and LM head can be called one after the other, or
     None: under ZeRO-3/FSDP a sharded module's parameters are gathered in its own (or its root's)
     forward, and a head that scales or caps its logits is more than the linear layer."""
+    from transformers import PreTrainedModel
+
     from rlhf.common import launched_with_sharded_weights
 
-    base = hf_model(model)
+    base = hf_model(model)  # a DeepSpeed engine (PPO_SHARD_FROZEN_MODELS) is none: its own forward is used
+    if launched_with_sharded_weights() or not isinstance(base, PreTrainedModel) or base.get_output_embeddings() is None:
+        return None
     config = base.config.get_text_config()
     scaled = any(getattr(config, a, None) is not None for a in
                  ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
-    plain = getattr(base, "base_model_prefix", None) and base.get_output_embeddings() is not None
-    return None if launched_with_sharded_weights() or scaled or not plain else base
+    return None if scaled else base
 
 
 def logits_for(model, input_ids, attention_mask, position_ids, logits_to_keep, keep=None):

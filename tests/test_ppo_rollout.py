@@ -156,3 +156,16 @@ def test_logits_of_the_valid_response_tokens_only_give_the_same_logprobs_values_
         assert grads[0] and len(grads[0]) == len(grads[1]), name
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_head_is_called_apart_only_on_a_plain_transformers_model(policy_and_tokenizer, monkeypatch):
+    """Anything else (a DeepSpeed engine holding a frozen model, weights sharded by ZeRO-3/FSDP, a
+    head that scales its logits) keeps its own forward."""
+    policy, _ = policy_and_tokenizer
+    assert P.head_apart(policy) is policy
+    assert P.head_apart(torch.nn.Sequential(policy)) is None  # a wrapper that is not a transformers model
+    monkeypatch.setattr(policy.config, "final_logit_softcapping", 30.0, raising=False)
+    assert P.head_apart(policy) is None
+    monkeypatch.delattr(policy.config, "final_logit_softcapping", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert P.head_apart(policy) is None
