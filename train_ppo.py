@@ -35,8 +35,8 @@ import config as C
 from rlhf.checkpoints import diverged, resume_from
 from rlhf.codeeval import load_problems, sampled_pass_at_k, seed_prompt_passes
 from rlhf.common import (
-    check_lora_targets, load_causal_lm, load_tokenizer, lora_config, precision, prompt_rng, report_to, run_stage,
-    start_stage, torch_dtype,
+    check_lora_targets, head_scales_logits, launched_with_sharded_weights, load_causal_lm, load_tokenizer, lora_config,
+    precision, prompt_rng, report_to, run_stage, start_stage, torch_dtype,
 )
 from rlhf.data import load_rows, prompt_messages
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
@@ -378,15 +378,10 @@ def head_apart(model):
     forward, and a head that scales or caps its logits is more than the linear layer."""
     from transformers import PreTrainedModel
 
-    from rlhf.common import launched_with_sharded_weights
-
     base = hf_model(model)  # a DeepSpeed engine (PPO_SHARD_FROZEN_MODELS) is none: its own forward is used
     if launched_with_sharded_weights() or not isinstance(base, PreTrainedModel) or base.get_output_embeddings() is None:
         return None
-    config = base.config.get_text_config()
-    scaled = any(getattr(config, a, None) is not None for a in
-                 ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
-    return None if scaled else base
+    return None if head_scales_logits(base) else base
 
 
 def logits_for(model, input_ids, attention_mask, position_ids, logits_to_keep, keep=None):
@@ -458,9 +453,11 @@ def response_forward(model, query, query_mask, response, keep=None):
     return (logits[:, :-1] if keep is None else logits), None if values is None else values[:, -T - 1:-1]
 
 
-def scatter(values, mask):
-    """Values (n,) of the n True positions of mask (B, T) back to (B, T), 0 elsewhere."""
-    return values.new_zeros(mask.shape).masked_scatter(mask, values)
+def valid_logprobs(logits, response, keep):
+    """Logprobs (B, T) of the response tokens from response_forward(..., keep=keep)'s (n, V)
+    logits, 0 where keep is False."""
+    logp = logprobs_from_logits(logits, response[keep], C.PPO_TEMPERATURE)  # (n,)
+    return logp.new_zeros(keep.shape).masked_scatter(keep, logp)
 
 
 def without_padding_columns(query, query_mask, response, mask):
@@ -840,11 +837,10 @@ def main(argv):
                 q, qm, r, T = without_padding_columns(query[rows], query_mask[rows], response[rows], mask[rows])
                 m = mask[rows, :T]  # logits only where a response token is
                 logits, v = response_forward(model, q, qm, r, keep=m)
-                old_logp.append(back(scatter(logprobs_from_logits(logits, r[m], C.PPO_TEMPERATURE), m)))
+                old_logp.append(back(valid_logprobs(logits, r, m)))
                 values.append(None if v is None else back(v))
                 with frozen(accelerator, model, s.ref_policy, "policy") as ref:
-                    ref_logits = response_forward(ref, q, qm, r, keep=m)[0]
-                    ref_logp.append(back(scatter(logprobs_from_logits(ref_logits, r[m], C.PPO_TEMPERATURE), m)))
+                    ref_logp.append(back(valid_logprobs(response_forward(ref, q, qm, r, keep=m)[0], r, m)))
             old_logp, ref_logp = torch.cat(old_logp), torch.cat(ref_logp)  # (B, T), 0 after each response
             values = torch.cat(values) if s.critic else None
 
@@ -871,7 +867,7 @@ def main(argv):
                 q, qm, r, T = without_padding_columns(query[idx], query_mask[idx], response[idx], mask[idx])
                 m = mask[idx, :T]
                 logits, v = response_forward(model, q, qm, r, keep=m)  # (n, V) at the n valid tokens, (B', T)
-                logp = scatter(logprobs_from_logits(logits, r[m], C.PPO_TEMPERATURE), m)  # (B', T), 0 elsewhere
+                logp = valid_logprobs(logits, r, m)  # (B', T), 0 elsewhere
                 loss, step_stats = policy_loss(logp, old_logp[idx, :T], advantages[idx, :T], m, C.PPO_CLIP)
                 step_stats["policy_loss"] = loss.detach()
                 if s.critic:

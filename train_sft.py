@@ -30,8 +30,8 @@ import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
 from rlhf.codeeval import evaluate_model, load_problems, pass_at_1_metrics, sampled_pass_at_k, seed_prompt_passes
 from rlhf.common import (
-    check_lora_targets, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, resolve_base_model, run_stage,
-    start_stage, trainer_args, trainer_schedule, use_log_line,
+    check_lora_targets, head_scales_logits, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights,
+    resolve_base_model, run_stage, start_stage, trainer_args, trainer_schedule, use_log_line,
 )
 from rlhf.data import drop_too_long, load_sft_examples
 from rlhf.handoff import check_output_dir, save_stage, write_jsonl
@@ -58,10 +58,7 @@ def score_answer_tokens_only(model):
     import torch
     from trl.trainer.utils import FusedCausalLMOutput
 
-    text_config = model.config.get_text_config()
-    scaled = any(getattr(text_config, a, None) is not None for a in
-                 ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
-    if model.device.type != "cpu" or scaled:  # GPUs: TRL's kernel is already compact; scaled heads: keep TRL's
+    if model.device.type != "cpu" or head_scales_logits(model):  # GPUs: TRL's kernel is already compact; scaled heads: keep TRL's
         return
     trl_forward = model.forward
 

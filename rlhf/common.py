@@ -66,6 +66,15 @@ def launched_with_sharded_weights():
     return zero3 or parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
+def head_scales_logits(model):
+    """True when a causal LM's output is more than its LM head's linear layer (soft-capped or
+    scaled logits: Gemma 2, Cohere, Granite, ...): code that calls the head itself must then leave
+    the model's own forward in charge."""
+    config = model.config.get_text_config()
+    return any(getattr(config, a, None) is not None for a in
+               ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+
+
 def seed_everything(seed):
     """Python, NumPy and torch RNGs (every device's), as transformers.set_seed seeds them; not
     through it: importing it loads transformers' Trainer utilities and with them peft, ~4 s of
