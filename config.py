@@ -91,7 +91,8 @@ SEED_PROMPT_SAMPLES = 10  # after SFT and after PPO: answers per seed prompt sam
 # Sandbox (evaluation by execution): every generated program runs in rlhf/sandbox.py (docs/SANDBOX.md)
 # ---------------------------------------------------------------------------------------------
 SANDBOX_MODE = "namespaces"  # "namespaces": kernel isolation per program (root, or user namespaces); "weak": audit hook and limits only, an explicit opt-in where namespaces are unavailable (not safe against hostile code)
-SANDBOX_TIMEOUT_S = 5.0  # wall-clock seconds per program (load + all its tests); CPU limit = this rounded up + 1
+SANDBOX_TIMEOUT_S = 1.0  # wall-clock seconds per program (load + all its tests); CPU limit = this rounded up + 1. The bundled
+#   tasks' slowest passing program takes ~20 ms, and each endless loop costs this much CPU (bench/README.md); 3.0 for HumanEval/MBPP (their harnesses' default)
 SANDBOX_MEMORY_MB = 512  # address space per process of a program (RLIMIT_AS)
 SANDBOX_DISK_MB = 64  # private tmpfs work dir per program (held in RAM while it runs); the rest of the file system is read-only
 SANDBOX_FILE_SIZE_MB = 8  # largest single file a program may write (RLIMIT_FSIZE)
@@ -145,5 +146,6 @@ PPO_SHARD_FROZEN_MODELS = False  # DeepSpeed, USE_LORA=False: reference and rewa
 # Reward model: RM_EPOCHS = 1; RM_LR = 1e-5 (LoRA: 1e-4). PPO: PPO_LR = 1e-6 to 3e-6 (policy),
 #   PPO_CRITIC_LR = 1e-5 (gae), PPO_TEMPERATURE = 0.7, PPO_SAMPLES_PER_PROMPT = 4 or more (grpo/rloo compare them); USE_LORA = True
 #   keeps PPO at two networks (reference and reward model are the adapters switched off).
+# Evaluating on HumanEval/MBPP (scripts/evaluate.py): SANDBOX_TIMEOUT_S = 3.0, the time limit of their own harnesses.
 # Your own data: point SFT_TRAIN_FILE/SFT_EVAL_FILE at jsonl files or hub dataset ids.
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """Run untrusted generated Python programs; verdicts are decided outside them.
 
-Isolation (docs/SANDBOX.md has the threat model): each program runs in a fresh interpreter
-inside new network, PID, IPC, UTS and mount namespaces (util-linux `unshare`). Before any of
-its code runs, the runner mounts a private size-limited tmpfs as its work dir, shows the rest of
-the file system read-only (only /usr, the interpreter and four /dev nodes exist), pivots its
-root there, drops to a uid of its own (root) or all capabilities (user namespace), sets
-no_new_privs, a seccomp deny list and rlimits. The namespace's init is a supervisor holding a
-lifeline pipe from us: when the run ends (or we die) it leaves and the kernel kills everything
-else in the namespace. An audit hook (PEP 578) inside refuses sockets, processes, ctypes, ...
-as an extra layer only. SANDBOX_MODE="weak" (an explicit opt-in) keeps the hook, the limits and
-a separate uid but no namespaces.
+Isolation (docs/SANDBOX.md has the threat model): each program runs in new network, PID, IPC,
+UTS and mount namespaces of its own. A set-up process per evaluating process (the zygote, started
+once with util-linux `unshare`) builds a read-only view of the file system (only /usr, the
+interpreter and four /dev nodes exist) and pivots its root there; for each program it forks a
+process that takes the new namespaces, mounts a private size-limited tmpfs as the program's work
+dir and its own /proc, drops to a uid of its own (root) or all capabilities (user namespace)
+and forks the program's process, which sets a seccomp deny list and rlimits before any of the
+program's code runs (no_new_privs is set for all of them). The program's PID namespace has a
+supervisor as init, holding a lifeline pipe from us: when the run ends (or we die) it leaves
+and the kernel kills everything else in the namespace. No program code runs in the zygote. An
+audit hook (PEP 578) inside refuses sockets, processes, ctypes, ... as an extra layer only.
+SANDBOX_MODE="weak" (an explicit opt-in) keeps the hook, the limits and a separate uid but no
+namespaces, and starts an interpreter per program.
 
 Verdicts: the program never sees a test. The trusted side (this process) sends it call
 requests over a pipe and gets back strictly encoded builtin values (or the exception's name):
@@ -25,6 +28,7 @@ run_unique(jobs) runs each distinct job once.
 from __future__ import annotations
 
 import ast
+import atexit
 import builtins
 import concurrent.futures
 import dataclasses
@@ -38,6 +42,7 @@ import platform
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -71,13 +76,22 @@ class Verdict:
 
 
 # --------------------------------------------------------------------------- child side
-# Passed with -c. boot() runs as root (or userns root) inside the new namespaces, builds the
-# file system view from the trusted config in argv[1], drops privileges and forks: pid 1 stays
-# as supervise(), the child installs seccomp, then serve() reads requests from fd 0 and answers
-# on fd 1; the program's own stdin/stdout/stderr are /dev/null.
+# Passed with -c. Namespaces: zygote() runs once per evaluating process and backend, as root
+# (or userns root) inside new namespaces made by util-linux `unshare`. It builds the read-only
+# file system view, then waits on its control socket; each message there is one program's limits
+# and four pipe ends. For each it forks a keeper (sample()), which takes new namespaces of the
+# program's own and forks the program's pid 1; that one mounts the program's /work and /proc,
+# drops privileges and forks the worker: pid 1 stays as supervise(), the worker installs seccomp
+# and limits, then serve() reads requests from its request pipe and answers on its reply pipe.
+# The keeper waits for pid 1 (which the kernel lets go only when every process of the program's
+# PID namespace is gone) and writes its exit status on the status pipe. No program code ever runs
+# in the zygote or the keeper. Weak mode: main() applies the limits and serves, nothing else.
 RUNNER = r'''
 import os, sys
-def boot(cfg):
+NEWNS, NEWUTS, NEWIPC, NEWPID, NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, 0x40000000
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+
+def kernel():
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     def check(ret, what):
@@ -87,7 +101,11 @@ def boot(cfg):
     def mount(src, dst, fstype, flags, data=None):
         check(libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(),
                          ctypes.c_ulong(flags), data and data.encode()), "mount " + dst)
-    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+    return ctypes, libc, check, mount
+
+def build_root(cfg, libc, check, mount):
+    # the file system every program sees, built once: a small read-only tmpfs holding read-only
+    # binds of /usr, the interpreter and four /dev nodes; the host tree is detached
     R = cfg["mountpoint"]
     os.umask(0o022)  # the skeleton must be traversable by the program's uid
     mount(None, "/", None, REC | PRIVATE)  # nothing we mount propagates back to the host
@@ -106,14 +124,12 @@ def boot(cfg):
         # read-only; keep the source's flags (a user namespace may not clear locked ones)
         mount(None, dst, None, REMOUNT | BIND | RDONLY | NOSUID | arg | (0 if kind == "dev" else NODEV))
     os.mkdir(R + "/proc")
-    try:  # the new PID namespace's /proc: our processes only; not needed by Python, so optional
+    try:  # a user namespace may mount a program's own /proc only where one is already visible
         mount("proc", R + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+        has_proc = True
     except OSError:
-        pass
+        has_proc = False
     os.mkdir(R + "/work")
-    own = "" if cfg["userns"] else ",uid=%d,gid=%d" % (cfg["uid"], cfg["uid"])
-    mount("tmpfs", R + "/work", "tmpfs", NOSUID | NODEV,
-          "size=%dk,nr_inodes=%d,mode=700%s" % (cfg["disk_kb"], cfg["inodes"], own))
     os.symlink("work", R + "/tmp")
     os.symlink("/work", R + "/dev/shm")  # POSIX semaphores and shared memory, privately
     os.chdir(R)
@@ -122,7 +138,79 @@ def boot(cfg):
     os.chdir("/")
     mount(None, "/", None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
     check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: no setuid gains
-    if cfg["userns"]:  # root of a user namespace: drop every capability, bounding set first
+    return has_proc
+
+def zygote(cfg):
+    import _socket, marshal
+    ctypes, libc, check, mount = kernel()
+    has_proc = build_root(cfg, libc, check, mount)
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    ctl = _socket.socket(fileno=cfg["control"])
+    while True:
+        try:  # reap finished keepers (their CPU time then counts as the evaluating process's children's)
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        data, anc, _, _ = ctl.recvmsg(1 << 16, _socket.CMSG_SPACE(16))
+        if not data:  # the evaluating process closed the socket, or died
+            os._exit(0)
+        fds = []
+        for level, kind, raw in anc:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds += [int.from_bytes(raw[i:i + 4], sys.byteorder) for i in range(0, len(raw) - 3, 4)]
+        try:
+            pid = os.fork() if len(fds) == 4 else -1
+        except OSError:  # the evaluating side sees the status pipe close: "could not start"
+            pid = -1
+        if pid == 0:
+            try:
+                ctl.close()
+                sample(marshal.loads(data), fds, has_proc, cfg["userns"], ctypes, libc, check, mount)
+            except BaseException as e:
+                report(fds[3], e)
+            os._exit(0)
+        for fd in fds:
+            os.close(fd)
+
+def report(status, e):
+    # a set-up failure, for the evaluating side (the status pipe is trusted: no program holds it)
+    try:
+        os.write(status, ("E sandbox set-up failed: %s: %s\n" % (type(e).__name__, e)).encode("utf-8", "replace"))
+    except BaseException:
+        pass
+
+def sample(job, fds, has_proc, userns, ctypes, libc, check, mount):
+    # the keeper: new namespaces for one program, its pid 1, then report how that pid 1 ended
+    request, reply, lifeline, status = fds
+    check(libc.unshare(NEWNS | NEWUTS | NEWIPC | NEWPID | NEWNET), "unshare")
+    init = os.fork()
+    if init == 0:
+        try:
+            program_init(job, fds, has_proc, userns, ctypes, libc, check, mount)
+        except BaseException as e:
+            report(status, e)
+        os._exit(1)
+    for fd in (request, reply, lifeline):
+        os.close(fd)
+    _, st = os.waitpid(init, 0)
+    os.write(status, b"X %d\n" % st)
+
+def program_init(job, fds, has_proc, userns, ctypes, libc, check, mount):
+    # pid 1 of the program's PID namespace, in a mount namespace of its own
+    request, reply, lifeline, status = fds
+    try:  # this namespace's /proc over the zygote's: the program sees its own processes only
+        mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
+    except OSError:
+        if has_proc:
+            raise
+    own = "" if userns else ",uid=%d,gid=%d" % (job["uid"], job["uid"])
+    mount("tmpfs", "/work", "tmpfs", NOSUID | NODEV,
+          "size=%dk,nr_inodes=%d,mode=700%s" % (job["disk_kb"], job["inodes"], own))
+    if userns:  # root of a user namespace: drop every capability, bounding set first
         cap = 0
         while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP until EINVAL
             cap += 1
@@ -130,16 +218,28 @@ def boot(cfg):
         check(libc.capset(hdr, (ctypes.c_uint32 * 6)()), "capset")
     else:
         os.setgroups([])
-        os.setgid(cfg["uid"])
-        os.setuid(cfg["uid"])  # leaving uid 0 clears every capability
+        os.setgid(job["uid"])
+        os.setuid(job["uid"])  # leaving uid 0 clears every capability
     os.chdir("/work")
     worker = os.fork()
     if worker:
-        supervise(worker, cfg["lifeline"], libc)
-    os.close(cfg["lifeline"])
-    if cfg["seccomp"]:
-        seccomp(libc, ctypes, cfg["seccomp"], cfg["sys_seccomp"])
-    del sys.modules["ctypes"]
+        for fd in (request, reply, status):
+            os.close(fd)
+        supervise(worker, lifeline, libc)
+    os.close(lifeline)
+    if job["seccomp"]:
+        seccomp(libc, ctypes, job["seccomp"], job["sys_seccomp"])
+    limits(job)
+    unmarshal = __import__("marshal").loads
+    for name in ("ctypes", "ctypes._endian", "_ctypes", "_socket"):  # the audit hook refuses their import
+        sys.modules.pop(name, None)
+    os.dup2(request, 0)
+    os.dup2(reply, 1)
+    os.closerange(3, 1 << 12)  # the status pipe and anything else of the zygote's
+    try:
+        serve(job, unmarshal)
+    finally:
+        os._exit(0)
 
 def seccomp(libc, ctypes, code, sys_seccomp):
     # the BPF program built by _seccomp_filter() on the trusted side; no_new_privs is set
@@ -160,9 +260,6 @@ def supervise(worker, lifeline, libc):
     # in the namespace. Signals from inside the namespace cannot kill a namespace's init.
     import select
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: not ptrace-able by the program's uid
-    null = os.open("/dev/null", os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)  # the reply pipe: only the worker may hold it (EOF when it dies)
     fds = [lifeline]
     try:
         fds.append(os.pidfd_open(worker))
@@ -174,13 +271,7 @@ def supervise(worker, lifeline, libc):
             os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
     os._exit(0)
 
-def main():
-    # only builtin and C modules from here on: json, signal or types would pull in re, enum
-    # and collections, ~10 ms of start-up per program
-    import marshal
-    cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
-    if cfg["isolate"]:
-        boot(cfg)
+def limits(cfg):
     import resource, _signal
     for res, value in ((resource.RLIMIT_CPU, cfg["cpu_s"]), (resource.RLIMIT_AS, cfg["memory"]),
                        (resource.RLIMIT_FSIZE, cfg["fsize"]), (resource.RLIMIT_CORE, 0),
@@ -188,6 +279,15 @@ def main():
         if value >= 0:
             resource.setrlimit(res, (value, value + (res == resource.RLIMIT_CPU)))
     _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)  # a flood gets EFBIG, not a silent kill
+
+def main():
+    # only builtin and C modules from here on: json, signal or types would pull in re, enum
+    # and collections, ~10 ms of start-up per program (weak mode starts one per program)
+    import marshal
+    cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
+    if cfg.get("zygote"):
+        zygote(cfg)
+    limits(cfg)
     serve(cfg, marshal.loads)
 
 def serve(cfg, unmarshal):
@@ -524,68 +624,188 @@ class _ChildGone(BaseException):
         self.status, self.detail = status, detail
 
 
+_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/work", "LANG": "C.UTF-8"}
+
+
+class _Zygote:
+    """The namespaces' set-up process of one backend (see the RUNNER's description): `unshare`
+    starts it once per evaluating process, and it forks every program's namespaces, so that a
+    program costs a few forks and mounts instead of an `unshare` exec and a Python start-up."""
+
+    def __init__(self, backend: str):
+        exe, mountpoint, entries = _fs_view()
+        cfg = {"zygote": True, "userns": backend == "userns", "mountpoint": mountpoint, "entries": entries,
+               "sys_pivot_root": _PIVOT_ROOT[platform.machine()]}
+        self.pid = os.getpid()  # a forked copy of this process starts its own
+        self.err = b""
+        self.lock = threading.Lock()
+        self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cfg["control"] = theirs.fileno()
+        argv = ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child",
+                *(["--user", "--map-root-user"] if backend == "userns" else []),
+                exe, "-I", "-S", "-B", "-c", RUNNER, marshal.dumps(cfg).hex()]
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, cwd="/", env=_ENV, close_fds=True,
+                                         start_new_session=True, umask=0o077, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            self.ctl.close()
+            raise
+        finally:
+            theirs.close()
+        os.set_blocking(self.proc.stderr.fileno(), False)
+
+    def spawn(self, job: dict) -> list[int]:
+        """Start one program with these limits; returns our ends of its request, reply, lifeline
+        and status pipes. OSError when the zygote is gone."""
+        pipes = [os.pipe() for _ in range(4)]
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][0], pipes[3][1]]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][1], pipes[3][0]]
+        try:
+            with self.lock:
+                socket.send_fds(self.ctl, [marshal.dumps(job)], theirs)
+        except OSError as e:
+            for fd in ours:
+                os.close(fd)
+            raise OSError(e.errno, f"the sandbox's set-up process is gone: {self.stderr_tail() or e}") from None
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        return ours
+
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and self.proc.poll() is None
+
+    def stderr_tail(self) -> str:
+        try:
+            self.err = (self.err + (self.proc.stderr.read(1 << 16) or b""))[-2000:]
+        except (OSError, ValueError):
+            pass
+        return self.err.decode("utf-8", "replace").strip()
+
+    def close(self) -> None:
+        """Close the control socket: the zygote leaves, and with it (pid 1 of its namespace) every
+        program it started."""
+        self.ctl.close()
+        if self.pid != os.getpid():
+            return
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # unshare --kill-child takes the zygote with it
+            self.proc.wait()
+        self.proc.stderr.close()
+
+
+_zygotes: dict[str, _Zygote] = {}
+_zygote_lock = threading.Lock()
+
+
+def _zygote(backend: str) -> _Zygote:
+    """This process's zygote for `backend`, started (or restarted) when needed."""
+    with _zygote_lock:
+        z = _zygotes.get(backend)
+        if z is None or not z.alive():
+            if z is not None:
+                z.close()
+            z = _zygotes[backend] = _Zygote(backend)
+        return z
+
+
+def shutdown() -> None:
+    """End this process's zygotes (they also end when it exits); the next program starts new ones."""
+    with _zygote_lock:
+        for z in _zygotes.values():
+            z.close()
+        _zygotes.clear()
+
+
+atexit.register(shutdown)
+
+
 class _Child:
-    """One sandboxed interpreter and its request/response pipes, all reads bounded by a deadline."""
+    """One sandboxed program and its request/response pipes, all reads bounded by a deadline."""
 
     def __init__(self, backend: str, timeout: float, memory_mb: int):
         self.t0 = time.monotonic()
         self.deadline = self.t0 + timeout
         self.backend = backend
         self.slot = _take_slot()
-        self.tmp = None
+        self.tmp = self.proc = self.zygote = self.wfd = self.rfd = None
         self.buf = b""
         self.idle = False  # True while the program waits for a request (it may then exit cleanly)
         self.lifeline = None  # namespaces: its write end; closing it ends the whole namespace
-        cfg = {"isolate": backend != "weak", "userns": backend == "userns", "audit_hook": _AUDIT_HOOK,
-               "cpu_s": math.ceil(timeout) + 1, "memory": memory_mb << 20, "fsize": C.SANDBOX_FILE_SIZE_MB << 20,
-               "nofile": MAX_OPEN_FILES, "nproc": C.SANDBOX_MAX_PROCS, "uid": UID_BASE + 256 * os.getpid() + self.slot}
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/work", "LANG": "C.UTF-8"}
-        kw, read_end = {}, None
-        if backend == "weak":
-            self.tmp = tempfile.mkdtemp(prefix="sandbox-")
-            os.chmod(self.tmp, 0o700)
-            exe = sys.executable
-            if os.geteuid() == 0:  # a uid of its own here too: siblings cannot signal each other
-                exe = _weak_interpreter()
-                os.chown(self.tmp, cfg["uid"], cfg["uid"])
-                kw = dict(user=cfg["uid"], group=cfg["uid"], extra_groups=[])
-            else:
-                cfg["nproc"] = -1  # RLIMIT_NPROC counts all of the user's processes: leave it
-            env.update(HOME=self.tmp, TMPDIR=self.tmp)
-            argv = [exe, "-I", "-S", "-B", "-c", RUNNER, marshal.dumps(cfg).hex()]
-        else:
-            exe, mountpoint, entries = _fs_view()
-            cfg.update(mountpoint=mountpoint, entries=entries, disk_kb=C.SANDBOX_DISK_MB << 10, inodes=4096,
-                       sys_pivot_root=_PIVOT_ROOT[platform.machine()], seccomp=_seccomp_filter(platform.machine()),
-                       sys_seccomp={"x86_64": 317}.get(platform.machine(), 277))
-            if backend == "userns":
-                cfg["uid"] = 0
-            read_end, self.lifeline = os.pipe()
-            cfg["lifeline"] = read_end
-            kw = dict(pass_fds=(read_end,))
-            argv = ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child",
-                    *(["--user", "--map-root-user"] if backend == "userns" else []),
-                    exe, "-I", "-S", "-B", "-c", RUNNER, marshal.dumps(cfg).hex()]
+        self.status_fd, self.status = None, b""  # namespaces: the keeper's report (set-up errors, exit status)
+        cfg = {"audit_hook": _AUDIT_HOOK, "cpu_s": math.ceil(timeout) + 1, "memory": memory_mb << 20,
+               "fsize": C.SANDBOX_FILE_SIZE_MB << 20, "nofile": MAX_OPEN_FILES, "nproc": C.SANDBOX_MAX_PROCS,
+               "uid": UID_BASE + 256 * os.getpid() + self.slot}
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         cwd=self.tmp or "/", env=env, close_fds=True, start_new_session=True,
-                                         umask=0o077, **kw)
+            if backend == "weak":
+                self._start_weak(cfg)
+            else:
+                machine = platform.machine()
+                cfg.update(disk_kb=C.SANDBOX_DISK_MB << 10, inodes=4096, seccomp=_seccomp_filter(machine),
+                           sys_seccomp={"x86_64": 317}.get(machine, 277))
+                if backend == "userns":
+                    cfg["uid"] = 0
+                self.zygote = _zygote(backend)
+                self.wfd, self.rfd, self.lifeline, self.status_fd = self.zygote.spawn(cfg)
         except BaseException:
             self.close()
             raise
-        finally:
-            if read_end is not None:
-                os.close(read_end)
-        self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         os.set_blocking(self.wfd, False)
+
+    def _start_weak(self, cfg: dict) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="sandbox-")
+        os.chmod(self.tmp, 0o700)
+        exe, kw = sys.executable, {}
+        if os.geteuid() == 0:  # a uid of its own here too: siblings cannot signal each other
+            exe = _weak_interpreter()
+            os.chown(self.tmp, cfg["uid"], cfg["uid"])
+            kw = dict(user=cfg["uid"], group=cfg["uid"], extra_groups=[])
+        else:
+            cfg["nproc"] = -1  # RLIMIT_NPROC counts all of the user's processes: leave it
+        self.proc = subprocess.Popen([exe, "-I", "-S", "-B", "-c", RUNNER, marshal.dumps(cfg).hex()],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     cwd=self.tmp, env={**_ENV, "HOME": self.tmp, "TMPDIR": self.tmp},
+                                     close_fds=True, start_new_session=True, umask=0o077, **kw)
+        self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+
+    def _read_status(self, timeout: float) -> bool:
+        """Read the keeper's report for up to `timeout` s; True once it is complete (pipe closed)."""
+        end = time.monotonic() + timeout
+        while self.status_fd is not None:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.status_fd], [], [], left)[0]:
+                return False
+            chunk = os.read(self.status_fd, 1 << 12)
+            if not chunk:
+                os.close(self.status_fd)
+                self.status_fd = None
+                break
+            self.status = (self.status + chunk)[-4000:]
+        return True
+
+    def _exit_code(self, timeout: float) -> int | None:
+        """The program's exit code (128 + signal when killed), or None if not known within `timeout` s."""
+        if self.proc is not None:
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        self._read_status(timeout)
+        for line in self.status.decode("utf-8", "replace").splitlines():
+            if line.startswith("X ") and line[2:].isdigit():
+                st = int(line[2:])
+                return 128 + os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+        return None
 
     def _gone(self, default: str) -> _ChildGone:
         """Why the child stopped answering: timeout, memory, or an error with its exit."""
         if time.monotonic() >= self.deadline:
             return _ChildGone("timeout", "time limit exceeded")
-        try:
-            rc = self.proc.wait(timeout=max(0.0, min(0.5, self.deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
+        rc = self._exit_code(max(0.0, min(0.5, self.deadline - time.monotonic())))
+        if rc is None:
             return _ChildGone("error", default)
         if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
             return _ChildGone("timeout", "CPU time limit exceeded")
@@ -646,6 +866,13 @@ class _Child:
         return _decode_strict(msg["v"]), None
 
     def stderr_tail(self) -> str:
+        """What went wrong outside the program: set-up errors (namespaces: the keeper's report
+        and the zygote's stderr; weak: the runner's stderr)."""
+        if self.proc is None:
+            self._read_status(0.5)
+            text = self.status.decode("utf-8", "replace")
+            lines = [line[2:] for line in text.splitlines() if line.startswith("E ")]
+            return "\n".join(lines + ([self.zygote.stderr_tail()] if self.zygote else []))[-2000:]
         os.set_blocking(self.proc.stderr.fileno(), False)
         try:
             data = self.proc.stderr.read(1 << 16) or b""
@@ -658,51 +885,39 @@ class _Child:
         if self.lifeline is not None:  # namespaces: pid 1 leaves, the kernel kills the rest
             os.close(self.lifeline)
             self.lifeline = None
-        proc = getattr(self, "proc", None)
-        if proc is not None:
+        if self.zygote is not None:
+            for fd in (self.wfd, self.rfd):
+                if fd is not None:
+                    os.close(fd)
+            self.wfd = self.rfd = None
+            # the keeper closes the status pipe once the program's pid 1 is reaped, which the
+            # kernel allows only after every other process of its PID namespace is gone
+            if not self._read_status(10.0):
+                self.zygote.close()  # only if pid 1 could not leave: end the zygote, all of it
+            if self.status_fd is not None:
+                os.close(self.status_fd)
+                self.status_fd = None
+        proc = self.proc
+        if proc is not None:  # weak
             for f in (proc.stdin, proc.stdout):
                 try:
                     f.close()
                 except OSError:
                     pass
-            if self.backend == "weak":
-                try:  # on EOF an idle runner exits by itself
-                    if self.idle:
-                        proc.wait(timeout=0.5)
-                except subprocess.TimeoutExpired:
-                    pass
-                self._kill()  # the session's process group: forked children too
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # only if pid 1 could not leave: kill it
-                self._kill()
-                proc.wait()
+            try:  # on EOF an idle runner exits by itself
+                if self.idle:
+                    proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the session's process group: forked children too
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
             proc.stderr.close()
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
         _free_slot(self.slot)
-
-    def _kill(self) -> None:
-        # namespaces: SIGKILL the namespace's init (unshare's child); unshare returns only once
-        # every process in that namespace is gone. weak: the session's process group.
-        pid = self.proc.pid
-        if self.backend != "weak":
-            try:
-                with open(f"/proc/{pid}/task/{pid}/children") as f:
-                    children = [int(x) for x in f.read().split()]
-            except OSError:  # no such file (CONFIG_PROC_CHILDREN off): the process group below
-                children = None
-            for child in children or []:
-                try:
-                    os.kill(child, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if children is not None:
-                return
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _decode_strict(enc, depth: int = 0):
@@ -798,7 +1013,10 @@ def _start(job: dict, timeout: float | None, memory_mb: int | None) -> tuple[_Ch
 
 def _run_calls_with(backend, program, calls, expected, setup, timeout) -> Verdict:
     """run_calls on a given backend (the probe in _backend)."""
-    child = _Child(backend, timeout, C.SANDBOX_MEMORY_MB)
+    try:
+        child = _Child(backend, timeout, C.SANDBOX_MEMORY_MB)
+    except OSError as e:
+        return Verdict(False, "error", str(e)[-500:], 0.0, 0.0)
     try:
         child.send({"program": program, "setup": setup})
         load = child.recv()

@@ -393,3 +393,48 @@ def test_no_nested_namespaces(hook, backend):
               "OK = libc.unshare(0x10000000) == 0 and libc.unshare(0x00020000) == 0\n"
               "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if OK else 0\n")
     assert not any(v.passed for v in run_side_by_side(attack))
+
+
+def test_programs_forked_by_one_zygote_share_nothing(hook, backend):
+    # one set-up process forks every program: what one program leaves behind (a file in its work
+    # dir or /dev/shm, a setsid process, an abstract Unix socket, SysV shared memory) must be
+    # invisible to the next one and to one running beside it; the finder passes only if it finds any
+    tag = uuid.uuid4().hex[:12]
+    planter = (BYPASS + "import os, socket, time\n"
+               f"open('/work/mark-{tag}', 'w').write('x')\nopen('/dev/shm/mark-{tag}', 'w').write('x')\n"
+               "s = socket.socket(socket.AF_UNIX)\n"
+               f"s.bind('\\0plant-{tag}')\ns.listen(1)\n"
+               "if os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
+               "time.sleep(1.5)\n" + WRONG)
+    finder = (BYPASS + "import os, socket, time\ntime.sleep(0.5)\n"
+              "def traces():\n    found = []\n"
+              f"    for p in ('/work/mark-{tag}', '/dev/shm/mark-{tag}', '/tmp/mark-{tag}'):\n"
+              "        found += [p] if os.path.exists(p) else []\n"
+              "    own = {str(os.getpid()), '1', 'self', 'thread-self'}\n"
+              "    found += [p for p in os.listdir('/proc') if p.isdigit() and p not in own]\n"
+              "    try:\n        c = socket.socket(socket.AF_UNIX)\n"
+              f"        c.connect('\\0plant-{tag}')\n        found.append('socket')\n    except OSError:\n        pass\n"
+              "    return found\n"
+              "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if traces() else traces()\n")
+    side_by_side = sandbox.run_many([dict(program=planter, calls=CALLS, expected=EXPECTED),
+                                     dict(program=finder, calls=CALLS, expected=EXPECTED)], workers=2)
+    one_after_another = sandbox.run_many([dict(program=planter, calls=CALLS, expected=EXPECTED),
+                                          dict(program=finder, calls=CALLS, expected=EXPECTED)], workers=1)
+    verdicts = side_by_side + one_after_another
+    assert not any(v.passed for v in verdicts), verdicts
+    if not hook:  # the finder looked everywhere and found nothing (with the hook, it is refused)
+        assert [v.detail for v in verdicts[1::2]] == ["secret(1): expected 7312, got []"] * 2, verdicts
+
+
+def test_a_lost_zygote_is_replaced(needs_namespaces):
+    # the set-up process killed from outside: the program it was running gets a verdict, the next
+    # program a new zygote
+    slow = dict(ADD_OK, program="import time\ntime.sleep(2)\n" + ADD_OK["program"])
+    assert sandbox.run_many([ADD_OK])[0].passed
+    zygote = sandbox._zygote(sandbox._backend(C.SANDBOX_MODE))
+    killer = threading.Timer(0.5, zygote.proc.kill)
+    killer.start()
+    verdict = sandbox.run_many([slow])[0]
+    killer.join()
+    assert not verdict.passed and verdict.status == "error", verdict
+    assert sandbox.run_many([ADD_OK, ADD_TESTS_OK], workers=2)[0].passed
