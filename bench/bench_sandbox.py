@@ -1,6 +1,12 @@
-"""Sandbox throughput: programs per second, trivial and typical, on this machine.
+"""Sandbox throughput: programs per second, trivial and typical, on this machine; with --model,
+what the time limit costs on a model's own answers.
 
     python bench/bench_sandbox.py [--n 200] [--workers 4]
+    python bench/bench_sandbox.py --model ./sft_model [--limits 5,1]   # + data/val_tasks.jsonl, data/ppo_prompts.jsonl
+
+--model: 8 answers per task sampled at temperature 1 (as pass@8 and PPO's rollouts sample), each
+distinct program judged with each SANDBOX_TIMEOUT_S of --limits, alternating, twice: wall time,
+time-outs, the slowest passing program, and how many verdicts differ from the first limit's.
 """
 import argparse
 import datetime
@@ -25,6 +31,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--model", default=None, help="also judge this model's sampled answers with each of --limits")
+    ap.add_argument("--limits", default="5,1", help="SANDBOX_TIMEOUT_S values for --model, seconds")
+    ap.add_argument("--tasks", default="data/val_tasks.jsonl,data/ppo_prompts.jsonl")
     args = ap.parse_args()
     print(f"{datetime.date.today()} | {platform.node()} | {os.cpu_count()} CPUs | {platform.platform()} | "
           f"load {os.getloadavg()[0]:.1f} | sandbox {sandbox.active_mode()}")
@@ -42,6 +51,39 @@ def main():
         print(f"{name:8s} {args.n / dt:6.1f} programs/s ({args.n} programs, {dt:.1f} s), "
               f"{1000 * cpu / args.n:.1f} ms CPU per program ({1000 * busy / args.n:.1f} ms of the machine's)")
         sandbox.run_many([TRIVIAL] * 2)
+    if args.model:
+        time_limits(args.model, [float(x) for x in args.limits.split(",")], args.tasks.split(","), args.workers)
+
+
+def time_limits(model_dir, limits, task_files, workers):
+    import config as C
+    from rlhf import codeeval
+    from rlhf.common import load_causal_lm, load_tokenizer, seed_everything
+
+    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    for path in task_files:
+        problems = codeeval.load_problems(path)
+        seed_everything(C.SEED)
+        texts = codeeval.generate_completions(model, tokenizer, [p.messages() for p in problems], C.GEN_MAX_NEW_TOKENS,
+                                              num_samples=8, temperature=1.0, top_p=1.0, progress=False)
+        jobs = {}
+        for p, answers in zip(problems, texts):
+            for text in answers:
+                job = p.job(codeeval.completion_for(p, text))
+                jobs.setdefault(repr(sorted(job.items())), job)
+        jobs = list(jobs.values())
+        first = None
+        for limit in limits * 2:
+            C.SANDBOX_TIMEOUT_S = limit
+            t0 = time.perf_counter()
+            verdicts = sandbox.run_many(jobs, workers=workers)
+            dt = time.perf_counter() - t0
+            first = first or verdicts
+            slowest = max((v.seconds for v in verdicts if v.passed), default=0.0)
+            print(f"{path}: {len(jobs)} distinct programs, limit {limit:g} s: {dt:.1f} s, "
+                  f"{sum(v.status == 'timeout' for v in verdicts)} time-outs, {sum(v.passed for v in verdicts)} pass "
+                  f"(slowest {1000 * slowest:.0f} ms), {sum(a.passed != b.passed for a, b in zip(first, verdicts))} "
+                  f"verdicts differ from limit {limits[0]:g} s")
 
 
 def cpu_seconds():
