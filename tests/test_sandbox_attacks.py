@@ -438,3 +438,26 @@ def test_a_lost_zygote_is_replaced(needs_namespaces):
     killer.join()
     assert not verdict.passed and verdict.status == "error", verdict
     assert sandbox.run_many([ADD_OK, ADD_TESTS_OK], workers=2)[0].passed
+
+
+def test_a_forked_evaluator_starts_its_own_zygote(needs_namespaces):
+    # a copy of the evaluating process made by fork() (a data loader worker, multiprocessing) must
+    # not share the parent's set-up process: its programs get their own, and the parent's still works
+    assert sandbox.run_many([ADD_OK])[0].passed
+    parent_zygote = sandbox._zygote(sandbox._backend(C.SANDBOX_MODE))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports whether its program passed and whether its zygote is new
+        ok = False
+        try:
+            v = sandbox.run_many([ADD_OK])[0]
+            ok = v.passed and sandbox._zygote(sandbox._backend(C.SANDBOX_MODE)) is not parent_zygote
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    assert sandbox._zygote(sandbox._backend(C.SANDBOX_MODE)) is parent_zygote and sandbox.run_many([ADD_OK])[0].passed
