@@ -805,6 +805,8 @@ class _Child:
         if time.monotonic() >= self.deadline:
             return _ChildGone("timeout", "time limit exceeded")
         rc = self._exit_code(max(0.0, min(0.5, self.deadline - time.monotonic())))
+        if self.proc is None and b"\nE " in b"\n" + self.status:  # its namespaces could not be set up
+            return _ChildGone("error", self.stderr_tail()[-300:])
         if rc is None:
             return _ChildGone("error", default)
         if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
@@ -872,7 +874,7 @@ class _Child:
             self._read_status(0.5)
             text = self.status.decode("utf-8", "replace")
             lines = [line[2:] for line in text.splitlines() if line.startswith("E ")]
-            return "\n".join(lines + ([self.zygote.stderr_tail()] if self.zygote else []))[-2000:]
+            return "\n".join(x for x in lines + [self.zygote.stderr_tail() if self.zygote else ""] if x)[-2000:]
         os.set_blocking(self.proc.stderr.fileno(), False)
         try:
             data = self.proc.stderr.read(1 << 16) or b""
@@ -1026,7 +1028,8 @@ def _run_calls_with(backend, program, calls, expected, setup, timeout) -> Verdic
         got, err = child.call_value({"calls": calls[:1]})
         return Verdict(err is None and values_match(got, expected[0]), "passed", "", 0.0, 1.0)
     except _ChildGone as g:
-        return Verdict(False, g.status, f"{g.detail}: {child.stderr_tail().strip()[-300:]}", 0.0, 0.0)
+        tail = child.stderr_tail().strip()[-300:]
+        return Verdict(False, g.status, g.detail if tail in g.detail else f"{g.detail}: {tail}", 0.0, 0.0)
     finally:
         child.close()
 

@@ -177,3 +177,16 @@ def test_no_isolation_stops_with_the_fix(monkeypatch):
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-1500:]
+
+
+def test_a_program_whose_set_up_fails_gets_the_reason(monkeypatch):
+    # the namespaces' set-up fails for this program only (a work dir size the kernel refuses):
+    # an error verdict that says why, and the next program runs as usual
+    if C.SANDBOX_MODE != "namespaces":
+        pytest.skip("kernel isolation is off (SANDBOX_MODE=weak)")
+    assert calls(ADD).passed  # the isolation mode is known before the setting changes
+    monkeypatch.setattr(C, "SANDBOX_DISK_MB", -5)
+    v = calls(ADD)
+    assert v.status == "error" and v.detail.startswith("sandbox set-up failed: OSError") and "/work" in v.detail, v
+    monkeypatch.setattr(C, "SANDBOX_DISK_MB", 64)
+    assert calls(ADD).passed
