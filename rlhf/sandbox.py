@@ -79,7 +79,7 @@ class Verdict:
 # Passed with -c. Namespaces: zygote() runs once per evaluating process and backend, as root
 # (or userns root) inside new namespaces made by util-linux `unshare`. It builds the read-only
 # file system view, then waits on its control socket; each message there is one program's limits
-# and four pipe ends. For each it forks a keeper (sample()), which takes new namespaces of the
+# and four pipe ends. For each it forks keeper(), which takes new namespaces of the
 # program's own and forks the program's pid 1; that one mounts the program's /work and /proc,
 # drops privileges and forks the worker: pid 1 stays as supervise(), the worker installs seccomp
 # and limits, then serve() reads requests from its request pipe and answers on its reply pipe.
@@ -169,7 +169,7 @@ def zygote(cfg):
         if pid == 0:
             try:
                 ctl.close()
-                sample(marshal.loads(data), fds, has_proc, cfg["userns"], ctypes, libc, check, mount)
+                keeper(marshal.loads(data), fds, has_proc, cfg["userns"], ctypes, libc, check, mount)
             except BaseException as e:
                 report(fds[3], e)
             os._exit(0)
@@ -183,8 +183,8 @@ def report(status, e):
     except BaseException:
         pass
 
-def sample(job, fds, has_proc, userns, ctypes, libc, check, mount):
-    # the keeper: new namespaces for one program, its pid 1, then report how that pid 1 ended
+def keeper(job, fds, has_proc, userns, ctypes, libc, check, mount):
+    # new namespaces for one program, its pid 1, then report how that pid 1 ended
     request, reply, lifeline, status = fds
     check(libc.unshare(NEWNS | NEWUTS | NEWIPC | NEWPID | NEWNET), "unshare")
     init = os.fork()
@@ -677,10 +677,7 @@ class _Zygote:
         return self.pid == os.getpid() and self.proc.poll() is None
 
     def stderr_tail(self) -> str:
-        try:
-            self.err = (self.err + (self.proc.stderr.read(1 << 16) or b""))[-2000:]
-        except (OSError, ValueError):
-            pass
+        self.err = _read_tail(self.proc.stderr, self.err)
         return self.err.decode("utf-8", "replace").strip()
 
     def close(self) -> None:
@@ -695,6 +692,14 @@ class _Zygote:
             self.proc.kill()  # unshare --kill-child takes the zygote with it
             self.proc.wait()
         self.proc.stderr.close()
+
+
+def _read_tail(pipe, kept: bytes = b"") -> bytes:
+    """The last 2000 bytes of `kept` and what the non-blocking `pipe` holds now."""
+    try:
+        return (kept + (pipe.read(1 << 16) or b""))[-2000:]
+    except (OSError, ValueError):  # nothing to read, or already closed
+        return kept
 
 
 _zygotes: dict[str, _Zygote] = {}
@@ -805,7 +810,7 @@ class _Child:
         if time.monotonic() >= self.deadline:
             return _ChildGone("timeout", "time limit exceeded")
         rc = self._exit_code(max(0.0, min(0.5, self.deadline - time.monotonic())))
-        if self.proc is None and b"\nE " in b"\n" + self.status:  # its namespaces could not be set up
+        if self.proc is None and self._setup_errors():  # its namespaces could not be set up
             return _ChildGone("error", self.stderr_tail()[-300:])
         if rc is None:
             return _ChildGone("error", default)
@@ -867,20 +872,19 @@ class _Child:
             raise _ChildGone("error", "malformed record")
         return _decode_strict(msg["v"]), None
 
+    def _setup_errors(self) -> list[str]:
+        """The keeper's reports of what failed while setting up the program's namespaces."""
+        return [line[2:] for line in self.status.decode("utf-8", "replace").splitlines() if line.startswith("E ")]
+
     def stderr_tail(self) -> str:
         """What went wrong outside the program: set-up errors (namespaces: the keeper's report
         and the zygote's stderr; weak: the runner's stderr)."""
         if self.proc is None:
             self._read_status(0.5)
-            text = self.status.decode("utf-8", "replace")
-            lines = [line[2:] for line in text.splitlines() if line.startswith("E ")]
-            return "\n".join(x for x in lines + [self.zygote.stderr_tail() if self.zygote else ""] if x)[-2000:]
+            parts = self._setup_errors() + [self.zygote.stderr_tail() if self.zygote else ""]
+            return "\n".join(x for x in parts if x)[-2000:]
         os.set_blocking(self.proc.stderr.fileno(), False)
-        try:
-            data = self.proc.stderr.read(1 << 16) or b""
-        except OSError:
-            data = b""
-        return data[-2000:].decode("utf-8", "replace")
+        return _read_tail(self.proc.stderr).decode("utf-8", "replace")
 
     def close(self) -> None:
         """End the run: every process of it is gone when this returns."""
