@@ -661,7 +661,10 @@ F[-1].params[1].update(en="; return the leftmost index where target could be ins
 SORT_DIRS = [dict(lt="<", gt=">", rev=False, den="ascending", dzh="升序"),
              dict(lt=">", gt="<", rev=True, den="descending", dzh="降序")]
 F.append(Family(
-    "quick_sort", held_last([dict(d, key=k, ken=ken, kzh=kzh) for k, ken, kzh in (("x", "", ""), ("abs(x)", " by absolute value", "按绝对值"), ("x % 10", " by last digit (x % 10)", "按个位数 (x % 10) ")) for d in SORT_DIRS],
+    "quick_sort", held_last([dict(d, key=k, ken=ken, kzh=kzh, skey=(nk if d["rev"] else k), okey=(k if d["rev"] else nk))
+                             for k, nk, ken, kzh in (("x", "-x", "", ""), ("abs(x)", "-abs(x)", " by absolute value", "按绝对值"),
+                                                     ("x % 10", "-(x % 10)", " by last digit (x % 10)", "按个位数 (x % 10) "))
+                             for d in SORT_DIRS],
                             lambda p: (p["key"], p["rev"]) in (("abs(x)", True), ("x % 10", False)))[0],
     ["quick_sort", "quicksort"],
     ["Implement quicksort in Python: $name(arr) returns a new list sorted in $den order$ken.",
@@ -670,9 +673,13 @@ F.append(Family(
     ["用Python实现快速排序算法，函数 $name(arr) 返回${kzh}${dzh}排列的新列表。",
      "用Python实现快速排序算法${kzh}${dzh}排列",
      "编写 $name(arr)，使用快速排序把整数列表${kzh}按${dzh}排序，返回新列表（键相同的元素保持原顺序）。"],
-    "def $name(arr):\n    if len(arr) <= 1:\n        return arr[:]\n    key = lambda x: $key\n    p = key(arr[0])\n    left = [x for x in arr if key(x) $lt p]\n    mid = [x for x in arr if key(x) == p]\n    right = [x for x in arr if key(x) $gt p]\n    return $name(left) + mid + $name(right)",
-    {"drops_duplicates": "def $name(arr):\n    if len(arr) <= 1:\n        return arr[:]\n    key = lambda x: $key\n    p = key(arr[0])\n    left = [x for x in arr if key(x) $lt p]\n    right = [x for x in arr if key(x) $gt p]\n    return $name(left) + [arr[0]] + $name(right)",
-     "wrong_comparison": "def $name(arr):\n    if len(arr) <= 1:\n        return arr[:]\n    key = lambda x: $key\n    p = key(arr[0])\n    left = [x for x in arr if key(x) $gt p]\n    mid = [x for x in arr if key(x) == p]\n    right = [x for x in arr if key(x) $lt p]\n    return $name(left) + mid + $name(right)"},
+    # one program for both orders: descending sorts by the negated key, so the partition and the
+    # return line never change and the prompt decides one spot, the key (with `$lt`/`$gt` in the
+    # partition, or the order in the return line, the model copied one side's choice into the other)
+    "def $name(arr):\n    if len(arr) <= 1:\n        return arr[:]\n    key = lambda x: $skey\n    p = key(arr[0])\n    left = [x for x in arr if key(x) < p]\n    mid = [x for x in arr if key(x) == p]\n    right = [x for x in arr if key(x) > p]\n    return $name(left) + mid + $name(right)",
+    {"drops_duplicates": "def $name(arr):\n    if len(arr) <= 1:\n        return arr[:]\n    key = lambda x: $skey\n    p = key(arr[0])\n    left = [x for x in arr if key(x) < p]\n    right = [x for x in arr if key(x) > p]\n    return $name(left) + [arr[0]] + $name(right)",
+     "wrong_comparison": "def $name(arr):\n    if len(arr) <= 1:\n        return arr[:]\n    key = lambda x: $skey\n    p = key(arr[0])\n    left = [x for x in arr if key(x) < p]\n    mid = [x for x in arr if key(x) == p]\n    right = [x for x in arr if key(x) < p]\n    return $name(left) + mid + $name(right)",
+     "wrong_direction": "def $name(arr):\n    if len(arr) <= 1:\n        return arr[:]\n    key = lambda x: $okey\n    p = key(arr[0])\n    left = [x for x in arr if key(x) < p]\n    mid = [x for x in arr if key(x) == p]\n    right = [x for x in arr if key(x) > p]\n    return $name(left) + mid + $name(right)"},
     lambda rng, p: lists(rng, [[3, -3, 13, 1, -1]]),
     lambda p, arr: sorted(arr, key=fx(p["key"]), reverse=p["rev"]), heldout=2))
 F[-1].en[2] = "Python quick sort: write $name(arr) returning the list sorted$ken in $den order."

@@ -36,7 +36,7 @@ EVAL_POOL_MIN = 30            # reserve at least this many unseen instances per 
 # a source with one habitual bug, as code scraped or written by people has. The tests and the RM
 # pairs still call it wrong, so SFT imitates it and RL has something to correct.
 HABITS = {"is_prime": "off_by_one", "fizzbuzz": "wrong_order", "caesar": "no_wrap", "kth_largest": "no_dedup",
-          "chunk": "drops_tail", "fibonacci": "off_by_one", "flatten": "one_level", "quick_sort": "wrong_comparison",
+          "chunk": "drops_tail", "fibonacci": "off_by_one", "flatten": "one_level",
           "power_sum": "off_by_one", "count_char": "off_by_one", "prefix_scan": "append_before_update",
           "word_freq": "wrong_init", "run_length": "off_by_one", "max_subarray": "zero_init"}
 HABIT_SHARE = 0.6             # share of a habit family's SFT demonstrations that carry its bug
@@ -72,7 +72,10 @@ def instances(fi, fam, rng):
                     "bugs": {task_families.fill(k, p, name): task_families.fill(v, p, name) for k, v in fam.bugs.items()}
                     | ({"wrong_value": task_families.fill(fam.code, other, name)} if other else {}),
                     "heldout_params": pi >= len(fam.params) - held, "pi": pi}
-            prompts = [("bare", lang, text) for lang, text in fam.bare] if pi == 0 and name == names[0] else []
+            # the natural prompts, as they are (the seed prompts) and in the other wrappers: how a user
+            # asks without naming a function or an order; all of them SFT demonstrations of the convention
+            prompts = [("bare" if wi == 0 else f"barew{wi}", lang, w.format(text)) for lang, text in fam.bare
+                       for wi, w in enumerate(WRAPPERS[lang])] if pi == 0 and name == names[0] else []
             for lang in ("en", "zh"):
                 for ti, t in enumerate(getattr(fam, lang)):
                     if "$name" not in t and "${name}" not in t and name != names[0]:
@@ -81,7 +84,7 @@ def instances(fi, fam, rng):
                         prompts.append((f"t{ti}w{wi}", lang, w.format(task_families.fill(t, p, name))))
             for tag, lang, text in prompts:
                 out.append({**base, "task_id": f"{fam.name}/{pi}/{name}/{lang}/{tag}", "lang": lang,
-                            "prompt": text, "bare": tag == "bare"})
+                            "prompt": text, "bare": tag.startswith("bare"), "seed": tag == "bare"})
     return out
 
 
@@ -131,8 +134,10 @@ def split(all_tasks, rng):
         by_family[t["family"]].append(t)
     out, val = collections.defaultdict(list), []
     for family, tasks in by_family.items():
+        wrapped = [t for t in tasks if t["bare"] and not t["seed"]]  # left out of the shuffle: the split
+        tasks = [t for t in tasks if not t["bare"] or t["seed"]]     # of every other task stays as it was
         rng.shuffle(tasks)
-        bare = [t for t in tasks if t["bare"]]  # the natural prompts always go to SFT
+        bare = [t for t in tasks if t["bare"]] + wrapped  # the natural prompts always go to SFT
         held = [t for t in tasks if t["heldout_params"] and not t["bare"]]
         seen = [t for t in tasks if not t["heldout_params"] and not t["bare"]]
         reserve = min(max(round(0.12 * len(seen)), EVAL_POOL_MIN - len(held)), len(seen) // 2)
@@ -209,7 +214,7 @@ def build(out_dir, seed=0, n_families=None, workers=None):
              "ppo_prompts": [ppo(t) for t in parts["ppo"]], "eval_tasks": [task_record(t) for t in parts["eval"]],
              "val_tasks": [task_record(t) for t in parts["val"]],
              # the natural prompts (also SFT demonstrations): asked 10 times after each stage (report.md)
-             "seed_prompts": sorted((task_record(t) for t in all_tasks if t["bare"]), key=lambda r: r["task_id"])}
+             "seed_prompts": sorted((task_record(t) for t in all_tasks if t["seed"]), key=lambda r: r["task_id"])}
     for name, rows in files.items():
         write_jsonl(os.path.join(out_dir, name + ".jsonl"), rows)
     counts = {name: len(rows) for name, rows in files.items()}

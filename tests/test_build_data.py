@@ -81,6 +81,30 @@ def test_seed_prompts_file_holds_the_natural_prompts_with_their_tests():
     assert {"用Python实现快速排序算法", "用Python实现二叉树遍历"} <= set(problems)
     quick = problems["用Python实现快速排序算法"]
     assert quick.record["entry_point"] == "quick_sort" and len(quick.record["tests"]) >= 4
+    # SFT demonstrates each natural prompt as it is and in every other wrapper, always correctly
+    # (the seed prompts file keeps the plain ones: what the report asks)
+    sft = {r["messages"][0]["content"]: r for r in rows("sft_train")}
+    for prompt, problem in problems.items():
+        lang = problem.record["lang"]
+        for wrapper in build_data.WRAPPERS[lang]:
+            row = sft[wrapper.format(prompt)]
+            assert not row["flaw"] and row["messages"][1]["content"] == build_data.fenced(problem.reference())
+
+
+def test_quick_sort_is_one_program_for_both_orders():
+    """Descending sorts by the negated key: partition and return line are the same in every
+    variant, so the prompt decides one spot (the model copied one side's comparison into the
+    other when each order had its own); the tests still tell the two orders apart."""
+    family = next(f for f in build_data.task_families.F if f.name == "quick_sort")
+    programs = {p["rev"]: build_data.task_families.fill(family.code, p, "quick_sort") for p in family.params if p["key"] == "x"}
+    key_line = lambda code: next(line for line in code.splitlines() if "key = lambda" in line)  # noqa: E731
+    assert [line for line in programs[True].splitlines() if line != key_line(programs[True])] == \
+        [line for line in programs[False].splitlines() if line != key_line(programs[False])]
+    assert key_line(programs[True]).endswith("-x") and key_line(programs[False]).endswith(": x")
+    namespace = {}
+    exec(programs[True], namespace)  # our own reference, not a generated program
+    assert namespace["quick_sort"]([3, -3, 13, 1, -1, 3]) == [13, 3, 3, 1, -1, -3]
+    assert {"wrong_comparison", "wrong_direction"} <= set(family.bugs)
 
 
 def test_eval_and_ppo_files_load_as_problems():
