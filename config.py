@@ -55,7 +55,7 @@ EVAL_TASKS_FILE = "data/eval_tasks.jsonl"  # held-out code tasks with tests: pas
 SFT_DIR = "./sft_model"  # output folder of the SFT stage, input of RM and PPO
 BATCH_SIZE = 4  # sequences per device per step; lower it first on out-of-memory (the embedded model learns more per epoch at 4 than at 16: bench/README.md)
 GRAD_ACCUM = 1  # gradient accumulation steps; global batch = BATCH_SIZE * GRAD_ACCUM * processes
-EPOCHS = 6  # most passes over the SFT data: the embedded model (random init) plateaus at ~6 (batch 4); 2 is plenty for a pretrained one
+EPOCHS = 5  # most passes over the SFT data: the embedded model (random init) gives PPO the same start at 5 as at 6 (batch 4: bench/README.md); 2 is plenty for a pretrained one
 SFT_EARLY_STOP_PATIENCE = 2  # stop after this many evaluations without a lower held-out loss, keep the best; 0 = off
 LR = 1e-3  # peak learning rate (cosine decay, warm-up below); 1e-5 for a pretrained 1.5B model
 WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up

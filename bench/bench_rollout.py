@@ -14,7 +14,7 @@ The no-cache contrast runs in the first round only (it is an order of magnitude 
     python bench/bench_rollout.py --SFT_DIR=/tmp/x/sft_model --PPO_BATCH_SIZE=64
 
 Variants: train_ppo.py's sampling (rlhf.generation: a row that has ended leaves the batch and
-its KV cache), and transformers' generate() with its dynamic KV cache (its default), a static KV
+its KV cache), the same with tokens drawn by torch.multinomial (before rlhf.generation.draw), and transformers' generate() with its dynamic KV cache (its default), a static KV
 cache, no KV cache (contrast), and prompts sorted by length then generated in two halves (less
 left padding per call, half the batch per call).
 """
@@ -29,11 +29,19 @@ from rlhf.settings import apply_overrides
 
 VARIANTS = {  # name -> (generate() keyword arguments, or None for rlhf.generation; calls the batch is split into; sort by length)
     "ended rows leave the batch (train_ppo.py)": (None, 1, False),
+    "ended rows leave the batch, torch.multinomial draws": (None, 1, False),
     "generate(), dynamic cache": (dict(), 1, False),
     "static cache": (dict(cache_implementation="static"), 1, False),
     "no cache (contrast)": (dict(use_cache=False), 1, False),
     "static cache, sorted, 2 calls": (dict(cache_implementation="static"), 2, True),
 }
+
+
+def multinomial_draw(probs):
+    """How rlhf.generation drew tokens before its inverse-CDF `draw` (the same distribution)."""
+    import torch
+
+    return torch.multinomial(probs, 1).squeeze(-1)
 
 
 def ppo_batch(prompts, step):
@@ -81,6 +89,7 @@ def main(argv):
     import torch
     from transformers import AutoModelForCausalLM
 
+    import rlhf.generation as G
     from rlhf.common import load_tokenizer, seed_everything
     from train_ppo import load_prompts
 
@@ -91,12 +100,14 @@ def main(argv):
     result = _common.header("python bench/bench_rollout.py " + " ".join(argv))
     result.update(model=C.SFT_DIR, batch_size=C.PPO_BATCH_SIZE, response_len=C.PPO_RESPONSE_LEN,
                   batches_per_round=own["batches"], rounds=own["rounds"], variants={n: [] for n in names})
+    cdf_draw = G.draw
     generate_batch(policy, tokenizer, ppo_batch(prompts, 0), {}, 1, False)  # warm-up
     for r in range(own["rounds"]):
         for name in names:
             if r and "contrast" in name:  # slow and far off: one round is enough
                 continue
             kwargs, calls, sort = VARIANTS[name]
+            G.draw = multinomial_draw if "multinomial" in name else cdf_draw
             totals = [0.0, 0, 0]
             for b in range(own["batches"]):
                 seed_everything(C.SEED + b)  # the same samples for every variant where the math is equal

@@ -4,7 +4,8 @@ gives, samples the distribution it says, and keeps ended rows ended."""
 import pytest
 import torch
 
-from rlhf.generation import generate_tokens, next_tokens
+import rlhf.generation as G
+from rlhf.generation import draw, generate_tokens, next_tokens
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_rows_after_their_end_hold_only_padding_and_length_is_the_longest_row(mo
 
 def test_sampling_draws_from_softmax_over_temperature_and_the_top_k_top_p_set(monkeypatch):
     seen = []
-    monkeypatch.setattr(torch, "multinomial", lambda probs, n: seen.append(probs) or probs.argmax(-1, keepdim=True))
+    monkeypatch.setattr(G, "draw", lambda probs: seen.append(probs) or probs.argmax(-1))
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 0.0, 0.0]])
     next_tokens(logits, 0.7, 1.0)
     torch.testing.assert_close(seen[-1], torch.softmax(logits / 0.7, -1))
@@ -79,3 +80,23 @@ def test_sampling_draws_from_softmax_over_temperature_and_the_top_k_top_p_set(mo
     expected = torch.where(kept, probs, 0.0)
     torch.testing.assert_close(seen[-1], expected / expected.sum(-1, keepdim=True))
     assert torch.equal(next_tokens(logits, None, 1.0), torch.tensor([0, 1]))  # greedy
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]]).repeat(20000, 1)
+    drawn = draw(probs).reshape(-1, 2)
+    share = torch.stack([torch.bincount(drawn[:, i], minlength=5).float() / len(drawn) for i in range(2)])
+    torch.testing.assert_close(share, probs[:2], atol=0.01, rtol=0)  # 20,000 draws: sd <= 0.0035
+    assert share[0, 1] == 0 and share[0, 4] == 0 and share[1, 3] == 1
+
+
+def test_draw_at_the_top_of_the_uniform_range_stays_on_a_positive_entry(monkeypatch):
+    """A uniform draw just below 1 times the total can round up to the total itself (here: a
+    draw of 1.0); the entries after the last positive one (top-k or top-p cut) must still never
+    be drawn, nor an index past the end."""
+    monkeypatch.setattr(torch, "rand_like", lambda x: torch.ones_like(x))
+    probs = torch.tensor([[0.3, 0.7, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3, 0.0]])
+    assert draw(probs).tolist() == [1, 2]
+    monkeypatch.setattr(torch, "rand_like", lambda x: torch.zeros_like(x))
+    assert draw(torch.tensor([[0.0, 0.0, 0.5, 0.5]])).tolist() == [2]

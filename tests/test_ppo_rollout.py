@@ -23,8 +23,9 @@ def test_rollout_samples_plain_softmax_whatever_the_checkpoint_generation_config
     monkeypatch.setattr(C, "PPO_TEMPERATURE", 0.7)
     query, query_mask = P.encode_prompts(tok, [{"messages": [{"role": "user", "content": "add add add add"}]}] * 4, "cpu")
     drawn = []  # the distribution of every draw
-    multinomial = torch.multinomial
-    monkeypatch.setattr(torch, "multinomial", lambda probs, n: drawn.append(probs) or multinomial(probs, n))
+    import rlhf.generation as G
+    draw = G.draw
+    monkeypatch.setattr(G, "draw", lambda probs: drawn.append(probs) or draw(probs))
 
     def rollout():
         torch.manual_seed(0)
