@@ -69,22 +69,28 @@ def cache_argument(model):
 def generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature=None, top_p=1.0, top_k=0):
     """New tokens (B, T) after left-padded prompts, as generate_tokens returns them; under
     DeepSpeed ZeRO-3 or FSDP through transformers' generate(), which keeps every process stepping
-    until the last has finished (synced_gpus), with every sampling field set here rather than read
-    from the checkpoint's generation_config (repetition_penalty, top_k, ... of public instruct
-    models would change the distribution)."""
+    until the last has finished (synced_gpus), drawing each token with next_tokens as the own loop
+    does (generate() picks it greedily) and reading nothing from the checkpoint's generation_config
+    (repetition_penalty, top_k, ... of public instruct models would change the distribution)."""
     from rlhf.common import launched_with_sharded_weights
 
     if not launched_with_sharded_weights():
         return generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k)
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    class DrawnToken(LogitsProcessor):
+        """generate()'s greedy step then picks the token next_tokens draws: the same sampling (and
+        the same random numbers, while no row has left the own loop's batch) as generate_tokens."""
+
+        def __call__(self, ids, scores):
+            token = next_tokens(scores, temperature, top_p, top_k)
+            return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
     base = hf_model(model)
     saved, base.generation_config = base.generation_config, GenerationConfig()
-    sample = bool(temperature)
     try:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=sample, temperature=temperature if sample else None,
-                             top_p=top_p if sample else None, top_k=top_k if sample else None,
+                             do_sample=False, logits_processor=LogitsProcessorList([DrawnToken()] if temperature else []),
                              pad_token_id=pad_id, eos_token_id=list(eos_ids))
     finally:
         base.generation_config = saved
