@@ -14,9 +14,10 @@ The no-cache contrast runs in the first round only (it is an order of magnitude 
     python bench/bench_rollout.py --SFT_DIR=/tmp/x/sft_model --PPO_BATCH_SIZE=64
 
 Variants: train_ppo.py's sampling (rlhf.generation: a row that has ended leaves the batch and
-its KV cache), the same with tokens drawn by torch.multinomial (before rlhf.generation.draw), and transformers' generate() with its dynamic KV cache (its default), a static KV
-cache, no KV cache (contrast), and prompts sorted by length then generated in two halves (less
-left padding per call, half the batch per call).
+its KV cache), the same with tokens drawn by torch.multinomial (before rlhf.generation.draw), and
+transformers' generate() with its dynamic KV cache (its default), a static KV cache, no KV cache
+(contrast), and prompts sorted by length then generated in two halves (less left padding per
+call, half the batch per call).
 """
 
 import statistics
