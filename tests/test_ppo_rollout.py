@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import config as C
+import rlhf.generation as G
 import train_ppo as P
 
 
@@ -23,7 +24,6 @@ def test_rollout_samples_plain_softmax_whatever_the_checkpoint_generation_config
     monkeypatch.setattr(C, "PPO_TEMPERATURE", 0.7)
     query, query_mask = P.encode_prompts(tok, [{"messages": [{"role": "user", "content": "add add add add"}]}] * 4, "cpu")
     drawn = []  # the distribution of every draw
-    import rlhf.generation as G
     draw = G.draw
     monkeypatch.setattr(G, "draw", lambda probs: drawn.append(probs) or draw(probs))
 
