@@ -14,7 +14,9 @@ The no-cache contrast runs in the first round only (it is an order of magnitude 
     python bench/bench_rollout.py --SFT_DIR=/tmp/x/sft_model --PPO_BATCH_SIZE=64
 
 Variants: train_ppo.py's sampling (rlhf.generation: a row that has ended leaves the batch and
-its KV cache), the same with tokens drawn by torch.multinomial (before rlhf.generation.draw), and
+its KV cache), the same with tokens drawn by torch.multinomial (before rlhf.generation.draw), the
+same with transformers' KV cache grown by concatenation (before rlhf.generation.preallocate), the
+same with every copy of a prompt read in the prompt pass (before rlhf.generation.distinct_rows), and
 transformers' generate() with its dynamic KV cache (its default), a static KV cache, no KV cache
 (contrast), and prompts sorted by length then generated in two halves (less left padding per
 call, half the batch per call).
@@ -31,6 +33,8 @@ from rlhf.settings import apply_overrides
 VARIANTS = {  # name -> (generate() keyword arguments, or None for rlhf.generation; calls the batch is split into; sort by length)
     "ended rows leave the batch (train_ppo.py)": (None, 1, False),
     "ended rows leave the batch, torch.multinomial draws": (None, 1, False),
+    "ended rows leave the batch, KV cache grown by concatenation": (None, 1, False),
+    "ended rows leave the batch, each copy of a prompt read (before rlhf.generation.distinct_rows)": (None, 1, False),
     "generate(), dynamic cache": (dict(), 1, False),
     "static cache": (dict(cache_implementation="static"), 1, False),
     "no cache (contrast)": (dict(use_cache=False), 1, False),
@@ -101,7 +105,8 @@ def main(argv):
     result = _common.header("python bench/bench_rollout.py " + " ".join(argv))
     result.update(model=C.SFT_DIR, batch_size=C.PPO_BATCH_SIZE, response_len=C.PPO_RESPONSE_LEN,
                   batches_per_round=own["batches"], rounds=own["rounds"], variants={n: [] for n in names})
-    cdf_draw = G.draw
+    cdf_draw, preallocate, distinct_rows = G.draw, G.preallocate, G.distinct_rows
+    every_row = lambda ids, mask: (torch.arange(len(ids)), torch.arange(len(ids)))  # noqa: E731
     generate_batch(policy, tokenizer, ppo_batch(prompts, 0), {}, 1, False)  # warm-up
     for r in range(own["rounds"]):
         for name in names:
@@ -109,6 +114,8 @@ def main(argv):
                 continue
             kwargs, calls, sort = VARIANTS[name]
             G.draw = multinomial_draw if "multinomial" in name else cdf_draw
+            G.preallocate = (lambda cache, extra: None) if "concatenation" in name else preallocate
+            G.distinct_rows = every_row if "each copy" in name else distinct_rows
             totals = [0.0, 0, 0]
             for b in range(own["batches"]):
                 seed_everything(C.SEED + b)  # the same samples for every variant where the math is equal

@@ -16,6 +16,7 @@ synced_gpus there: `generate` picks the path.
 import inspect
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 
 def positions(attention_mask):
@@ -97,6 +98,57 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, 
     return out[:, input_ids.shape[1]:]
 
 
+class PreallocatedLayer(DynamicLayer):
+    """transformers' DynamicLayer with keys and values that are views of buffers with room for the
+    answer: each step writes its position in place, where DynamicLayer concatenates, copying the
+    whole cache every step (a tenth of a sampled call on the embedded default: bench/README.md,
+    "Rollout (generation) speed"). Dropping rows (reorder_cache) copies the kept rows' buffers."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n, new = self.keys.shape[-2], key_states.shape[-2]
+        if n + new > self.key_buffer.shape[-2]:  # past the room reserved: concatenate from here on
+            self.__class__ = DynamicLayer
+            return self.update(key_states, value_states, *args, **kwargs)
+        self.key_buffer[:, :, n:n + new] = key_states
+        self.value_buffer[:, :, n:n + new] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :n + new], self.value_buffer[:, :, :n + new]
+        return self.keys, self.values
+
+    def reorder_cache(self, rows):
+        n = self.keys.shape[-2]
+        self.key_buffer = self.key_buffer.index_select(0, rows.to(self.key_buffer.device))
+        self.value_buffer = self.value_buffer.index_select(0, rows.to(self.value_buffer.device))
+        self.keys, self.values = self.key_buffer[:, :, :n], self.value_buffer[:, :, :n]
+
+
+def preallocate(cache, extra):
+    """Turn the layers of a filled transformers DynamicCache into PreallocatedLayers with room for
+    `extra` more positions (in place). A cache of another kind (sliding windows, static, a model's
+    own) is left as it is."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return
+    for layer in layers:
+        (b, h, n, _), dv = layer.keys.shape, layer.values.shape[-1]
+        layer.key_buffer = torch.cat([layer.keys, layer.keys.new_empty((b, h, extra, layer.keys.shape[-1]))], 2)
+        layer.value_buffer = torch.cat([layer.values, layer.values.new_empty((b, h, extra, dv))], 2)
+        layer.keys, layer.values = layer.key_buffer[:, :, :n], layer.value_buffer[:, :, :n]
+        layer.__class__ = PreallocatedLayer
+
+
+def distinct_rows(input_ids, attention_mask):
+    """(first, copy_of): the first row of each distinct prompt (D,) and, per row, which of them
+    it repeats (B,), so that a prompt asked several times (pass@k, PPO's answers per prompt) is
+    read once and its KV cache copied; the prompt pass was a fifth of a sampled call at 8 answers
+    a prompt (bench/README.md, "Rollout (generation) speed"). Every row distinct: both are 0..B-1."""
+    rows = torch.arange(len(input_ids), device=input_ids.device)
+    _, copy_of = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
+    if int(copy_of.max()) + 1 == len(rows):
+        return rows, rows
+    first = torch.full((int(copy_of.max()) + 1,), len(rows), device=rows.device).scatter_reduce(0, copy_of, rows, "amin")
+    return first, copy_of
+
+
 @torch.no_grad()
 def generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id,
                     temperature=None, top_p=1.0, top_k=0, shrink_at=0.75, count_rows=False):
@@ -116,11 +168,16 @@ def generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, p
     cache_name = cache_argument(model)
     mask = attention_mask
     position = positions(mask)
-    result = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
-    cache, position = getattr(result, cache_name), position[:, -1:]
+    first, copy_of = distinct_rows(input_ids, mask)
+    result = model(input_ids=input_ids[first], attention_mask=mask[first], position_ids=position[first],
+                   use_cache=True, logits_to_keep=1)
+    cache, logits, position = getattr(result, cache_name), result.logits[copy_of, -1], position[:, -1:]
+    if len(first) < batch:
+        cache.reorder_cache(copy_of)
+    preallocate(cache, max_new_tokens)
     steps = row_steps = 0
     for t in range(max_new_tokens):
-        token = next_tokens(result.logits[:, -1], temperature, top_p, top_k)
+        token = next_tokens(logits, temperature, top_p, top_k)
         live = ~ended
         out[rows[live], t] = token[live]
         row_steps += len(rows)
@@ -134,6 +191,6 @@ def generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, p
             rows, ended, token, mask, position = rows[keep], ended[keep], token[keep], mask[keep], position[keep]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
         position = position + 1
-        result = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
-                       use_cache=True, logits_to_keep=1, **{cache_name: cache})
+        logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
+                       use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits[:, -1]
     return (out[:, :steps], row_steps) if count_rows else out[:, :steps]

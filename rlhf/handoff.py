@@ -80,6 +80,18 @@ def recover_interrupted_save(path):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def machine():
+    """Where a stage ran: platform, Python version, CPU count and GPU names (report.md's first line)."""
+    import platform
+
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
 def save_stage_output(path, stage, save_fn, metrics, extra=None):
     """Save atomically: `save_fn(tmp_dir)` writes the model and tokenizer into a temporary
     sibling folder, we add the metadata file, then swap it into place. A crash mid-save leaves
@@ -96,6 +108,7 @@ def save_stage_output(path, stage, save_fn, metrics, extra=None):
             "base_model": C.MODEL_NAME,
             "metrics": metrics,
             "settings": scalar_settings(),
+            "machine": machine(),
         }
         info.update(extra or {})
         write_json(os.path.join(tmp, STAGE_INFO_FILE), info)

@@ -12,11 +12,10 @@ import datetime
 import json
 import math
 import os
-import platform
 
 import config as C
 from rlhf.common import run_stage
-from rlhf.handoff import read_stage_info
+from rlhf.handoff import machine, read_stage_info
 from rlhf.settings import apply_overrides, tool_help
 
 STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
@@ -33,13 +32,10 @@ def scalars(metrics):
     return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict)) or k in KEPT_DICTS}
 
 
-def machine():
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
+def ran_on(infos):
+    """The machine the last stage recorded (rlhf_stage.json), else this one's (importing torch takes seconds)."""
+    recorded = [info["machine"] for info in infos.values() if info and "machine" in info]
+    return recorded[-1] if recorded else machine()
 
 
 def versions():
@@ -55,7 +51,7 @@ def versions():
 
 
 def build_report(infos, timings):
-    report = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+    report = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "machine": ran_on(infos),
               "versions": versions(), "seconds": {}, "settings": {}, "missing": []}
     for name, setting in STAGES:
         info = infos[name]

@@ -45,6 +45,23 @@ def test_greedy_answers_equal_generate_while_rows_leave_the_batch(model_and_prom
     assert len(set(ended)) > 1  # rows did end at different steps (else nothing left the batch)
 
 
+def test_a_prompt_asked_several_times_is_read_once_and_each_copy_answers_as_it_alone_would(model_and_prompts):
+    model, tok, ids, mask = model_and_prompts
+    stops = greedy_stop_tokens(model, ids, mask, tok.pad_token_id)
+    alone = generate_tokens(model, ids, mask, 12, stops, tok.pad_token_id)
+    widths = []  # rows of each forward: the prompt pass first
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        copies = generate_tokens(model, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), 12, stops,
+                                 tok.pad_token_id)
+    finally:
+        hook.remove()
+    assert widths[0] == ids.shape  # 4 distinct prompts read once, not 12 rows
+    assert torch.equal(copies, alone.repeat_interleave(3, 0)[:, :copies.shape[1]])
+    assert widths[1][0] == 12  # then every copy writes its own answer
+
+
 def test_rows_after_their_end_hold_only_padding_and_length_is_the_longest_row(model_and_prompts):
     model, tok, ids, mask = model_and_prompts
     stops = greedy_stop_tokens(model, ids, mask, tok.pad_token_id)
