@@ -82,6 +82,7 @@ RM_ONPOLICY_PROMPTS_FILE = "data/ppo_prompts.jsonl"  # tasks with unit tests for
 # Evaluation by execution (all stages)
 # ---------------------------------------------------------------------------------------------
 GEN_MAX_NEW_TOKENS = 160  # longest generated answer, in tokens
+GEN_BATCH_SIZE = 512  # answers generated per call in the evaluations (pass@1, pass@k, seed prompts); memory only: lower it on out-of-memory
 EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
 EVAL_SAMPLES = 8  # after SFT and after PPO: answers per held-out task sampled at temperature 1 (top_p 1) -> pass@EVAL_SAMPLES, what the model reaches when it may try (the headroom PPO can turn into pass@1); 0 = off
 SEED_PROMPTS_FILE = "data/seed_prompts.jsonl"  # natural prompts ("用Python实现快速排序算法") with tests of what they ask; a missing file skips the check
@@ -146,6 +147,7 @@ PPO_SHARD_FROZEN_MODELS = False  # DeepSpeed, USE_LORA=False: reference and rewa
 # Reward model: RM_EPOCHS = 1; RM_LR = 1e-5 (LoRA: 1e-4). PPO: PPO_LR = 1e-6 to 3e-6 (policy),
 #   PPO_CRITIC_LR = 1e-5 (gae), PPO_TEMPERATURE = 0.7, PPO_SAMPLES_PER_PROMPT = 4 or more (grpo/rloo compare them); USE_LORA = True
 #   keeps PPO at two networks (reference and reward model are the adapters switched off).
+# The evaluations generate GEN_BATCH_SIZE answers per call: lower it (e.g. 128) if they run out of memory.
 # Evaluating on HumanEval/MBPP (scripts/evaluate.py): SANDBOX_TIMEOUT_S = 3.0, the time limit of their own harnesses.
 # Your own data: point SFT_TRAIN_FILE/SFT_EVAL_FILE at jsonl files or hub dataset ids.
 # ---------------------------------------------------------------------------------------------

@@ -127,6 +127,16 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, answer_only_head=Tru
     return trainer
 
 
+def final_evaluation(trainer):
+    """The held-out metrics of the weights training ended with: those of the evaluation that scored
+    them during training (the best checkpoint, which early stopping loads, or the last step), so
+    they are not computed twice; trainer.evaluate() only when no evaluation did."""
+    state = trainer.state
+    step = state.best_global_step if trainer.args.load_best_model_at_end else state.global_step
+    scored = [h for h in state.log_history if "eval_loss" in h and h.get("step") == step]
+    return scored[-1] if scored else trainer.evaluate()
+
+
 def main(argv):
     state = start_stage("sft", argv)
     check_output_dir(C.SFT_DIR)
@@ -158,8 +168,8 @@ def main(argv):
     result = train_resumable(trainer, "sft", "LR")
     train_seconds = time.time() - t0
 
-    # ---- evaluate on the held-out conversations
-    metrics = trainer.evaluate()
+    # ---- held-out loss and token accuracy of the model training ended with
+    metrics = final_evaluation(trainer)
     metrics = {
         "eval_loss": metrics["eval_loss"],
         "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0)),

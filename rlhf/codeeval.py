@@ -19,6 +19,7 @@ import re
 
 import numpy as np
 
+import config as C
 from rlhf import data, sandbox
 from rlhf.settings import UserError
 
@@ -194,16 +195,16 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     checkpoint's generation_config applies (no repetition penalty).
 
     Prompts use the tokenizer's chat template with the generation prompt, left padded, `batch_size`
-    conversations per call (default: about 128 sequences a call, the fastest measured on CPU:
-    bench/README.md, "Evaluation inside the stages"); rows that have ended leave the batch
-    (rlhf.generation).
+    conversations per call (default: GEN_BATCH_SIZE answers a call; on CPU more rows a call are
+    faster, up to the 512 measured: bench/README.md, "Evaluation inside the stages"); rows that have
+    ended leave the batch, and a prompt asked several times is read once (rlhf.generation).
     """
     from tqdm.auto import tqdm
 
     from rlhf.generation import generate
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # rlhf.common.load_tokenizer's rule
         raise ValueError("generate_completions needs a pad token distinct from EOS: load the tokenizer with load_tokenizer")
-    batch_size = batch_size or max(1, 128 // num_samples)
+    batch_size = batch_size or max(1, C.GEN_BATCH_SIZE // num_samples)
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
              for m in messages_list]
     device = next(model.parameters()).device
