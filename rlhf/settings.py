@@ -158,9 +158,10 @@ def apply_overrides(argv, quiet=False):
 ROOT = os.path.dirname(os.path.abspath(C.__file__))
 SHARED_SECTION = "Shared by all stages"
 # what each stage reads besides its own script and the shared settings: the embedded base model
-# (built by SFT when missing) and the sandbox that runs the unit tests (SFT's and PPO's pass@1)
+# (built by SFT when missing) and the sandbox that runs the unit tests (SFT's and PPO's pass@1,
+# the RM's on-policy pairs of RM_ONPOLICY_SAMPLES)
 STAGE_SOURCES = {"sft": ("train_sft.py", "rlhf/base_model.py", "rlhf/codeeval.py", "rlhf/sandbox.py"),
-                 "rm": ("train_rm.py",),
+                 "rm": ("train_rm.py", "rlhf/codeeval.py", "rlhf/sandbox.py"),
                  "ppo": ("train_ppo.py", "rlhf/codeeval.py", "rlhf/sandbox.py")}
 
 

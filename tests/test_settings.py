@@ -113,6 +113,7 @@ def test_stage_help_lists_its_settings_grouped_with_defaults_and_comments(stage,
     assert own in out
     others = {"sft": "--RM_LR=", "rm": "--PPO_LR=", "ppo": "--WARMUP_RATIO="}[stage]
     assert others not in out  # only what this stage reads
+    assert "--SANDBOX_TIMEOUT_S=1.0" in out and "--GEN_BATCH_SIZE=512" in out  # its evaluations' (RM: on-policy pairs)
     assert "peak learning rate (cosine decay" in out or "policy learning rate" in out  # config.py's comment
 
 
