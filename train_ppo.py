@@ -720,8 +720,8 @@ def setup(accelerator):
         groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": C.PPO_CRITIC_LR})
     # fused: one kernel over all tensors (the embedded default on CPU: 1.4 ms a step instead of 9 ms,
     # bench/README.md); engines that shard or wrap the parameters keep torch's default
-    fused = (accelerator.device.type in ("cpu", "cuda")
-             and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU))
+    plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # one process, DDP
+    fused = accelerator.device.type in ("cpu", "cuda") and accelerator.distributed_type in plain
     optimizer = torch.optim.AdamW(groups, eps=1e-5, fused=fused or None)
     n_updates = C.PPO_STEPS * C.PPO_EPOCHS * (C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE)
     # linear decay to 0, no warm-up (transformers' get_linear_schedule_with_warmup(optimizer, 0, n); not

@@ -97,7 +97,7 @@ def test_sft_early_stopping_keeps_the_best_checkpoint(tiny_base, toy_data, tmp_p
     saved = str(tmp_path / "sft")
     evaluated = sft_trainer(load_causal_lm(saved), load_tokenizer(saved), load_sft_examples(eval_file),
                             load_sft_examples(eval_file), str(tmp_path / "again"), report_to="none").evaluate()
-    assert abs(evaluated["eval_loss"] - evals[best]) < 1e-4  # ... which the saved model has: it is the best, not the last
+    assert abs(evaluated["eval_loss"] - evals[best]) < 1e-4  # ... which the saved model has: the best, not the last
     assert "early stopping: best held-out loss" in proc.stdout
     assert not os.path.exists(tmp_path / "runs" / "sft" / "checkpoints")
 
