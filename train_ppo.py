@@ -453,6 +453,18 @@ def response_forward(model, query, query_mask, response, keep=None):
     return (logits[:, :-1] if keep is None else logits), None if values is None else values[:, -T - 1:-1]
 
 
+def rollout_values(accelerator, model, query, query_mask, response):
+    """The critic's values (B, T) of the state before each response token, without the policy's
+    forward (no gradients: the prepared wrapper's forward, which DDP needs to synchronise
+    gradients, is not needed). Used when the sampler gave the old logprobs, which happens only
+    where the whole weights are on every process (not ZeRO-3/FSDP: generate() there)."""
+    T = response.shape[1]
+    ids = torch.cat([query, response], 1)  # (B, P + T)
+    mask = torch.cat([query_mask, torch.ones_like(response)], 1)
+    critic = accelerator.unwrap_model(model).critic
+    return token_values(critic, ids, mask, positions(mask))[:, -T - 1:-1]
+
+
 def valid_logprobs(logits, response, keep):
     """Logprobs (B, T) of the response tokens from response_forward(..., keep=keep)'s (n, V)
     logits, 0 where keep is False."""
@@ -484,11 +496,18 @@ def frozen(accelerator, model, copy, host):
 
 
 def sample(policy, query, query_mask, eos_ids, pad_id):
-    """Responses (B, T), T <= PPO_RESPONSE_LEN, sampled from plain softmax(logits / T): the
-    distribution every logprob of the loop assumes (no top-k, top-p or repetition penalty, whatever
-    the checkpoint's generation_config says). Rows that have ended leave the batch
-    (rlhf.generation): generate() would keep computing them to the longest response."""
-    return generate(policy, query, query_mask, C.PPO_RESPONSE_LEN, eos_ids, pad_id, temperature=C.PPO_TEMPERATURE)
+    """(responses (B, T), their logprobs (B, T) or None), T <= PPO_RESPONSE_LEN, sampled from plain
+    softmax(logits / T): the distribution every logprob of the loop assumes (no top-k, top-p or
+    repetition penalty, whatever the checkpoint's generation_config says). Rows that have ended
+    leave the batch (rlhf.generation): generate() would keep computing them to the longest
+    response. The logprobs are the sampler's own: PPO's "old" logprobs without a second forward
+    over the answers, as TRL's PPOTrainer takes them from generate()'s scores (trl 1.10,
+    experimental/ppo/ppo_trainer.py). Only in fp32, where the cached decoding and a whole forward
+    agree to float rounding (tests/test_generation.py); in bf16 or fp16 they round apart, so there
+    the loop reads the answers again (None)."""
+    response, logp = generate(policy, query, query_mask, C.PPO_RESPONSE_LEN, eos_ids, pad_id,
+                              temperature=C.PPO_TEMPERATURE, logprobs=True)
+    return response, logp if precision() == "fp32" else None
 
 
 # ---- data ----
@@ -594,11 +613,14 @@ def keep_informative(roll, n_prompts):
     keep = informative_groups(roll["passed"], C.PPO_SAMPLES_PER_PROMPT, n_prompts)
     for key in ("batch", "texts"):
         roll[key] = [roll[key][i] for i in keep]
-    for key in ("passed", "query", "query_mask", "response", "last_index"):
-        roll[key] = roll[key][keep]
+    for key in ("passed", "query", "query_mask", "response", "last_index", "sampled_logp"):
+        roll[key] = None if roll.get(key) is None else roll[key][keep]
     width = int(roll["query_mask"].sum(1).max())
     roll["query"], roll["query_mask"] = roll["query"][:, -width:], roll["query_mask"][:, -width:]
-    roll["response"] = roll["response"][:, : int(roll["last_index"].max()) + 1]
+    answer_width = int(roll["last_index"].max()) + 1
+    roll["response"] = roll["response"][:, :answer_width]
+    if roll.get("sampled_logp") is not None:
+        roll["sampled_logp"] = roll["sampled_logp"][:, :answer_width]
     return roll
 
 
@@ -814,14 +836,15 @@ def main(argv):
             query, query_mask = encode_prompts(tokenizer, batch, device)
             t_gen = time.time()
             with full_weights_for_generation(accelerator, model) as policy_full:
-                response = sample(policy_full, query, query_mask, eos_ids, tokenizer.pad_token_id)
+                response, sampled_logp = sample(policy_full, query, query_mask, eos_ids, tokenizer.pad_token_id)
             gen_seconds = time.time() - t_gen
             # sampling stops when every row has ended: (B, T') with T' <= PPO_RESPONSE_LEN
             response = truncate_after_eos(response, eos_ids, tokenizer.pad_token_id)
             _, _, last_index = first_eos_mask(response, eos_ids)
             texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
             roll = dict(batch=batch, texts=texts, passed=exec_rewards(batch, texts, device), query=query,
-                        query_mask=query_mask, response=response, last_index=last_index)  # passed (B,): NaN without tests
+                        query_mask=query_mask, response=response, last_index=last_index,
+                        sampled_logp=sampled_logp)  # passed (B,): NaN without tests
             mixed = mixed_groups(roll["passed"], C.PPO_SAMPLES_PER_PROMPT)
             sampled = {"sampled_pass_rate": roll["passed"].nanmean(), "mixed_groups": mixed.float().mean()}
             if s.oversample > 1:
@@ -833,6 +856,10 @@ def main(argv):
             response = torch.nn.functional.pad(roll["response"], (0, longest - roll["response"].shape[1]),
                                                value=tokenizer.pad_token_id)  # (B, T)
             mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
+            sampled_logp = roll["sampled_logp"]
+            if sampled_logp is not None:  # the sampler's logprobs, to the same width; 0 after each response
+                sampled_logp = torch.nn.functional.pad(sampled_logp, (0, response.shape[1] - sampled_logp.shape[1]))
+                sampled_logp = torch.where(mask, sampled_logp, 0.0)
 
             # 2. logprobs of the sampled tokens now ("old") and under the reference, values
             old_logp, ref_logp, values = [], [], []
@@ -841,8 +868,12 @@ def main(argv):
                 rows = slice(i, i + C.PPO_MINI_BATCH_SIZE)
                 q, qm, r, T = without_padding_columns(query[rows], query_mask[rows], response[rows], mask[rows])
                 m = mask[rows, :T]  # logits only where a response token is
-                logits, v = response_forward(model, q, qm, r, keep=m)
-                old_logp.append(back(valid_logprobs(logits, r, m)))
+                if sampled_logp is None:
+                    logits, v = response_forward(model, q, qm, r, keep=m)
+                    old_logp.append(back(valid_logprobs(logits, r, m)))
+                else:  # the sampler's logprobs; the critic (gae) still reads the answers for its values
+                    old_logp.append(sampled_logp[rows])
+                    v = rollout_values(accelerator, model, q, qm, r) if s.critic else None
                 values.append(None if v is None else back(v))
                 with frozen(accelerator, model, s.ref_policy, "policy") as ref:
                     ref_logp.append(back(valid_logprobs(response_forward(ref, q, qm, r, keep=m)[0], r, m)))

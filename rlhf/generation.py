@@ -67,16 +67,19 @@ def cache_argument(model):
     return "cache" if "cache" in inspect.signature(hf_model(model).forward).parameters else "past_key_values"
 
 
-def generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature=None, top_p=1.0, top_k=0):
+def generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature=None, top_p=1.0, top_k=0,
+             logprobs=False):
     """New tokens (B, T) after left-padded prompts, as generate_tokens returns them; under
     DeepSpeed ZeRO-3 or FSDP through transformers' generate(), which keeps every process stepping
     until the last has finished (synced_gpus), drawing each token with next_tokens as the own loop
     does (generate() picks it greedily) and reading nothing from the checkpoint's generation_config
-    (repetition_penalty, top_k, ... of public instruct models would change the distribution)."""
+    (repetition_penalty, top_k, ... of public instruct models would change the distribution).
+    logprobs: (tokens, logprobs (B, T) as generate_tokens gives them, or None on that path)."""
     from rlhf.common import launched_with_sharded_weights
 
     if not launched_with_sharded_weights():
-        return generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k)
+        return generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k,
+                               logprobs=logprobs)
     from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
     class DrawnToken(LogitsProcessor):
@@ -95,7 +98,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, 
                              pad_token_id=pad_id, eos_token_id=list(eos_ids))
     finally:
         base.generation_config = saved
-    return out[:, input_ids.shape[1]:]
+    return (out[:, input_ids.shape[1]:], None) if logprobs else out[:, input_ids.shape[1]:]
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -151,17 +154,21 @@ def distinct_rows(input_ids, attention_mask):
 
 @torch.no_grad()
 def generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id,
-                    temperature=None, top_p=1.0, top_k=0, shrink_at=0.75, count_rows=False):
+                    temperature=None, top_p=1.0, top_k=0, shrink_at=0.75, count_rows=False, logprobs=False):
     """New tokens (B, T) for left-padded prompts (B, P): each row up to and including its first
     EOS (any of eos_ids), then pad_id; T <= max_new_tokens is the longest row's length, as
     generate() returns it after the prompt. Rows that have ended leave the batch once the rows
     still writing are at most `shrink_at` of the batch (copying the cache every step would cost
-    more than it saves). count_rows: also return the row-steps computed (bench/bench_rollout.py)."""
+    more than it saves). count_rows: also return the row-steps computed (bench/bench_rollout.py).
+    logprobs: also return each drawn token's log-probability (B, T) under the whole
+    softmax(logits / temperature) (no top-k or top-p cut: PPO's ratio assumes that distribution),
+    0 after each row's end: PPO's "old" logprobs, without a second forward over the answers."""
     device = input_ids.device
     batch = input_ids.shape[0]
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros((batch, max_new_tokens), device=device) if logprobs else None
     if batch == 0 or max_new_tokens <= 0:
-        return out[:, :0]
+        return finish(out[:, :0], None if out_logp is None else out_logp[:, :0], 0, count_rows)
     eos = torch.tensor(list(eos_ids), device=device)
     rows = torch.arange(batch, device=device)  # the original row of each row still in the batch
     ended = torch.zeros(batch, dtype=torch.bool, device=device)  # per row still in the batch
@@ -180,6 +187,9 @@ def generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, p
         token = next_tokens(logits, temperature, top_p, top_k)
         live = ~ended
         out[rows[live], t] = token[live]
+        if out_logp is not None:
+            scaled = logits.float() / temperature if temperature else logits.float()
+            out_logp[rows[live], t] = torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)[live]
         row_steps += len(rows)
         ended |= torch.isin(token, eos)
         steps = t + 1
@@ -193,4 +203,11 @@ def generate_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, p
         position = position + 1
         logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
                        use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits[:, -1]
-    return (out[:, :steps], row_steps) if count_rows else out[:, :steps]
+    return finish(out[:, :steps], None if out_logp is None else out_logp[:, :steps], row_steps, count_rows)
+
+
+def finish(tokens, logprobs, row_steps, count_rows):
+    """generate_tokens' result: the tokens, then the logprobs when asked for, then the row-steps
+    when counted."""
+    extra = ([] if logprobs is None else [logprobs]) + ([row_steps] if count_rows else [])
+    return (tokens, *extra) if extra else tokens

@@ -117,3 +117,22 @@ def test_draw_at_the_top_of_the_uniform_range_stays_on_a_positive_entry(monkeypa
     assert draw(probs).tolist() == [1, 2]
     monkeypatch.setattr(torch, "rand_like", lambda x: torch.zeros_like(x))
     assert draw(torch.tensor([[0.0, 0.0, 0.5, 0.5]])).tolist() == [2]
+
+
+def test_sampled_logprobs_are_those_a_whole_forward_gives_and_zero_after_the_end(model_and_prompts):
+    model, tok, ids, mask = model_and_prompts
+    stops = greedy_stop_tokens(model, ids, mask, tok.pad_token_id)
+    ids, mask = ids.repeat(3, 1), mask.repeat(3, 1)
+    torch.manual_seed(0)
+    tokens, logp = generate_tokens(model, ids, mask, 12, stops, tok.pad_token_id, temperature=0.7, logprobs=True)
+    assert logp.shape == tokens.shape
+    whole = torch.cat([mask, torch.ones_like(tokens)], 1)
+    with torch.no_grad():  # the answers read again in one forward, as PPO's loop would
+        logits = model(input_ids=torch.cat([ids, tokens], 1), attention_mask=whole,
+                       position_ids=G.positions(whole)).logits[:, ids.shape[1] - 1:-1]
+    expected = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    ended = torch.isin(tokens, torch.tensor(stops))
+    valid = (ended.cumsum(1) - ended.long()) == 0  # up to and including the first stop token
+    assert not valid.all() and valid.any(1).all()  # some rows ended early (they left the batch)
+    assert torch.allclose(logp[valid], expected[valid], atol=1e-5)
+    assert (logp[~valid] == 0).all()

@@ -120,7 +120,9 @@ def test_lora_run_uses_disabled_adapters_and_saves_a_merged_model(ppo_inputs, tm
     assert not (folder / "adapter_config.json").exists()
     AutoModelForCausalLM.from_pretrained(folder)
     history = json.load(open(folder / "rlhf_stage.json"))["metrics"]["history"]
-    assert history[0]["kl"] == 0.0  # first rollout: policy == reference (LoRA B starts at zero)
+    # first rollout: policy == reference (LoRA B starts at zero); the old logprobs are the sampler's
+    # (cached decoding), the reference's a whole forward: equal to float rounding
+    assert abs(history[0]["kl"]) < 1e-4
 
 
 def test_rm_vs_tests_script_compares_failed_answers_with_references(ppo_inputs, tmp_path):
