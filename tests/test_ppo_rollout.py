@@ -31,14 +31,18 @@ def test_rollout_samples_plain_softmax_whatever_the_checkpoint_generation_config
         torch.manual_seed(0)
         drawn.clear()
         with torch.no_grad():
-            return P.sample(policy, query, query_mask, [tok.eos_token_id], tok.pad_token_id), list(drawn)
+            response, logp = P.sample(policy, query, query_mask, [tok.eos_token_id], tok.pad_token_id)
+            return response, logp, list(drawn)
 
-    plain, plain_draws = rollout()
+    plain, _, plain_draws = rollout()
     policy.generation_config.repetition_penalty = 1.5
     policy.generation_config.top_k = 3
     policy.generation_config.no_repeat_ngram_size = 1
-    configured, configured_draws = rollout()
+    configured, logp, configured_draws = rollout()
     assert torch.equal(plain, configured) and len(plain_draws) == plain.shape[1]
+    # the logprobs the sampler hands back are those of the distribution it drew from
+    first = configured_draws[0].gather(1, configured[:, :1]).log().squeeze(1)
+    torch.testing.assert_close(logp[:, 0], first)
     # the first draw: softmax of the last prompt position's logits / 0.7, all of the vocabulary
     with torch.no_grad():
         logits = policy(input_ids=query, attention_mask=query_mask, position_ids=P.positions(query_mask)).logits[:, -1]
