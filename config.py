@@ -107,7 +107,7 @@ PPO_STEPS = 30  # PPO iterations (each: one batch of rollouts, then PPO_EPOCHS o
 PPO_BATCH_SIZE = 32  # responses rolled out per process per iteration (PPO_BATCH_SIZE / PPO_SAMPLES_PER_PROMPT prompts)
 PPO_MINI_BATCH_SIZE = 8  # responses per gradient step (PPO_BATCH_SIZE must be a multiple)
 PPO_EPOCHS = 4  # passes over each rollout batch (TRL: 4)
-PPO_LR = 2e-5  # policy learning rate, linear decay to 0; ~1e-6..3e-6 for 1B+ models
+PPO_LR = 5e-5  # policy learning rate, linear decay to 0; ~1e-6..3e-6 for 1B+ models (the embedded default: 5e-5 with PPO_SIL_COEF, chosen on validation, docs/RESULTS.md)
 PPO_CRITIC_LR = 3e-4  # critic (value model) learning rate, gae only; ~10x the policy's (OpenRLHF)
 PPO_SAMPLES_PER_PROMPT = 4  # answers sampled per prompt in a batch (PPO_BATCH_SIZE must be a multiple)
 PPO_OVERSAMPLE = 4  # sample this many x more prompts, train on those whose answers differ in the tests (DAPO); 1 = off
@@ -122,6 +122,7 @@ PPO_VF_CLIP = 0.2  # value clip range (gae)
 PPO_VF_COEF = 0.1  # weight of the value loss (gae)
 PPO_ADVANTAGE = "grpo"  # gae (critic, GAE) | grpo | dr_grpo | rloo | reinforce++ (critic-free: no value model is built); compared in bench/README.md
 PPO_KL_LOSS = False  # True: the KL to the reference is a loss term (per token, PPO_KL_ESTIMATOR k2 or k3; GRPO) instead of a reward penalty
+PPO_SIL_COEF = 1.0  # > 0: plus this x the mean negative logprob of the answers that passed every test in a group where some failed (self-imitation, Oh et al. 2018): an unclipped push towards what worked; 0 = plain PPO (untried on real models: choose it on validation)
 PPO_GAMMA = 1.0  # discount
 PPO_LAM = 0.95  # GAE lambda (gae)
 PPO_MAX_GRAD_NORM = 1.0  # gradient clipping (TRL's PPO had none)

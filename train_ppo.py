@@ -286,6 +286,15 @@ def policy_loss(logp, old_logp, advantages, mask, clip):
     return loss, stats
 
 
+def self_imitation_loss(logp, mask, imitate):
+    """Mean negative logprob over the valid tokens (mask (B, T)) of the answers to imitate (B,):
+    the passing answers of groups where some failed, pushed up without PPO's clip (self-imitation
+    learning, Oh et al. 2018; the same idea as rejection-sampling fine-tuning). 0 when none is in
+    the mini-batch."""
+    good = mask & imitate.unsqueeze(1)  # (B, T)
+    return -(logp * good).sum() / good.sum().clamp(min=1)
+
+
 def value_loss(values, old_values, returns, mask, clip):
     """Clipped value loss (PPO2 baselines; TRL, N+): 0.5 * max((V - R)^2, (V_clip - R)^2), masked mean,
     where V_clip = old_V + clamp(V - old_V, -clip, clip). values (B, T) with grad, the rest from the
@@ -886,6 +895,7 @@ def main(argv):
             trains_policy = (mixed_groups(passed, C.PPO_SAMPLES_PER_PROMPT)
                              | torch.isnan(passed).reshape(-1, C.PPO_SAMPLES_PER_PROMPT).all(1))
             trains_policy = trains_policy.repeat_interleave(C.PPO_SAMPLES_PER_PROMPT)  # (B,)
+            imitate = trains_policy & (passed == 1)  # (B,) answers that passed where others failed (PPO_SIL_COEF)
             kl = torch.where(mask, kl_estimate(old_logp, ref_logp, C.PPO_KL_ESTIMATOR), 0.0)  # (B, T)
             kl_reward_coef = 0.0 if C.PPO_KL_LOSS else kl_ctl.value  # KL paid in the reward, or as a loss term below
             advantages, returns = compute_advantages(C.PPO_ADVANTAGE, score, kl, values, mask, last_index, kl_reward_coef,
@@ -910,6 +920,10 @@ def main(argv):
                     vf_loss, vf_stats = value_loss(v, values[idx, :T], returns[idx, :T], m, C.PPO_VF_CLIP)
                     loss = loss + C.PPO_VF_COEF * vf_loss
                     step_stats.update(value_loss=vf_loss.detach(), **vf_stats)
+                if C.PPO_SIL_COEF:  # self-imitation: the passing answers of mixed groups, unclipped
+                    sil_loss = self_imitation_loss(logp, m, imitate[idx])
+                    loss = loss + C.PPO_SIL_COEF * sil_loss
+                    step_stats["sil_loss"] = sil_loss.detach()
                 if C.PPO_KL_LOSS:  # GRPO's KL term (DeepSeekMath): in the loss, per token, instead of the reward
                     kl_loss = masked_mean(kl_estimate(logp, ref_logp[idx, :T], C.PPO_KL_ESTIMATOR), m)
                     loss = loss + kl_ctl.value * kl_loss

@@ -258,6 +258,20 @@ def test_policy_loss_gradient_signs():
     assert_close(logp.grad, torch.tensor([[-0.55, 0.0, 0.0, -0.125, 0.0]]))
 
 
+def test_self_imitation_loss_averages_the_passing_answers_tokens_only():
+    logp = torch.tensor([[-0.5, -1.5, -9.0], [-2.0, -4.0, -6.0], [-1.0, -7.0, -7.0]], requires_grad=True)
+    mask = torch.tensor([[T_, T_, F_], [T_, T_, T_], [T_, F_, F_]])
+    imitate = torch.tensor([True, False, True])
+    loss = P.self_imitation_loss(logp, mask, imitate)
+    # rows 0 and 2, valid tokens only: -(-0.5 - 1.5 - 1.0) / 3 = 1.0
+    assert_close(loss, torch.tensor(1.0))
+    loss.backward()
+    # descent raises the logprob of each imitated valid token by the same 1/3; nothing else moves
+    assert_close(logp.grad, torch.tensor([[-1 / 3, -1 / 3, 0.0], [0.0, 0.0, 0.0], [-1 / 3, 0.0, 0.0]]))
+    none = P.self_imitation_loss(logp, mask, torch.zeros(3, dtype=torch.bool))
+    assert none.item() == 0.0 and torch.isfinite(none)
+
+
 def test_value_loss_clipping():
     old = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
     values = torch.tensor([[0.1, 0.5, 0.5, 0.0, 100.0]], requires_grad=True)
