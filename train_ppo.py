@@ -292,7 +292,7 @@ def self_imitation_loss(logp, mask, imitate):
     learning, Oh et al. 2018; the same idea as rejection-sampling fine-tuning). 0 when none is in
     the mini-batch."""
     good = mask & imitate.unsqueeze(1)  # (B, T)
-    return -(logp * good).sum() / good.sum().clamp(min=1)
+    return -torch.where(good, logp, 0.0).sum() / good.sum().clamp(min=1)  # masked_mean, 0 when empty
 
 
 def value_loss(values, old_values, returns, mask, clip):
