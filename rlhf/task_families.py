@@ -6,7 +6,13 @@ $name is the function name, other $fields come from the parameter dict. A prompt
 without $name relies on the convention name (the family's first name). `inputs(rng, p)`
 returns argument tuples (edge cases first); `oracle(p, *args)` computes the expected value
 independently of the reference code, so a wrong reference is caught by the sandbox check.
-The last third of each family's parameter list is held out of SFT/RM (eval and PPO only).
+The last third of each family's parameter list (or its last `heldout`) is held out of every
+training file (SFT, RM, PPO): eval and validation only.
+
+A family whose variants differ by one value (a number, a character, a word, peg names) has many
+seen values around its held-out ones (sum_multiples: 40 seen k, 8 held out), so that writing a
+held-out value is a matter of copying it from the prompt, not of memory; with a few seen values
+the model wrote one of those instead (docs/RESULTS.md, 2026-12-06 afternoon).
 """
 import math
 import string
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Family:
     name: str
-    params: list          # list of dicts; the last `len // 3` are held out
+    params: list          # list of dicts; the last `len // 3` (or `heldout`) are held out
     names: list           # function names ($fields allowed); names[0] is the convention
     en: list              # prompt templates
     zh: list
@@ -209,7 +215,7 @@ def sq_matrix(rng, n):
 F = []  # all families, in a fixed order (the build is deterministic)
 
 F.append(Family(
-    "sum_multiples", [dict(k=k) for k in seen_then_held(range(2, 26), lambda k: k % 3 == 1)],
+    "sum_multiples", [dict(k=k) for k in seen_then_held(range(2, 50), lambda k: k % 3 == 1 and k < 26)],
     ["sum_multiples", "total_divisible"],
     ["Write a Python function $name(nums) that returns the sum of the numbers in nums divisible by $k.",
      "Implement $name(nums): add up every element of the list nums that is a multiple of $k and return the total.",
@@ -221,10 +227,10 @@ F.append(Family(
     {"wrong_comparison": "def $name(nums):\n    return sum(x for x in nums if x % $k != 0)",
      "wrong_operator": "def $name(nums):\n    return sum(x for x in nums if x // $k == 0)"},
     lambda rng, p: lists(rng, [[p["k"], 2 * p["k"], p["k"] + 1, -p["k"]]]),
-    lambda p, nums: sum(x for x in nums if x % p["k"] == 0)))
+    lambda p, nums: sum(x for x in nums if x % p["k"] == 0), heldout=8))
 
 F.append(Family(
-    "count_char", [dict(c=c) for c in "aeontlsirdcmhp" + "ubfgwyk"],
+    "count_char", [dict(c=c) for c in "aeontlsirdcmhp" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" + "ubfgwyk"],
     ["count_char", "char_frequency"],
     ["Write a function $name(s) that counts how many times the character '$c' appears in the string s.",
      "Implement $name(s) returning the number of occurrences of '$c' in s (case-sensitive).",
@@ -236,10 +242,10 @@ F.append(Family(
     {"missing_return": "def $name(s):\n    count = 0\n    for ch in s:\n        if ch == '$c':\n            count += 1",
      "off_by_one": "def $name(s):\n    count = 0\n    for ch in s[1:]:\n        if ch == '$c':\n            count += 1\n    return count"},
     lambda rng, p: strings(rng, [p["c"] * 3 + "x" + p["c"].upper(), p["c"] + "bc" + p["c"]]),
-    lambda p, s: s.count(p["c"])))
+    lambda p, s: s.count(p["c"]), heldout=7))
 
 F.append(Family(
-    "power_sum", [dict(p=p) for p in (2, 1, 3, 4, 5)],
+    "power_sum", [dict(p=p) for p in (2, 1, 3, 4, 6, 7, 9, 5, 8)],
     ["power_sum", "sum_of_powers"],
     ["Write $name(n) that returns 1**$p + 2**$p + ... + n**$p (0 when n < 1).",
      "Implement $name(n): the sum of i to the power $p for i from 1 to n inclusive."],
@@ -249,10 +255,10 @@ F.append(Family(
     {"off_by_one": "def $name(n):\n    return sum(i ** $p for i in range(1, n))",
      "wrong_operator": "def $name(n):\n    return sum(i * $p for i in range(1, n + 1))"},
     lambda rng, p: [(0,), (1,), (2,), (-3,), (rng.randint(3, 12),), (rng.randint(5, 20),)],
-    lambda p, n: sum(i ** p["p"] for i in range(1, n + 1))))
+    lambda p, n: sum(i ** p["p"] for i in range(1, n + 1)), heldout=2))
 
 F.append(Family(
-    "digit_sum", [dict(b=b) for b in (10, 2, 8, 16, 3, 4, 6, 9, 12, 15) + (5, 7, 11, 13, 14)],
+    "digit_sum", [dict(b=b) for b in (10, 2, 8, 16, 3, 4, 6, 9, 12, 15) + tuple(b for b in range(17, 37) if b not in (20, 27, 33)) + (5, 7, 11, 13, 14, 20, 27, 33)],
     ["digit_sum", "sum_of_digits"],
     ["Write $name(n) returning the sum of the digits of abs(n) written in base $b.",
      "Implement $name(n): convert |n| to base $b and add up its digits."],
@@ -262,7 +268,7 @@ F.append(Family(
     {"missing_abs": "def $name(n):\n    total = 0\n    while n > 0:\n        total += n % $b\n        n //= $b\n    return total",
      "wrong_base": "def $name(n):\n    n = abs(n)\n    total = 0\n    while n > 0:\n        total += n % 10\n        n //= 10\n    return total"},
     lambda rng, p: [(0,), (7,), (-255,), (p["b"] ** 2 + 1,), (rng.randint(100, 9999),), (-rng.randint(10, 999),)],
-    lambda p, n: to_base_digits(n, p["b"])))
+    lambda p, n: to_base_digits(n, p["b"]), heldout=8))
 
 F.append(Family(
     "is_prime", [{}], ["is_prime", "check_prime"],
@@ -299,6 +305,11 @@ F.append(Family(
         (3, 5, "Fizz", "Buzz"), (2, 3, "Foo", "Bar"), (3, 7, "Ping", "Pong"), (4, 6, "Tic", "Tac"),
         (2, 5, "Hi", "Yo"), (5, 7, "Zip", "Zap"), (2, 9, "Up", "Down"), (3, 8, "Red", "Blue"),
         (4, 5, "Yin", "Yang"), (2, 11, "Tik", "Tok"),
+        (2, 13, "Sun", "Moon"), (3, 11, "Cat", "Dog"), (4, 7, "Left", "Right"), (5, 8, "Tea", "Cake"),
+        (6, 7, "Hot", "Cold"), (2, 15, "Fast", "Slow"), (3, 13, "Rock", "Roll"), (4, 11, "Salt", "Pepper"),
+        (5, 9, "North", "South"), (6, 11, "East", "West"), (7, 8, "Day", "Night"), (2, 17, "Fire", "Ice"),
+        (3, 14, "Star", "Sky"), (4, 13, "Rain", "Snow"), (5, 11, "Bee", "Bop"), (6, 13, "Pip", "Pop"),
+        (7, 9, "Max", "Min"), (8, 9, "Ka", "Boom"), (3, 16, "Big", "Small"), (7, 10, "Ice", "Cream"),
         (3, 4, "Foo", "Baz"), (2, 7, "Ab", "Cd"), (4, 9, "Ding", "Dong"), (3, 10, "Bing", "Bong"), (5, 6, "Hop", "Skip")]],
     ["fizzbuzz", "play_game"],
     ["Write $name(n) returning a list for 1..n: '$x$y' for multiples of both $a and $b, '$x' for multiples of $a, '$y' for multiples of $b, otherwise the number as a string.",
@@ -310,7 +321,7 @@ F.append(Family(
      "wrong_return_type": "def $name(n):\n    out = []\n    for i in range(1, n + 1):\n        if i % $a == 0 and i % $b == 0:\n            out.append('$x$y')\n        elif i % $a == 0:\n            out.append('$x')\n        elif i % $b == 0:\n            out.append('$y')\n        else:\n            out.append(i)\n    return out"},
     lambda rng, p: [(0,), (1,), (p["a"] * p["b"],), (rng.randint(2, 30),)],
     lambda p, n: [p["x"] + p["y"] if i % p["a"] == 0 and i % p["b"] == 0 else p["x"] if i % p["a"] == 0
-                  else p["y"] if i % p["b"] == 0 else str(i) for i in range(1, n + 1)]))
+                  else p["y"] if i % p["b"] == 0 else str(i) for i in range(1, n + 1)], heldout=5))
 
 F.append(Family(
     "reverse_words", [dict(code="' '.join(s.split()[::-1])", en="reverses the order of the words", zh="把单词的顺序反转"),
@@ -460,7 +471,7 @@ F[-1].params = [
          bug="def $name(d):\n    out = {}\n    for k, v in d.items():\n        out[v] = [k]\n    return out")]
 
 F.append(Family(
-    "kth_largest", [dict(k=k) for k in seen_then_held(range(1, 10), lambda k: k % 3 == 0)],
+    "kth_largest", [dict(k=k) for k in seen_then_held(range(1, 31), lambda k: k % 3 == 0)],
     ["kth_largest", "nth_biggest"],
     ["Write $name(nums) returning the ${k}-th largest distinct value in nums, or None if there are fewer than $k distinct values.",
      "Implement $name(nums): sort the distinct values in descending order and return the one at position $k (1-based); None if missing."],
@@ -497,7 +508,7 @@ def _scan(p, nums):
 
 
 F.append(Family(
-    "chunk", [dict(k=k) for k in seen_then_held(range(2, 11), lambda k: k % 3 == 1)],
+    "chunk", [dict(k=k) for k in seen_then_held(range(2, 31), lambda k: k % 3 == 1)],
     ["chunk", "split_into_groups"],
     ["Write $name(lst) that splits lst into consecutive pieces of length $k (the last piece may be shorter) and returns them as a list of lists.",
      "Implement $name(lst): break the list into chunks of $k elements."],
@@ -510,7 +521,7 @@ F.append(Family(
     lambda p, lst: [lst[i:i + p["k"]] for i in range(0, len(lst), p["k"])]))
 
 F.append(Family(
-    "rotate", [dict(k=k, d=d, den=den, dzh=dzh) for d, den, dzh in (("left", "left", "左"), ("right", "right", "右")) for k in range(1, 7)],
+    "rotate", [dict(k=k, d=d, den=den, dzh=dzh) for d, den, dzh in (("left", "left", "左"), ("right", "right", "右")) for k in range(1, 16)],
     ["rotate_${d}", "rotate"],
     ["Write $name(lst) that rotates the list $den by $k positions (wrapping around) and returns a new list; an empty list stays empty.",
      "Implement $name(lst): cyclically shift the elements $k places to the $den."],
@@ -521,11 +532,11 @@ F.append(Family(
      "missing_guard": "def $name(lst):\n    k = $k % len(lst)\n    return ${body}"},
     lambda rng, p: lists(rng, [[1, 2, 3, 4, 5]]),
     lambda p, lst: (lambda k: lst[k:] + lst[:k] if p["d"] == "left" else lst[len(lst) - k:] + lst[:len(lst) - k])(p["k"] % len(lst)) if lst else [],
-    heldout=4))
+    heldout=10))
 for p_ in F[-1].params:
     left, right = "lst[k:] + lst[:k]", "lst[-k:] + lst[:-k] if k else lst[:]"
     p_["body"], p_["wrong"] = (left, right) if p_["d"] == "left" else (right, left)
-F[-1].params.sort(key=lambda p_: p_["k"] % 3 == 0)  # k = 3 and 6 (both directions) are held out
+F[-1].params.sort(key=lambda p_: p_["k"] % 3 == 0)  # k = 3, 6, 9, 12 and 15 (both directions) are held out
 
 F.append(Family(
     "dedupe", [dict(mode="first", en="keeping the first occurrence of each value", zh="保留每个值第一次出现的位置"),
@@ -573,9 +584,11 @@ F.append(Family(
     lambda rng, p: [([], 3), ([3, 3], 6), ([1, 2, 3, 4], 7), ([2, 7, 11, 15], 9), ([5], 10), ([1, 2], 4), (ints(rng, 6, 0, 9), rng.randint(3, 12))],
     lambda p, nums, target: next(((i, j) for j in range(len(nums)) for i in range(j) if nums[i] + nums[j] == target), None)))
 
+_FIB_FIRST = ((0, 1), (1, 1), (2, 1), (1, 2), (0, 2), (3, 2), (1, 3), (2, 2))  # the seeds of the first builds
+_FIB_HELD = ((3, 1), (2, 3), (4, 1), (0, 3))
 F.append(Family(
-    "fibonacci", [dict(a=a, b=b) for a, b in ((0, 1), (1, 1), (2, 1), (1, 2), (0, 2), (3, 2), (1, 3), (2, 2))
-                  + ((3, 1), (2, 3), (4, 1), (0, 3))],
+    "fibonacci", [dict(a=a, b=b) for a, b in _FIB_FIRST + tuple((a, b) for a in range(6) for b in range(1, 6)
+                                                               if (a, b) not in _FIB_FIRST + _FIB_HELD) + _FIB_HELD],
     ["fib", "sequence_term"],
     ["Write $name(n) returning the n-th term (0-based) of the sequence with f(0) = $a, f(1) = $b and f(n) = f(n-1) + f(n-2).",
      "Implement $name(n) iteratively: a Fibonacci-like sequence starting $a, $b; return term number n (starting from 0)."],
@@ -585,7 +598,7 @@ F.append(Family(
     {"off_by_one": "def $name(n):\n    a, b = $a, $b\n    for _ in range(n - 1):\n        a, b = b, a + b\n    return a",
      "wrong_return": "def $name(n):\n    a, b = $a, $b\n    for _ in range(n):\n        a, b = b, a + b\n    return b"},
     lambda rng, p: [(0,), (1,), (2,), (rng.randint(5, 12),), (rng.randint(13, 25),)],
-    lambda p, n: _fib(p["a"], p["b"], n)))
+    lambda p, n: _fib(p["a"], p["b"], n), heldout=4))
 
 
 def _fib(a, b, n):
@@ -892,7 +905,7 @@ F.append(Family(
     lambda p, s: sum(1 for c in s if eval(p["cond"], {"c": c}))))
 
 F.append(Family(
-    "max_subarray", [dict(k=k) for k in seen_then_held(range(2, 8), lambda k: k % 3 == 1)], ["max_window_sum", "best_window"],
+    "max_subarray", [dict(k=k) for k in seen_then_held(range(2, 13), lambda k: k % 3 == 1 and k < 8)], ["max_window_sum", "best_window"],
     ["Write $name(nums) returning the largest sum of $k consecutive elements of nums, or None if nums has fewer than $k elements.",
      "Sliding window: implement $name(nums) that finds the maximum total of any $k adjacent numbers (None when len(nums) < $k)."],
     ["编写 $name(nums)，返回 nums 中任意连续 $k 个元素之和的最大值；元素不足 $k 个时返回 None。",
@@ -901,10 +914,14 @@ F.append(Family(
     {"zero_init": "def $name(nums):\n    if len(nums) < $k:\n        return None\n    best = 0\n    cur = sum(nums[:$k])\n    for i in range($k, len(nums)):\n        cur += nums[i] - nums[i - $k]\n        best = max(best, cur)\n    return best",
      "off_by_one": "def $name(nums):\n    if len(nums) < $k:\n        return None\n    best = cur = sum(nums[:$k])\n    for i in range($k, len(nums) - 1):\n        cur += nums[i] - nums[i - $k]\n        best = max(best, cur)\n    return best"},
     lambda rng, p: lists(rng, [[1, 2, 3, 4, 5, 100], list(range(p["k"]))]),
-    lambda p, nums: max(sum(nums[i:i + p["k"]]) for i in range(len(nums) - p["k"] + 1)) if len(nums) >= p["k"] else None))
+    lambda p, nums: max(sum(nums[i:i + p["k"]]) for i in range(len(nums) - p["k"] + 1)) if len(nums) >= p["k"] else None,
+    heldout=2))
 
 F.append(Family(
-    "hanoi", [dict(pegs=("A", "B", "C")), dict(pegs=(1, 2, 3)), dict(pegs=("L", "M", "R"))], ["hanoi", "tower_moves"],
+    "hanoi", [dict(pegs=pegs) for pegs in (("A", "B", "C"), (1, 2, 3), ("X", "Y", "Z"), ("a", "b", "c"),
+                                           ("P", "Q", "T"), (0, 1, 2), ("S", "U", "V"), ("D", "E", "F"),
+                                           ("x", "y", "z"), ("G", "H", "I"), (4, 5, 6), ("N", "O", "W"),
+                                           ("L", "M", "R"))], ["hanoi", "tower_moves"],
     ["Solve the Tower of Hanoi recursively: $name(n) returns the list of moves (from, to) that move n disks from peg $s to peg $t using peg $v.",
      "Write a recursive $name(n) listing the Hanoi moves as tuples (source, target) from $s to $t with $v as the spare peg."],
     ["用递归解决汉诺塔：$name(n) 返回把 n 个盘子从柱子 $s 移到柱子 $t（借助 $v）的移动列表，每步是 (from, to) 元组。",

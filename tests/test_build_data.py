@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from rlhf import codeeval
+from rlhf import codeeval, task_families
 from rlhf.data import read_jsonl
 from rlhf.settings import UserError
 from scripts import build_data
@@ -53,14 +53,21 @@ def test_flawed_demonstrations_and_rm_pairs_that_check_the_prompt():
     # a rejected answer may be another variant's reference: right code for a task the prompt did not ask
     # (a seen variant's: SFT and the RM never see a held-out value)
     pairs = rows("rm_train")
-    references = {r["messages"][1]["content"] for r in sft if not r["flaw"]} | {p["chosen"][0]["content"] for p in pairs}
     wrong_value = [p for p in pairs if p["bug"] == "wrong_value"]
     assert 0.3 < len(wrong_value) / len(pairs) < 0.6
 
     def unnamed(code):  # the program with its function's (or class's) name replaced: names vary across variants
         return code.replace(re.search(r"(?:def|class) (\w+)", code).group(1), "f")
 
-    assert {unnamed(p["rejected"][0]["content"]) for p in wrong_value} <= {unnamed(r) for r in references}
+    seen, held = set(), set()  # the references of every variant, named f
+    for fam in task_families.F:
+        n_held = len(fam.params) // 3 if fam.heldout < 0 else fam.heldout
+        for i, p in enumerate(fam.params):
+            name = task_families.fill(fam.names[0], p, "")
+            (held if i >= len(fam.params) - n_held else seen).add(
+                unnamed(build_data.fenced(task_families.fill(fam.code, p, name))))
+    rejected = {unnamed(p["rejected"][0]["content"]) for p in wrong_value}
+    assert rejected <= seen and not rejected & (held - seen)
 
 
 def test_no_training_file_holds_a_held_out_value_of_the_eval_set():
