@@ -491,6 +491,19 @@ def without_padding_columns(query, query_mask, response, mask):
     return query[:, start:], query_mask[:, start:], response[:, :T], T
 
 
+def length_grouped_order(lengths, mini_batch, generator, jitter=16.0):
+    """One epoch's order of the rows: shuffled, then sorted by length (prompt + answer tokens, plus
+    a random jitter of up to `jitter` tokens, so the groups change from epoch to epoch), cut into
+    mini-batches of similar length whose order is shuffled again. Every row is visited once per
+    epoch as before; a mini-batch's forward is only as wide as its longest row, so fewer padding
+    positions go through the network. (B,) lengths -> (B,) permutation."""
+    perm = torch.randperm(len(lengths), generator=generator)
+    key = lengths[perm].float().cpu() + jitter * torch.rand(len(lengths), generator=generator)
+    perm = perm[torch.argsort(key, stable=True)]
+    groups = perm.reshape(-1, mini_batch)
+    return groups[torch.randperm(len(groups), generator=generator)].reshape(-1)
+
+
 @contextlib.contextmanager
 def frozen(accelerator, model, copy, host):
     """The frozen reference ("policy") or reward model ("critic"): its own `copy` when it has one,
@@ -906,8 +919,9 @@ def main(argv):
         model.train()
         stats = []
         shuffle = torch.Generator().manual_seed(C.SEED + 7919 * step + accelerator.process_index)
+        lengths = query_mask.sum(1) + mask.sum(1)  # (B,) tokens of each row
         for _ in range(C.PPO_EPOCHS):
-            order = torch.randperm(C.PPO_BATCH_SIZE, generator=shuffle).to(device)
+            order = length_grouped_order(lengths, C.PPO_MINI_BATCH_SIZE, shuffle).to(device)
             for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
                 idx = order[i: i + C.PPO_MINI_BATCH_SIZE]
                 q, qm, r, T = without_padding_columns(query[idx], query_mask[idx], response[idx], mask[idx])

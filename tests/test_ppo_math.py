@@ -380,3 +380,17 @@ def test_reinforce_pp_is_the_whitened_return_to_go():
                                   torch.tensor([1, 1]), 0.0, 2, torch.tensor([True, True]), 1.0, 1.0)
     z = 0.5 / math.sqrt(1 / 3)
     assert_close(adv, torch.tensor([[z, z], [-z, -z]]), atol=1e-4, rtol=0)
+
+
+def test_length_grouped_order_visits_every_row_once_in_mini_batches_of_like_length():
+    lengths = torch.tensor([90, 10, 50, 12, 88, 52, 11, 13])  # clusters of 4, 2 and 2 rows: ~10, ~50, ~90
+    g = torch.Generator().manual_seed(0)
+    orders = [P.length_grouped_order(lengths, 2, g, jitter=3.0) for _ in range(20)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(8))  # a permutation: every row once per epoch
+        for pair in order.reshape(-1, 2):  # each mini-batch within one cluster (jitter 3 < the gaps)
+            a, b = lengths[pair].tolist()
+            assert abs(a - b) <= 3, order
+    # the mini-batches' order and, within a cluster, their members change from epoch to epoch
+    assert len({tuple(o.tolist()) for o in orders}) > 1
+    assert len({tuple(o[:2].tolist()) for o in orders}) > 1
