@@ -498,7 +498,7 @@ def length_grouped_order(lengths, mini_batch, generator, jitter=16.0):
     epoch as before; a mini-batch's forward is only as wide as its longest row, so fewer padding
     positions go through the network. (B,) lengths -> (B,) permutation."""
     perm = torch.randperm(len(lengths), generator=generator)
-    key = lengths[perm].float().cpu() + jitter * torch.rand(len(lengths), generator=generator)
+    key = lengths.cpu()[perm].float() + jitter * torch.rand(len(lengths), generator=generator)
     perm = perm[torch.argsort(key, stable=True)]
     groups = perm.reshape(-1, mini_batch)
     return groups[torch.randperm(len(groups), generator=generator)].reshape(-1)

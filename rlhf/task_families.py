@@ -12,7 +12,7 @@ training file (SFT, RM, PPO): eval and validation only.
 A family whose variants differ by one value (a number, a character, a word, peg names) has many
 seen values around its held-out ones (sum_multiples: 40 seen k, 8 held out), so that writing a
 held-out value is a matter of copying it from the prompt, not of memory; with a few seen values
-the model wrote one of those instead (docs/RESULTS.md, 2026-12-06 afternoon).
+the model wrote one of those instead (docs/RESULTS.md, "Values read from the prompt").
 """
 import math
 import string
@@ -258,7 +258,8 @@ F.append(Family(
     lambda p, n: sum(i ** p["p"] for i in range(1, n + 1)), heldout=2))
 
 F.append(Family(
-    "digit_sum", [dict(b=b) for b in (10, 2, 8, 16, 3, 4, 6, 9, 12, 15) + tuple(b for b in range(17, 37) if b not in (20, 27, 33)) + (5, 7, 11, 13, 14, 20, 27, 33)],
+    "digit_sum", [dict(b=b) for b in seen_then_held((10, 2, 8, 16, 3, 4, 6, 9, 12, 15, 5, 7, 11, 13, 14) + tuple(range(17, 37)),
+                                                    lambda b: b in (5, 7, 11, 13, 14, 20, 27, 33))],
     ["digit_sum", "sum_of_digits"],
     ["Write $name(n) returning the sum of the digits of abs(n) written in base $b.",
      "Implement $name(n): convert |n| to base $b and add up its digits."],
