@@ -35,6 +35,11 @@ class Family:
     heldout: int = field(default=-1)  # how many trailing params are held out (-1: len // 3)
     bare: list = field(default_factory=list)  # (lang, natural prompt) meaning params[0], names[0]
 
+    @property
+    def n_held(self):
+        """How many of the trailing params are held out of every training file."""
+        return len(self.params) // 3 if self.heldout < 0 else self.heldout
+
 
 def fill(template, p, name):
     """Substitute until no $field is left (a parameter may itself hold a template)."""

@@ -61,10 +61,9 @@ def test_flawed_demonstrations_and_rm_pairs_that_check_the_prompt():
 
     seen, held = set(), set()  # the references of every variant, named f
     for fam in task_families.F:
-        n_held = len(fam.params) // 3 if fam.heldout < 0 else fam.heldout
         for i, p in enumerate(fam.params):
             name = task_families.fill(fam.names[0], p, "")
-            (held if i >= len(fam.params) - n_held else seen).add(
+            (held if i >= len(fam.params) - fam.n_held else seen).add(
                 unnamed(build_data.fenced(task_families.fill(fam.code, p, name))))
     rejected = {unnamed(p["rejected"][0]["content"]) for p in wrong_value}
     assert rejected <= seen and not rejected & (held - seen)
