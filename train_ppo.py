@@ -98,13 +98,17 @@ def logprobs_from_logits(logits, tokens, temperature):
     return taken - torch.logsumexp(scaled, dim=-1)  # (B, T)
 
 
-def entropy_from_logits(logits, temperature):
-    """Entropy (B, T) of softmax(logits / temperature); pass the sampling temperature so it is the
-    entropy of the distribution actually sampled from. Form as in TRL <= 1.10 PPOv2:
-    H = logsumexp(x) - sum(softmax(x) * x). Expects finite logits."""
-    scaled = logits.float() / temperature  # (B, T, V)
-    probs = torch.softmax(scaled, dim=-1)  # (B, T, V)
-    return torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(-1)  # (B, T)
+def logprobs_and_entropy(logits, tokens, temperature):
+    """logprobs_from_logits(logits, tokens, temperature) and, without gradient, the entropy of
+    softmax(logits / temperature) (pass the sampling temperature, so it is the entropy of the
+    distribution sampled from): H = logsumexp(x) - sum(softmax(x) * x), as TRL <= 1.10 PPOv2, with
+    softmax(x) = exp(x - logsumexp(x)) from the logsumexp the logprobs need. Expects finite logits."""
+    scaled = logits.float() / temperature  # (..., V)
+    lse = torch.logsumexp(scaled, dim=-1)
+    logp = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        entropy = lse - (torch.exp(scaled - lse.unsqueeze(-1)) * scaled).sum(-1)
+    return logp, entropy
 
 
 def kl_estimate(logp, ref_logp, kind="k1"):
@@ -474,11 +478,15 @@ def rollout_values(accelerator, model, query, query_mask, response):
     return token_values(critic, ids, mask, positions(mask))[:, -T - 1:-1]
 
 
-def valid_logprobs(logits, response, keep):
+def valid_logprobs(logits, response, keep, with_entropy=False):
     """Logprobs (B, T) of the response tokens from response_forward(..., keep=keep)'s (n, V)
-    logits, 0 where keep is False."""
-    logp = logprobs_from_logits(logits, response[keep], C.PPO_TEMPERATURE)  # (n,)
-    return logp.new_zeros(keep.shape).masked_scatter(keep, logp)
+    logits, 0 where keep is False; with_entropy: (logprobs, entropy (n,) of the n valid tokens'
+    distributions, no gradient)."""
+    if not with_entropy:
+        logp = logprobs_from_logits(logits, response[keep], C.PPO_TEMPERATURE)  # (n,)
+        return logp.new_zeros(keep.shape).masked_scatter(keep, logp)
+    logp, entropy = logprobs_and_entropy(logits, response[keep], C.PPO_TEMPERATURE)
+    return logp.new_zeros(keep.shape).masked_scatter(keep, logp), entropy
 
 
 def without_padding_columns(query, query_mask, response, mask):
@@ -883,11 +891,14 @@ def main(argv):
                 sampled_logp = torch.nn.functional.pad(sampled_logp, (0, response.shape[1] - sampled_logp.shape[1]))
                 sampled_logp = torch.where(mask, sampled_logp, 0.0)
 
-            # 2. logprobs of the sampled tokens now ("old") and under the reference, values
+            # 2. logprobs of the sampled tokens now ("old") and under the reference, values; rows of
+            # like length share a forward (less padding), results back in rollout order
             old_logp, ref_logp, values = [], [], []
             back = lambda x: torch.nn.functional.pad(x, (0, response.shape[1] - x.shape[1]))  # noqa: E731  to (B', T)
+            lengths = query_mask.sum(1) + mask.sum(1)  # (B,) tokens of each row
+            by_length = torch.argsort(lengths.cpu(), stable=True).to(device)
             for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
-                rows = slice(i, i + C.PPO_MINI_BATCH_SIZE)
+                rows = by_length[i: i + C.PPO_MINI_BATCH_SIZE]
                 q, qm, r, T = without_padding_columns(query[rows], query_mask[rows], response[rows], mask[rows])
                 m = mask[rows, :T]  # logits only where a response token is
                 if sampled_logp is None:
@@ -899,8 +910,9 @@ def main(argv):
                 values.append(None if v is None else back(v))
                 with frozen(accelerator, model, s.ref_policy, "policy") as ref:
                     ref_logp.append(back(valid_logprobs(response_forward(ref, q, qm, r, keep=m)[0], r, m)))
-            old_logp, ref_logp = torch.cat(old_logp), torch.cat(ref_logp)  # (B, T), 0 after each response
-            values = torch.cat(values) if s.critic else None
+            unsort = torch.argsort(by_length)
+            old_logp, ref_logp = torch.cat(old_logp)[unsort], torch.cat(ref_logp)[unsort]  # (B, T), 0 after each response
+            values = torch.cat(values)[unsort] if s.critic else None
 
             # 3. scores, KL, advantages; answers of all-pass / all-fail groups do not train the policy
             with frozen(accelerator, model, s.reward_model, "critic") as rm:
@@ -919,7 +931,6 @@ def main(argv):
         model.train()
         stats = []
         shuffle = torch.Generator().manual_seed(C.SEED + 7919 * step + accelerator.process_index)
-        lengths = query_mask.sum(1) + mask.sum(1)  # (B,) tokens of each row
         for _ in range(C.PPO_EPOCHS):
             order = length_grouped_order(lengths, C.PPO_MINI_BATCH_SIZE, shuffle).to(device)
             for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
@@ -927,7 +938,7 @@ def main(argv):
                 q, qm, r, T = without_padding_columns(query[idx], query_mask[idx], response[idx], mask[idx])
                 m = mask[idx, :T]
                 logits, v = response_forward(model, q, qm, r, keep=m)  # (n, V) at the n valid tokens, (B', T)
-                logp = valid_logprobs(logits, r, m)  # (B', T), 0 elsewhere
+                logp, entropy = valid_logprobs(logits, r, m, with_entropy=True)  # (B', T), 0 elsewhere; (n,)
                 loss, step_stats = policy_loss(logp, old_logp[idx, :T], advantages[idx, :T], m, C.PPO_CLIP)
                 step_stats["policy_loss"] = loss.detach()
                 if s.critic:
@@ -946,8 +957,7 @@ def main(argv):
                     raise diverged("ppo", step, f"loss {loss.item()} ({ {k: float(v) for k, v in step_stats.items()} })",
                                    s.ckpt_dir, "PPO_LR (or PPO_CRITIC_LR, or check the reward scale)", **CHECKPOINT)
                 optimizer_step(accelerator, model, s.optimizer, s.scheduler, loss)
-                with torch.no_grad():
-                    step_stats["entropy"] = entropy_from_logits(logits, C.PPO_TEMPERATURE).mean()  # the n valid tokens
+                step_stats["entropy"] = entropy.mean()  # the n valid tokens
                 stats.append(step_stats)
         update_seconds = time.time() - t_update
 

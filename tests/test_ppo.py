@@ -37,6 +37,19 @@ def test_toy_reward_rises_with_bounded_kl(ppo_inputs, tmp_path, advantage, run_i
     assert all(("value_loss" in h) == (advantage == "gae") for h in history)
 
 
+def test_first_update_sees_the_rollout_it_sampled(ppo_inputs, tmp_path, run_in_process):
+    """The rollout's forwards run on rows sorted by length and put their results back in rollout
+    order: with a learning rate of ~0, every mini-batch of the update finds its old logprobs equal
+    to its own (ratio 1, no clipping) and the KL to the reference, which the policy still is, ~0."""
+    proc = run_in_process("train_ppo.py", *ppo_args(
+        ppo_inputs, tmp_path, "--PPO_STEPS=1", "--PPO_EPOCHS=2", "--PPO_BATCH_SIZE=16", "--PPO_MINI_BATCH_SIZE=4",
+        "--PPO_LR=1e-30", "--PPO_CRITIC_LR=1e-30", "--PPO_ADVANTAGE=gae", "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (h,) = [h for h in json.load(open(tmp_path / "ppo_model" / "rlhf_stage.json"))["metrics"]["history"] if "kl" in h]
+    assert h["approx_kl"] < 1e-6 and h["clipfrac"] == 0.0, h
+    assert abs(h["kl"]) < 1e-3 and abs(h["ratio_mean"] - 1.0) < 1e-4, h
+
+
 def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path, run_in_process):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -83,13 +83,20 @@ def test_logprobs_from_logits_matches_log_softmax_gather():
     assert_close(P.logprobs_from_logits(logits, tokens, 0.7), expected)
 
 
-def test_entropy_from_logits():
+def test_logprobs_and_entropy():
     # uniform over V = 7: H = ln 7 = 1.9459101, whatever the logit value and temperature
-    logits = torch.full((2, 3, 7), 5.0)
-    assert_close(P.entropy_from_logits(logits, 0.7), torch.full((2, 3), 1.9459101))
+    logits = torch.full((2, 3, 7), 5.0, requires_grad=True)
+    logp, entropy = P.logprobs_and_entropy(logits, torch.zeros(2, 3, dtype=torch.long), 0.7)
+    assert_close(entropy, torch.full((2, 3), 1.9459101))
+    assert_close(logp, torch.full((2, 3), -1.9459101))
+    assert logp.requires_grad and not entropy.requires_grad  # a statistic: no gradient through it
     # p = [1/4, 3/4] (logits [0, ln 3]): H = 0.25 ln 4 + 0.75 ln(4/3) = 0.3465736 + 0.2157616 = 0.5623351
     two = torch.tensor([[[0.0, math.log(3.0)]]])
-    assert_close(P.entropy_from_logits(two, 1.0), torch.tensor([[0.5623351]]))
+    assert_close(P.logprobs_and_entropy(two, torch.tensor([[1]]), 1.0)[1], torch.tensor([[0.5623351]]))
+    # the logprobs are logprobs_from_logits'
+    g = torch.Generator().manual_seed(1)
+    logits, tokens = torch.randn(4, 9, generator=g) * 3, torch.randint(0, 9, (4,), generator=g)
+    assert_close(P.logprobs_and_entropy(logits, tokens, 0.7)[0], P.logprobs_from_logits(logits, tokens, 0.7))
 
 
 # ---- KL estimators ----
