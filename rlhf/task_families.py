@@ -36,9 +36,9 @@ class Family:
     bare: list = field(default_factory=list)  # (lang, natural prompt) meaning params[0], names[0]
 
     @property
-    def n_held(self):
-        """How many of the trailing params are held out of every training file."""
-        return len(self.params) // 3 if self.heldout < 0 else self.heldout
+    def n_seen(self):
+        """How many leading params the training files may hold; params[n_seen:] are held out."""
+        return len(self.params) - (len(self.params) // 3 if self.heldout < 0 else self.heldout)
 
 
 def fill(template, p, name):

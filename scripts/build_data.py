@@ -48,7 +48,7 @@ def fenced(code):
 
 def instances(fi, fam, rng):
     """All (family, params, name, phrasing) instances of one family, with their task fields."""
-    seen = fam.params[:len(fam.params) - fam.n_held]
+    seen = fam.params[:fam.n_seen]
     out = []
     for pi, p in enumerate(fam.params):
         # "wrong_value": the reference of another seen variant, i.e. code that ignores what the
@@ -70,7 +70,7 @@ def instances(fi, fam, rng):
                     "solution": task_families.fill(fam.code, p, name), "tests": tests,
                     "bugs": {task_families.fill(k, p, name): task_families.fill(v, p, name) for k, v in fam.bugs.items()}
                     | ({"wrong_value": task_families.fill(fam.code, other, name)} if other else {}),
-                    "heldout_params": pi >= len(fam.params) - fam.n_held, "pi": pi}
+                    "heldout_params": pi >= fam.n_seen, "pi": pi}
             # the natural prompts, as they are (the seed prompts) and in the other wrappers: how a user
             # asks without naming a function or an order; all of them SFT demonstrations of the convention
             prompts = [("bare" if wi == 0 else f"barew{wi}", lang, w.format(text)) for lang, text in fam.bare

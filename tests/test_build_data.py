@@ -63,7 +63,7 @@ def test_flawed_demonstrations_and_rm_pairs_that_check_the_prompt():
     for fam in task_families.F:
         for i, p in enumerate(fam.params):
             name = task_families.fill(fam.names[0], p, "")
-            (held if i >= len(fam.params) - fam.n_held else seen).add(
+            (held if i >= fam.n_seen else seen).add(
                 unnamed(build_data.fenced(task_families.fill(fam.code, p, name))))
     rejected = {unnamed(p["rejected"][0]["content"]) for p in wrong_value}
     assert rejected <= seen and not rejected & (held - seen)
