@@ -1,5 +1,7 @@
 """bench/_common.py: the FLOP parameter count behind every MFU figure, the bench options parser
-and the matmul peak. Loaded from its file (bench/ is a folder of scripts, not a package)."""
+and the matmul peak. Loaded from its file (bench/ is a folder of scripts, not a package). And the
+helpers of two bench scripts whose figures the docs quote: bench_mfu's matmul bound, bench_rm_designs'
+deeper RM and mirrored pairs."""
 
 import importlib.util
 import os
@@ -23,6 +25,17 @@ def tiny_qwen2(tied):
     config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
     return AutoModelForCausalLM.from_config(config)
+
+
+def bench_module(name):
+    """A bench script, imported from bench/ (a folder of scripts, not a package)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
 
 
 def test_flop_params_count_the_output_layer_not_the_input_lookup(common):
@@ -68,16 +81,52 @@ def test_a_bench_script_imports_the_checkout_it_lives_in(tmp_path):
 def test_sft_gemm_bound_times_every_weight_matrix_once_and_the_head_on_answers_only():
     """bench_mfu.gemm_ceiling (the bound on SFT's MFU): each linear layer's three products at the
     step's positions, the tied vocabulary head at the answer positions only."""
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import bench_mfu
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
     model = tiny_qwen2(True)
-    seconds, flops = bench_mfu.gemm_ceiling(model, rows=10, answer_rows=4, repeats=2)
+    seconds, flops = bench_module("bench_mfu").gemm_ceiling(model, rows=10, answer_rows=4, repeats=2)
     head = 64 * 16
     matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2) - head  # tied: one vocab matrix
     assert flops == 6 * (10 * matrices + 4 * head)
     assert seconds > 0
+
+
+def test_deepened_model_starts_as_the_model_it_extends(tmp_path):
+    """bench_rm_designs.deepen: the new layers add nothing until trained, so the deeper RM starts
+    where the shallow one does; the tokenizer files travel with it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bench_rm_designs = bench_module("bench_rm_designs")
+    model = tiny_qwen2(True)
+    model.save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    bench_rm_designs.deepen(str(tmp_path / "src"), str(tmp_path / "dst"), 2)
+    deeper = AutoModelForCausalLM.from_pretrained(tmp_path / "dst")
+    assert deeper.config.num_hidden_layers == 3 and (tmp_path / "dst" / "tokenizer.json").exists()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.allclose(deeper(ids).logits, model.eval()(ids).logits, atol=1e-6)
+        deeper.model.layers[2].mlp.down_proj.weight.fill_(0.1)  # and a trained new layer does change them
+        assert not torch.allclose(deeper(ids).logits, model(ids).logits, atol=1e-3)
+
+
+def test_mirrored_pairs_swap_the_two_programs_between_two_training_prompts():
+    """bench_rm_designs' `mirrored` pairs: for each bundled `wrong_value` pair (prompt of variant a,
+    program a over program b) a training prompt of variant b with program b over program a."""
+    from rlhf.data import read_jsonl
+
+    bench_rm_designs = bench_module("bench_rm_designs")
+    bundled = read_jsonl(os.path.join(ROOT, "data", "rm_train.jsonl"))
+    families, parts = bench_rm_designs.training_split(0)
+    assert {p["task_id"] for p in bundled} == {t["task_id"] for t in parts["rm_train"]}  # the split behind the file
+    mirrors = bench_rm_designs.extra_pairs("mirrored", bundled, families, parts)
+    originals = [p for p in bundled if p["bug"] == "wrong_value"]
+    assert len(mirrors) > 0.9 * len(originals)
+    sft_ids = {t["task_id"] for t in parts["sft_train"]}
+
+    def program(pair, side):  # the code with its function name replaced: the two prompts may name it differently
+        return pair[side][0]["content"].replace(pair["task_id"].split("/")[2], "NAME")
+
+    swapped = {(program(p, "rejected"), program(p, "chosen")) for p in originals}
+    for m in mirrors:
+        assert m["task_id"] in sft_ids and m["bug"] == "wrong_value"
+        assert (program(m, "chosen"), program(m, "rejected")) in swapped
