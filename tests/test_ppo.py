@@ -3,6 +3,7 @@ a killed run resumes to the same result, missing inputs give one clear line."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,14 +140,19 @@ def test_lora_run_uses_disabled_adapters_and_saves_a_merged_model(ppo_inputs, tm
 
 
 def test_rm_vs_tests_script_compares_failed_answers_with_references(ppo_inputs, tmp_path):
-    tasks = [dict(t, heldout_params=k > 2) for k, t in enumerate(toy_tasks(4), 1)]
+    tasks = [dict(t, heldout_params=k > 2, family="low" if k < 3 else "high") for k, t in enumerate(toy_tasks(4), 1)]
     results = [{"task_id": t["task_id"], "passed": k == 0, "raw": f"```python\n{t['solution'].replace('+', '-')}\n```"}
                for k, t in enumerate(tasks)]
     problems, answers = write_jsonl(tmp_path / "tasks.jsonl", tasks), write_jsonl(tmp_path / "results.jsonl", results)
-    proc = run_script("scripts/rm_vs_tests.py", f"--results={answers}", f"--problems={problems}", f"--rm={ppo_inputs['rm']}")
+    proc = run_script("scripts/rm_vs_tests.py", f"--results={answers}", f"--problems={problems}", f"--rm={ppo_inputs['rm']}",
+                      "--by-family")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "on 3 failed answers of 4" in proc.stdout  # the passing answer is left out
     assert "held-out parameter values  n=   2" in proc.stdout and "seen parameter values      n=   1" in proc.stdout
+    low = next(line for line in proc.stdout.splitlines() if line.split()[:1] == ["low"])  # t1 passed: only t2 counts
+    high = next(line for line in proc.stdout.splitlines() if line.split()[:1] == ["high"])
+    assert "all failures" not in low and re.search(r"all [01]/1 \| seen [01]/1$", low), low
+    assert re.search(r"all [0-2]/2 \| held-out [0-2]/2$", high), high
     proc = run_script("scripts/rm_vs_tests.py", f"--results={tmp_path}/none.jsonl", f"--rm={ppo_inputs['rm']}")
     assert proc.returncode != 0 and "does not exist" in proc.stderr
 
