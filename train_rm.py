@@ -131,16 +131,23 @@ def on_policy_pairs(tokenizer, state):
     return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows], passed
 
 
-def sft_failures():
+def sft_failures(state):
     """(held-out tasks, the SFT model's answers to them) when the SFT stage saved its pass@1
-    answers (SFT_DIR/eval_results.jsonl) for the EVAL_TASKS_FILE that exists now; else None.
+    answers (SFT_DIR/eval_results.jsonl) for the EVAL_TASKS_FILE that exists now; else None, with a
+    line when the answers are for another task file (SFT evaluated on the validation split, say).
     Read before training, so that a bad task file stops the run before anything is trained."""
     from rlhf.codeeval import load_problems
 
-    answers = os.path.join(C.SFT_DIR, "eval_results.jsonl")
-    if not (os.path.exists(answers) and os.path.exists(C.EVAL_TASKS_FILE)):
+    path = os.path.join(C.SFT_DIR, "eval_results.jsonl")
+    if not (os.path.exists(path) and os.path.exists(C.EVAL_TASKS_FILE)):
         return None
-    return load_problems(C.EVAL_TASKS_FILE), read_jsonl(answers)
+    problems, answers = load_problems(C.EVAL_TASKS_FILE), read_jsonl(path)
+    if {p.task_id for p in problems} & {str(a.get("task_id")) for a in answers}:
+        return problems, answers
+    if state.is_main_process:
+        print(f"rm vs tests | no agreement figure: {path} answers none of the tasks of {C.EVAL_TASKS_FILE} "
+              "(pass --EVAL_TASKS_FILE=<the file the SFT stage was evaluated on>)")
+    return None
 
 
 def main(argv):
@@ -152,7 +159,7 @@ def main(argv):
     # ---- data: conversational preference pairs, too-long pairs dropped with a count
     train = load_preference_pairs(C.RM_TRAIN_FILE)
     evals = load_preference_pairs(C.RM_EVAL_FILE)
-    failures = sft_failures()
+    failures = sft_failures(state)
     onpolicy, onpolicy_passed = on_policy_pairs(tokenizer, state)  # the SFT model's failing answers, tested
     train += onpolicy
     # `length` lets the sampler batch pairs of similar length: each pair is padded to the longest
