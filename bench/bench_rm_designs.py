@@ -8,6 +8,9 @@ Each design is the RM stage (train_rm.py in a subprocess, REPORT_TO none) with o
   mirrored        plus the mirror of each `wrong_value` pair of RM_TRAIN_FILE: an SFT training prompt
                   of the other variant, its reference chosen and the first variant's rejected, so
                   the same two programs are once chosen and once rejected and only the prompt tells
+  prompt_swap     plus, for each `wrong_value` pair of RM_TRAIN_FILE, one program under two prompts:
+                  its own (chosen) and an SFT training prompt of the other variant with the same
+                  function name (rejected); the pair differs in the prompt alone (implicit-prompt rows)
   <design>+N      the same pairs on the SFT model plus N new decoder layers whose attention and MLP
                   output projections start at zero (so the deeper RM starts as the shallow one)
 The extra pairs are rebuilt from rlhf/task_families.py with scripts/build_data.py's split, so they
@@ -66,6 +69,8 @@ def wrong_value_pair(task, fam, other_params):
 
 def extra_pairs(design, bundled, families, parts, seed=7):
     """The pairs a design adds to the bundled ones (see the module docstring)."""
+    from scripts import build_data
+
     rng = random.Random(seed)
     sft = [t for t in parts["sft_train"] if not t["bare"]]
     if design == "bundled":
@@ -96,7 +101,27 @@ def extra_pairs(design, bundled, families, parts, seed=7):
             if mirrors:
                 out.append(wrong_value_pair(rng.choice(mirrors), fam, fam.params[t["pi"]]))
         return [p for p in out if p]
-    raise UserError(f"unknown design {design!r}: bundled, more_values or mirrored, each with an optional +N (layers)")
+    if design == "prompt_swap":
+        by_variant, tasks = {}, {t["task_id"]: t for t in parts["sft_train"]}
+        for t in sft:
+            by_variant.setdefault((t["family"], t["pi"], t["lang"], t["entry_point"]), []).append(t)
+        out = []
+        for p in bundled:
+            if p["bug"] != "wrong_value":
+                continue
+            t = tasks[p["task_id"]]
+            fam = families[t["family"]]
+            other = next(i % fam.n_seen for i in range(t["pi"] + 1, t["pi"] + fam.n_seen)
+                         if fam.params[i % fam.n_seen] is not fam.params[t["pi"]])
+            swaps = by_variant.get((t["family"], other, t["lang"], t["entry_point"]))
+            if swaps:  # the same program under its own prompt (chosen) and another variant's (rejected)
+                answer = {"role": "assistant", "content": build_data.fenced(t["solution"])}
+                out.append({"chosen": [{"role": "user", "content": t["prompt"]}, answer],
+                            "rejected": [{"role": "user", "content": rng.choice(swaps)["prompt"]}, answer],
+                            "task_id": t["task_id"], "family": t["family"], "lang": t["lang"], "bug": "wrong_value"})
+        return out
+    raise UserError(f"unknown design {design!r}: bundled, more_values, mirrored or prompt_swap, each with an optional "
+                    "+N (layers)")
 
 
 def deepen(src, dst, extra):

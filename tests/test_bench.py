@@ -109,24 +109,52 @@ def test_deepened_model_starts_as_the_model_it_extends(tmp_path):
         assert not torch.allclose(deeper(ids).logits, model(ids).logits, atol=1e-3)
 
 
-def test_mirrored_pairs_swap_the_two_programs_between_two_training_prompts():
-    """bench_rm_designs' `mirrored` pairs: for each bundled `wrong_value` pair (prompt of variant a,
-    program a over program b) a training prompt of variant b with program b over program a."""
+@pytest.fixture(scope="module")
+def rm_designs():
+    """bench_rm_designs, the bundled RM pairs and the data split behind them."""
     from rlhf.data import read_jsonl
 
-    bench_rm_designs = bench_module("bench_rm_designs")
+    module = bench_module("bench_rm_designs")
     bundled = read_jsonl(os.path.join(ROOT, "data", "rm_train.jsonl"))
-    families, parts = bench_rm_designs.training_split(0)
+    families, parts = module.training_split(0)
     assert {p["task_id"] for p in bundled} == {t["task_id"] for t in parts["rm_train"]}  # the split behind the file
-    mirrors = bench_rm_designs.extra_pairs("mirrored", bundled, families, parts)
+    return module, bundled, families, parts
+
+
+def program(pair, side):
+    """A pair's program with its function name replaced: two prompts may name it differently."""
+    return pair[side][-1]["content"].replace(pair["task_id"].split("/")[2], "NAME")
+
+
+def test_mirrored_pairs_swap_the_two_programs_between_two_training_prompts(rm_designs):
+    """bench_rm_designs' `mirrored` pairs: for each bundled `wrong_value` pair (prompt of variant a,
+    program a over program b) a training prompt of variant b with program b over program a."""
+    module, bundled, families, parts = rm_designs
+    mirrors = module.extra_pairs("mirrored", bundled, families, parts)
     originals = [p for p in bundled if p["bug"] == "wrong_value"]
     assert len(mirrors) > 0.9 * len(originals)
     sft_ids = {t["task_id"] for t in parts["sft_train"]}
-
-    def program(pair, side):  # the code with its function name replaced: the two prompts may name it differently
-        return pair[side][0]["content"].replace(pair["task_id"].split("/")[2], "NAME")
-
     swapped = {(program(p, "rejected"), program(p, "chosen")) for p in originals}
     for m in mirrors:
         assert m["task_id"] in sft_ids and m["bug"] == "wrong_value"
         assert (program(m, "chosen"), program(m, "rejected")) in swapped
+
+
+def test_prompt_swap_pairs_differ_in_the_prompt_alone(rm_designs):
+    """bench_rm_designs' `prompt_swap` pairs: a bundled `wrong_value` pair's chosen program under its
+    own prompt (chosen) and under a training prompt of the variant whose program it rejected."""
+    from scripts import build_data
+
+    module, bundled, families, parts = rm_designs
+    originals = {p["task_id"]: p for p in bundled if p["bug"] == "wrong_value"}
+    prompts = {t["prompt"]: t for t in parts["sft_train"]}
+    swaps = module.extra_pairs("prompt_swap", bundled, families, parts)
+    assert len(swaps) > 0.5 * len(originals)
+    for s in swaps:
+        (asked, answer), (other, same) = s["chosen"], s["rejected"]
+        original = originals[s["task_id"]]
+        assert answer == same == original["chosen"][0] and asked == original["prompt"][0]
+        swapped_in = prompts[other["content"]]  # a training prompt, same family and function name
+        assert (swapped_in["family"], swapped_in["entry_point"]) == (s["family"], s["task_id"].split("/")[2])
+        assert program(original, "rejected") == build_data.fenced(swapped_in["solution"]).replace(
+            swapped_in["entry_point"], "NAME")  # of the variant whose program the original pair rejected
