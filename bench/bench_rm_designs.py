@@ -84,27 +84,15 @@ def extra_pairs(design, bundled, families, parts, seed=7):
             if t["task_id"] not in in_rm and others:
                 out.append(wrong_value_pair(t, fam, rng.choice(others)))
         return [p for p in out if p]
-    if design == "mirrored":
-        by_variant, tasks = {}, {t["task_id"]: t for t in parts["sft_train"]}
+    if design in ("mirrored", "prompt_swap"):
+        # SFT training prompts of the variant whose program a bundled `wrong_value` pair rejected
+        # (build_data takes the next seen one), in the pair's language; prompt_swap: same name too
+        def key(t, pi):
+            return (t["family"], pi, t["lang"]) + ((t["entry_point"],) if design == "prompt_swap" else ())
+
+        pool, tasks = {}, {t["task_id"]: t for t in parts["sft_train"]}
         for t in sft:
-            by_variant.setdefault((t["family"], t["pi"], t["lang"]), []).append(t)
-        out = []
-        for p in bundled:
-            if p["bug"] != "wrong_value":
-                continue
-            t = tasks[p["task_id"]]
-            fam = families[t["family"]]
-            # the variant whose reference was rejected: build_data takes the next seen one
-            other = next(i % fam.n_seen for i in range(t["pi"] + 1, t["pi"] + fam.n_seen)
-                         if fam.params[i % fam.n_seen] is not fam.params[t["pi"]])
-            mirrors = by_variant.get((t["family"], other, t["lang"]))
-            if mirrors:
-                out.append(wrong_value_pair(rng.choice(mirrors), fam, fam.params[t["pi"]]))
-        return [p for p in out if p]
-    if design == "prompt_swap":
-        by_variant, tasks = {}, {t["task_id"]: t for t in parts["sft_train"]}
-        for t in sft:
-            by_variant.setdefault((t["family"], t["pi"], t["lang"], t["entry_point"]), []).append(t)
+            pool.setdefault(key(t, t["pi"]), []).append(t)
         out = []
         for p in bundled:
             if p["bug"] != "wrong_value":
@@ -113,13 +101,17 @@ def extra_pairs(design, bundled, families, parts, seed=7):
             fam = families[t["family"]]
             other = next(i % fam.n_seen for i in range(t["pi"] + 1, t["pi"] + fam.n_seen)
                          if fam.params[i % fam.n_seen] is not fam.params[t["pi"]])
-            swaps = by_variant.get((t["family"], other, t["lang"], t["entry_point"]))
-            if swaps:  # the same program under its own prompt (chosen) and another variant's (rejected)
+            if not pool.get(key(t, other)):
+                continue
+            b = rng.choice(pool[key(t, other)])
+            if design == "mirrored":  # b's prompt, b's program over a's
+                out.append(wrong_value_pair(b, fam, fam.params[t["pi"]]))
+            else:  # a's program under a's prompt (chosen) and under b's (rejected)
                 answer = {"role": "assistant", "content": build_data.fenced(t["solution"])}
                 out.append({"chosen": [{"role": "user", "content": t["prompt"]}, answer],
-                            "rejected": [{"role": "user", "content": rng.choice(swaps)["prompt"]}, answer],
+                            "rejected": [{"role": "user", "content": b["prompt"]}, answer],
                             "task_id": t["task_id"], "family": t["family"], "lang": t["lang"], "bug": "wrong_value"})
-        return out
+        return [p for p in out if p]
     raise UserError(f"unknown design {design!r}: bundled, more_values, mirrored or prompt_swap, each with an optional "
                     "+N (layers)")
 
