@@ -44,13 +44,11 @@ DEFAULTS = {"designs": "bundled,more_values,mirrored,bundled+2", "data_seed": 0}
 
 
 def training_split(data_seed):
-    """scripts/build_data.py's instances and split for `data_seed`: (families by name, split parts)."""
-    from rlhf import task_families
+    """scripts/build_data.py's split for `data_seed`: (families by name, the instances of each file)."""
     from scripts import build_data
 
-    rng = random.Random(data_seed)
-    tasks = [t for fi, fam in enumerate(task_families.F) for t in build_data.instances(fi, fam, rng)]
-    return {f.name: f for f in task_families.F}, build_data.split(tasks, rng)
+    families, _, parts, _ = build_data.tasks_and_split(data_seed)
+    return {f.name: f for f in families}, parts
 
 
 def wrong_value_pair(task, fam, other_params):
@@ -59,12 +57,7 @@ def wrong_value_pair(task, fam, other_params):
     from scripts import build_data
 
     code = task_families.fill(fam.code, other_params, task["entry_point"])
-    if code == task["solution"]:
-        return None
-    return {"prompt": [{"role": "user", "content": task["prompt"]}],
-            "chosen": [{"role": "assistant", "content": build_data.fenced(task["solution"])}],
-            "rejected": [{"role": "assistant", "content": build_data.fenced(code)}],
-            "task_id": task["task_id"], "family": task["family"], "lang": task["lang"], "bug": "wrong_value"}
+    return None if code == task["solution"] else build_data.preference_row(task, code, "wrong_value")
 
 
 def extra_pairs(design, bundled, families, parts, seed=7):
@@ -85,8 +78,8 @@ def extra_pairs(design, bundled, families, parts, seed=7):
                 out.append(wrong_value_pair(t, fam, rng.choice(others)))
         return [p for p in out if p]
     if design in ("mirrored", "prompt_swap"):
-        # SFT training prompts of the variant whose program a bundled `wrong_value` pair rejected
-        # (build_data takes the next seen one), in the pair's language; prompt_swap: same name too
+        # SFT training prompts of the variant whose program a bundled `wrong_value` pair rejected,
+        # in the pair's language; prompt_swap: same function name too
         def key(t, pi):
             return (t["family"], pi, t["lang"]) + ((t["entry_point"],) if design == "prompt_swap" else ())
 
@@ -99,8 +92,7 @@ def extra_pairs(design, bundled, families, parts, seed=7):
                 continue
             t = tasks[p["task_id"]]
             fam = families[t["family"]]
-            other = next(i % fam.n_seen for i in range(t["pi"] + 1, t["pi"] + fam.n_seen)
-                         if fam.params[i % fam.n_seen] is not fam.params[t["pi"]])
+            other = build_data.wrong_value_variant(fam, t["pi"])
             if not pool.get(key(t, other)):
                 continue
             b = rng.choice(pool[key(t, other)])

@@ -46,15 +46,27 @@ def fenced(code):
     return f"```python\n{code}\n```"
 
 
+def wrong_value_variant(fam, pi):
+    """Index of the variant whose reference is variant pi's `wrong_value` bug: the next seen one
+    (wrapping round), i.e. code that ignores what the prompt asks (a count of 'e' for "count the
+    'a'"); seen variants only, so no held-out value reaches the RM pairs. None when there is none."""
+    seen = range(fam.n_seen)
+    return next((i for i in [*seen[pi + 1:], *seen[:pi]] if fam.params[i] is not fam.params[pi]), None)
+
+
+def preference_row(t, rejected_code, bug):
+    """An RM pair (TRL conversational preference format): task t's reference over rejected_code."""
+    return {"prompt": [{"role": "user", "content": t["prompt"]}],
+            "chosen": [{"role": "assistant", "content": fenced(t["solution"])}],
+            "rejected": [{"role": "assistant", "content": fenced(rejected_code)}],
+            "task_id": t["task_id"], "family": t["family"], "lang": t["lang"], "bug": bug}
+
+
 def instances(fi, fam, rng):
     """All (family, params, name, phrasing) instances of one family, with their task fields."""
-    seen = fam.params[:fam.n_seen]
     out = []
     for pi, p in enumerate(fam.params):
-        # "wrong_value": the reference of another seen variant, i.e. code that ignores what the
-        # prompt asks (a count of 'e' for "count the 'a'"); seen variants only, so no held-out
-        # value reaches the RM pairs
-        other = next((q for q in seen[pi + 1:] + seen[:pi] if q is not p), None)
+        other = wrong_value_variant(fam, pi)
         tests_rng = random.Random(f"{rng.random()}")  # tests depend on (family, params) only
         args_list = fam.inputs(tests_rng, p)
         names = list(dict.fromkeys(task_families.fill(n, p, "") for n in fam.names))
@@ -69,7 +81,7 @@ def instances(fi, fam, rng):
             base = {"family": fam.name, "entry_point": name, "setup": fam.setup,
                     "solution": task_families.fill(fam.code, p, name), "tests": tests,
                     "bugs": {task_families.fill(k, p, name): task_families.fill(v, p, name) for k, v in fam.bugs.items()}
-                    | ({"wrong_value": task_families.fill(fam.code, other, name)} if other else {}),
+                    | ({"wrong_value": task_families.fill(fam.code, fam.params[other], name)} if other is not None else {}),
                     "heldout_params": pi >= fam.n_seen, "pi": pi}
             # the natural prompts, as they are (the seed prompts) and in the other wrappers: how a user
             # asks without naming a function or an order; all of them SFT demonstrations of the convention
@@ -164,8 +176,9 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def build(out_dir, seed=0, n_families=None, workers=None):
-    t0 = time.time()
+def tasks_and_split(seed=0, n_families=None):
+    """(families, every instance, the instances of each file, the RNG the build goes on with): the
+    part of the build that decides which task lands where, before anything runs."""
     rng = random.Random(seed)
     families = task_families.F[:n_families] if n_families else task_families.F
     all_tasks = [t for fi, fam in enumerate(families) for t in instances(fi, fam, rng)]
@@ -173,6 +186,12 @@ def build(out_dir, seed=0, n_families=None, workers=None):
     # PPO trains on seen variants only: no held-out value of the eval set reaches any training data
     # (filtered after the split, so every other file is what it was before this rule)
     parts["ppo"] = [t for t in parts["ppo"] if not t["heldout_params"]]
+    return families, all_tasks, parts, rng
+
+
+def build(out_dir, seed=0, n_families=None, workers=None):
+    t0 = time.time()
+    families, all_tasks, parts, rng = tasks_and_split(seed, n_families)
     used = [t for name in ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo", "eval", "val") for t in parts[name]]
     with_bugs = parts["rm_train"] + parts["rm_eval"] + [t for t in parts["sft_train"] if t["family"] in HABITS]
     n_programs, failing, dropped = verify(used, with_bugs, workers)
@@ -199,10 +218,7 @@ def build(out_dir, seed=0, n_families=None, workers=None):
 
     def pair(t):
         bug = rng.choice(failing[(t["family"], t["pi"], t["entry_point"])])
-        return {"prompt": [{"role": "user", "content": t["prompt"]}],
-                "chosen": [{"role": "assistant", "content": fenced(t["solution"])}],
-                "rejected": [{"role": "assistant", "content": fenced(t["bugs"][bug])}],
-                "task_id": t["task_id"], "family": t["family"], "lang": t["lang"], "bug": bug}
+        return preference_row(t, t["bugs"][bug], bug)
 
     def ppo(t):
         return task_record(t) | {"prompt": [{"role": "user", "content": t["prompt"]}]}
