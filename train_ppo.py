@@ -35,8 +35,8 @@ import config as C
 from rlhf.checkpoints import diverged, resume_from
 from rlhf.codeeval import load_problems, sampled_pass_at_k, seed_prompt_passes
 from rlhf.common import (
-    check_lora_targets, head_scales_logits, launched_with_sharded_weights, load_causal_lm, load_tokenizer, lora_config,
-    precision, prompt_rng, report_to, run_stage, start_stage, torch_dtype,
+    check_lora_targets, end_of_turn_ids, head_scales_logits, launched_with_sharded_weights, load_causal_lm, load_tokenizer,
+    lora_config, precision, prompt_rng, report_to, run_stage, start_stage, stop_at_end_of_turn, torch_dtype,
 )
 from rlhf.data import load_rows, prompt_messages
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
@@ -740,6 +740,7 @@ def setup(accelerator):
     s.rm_tokenizer, s.norm = load_tokenizer(C.RM_DIR), load_reward_normalization(C.RM_DIR)
     policy = load_causal_lm(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights (QLORA: 4-bit base)
     check_lora_targets(policy)
+    s.eos_ids = end_of_turn_ids(s.tokenizer, policy)  # where an answer ends: sampling, masks, the missing-EOS penalty
     critic = load_reward_model(C.RM_DIR, dtype=torch.float32) if s.critic else None
     s.ref_policy = s.reward_model = None
     if C.USE_LORA:  # the reference is the policy with its adapter off; the RM is the critic's, when there is one
@@ -855,7 +856,7 @@ def main(argv):
             history.append({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
     bar = tqdm(total=C.PPO_STEPS, initial=s.start, desc="ppo", disable=not accelerator.is_main_process)
-    t_start, episodes, eos_ids = time.time(), 0, [tokenizer.eos_token_id]
+    t_start, episodes, eos_ids = time.time(), 0, s.eos_ids
     n_prompts = C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT
     for step in range(s.start + 1, C.PPO_STEPS + 1):
         t0 = time.time()
@@ -999,6 +1000,7 @@ def main(argv):
     final = run_eval(C.PPO_STEPS, final=True)
     policy_out = plain_policy(accelerator, model, torch.float32)  # every process: gathers shards
     if accelerator.is_main_process:
+        stop_at_end_of_turn(policy_out, tokenizer)
         last_rows = [h for h in history if "kl" in h][-5:] or [{}]
         metrics = {
             **final,

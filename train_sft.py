@@ -31,7 +31,7 @@ from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
 from rlhf.codeeval import evaluate_model, load_problems, pass_at_1_metrics, sampled_pass_at_k, seed_prompt_passes
 from rlhf.common import (
     check_lora_targets, head_scales_logits, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights,
-    resolve_base_model, run_stage, start_stage, trainer_args, trainer_schedule, use_log_line,
+    resolve_base_model, run_stage, start_stage, stop_at_end_of_turn, trainer_args, trainer_schedule, use_log_line,
 )
 from rlhf.data import drop_too_long, load_sft_examples
 from rlhf.handoff import check_output_dir, save_stage, write_jsonl
@@ -186,6 +186,7 @@ def main(argv):
     if C.USE_LORA:  # a plain model: RM, PPO and transformers load it as is (QLoRA: merged into a full-precision base)
         model = merge_lora_weights(base, model.state_dict()) if C.QLORA else model.merge_and_unload()
     model.eval()
+    stop_at_end_of_turn(model, tokenizer)
 
     # ---- pass@1 on held-out code tasks, run in the sandbox
     answers = []  # per task: the answer and its verdict (saved as eval_results.jsonl)

@@ -201,14 +201,16 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     """
     from tqdm.auto import tqdm
 
+    from rlhf.common import end_of_turn_ids
     from rlhf.generation import generate
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # rlhf.common.load_tokenizer's rule
-        raise ValueError("generate_completions needs a pad token distinct from EOS: load the tokenizer with load_tokenizer")
+
+    stop_ids = end_of_turn_ids(tokenizer, model)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stop_ids:  # rlhf.common.load_tokenizer's rule
+        raise ValueError("generate_completions needs a pad token that ends no turn: load the tokenizer with load_tokenizer")
     batch_size = batch_size or max(1, C.GEN_BATCH_SIZE // num_samples)
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
              for m in messages_list]
     device = next(model.parameters()).device
-    stop_ids = end_of_turn_ids(model, tokenizer)
     out: list[list[str]] = []
     was_training = model.training
     model.eval()
@@ -226,15 +228,6 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
         out.extend(new[i:i + num_samples] for i in range(0, len(new), num_samples))
     model.train(was_training)
     return out
-
-
-def end_of_turn_ids(model, tokenizer) -> list[int]:
-    """The tokens that end an answer: the tokenizer's EOS and those the checkpoint's
-    generation_config lists (chat models often end a turn with one token and a document with
-    another, e.g. Qwen2.5's <|im_end|> and <|endoftext|>)."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    configured = configured if isinstance(configured, list) else [] if configured is None else [configured]
-    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
 
 
 def evaluate_model(model, tokenizer, problems: list[Problem], num_samples: int = 1,

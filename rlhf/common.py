@@ -219,14 +219,53 @@ def load_tokenizer(path):
     if tok.chat_template is None:
         raise UserError(f"the tokenizer of {path!r} has no chat template; use an instruct/chat model "
                         "or save one with tokenizer.chat_template = ...")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        spare = [t for t in ("<|pad|>", "<|endoftext|>", "<pad>", tok.unk_token, tok.bos_token)
-                 if t is not None and t in tok.get_vocab() and tok.convert_tokens_to_ids(t) != tok.eos_token_id]
+    ends = end_of_turn_ids(tok)
+    if tok.pad_token_id is None or tok.pad_token_id in ends:
+        spare = [t for t in ("<|pad|>", "<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", tok.unk_token,
+                             tok.bos_token) if t is not None and t in tok.get_vocab() and tok.convert_tokens_to_ids(t) not in ends]
         if not spare:
-            raise UserError(f"the tokenizer of {path!r} has no token to pad with other than EOS; "
+            raise UserError(f"the tokenizer of {path!r} has no token to pad with other than the end of a turn; "
                             "add a pad token (tokenizer.add_special_tokens) and resize the model")
         tok.pad_token = spare[0]
     return tok
+
+
+def end_of_turn_ids(tokenizer, model=None):
+    """The token ids that end an answer, the one definition every stage samples, masks and stops
+    with: the tokenizer's EOS, the EOS ids of the model's generation_config (Qwen2.5 lists
+    <|im_end|> and <|endoftext|>), and the special token the chat template writes right after an
+    assistant message, which the tokenizer's EOS need not be (Llama 3 ends a turn with <|eot_id|>
+    and a document with <|end_of_text|>; a base model tuned on a ChatML template ends turns with
+    <|im_end|>)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [] if configured is None else [configured]
+    ids = [tokenizer.eos_token_id, *configured, *template_end_ids(tokenizer)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def stop_at_end_of_turn(model, tokenizer):
+    """Write end_of_turn_ids and the pad id into the generation_config a causal LM is saved with,
+    so that transformers' generate() and pipelines stop where our stages stop."""
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer, model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def template_end_ids(tokenizer):
+    """[id] of the special token the chat template puts right after an assistant message's text
+    ([] when it puts none there, or there is no template): found by rendering a two-turn
+    conversation and reading what follows the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    answer = "4f1c9e2a"  # text no template rewrites
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001  a template that rejects this conversation (jinja raise_exception) marks nothing
+        return []
+    tail = text[text.rfind(answer) + len(answer):] if answer in text else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return ids[:1] if ids and ids[0] in special else []
 
 
 def load_causal_lm(path, for_training=True, dtype=None):

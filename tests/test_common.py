@@ -89,3 +89,35 @@ def test_prompt_rng_depends_on_seed_rank_and_step_only():
     assert draw[0] == draw[1]  # the same step draws the same prompts (a resumed run)
     others = {prompt_rng(*key).randrange(10**9) for key in ((42, 0, 3), (42, 1, 3), (42, 0, 4), (43, 0, 3))}
     assert len(others) == 4
+
+
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def test_end_of_turn_is_what_the_template_ends_an_answer_with(tiny_base, tmp_path):
+    """A Llama-3 style tokenizer: EOS <|end_of_text|> ends a document, <|eot_id|> ends a turn and
+    is what a chat model emits; both stop an answer, and neither is the pad token."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from rlhf.common import end_of_turn_ids, template_end_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
+                                                          "<|start_header_id|>", "<|end_header_id|>"]})
+    tok.bos_token, tok.eos_token, tok.pad_token = "<|begin_of_text|>", "<|end_of_text|>", None
+    tok.chat_template = LLAMA3_TEMPLATE
+    tok.save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    eot, eot_text = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
+    assert template_end_ids(tok) == [eot]
+    assert end_of_turn_ids(tok) == [eot_text, eot]
+    assert tok.pad_token_id not in (eot, eot_text)
+
+    class Model:  # a checkpoint whose generation_config lists another stop token too
+        generation_config = GenerationConfig(eos_token_id=[eot_text, tok.convert_tokens_to_ids("<|endoftext|>")])
+
+    assert end_of_turn_ids(tok, Model()) == [eot_text, tok.convert_tokens_to_ids("<|endoftext|>"), eot]
+    # the embedded template ends a turn with its EOS: one id
+    assert end_of_turn_ids(load_tokenizer(tiny_base)) == [load_tokenizer(tiny_base).eos_token_id]
