@@ -246,7 +246,8 @@ def end_of_turn_ids(tokenizer, model=None):
 def stop_at_end_of_turn(model, tokenizer):
     """Write end_of_turn_ids and the pad id into the generation_config a causal LM is saved with,
     so that transformers' generate() and pipelines stop where our stages stop."""
-    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer, model)
+    ids = end_of_turn_ids(tokenizer, model)
+    model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
