@@ -122,6 +122,7 @@ PPO_VF_CLIP = 0.2  # value clip range (gae)
 PPO_VF_COEF = 0.1  # weight of the value loss (gae)
 PPO_ADVANTAGE = "grpo"  # gae (critic, GAE) | grpo | dr_grpo | rloo | reinforce++ (critic-free: no value model is built); compared in bench/README.md
 PPO_KL_LOSS = False  # True: the KL to the reference is a loss term (per token, PPO_KL_ESTIMATOR k2 or k3; GRPO) instead of a reward penalty
+PPO_LOSS_NORM = "batch"  # batch: each loss is a sum over tokens / (its tokens in the whole batch / mini-batches), every token weighs the same | mini_batch: token mean per mini-batch
 PPO_SIL_COEF = 1.0  # > 0: plus this x the mean negative logprob of the answers that passed every test in a group where some failed (self-imitation, Oh et al. 2018): an unclipped push towards what worked; 0 = plain PPO (untried on real models: choose it on validation)
 PPO_GAMMA = 1.0  # discount
 PPO_LAM = 0.95  # GAE lambda (gae)

@@ -36,12 +36,12 @@ from rlhf.checkpoints import diverged, resume_from
 from rlhf.codeeval import load_problems, sampled_pass_at_k, seed_prompt_passes
 from rlhf.common import (
     check_lora_targets, end_of_turn_ids, head_scales_logits, launched_with_sharded_weights, load_causal_lm, load_tokenizer,
-    lora_config, precision, prompt_rng, report_to, run_stage, start_stage, stop_at_end_of_turn, torch_dtype,
+    lora_config, mixed_precision, precision, prompt_rng, report_to, run_stage, start_stage, stop_at_end_of_turn, torch_dtype,
 )
 from rlhf.data import load_rows, prompt_messages
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
 from rlhf.generation import generate, hf_model, positions
-from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json
+from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json, write_jsonl
 from rlhf.settings import UserError, scalar_settings
 
 # ---- PPO math (pure functions, unit-tested in tests/test_ppo_math.py) ----
@@ -167,6 +167,30 @@ def masked_mean(x, mask, dim=None):
     return x.sum(dim) / mask.sum(dim)
 
 
+def masked_total(x, mask, normalizer=None):
+    """The sum of x over the valid positions divided by `normalizer`, a constant of the whole rollout
+    batch (loss_normalizers); None: the masked mean of this tensor alone (a token mean per
+    mini-batch)."""
+    return masked_mean(x, mask) if normalizer is None else torch.where(mask, x, 0.0).sum() / normalizer
+
+
+def loss_normalizers(counts, mini_batches, num_processes=1, total=None):
+    """Each loss term's denominator for one rollout batch: the tokens that term trains on in the
+    whole batch, over every process (`total`: a function that sums a tensor over processes),
+    divided by the number of mini-batches (per process). So every token weighs the same in the
+    epoch's gradient, whatever mini-batch it lands in; with a token mean per mini-batch, and
+    mini-batches grouped by length, a token of a short-answer mini-batch would weigh 3-5x one of a
+    long-answer mini-batch, the per-answer normalisation Dr. GRPO removes (Liu et al. 2025), and
+    rows that train nothing (advantage 0) would dilute their mini-batch. counts: {term: (B, T) bool
+    or a count}; returns {term: float >= 1}."""
+    out = {}
+    for term, count in counts.items():
+        n = torch.as_tensor(count).sum().float().reshape(1)
+        n = total(n) if total is not None else n
+        out[term] = max(1.0, float(n) / num_processes / mini_batches)
+    return out
+
+
 def masked_var(x, mask, unbiased=True):
     """Variance of x over valid positions; unbiased divides by n - 1 (as TRL's masked_var)."""
     mean = masked_mean(x, mask)
@@ -266,8 +290,9 @@ def compute_advantages(kind, score, kl, values, mask, last_index, kl_coef, group
     return torch.where(live, advantages, 0.0), returns
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip):
-    """Clipped surrogate loss of PPO (Schulman et al. 2017), masked mean over valid tokens.
+def policy_loss(logp, old_logp, advantages, mask, clip, normalizer=None):
+    """Clipped surrogate loss of PPO (Schulman et al. 2017) over valid tokens (masked_total: their
+    mean, or their sum / normalizer).
 
     logp (B, T) from the current forward (with grad); old_logp, advantages (B, T) from the rollout.
     Returns (loss, stats) with detached tensor stats: clipfrac (share of valid tokens where the
@@ -279,7 +304,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip):
     ratio = torch.exp(log_ratio)  # (B, T)
     loss_unclipped = -advantages * ratio  # (B, T)
     loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)  # (B, T)
-    loss = masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    loss = masked_total(torch.max(loss_unclipped, loss_clipped), mask, normalizer)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
@@ -290,16 +315,18 @@ def policy_loss(logp, old_logp, advantages, mask, clip):
     return loss, stats
 
 
-def self_imitation_loss(logp, mask, imitate):
-    """Mean negative logprob over the valid tokens (mask (B, T)) of the answers to imitate (B,):
-    the passing answers of groups where some failed, pushed up without PPO's clip (self-imitation
-    learning, Oh et al. 2018; the same idea as rejection-sampling fine-tuning). 0 when none is in
-    the mini-batch."""
+def self_imitation_loss(logp, mask, imitate, normalizer=None):
+    """Negative logprob over the valid tokens (mask (B, T)) of the answers to imitate (B,)
+    (imitation_rows), pushed up without PPO's clip (self-imitation learning, Oh et al. 2018; the
+    same idea as rejection-sampling fine-tuning): their mean, or their sum / normalizer. 0 when
+    none is in the mini-batch."""
     good = mask & imitate.unsqueeze(1)  # (B, T)
-    return -torch.where(good, logp, 0.0).sum() / good.sum().clamp(min=1)  # masked_mean, 0 when empty
+    if normalizer is None:
+        normalizer = good.sum().clamp(min=1)  # masked_mean, 0 when empty
+    return -torch.where(good, logp, 0.0).sum() / normalizer
 
 
-def value_loss(values, old_values, returns, mask, clip):
+def value_loss(values, old_values, returns, mask, clip, normalizer=None):
     """Clipped value loss (PPO2 baselines; TRL, N+): 0.5 * max((V - R)^2, (V_clip - R)^2), masked mean,
     where V_clip = old_V + clamp(V - old_V, -clip, clip). values (B, T) with grad, the rest from the
     rollout. Returns (loss, stats) with vf_clipfrac (share of valid tokens where the clipped term wins).
@@ -307,7 +334,7 @@ def value_loss(values, old_values, returns, mask, clip):
     values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # (B, T)
     loss_unclipped = (values - returns) ** 2  # (B, T)
     loss_clipped = (values_clipped - returns) ** 2  # (B, T)
-    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    loss = 0.5 * masked_total(torch.max(loss_unclipped, loss_clipped), mask, normalizer)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
     return loss, stats
@@ -321,17 +348,45 @@ def mixed_groups(passed, group):
 
 
 def informative_groups(passed, group, keep):
-    """Indices (keep * group,) of the responses to train on, out of a larger sampled batch: `keep`
-    groups, those with mixed test results first (in sampled order), then the others to fill up, so
-    the count and every shape stay fixed; returned in sampled order.
+    """Indices (keep * group,) of the responses to train on, out of a larger sampled batch of
+    groups in the order they were drawn: first the groups without tests among the first `keep`
+    (the share a plain draw of `keep` prompts gives the prompts scored by the reward model or a
+    function of the user's: the tests say nothing about them), then the groups with mixed test
+    results, then the others to fill up, so the count and every shape stay fixed; returned in
+    sampled order.
 
     A group whose answers all pass or all fail teaches little: its advantages are mostly the
     critic's error on one outcome. Training on the prompts with mixed outcomes is DAPO's "dynamic
     sampling" (Yu et al. 2025, arXiv 2503.14476); here sampling cost is small next to the update.
     """
+    untested = passed.reshape(-1, group).isnan().all(1)  # (G,)
+    own_share = untested & (torch.arange(len(untested), device=passed.device) < keep)
     mixed = mixed_groups(passed, group)
-    chosen = torch.cat([mixed.nonzero().flatten(), (~mixed).nonzero().flatten()])[:keep].sort().values
+    rank = torch.where(own_share, 0, torch.where(mixed, 1, 2))  # (G,) kept in this order, ties in draw order
+    chosen = torch.argsort(rank, stable=True)[:keep].sort().values
     return (chosen.unsqueeze(1) * group + torch.arange(group, device=passed.device)).flatten()
+
+
+def policy_rows(passed, group):
+    """(B,) bool: the answers whose advantage may move the policy. With several answers per prompt,
+    every answer of a group whose test results differ, and every answer to a prompt without tests
+    (scored by the reward model); a group whose answers all pass or all fail gets advantage 0 (it
+    still trains the critic). With one answer per prompt there is no group to compare: every
+    answer trains, against the critic's values (gae) or the batch's whitening (reinforce++)."""
+    if group == 1:
+        return torch.ones_like(passed, dtype=torch.bool)
+    groups = passed.reshape(-1, group)
+    return (mixed_groups(passed, group) | groups.isnan().all(1)).repeat_interleave(group)
+
+
+def imitation_rows(passed, ends_with_eos, trains, group):
+    """(B,) bool: the answers self-imitation pushes up (PPO_SIL_COEF): those that passed every test
+    in a group where some failed, and ended. An answer cut at PPO_RESPONSE_LEN can still pass (its
+    first code block is complete) but gets the missing-EOS penalty: imitating it would teach the
+    rambling the penalty punishes. None with one answer per prompt (no group to compare)."""
+    if group == 1:
+        return torch.zeros_like(ends_with_eos)
+    return trains & (passed == 1) & ends_with_eos
 
 
 class KLController:
@@ -599,23 +654,28 @@ def exec_rewards(batch, texts, device):
     return passed
 
 
-def sequence_scores(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device):
+def sequence_scores(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device, every_row=False):
     """Sequence scores (B,) and the normalised RM scores (B,) (NaN where the RM was not asked).
 
     Where the prompt has unit tests, they decide: score = PPO_EXEC_WEIGHT x test reward (+ the RM's
-    with PPO_RM_ON_TESTED: on held-out tasks our RM prefers the failing answer two times in three,
-    README). Elsewhere score = PPO_RM_WEIGHT x normalised RM score, read as in RM training (prompt +
-    answer through the chat template, at its last token; rlhf.reward.score_responses), normalised
-    with the mean/std the RM stage stored."""
+    with PPO_RM_ON_TESTED; off by default: docs/RESULTS.md measures how often our RM prefers the
+    failing answer). Elsewhere score = PPO_RM_WEIGHT x normalised RM score, read as in RM training
+    (prompt + answer through the chat template, at its last token; rlhf.reward.score_responses),
+    normalised with the mean/std the RM stage stored.
+    every_row: the RM reads every answer, its scores kept where they are asked for: where the RM's
+    forwards are collectives (ZeRO-3, FSDP), each process must run as many as the others, whatever
+    share of its batch has tests."""
     from rlhf.reward import normalize_rewards, score_responses
 
     tested = ~torch.isnan(passed)  # (B,)
     asked = torch.ones_like(tested) if C.PPO_RM_ON_TESTED else ~tested
     rm_score = torch.full_like(passed, float("nan"))
-    if asked.any():
-        rows = asked.nonzero().flatten().tolist()
+    read = torch.ones_like(asked) if every_row else asked
+    if read.any():
+        rows = read.nonzero().flatten().tolist()
         raw = score_responses(rm, rm_tokenizer, [batch[i]["messages"] for i in rows], [texts[i] for i in rows], device=device)
         rm_score[rows] = normalize_rewards(raw.float().to(device), norm)
+        rm_score = torch.where(asked, rm_score, float("nan"))
     score = C.PPO_RM_WEIGHT * torch.nan_to_num(rm_score) + C.PPO_EXEC_WEIGHT * torch.nan_to_num(passed)
     if C.PPO_REWARD_FN:  # a user's own reward on top: f(list of messages, list of texts) -> floats
         score = score + torch.tensor(custom_reward_fn()([r["messages"] for r in batch], texts),
@@ -657,16 +717,17 @@ def keep_informative(roll, n_prompts):
 # ---- evaluation, checkpoints ----
 
 def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device):
-    """Greedy pass@1 on held-out tasks (sandboxed) and the mean normalised RM score of the answers."""
+    """Greedy pass@1 on held-out tasks (sandboxed) and the mean normalised RM score of the answers;
+    and each task's answer and verdict (rows as the SFT stage's eval_results.jsonl)."""
     from rlhf.codeeval import completion_for, generate_completions, pass_at_1_metrics, score_samples
     from rlhf.reward import normalize_rewards, score_responses
 
     texts = [t[0] for t in generate_completions(policy, tokenizer, [p.messages() for p in problems],
                                                 C.GEN_MAX_NEW_TOKENS, progress=False)]
-    summary, _ = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t)}
-                                          for p, t in zip(problems, texts)], ks=(1,), progress=False)
+    summary, answers = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
+                                                for p, t in zip(problems, texts)], ks=(1,), progress=False)
     scores = score_responses(rm, rm_tokenizer, [p.messages() for p in problems], texts, device=device)
-    return {**pass_at_1_metrics(summary), "rm_score": normalize_rewards(scores.float().mean().item(), norm)}
+    return {**pass_at_1_metrics(summary), "rm_score": normalize_rewards(scores.float().mean().item(), norm)}, answers
 
 
 CHECKPOINT = {"marker": "ppo_state.json", "prefix": "step_"}  # step_N is complete once it holds ppo_state.json
@@ -727,9 +788,13 @@ def setup(accelerator):
     s.problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
     n_tested = sum(r["problem"] is not None for r in s.prompts)
     # oversampling picks prompts by their test results: without tests (or their reward) it would only cost time
-    s.oversample = C.PPO_OVERSAMPLE if n_tested and C.PPO_EXEC_WEIGHT else 1
+    s.oversample = C.PPO_OVERSAMPLE if n_tested and C.PPO_EXEC_WEIGHT and C.PPO_SAMPLES_PER_PROMPT > 1 else 1
     if accelerator.is_main_process:
-        if s.oversample < C.PPO_OVERSAMPLE:
+        if C.PPO_SAMPLES_PER_PROMPT == 1:  # no group of answers to one prompt whose test results could differ
+            print("PPO_SAMPLES_PER_PROMPT=1: every answer trains the policy against the "
+                  f"{'critic' if s.critic else 'batch mean'}; PPO_OVERSAMPLE and PPO_SIL_COEF (they compare "
+                  "the answers to one prompt) are not used")
+        elif s.oversample < C.PPO_OVERSAMPLE:
             print(f"PPO_OVERSAMPLE={C.PPO_OVERSAMPLE} is not used: no prompt has unit tests, or PPO_EXEC_WEIGHT is 0")
         print(f"data: {len(s.prompts)} prompts ({n_tested} with unit tests), {len(s.problems)} held-out tasks | "
               f"advantages: {C.PPO_ADVANTAGE}")
@@ -752,8 +817,8 @@ def setup(accelerator):
     # frozen copies: whole on every process, or (PPO_SHARD_FROZEN_MODELS, ZeRO-3) partitioned as they load
     # and given inference engines after prepare
     with contextlib.nullcontext() if C.PPO_SHARD_FROZEN_MODELS else whole_models_loaded(accelerator):
-        if not C.USE_LORA:
-            s.ref_policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch_dtype()).to(accelerator.device)
+        if not C.USE_LORA:  # in the policy's own precision (cast after prepare): at step 0 the KL is 0, not rounding
+            s.ref_policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch.float32).to(accelerator.device)
         if critic is None or not C.USE_LORA:
             s.reward_model = load_reward_model(C.RM_DIR, dtype=torch_dtype()).to(accelerator.device)
     for m in (policy, critic, s.ref_policy, s.reward_model):
@@ -787,9 +852,13 @@ def setup(accelerator):
         ds_config["train_micro_batch_size_per_gpu"] = C.PPO_MINI_BATCH_SIZE
         ds_config["gradient_clipping"] = C.PPO_MAX_GRAD_NORM
     s.model, s.optimizer, s.scheduler = accelerator.prepare(PolicyAndCritic(policy, critic), optimizer, scheduler)
+    if s.ref_policy is not None:  # DeepSpeed holds the policy in bf16/fp16; elsewhere fp32 master weights, under autocast
+        s.ref_policy.to(next(accelerator.unwrap_model(s.model).policy.parameters()).dtype)
     if C.PPO_SHARD_FROZEN_MODELS:  # after prepare: the DeepSpeed config is complete
         s.ref_policy, s.reward_model = (None if m is None else shard_frozen_model(accelerator, m)
                                         for m in (s.ref_policy, s.reward_model))
+    # the RM's forwards are collectives under ZeRO-3/FSDP: then every process reads all its answers
+    s.rm_every_row = sharded(accelerator) and (C.PPO_RM_ON_TESTED or n_tested < len(s.prompts))
     s.kl_ctl = KLController(C.PPO_KL_COEF, C.PPO_KL_TARGET or None, C.PPO_KL_HORIZON)
     accelerator.register_for_checkpointing(s.kl_ctl)
 
@@ -823,7 +892,11 @@ def main(argv):
     require_stage_output(C.RM_DIR, "rm")
     check_output_dir(C.PPO_DIR)
     check_settings()
-    accelerator = Accelerator(mixed_precision="bf16" if precision() == "bf16" else "no",
+    # step_scheduler_with_optimizer=False: one scheduler step per optimizer step; otherwise accelerate
+    # steps a prepared scheduler once per process each time (made for a dataloader it split), and on
+    # N processes the learning rate would reach 0 after 1/N of the run
+    accelerator = Accelerator(mixed_precision=mixed_precision(),
+                              step_scheduler_with_optimizer=False,
                               log_with=report_to() or None, project_dir=os.path.join(C.RUNS_DIR, "ppo"))
     device, s = accelerator.device, setup(accelerator)
     model, tokenizer, kl_ctl, history = s.model, s.tokenizer, s.kl_ctl, s.history
@@ -835,9 +908,11 @@ def main(argv):
         result = {}
         if (accelerator.is_main_process or sharded(accelerator)) and s.problems:  # sharded: forwards are collectives
             subset = s.problems if final else s.problems[: C.PPO_EVAL_TASKS or None]
-            with frozen(accelerator, model, s.reward_model, "critic") as rm, \
+            with frozen(accelerator, model, s.reward_model, "critic") as rm, accelerator.autocast(), \
                     full_weights_for_generation(accelerator, model, with_critic=s.critic) as policy_full:
-                result = evaluate(policy_full, tokenizer, rm, s.rm_tokenizer, s.norm, subset, device)
+                result, answers = evaluate(policy_full, tokenizer, rm, s.rm_tokenizer, s.norm, subset, device)
+                if final:
+                    final_answers[:] = answers
                 if final and step == C.PPO_STEPS and C.EVAL_SAMPLES:  # the trained policy's pass@k, as SFT reports it
                     result.update(sampled_pass_at_k(policy_full, tokenizer, subset, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
                                                     progress=False))
@@ -850,6 +925,7 @@ def main(argv):
         accelerator.wait_for_everyone()
         return result
 
+    final_answers = []  # the final evaluation's answer and verdict per task (eval_results.jsonl)
     if s.start == 0 and (C.PPO_EVAL_EVERY or 0) > 0:
         before = run_eval(0, final=True)  # the SFT baseline, on the same tasks as the final evaluation
         if before:
@@ -862,7 +938,7 @@ def main(argv):
         t0 = time.time()
         # 1. rollout (no gradients): sample oversampled prompts, run their tests, keep the informative ones
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), accelerator.autocast():  # every forward of the rollout in the update's precision
             batch = step_prompts(s.prompts, step, accelerator.process_index, n_prompts * s.oversample)
             query, query_mask = encode_prompts(tokenizer, batch, device)
             t_gen = time.time()
@@ -917,15 +993,21 @@ def main(argv):
 
             # 3. scores, KL, advantages; answers of all-pass / all-fail groups do not train the policy
             with frozen(accelerator, model, s.reward_model, "critic") as rm:
-                score, rm_score = sequence_scores(rm, s.rm_tokenizer, s.norm, batch, texts, ends_with_eos, passed, device)
-            trains_policy = (mixed_groups(passed, C.PPO_SAMPLES_PER_PROMPT)
-                             | torch.isnan(passed).reshape(-1, C.PPO_SAMPLES_PER_PROMPT).all(1))
-            trains_policy = trains_policy.repeat_interleave(C.PPO_SAMPLES_PER_PROMPT)  # (B,)
-            imitate = trains_policy & (passed == 1)  # (B,) answers that passed where others failed (PPO_SIL_COEF)
+                score, rm_score = sequence_scores(rm, s.rm_tokenizer, s.norm, batch, texts, ends_with_eos, passed, device,
+                                                  every_row=s.rm_every_row)
+            trains_policy = policy_rows(passed, C.PPO_SAMPLES_PER_PROMPT)  # (B,)
+            imitate = imitation_rows(passed, ends_with_eos, trains_policy, C.PPO_SAMPLES_PER_PROMPT)  # (B,) PPO_SIL_COEF
             kl = torch.where(mask, kl_estimate(old_logp, ref_logp, C.PPO_KL_ESTIMATOR), 0.0)  # (B, T)
             kl_reward_coef = 0.0 if C.PPO_KL_LOSS else kl_ctl.value  # KL paid in the reward, or as a loss term below
             advantages, returns = compute_advantages(C.PPO_ADVANTAGE, score, kl, values, mask, last_index, kl_reward_coef,
                                                      C.PPO_SAMPLES_PER_PROMPT, trains_policy, C.PPO_GAMMA, C.PPO_LAM)
+            # each loss term's denominator (PPO_LOSS_NORM): the tokens it trains on in the batch, or None (per mini-batch)
+            norm = dict.fromkeys(("policy", "value", "sil", "kl"))
+            if C.PPO_LOSS_NORM == "batch":
+                norm = loss_normalizers({"policy": mask & trains_policy.unsqueeze(1), "value": mask,
+                                         "sil": mask & imitate.unsqueeze(1), "kl": mask},
+                                        C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE, accelerator.num_processes,
+                                        total=lambda n: accelerator.reduce(n.to(device), "sum"))
 
         # 4. update: PPO_EPOCHS passes over the batch in shuffled mini-batches
         t_update = time.time()
@@ -940,23 +1022,24 @@ def main(argv):
                 m = mask[idx, :T]
                 logits, v = response_forward(model, q, qm, r, keep=m)  # (n, V) at the n valid tokens, (B', T)
                 logp, entropy = valid_logprobs(logits, r, m, with_entropy=True)  # (B', T), 0 elsewhere; (n,)
-                loss, step_stats = policy_loss(logp, old_logp[idx, :T], advantages[idx, :T], m, C.PPO_CLIP)
+                loss, step_stats = policy_loss(logp, old_logp[idx, :T], advantages[idx, :T], m, C.PPO_CLIP, norm["policy"])
                 step_stats["policy_loss"] = loss.detach()
                 if s.critic:
-                    vf_loss, vf_stats = value_loss(v, values[idx, :T], returns[idx, :T], m, C.PPO_VF_CLIP)
+                    vf_loss, vf_stats = value_loss(v, values[idx, :T], returns[idx, :T], m, C.PPO_VF_CLIP, norm["value"])
                     loss = loss + C.PPO_VF_COEF * vf_loss
                     step_stats.update(value_loss=vf_loss.detach(), **vf_stats)
                 if C.PPO_SIL_COEF:  # self-imitation: the passing answers of mixed groups, unclipped
-                    sil_loss = self_imitation_loss(logp, m, imitate[idx])
+                    sil_loss = self_imitation_loss(logp, m, imitate[idx], norm["sil"])
                     loss = loss + C.PPO_SIL_COEF * sil_loss
                     step_stats["sil_loss"] = sil_loss.detach()
                 if C.PPO_KL_LOSS:  # GRPO's KL term (DeepSeekMath): in the loss, per token, instead of the reward
-                    kl_loss = masked_mean(kl_estimate(logp, ref_logp[idx, :T], C.PPO_KL_ESTIMATOR), m)
+                    kl_loss = masked_total(kl_estimate(logp, ref_logp[idx, :T], C.PPO_KL_ESTIMATOR), m, norm["kl"])
                     loss = loss + kl_ctl.value * kl_loss
                     step_stats["kl_loss"] = kl_loss.detach()
                 if not torch.isfinite(loss):
                     raise diverged("ppo", step, f"loss {loss.item()} ({ {k: float(v) for k, v in step_stats.items()} })",
                                    s.ckpt_dir, "PPO_LR (or PPO_CRITIC_LR, or check the reward scale)", **CHECKPOINT)
+                lr = s.optimizer.param_groups[0]["lr"]  # the policy's rate in this update (logged: its last)
                 optimizer_step(accelerator, model, s.optimizer, s.scheduler, loss)
                 step_stats["entropy"] = entropy.mean()  # the n valid tokens
                 stats.append(step_stats)
@@ -977,7 +1060,7 @@ def main(argv):
         metrics = {k: accelerator.reduce(v.detach().float().reshape(1).to(device), "mean").item() for k, v in local.items()}
         kl_ctl.update(metrics["kl"], C.PPO_BATCH_SIZE * accelerator.num_processes)
         metrics.update(reward_mean=metrics["score"] + metrics["non_score_reward"], kl_coef=kl_ctl.value,
-                       lr=s.scheduler.get_last_lr()[0], seconds=time.time() - t0,
+                       lr=lr, seconds=time.time() - t0,
                        generate_seconds=gen_seconds, update_seconds=update_seconds)  # this process's (bench/)
         episodes += C.PPO_BATCH_SIZE * accelerator.num_processes
         accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=step)
@@ -985,7 +1068,7 @@ def main(argv):
             bar.update(1)
             bar.write(f"ppo step {step}/{C.PPO_STEPS} | score {metrics['score']:.3f} | pass {metrics['test_pass_rate']:.2f} "
                       f"| kl {metrics['kl']:.3f} | entropy {metrics['entropy']:.2f} | len {metrics['response_length']:.0f} "
-                      f"| eos {metrics['eos_rate']:.2f} | clip {metrics['clipfrac']:.2f} | {metrics['seconds']:.1f} s")
+                      f"| eos {metrics['eos_rate']:.2f} | clip {metrics['clipfrac']:.2f} | lr {lr:.2g} | {metrics['seconds']:.1f} s")
         row = {"step": step, **metrics}
         if C.PPO_EVAL_EVERY and step % C.PPO_EVAL_EVERY == 0 and step != C.PPO_STEPS:
             row.update({f"eval_{k}": v for k, v in run_eval(step).items()})
@@ -1011,7 +1094,8 @@ def main(argv):
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "history": history,
         }
-        save_stage("ppo", C.PPO_DIR, policy_out, tokenizer, metrics, s.ckpt_dir)
+        save_stage("ppo", C.PPO_DIR, policy_out, tokenizer, metrics, s.ckpt_dir,
+                   also=lambda tmp: write_jsonl(os.path.join(tmp, "eval_results.jsonl"), final_answers) if final_answers else None)
     accelerator.end_training()
 
 

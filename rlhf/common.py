@@ -100,6 +100,12 @@ def precision():
     return choice
 
 
+def mixed_precision():
+    """accelerate's mixed_precision for the stage's precision: "bf16", "fp16" (with its loss
+    scaling) or "no" (fp32)."""
+    return {"bf16": "bf16", "fp16": "fp16"}.get(precision(), "no")
+
+
 def torch_dtype():
     import torch
 

@@ -21,6 +21,7 @@ CHOICES = {
     "PPO_KL_ESTIMATOR": ("k1", "k2", "k3"),
     "PPO_EXEC_REWARD": ("all", "fraction"),
     "PPO_ADVANTAGE": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
+    "PPO_LOSS_NORM": ("batch", "mini_batch"),
     "SANDBOX_MODE": ("namespaces", "weak"),
 }
 # Numbers that must lie in an interval, checked before any work. Shares and probabilities first:

@@ -124,8 +124,11 @@ def run_in_process(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
 
     def run(script, *args):
+        from accelerate.state import AcceleratorState
+
         for name, value in saved.items():
             setattr(C, name, value)
+        AcceleratorState._reset_state(reset_partial_state=True)  # each run chooses its own precision, as a process would
         main = importlib.import_module(script.removesuffix(".py")).main
         monkeypatch.setattr(sys, "argv", [script, *args])
         capsys.readouterr()
@@ -413,6 +416,12 @@ def ppo_inputs(tiny_base, tmp_path_factory):
     prompts = write_jsonl(folder / "ppo.jsonl", rows)
     tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in rows[:4]])
     return {"sft": sft, "rm": rm, "prompts": prompts, "tasks": tasks, "folder": folder}
+
+
+def expected_last_lrs(lr, steps, updates_per_step):
+    """PPO's rate of each iteration's last update under linear decay to 0 over all updates."""
+    n = steps * updates_per_step
+    return [lr * (n - (s * updates_per_step - 1)) / n for s in range(1, steps + 1)]
 
 
 def ppo_args(inp, out, *extra):

@@ -121,3 +121,16 @@ def test_end_of_turn_is_what_the_template_ends_an_answer_with(tiny_base, tmp_pat
     assert end_of_turn_ids(tok, Model()) == [eot_text, tok.convert_tokens_to_ids("<|endoftext|>"), eot]
     # the embedded template ends a turn with its EOS: one id
     assert end_of_turn_ids(load_tokenizer(tiny_base)) == [load_tokenizer(tiny_base).eos_token_id]
+
+
+def test_mixed_precision_follows_the_precision_setting(monkeypatch):
+    """PPO's accelerate set-up: bf16 and fp16 are mixed precision (fp16 with loss scaling, on a
+    CUDA GPU), fp32 is none; before, fp16 silently trained in fp32."""
+    import torch
+
+    from rlhf.common import mixed_precision
+
+    for choice, want in (("fp32", "no"), ("bf16", "bf16"), ("fp16", "fp16")):
+        monkeypatch.setattr(C, "PRECISION", choice)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert mixed_precision() == want

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, launch, ppo_history, sft_losses
+from conftest import ROOT, expected_last_lrs, launch, ppo_history, sft_losses
 
 FSDP_CONFIG = os.path.join(ROOT, "accelerate_configs", "fsdp.yaml")
 ZERO3_CONFIG = os.path.join(ROOT, "accelerate_configs", "deepspeed_zero3.yaml")
@@ -42,6 +42,17 @@ def test_every_stage_runs_on_two_processes(two_process_runs):
     # the saved policy is what was trained: it moved away from the SFT weights
     sft, ppo = AutoModelForCausalLM.from_pretrained(two / "sft"), AutoModelForCausalLM.from_pretrained(two / "ppo")
     assert not torch.equal(sft.model.layers[0].mlp.up_proj.weight, ppo.model.layers[0].mlp.up_proj.weight)
+
+
+def test_ppo_learning_rate_decays_over_the_whole_run_on_two_processes(two_process_runs):
+    """Linear decay to 0 over the run's updates, as on one process (test_ppo.py): accelerate steps
+    a prepared scheduler once per process each time unless told otherwise, and the rate was 0 from
+    halfway through on 2 processes (from a quarter on 4)."""
+    import config as C
+
+    history = json.load(open(two_process_runs["two"] / "ppo" / "rlhf_stage.json"))["metrics"]["history"]
+    updates_per_step = C.PPO_EPOCHS * 4 // 2  # PPO_BATCH_SIZE=4, PPO_MINI_BATCH_SIZE=2 (two_process_runs)
+    assert [h["lr"] for h in history if "kl" in h] == pytest.approx(expected_last_lrs(C.PPO_LR, 2, updates_per_step))
 
 
 def test_two_processes_match_one_with_the_same_global_batch(two_process_runs):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, ppo_args, run_script, toy_tasks, write_jsonl
+from conftest import ROOT, expected_last_lrs, ppo_args, run_script, toy_tasks, write_jsonl
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
@@ -38,17 +38,47 @@ def test_toy_reward_rises_with_bounded_kl(ppo_inputs, tmp_path, advantage, run_i
     assert all(("value_loss" in h) == (advantage == "gae") for h in history)
 
 
-def test_first_update_sees_the_rollout_it_sampled(ppo_inputs, tmp_path, run_in_process):
+@pytest.mark.parametrize("precision,lora", [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_first_update_sees_the_rollout_it_sampled(ppo_inputs, tmp_path, run_in_process, precision, lora):
     """The rollout's forwards run on rows sorted by length and put their results back in rollout
     order: with a learning rate of ~0, every mini-batch of the update finds its old logprobs equal
-    to its own (ratio 1, no clipping) and the KL to the reference, which the policy still is, ~0."""
+    to its own (ratio 1, no clipping) and the KL to the reference, which the policy still is, ~0.
+    Under bf16 autocast (PRECISION=bf16, what `auto` picks on GPUs; on this CPU with a tiny model)
+    too: the reference (a full copy, or the policy with its LoRA adapter off) runs in the policy's
+    precision, so the KL at step 0 is 0 exactly, not bf16 rounding."""
     proc = run_in_process("train_ppo.py", *ppo_args(
         ppo_inputs, tmp_path, "--PPO_STEPS=1", "--PPO_EPOCHS=2", "--PPO_BATCH_SIZE=16", "--PPO_MINI_BATCH_SIZE=4",
-        "--PPO_LR=1e-30", "--PPO_CRITIC_LR=1e-30", "--PPO_ADVANTAGE=gae", "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0"))
+        "--PPO_LR=1e-30", "--PPO_CRITIC_LR=1e-30", "--PPO_ADVANTAGE=gae", "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0",
+        f"--PRECISION={precision}", f"--USE_LORA={lora}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"precision {precision}" in proc.stdout
     (h,) = [h for h in json.load(open(tmp_path / "ppo_model" / "rlhf_stage.json"))["metrics"]["history"] if "kl" in h]
     assert h["approx_kl"] < 1e-6 and h["clipfrac"] == 0.0, h
-    assert abs(h["kl"]) < 1e-3 and abs(h["ratio_mean"] - 1.0) < 1e-4, h
+    assert abs(h["ratio_mean"] - 1.0) < 1e-4, h
+    assert abs(h["kl"]) < (1e-3 if precision == "fp32" else 1e-12), h  # fp32: the sampler's logprobs vs a forward
+
+
+def test_learning_rate_decays_linearly_over_the_whole_run(ppo_inputs, tmp_path, run_in_process):
+    """Linear decay to 0 over every update of the run: the rate logged for an iteration is the one
+    its last update used (test_distributed.py checks the same with 2 processes)."""
+    proc = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_STEPS=3", "--PPO_EPOCHS=2",
+                                                "--PPO_LR=1e-3", "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = [h for h in json.load(open(tmp_path / "ppo_model" / "rlhf_stage.json"))["metrics"]["history"] if "kl" in h]
+    assert [h["lr"] for h in history] == pytest.approx(expected_last_lrs(1e-3, steps=3, updates_per_step=2 * 8 // 4))
+    assert re.search(r"ppo step 3/3 \|.*\| lr 8.3e-05 \|", proc.stderr + proc.stdout)
+
+
+def test_one_answer_per_prompt_trains_every_answer(ppo_inputs, tmp_path, run_in_process):
+    """PPO_SAMPLES_PER_PROMPT=1 with a critic: no group whose test results could differ, so every
+    answer trains the policy (before, none did: no group was ever mixed); oversampling and
+    self-imitation, which compare the answers to one prompt, are off with one line."""
+    proc = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_STEPS=1", "--PPO_SAMPLES_PER_PROMPT=1",
+                                                "--PPO_ADVANTAGE=gae", "--PPO_EVAL_EVERY=0", "--PPO_SAVE_EVERY=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (h,) = [h for h in json.load(open(tmp_path / "ppo_model" / "rlhf_stage.json"))["metrics"]["history"] if "kl" in h]
+    assert h["trained_share"] == 1.0 and h["sil_loss"] == 0.0, h
+    assert "PPO_SAMPLES_PER_PROMPT=1: every answer trains the policy against the critic" in proc.stdout
 
 
 def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path, run_in_process):

@@ -337,6 +337,98 @@ def test_mixed_groups_and_informative_groups():
     assert P.informative_groups(torch.tensor([0.0, 1.0] * 3), 2, 2).tolist() == [0, 1, 2, 3]
 
 
+def test_prompts_without_tests_keep_the_share_they_were_drawn_with():
+    """Oversampling keeps mixed groups first, but the prompts the tests say nothing about (scored
+    by the reward model) keep the share a plain draw gives them, instead of becoming filler that
+    vanishes as more groups turn mixed."""
+    nan = float("nan")
+    # 8 groups of 2 drawn in this order: untested, mixed, untested, mixed, mixed, mixed, untested, all fail
+    passed = torch.tensor([nan, nan, 0, 1, nan, nan, 1, 0, 0, 1, 1, 0, nan, nan, 0, 0])
+    # keep 4: the untested groups among the first 4 drawn (0 and 2), then the mixed ones (1, 3)
+    assert P.informative_groups(passed, 2, 4).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    # half the prompt file untested, every tested group mixed: the kept share stays about a half
+    gen = torch.Generator().manual_seed(0)
+    kept, drawn = 0, 0
+    for _ in range(200):
+        untested = torch.rand(16, generator=gen) < 0.5  # 4 kept of 16 drawn (PPO_OVERSAMPLE 4)
+        passed = torch.where(untested.repeat_interleave(2), nan, torch.tensor([0.0, 1.0]).repeat(16))
+        rows = P.informative_groups(passed, 2, 4)
+        kept += int(passed[rows].isnan().sum()) // 2
+        drawn += int(untested[:4].sum())
+    assert kept == drawn  # exactly the plain draw's untested groups (mixed_groups-first kept none of them)
+
+
+def test_rows_that_train_the_policy_and_rows_to_imitate():
+    nan = float("nan")
+    passed = torch.tensor([1.0, 0.0, 1.0, 1.0, nan, nan])  # mixed, all pass, untested
+    ended = torch.tensor([True, True, True, True, True, False])
+    trains = P.policy_rows(passed, 2)
+    assert trains.tolist() == [True, True, False, False, True, True]
+    assert P.imitation_rows(passed, ended, trains, 2).tolist() == [True, False, False, False, False, False]
+    # a passing answer cut at the length limit (no EOS) gets the missing-EOS penalty: never imitated
+    cut = torch.tensor([False, True, True, True, True, True])
+    assert not P.imitation_rows(passed, cut, trains, 2).any()
+    # one answer per prompt (gae, reinforce++): no group to compare, every answer trains, none is imitated
+    one = torch.tensor([1.0, 0.0, nan])
+    assert P.policy_rows(one, 1).tolist() == [True, True, True]
+    assert not P.imitation_rows(one, torch.ones(3, dtype=torch.bool), P.policy_rows(one, 1), 1).any()
+
+
+def test_batch_normalisation_weighs_every_token_the_same_across_mini_batches():
+    """PPO_LOSS_NORM=batch: summed over the mini-batches of an epoch, each token's loss enters
+    with the same weight, n_mini_batches / tokens of the batch, whatever the length of the answers
+    it shares a mini-batch with; a token mean per mini-batch weighs the tokens of a short-answer
+    mini-batch more (here 1/2 against 1/6)."""
+    x = torch.arange(16.0).reshape(2, 8)  # per-token losses of 2 mini-batches of 1 row each
+    mask = torch.tensor([[True] * 2 + [False] * 6, [True] * 6 + [False] * 2])  # 2 and 6 valid tokens
+    norm = P.loss_normalizers({"policy": mask}, mini_batches=2)["policy"]
+    assert norm == 4.0  # 8 tokens / 2 mini-batches
+    batch = sum(P.masked_total(x[i:i + 1], mask[i:i + 1], norm) for i in range(2))
+    assert_close(batch, 2 * P.masked_mean(x, mask))  # 2 mini-batches x the token mean over the batch
+    per_mini_batch = sum(P.masked_total(x[i:i + 1], mask[i:i + 1]) for i in range(2))
+    assert_close(per_mini_batch, torch.tensor((0 + 1) / 2 + (8 + 9 + 10 + 11 + 12 + 13) / 6))
+    # over processes: the counts are summed and shared out, so every process divides by the same number
+    total = P.loss_normalizers({"v": 10}, mini_batches=5, num_processes=2, total=lambda n: n * 2)["v"]
+    assert total == 2.0  # (10 + 10) / 2 processes / 5 mini-batches
+    assert P.loss_normalizers({"sil": torch.zeros(3, dtype=torch.bool)}, 2)["sil"] == 1.0  # nothing to imitate: no 0
+
+
+def test_losses_with_a_batch_normaliser_are_sums_over_it():
+    logp, old, adv, mask = _policy_case()
+    loss, _ = P.policy_loss(logp, old, adv, mask, clip=0.2, normalizer=2.0)
+    assert_close(loss, torch.tensor((-2.2 - 1.2 + 0.8 - 0.5) / 2))
+    sil = P.self_imitation_loss(torch.tensor([[-1.0, -3.0]]), torch.tensor([[True, True]]), torch.tensor([True]), 8.0)
+    assert_close(sil, torch.tensor(0.5))
+    v, _ = P.value_loss(torch.tensor([[1.0]]), torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[True]]),
+                        clip=0.2, normalizer=4.0)
+    assert_close(v, torch.tensor(0.125))
+
+
+def test_reward_model_reads_as_many_answers_on_every_process_when_sharded(monkeypatch):
+    """Under ZeRO-3/FSDP each RM forward is a collective: two processes whose batches hold
+    different numbers of prompts without tests must still run the same forwards."""
+    import config as C
+    import rlhf.reward as R
+
+    read = []
+    monkeypatch.setattr(R, "score_responses", lambda rm, tok, prompts, texts, device=None: read.append(len(texts))
+                        or torch.zeros(len(texts)))
+    monkeypatch.setattr(C, "PPO_RM_ON_TESTED", False)
+    monkeypatch.setattr(C, "PPO_REWARD_FN", "")
+    nan = float("nan")
+    batch, texts, ended = [{"messages": []}] * 4, ["a"] * 4, torch.ones(4, dtype=torch.bool)
+    norm = {"mean": 0.0, "std": 1.0}
+    ranks = [torch.tensor([1.0, 0.0, nan, nan]), torch.tensor([1.0, 0.0, 1.0, 1.0])]  # 2 and 0 untested rows
+    for every_row in (False, True):
+        read.clear()
+        scores = [P.sequence_scores(None, None, norm, batch, texts, ended, passed, "cpu", every_row=every_row)
+                  for passed in ranks]
+        assert read == ([4, 4] if every_row else [2])
+        # the tested answers' RM scores are read but not used: the tests decide there
+        assert scores[0][1].isnan().tolist() == [True, True, False, False]
+        assert_close(scores[0][0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
 # ---- critic-free advantages (PPO_ADVANTAGE) ----
 
 
