@@ -312,8 +312,17 @@ def markdown(report, plots):
                   f"{fmt(ppo.get('peak_rss_mib'), 0)} MiB (last 5 steps for KL and reward).", ""]
 
     lines += interval_lines(report["pass_at_1"])
-    lines += ["## Reward model (held-out preference pairs)", "", "| metric | value |", "|---|---|"]
-    for key, label in (("eval_accuracy", "accuracy (chosen scored above rejected)"), ("eval_f1", "F1 (one threshold)"),
+    lines += ["## Reward model (held-out preference pairs)", "", "| metric | value |", "|---|---|",
+              f"| accuracy (chosen scored above rejected) | {fmt(rm.get('eval_accuracy'))} |"]
+    for kind, label in (("buggy", "a correct and a buggy program"),
+                        ("wrong_value", "two correct programs, only the prompt decides (`wrong_value`)")):
+        if rm.get(f"eval_pairs_{kind}"):
+            lines.append(f"| accuracy on pairs of {label} | {fmt(rm[f'eval_accuracy_{kind}'])} ({rm[f'eval_pairs_{kind}']} pairs) |")
+        elif not rm.get("missing"):
+            why = "none of the held-out pairs" if rm.get("eval_pairs_buggy") or rm.get("eval_pairs_wrong_value") else \
+                "not recorded: RM_EVAL_FILE gives no `bug`"
+            lines.append(f"| accuracy on pairs of {label} | n/a ({why}) |")
+    for key, label in (("eval_f1", "F1 (one threshold)"),
                        ("eval_margin", "margin (chosen - rejected score)"), ("train_accuracy", "train accuracy"),
                        ("eval_pairs", "held-out pairs"),
                        ("heldout_test_agreement", "agrees with the tests: reference above the SFT model's failed "

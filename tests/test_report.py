@@ -221,3 +221,15 @@ def test_answers_to_tasks_the_file_no_longer_has_are_left_out_and_said(run_folde
     out = report.pass_at_1_with_intervals(reports)
     assert out["groups"]["held_out"]["gain"]["tasks"] == 30
     assert any(n.startswith("held-out SFT: 10 answers of") and "left out" in n for n in out["notes"])
+
+
+def test_report_md_gives_the_rm_accuracy_by_pair_kind():
+    intervals = {"level": 0.95, "resamples": 10, "seed": 0, "groups": {}, "files": {}, "notes": []}
+    base = {"created": "now", "machine": {"platform": "linux", "cpus": 2}, "versions": {}, "missing": [], "settings": {},
+            "sft": {}, "ppo": {}, "seconds": {}, "pass_at_1": intervals}
+    rm = {"eval_accuracy": 0.8, "eval_accuracy_buggy": 0.9, "eval_pairs_buggy": 215}
+    md = report.markdown(dict(base, rm=rm), [])
+    assert "| accuracy on pairs of a correct and a buggy program | 0.900 (215 pairs) |" in md
+    assert "only the prompt decides (`wrong_value`) | n/a (none of the held-out pairs) |" in md
+    md = report.markdown(dict(base, rm={"eval_accuracy": 0.8}), [])  # an eval file without `bug`
+    assert md.count("| n/a (not recorded: RM_EVAL_FILE gives no `bug`) |") == 2
