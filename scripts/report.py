@@ -23,7 +23,7 @@ import os
 import config as C
 from rlhf.common import run_stage
 from rlhf.data import read_jsonl
-from rlhf.handoff import machine, read_stage_info
+from rlhf.handoff import STAGE_INFO_FILE, indist_answers_path, is_current, machine, read_stage_info
 from rlhf.settings import apply_overrides, tool_help
 
 STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
@@ -119,39 +119,30 @@ def group_figures(sft, ppo, tasks):
     return out
 
 
-def indist_answers_path(reports, stage):
-    """Where the pipeline keeps the greedy answers of `stage`'s model to INDIST_TASKS_FILE."""
-    return os.path.join(reports, f"indist_{stage}.jsonl")
-
-
-def answers_are_current(path, model_dir):
-    """Is the answers file at `path` at least as new as the model in model_dir (its rlhf_stage.json)?
-    Answers written before the model was trained again answer for an earlier model."""
-    info = os.path.join(model_dir, "rlhf_stage.json")
-    return os.path.exists(path) and (not os.path.exists(info) or os.path.getmtime(path) >= os.path.getmtime(info))
-
-
 def answer_files(reports):
-    """Per task set, per model: (answers file, the model folder it must be newer than or None when
-    it is saved inside that folder, what makes the file)."""
+    """Per task set, per model: (answers file, the files it must be newer than, what makes it). The
+    held-out answers are saved with their model; the in-distribution ones are written after it."""
     files = {"held_out": {}, "in_distribution": {}}
     for stage, setting in (("sft", "SFT_DIR"), ("ppo", "PPO_DIR")):
         folder = getattr(C, setting)
-        files["held_out"][stage] = (os.path.join(folder, HELD_OUT_ANSWERS), None,
+        files["held_out"][stage] = (os.path.join(folder, HELD_OUT_ANSWERS), (),
                                     f"train_{stage}.py saves it with its final evaluation")
         path = indist_answers_path(reports, stage)
-        files["in_distribution"][stage] = (path, folder, f"run the pipeline (scripts/pipeline.py), or `python "
-                                           f"scripts/evaluate.py --model {folder} --problems {C.INDIST_TASKS_FILE} --k 1 --out {path}`")
+        files["in_distribution"][stage] = (
+            path, (os.path.join(folder, STAGE_INFO_FILE), C.INDIST_TASKS_FILE),
+            f"run the pipeline (scripts/pipeline.py), or `python scripts/evaluate.py --model {folder} "
+            f"--problems {C.INDIST_TASKS_FILE} --k 1 --out {path}`")
     return files
 
 
-def read_answers(path, model_dir, fix):
+def read_answers(path, inputs, fix):
     """({task_id: pass} or None, a line saying why None): the answers in `path`, left out when the
-    file is missing or older than the model in model_dir."""
+    file is missing or older than one of `inputs` (the model, the task file)."""
     if not os.path.exists(path):
         return None, f"{path} does not exist ({fix})"
-    if model_dir and not answers_are_current(path, model_dir):
-        return None, f"{path} is older than {model_dir}, so it answers for an earlier model ({fix})"
+    newer = [i for i in inputs if not is_current(path, i)]
+    if newer:
+        return None, f"{path} is older than {' and '.join(newer)}: it answers for an earlier one ({fix})"
     return passes_by_task(read_jsonl(path)), None
 
 
@@ -166,8 +157,8 @@ def pass_at_1_with_intervals(reports):
             continue
         rows = {str(r["task_id"]): r for r in read_jsonl(task_file)}
         answers = {}
-        for stage, (path, folder, fix) in answer_files(reports)[key].items():
-            answers[stage], why = read_answers(path, folder, fix)
+        for stage, (path, inputs, fix) in answer_files(reports)[key].items():
+            answers[stage], why = read_answers(path, inputs, fix)
             if why:
                 out["notes"].append(f"no {label} {stage.upper()} answers: {why}")
             elif not set(answers[stage]) & set(rows):

@@ -112,6 +112,7 @@ def run_folders(tmp_path, monkeypatch):
     """Task files with `habit`, the stages' held-out answers and the pipeline's in-distribution ones."""
     import config as C
     from conftest import write_jsonl
+    from rlhf.handoff import indist_answers_path
 
     def task(family, variant, k, habit):
         return {"task_id": f"{family}/{variant}/fn/en/t{k}", "family": family, "heldout_params": True, "habit": habit,
@@ -134,8 +135,8 @@ def run_folders(tmp_path, monkeypatch):
     reports = tmp_path / "reports"
     reports.mkdir()
     indist_ids = [t["task_id"] for t in indist]
-    answers(report.indist_answers_path(str(reports), "sft"), indist_ids, set(indist_ids[:9]))
-    answers(report.indist_answers_path(str(reports), "ppo"), indist_ids, set(indist_ids[:10]))
+    answers(indist_answers_path(str(reports), "sft"), indist_ids, set(indist_ids[:9]))
+    answers(indist_answers_path(str(reports), "ppo"), indist_ids, set(indist_ids[:10]))
     return tmp_path, str(reports)
 
 
