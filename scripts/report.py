@@ -453,7 +453,8 @@ def make_plots(infos, out_dir):
 def main(argv):
     ap = argparse.ArgumentParser(description="Write report.json, report.md and plots of the pipeline's stage outputs.",
                                  allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=tool_help(__file__, *(setting for _, setting in STAGES), overrides=True))
+                                 epilog=tool_help(__file__, *(setting for _, setting in STAGES),
+                                                  *(setting for _, _, setting in TASK_SETS), overrides=True))
     ap.add_argument("--reports", default="reports", metavar="DIR", help="output folder (and where timings.json is)")
     args, overrides = ap.parse_known_args(argv)
     apply_overrides(overrides, quiet=True)
