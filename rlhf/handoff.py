@@ -44,8 +44,8 @@ def read_stage_info(folder):
 
 
 def indist_answers_path(reports, stage):
-    """Where scripts/pipeline.py keeps the greedy answers of `stage`'s model to INDIST_TASKS_FILE
-    (the in-distribution tasks), scripts/report.py reads them."""
+    """Where scripts/pipeline.py writes, and scripts/report.py reads, the greedy answers of
+    `stage`'s model to INDIST_TASKS_FILE (the in-distribution tasks)."""
     return os.path.join(reports, f"indist_{stage}.jsonl")
 
 
