@@ -48,6 +48,7 @@ RM_TRAIN_FILE = "data/rm_train.jsonl"  # preference pairs: {"prompt", "chosen", 
 RM_EVAL_FILE = "data/rm_eval.jsonl"  # held-out pairs for accuracy, F1 and margin
 PPO_PROMPTS_FILE = "data/ppo_prompts.jsonl"  # prompts (with unit tests when available) for PPO rollouts
 EVAL_TASKS_FILE = "data/eval_tasks.jsonl"  # held-out code tasks with tests: pass@1 after SFT and PPO
+INDIST_TASKS_FILE = "data/indist_tasks.jsonl"  # in-distribution code tasks (reworded tasks of variants seen in training): the pipeline's greedy pass@1 of SFT and PPO, reported apart from the held-out figure; a missing file skips it
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: supervised fine-tuning (train_sft.py)

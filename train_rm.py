@@ -25,6 +25,10 @@ Metrics on the held-out pairs (RM_EVAL_FILE):
             separates good from bad answers across prompts, as PPO needs: it sees one answer at
             a time and its centred reward (score - mean) / std is positive exactly when the
             answer is classified preferred.
+  accuracy_buggy, accuracy_wrong_value  the accuracy apart on the two kinds of pairs, when the
+            eval file gives each pair's `bug`: a correct against a buggy program (any bug but
+            "wrong_value"), and a correct program against another variant's correct program
+            ("wrong_value": only the prompt can decide which is right).
   heldout_test_agreement  where the SFT model failed a held-out task's tests (SFT_DIR's
             eval_results.jsonl, EVAL_TASKS_FILE), the share where the RM scores the task's
             reference program above the failed answer: does it reward what the tests reward?
@@ -56,7 +60,7 @@ from rlhf.common import (
     check_lora_targets, load_tokenizer, lora_config, run_stage, start_stage, torch_dtype, trainer_args, trainer_schedule,
     use_log_line,
 )
-from rlhf.data import drop_too_long, load_preference_pairs, read_jsonl
+from rlhf.data import drop_too_long, load_preference_pairs, load_rows, read_jsonl
 from rlhf.handoff import check_output_dir, require_stage_output, save_stage, write_jsonl
 from rlhf.reward import (
     agreement_with_tests, conversation_ids, load_reward_model, preference_metrics, reference_answer, reward_statistics,
@@ -84,6 +88,21 @@ def score_pairs(model, tokenizer, pairs, device):
     scores = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs] +
                                  [p["prompt"] + p["rejected"] for p in pairs], C.RM_SCORE_BATCH_SIZE, device)
     return scores[:len(pairs)], scores[len(pairs):]
+
+
+def accuracy_by_pair_kind(chosen_scores, rejected_scores, bugs):
+    """{"accuracy_buggy", "pairs_buggy", "accuracy_wrong_value", "pairs_wrong_value"}: the share of
+    pairs whose chosen answer scores above the rejected one, apart for the pairs whose rejected
+    program has a bug (`bug` other than "wrong_value") and those whose rejected program is another
+    variant's correct one ("wrong_value"); pairs of unknown bug (None) count in neither, a kind with
+    no pair is left out."""
+    right = (chosen_scores > rejected_scores).tolist()
+    out = {}
+    for kind, wanted in (("buggy", lambda bug: bug != "wrong_value"), ("wrong_value", lambda bug: bug == "wrong_value")):
+        mine = [r for r, bug in zip(right, bugs) if bug is not None and wanted(bug)]
+        if mine:
+            out.update({f"accuracy_{kind}": sum(mine) / len(mine), f"pairs_{kind}": len(mine)})
+    return out
 
 
 def on_policy_pairs(tokenizer, state):
@@ -158,7 +177,8 @@ def main(argv):
 
     # ---- data: conversational preference pairs, too-long pairs dropped with a count
     train = load_preference_pairs(C.RM_TRAIN_FILE)
-    evals = load_preference_pairs(C.RM_EVAL_FILE)
+    evals = [dict(p, bug=row.get("bug"))  # the kind of pair, for the accuracy by kind (None where the file says none)
+             for p, row in zip(load_preference_pairs(C.RM_EVAL_FILE), load_rows(C.RM_EVAL_FILE))]
     failures = sft_failures(state)
     onpolicy, onpolicy_passed = on_policy_pairs(tokenizer, state)  # the SFT model's failing answers, tested
     train += onpolicy
@@ -195,7 +215,8 @@ def main(argv):
     )
     trainer = RewardTrainer(
         model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list([{k: v for k, v in p.items() if k != "bug"} for p in evals]),
         peft_config=lora_config("SEQ_CLS") if C.USE_LORA else None,  # the new score head is trained fully
     )
     use_log_line(trainer, "rm", [("loss", "loss"), ("accuracy", "acc"), ("margin", "margin"), ("eval_loss", "eval loss"),
@@ -222,6 +243,7 @@ def main(argv):
         eval_chosen, eval_rejected = score_pairs(model, tokenizer, evals, state.device)
         held_out = preference_metrics(eval_chosen, eval_rejected, threshold=stats["mean"])
         on_train = preference_metrics(train_chosen, train_rejected, threshold=stats["mean"])
+        held_out.update(accuracy_by_pair_kind(eval_chosen, eval_rejected, [p["bug"] for p in evals]))
         metrics = {f"eval_{k}": v for k, v in held_out.items()}
         metrics.update({
             "train_accuracy": on_train["accuracy"], "train_margin": on_train["margin"],
@@ -230,8 +252,10 @@ def main(argv):
             "score_seconds": time.time() - t1, "onpolicy_pairs": len(onpolicy), "onpolicy_passed": onpolicy_passed,
             "reward_mean": stats["mean"], "reward_std": stats["std"],
         })
+        kinds = "".join(f"{kind} {held_out[f'accuracy_{kind}']:.4f} ({held_out[f'pairs_{kind}']} pairs) | "
+                        for kind in ("buggy", "wrong_value") if f"accuracy_{kind}" in held_out)
         print(f"rm eval | accuracy {held_out['accuracy']:.4f} | f1 {held_out['f1']:.4f} | "
-              f"margin {held_out['margin']:.4g} | {held_out['pairs']} pairs | "
+              f"margin {held_out['margin']:.4g} | {held_out['pairs']} pairs | {kinds}"
               f"reward mean {stats['mean']:.4g} std {stats['std']:.4g}")
 
         # ---- does the RM agree with the tests on held-out tasks? where the SFT model failed them, the

@@ -43,6 +43,18 @@ def read_stage_info(folder):
         return json.load(f)
 
 
+def indist_answers_path(reports, stage):
+    """Where scripts/pipeline.py writes, and scripts/report.py reads, the greedy answers of
+    `stage`'s model to INDIST_TASKS_FILE (the in-distribution tasks)."""
+    return os.path.join(reports, f"indist_{stage}.jsonl")
+
+
+def is_current(path, *inputs):
+    """Does `path` exist and is it at least as new as each of `inputs` that exists? Answers written
+    before their model was trained again (its rlhf_stage.json), or their task file rebuilt, are not."""
+    return os.path.exists(path) and all(os.path.getmtime(path) >= os.path.getmtime(i) for i in inputs if os.path.exists(i))
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing this stage's output
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ Each stage runs as its own process (`python train_<stage>.py [overrides]`), exac
 run it by hand; its output goes to the terminal and to <reports>/logs/<stage>.log. The pipeline
 stops at the first stage that fails, with that stage's `error:` line. A stage whose output folder
 already holds a finished model (rlhf_stage.json) is reused, so an interrupted pipeline picks up
-where it stopped. Wall times go to <reports>/timings.json; the report (scripts/report.py) comes last.
+where it stopped. Wall times go to <reports>/timings.json. When INDIST_TASKS_FILE exists (tasks of
+variants seen in training), the SFT and PPO models then answer each of its tasks once, greedily
+(scripts/evaluate.py, into <reports>/indist_<stage>.jsonl; answers newer than their model and the
+task file are reused). The report (scripts/report.py) comes last.
 
     bash run.sh                                        # set-up, then this script (the main job)
     python scripts/pipeline.py --PPO_STEPS=5           # any --NAME=value goes to every stage
@@ -21,7 +24,7 @@ import time
 
 import config as C
 from rlhf.common import run_stage
-from rlhf.handoff import read_stage_info
+from rlhf.handoff import STAGE_INFO_FILE, indist_answers_path, is_current, read_stage_info
 from rlhf.settings import UserError, apply_overrides, check_values, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +93,29 @@ def stale_settings(stage, info, changes):
             and all(not k.startswith(prefix) or s == stage for s, prefix in own.items())}
 
 
+def evaluate_in_distribution(reports, overrides):
+    """The SFT and PPO models' greedy answers to INDIST_TASKS_FILE, one per task, by
+    scripts/evaluate.py (as a user runs it) into <reports>/indist_<stage>.jsonl for the report;
+    answers newer than their model and the task file are kept. Nothing when the file does not exist."""
+    if not os.path.exists(C.INDIST_TASKS_FILE):
+        print(f"pipeline: no in-distribution evaluation: INDIST_TASKS_FILE {C.INDIST_TASKS_FILE} does not exist", flush=True)
+        return
+    for stage, setting in (("sft", "SFT_DIR"), ("ppo", "PPO_DIR")):
+        folder, out = getattr(C, setting), indist_answers_path(reports, stage)
+        if is_current(out, os.path.join(folder, STAGE_INFO_FILE), C.INDIST_TASKS_FILE):
+            print(f"{stage}: {out} answers {C.INDIST_TASKS_FILE} for this model, reusing it", flush=True)
+            continue
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--model", folder,
+               "--problems", C.INDIST_TASKS_FILE, "--k", "1", "--out", out, *overrides]
+        print(f"pipeline: {stage} in-distribution: {' '.join(cmd[1:])}", flush=True)
+        log = os.path.join(reports, "logs", f"indist_{stage}.log")
+        code, error = run_logged(cmd, log)
+        if code != 0:
+            print(f"pipeline: stopped at the in-distribution evaluation of {stage} (exit {code}); log: {log}", file=sys.stderr)
+            print(error or "error: scripts/evaluate.py crashed, see the traceback above", file=sys.stderr)
+            sys.exit(code)
+
+
 def write_timings(path, timings):
     with open(path, "w") as f:
         json.dump(timings, f, indent=2)
@@ -149,6 +175,7 @@ def main(argv):
         trained = trained or name
         write_timings(timings_path, timings)  # after each stage: a later failure keeps the earlier times
     write_timings(timings_path, timings)
+    evaluate_in_distribution(args.reports, overrides)
 
     code, error = run_logged([sys.executable, os.path.join(ROOT, "scripts", "report.py"),
                                         f"--reports={args.reports}", *overrides],

@@ -3,6 +3,13 @@
 <reports>/report.md (SFT versus PPO, the reward model, timings) and PNG plots of training.
 A stage that has not run is reported as missing.
 
+Greedy pass@1 with a 95% interval comes from each model's answer to each task: on the held-out
+tasks (EVAL_TASKS_FILE) the stages' own eval_results.jsonl (SFT_DIR, PPO_DIR), on the
+in-distribution tasks (INDIST_TASKS_FILE, when it exists) <reports>/indist_sft.jsonl and
+indist_ppo.jsonl, which the pipeline writes with scripts/evaluate.py. Each set is also split into
+the families with a planted habitual bug (the task rows' `habit`) and the rest. A file that is
+missing is named in the report, with the figures it would have given left out.
+
     python scripts/report.py                                # after `bash run.sh`
     python scripts/report.py --reports /tmp/r --PPO_DIR=/tmp/ppo_model
 """
@@ -15,7 +22,8 @@ import os
 
 import config as C
 from rlhf.common import run_stage
-from rlhf.handoff import machine, read_stage_info
+from rlhf.data import read_jsonl
+from rlhf.handoff import STAGE_INFO_FILE, indist_answers_path, is_current, machine, read_stage_info
 from rlhf.settings import apply_overrides, tool_help
 
 STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
@@ -50,7 +58,130 @@ def versions():
     return out
 
 
-def build_report(infos, timings):
+# ---------------------------------------------------------------------------------------------
+# pass@1 with its uncertainty: one greedy answer per task, intervals by resampling the tasks
+# ---------------------------------------------------------------------------------------------
+BOOTSTRAP_SEED = 0  # fixed: the same answers always give the same report
+BOOTSTRAP_RESAMPLES = 10_000
+LEVEL = 0.95
+HELD_OUT_ANSWERS = "eval_results.jsonl"  # in SFT_DIR and PPO_DIR: each held-out task's greedy answer and verdict
+TASK_SETS = (("held_out", "held-out", "EVAL_TASKS_FILE"), ("in_distribution", "in-distribution", "INDIST_TASKS_FILE"))
+GROUPS = (("", "all", None), ("_habit", "planted-habit families", True), ("_other", "other families", False))
+
+
+def bootstrap_mean(values, seed=BOOTSTRAP_SEED, resamples=BOOTSTRAP_RESAMPLES, level=LEVEL):
+    """(mean, low, high): the mean of `values` (one per task) and its percentile-bootstrap interval
+    (Efron and Tibshirani 1993, ch. 13): the tasks are drawn with replacement `resamples` times and
+    the interval holds the middle `level` of the resampled means. For a paired comparison of two
+    models pass each task's difference (after - before): resampling the differences resamples the
+    same tasks for both models. None when there are no values."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return None
+    picks = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))  # (resamples, tasks)
+    low, high = np.quantile(values[picks].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return float(values.mean()), float(low), float(high)
+
+
+def variant_of(task_id):
+    """The (family, variant) a task belongs to: the first two parts of our task ids
+    ("quick_sort/3/quicksort/zh/t0w1", data/DATA_CARD.md); a task id of another shape is its own variant."""
+    parts = str(task_id).split("/")
+    return "/".join(parts[:2]) if len(parts) >= 3 else str(task_id)
+
+
+def passes_by_task(rows):
+    """{task_id: share of its answers that passed} of per-answer result rows (one greedy answer
+    per task gives 0 or 1)."""
+    answers = {}
+    for row in rows:
+        answers.setdefault(str(row["task_id"]), []).append(bool(row["passed"]))
+    return {task: sum(v) / len(v) for task, v in answers.items()}
+
+
+def figure(values, tasks):
+    """A figure of report.json: the mean of values with its interval, and the tasks and variants behind it."""
+    mean, low, high = bootstrap_mean(values)
+    return {"mean": mean, "low": low, "high": high, "tasks": len(tasks), "variants": len({variant_of(t) for t in tasks})}
+
+
+def group_figures(sft, ppo, tasks):
+    """SFT and PPO pass@1 over the tasks of a group each model answered, and the PPO - SFT gain over
+    the tasks both answered (paired); sft / ppo: {task_id: pass} or None when missing."""
+    out = {}
+    for name, passes in (("sft", sft), ("ppo", ppo)):
+        mine = [t for t in tasks if passes is not None and t in passes]
+        out[name] = figure([passes[t] for t in mine], mine) if mine else None
+    both = [t for t in tasks if sft is not None and ppo is not None and t in sft and t in ppo]
+    out["gain"] = figure([ppo[t] - sft[t] for t in both], both) if both else None
+    return out
+
+
+def answer_files(reports):
+    """Per task set, per model: (answers file, the files it must be newer than, what makes it). The
+    held-out answers are saved with their model; the in-distribution ones are written after it."""
+    files = {"held_out": {}, "in_distribution": {}}
+    for stage, setting in (("sft", "SFT_DIR"), ("ppo", "PPO_DIR")):
+        folder = getattr(C, setting)
+        files["held_out"][stage] = (os.path.join(folder, HELD_OUT_ANSWERS), (),
+                                    f"train_{stage}.py saves it with its final evaluation")
+        path = indist_answers_path(reports, stage)
+        files["in_distribution"][stage] = (
+            path, (os.path.join(folder, STAGE_INFO_FILE), C.INDIST_TASKS_FILE),
+            f"run the pipeline (scripts/pipeline.py), or `python scripts/evaluate.py --model {folder} "
+            f"--problems {C.INDIST_TASKS_FILE} --k 1 --out {path}`")
+    return files
+
+
+def read_answers(path, inputs, fix):
+    """({task_id: pass} or None, a line saying why None): the answers in `path`, left out when the
+    file is missing or older than one of `inputs` (the model, the task file)."""
+    if not os.path.exists(path):
+        return None, f"{path} does not exist ({fix})"
+    newer = [i for i in inputs if not is_current(path, i)]
+    if newer:
+        return None, f"{path} is older than {' and '.join(newer)}: it answers for an earlier one ({fix})"
+    return passes_by_task(read_jsonl(path)), None
+
+
+def pass_at_1_with_intervals(reports):
+    """report.json's "pass_at_1": the figures of every task set and group (TASK_SETS x GROUPS, each
+    None when it has no task), the files they come from, and a line for each one left out."""
+    out = {"level": LEVEL, "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "groups": {}, "files": {}, "notes": []}
+    for key, label, setting in TASK_SETS:
+        task_file = getattr(C, setting)
+        if not os.path.exists(task_file):
+            out["notes"].append(f"no {label} figures: {setting} {task_file} does not exist")
+            continue
+        rows = {str(r["task_id"]): r for r in read_jsonl(task_file)}
+        answers = {}
+        for stage, (path, inputs, fix) in answer_files(reports)[key].items():
+            answers[stage], why = read_answers(path, inputs, fix)
+            if why:
+                out["notes"].append(f"no {label} {stage.upper()} answers: {why}")
+            elif not set(answers[stage]) & set(rows):
+                out["notes"].append(f"no {label} {stage.upper()} answers: {path} answers none of the tasks of {task_file} "
+                                    f"(pass --{setting}=<the file it answers>)")
+                answers[stage] = None
+            elif set(answers[stage]) - set(rows):
+                out["notes"].append(f"{label} {stage.upper()}: {len(set(answers[stage]) - set(rows))} answers of {path} "
+                                    f"are to tasks {task_file} no longer has, left out")
+            out["files"].setdefault(key, {"tasks": task_file})[stage] = path
+        habits = {t: r["habit"] for t, r in rows.items() if isinstance(r.get("habit"), bool)}
+        if not habits:
+            out["notes"].append(f"no planted-habit split of the {label} tasks: {task_file} has no `habit` field")
+        for suffix, group_label, habit in GROUPS:
+            if habit is not None and not habits:
+                continue
+            tasks = [t for t in rows if habit is None or habits.get(t) is habit]
+            out["groups"][key + suffix] = {"label": f"{label}: {group_label}", "file": task_file,
+                                           **group_figures(answers["sft"], answers["ppo"], tasks)}
+    return out
+
+
+def build_report(infos, timings, reports="reports"):
     report = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "machine": ran_on(infos),
               "versions": versions(), "seconds": {}, "settings": {}, "missing": []}
     for name, setting in STAGES:
@@ -75,6 +206,7 @@ def build_report(infos, timings):
         report["ppo"]["sft_rm_score"] = before.get("eval_rm_score")
         report["ppo"]["sft_pass_at_1"] = before.get("eval_pass_at_1")
         report["ppo"]["first_step_response_length"] = first.get("response_length")
+    report["pass_at_1"] = pass_at_1_with_intervals(reports)
     return report
 
 
@@ -94,6 +226,38 @@ def fmt_seconds(value):
     if value is None:
         return "n/a"
     return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def fmt_figure(fig, signed=False, count=False):
+    """'0.452 [0.386, 0.519]' (signed: '+0.110 [+0.062, +0.157]'), 'n/a' for None; count adds the tasks."""
+    if fig is None:
+        return "n/a"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    text = f"{f.format(fig['mean'])} [{f.format(fig['low'])}, {f.format(fig['high'])}]"
+    return f"{text} ({fig['tasks']} tasks)" if count else text
+
+
+def interval_lines(intervals):
+    """report.md's table of pass@1 with intervals, per task set and group, and the lines on what is left out."""
+    lines = [f"## Greedy pass@1 with {intervals['level']:.0%} intervals", "",
+             "| tasks | SFT | PPO | PPO - SFT (paired) | tasks, variants |", "|---|---|---|---|---|"]
+    for group in intervals["groups"].values():
+        figures = [group[k] for k in ("sft", "ppo", "gain")]
+        sizes = {(f["tasks"], f["variants"]) for f in figures if f}
+        mixed = len(sizes) > 1  # a model answered tasks the other did not: each cell says how many
+        cells = [fmt_figure(f, signed=k == "gain", count=mixed) for f, k in zip(figures, ("sft", "ppo", "gain"))]
+        size = "n/a" if not sizes else "see cells" if mixed else "{}, {}".format(*sizes.pop())
+        lines.append(f"| {group['label']} | {' | '.join(cells)} | {size} |")
+    files = "; ".join(f"{key.replace('_', '-')}: {', '.join(f'{k} {v}' for k, v in paths.items())}"
+                      for key, paths in intervals["files"].items())
+    lines += ["", f"One greedy answer per task ({files}). Intervals: percentile bootstrap over tasks, "
+              f"{intervals['resamples']:,} resamples, seed {intervals['seed']}; the gain's interval resamples the "
+              "same tasks for both models. Tasks of one variant (the same program asked in other words) are "
+              "resampled as if independent. In-distribution tasks are reworded tasks of variants seen in training: "
+              "they are never part of the held-out figures.", ""]
+    if intervals["notes"]:
+        lines += [f"- {note}" for note in intervals["notes"]] + [""]
+    return lines
 
 
 def markdown(report, plots):
@@ -138,8 +302,18 @@ def markdown(report, plots):
                   f"{fmt(ppo.get('reward_mean'))}, {fmt(ppo.get('episodes_per_second'), 2)} episodes/s, peak memory "
                   f"{fmt(ppo.get('peak_rss_mib'), 0)} MiB (last 5 steps for KL and reward).", ""]
 
-    lines += ["## Reward model (held-out preference pairs)", "", "| metric | value |", "|---|---|"]
-    for key, label in (("eval_accuracy", "accuracy (chosen scored above rejected)"), ("eval_f1", "F1 (one threshold)"),
+    lines += interval_lines(report["pass_at_1"])
+    lines += ["## Reward model (held-out preference pairs)", "", "| metric | value |", "|---|---|",
+              f"| accuracy (chosen scored above rejected) | {fmt(rm.get('eval_accuracy'))} |"]
+    for kind, label in (("buggy", "a correct and a buggy program"),
+                        ("wrong_value", "two correct programs, only the prompt decides (`wrong_value`)")):
+        if rm.get(f"eval_pairs_{kind}"):
+            lines.append(f"| accuracy on pairs of {label} | {fmt(rm[f'eval_accuracy_{kind}'])} ({rm[f'eval_pairs_{kind}']} pairs) |")
+        elif not rm.get("missing"):
+            why = "none of the held-out pairs" if rm.get("eval_pairs_buggy") or rm.get("eval_pairs_wrong_value") else \
+                "not recorded: RM_EVAL_FILE gives no `bug`"
+            lines.append(f"| accuracy on pairs of {label} | n/a ({why}) |")
+    for key, label in (("eval_f1", "F1 (one threshold)"),
                        ("eval_margin", "margin (chosen - rejected score)"), ("train_accuracy", "train accuracy"),
                        ("eval_pairs", "held-out pairs"),
                        ("heldout_test_agreement", "agrees with the tests: reference above the SFT model's failed "
@@ -279,7 +453,8 @@ def make_plots(infos, out_dir):
 def main(argv):
     ap = argparse.ArgumentParser(description="Write report.json, report.md and plots of the pipeline's stage outputs.",
                                  allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=tool_help(__file__, *(setting for _, setting in STAGES), overrides=True))
+                                 epilog=tool_help(__file__, *(setting for _, setting in STAGES),
+                                                  *(setting for _, _, setting in TASK_SETS), overrides=True))
     ap.add_argument("--reports", default="reports", metavar="DIR", help="output folder (and where timings.json is)")
     args, overrides = ap.parse_known_args(argv)
     apply_overrides(overrides, quiet=True)
@@ -290,7 +465,7 @@ def main(argv):
         with open(timings_path) as f:
             timings = json.load(f)
     os.makedirs(args.reports, exist_ok=True)
-    report = build_report(infos, timings)
+    report = build_report(infos, timings, args.reports)
     plots = make_plots(infos, args.reports)
     with open(os.path.join(args.reports, "report.json"), "w") as f:
         json.dump(report, f, indent=2, ensure_ascii=False)

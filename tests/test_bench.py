@@ -158,3 +158,112 @@ def test_prompt_swap_pairs_differ_in_the_prompt_alone(rm_designs):
         assert (swapped_in["family"], swapped_in["entry_point"]) == (s["family"], s["task_id"].split("/")[2])
         assert program(original, "rejected") == build_data.fenced(swapped_in["solution"]).replace(
             swapped_in["entry_point"], "NAME")  # of the variant whose program the original pair rejected
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_seeds: SFT seeds x PPO seeds, the stages run once each, the mean and spread of the figures
+# ---------------------------------------------------------------------------------------------
+
+def fake_figures(sft_seed, ppo_seed):
+    """The figures a run's report.json gives in the fake below: SFT pass@1 0.3 + 0.01 x SFT seed,
+    PPO + 0.02 x PPO seed on top."""
+    sft = 0.3 + 0.01 * sft_seed
+    return sft, sft + 0.02 * ppo_seed
+
+
+@pytest.fixture
+def seeds_bench(monkeypatch, tmp_path):
+    """bench_seeds with its stage runs faked: each writes what the real one leaves (a finished model
+    folder; for the pipeline, the PPO model and a report.json); returns (module, the commands run)."""
+    import json
+
+    import config as C
+    from rlhf.settings import settings
+
+    for name, value in settings().items():  # main() applies its overrides to config: undone after the test
+        monkeypatch.setattr(C, name, value)
+    module = bench_module("bench_seeds")
+    monkeypatch.setattr(module._common, "RESULTS_DIR", str(tmp_path / "results"))
+    commands = []
+
+    def run(cmd, log):
+        commands.append(cmd)
+        args = dict(a[2:].split("=", 1) for a in cmd[2:] if a.startswith("--") and "=" in a)
+        script = os.path.basename(cmd[1])
+        folder = {"train_sft.py": args["SFT_DIR"], "train_rm.py": args["RM_DIR"], "pipeline.py": args.get("PPO_DIR")}[script]
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "rlhf_stage.json"), "w") as f:
+            f.write("{}")
+        if script == "pipeline.py":
+            sft_seed = int(args["SFT_DIR"].split("sft_seed")[1].split(os.sep)[0])
+            sft, ppo = fake_figures(sft_seed, int(args["SEED"]))
+
+            def fig(mean):
+                return {"mean": mean, "low": mean - 0.1, "high": mean + 0.1, "tasks": 40, "variants": 12}
+
+            groups = {"held_out": {"label": "held-out: all", "sft": fig(sft), "ppo": fig(ppo), "gain": fig(ppo - sft)},
+                      "held_out_habit": {"label": "held-out: planted-habit families", "sft": fig(sft), "ppo": None,
+                                         "gain": None}}
+            os.makedirs(args["reports"], exist_ok=True)
+            with open(os.path.join(args["reports"], "report.json"), "w") as f:
+                json.dump({"pass_at_1": {"groups": groups, "notes": [f"a note on {args['PPO_DIR']}"]},
+                           "sft": {"pass_at_1": sft, "pass_at_8": sft + 0.2}, "ppo": {"pass_at_1": ppo, "pass_at_8": ppo + 0.1},
+                           "machine": {"cpus": 2}, "created": "now", "seconds": {"ppo": 1.0}}, f)
+
+    monkeypatch.setattr(module, "run", run)
+    return module, commands
+
+
+def test_bench_seeds_trains_each_sft_seed_once_and_ppo_per_seed_pair(seeds_bench, tmp_path):
+    import json
+
+    module, commands = seeds_bench
+    out = tmp_path / "out"
+    result = module.main([f"--out={out}", "--sft_seeds=1,2", "--ppo_seeds=3,4", "--PPO_STEPS=5"])
+    scripts = [(os.path.basename(c[1]), next(a for a in c if a.startswith("--SEED="))) for c in commands]
+    assert scripts == [("train_sft.py", "--SEED=1"), ("train_rm.py", "--SEED=1"), ("pipeline.py", "--SEED=3"),
+                       ("pipeline.py", "--SEED=4"), ("train_sft.py", "--SEED=2"), ("train_rm.py", "--SEED=2"),
+                       ("pipeline.py", "--SEED=3"), ("pipeline.py", "--SEED=4")]
+    assert all("--PPO_STEPS=5" in c for c in commands)  # stage overrides reach every run
+    sft = commands[0]  # the embedded base model: one per SFT seed, so the seed sets its initialisation
+    assert f"--BASE_MODEL_DIR={out}/sft_seed1/base_model" in sft and f"--MODEL_NAME={out}/sft_seed1/base_model" in sft
+    assert f"--SFT_DIR={out}/sft_seed2/sft_model" in commands[7] and f"--PPO_DIR={out}/sft_seed2/ppo_seed4/ppo_model" in commands[7]
+    summary = result["summary"]
+    values = {(s, p): fake_figures(s, p) for s in (1, 2) for p in (3, 4)}
+    # SFT figures count once per SFT model, PPO figures and the gain once per run
+    assert summary["held_out/sft"]["runs"] == 2 and summary["held_out/sft"]["mean"] == pytest.approx(0.315)
+    assert summary["held_out/ppo"]["runs"] == 4
+    assert summary["held_out/ppo"]["mean"] == pytest.approx(sum(v[1] for v in values.values()) / 4)
+    assert (summary["held_out/ppo"]["min"], summary["held_out/ppo"]["max"]) == (pytest.approx(0.37), pytest.approx(0.40))
+    gain = summary["held_out/gain"]
+    assert gain["mean"] == pytest.approx(0.07) and gain["std"] == pytest.approx(0.011547, abs=1e-6)  # 0.06, 0.08 twice
+    assert gain["between_sft_seeds_std"] == pytest.approx(0.0) and gain["within_sft_seed_std"] == pytest.approx(0.014142, abs=1e-6)
+    assert summary["held_out_habit/ppo"] is None and summary["held_out_habit/sft"]["runs"] == 2
+    assert summary["sampled/sft_pass_at_8"]["runs"] == 2 and summary["sampled/ppo_pass_at_8"]["runs"] == 4
+    with open(out / "bench_seeds.json") as f:  # with the machine and date of the bench and of each run
+        saved = json.load(f)
+    assert saved["date"] and saved["machine"] and saved["runs"][0]["machine"] == {"cpus": 2}
+    assert saved["summary"]["held_out/gain"]["mean"] == pytest.approx(0.07)
+    assert (tmp_path / "results" / "bench_seeds.json").exists()
+
+
+def test_bench_seeds_resumes_skipping_the_runs_whose_output_exists(seeds_bench, tmp_path):
+    module, commands = seeds_bench
+    argv = [f"--out={tmp_path / 'out'}", "--sft_seeds=1,2", "--ppo_seeds=3"]
+    first = module.main(argv)
+    commands.clear()
+    assert module.main(argv)["summary"] == first["summary"] and commands == []  # nothing to run again
+    os.remove(tmp_path / "out" / "sft_seed2" / "ppo_seed3" / "reports" / "report.json")  # a run that stopped
+    module.main(argv)
+    assert [os.path.basename(c[1]) for c in commands] == ["pipeline.py"] and "--SEED=3" in commands[0]
+
+
+def test_bench_seeds_refuses_a_seed_or_folder_setting_it_sets_itself(seeds_bench, tmp_path):
+    from rlhf.settings import UserError
+
+    module, commands = seeds_bench
+    with pytest.raises(UserError, match="--SEED is set by the bench for each run"):
+        module.main([f"--out={tmp_path}", "--SEED=7"])
+    with pytest.raises(UserError, match="comma lists of integers"):
+        module.main([f"--out={tmp_path}", "--sft_seeds=1,x"])
+    assert commands == []

@@ -20,12 +20,15 @@ def pipeline_args(tiny_base, toy_data, toy_pairs, tmp_path_factory):
              "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}],
              "solution": f"def add_{k}(x):\n    return x + {k}"} for k in range(1, 9)]
     prompts = write_jsonl(folder / "ppo.jsonl", rows)
-    tasks = write_jsonl(folder / "tasks.jsonl", [dict(r, prompt=r["prompt"][0]["content"]) for r in rows[:3]])
+    tasks = [dict(r, prompt=r["prompt"][0]["content"], habit=k % 2 == 0) for k, r in enumerate(rows)]
+    indist = write_jsonl(folder / "indist.jsonl", tasks[3:6])  # in-distribution: tasks PPO was prompted with
+    tasks = write_jsonl(folder / "tasks.jsonl", tasks[:3])
     args = [f"--reports={folder / 'reports'}", f"--MODEL_NAME={tiny_base}", f"--RUNS_DIR={folder / 'runs'}",
             f"--SFT_DIR={folder / 'sft_model'}", f"--RM_DIR={folder / 'rm_model'}", f"--PPO_DIR={folder / 'ppo_model'}",
             f"--SFT_TRAIN_FILE={toy_data['sft_train']}", f"--SFT_EVAL_FILE={toy_data['sft_eval']}",
             f"--RM_TRAIN_FILE={toy_pairs['rm_train']}", f"--RM_EVAL_FILE={toy_pairs['rm_eval']}",
             f"--PPO_PROMPTS_FILE={prompts}", f"--EVAL_TASKS_FILE={tasks}", f"--RM_ONPOLICY_PROMPTS_FILE={tasks}",
+            f"--INDIST_TASKS_FILE={indist}",
             "--RM_ONPOLICY_SAMPLES=1",
             "--EPOCHS=1", "--BATCH_SIZE=8", "--LOG_EVERY=2", "--MAX_LEN=128", "--RM_MAX_LEN=128", "--RM_BATCH_SIZE=8",
             "--PPO_STEPS=2", "--PPO_BATCH_SIZE=4", "--PPO_MINI_BATCH_SIZE=2", "--PPO_EPOCHS=1", "--PPO_RESPONSE_LEN=8",
@@ -74,6 +77,20 @@ def test_pipeline_runs_every_stage_and_reports(first_run):
     assert "| \"用Python实现快速排序算法\": answers passing" in (reports / "report.md").read_text()
     for png in ("sft_loss.png", "rm_accuracy.png", "ppo_training.png"):
         assert (reports / png).stat().st_size > 10_000, png  # an empty figure is a few kB
+    # greedy pass@1 with intervals: held-out from the SFT stage's answers, in-distribution from the
+    # pipeline's own evaluation of both models (one answer per task), each split by planted habit
+    groups = report["pass_at_1"]["groups"]
+    sft_answers = {a["task_id"]: a["passed"] for a in answers}
+    assert groups["held_out"]["sft"]["mean"] == pytest.approx(sum(sft_answers.values()) / 3) == report["sft"]["pass_at_1"]
+    assert groups["held_out_habit"]["sft"]["tasks"] == 2 and groups["held_out_other"]["sft"]["tasks"] == 1  # t1, t3 | t2
+    for stage in ("sft", "ppo"):
+        indist = [json.loads(line) for line in open(reports / f"indist_{stage}.jsonl")]
+        assert sorted(a["task_id"] for a in indist) == ["t4", "t5", "t6"]
+        assert groups["in_distribution"][stage]["mean"] == pytest.approx(sum(a["passed"] for a in indist) / 3)
+        assert groups["in_distribution"][stage]["tasks"] == 3
+    assert groups["in_distribution"]["gain"]["tasks"] == 3
+    assert "| in-distribution: planted-habit families |" in (reports / "report.md").read_text()
+    assert "pipeline: sft in-distribution: " in proc.stdout and (reports / "logs" / "indist_ppo.log").exists()
     timings = json.load(open(reports / "timings.json"))
     assert set(timings) == {"sft", "rm", "ppo"} and all(t["source"] == "pipeline" for t in timings.values())
     for stage in ("sft", "rm", "ppo"):  # the log file holds the stage's own output
@@ -92,6 +109,9 @@ def test_second_run_reuses_every_stage(first_run):
     for stage in ("sft", "rm", "ppo"):
         assert f"{stage}: {folder / (stage + '_model')} is finished, reusing it (--redo {stage} to train again)" in proc.stdout
         assert finished_at(folder, stage) == before[stage]
+    for stage in ("sft", "ppo"):  # and their in-distribution answers
+        assert f"{stage}: {folder / 'reports' / f'indist_{stage}.jsonl'} answers " in proc.stdout
+    assert "in-distribution: " not in proc.stdout
     assert json.load(open(folder / "reports" / "timings.json")) == seconds  # earlier times kept
 
 
@@ -106,6 +126,8 @@ def test_redo_ppo_retrains_only_ppo(first_run):
     assert "reusing it (--redo ppo" not in proc.stdout
     assert finished_at(folder, "sft") == before["sft"] and finished_at(folder, "rm") == before["rm"]
     assert finished_at(folder, "ppo") != before["ppo"]
+    # the new PPO model answers the in-distribution tasks again, the SFT model's answers are kept
+    assert "pipeline: ppo in-distribution: " in proc.stdout and "pipeline: sft in-distribution" not in proc.stdout
     assert json.load(open(folder / "reports" / "report.json"))["ppo"]["finished_at"] == finished_at(folder, "ppo")
 
 

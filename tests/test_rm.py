@@ -14,8 +14,11 @@ from conftest import run_script, toy_preference_pairs, toy_tasks, write_jsonl
 @pytest.fixture(scope="module")
 def rm_run(tiny_sft, toy_pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm")
+    # held-out pairs with a `bug`, as the bundled ones have: a third only the prompt could decide
+    evals = write_jsonl(out / "rm_eval.jsonl", [dict(p, bug="wrong_value" if i % 3 == 0 else "wrong_operator")
+                                                for i, p in enumerate(toy_preference_pairs(16, seed=4))])
     args = [f"--SFT_DIR={tiny_sft}", f"--RM_DIR={out / 'rm_model'}", f"--RUNS_DIR={out / 'runs'}",
-            f"--RM_TRAIN_FILE={toy_pairs['rm_train']}", f"--RM_EVAL_FILE={toy_pairs['rm_eval']}",
+            f"--RM_TRAIN_FILE={toy_pairs['rm_train']}", f"--RM_EVAL_FILE={evals}",
             "--RM_EPOCHS=2", "--RM_BATCH_SIZE=16", "--RM_LR=5e-3", "--LOG_EVERY=2",
             f"--RM_ONPOLICY_PROMPTS_FILE={toy_pairs['tasks']}", "--RM_ONPOLICY_SAMPLES=2", "--GEN_MAX_NEW_TOKENS=8"]
     proc = run_script("train_rm.py", *args)
@@ -54,6 +57,10 @@ def test_rm_saves_a_loadable_reward_model(rm_run):
     for key in ("eval_accuracy", "eval_f1", "eval_margin"):
         assert key in results
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0.0 <= results["eval_f1"] <= 1.0
+    # the accuracy apart for pairs with a buggy program and pairs only the prompt decides: 10 + 6 of 16
+    assert (results["eval_pairs_buggy"], results["eval_pairs_wrong_value"]) == (10, 6)
+    assert results["eval_accuracy"] == pytest.approx((10 * results["eval_accuracy_buggy"]
+                                                      + 6 * results["eval_accuracy_wrong_value"]) / 16)
     assert results["train_tokens"] > 0
     info = json.load(open(folder / "rlhf_stage.json"))
     assert info["stage"] == "rm" and info["metrics"]["eval_accuracy"] == results["eval_accuracy"]
@@ -171,6 +178,19 @@ def test_preference_metrics_definitions():
     # preferred when > 0.75: chosen 3, 1, 2 (tp 3, fn 1); rejected 1, 2 (fp 2)
     assert m["precision"] == pytest.approx(3 / 5) and m["recall"] == pytest.approx(3 / 4)
     assert m["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+
+
+def test_accuracy_by_pair_kind_splits_buggy_from_wrong_value_pairs():
+    import torch
+
+    from train_rm import accuracy_by_pair_kind
+
+    chosen, rejected = torch.tensor([1.0, 1.0, 0.0, 0.0, 2.0]), torch.tensor([0.0, 2.0, 1.0, -1.0, 0.0])
+    bugs = ["off_by_one", "wrong_value", "wrong_value", "missing_return", None]  # right, wrong, wrong, right, right
+    assert accuracy_by_pair_kind(chosen, rejected, bugs) == {"accuracy_buggy": 1.0, "pairs_buggy": 2,
+                                                             "accuracy_wrong_value": 0.0, "pairs_wrong_value": 2}
+    assert accuracy_by_pair_kind(chosen, rejected, [None] * 5) == {}  # an eval file without `bug`: no split
+    assert accuracy_by_pair_kind(chosen[:1], rejected[:1], ["off_by_one"]) == {"accuracy_buggy": 1.0, "pairs_buggy": 1}
 
 
 def test_rm_lora_trains_the_head_and_saves_a_merged_model(tiny_sft, toy_pairs, tmp_path, run_in_process):
