@@ -33,14 +33,13 @@ from rlhf.common import (
     check_lora_targets, head_scales_logits, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights,
     resolve_base_model, run_stage, start_stage, stop_at_end_of_turn, trainer_args, trainer_schedule, use_log_line,
 )
-from rlhf.data import drop_too_long, load_sft_examples
+from rlhf.data import drop_too_long, load_sft_examples, template_lengths
 from rlhf.handoff import check_output_dir, save_stage, write_jsonl
 
 
-def token_lengths(tokenizer, examples):
+def token_lengths(tokenizer, examples, source="SFT data"):
     """Tokens of prompt + completion as the chat template renders them (what SFTTrainer sees)."""
-    return [len(tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True)["input_ids"])
-            for ex in examples]
+    return template_lengths(tokenizer, [ex["prompt"] + ex["completion"] for ex in examples], source)
 
 
 def score_answer_tokens_only(model):
@@ -149,8 +148,8 @@ def main(argv):
         problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
     base = resolve_base_model()
     tokenizer = load_tokenizer(base)
-    train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
-    evals = drop_too_long(evals, token_lengths(tokenizer, evals), C.MAX_LEN, C.SFT_EVAL_FILE)
+    train = drop_too_long(train, token_lengths(tokenizer, train, C.SFT_TRAIN_FILE), C.MAX_LEN, C.SFT_TRAIN_FILE)
+    evals = drop_too_long(evals, token_lengths(tokenizer, evals, C.SFT_EVAL_FILE), C.MAX_LEN, C.SFT_EVAL_FILE)
     if state.is_main_process:
         print(f"data: {len(train)} train / {len(evals)} eval conversations")
 
