@@ -221,8 +221,9 @@ def load_tokenizer(path):
                         "or save one with tokenizer.chat_template = ...")
     ends = end_of_turn_ids(tok)
     if tok.pad_token_id is None or tok.pad_token_id in ends:
-        spare = [t for t in ("<|pad|>", "<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", tok.unk_token,
-                             tok.bos_token) if t is not None and t in tok.get_vocab() and tok.convert_tokens_to_ids(t) not in ends]
+        spare = [t for t in ("<|pad|>", "<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", "<|fim_pad|>", "<fim_pad>",
+                             tok.unk_token, tok.bos_token)  # fim_pad: the fill-in-the-middle padding of code models
+                 if t is not None and t in tok.get_vocab() and tok.convert_tokens_to_ids(t) not in ends]
         if not spare:
             raise UserError(f"the tokenizer of {path!r} has no token to pad with other than the end of a turn; "
                             "add a pad token (tokenizer.add_special_tokens) and resize the model")
