@@ -63,6 +63,7 @@ WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up
 WEIGHT_DECAY = 0.0  # AdamW weight decay
 PACKING = False  # True: pack padding-free (fast only with flash-attention on a GPU); False: batches grouped by length
 SFT_EVAL_PASS_AT_1 = True  # after training, generate for EVAL_TASKS_FILE and report pass@1 (sandboxed)
+CHAT_TEMPLATE = "model"  # model: the base model's own chat template | chatml: a ChatML template in its place, its tokens added and the embeddings resized (full fine-tuning only), for a base model that has none; RM, PPO and the tools use the template SFT saved
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2: reward model (train_rm.py)

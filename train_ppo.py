@@ -38,7 +38,7 @@ from rlhf.common import (
     check_lora_targets, end_of_turn_ids, head_scales_logits, launched_with_sharded_weights, load_causal_lm, load_tokenizer,
     lora_config, mixed_precision, precision, prompt_rng, report_to, run_stage, start_stage, stop_at_end_of_turn, torch_dtype,
 )
-from rlhf.data import load_rows, prompt_messages
+from rlhf.data import load_rows, prompt_messages, template_lengths
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
 from rlhf.generation import generate, hf_model, positions
 from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json, write_jsonl
@@ -611,8 +611,7 @@ def load_prompts(path, tokenizer):
             record["prompt"] = messages[-1]["content"]
         rows.append({"messages": messages, "problem": problem_from_row(record, where)})  # tests checked here
     limit = C.MAX_LEN - C.PPO_RESPONSE_LEN
-    lengths = [len(tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"])
-               for r in rows]
+    lengths = template_lengths(tokenizer, [r["messages"] for r in rows], path, add_generation_prompt=True)
     kept = [r for r, n in zip(rows, lengths) if n <= limit]
     if not kept:
         raise UserError(f"{path}: every prompt is longer than MAX_LEN - PPO_RESPONSE_LEN = {limit} tokens")

@@ -60,10 +60,10 @@ from rlhf.common import (
     check_lora_targets, load_tokenizer, lora_config, run_stage, start_stage, torch_dtype, trainer_args, trainer_schedule,
     use_log_line,
 )
-from rlhf.data import drop_too_long, load_preference_pairs, load_rows, read_jsonl
+from rlhf.data import drop_too_long, load_preference_pairs, load_rows, read_jsonl, template_lengths
 from rlhf.handoff import check_output_dir, require_stage_output, save_stage, write_jsonl
 from rlhf.reward import (
-    agreement_with_tests, conversation_ids, load_reward_model, preference_metrics, reference_answer, reward_statistics,
+    agreement_with_tests, load_reward_model, preference_metrics, reference_answer, reward_statistics,
     save_reward_normalization, score_conversations,
 )
 
@@ -77,10 +77,11 @@ def spread(items, n):
     return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
 
 
-def pair_lengths(tokenizer, pairs):
+def pair_lengths(tokenizer, pairs, source):
     """Tokens of the longer side of each pair (RewardTrainer drops a pair if either side is too long)."""
-    return [max(len(conversation_ids(tokenizer, p["prompt"] + p["chosen"])),
-                len(conversation_ids(tokenizer, p["prompt"] + p["rejected"]))) for p in pairs]
+    chosen = template_lengths(tokenizer, [p["prompt"] + p["chosen"] for p in pairs], source)
+    rejected = template_lengths(tokenizer, [p["prompt"] + p["rejected"] for p in pairs], source)
+    return [max(c, r) for c, r in zip(chosen, rejected)]
 
 
 def score_pairs(model, tokenizer, pairs, device):
@@ -184,8 +185,8 @@ def main(argv):
     train += onpolicy
     # `length` lets the sampler batch pairs of similar length: each pair is padded to the longest
     # sequence of its batch, and random batches of the bundled data would be ~40% padding.
-    train = [dict(p, length=n) for p, n in zip(train, pair_lengths(tokenizer, train))]
-    evals = [dict(p, length=n) for p, n in zip(evals, pair_lengths(tokenizer, evals))]
+    train = [dict(p, length=n) for p, n in zip(train, pair_lengths(tokenizer, train, C.RM_TRAIN_FILE))]
+    evals = [dict(p, length=n) for p, n in zip(evals, pair_lengths(tokenizer, evals, C.RM_EVAL_FILE))]
     train = drop_too_long(train, [p["length"] for p in train], C.RM_MAX_LEN, C.RM_TRAIN_FILE, "RM_MAX_LEN")
     evals = drop_too_long(evals, [p["length"] for p in evals], C.RM_MAX_LEN, C.RM_EVAL_FILE, "RM_MAX_LEN")
     if state.is_main_process:

@@ -16,6 +16,7 @@ the faster choice on GPUs with flash-attention); precision follows the hardware.
 
     python train_sft.py                                   # embedded default, CPU is fine
     python train_sft.py --USE_LORA=true --LR=1e-4         # LoRA, merged on save
+    python train_sft.py --MODEL_NAME=bigcode/starcoder2-3b --CHAT_TEMPLATE=chatml  # a base model: tuned on ChatML
     accelerate launch --config_file accelerate_configs/ddp.yaml train_sft.py  # several GPUs (docs/DISTRIBUTED.md: DeepSpeed, FSDP)
     accelerate launch --config_file accelerate_configs/cpu.yaml train_sft.py  # 2 CPU processes
 
@@ -30,17 +31,17 @@ import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
 from rlhf.codeeval import evaluate_model, load_problems, pass_at_1_metrics, sampled_pass_at_k, seed_prompt_passes
 from rlhf.common import (
-    check_lora_targets, head_scales_logits, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights,
-    resolve_base_model, run_stage, start_stage, stop_at_end_of_turn, trainer_args, trainer_schedule, use_log_line,
+    check_lora_targets, fit_embeddings, head_scales_logits, load_causal_lm, load_tokenizer, lora_config,
+    merge_lora_weights, resolve_base_model, run_stage, start_stage, stop_at_end_of_turn, trainer_args, trainer_schedule,
+    use_log_line,
 )
-from rlhf.data import drop_too_long, load_sft_examples
+from rlhf.data import drop_too_long, load_sft_examples, template_lengths
 from rlhf.handoff import check_output_dir, save_stage, write_jsonl
 
 
-def token_lengths(tokenizer, examples):
+def token_lengths(tokenizer, examples, source="SFT data"):
     """Tokens of prompt + completion as the chat template renders them (what SFTTrainer sees)."""
-    return [len(tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True)["input_ids"])
-            for ex in examples]
+    return template_lengths(tokenizer, [ex["prompt"] + ex["completion"] for ex in examples], source)
 
 
 def score_answer_tokens_only(model):
@@ -148,14 +149,15 @@ def main(argv):
     if C.SFT_EVAL_PASS_AT_1 and os.path.exists(C.EVAL_TASKS_FILE):
         problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
     base = resolve_base_model()
-    tokenizer = load_tokenizer(base)
-    train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
-    evals = drop_too_long(evals, token_lengths(tokenizer, evals), C.MAX_LEN, C.SFT_EVAL_FILE)
+    tokenizer = load_tokenizer(base, C.CHAT_TEMPLATE)  # chatml: ChatML in place of the model's own
+    train = drop_too_long(train, token_lengths(tokenizer, train, C.SFT_TRAIN_FILE), C.MAX_LEN, C.SFT_TRAIN_FILE)
+    evals = drop_too_long(evals, token_lengths(tokenizer, evals, C.SFT_EVAL_FILE), C.MAX_LEN, C.SFT_EVAL_FILE)
     if state.is_main_process:
         print(f"data: {len(train)} train / {len(evals)} eval conversations")
 
     # ---- model
     model = load_causal_lm(base)
+    fit_embeddings(model, tokenizer, C.USE_LORA)  # room for the tokens CHAT_TEMPLATE=chatml added
     check_lora_targets(model)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
     # checkpoints are written to the staging folder and moved when complete (train_resumable)

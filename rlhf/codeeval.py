@@ -204,9 +204,12 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     from rlhf.common import end_of_turn_ids
     from rlhf.generation import generate
 
-    stop_ids = end_of_turn_ids(tokenizer, model)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stop_ids:  # rlhf.common.load_tokenizer's rule
+    # rlhf.common.load_tokenizer's rule, on the tokenizer alone: the pad may be one of the model's other
+    # stop ids (Qwen2.5 pads with <|endoftext|>, which its generation_config lists), as padding only
+    # ever follows an answer's first stop token
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in end_of_turn_ids(tokenizer):
         raise ValueError("generate_completions needs a pad token that ends no turn: load the tokenizer with load_tokenizer")
+    stop_ids = end_of_turn_ids(tokenizer, model)
     batch_size = batch_size or max(1, C.GEN_BATCH_SIZE // num_samples)
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
              for m in messages_list]

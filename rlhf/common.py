@@ -213,27 +213,60 @@ def resolve_base_model():
     return name
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, chat_template="model"):
     """AutoTokenizer with a pad token distinct from EOS. If the tokenizer has none, an existing
-    special token is borrowed (no new embedding rows); returns the tokenizer."""
+    special token is borrowed (no new embedding rows); returns the tokenizer. chat_template
+    (CHAT_TEMPLATE, which SFT passes): "model" keeps the tokenizer's own, "chatml" puts ChatML in
+    its place (use_chatml; the model's embeddings must then fit the tokenizer: fit_embeddings)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise UserError(f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
+    if chat_template.lower() == "chatml":
+        use_chatml(tok)
     if tok.chat_template is None:
-        raise UserError(f"the tokenizer of {path!r} has no chat template; use an instruct/chat model "
-                        "or save one with tokenizer.chat_template = ...")
+        raise UserError(f"the tokenizer of {path!r} has no chat template (a base model?): train_sft.py "
+                        "--CHAT_TEMPLATE=chatml tunes it on ChatML, or start from an instruct/chat model")
     ends = end_of_turn_ids(tok)
     if tok.pad_token_id is None or tok.pad_token_id in ends:
-        spare = [t for t in ("<|pad|>", "<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", tok.unk_token,
-                             tok.bos_token) if t is not None and t in tok.get_vocab() and tok.convert_tokens_to_ids(t) not in ends]
+        spare = [t for t in ("<|pad|>", "<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", "<|fim_pad|>", "<fim_pad>",
+                             tok.unk_token, tok.bos_token)  # fim_pad: the fill-in-the-middle padding of code models
+                 if t is not None and t in tok.get_vocab() and tok.convert_tokens_to_ids(t) not in ends]
         if not spare:
             raise UserError(f"the tokenizer of {path!r} has no token to pad with other than the end of a turn; "
                             "add a pad token (tokenizer.add_special_tokens) and resize the model")
         tok.pad_token = spare[0]
     return tok
+
+
+def use_chatml(tokenizer):
+    """Put ChatML (the embedded default's template, rlhf/base_model.py) in place of the tokenizer's
+    chat template, after its BOS when it has one of its own (Llama, Mistral and Gemma saw BOS before
+    every document in pre-training; GPT-style tokenizers such as StarCoder2's name their EOS as BOS
+    and add none), and add <|im_start|> and <|im_end|> as special tokens where the vocabulary lacks
+    them. <|im_end|> ends a turn (end_of_turn_ids finds it in the template)."""
+    from rlhf.base_model import CHAT_TEMPLATE
+
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
+                                 replace_extra_special_tokens=False)
+    tokenizer.chat_template = "{%- if bos_token and bos_token != eos_token %}{{- bos_token }}{%- endif %}" + CHAT_TEMPLATE
+
+
+def fit_embeddings(model, tokenizer, lora):
+    """Grow the model's input and output embeddings to the tokenizer's vocabulary when it has more
+    tokens (CHAT_TEMPLATE=chatml added ChatML's), the new rows at the mean of the others. Not under
+    LoRA: its adapters would leave those rows untrained, and a mean output row is never the most
+    likely token, so the model could not learn to end a turn."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return
+    if lora:
+        raise UserError(f"the chat template's tokens are new to the model ({len(tokenizer) - rows} embedding rows to "
+                        "train) and LoRA does not train embeddings: run SFT with --USE_LORA=false, or start from a "
+                        "model whose tokenizer has a chat template")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
 
 def end_of_turn_ids(tokenizer, model=None):

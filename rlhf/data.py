@@ -152,6 +152,24 @@ def load_preference_pairs(source):
     return out
 
 
+def template_lengths(tokenizer, conversations, source, add_generation_prompt=False):
+    """Tokens of each conversation (a list of messages) through the tokenizer's chat template, as
+    the trainers tokenise it. A conversation the template refuses (Gemma's and Mistral's raise on a
+    system message, most on roles that do not alternate) is one line naming the file and the row."""
+    import jinja2
+
+    lengths = []
+    for i, messages in enumerate(conversations):
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                return_dict=True)["input_ids"]
+        except jinja2.TemplateError as e:
+            raise UserError(f"{source}: row {i + 1}: the model's chat template refuses it ({e}); Gemma's and "
+                            "Mistral's take no system message: put it in the first user message") from None
+        lengths.append(len(ids))
+    return lengths
+
+
 def drop_too_long(examples, lengths, max_len, source, setting="MAX_LEN"):
     """Drop examples over max_len tokens (the value of `setting`) with a count; an error if none is left."""
     kept = [ex for ex, n in zip(examples, lengths) if n <= max_len]

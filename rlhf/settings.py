@@ -23,6 +23,7 @@ CHOICES = {
     "PPO_ADVANTAGE": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
     "PPO_LOSS_NORM": ("batch", "mini_batch"),
     "SANDBOX_MODE": ("namespaces", "weak"),
+    "CHAT_TEMPLATE": ("model", "chatml"),
 }
 # Numbers that must lie in an interval, checked before any work. Shares and probabilities first:
 # a warm-up "ratio" of 1 or more is read by transformers as a number of steps, not a share.

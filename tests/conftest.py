@@ -65,7 +65,7 @@ def starts_a_process(function):
 SAME_WORKER = {"tests/test_multinode.py": "tests/test_distributed.py"}
 # the files that take longest, first (test.sh keeps this order: --no-loadscope-reorder), so that no
 # worker is left with a long file at the end
-LONGEST_FIRST = ["test_distributed.py", "test_multinode.py", "test_ppo.py", "test_pipeline.py"]
+LONGEST_FIRST = ["test_distributed.py", "test_multinode.py", "test_ppo.py", "test_pipeline.py", "test_model_families.py"]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -104,8 +104,8 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
 
 @pytest.fixture
 def run_in_process(monkeypatch, capsys):
-    """run(script, *args): a stage script run in this process the way `python <script> <args>`
-    runs it (run_stage: a UserError is one `error:` line on stderr and exit code 2), without the
+    """run(script, *args): a stage script or a tool of scripts/ run in this process the way
+    `python <script> <args>` runs it (run_stage: a UserError is one `error:` line on stderr and exit code 2), without the
     interpreter start-up and its ~6 s of imports; for the errors a stage reports before it trains,
     and for whole runs whose test needs no process of its own (tests/test_ppo.py). Every run
     starts from the settings the test had; they are restored afterwards. Returns a
@@ -129,7 +129,7 @@ def run_in_process(monkeypatch, capsys):
         for name, value in saved.items():
             setattr(C, name, value)
         AcceleratorState._reset_state(reset_partial_state=True)  # each run chooses its own precision, as a process would
-        main = importlib.import_module(script.removesuffix(".py")).main
+        main = importlib.import_module(script.removesuffix(".py").replace("/", ".")).main  # scripts/x.py: scripts.x
         monkeypatch.setattr(sys, "argv", [script, *args])
         capsys.readouterr()
         try:
