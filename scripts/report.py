@@ -69,19 +69,31 @@ TASK_SETS = (("held_out", "held-out", "EVAL_TASKS_FILE"), ("in_distribution", "i
 GROUPS = (("", "all", None), ("_habit", "planted-habit families", True), ("_other", "other families", False))
 
 
-def bootstrap_mean(values, seed=BOOTSTRAP_SEED, resamples=BOOTSTRAP_RESAMPLES, level=LEVEL):
+def bootstrap_mean(values, seed=BOOTSTRAP_SEED, resamples=BOOTSTRAP_RESAMPLES, level=LEVEL, clusters=None):
     """(mean, low, high): the mean of `values` (one per task) and its percentile-bootstrap interval
     (Efron and Tibshirani 1993, ch. 13): the tasks are drawn with replacement `resamples` times and
-    the interval holds the middle `level` of the resampled means. For a paired comparison of two
-    models pass each task's difference (after - before): resampling the differences resamples the
-    same tasks for both models. None when there are no values."""
+    the interval holds the middle `level` of the resampled means. With `clusters` (one label per
+    value: the task's variant) whole clusters are drawn instead, every task of a drawn cluster with
+    it: tasks that rephrase one variant share its program and pass or fail together, so they are
+    not independent draws, and the interval widens accordingly (cluster bootstrap, Davison and
+    Hinkley 1997, section 3.8). For a paired comparison of two models pass each task's difference
+    (after - before): resampling the differences resamples the same tasks for both models. None
+    when there are no values."""
     import numpy as np
 
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         return None
-    picks = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))  # (resamples, tasks)
-    low, high = np.quantile(values[picks].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    rng = np.random.default_rng(seed)
+    if clusters is None:
+        picks = rng.integers(0, values.size, size=(resamples, values.size))  # (resamples, tasks)
+        means = values[picks].mean(axis=1)
+    else:
+        _, index = np.unique(np.asarray(clusters, dtype=str), return_inverse=True)
+        sums, sizes = np.bincount(index, weights=values), np.bincount(index).astype(float)  # per cluster
+        picks = rng.integers(0, sizes.size, size=(resamples, sizes.size))  # (resamples, clusters)
+        means = sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(values.mean()), float(low), float(high)
 
 
@@ -103,7 +115,7 @@ def passes_by_task(rows):
 
 def figure(values, tasks):
     """A figure of report.json: the mean of values with its interval, and the tasks and variants behind it."""
-    mean, low, high = bootstrap_mean(values)
+    mean, low, high = bootstrap_mean(values, clusters=[variant_of(t) for t in tasks])
     return {"mean": mean, "low": low, "high": high, "tasks": len(tasks), "variants": len({variant_of(t) for t in tasks})}
 
 
@@ -250,10 +262,10 @@ def interval_lines(intervals):
         lines.append(f"| {group['label']} | {' | '.join(cells)} | {size} |")
     files = "; ".join(f"{key.replace('_', '-')}: {', '.join(f'{k} {v}' for k, v in paths.items())}"
                       for key, paths in intervals["files"].items())
-    lines += ["", f"One greedy answer per task ({files}). Intervals: percentile bootstrap over tasks, "
+    lines += ["", f"One greedy answer per task ({files}). Intervals: percentile bootstrap over variants "
+              "(the tasks of one variant, the same program asked in other words, are drawn together), "
               f"{intervals['resamples']:,} resamples, seed {intervals['seed']}; the gain's interval resamples the "
-              "same tasks for both models. Tasks of one variant (the same program asked in other words) are "
-              "resampled as if independent. In-distribution tasks are reworded tasks of variants seen in training: "
+              "same tasks for both models. In-distribution tasks are reworded tasks of variants seen in training: "
               "they are never part of the held-out figures.", ""]
     if intervals["notes"]:
         lines += [f"- {note}" for note in intervals["notes"]] + [""]

@@ -74,6 +74,22 @@ def test_bootstrap_interval_narrows_with_more_tasks():
     assert (many[2] - many[1]) < 0.5 * (few[2] - few[1])  # 10x the tasks: about sqrt(10) = 3.2x narrower
 
 
+def test_cluster_bootstrap_widens_the_interval_when_tasks_of_a_variant_agree():
+    """Four rephrasings of each of 20 variants, passing or failing together: 80 tasks carry the
+    information of 20, and drawing whole variants gives the interval of 20 tasks."""
+    variants = [i % 2 for i in range(20)]
+    values = [v for v in variants for _ in range(4)]
+    clusters = [i for i in range(20) for _ in range(4)]
+    tasks = report.bootstrap_mean(values)
+    by_variant = report.bootstrap_mean(values, clusters=clusters)
+    twenty = report.bootstrap_mean(variants)
+    assert tasks[0] == by_variant[0] == 0.5
+    assert (by_variant[2] - by_variant[1]) > 1.7 * (tasks[2] - tasks[1])  # about sqrt(4) = 2x wider
+    assert by_variant[2] - by_variant[1] == pytest.approx(twenty[2] - twenty[1], rel=0.15)
+    # every task its own cluster: the task-level interval
+    assert report.bootstrap_mean(values, clusters=range(80)) == pytest.approx(tasks, abs=0.02)
+
+
 def test_paired_gain_of_identical_answers_is_exactly_zero():
     passes = {f"f/{i}/x/en/t0": float(i % 3 == 0) for i in range(30)}
     gain = report.group_figures(passes, dict(passes), list(passes))["gain"]
