@@ -784,7 +784,8 @@ def setup(accelerator):
     # data (before the models: a mistake in it is reported in seconds)
     s.tokenizer = load_tokenizer(C.SFT_DIR)
     s.prompts = load_prompts(C.PPO_PROMPTS_FILE, s.tokenizer)
-    s.problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
+    s.problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if C.EVAL_TASKS_FILE else []
+    s.seed_problems = load_problems(C.SEED_PROMPTS_FILE) if C.SEED_PROMPT_SAMPLES and C.SEED_PROMPTS_FILE else []
     n_tested = sum(r["problem"] is not None for r in s.prompts)
     # oversampling picks prompts by their test results: without tests (or their reward) it would only cost time
     s.oversample = C.PPO_OVERSAMPLE if n_tested and C.PPO_EXEC_WEIGHT and C.PPO_SAMPLES_PER_PROMPT > 1 else 1
@@ -797,8 +798,8 @@ def setup(accelerator):
             print(f"PPO_OVERSAMPLE={C.PPO_OVERSAMPLE} is not used: no prompt has unit tests, or PPO_EXEC_WEIGHT is 0")
         print(f"data: {len(s.prompts)} prompts ({n_tested} with unit tests), {len(s.problems)} held-out tasks | "
               f"advantages: {C.PPO_ADVANTAGE}")
-        if not os.path.exists(C.EVAL_TASKS_FILE):
-            print(f"no held-out evaluation: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist")
+        if not C.EVAL_TASKS_FILE:
+            print("no held-out evaluation: EVAL_TASKS_FILE is empty")
 
     # models: policy + reference from SFT; reward model from RM, and the critic (gae only) too
     s.rm_tokenizer, s.norm = load_tokenizer(C.RM_DIR), load_reward_normalization(C.RM_DIR)
@@ -916,7 +917,7 @@ def main(argv):
                     result.update(sampled_pass_at_k(policy_full, tokenizer, subset, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
                                                     progress=False))
                 if final and step == C.PPO_STEPS:  # the natural prompts, asked as a user asks
-                    result.update(seed_prompt_passes(policy_full, tokenizer, C.SEED_PROMPTS_FILE, C.SEED_PROMPT_SAMPLES,
+                    result.update(seed_prompt_passes(policy_full, tokenizer, s.seed_problems, C.SEED_PROMPT_SAMPLES,
                                                      C.GEN_MAX_NEW_TOKENS, progress=False))
         if accelerator.is_main_process and result:
             print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")

@@ -146,8 +146,9 @@ def main(argv):
     train = load_sft_examples(C.SFT_TRAIN_FILE)  # read before the base model is built: bad data writes nothing
     evals = load_sft_examples(C.SFT_EVAL_FILE)
     problems = None  # held-out code tasks for pass@1 at the end, read now: a bad row stops the run before training
-    if C.SFT_EVAL_PASS_AT_1 and os.path.exists(C.EVAL_TASKS_FILE):
+    if C.SFT_EVAL_PASS_AT_1 and C.EVAL_TASKS_FILE:  # a file or hub id; one that cannot be read stops the run
         problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
+    seed_problems = load_problems(C.SEED_PROMPTS_FILE) if problems and C.SEED_PROMPT_SAMPLES and C.SEED_PROMPTS_FILE else []
     base = resolve_base_model()
     tokenizer = load_tokenizer(base, C.CHAT_TEMPLATE)  # chatml: ChatML in place of the model's own
     train = drop_too_long(train, token_lengths(tokenizer, train, C.SFT_TRAIN_FILE), C.MAX_LEN, C.SFT_TRAIN_FILE)
@@ -200,10 +201,10 @@ def main(argv):
         if C.EVAL_SAMPLES:  # pass@k of sampled answers: the headroom above greedy pass@1 that PPO can use
             metrics.update(sampled_pass_at_k(model, tokenizer, problems, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS))
         # the natural prompts, asked as a user asks
-        metrics.update(seed_prompt_passes(model, tokenizer, C.SEED_PROMPTS_FILE, C.SEED_PROMPT_SAMPLES,
+        metrics.update(seed_prompt_passes(model, tokenizer, seed_problems, C.SEED_PROMPT_SAMPLES,
                                           C.GEN_MAX_NEW_TOKENS))
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
-        print(f"no pass@1: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist (set it, or SFT_EVAL_PASS_AT_1=False)")
+        print("no pass@1: EVAL_TASKS_FILE is empty (set it, or SFT_EVAL_PASS_AT_1=False)")
 
     # ---- save ./sft_model (main process; atomic, with metadata)
     if state.is_main_process:

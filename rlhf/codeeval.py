@@ -101,11 +101,13 @@ def problem_from_row(row: dict, where: str) -> Problem | None:
     return Problem(str(row["task_id"]), fmt, row) if fmt else None
 
 
-def load_problems(path: str) -> list[Problem]:
-    """Problems from a file in any of the three formats (auto-detected per row)."""
+def load_problems(source: str) -> list[Problem]:
+    """Problems from a local file or a hub dataset id (rlhf.data.load_rows), each row in any of the
+    formats (auto-detected per row); a file or id that cannot be read is a UserError."""
     problems = []
-    for row in data.read_jsonl(path):
-        where = f"{path}:{row.pop('_line')}"
+    for i, row in enumerate(data.load_rows(source)):
+        where = data.row_where(source, row, i)
+        row.pop("_line", None)
         problem = problem_from_row(row, where)
         if problem is None:
             wanted = " | ".join(", ".join(f) for f in FORMAT_FIELDS.values())
@@ -262,17 +264,17 @@ def sampled_pass_at_k(model, tokenizer, problems: list[Problem], samples: int, m
     return {f"pass_at_{samples}": summary[f"pass@{samples}"]}
 
 
-def seed_prompt_passes(model, tokenizer, path: str, samples: int, max_new_tokens: int, progress: bool = True) -> dict:
+def seed_prompt_passes(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
+                       progress: bool = True) -> dict:
     """{"seed_prompt_passes": {prompt: passing answers}, "seed_prompt_samples": samples}: each
-    natural prompt in `path` (data/seed_prompts.jsonl, e.g. "用Python实现快速排序算法") asked `samples`
+    natural prompt of `problems` (SEED_PROMPTS_FILE, e.g. "用Python实现快速排序算法") asked `samples`
     times the way a user's generate call asks it (temperature 0.7, top_p 0.95, and transformers'
     default top_k 50), each answer run
     against the tests of what the prompt asks (data/DATA_CARD.md: the convention function name and
     behaviour; an answer may spell the name its own way, see named_as_asked). {} when samples is 0
-    or the file does not exist (the check is optional)."""
-    if not samples or not os.path.exists(path):
+    or there are no problems (SEED_PROMPTS_FILE "": the check is optional)."""
+    if not samples or not problems:
         return {}
-    problems = load_problems(path)
     texts = generate_completions(model, tokenizer, [p.messages() for p in problems], max_new_tokens, samples,
                                  temperature=0.7, top_p=0.95, top_k=50, progress=progress)
     answers = [{"task_id": p.task_id, "completion": named_as_asked(completion_for(p, t), p.record.get("entry_point"))}

@@ -11,8 +11,9 @@ ROLES = ("system", "user", "assistant", "tool")  # what chat templates (ours, Qw
 
 
 def load_rows(source):
-    """Rows (list of dicts) from a .jsonl/.json/.parquet file or a `datasets` hub id
-    ("name" or "name:split")."""
+    """Rows (list of dicts) from a .jsonl/.json/.parquet file or a `datasets` hub id: "name",
+    "name:split" or "name:config:split" (e.g. "openai_humaneval", "mbpp:sanitized:test"). Without a
+    split: "train", or the dataset's only split. A file or id that cannot be read is a UserError."""
     if os.path.isdir(source):
         raise UserError(f"{source} is a folder; give a data file in it (.jsonl, .json or .parquet)")
     if os.path.exists(source):
@@ -36,16 +37,30 @@ def load_rows(source):
 
             return datasets.load_dataset("parquet", data_files=source, split="train").to_list()
         raise UserError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
-    if source.startswith((".", "/")) or source.endswith((".jsonl", ".json", ".parquet")):
+    if source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")):
         raise UserError(f"data file {source} not found (build the bundled data with `python scripts/build_data.py`)")
+    return load_hub_rows(source)
+
+
+def load_hub_rows(source):
+    """Rows of the hub dataset `source` ("name[:config]:split", see load_rows)."""
     import datasets
 
-    name, _, split = source.partition(":")
+    parts = source.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise UserError(f"{source!r} is neither a data file nor a hub dataset id (name, name:split or name:config:split)")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else None
     try:
-        return datasets.load_dataset(name, split=split or "train").to_list()
+        loaded = datasets.load_dataset(name, config or None, split=split or None)
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
-        raise UserError(f"cannot load dataset {source!r} from the hub ({type(e).__name__}); "
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"cannot load dataset {source!r} from the hub ({type(e).__name__}{': ' + reason if reason else ''}); "
                         "download it first or point the setting at a local file") from None
+    if not split:  # a DatasetDict: "train", or the only split there is
+        if "train" not in loaded and len(loaded) != 1:
+            raise UserError(f"hub dataset {source!r} has the splits {', '.join(loaded)}: name one ({name}:{next(iter(loaded))})")
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return loaded.to_list()
 
 
 def read_jsonl(path):
@@ -79,8 +94,9 @@ def read_jsonl(path):
     return rows
 
 
-def _where(source, row, index):
-    return f"{source}:{row.get('_line', index + 1)}"
+def row_where(source, row, index):
+    """Where a row is, for its errors: "file:line" (jsonl), else "source row N" (JSON, parquet, hub)."""
+    return f"{source}:{row['_line']}" if "_line" in row else f"{source} row {index + 1}"
 
 
 def _check_messages(messages, where, field):
@@ -117,7 +133,7 @@ def load_sft_examples(source):
     the assistant's; loss goes on it) or {"prompt", "completion"} as text or messages."""
     out = []
     for i, row in enumerate(load_rows(source)):
-        where = _where(source, row, i)
+        where = row_where(source, row, i)
         if "messages" in row:
             _check_messages(row["messages"], where, "messages")
             if row["messages"][-1]["role"] != "assistant":
@@ -138,7 +154,7 @@ def load_preference_pairs(source):
     (implicit-prompt rows with only chosen/rejected conversations are accepted too)."""
     out = []
     for i, row in enumerate(load_rows(source)):
-        where = _where(source, row, i)
+        where = row_where(source, row, i)
         missing = [k for k in ("chosen", "rejected") if k not in row]
         if missing:
             raise UserError(f"{where}: missing field `{missing[0]}`: each row needs `prompt`, `chosen`, `rejected`")

@@ -55,7 +55,7 @@ def run_evaluate(*args):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "no such file"), ('{"task_id": 1}\nnot json\n', ":2: malformed JSON"),
+    (None, "not found"), ('{"task_id": 1}\nnot json\n', ":2: malformed JSON"),
     ('{"task_id": 1, "foo": 2}\n', "unknown problem format")])
 def test_user_errors_are_one_line(tmp_path, content, message):
     path = tmp_path / "p.jsonl"
