@@ -130,7 +130,9 @@ def prompt_messages(row, where):
 def load_sft_examples(source):
     """SFT rows in TRL's conversational prompt-completion form: {"prompt": [messages],
     "completion": [assistant message]}. Accepts {"messages": [...]} (the last message must be
-    the assistant's; loss goes on it) or {"prompt", "completion"} as text or messages."""
+    the assistant's; loss goes on it) or {"prompt", "completion"} as text or messages. A
+    conversation with several assistant turns stays {"messages": [...]}: every assistant turn
+    trains (sft_rows), as TRL's assistant-only loss does."""
     out = []
     for i, row in enumerate(load_rows(source)):
         where = row_where(source, row, i)
@@ -138,6 +140,9 @@ def load_sft_examples(source):
             _check_messages(row["messages"], where, "messages")
             if row["messages"][-1]["role"] != "assistant":
                 raise UserError(f"{where}: the last message must be the assistant's answer")
+            if sum(m["role"] == "assistant" for m in row["messages"]) > 1:
+                out.append({"messages": row["messages"], "where": where})
+                continue
             prompt, completion = row["messages"][:-1], row["messages"][-1:]
         elif "prompt" in row and "completion" in row:
             prompt, completion = as_conversation(row["prompt"], "user"), as_conversation(row["completion"], "assistant")
@@ -147,6 +152,54 @@ def load_sft_examples(source):
             raise UserError(f"{where}: missing field: each row needs `messages`, or `prompt` and `completion`")
         out.append({"prompt": prompt, "completion": completion})
     return out
+
+
+def conversation(example):
+    """The whole conversation of an SFT example (load_sft_examples), prompt and answer(s)."""
+    return example["messages"] if "messages" in example else example["prompt"] + example["completion"]
+
+
+def sft_rows(tokenizer, examples):
+    """The rows SFTTrainer trains on. Prompt-completion examples only: as they are (TRL puts the loss
+    on the completion). With a conversation of several assistant turns among them: every example as
+    {"input_ids", "labels"} (assistant_labels), which TRL trains on as given; a single-turn example
+    gets the labels TRL would give it (tests/test_sft.py)."""
+    if not any("messages" in ex for ex in examples):
+        return examples
+    return [assistant_labels(tokenizer, conversation(ex), ex.get("where", f"SFT example {i + 1}"))
+            for i, ex in enumerate(examples)]
+
+
+def assistant_labels(tokenizer, messages, where):
+    """{"input_ids", "labels"} of a conversation through the chat template, labels -100 except on the
+    assistant turns: what TRL's assistant_only_loss gives (TRL 1.16 needs `{% generation %}` markers
+    in the template for it, which few models' templates have, and patches only templates it knows).
+    An assistant turn runs from where the conversation before it, with the generation prompt, stops
+    matching (TRL's prompt-completion rule, trl.data_utils.common_prefix_length) to the end of the
+    conversation rendered up to and including it: its end-of-turn token trains, as in TRL."""
+    def render(msgs, generation_prompt=False):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=generation_prompt, tokenize=True,
+                                             return_dict=True)["input_ids"]
+
+    def common_prefix(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    ids = list(render(messages))
+    labels = [-100] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = common_prefix(render(messages[:i], generation_prompt=True), ids) if i else 0
+        upto = render(messages[: i + 1])
+        if common_prefix(upto, ids) != len(upto):
+            raise UserError(f"{where}: the chat template writes assistant turn {sum(x['role'] == 'assistant' for x in messages[:i + 1])} "
+                            "differently when another turn follows it (it drops or changes earlier turns), so that turn "
+                            "cannot be trained where it stands; split the conversation into one row per assistant turn")
+        labels[start:len(upto)] = ids[start:len(upto)]
+    return {"input_ids": ids, "labels": labels}
 
 
 def load_preference_pairs(source):
