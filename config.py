@@ -89,6 +89,7 @@ EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
 EVAL_SAMPLES = 8  # after SFT and after PPO: answers per held-out task sampled at temperature 1 (top_p 1) -> pass@EVAL_SAMPLES, what the model reaches when it may try (the headroom PPO can turn into pass@1); 0 = off
 SEED_PROMPTS_FILE = "data/seed_prompts.jsonl"  # natural prompts ("用Python实现快速排序算法") with tests of what they ask; "" = no check
 SEED_PROMPT_SAMPLES = 10  # after SFT and after PPO: answers per seed prompt sampled at temperature 0.7, top_p 0.95, top_k 50 (how a user asks), counted passing in report.md; 0 = off
+MBPP_FILE = "mbpp:full:test"  # scripts/evaluate.py --benchmark mbpp: MBPP as a local .jsonl/.json/.parquet file or a hub id (mbpp:sanitized:test: the sanitized set); its rows with task ids 11-510 (the test split) are scored
 
 # ---------------------------------------------------------------------------------------------
 # Sandbox (evaluation by execution): every generated program runs in rlhf/sandbox.py (docs/SANDBOX.md)

@@ -379,7 +379,7 @@ def test_every_stage_runs_on_the_family(family, family_bases, family_data, tmp_p
 
     # ---- the tools
     proc = run_in_process("scripts/evaluate.py", "--model", str(ppo), "--problems", d["tasks"], "--max-new-tokens", "8",
-                          "--SANDBOX_TIMEOUT_S=2")
+                          "--out", str(tmp_path / "evaluate.jsonl"), "--SANDBOX_TIMEOUT_S=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pass@1" in json.loads(proc.stdout)
     proc = run_in_process("scripts/generate.py", "--model", str(ppo), "--greedy", "--max-new-tokens", "8",

@@ -66,6 +66,18 @@ def test_evaluate_passes_the_references_and_fails_broken_answers(name, run_in_pr
         assert summary["problems"] == len(rows_of(name)) and summary["passed"] == passed, (kind, summary)
 
 
+def test_humaneval_as_evalplus_samples_164_canonical_and_0_broken(tmp_path, run_in_process):
+    """HumanEval's canonical solutions pass 164/164 and broken ones 0 through the new path: EvalPlus's
+    {"task_id", "solution": the whole program} samples, read back by scripts/evaluate.py."""
+    problems = codeeval.load_problems(codeeval.humaneval_path())
+    for kind, body, passed in (("canonical", None, 164), ("broken", "    return None\n", 0)):
+        samples = write_jsonl(tmp_path / f"{kind}.jsonl", [
+            {"task_id": p.task_id, "solution": p.program(body or p.reference())} for p in problems])
+        proc = run_in_process("scripts/evaluate.py", "--benchmark", "humaneval", "--samples", samples, "--k", "1")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout)["passed"] == passed, kind
+
+
 def test_stdin_programs_as_a_judge_runs_them():
     """Output compared as whitespace-separated tokens; input() and sys.stdin.buffer read the test's
     input; exit(0) ends a program, another status fails it; a syntax error fails it at load; a
@@ -127,13 +139,33 @@ def test_task_rows_that_cannot_run_are_one_line(tmp_path, row, message):
     assert "\n" not in str(e.value)
 
 
-def test_unknown_rows_and_hub_ids_offline_are_one_line(tmp_path, run_in_process):
+def test_unknown_rows_hub_ids_and_the_mbpp_benchmark_offline_are_one_line(tmp_path, run_in_process):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "no tests here"}])
     for args, message in ((["--problems", bad], "bad.jsonl:1: unknown task format, fields ['question']"),
-                          (["--problems", "openai_humaneval"], "cannot load dataset 'openai_humaneval' from the hub (ConnectionError")):
+                          (["--problems", "openai_humaneval"], "cannot load dataset 'openai_humaneval' from the hub (ConnectionError"),
+                          (["--benchmark", "mbpp"], "cannot load dataset 'mbpp:full:test' from the hub (ConnectionError")):
         proc = run_in_process("scripts/evaluate.py", *args, "--samples", "canonical")
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], proc.stderr
+
+
+@pytest.mark.parametrize("mbpp, ids", [("mbpp_full", ["Mbpp/11", "Mbpp/12", "Mbpp/17"]),
+                                       ("mbpp_sanitized", ["Mbpp/11", "Mbpp/17", "Mbpp/139"])])
+def test_mbpp_benchmark_on_a_model_in_one_command(mbpp, ids, tiny_base, tmp_path, run_in_process, monkeypatch):
+    """--benchmark mbpp scores MBPP's test split (task ids 11-510: task 2, of its prompt split, is left
+    out) of MBPP_FILE; results under --out, the samples beside them in EvalPlus's format."""
+    out = tmp_path / "results" / "mbpp.jsonl"
+    proc = run_in_process("scripts/evaluate.py", "--model", tiny_base, "--benchmark", "mbpp", "--max-new-tokens", "8",
+                          "--out", str(out), f"--MBPP_FILE={fixture(mbpp)}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["problems"] == summary["samples"] == 3 and sum(summary["statuses"].values()) == 3
+    assert summary["evalplus_samples_file"] == str(tmp_path / "results" / "mbpp_evalplus.jsonl")
+    evalplus = [json.loads(line) for line in open(summary["evalplus_samples_file"])]
+    results = [json.loads(line) for line in open(out)]
+    assert [s["task_id"] for s in evalplus] == ids and [s["solution"] for s in evalplus] == [r["completion"] for r in results]
+    assert json.load(open(tmp_path / "results" / "mbpp_summary.json"))["passed"] == summary["passed"]
+    assert not any(name.startswith("evaluate") for name in os.listdir(tiny_base))
 
 
 def test_evaluate_scores_a_model_on_rows_of_every_format(tiny_base, tmp_path, run_in_process):
@@ -144,6 +176,8 @@ def test_evaluate_scores_a_model_on_rows_of_every_format(tiny_base, tmp_path, ru
     summary = json.loads(proc.stdout)
     n = len(open(tasks).readlines())
     assert summary["problems_scored"] == n and sum(summary["statuses"].values()) == n
+    evalplus = [json.loads(line) for line in open(tmp_path / "out_evalplus.jsonl")]
+    assert evalplus[0]["task_id"] == "HumanEval/23" and evalplus[0]["solution"].startswith("\n\ndef strlen")
 
 
 @pytest.mark.slow
