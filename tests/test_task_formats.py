@@ -5,6 +5,7 @@ and trained on by PPO. A row of no known format, a hub id that cannot be reached
 program that never ends are each one line, and nothing else stops."""
 import json
 import os
+import re
 
 import pytest
 
@@ -55,6 +56,17 @@ def test_each_format_is_detected_per_row(tmp_path):
     # one file of every format: each row keeps its own
     formats = [p.format for p in codeeval.load_problems(every_format(tmp_path / "tasks.jsonl"))]
     assert formats == ["humaneval"] * 2 + ["mbpp"] * 5 + ["apps"] * 6 + ["codecontests"] * 2 + ["project"]
+
+
+def test_the_data_cards_example_rows_are_read_as_their_format_and_their_references_pass():
+    card = open(os.path.join(ROOT, "data", "DATA_CARD.md"), encoding="utf-8").read()
+    section = card[card.index("## Task formats"):]
+    rows = [json.loads(block) for block in re.findall(r"^```json\n(.*?)\n```", section, re.S | re.M)]
+    problems = [codeeval.problem_from_row(row, f"example {i}") for i, row in enumerate(rows, 1)]
+    assert [p.format for p in problems] == ["project", "humaneval", "mbpp", "mbpp", "apps", "apps", "codecontests"]
+    samples = [{"task_id": p.task_id, "completion": p.reference()} for p in problems]
+    summary, _ = codeeval.score_samples(problems, samples, ks=(1,), progress=False)
+    assert summary["passed"] == len(rows)
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))
