@@ -175,8 +175,9 @@ def assistant_labels(tokenizer, messages, where):
     assistant turns: what TRL's assistant_only_loss gives (TRL 1.16 needs `{% generation %}` markers
     in the template for it, which few models' templates have, and patches only templates it knows).
     An assistant turn runs from where the conversation before it, with the generation prompt, stops
-    matching (TRL's prompt-completion rule, trl.data_utils.common_prefix_length) to the end of the
-    conversation rendered up to and including it: its end-of-turn token trains, as in TRL."""
+    matching (TRL's prompt-completion rule, trl.data_utils.common_prefix_length) to where the
+    conversation rendered up to and including it stops matching: its end-of-turn token trains, as in
+    TRL; what a template writes only after the last message (Phi-3's EOS) trains on the last turn."""
     def render(msgs, generation_prompt=False):
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=generation_prompt, tokenize=True,
                                              return_dict=True)["input_ids"]
@@ -193,12 +194,13 @@ def assistant_labels(tokenizer, messages, where):
         if m["role"] != "assistant":
             continue
         start = common_prefix(render(messages[:i], generation_prompt=True), ids) if i else 0
-        upto = render(messages[: i + 1])
-        if common_prefix(upto, ids) != len(upto):
+        end = common_prefix(render(messages[: i + 1]), ids)
+        # the turn's text must lie in its span (whitespace aside: templates trim, tokenizers re-space)
+        if "".join(m["content"].split()) not in "".join(tokenizer.decode(ids[start:end]).split()):
             raise UserError(f"{where}: the chat template writes assistant turn {sum(x['role'] == 'assistant' for x in messages[:i + 1])} "
                             "differently when another turn follows it (it drops or changes earlier turns), so that turn "
                             "cannot be trained where it stands; split the conversation into one row per assistant turn")
-        labels[start:len(upto)] = ids[start:len(upto)]
+        labels[start:end] = ids[start:end]
     return {"input_ids": ids, "labels": labels}
 
 

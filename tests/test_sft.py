@@ -195,3 +195,20 @@ def test_every_assistant_turn_of_a_conversation_trains(tiny_base, tmp_path):
     assert "return x + 3" in trained and "return x + 5" in trained
     assert "Write add_3" in untrained and "Now add_5" in untrained
     assert "Write add_3" not in trained and "Now add_5" not in trained
+
+
+def test_a_template_that_rewrites_earlier_turns_is_one_line(tiny_base):
+    """A template that writes an earlier answer otherwise once another turn follows (here: drops it,
+    as reasoning templates drop earlier thoughts) cannot train that turn where it stands."""
+    from rlhf.common import load_tokenizer
+    from rlhf.data import assistant_labels
+    from rlhf.settings import UserError
+
+    tokenizer = load_tokenizer(tiny_base)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' or loop.last %}<|im_start|>{{ m['role'] }}\n"
+                               "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first answer"},
+             {"role": "user", "content": "b"}, {"role": "assistant", "content": "second answer"}]
+    with pytest.raises(UserError, match=r"d.jsonl:3: the chat template writes assistant turn 1 differently"):
+        assistant_labels(tokenizer, turns, "d.jsonl:3")
