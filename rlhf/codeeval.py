@@ -63,13 +63,9 @@ class Problem:
     format: str   # one of FORMATS
     record: dict  # the original record, fields as in the file
     # apps/codecontests: the tests read from the record, [{"input", "output"}] (stdin) or
-    # [{"args", "output"}] (a call-based APPS task)
+    # [{"args", "output"}] (a call-based APPS task), and the function that one calls
     tests: list | None = dataclasses.field(default=None, compare=False, repr=False)
-
-    @property
-    def fn_name(self) -> str | None:
-        """The function a call-based APPS/TACO task calls (None: a stdin program)."""
-        return self.record.get("_fn_name") if self.format == "apps" else None
+    fn_name: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def messages(self) -> list[dict]:
         """Chat messages asking a model for this problem's code."""
@@ -247,7 +243,7 @@ def problem_from_row(row: dict, where: str, task_id: str | None = None) -> Probl
                                    and all(isinstance(t, str) for t in row["test_list"])):
         raise UserError(f"{where}: `test_list` must be a non-empty list of assert statements (strings)")
     fmt = detect_format(row)
-    tests = None
+    tests = fn_name = None
     if fmt == "project":
         for t in row["tests"]:
             if not isinstance(t, dict) or not isinstance(t.get("call"), str) or not isinstance(t.get("expected"), str):
@@ -269,7 +265,6 @@ def problem_from_row(row: dict, where: str, task_id: str | None = None) -> Probl
         if not isinstance(row["question"], str):
             raise UserError(f"{where}: `question` must be text")
         tests, fn_name = _apps_tests(row, where)
-        row = {**row, "_fn_name": fn_name} if fn_name else row
     elif fmt == "codecontests":
         if not isinstance(row["description"], str):
             raise UserError(f"{where}: `description` must be text")
@@ -277,7 +272,7 @@ def problem_from_row(row: dict, where: str, task_id: str | None = None) -> Probl
     if fmt is None:
         return None
     own = next((row[k] for k in ("task_id", "problem_id", "name") if row.get(k) not in (None, "")), None)
-    return Problem(str(own if own is not None else task_id or os.path.basename(where)), fmt, row, tests)
+    return Problem(str(own if own is not None else task_id or os.path.basename(where)), fmt, row, tests, fn_name)
 
 
 def unknown_format(row: dict, where: str, what: str = "unknown task format", plain: str = "") -> UserError:
