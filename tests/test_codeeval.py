@@ -115,8 +115,9 @@ def test_model_results_never_replace_the_stage_answers(tmp_path, tiny_base):
 
 def test_humaneval_canonical_all_pass_broken_none():
     # the acceptance check: 164/164 canonical solutions, 0 for `return None`
-    assert json.loads(run_evaluate("--benchmark", "humaneval", "--samples", "canonical").stdout)["passed"] == 164
-    assert json.loads(run_evaluate("--benchmark", "humaneval", "--samples", "broken").stdout)["passed"] == 0
+    # at HumanEval's own time limit: at 1 s a canonical solution timed out now and then on a loaded 2-core machine
+    assert json.loads(run_evaluate("--benchmark", "humaneval", "--samples", "canonical", "--SANDBOX_TIMEOUT_S=3").stdout)["passed"] == 164
+    assert json.loads(run_evaluate("--benchmark", "humaneval", "--samples", "broken", "--SANDBOX_TIMEOUT_S=3").stdout)["passed"] == 0
 
 
 def test_pass_at_1_metrics_one_spelling_for_the_stages():
