@@ -46,8 +46,8 @@ SFT_TRAIN_FILE = "data/sft_train.jsonl"  # conversations: {"messages": [...]} or
 SFT_EVAL_FILE = "data/sft_eval.jsonl"  # held-out conversations for perplexity and token accuracy
 RM_TRAIN_FILE = "data/rm_train.jsonl"  # preference pairs: {"prompt", "chosen", "rejected"}
 RM_EVAL_FILE = "data/rm_eval.jsonl"  # held-out pairs for accuracy, F1 and margin
-PPO_PROMPTS_FILE = "data/ppo_prompts.jsonl"  # prompts (with unit tests when available) for PPO rollouts
-EVAL_TASKS_FILE = "data/eval_tasks.jsonl"  # held-out code tasks with tests: pass@1 after SFT and PPO
+PPO_PROMPTS_FILE = "data/ppo_prompts.jsonl"  # prompts for PPO rollouts: {"prompt"}, or task rows with unit tests (any task format: data/DATA_CARD.md)
+EVAL_TASKS_FILE = "data/eval_tasks.jsonl"  # held-out code tasks with tests (any task format: data/DATA_CARD.md): pass@1 after SFT and PPO; "" = none
 INDIST_TASKS_FILE = "data/indist_tasks.jsonl"  # in-distribution code tasks (reworded tasks of variants seen in training): the pipeline's greedy pass@1 of SFT and PPO, reported apart from the held-out figure; a missing file skips it
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ RM_WARMUP_RATIO = 0.05  # share of steps spent warming the learning rate up
 RM_CENTER_REWARDS_COEF = 0.01  # loss += coef * mean(score^2), keeps scores near 0 (Eisenstein et al. 2023); 0 = off
 RM_SCORE_BATCH_SIZE = 64  # sequences per forward when scoring (evaluation, normalisation); memory only
 RM_ONPOLICY_SAMPLES = 0  # > 0: before training, answers the SFT model samples (temperature 1) per task of RM_ONPOLICY_PROMPTS_FILE; each failing one, against a passing one, becomes a pair (4 is typical; off by default: no gain measured on the embedded default, docs/RESULTS.md)
-RM_ONPOLICY_PROMPTS_FILE = "data/ppo_prompts.jsonl"  # tasks with unit tests for those pairs (the prompts PPO trains on); a missing file skips them
+RM_ONPOLICY_PROMPTS_FILE = "data/ppo_prompts.jsonl"  # tasks with unit tests for those pairs (the prompts PPO trains on; any task format)
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation by execution (all stages)
@@ -87,8 +87,9 @@ GEN_MAX_NEW_TOKENS = 160  # longest generated answer, in tokens
 GEN_BATCH_SIZE = 512  # answers generated per call in the evaluations (pass@1, pass@k, seed prompts); memory only: lower it on out-of-memory
 EVAL_MAX_TASKS = 0  # evaluate on at most this many held-out tasks; 0 = all
 EVAL_SAMPLES = 8  # after SFT and after PPO: answers per held-out task sampled at temperature 1 (top_p 1) -> pass@EVAL_SAMPLES, what the model reaches when it may try (the headroom PPO can turn into pass@1); 0 = off
-SEED_PROMPTS_FILE = "data/seed_prompts.jsonl"  # natural prompts ("用Python实现快速排序算法") with tests of what they ask; a missing file skips the check
+SEED_PROMPTS_FILE = "data/seed_prompts.jsonl"  # natural prompts ("用Python实现快速排序算法") with tests of what they ask; "" = no check
 SEED_PROMPT_SAMPLES = 10  # after SFT and after PPO: answers per seed prompt sampled at temperature 0.7, top_p 0.95, top_k 50 (how a user asks), counted passing in report.md; 0 = off
+MBPP_FILE = "mbpp:full:test"  # scripts/evaluate.py --benchmark mbpp: MBPP as a local .jsonl/.json/.parquet file or a hub id (mbpp:sanitized:test: the sanitized set); its rows with task ids 11-510 (the test split) are scored
 
 # ---------------------------------------------------------------------------------------------
 # Sandbox (evaluation by execution): every generated program runs in rlhf/sandbox.py (docs/SANDBOX.md)

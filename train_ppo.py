@@ -38,7 +38,7 @@ from rlhf.common import (
     check_lora_targets, end_of_turn_ids, head_scales_logits, launched_with_sharded_weights, load_causal_lm, load_tokenizer,
     lora_config, mixed_precision, precision, prompt_rng, report_to, run_stage, start_stage, stop_at_end_of_turn, torch_dtype,
 )
-from rlhf.data import load_rows, prompt_messages, template_lengths
+from rlhf.data import load_rows, row_where, template_lengths
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
 from rlhf.generation import generate, hf_model, positions
 from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json, write_jsonl
@@ -598,18 +598,15 @@ def sample(policy, query, query_mask, eos_ids, pad_id):
 # ---- data ----
 
 def load_prompts(path, tokenizer):
-    """PPO prompts: {"prompt": text or messages, ...}; rows that also carry unit tests (the
-    project's task format, or HumanEval/MBPP fields) get an execution reward."""
-    from rlhf.codeeval import problem_from_row
+    """PPO prompts: {"prompt": text or messages, ...}, or task rows with unit tests in any format
+    (the project's, HumanEval, MBPP, APPS/TACO, CodeContests: rlhf.codeeval), which get an
+    execution reward and ask what their format asks."""
+    from rlhf.codeeval import prompt_and_problem
 
     rows = []
     for i, row in enumerate(load_rows(path)):
-        where = f"{path}:{row.get('_line', i + 1)}"
-        messages = prompt_messages(row, where)
-        record = {"task_id": str(len(rows)), **{k: v for k, v in row.items() if k != "_line"}}
-        if isinstance(record.get("prompt"), list):  # the task formats expect the request as text
-            record["prompt"] = messages[-1]["content"]
-        rows.append({"messages": messages, "problem": problem_from_row(record, where)})  # tests checked here
+        messages, problem = prompt_and_problem(row, row_where(path, row, i), str(i))  # tests checked here
+        rows.append({"messages": messages, "problem": problem})
     limit = C.MAX_LEN - C.PPO_RESPONSE_LEN
     lengths = template_lengths(tokenizer, [r["messages"] for r in rows], path, add_generation_prompt=True)
     kept = [r for r, n in zip(rows, lengths) if n <= limit]
@@ -784,7 +781,8 @@ def setup(accelerator):
     # data (before the models: a mistake in it is reported in seconds)
     s.tokenizer = load_tokenizer(C.SFT_DIR)
     s.prompts = load_prompts(C.PPO_PROMPTS_FILE, s.tokenizer)
-    s.problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if os.path.exists(C.EVAL_TASKS_FILE) else []
+    s.problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if C.EVAL_TASKS_FILE else []
+    s.seed_problems = load_problems(C.SEED_PROMPTS_FILE) if C.SEED_PROMPT_SAMPLES and C.SEED_PROMPTS_FILE else []
     n_tested = sum(r["problem"] is not None for r in s.prompts)
     # oversampling picks prompts by their test results: without tests (or their reward) it would only cost time
     s.oversample = C.PPO_OVERSAMPLE if n_tested and C.PPO_EXEC_WEIGHT and C.PPO_SAMPLES_PER_PROMPT > 1 else 1
@@ -797,8 +795,8 @@ def setup(accelerator):
             print(f"PPO_OVERSAMPLE={C.PPO_OVERSAMPLE} is not used: no prompt has unit tests, or PPO_EXEC_WEIGHT is 0")
         print(f"data: {len(s.prompts)} prompts ({n_tested} with unit tests), {len(s.problems)} held-out tasks | "
               f"advantages: {C.PPO_ADVANTAGE}")
-        if not os.path.exists(C.EVAL_TASKS_FILE):
-            print(f"no held-out evaluation: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist")
+        if not C.EVAL_TASKS_FILE:
+            print("no held-out evaluation: EVAL_TASKS_FILE is empty")
 
     # models: policy + reference from SFT; reward model from RM, and the critic (gae only) too
     s.rm_tokenizer, s.norm = load_tokenizer(C.RM_DIR), load_reward_normalization(C.RM_DIR)
@@ -916,7 +914,7 @@ def main(argv):
                     result.update(sampled_pass_at_k(policy_full, tokenizer, subset, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
                                                     progress=False))
                 if final and step == C.PPO_STEPS:  # the natural prompts, asked as a user asks
-                    result.update(seed_prompt_passes(policy_full, tokenizer, C.SEED_PROMPTS_FILE, C.SEED_PROMPT_SAMPLES,
+                    result.update(seed_prompt_passes(policy_full, tokenizer, s.seed_problems, C.SEED_PROMPT_SAMPLES,
                                                      C.GEN_MAX_NEW_TOKENS, progress=False))
         if accelerator.is_main_process and result:
             print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")

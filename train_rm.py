@@ -114,7 +114,7 @@ def on_policy_pairs(tokenizer, state):
     from rlhf.codeeval import evaluate_model, load_problems
     from rlhf.common import load_causal_lm
 
-    if not (C.RM_ONPOLICY_SAMPLES and os.path.exists(C.RM_ONPOLICY_PROMPTS_FILE)):
+    if not (C.RM_ONPOLICY_SAMPLES and C.RM_ONPOLICY_PROMPTS_FILE):
         return [], None
     path = os.path.join(checkpoint_folder("rm"), "on_policy_pairs.jsonl")
     if state.is_main_process and not (C.RESUME and os.path.exists(path)):
@@ -159,7 +159,7 @@ def sft_failures(state):
     from rlhf.codeeval import load_problems
 
     path = os.path.join(C.SFT_DIR, "eval_results.jsonl")
-    if not (os.path.exists(path) and os.path.exists(C.EVAL_TASKS_FILE)):
+    if not (os.path.exists(path) and C.EVAL_TASKS_FILE):
         return None
     problems, answers = load_problems(C.EVAL_TASKS_FILE), read_jsonl(path)
     if {p.task_id for p in problems} & {str(a.get("task_id")) for a in answers}:

@@ -10,7 +10,8 @@ Writes ./sft_model: a plain Hugging Face causal-LM folder (merged when LoRA is o
        scripts/evaluate.py writes them; train_rm.py checks its RM against them) and
        rlhf_stage.json (hand-off metadata).
 
-The loss is on the assistant's answer only (TRL's prompt-completion form). Batches group
+The loss is on the assistant's answer only (TRL's prompt-completion form); in a conversation with
+several assistant turns, on every assistant turn (rlhf.data.assistant_labels). Batches group
 sequences of similar length so little compute goes to padding (PACKING=True packs padding-free,
 the faster choice on GPUs with flash-attention); precision follows the hardware.
 
@@ -35,13 +36,13 @@ from rlhf.common import (
     merge_lora_weights, resolve_base_model, run_stage, start_stage, stop_at_end_of_turn, trainer_args, trainer_schedule,
     use_log_line,
 )
-from rlhf.data import drop_too_long, load_sft_examples, template_lengths
+from rlhf.data import conversation, drop_too_long, load_sft_examples, sft_rows, template_lengths
 from rlhf.handoff import check_output_dir, save_stage, write_jsonl
 
 
 def token_lengths(tokenizer, examples, source="SFT data"):
     """Tokens of prompt + completion as the chat template renders them (what SFTTrainer sees)."""
-    return template_lengths(tokenizer, [ex["prompt"] + ex["completion"] for ex in examples], source)
+    return template_lengths(tokenizer, [conversation(ex) for ex in examples], source)
 
 
 def score_answer_tokens_only(model):
@@ -119,7 +120,7 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, answer_only_head=Tru
     args = SFTConfig(**fields)
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evals),
+        train_dataset=Dataset.from_list(sft_rows(tokenizer, train)), eval_dataset=Dataset.from_list(sft_rows(tokenizer, evals)),
         peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
         callbacks=[EarlyStoppingCallback(C.SFT_EARLY_STOP_PATIENCE)] if args.load_best_model_at_end else None,
     )
@@ -146,8 +147,9 @@ def main(argv):
     train = load_sft_examples(C.SFT_TRAIN_FILE)  # read before the base model is built: bad data writes nothing
     evals = load_sft_examples(C.SFT_EVAL_FILE)
     problems = None  # held-out code tasks for pass@1 at the end, read now: a bad row stops the run before training
-    if C.SFT_EVAL_PASS_AT_1 and os.path.exists(C.EVAL_TASKS_FILE):
+    if C.SFT_EVAL_PASS_AT_1 and C.EVAL_TASKS_FILE:  # a file or hub id; one that cannot be read stops the run
         problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
+    seed_problems = load_problems(C.SEED_PROMPTS_FILE) if problems and C.SEED_PROMPT_SAMPLES and C.SEED_PROMPTS_FILE else []
     base = resolve_base_model()
     tokenizer = load_tokenizer(base, C.CHAT_TEMPLATE)  # chatml: ChatML in place of the model's own
     train = drop_too_long(train, token_lengths(tokenizer, train, C.SFT_TRAIN_FILE), C.MAX_LEN, C.SFT_TRAIN_FILE)
@@ -200,10 +202,10 @@ def main(argv):
         if C.EVAL_SAMPLES:  # pass@k of sampled answers: the headroom above greedy pass@1 that PPO can use
             metrics.update(sampled_pass_at_k(model, tokenizer, problems, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS))
         # the natural prompts, asked as a user asks
-        metrics.update(seed_prompt_passes(model, tokenizer, C.SEED_PROMPTS_FILE, C.SEED_PROMPT_SAMPLES,
+        metrics.update(seed_prompt_passes(model, tokenizer, seed_problems, C.SEED_PROMPT_SAMPLES,
                                           C.GEN_MAX_NEW_TOKENS))
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
-        print(f"no pass@1: EVAL_TASKS_FILE {C.EVAL_TASKS_FILE} does not exist (set it, or SFT_EVAL_PASS_AT_1=False)")
+        print("no pass@1: EVAL_TASKS_FILE is empty (set it, or SFT_EVAL_PASS_AT_1=False)")
 
     # ---- save ./sft_model (main process; atomic, with metadata)
     if state.is_main_process:

@@ -1,18 +1,27 @@
 """Code problems, completions and pass@k: what SFT, PPO and scripts/evaluate.py share.
 
-Problem files are jsonl (or .jsonl.gz) in one of three formats, detected from the fields:
-  humaneval  task_id, prompt, test, entry_point       program = prompt + completion, then
-                                                      `test`, then check(entry_point)
-  mbpp       task_id, text, code, test_list, ...      program = the completion itself
-  project    task_id, prompt, entry_point, tests=[{"call", "expected"}], setup?, ...
-             (data/DATA_CARD.md; tests run with sandbox.run_calls, expected stays outside)
-Stage scripts call evaluate_model(model, tokenizer, problems) at their end.
+Task rows come in the formats of the datasets they are taken from, detected per row from the
+fields (data/DATA_CARD.md has an example row of each):
+  project      prompt, entry_point, tests=[{"call", "expected"}], setup?   the program answers calls;
+               `expected` stays here (sandbox.run_calls)
+  humaneval    prompt, test (defines check(candidate)), entry_point         program = prompt + completion;
+               the asserts run here (sandbox.run_asserts)
+  mbpp         text or prompt (sanitized), test_list, test_setup_code?,     program = the completion
+               test_imports? (sanitized), challenge_test_list?
+  apps         question, input_output (JSON: inputs, outputs, fn_name?)    APPS and TACO: a program that
+                                                                            reads stdin, or with fn_name
+                                                                            a function (call_job)
+  codecontests description, public_tests / private_tests /                a program that reads stdin
+               generated_tests ({"input": [...], "output": [...]})          (stdin_job)
+A row without any of these is a plain prompt to PPO and an error everywhere else. Stage scripts
+call evaluate_model(model, tokenizer, problems) at their end.
 """
 from __future__ import annotations
 
 import ast
 import collections
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -23,27 +32,53 @@ import config as C
 from rlhf import data, sandbox
 from rlhf.settings import UserError
 
-FORMAT_FIELDS = {  # required fields per format, checked in this order
-    "project": ("task_id", "prompt", "entry_point", "tests"),
-    "humaneval": ("task_id", "prompt", "test", "entry_point"),
-    "mbpp": ("task_id", "text", "test_list"),
+FORMATS = {  # format: (what identifies its rows, for error messages), detected in this order
+    "project": "prompt, entry_point, tests",
+    "humaneval": "prompt, test, entry_point",
+    "mbpp": "text or prompt, test_list",
+    "apps": "question, input_output (APPS, TACO)",
+    "codecontests": "description, public_tests/private_tests/generated_tests",
 }
+CODECONTESTS_TESTS = ("public_tests", "private_tests", "generated_tests")
+PYTHON3 = 3  # CodeContests' language id of a Python 3 solution
+# How each format asks for code (scripts/evaluate.py --help and the README say the same)
 HUMANEVAL_INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
+MBPP_INSTRUCTION = "{text}\nYour code should pass this test:\n{test}"  # the first test names the function (MBPP paper)
+STDIN_INSTRUCTION = ("{question}\n\nWrite a Python 3 program that reads the input from standard input and "
+                     "prints the answer to standard output.")
+CALL_INSTRUCTION = "{question}\n\nWrite it in Python 3 as `{fn_name}`, starting from this code:\n```python\n{starter}\n```"
+# APPS' own comparison of a call-based answer (its testing_util.py): a tuple counts as a list, and
+# the expected value may come wrapped in a one-element list. Runs here, on the trusted side.
+APPS_SAME = """
+def _same(got, want):
+    if isinstance(got, tuple):
+        got = list(got)
+    return got == want or (isinstance(want, list) and len(want) > 0 and got == want[0])
+"""
 
 
 @dataclasses.dataclass
 class Problem:
     task_id: str
-    format: str   # "project" | "humaneval" | "mbpp"
+    format: str   # one of FORMATS
     record: dict  # the original record, fields as in the file
+    # apps/codecontests: the tests read from the record, [{"input", "output"}] (stdin) or
+    # [{"args", "output"}] (a call-based APPS task), and the function that one calls
+    tests: list | None = dataclasses.field(default=None, compare=False, repr=False)
+    fn_name: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def messages(self) -> list[dict]:
         """Chat messages asking a model for this problem's code."""
         r = self.record
         if self.format == "humaneval":
             text = HUMANEVAL_INSTRUCTION.format(prompt=r["prompt"])
-        elif self.format == "mbpp":  # the first test fixes the function name, as in the MBPP paper
-            text = r["text"] + "\nYour code should pass this test:\n" + r["test_list"][0]
+        elif self.format == "mbpp":
+            text = MBPP_INSTRUCTION.format(text=r.get("text") or r["prompt"], test=r["test_list"][0])
+        elif self.format == "apps" and self.fn_name:
+            text = CALL_INSTRUCTION.format(question=r["question"], fn_name=self.fn_name,
+                                           starter=(r.get("starter_code") or f"def {self.fn_name}(...):").rstrip())
+        elif self.format in ("apps", "codecontests"):
+            text = STDIN_INSTRUCTION.format(question=r.get("question") or r["description"])
         elif isinstance(r["prompt"], list):  # ppo_prompts.jsonl: already chat messages
             return list(r["prompt"])
         else:
@@ -52,37 +87,155 @@ class Problem:
 
     def reference(self) -> str | None:
         """The reference solution as a completion (what job() runs): HumanEval's canonical body
-        (its prompt goes before it), MBPP's code, our `solution`; None when the file has none."""
+        (its prompt goes before it), MBPP's code, our `solution`, the first of APPS'/TACO's
+        `solutions`, CodeContests' first Python 3 solution; None when the row has none."""
         r = self.record
+        if self.format == "apps":
+            solutions = r.get("solutions")
+            if isinstance(solutions, str):
+                try:
+                    solutions = json.loads(solutions) if solutions.strip() else None
+                except json.JSONDecodeError:
+                    return None
+            return solutions[0] if isinstance(solutions, list) and solutions and isinstance(solutions[0], str) else None
+        if self.format == "codecontests":
+            s = r.get("solutions") or {}
+            return next((code for lang, code in zip(s.get("language") or [], s.get("solution") or []) if lang == PYTHON3), None)
         return {"humaneval": r.get("canonical_solution"), "mbpp": r.get("code"), "project": r.get("solution")}[self.format]
+
+    def entry_point(self) -> str | None:
+        """The function the tests call (None for a program that reads stdin)."""
+        if self.format == "mbpp":
+            name = re.search(r"(\w+)\s*\(", self.record["test_list"][0].replace("assert", "", 1))
+            return name.group(1) if name else None
+        if self.format in ("apps", "codecontests"):
+            return self.fn_name
+        return self.record.get("entry_point")
+
+    def program(self, completion: str) -> str:
+        """The whole program a completion makes (HumanEval: prompt + completion; the others: the
+        completion), as EvalPlus's samples hold it in `solution`."""
+        return self.record["prompt"] + completion if self.format == "humaneval" else completion
 
     def job(self, completion: str) -> dict:
         """Sandbox job (see sandbox.run_job) that tests one completion of this problem."""
         r = self.record
         if self.format == "humaneval":
-            return {"program": r["prompt"] + completion, "test_code": r["test"],
+            return {"program": self.program(completion), "test_code": r["test"],
                     "entry_point": r["entry_point"], "helpers": r["prompt"]}
         if self.format == "mbpp":
             tests = list(r["test_list"]) + list(r.get("challenge_test_list") or [])
-            name = re.search(r"(\w+)\s*\(", r["test_list"][0].replace("assert", "", 1))
-            return {"program": completion, "setup": r.get("test_setup_code") or "",
-                    "test_code": "\n".join(tests), "entry_point": name.group(1) if name else "", "check": False}
+            setup = "\n".join(list(r.get("test_imports") or []) + [r.get("test_setup_code") or ""]).strip()
+            return {"program": completion, "setup": setup, "test_code": "\n".join(tests),
+                    "entry_point": self.entry_point() or "", "check": False}
+        if self.format == "apps" and self.fn_name:
+            return call_job(completion, self.fn_name, self.tests)
+        if self.format in ("apps", "codecontests"):
+            return stdin_job(completion, self.tests)
         return {"program": completion, "setup": r.get("setup") or "",
                 "calls": [t["call"] for t in r["tests"]],
                 "expected": [ast.literal_eval(t["expected"]) for t in r["tests"]]}
 
 
+@functools.cache
+def _harness() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "stdio_harness.py"), encoding="utf-8") as f:
+        return f.read()
+
+
+def stdin_job(code: str, tests: list[dict]) -> dict:
+    """The sandbox job that runs `code` once per test, with the test's "input" as its standard
+    input, and passes a test when what it prints equals the test's "output" as whitespace-separated
+    tokens (rlhf/stdio_harness.py, run_stdin). The outputs never reach the program: it returns what
+    it printed, and sandbox.run_calls compares here. The time limit (SANDBOX_TIMEOUT_S) covers the
+    program's load and all its tests; a program that never ends is that sample's "timeout"."""
+    return {"program": f"{_harness()}\n\nCODE = load({code!r})\n",
+            "calls": [f"run_stdin(CODE, {t['input']!r})" for t in tests],
+            "expected": [" ".join(t["output"].split()) for t in tests]}
+
+
+def call_job(code: str, fn_name: str, tests: list[dict]) -> dict:
+    """The sandbox job of a call-based APPS/TACO task: `fn_name` of the answer (a function, or a
+    method of its class Solution) called with each test's "args", its value compared here with the
+    test's "output" by APPS' own rule (APPS_SAME)."""
+    asserts = []
+    for t in tests:
+        shown = f"{fn_name}(*{t['args']!r})"[:200]  # the failed call, in the verdict's detail
+        asserts.append(f"assert _same(call({fn_name!r}, {t['args']!r}), {t['output']!r}), {shown!r}")
+    return {"program": f"{_harness()}\n\ndefine({code!r})\n", "test_code": "\n".join(asserts),
+            "helpers": APPS_SAME, "check": False}
+
+
 def detect_format(record: dict) -> str | None:
-    for fmt, fields in FORMAT_FIELDS.items():
-        if all(f in record for f in fields) and (fmt != "project" or isinstance(record["tests"], list)):
-            return fmt
+    """The format of a task row (FORMATS), or None for a row of none of them (a plain prompt)."""
+    if isinstance(record.get("tests"), list) and "prompt" in record and "entry_point" in record:
+        return "project"
+    if all(f in record for f in ("prompt", "test", "entry_point")):
+        return "humaneval"
+    if "test_list" in record and ("text" in record or "prompt" in record):
+        return "mbpp"
+    if "question" in record and "input_output" in record:
+        return "apps"
+    if "description" in record and any(k in record for k in CODECONTESTS_TESTS):
+        return "codecontests"
     return None
 
 
-def problem_from_row(row: dict, where: str) -> Problem | None:
+def _text_io(value, where, what):
+    """APPS writes a stdin test's input or output as text or as a list of lines."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {what} must be text (or a list of lines), not {type(value).__name__}")
+    return value
+
+
+def _apps_tests(row, where):
+    """(tests, fn_name) of an APPS/TACO row: `input_output` is JSON text (or already a dict) with
+    "inputs" and "outputs" lists of the same length, and "fn_name" for a call-based task."""
+    io = row["input_output"]
+    if isinstance(io, str):
+        try:
+            io = json.loads(io) if io.strip() else {}
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: `input_output` is not valid JSON ({e.msg})") from None
+    if not isinstance(io, dict):
+        raise UserError(f"{where}: `input_output` must be a JSON object with `inputs` and `outputs`")
+    inputs, outputs, fn_name = io.get("inputs"), io.get("outputs"), io.get("fn_name")
+    if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)):
+        raise UserError(f"{where}: `input_output` needs non-empty `inputs` and `outputs` lists of the same length")
+    if fn_name is not None and not (isinstance(fn_name, str) and fn_name.isidentifier()):
+        raise UserError(f"{where}: `fn_name` must be a function name, not {fn_name!r}")
+    if fn_name:
+        if not all(isinstance(a, list) for a in inputs):
+            raise UserError(f"{where}: with `fn_name` each of `inputs` is the list of a call's arguments")
+        return [{"args": a, "output": o} for a, o in zip(inputs, outputs)], fn_name
+    return [{"input": _text_io(i, where, "each input"), "output": _text_io(o, where, "each output")}
+            for i, o in zip(inputs, outputs)], None
+
+
+def _codecontests_tests(row, where):
+    """The tests of a CodeContests row: public, private and generated, each {"input": [...], "output": [...]}."""
+    tests = []
+    for key in CODECONTESTS_TESTS:
+        group = row.get(key)
+        if group in (None, {}):
+            continue
+        if not (isinstance(group, dict) and isinstance(group.get("input"), list) and isinstance(group.get("output"), list)
+                and len(group["input"]) == len(group["output"])):
+            raise UserError(f"{where}: `{key}` must be {{\"input\": [...], \"output\": [...]}}, lists of the same length")
+        tests += [{"input": _text_io(i, where, f"each {key} input"), "output": _text_io(o, where, f"each {key} output")}
+                  for i, o in zip(group["input"], group["output"])]
+    if not tests:
+        raise UserError(f"{where}: no tests in {', '.join(CODECONTESTS_TESTS)}")
+    return tests
+
+
+def problem_from_row(row: dict, where: str, task_id: str | None = None) -> Problem | None:
     """The Problem a task row describes (format detected from its fields), or None for a row
     without tests (a plain prompt). Tests that cannot run are a UserError naming `where`
-    (file:line) now, not a crash in the middle of a rollout or an evaluation."""
+    (file:line) now, not a crash in the middle of a rollout or an evaluation. The task id is the
+    row's own (task_id, APPS' problem_id, CodeContests' name), else `task_id`, else `where`."""
     if "tests" in row and not isinstance(row["tests"], list):
         raise UserError(f"{where}: `tests` must be a list of {{\"call\", \"expected\"}} objects, "
                         f"not {type(row['tests']).__name__}")
@@ -90,6 +243,7 @@ def problem_from_row(row: dict, where: str) -> Problem | None:
                                    and all(isinstance(t, str) for t in row["test_list"])):
         raise UserError(f"{where}: `test_list` must be a non-empty list of assert statements (strings)")
     fmt = detect_format(row)
+    tests = fn_name = None
     if fmt == "project":
         for t in row["tests"]:
             if not isinstance(t, dict) or not isinstance(t.get("call"), str) or not isinstance(t.get("expected"), str):
@@ -98,20 +252,70 @@ def problem_from_row(row: dict, where: str) -> Problem | None:
                 ast.literal_eval(t["expected"])
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 raise UserError(f"{where}: expected {t['expected']!r} is not a Python literal") from None
-    return Problem(str(row["task_id"]), fmt, row) if fmt else None
+    elif fmt == "humaneval":
+        if not all(isinstance(row[k], str) for k in ("prompt", "test", "entry_point")) or "def check(" not in row["test"]:
+            raise UserError(f"{where}: a HumanEval row needs text `prompt`, `entry_point` and a `test` that defines check(candidate)")
+    elif fmt == "mbpp":
+        if not isinstance(row.get("text") or row.get("prompt"), str):
+            raise UserError(f"{where}: an MBPP row's `text` (or the sanitized set's `prompt`) must be text")
+        for key in ("challenge_test_list", "test_imports"):
+            if row.get(key) is not None and not (isinstance(row[key], list) and all(isinstance(t, str) for t in row[key])):
+                raise UserError(f"{where}: `{key}` must be a list of statements (strings)")
+    elif fmt == "apps":
+        if not isinstance(row["question"], str):
+            raise UserError(f"{where}: `question` must be text")
+        tests, fn_name = _apps_tests(row, where)
+    elif fmt == "codecontests":
+        if not isinstance(row["description"], str):
+            raise UserError(f"{where}: `description` must be text")
+        tests = _codecontests_tests(row, where)
+    if fmt is None:
+        return None
+    own = next((row[k] for k in ("task_id", "problem_id", "name") if row.get(k) not in (None, "")), None)
+    return Problem(str(own if own is not None else task_id or os.path.basename(where)), fmt, row, tests, fn_name)
 
 
-def load_problems(path: str) -> list[Problem]:
-    """Problems from a file in any of the three formats (auto-detected per row)."""
+def unknown_format(row: dict, where: str, what: str = "unknown task format", plain: str = "") -> UserError:
+    """The error of a task row of no known format: its fields and what each format needs."""
+    wanted = "; ".join(f"{fmt}: {fields}" for fmt, fields in FORMATS.items())
+    return UserError(f"{where}: {what}, fields {sorted(k for k in row if k != '_line')}; expected one of "
+                     f"{wanted}{plain} (data/DATA_CARD.md)")
+
+
+def load_problems(source: str) -> list[Problem]:
+    """Problems from a local file or a hub dataset id (rlhf.data.load_rows), each row in any of the
+    formats (auto-detected per row); a file or id that cannot be read is a UserError."""
     problems = []
-    for row in data.read_jsonl(path):
-        where = f"{path}:{row.pop('_line')}"
+    for i, row in enumerate(data.load_rows(source)):
+        where = data.row_where(source, row, i)
+        row.pop("_line", None)
         problem = problem_from_row(row, where)
         if problem is None:
-            wanted = " | ".join(", ".join(f) for f in FORMAT_FIELDS.values())
-            raise UserError(f"{where}: unknown problem format, fields {sorted(row)}; expected one of: {wanted}")
+            raise unknown_format(row, where)
         problems.append(problem)
     return problems
+
+
+def prompt_and_problem(row: dict, where: str, task_id: str) -> tuple[list[dict], Problem | None]:
+    """A PPO prompt row: (the chat messages to answer, its Problem or None). A task row of any
+    format asks what its format asks (Problem.messages), the project's rows their own `prompt`
+    messages as they are; a row without tests needs `prompt` (text or messages) or `messages`."""
+    record = {k: v for k, v in row.items() if k != "_line"}
+    if isinstance(record.get("prompt"), list) and detect_format(record) == "project":
+        messages = data.prompt_messages(record, where)  # the request as text for the Problem, messages for the policy
+        record["prompt"] = messages[-1]["content"]
+    else:
+        messages = None
+    problem = problem_from_row(record, where, task_id)
+    if messages is None:
+        if problem is not None:
+            messages = problem.messages()
+        elif "prompt" in row or "messages" in row:
+            messages = data.prompt_messages(row, where)
+        else:
+            raise unknown_format(row, where, "missing field `prompt`, and no task format",
+                                 "; or a plain prompt: prompt (text or messages) or messages")
+    return messages, problem
 
 
 def save_problems(problems: list[Problem], path: str) -> None:
@@ -262,17 +466,17 @@ def sampled_pass_at_k(model, tokenizer, problems: list[Problem], samples: int, m
     return {f"pass_at_{samples}": summary[f"pass@{samples}"]}
 
 
-def seed_prompt_passes(model, tokenizer, path: str, samples: int, max_new_tokens: int, progress: bool = True) -> dict:
+def seed_prompt_passes(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
+                       progress: bool = True) -> dict:
     """{"seed_prompt_passes": {prompt: passing answers}, "seed_prompt_samples": samples}: each
-    natural prompt in `path` (data/seed_prompts.jsonl, e.g. "用Python实现快速排序算法") asked `samples`
+    natural prompt of `problems` (SEED_PROMPTS_FILE, e.g. "用Python实现快速排序算法") asked `samples`
     times the way a user's generate call asks it (temperature 0.7, top_p 0.95, and transformers'
     default top_k 50), each answer run
     against the tests of what the prompt asks (data/DATA_CARD.md: the convention function name and
     behaviour; an answer may spell the name its own way, see named_as_asked). {} when samples is 0
-    or the file does not exist (the check is optional)."""
-    if not samples or not os.path.exists(path):
+    or there are no problems (SEED_PROMPTS_FILE "": the check is optional)."""
+    if not samples or not problems:
         return {}
-    problems = load_problems(path)
     texts = generate_completions(model, tokenizer, [p.messages() for p in problems], max_new_tokens, samples,
                                  temperature=0.7, top_p=0.95, top_k=50, progress=progress)
     answers = [{"task_id": p.task_id, "completion": named_as_asked(completion_for(p, t), p.record.get("entry_point"))}

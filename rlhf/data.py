@@ -11,8 +11,9 @@ ROLES = ("system", "user", "assistant", "tool")  # what chat templates (ours, Qw
 
 
 def load_rows(source):
-    """Rows (list of dicts) from a .jsonl/.json/.parquet file or a `datasets` hub id
-    ("name" or "name:split")."""
+    """Rows (list of dicts) from a .jsonl/.json/.parquet file or a `datasets` hub id: "name",
+    "name:split" or "name:config:split" (e.g. "openai_humaneval", "mbpp:sanitized:test"). Without a
+    split: "train", or the dataset's only split. A file or id that cannot be read is a UserError."""
     if os.path.isdir(source):
         raise UserError(f"{source} is a folder; give a data file in it (.jsonl, .json or .parquet)")
     if os.path.exists(source):
@@ -36,16 +37,30 @@ def load_rows(source):
 
             return datasets.load_dataset("parquet", data_files=source, split="train").to_list()
         raise UserError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
-    if source.startswith((".", "/")) or source.endswith((".jsonl", ".json", ".parquet")):
+    if source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")):
         raise UserError(f"data file {source} not found (build the bundled data with `python scripts/build_data.py`)")
+    return load_hub_rows(source)
+
+
+def load_hub_rows(source):
+    """Rows of the hub dataset `source` ("name[:config]:split", see load_rows)."""
     import datasets
 
-    name, _, split = source.partition(":")
+    parts = source.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise UserError(f"{source!r} is neither a data file nor a hub dataset id (name, name:split or name:config:split)")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else None
     try:
-        return datasets.load_dataset(name, split=split or "train").to_list()
+        loaded = datasets.load_dataset(name, config or None, split=split or None)
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
-        raise UserError(f"cannot load dataset {source!r} from the hub ({type(e).__name__}); "
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"cannot load dataset {source!r} from the hub ({type(e).__name__}{': ' + reason if reason else ''}); "
                         "download it first or point the setting at a local file") from None
+    if not split:  # a DatasetDict: "train", or the only split there is
+        if "train" not in loaded and len(loaded) != 1:
+            raise UserError(f"hub dataset {source!r} has the splits {', '.join(loaded)}: name one ({name}:{next(iter(loaded))})")
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return loaded.to_list()
 
 
 def read_jsonl(path):
@@ -79,8 +94,9 @@ def read_jsonl(path):
     return rows
 
 
-def _where(source, row, index):
-    return f"{source}:{row.get('_line', index + 1)}"
+def row_where(source, row, index):
+    """Where a row is, for its errors: "file:line" (jsonl), else "source row N" (JSON, parquet, hub)."""
+    return f"{source}:{row['_line']}" if "_line" in row else f"{source} row {index + 1}"
 
 
 def _check_messages(messages, where, field):
@@ -114,14 +130,19 @@ def prompt_messages(row, where):
 def load_sft_examples(source):
     """SFT rows in TRL's conversational prompt-completion form: {"prompt": [messages],
     "completion": [assistant message]}. Accepts {"messages": [...]} (the last message must be
-    the assistant's; loss goes on it) or {"prompt", "completion"} as text or messages."""
+    the assistant's; loss goes on it) or {"prompt", "completion"} as text or messages. A
+    conversation with several assistant turns stays {"messages": [...]}: every assistant turn
+    trains (sft_rows), as TRL's assistant-only loss does."""
     out = []
     for i, row in enumerate(load_rows(source)):
-        where = _where(source, row, i)
+        where = row_where(source, row, i)
         if "messages" in row:
             _check_messages(row["messages"], where, "messages")
             if row["messages"][-1]["role"] != "assistant":
                 raise UserError(f"{where}: the last message must be the assistant's answer")
+            if sum(m["role"] == "assistant" for m in row["messages"]) > 1:
+                out.append({"messages": row["messages"], "where": where})
+                continue
             prompt, completion = row["messages"][:-1], row["messages"][-1:]
         elif "prompt" in row and "completion" in row:
             prompt, completion = as_conversation(row["prompt"], "user"), as_conversation(row["completion"], "assistant")
@@ -133,12 +154,62 @@ def load_sft_examples(source):
     return out
 
 
+def conversation(example):
+    """The whole conversation of an SFT example (load_sft_examples), prompt and answer(s)."""
+    return example["messages"] if "messages" in example else example["prompt"] + example["completion"]
+
+
+def sft_rows(tokenizer, examples):
+    """The rows SFTTrainer trains on. Prompt-completion examples only: as they are (TRL puts the loss
+    on the completion). With a conversation of several assistant turns among them: every example as
+    {"input_ids", "labels"} (assistant_labels), which TRL trains on as given; a single-turn example
+    gets the labels TRL would give it (tests/test_sft.py)."""
+    if not any("messages" in ex for ex in examples):
+        return examples
+    return [assistant_labels(tokenizer, conversation(ex), ex.get("where", f"SFT example {i + 1}"))
+            for i, ex in enumerate(examples)]
+
+
+def assistant_labels(tokenizer, messages, where):
+    """{"input_ids", "labels"} of a conversation through the chat template, labels -100 except on the
+    assistant turns: what TRL's assistant_only_loss gives (TRL 1.16 needs `{% generation %}` markers
+    in the template for it, which few models' templates have, and patches only templates it knows).
+    An assistant turn runs from where the conversation before it, with the generation prompt, stops
+    matching (TRL's prompt-completion rule, trl.data_utils.common_prefix_length) to where the
+    conversation rendered up to and including it stops matching: its end-of-turn token trains, as in
+    TRL; what a template writes only after the last message (Phi-3's EOS) trains on the last turn."""
+    def render(msgs, generation_prompt=False):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=generation_prompt, tokenize=True,
+                                             return_dict=True)["input_ids"]
+
+    def common_prefix(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    ids = list(render(messages))
+    labels = [-100] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = common_prefix(render(messages[:i], generation_prompt=True), ids) if i else 0
+        end = common_prefix(render(messages[: i + 1]), ids)
+        # the turn's text must lie in its span (whitespace aside: templates trim, tokenizers re-space)
+        if "".join(m["content"].split()) not in "".join(tokenizer.decode(ids[start:end]).split()):
+            raise UserError(f"{where}: the chat template writes assistant turn {sum(x['role'] == 'assistant' for x in messages[:i + 1])} "
+                            "differently when another turn follows it (it drops or changes earlier turns), so that turn "
+                            "cannot be trained where it stands; split the conversation into one row per assistant turn")
+        labels[start:end] = ids[start:end]
+    return {"input_ids": ids, "labels": labels}
+
+
 def load_preference_pairs(source):
     """RM rows in TRL's conversational preference form {"prompt", "chosen", "rejected"}
     (implicit-prompt rows with only chosen/rejected conversations are accepted too)."""
     out = []
     for i, row in enumerate(load_rows(source)):
-        where = _where(source, row, i)
+        where = row_where(source, row, i)
         missing = [k for k in ("chosen", "rejected") if k not in row]
         if missing:
             raise UserError(f"{where}: missing field `{missing[0]}`: each row needs `prompt`, `chosen`, `rejected`")

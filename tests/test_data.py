@@ -82,3 +82,34 @@ def test_read_jsonl_keeps_line_numbers_and_skips_blank_lines(tmp_path):
     assert read_jsonl(str(tmp_path / "r.jsonl")) == [{"a": 1, "_line": 1}, {"a": 2, "_line": 3}]
     with pytest.raises(UserError, match=r"nope.jsonl: no such file"):
         read_jsonl(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize("source", ["openai_humaneval", "mbpp:sanitized:test", "someone/my-tasks:train"])
+def test_a_hub_id_that_cannot_be_reached_is_one_line(source, monkeypatch):
+    """Offline (HF_HUB_OFFLINE=1, as conftest sets it), a hub id is one line naming it and why."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=rf"cannot load dataset '{source}' from the hub \(ConnectionError: .*Offline") as e:
+        load_rows(source)
+    assert "\n" not in str(e.value)
+
+
+def test_hub_ids_name_config_and_split(monkeypatch):
+    """"name", "name:split" and "name:config:split" reach datasets.load_dataset as such; without a
+    split, "train" or the only split; more than three parts is not an id."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        rows = datasets.Dataset.from_list([{"x": 1}])
+        return rows if split else datasets.DatasetDict({"test": rows} if name == "one_split" else {"a": rows, "b": rows})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_rows("mbpp:sanitized:test") == [{"x": 1}] and calls[-1] == ("mbpp", "sanitized", "test")
+    assert load_rows("trl-lib/Capybara:train") == [{"x": 1}] and calls[-1] == ("trl-lib/Capybara", None, "train")
+    assert load_rows("one_split") == [{"x": 1}] and calls[-1] == ("one_split", None, None)
+    with pytest.raises(UserError, match=r"has the splits a, b: name one \(two_splits:a\)"):
+        load_rows("two_splits")
+    with pytest.raises(UserError, match="neither a data file nor a hub dataset id"):
+        load_rows("a:b:c:d")

@@ -248,6 +248,24 @@ def test_each_family_pads_apart_and_stops_at_every_turn_end(family, family_bases
     assert isinstance(answer, str)
 
 
+@pytest.mark.parametrize("family", [name for name in FAMILIES if FAMILIES[name]["template"]])
+def test_every_assistant_turn_trains_on_each_familys_template(family, family_data):
+    """Multi-turn SFT (rlhf.data.assistant_labels) on each family's template: both answers of a
+    2-turn conversation and the token that ends each turn carry labels, the prompts do not."""
+    from rlhf.data import assistant_labels
+
+    tok = build_tokenizer(family, family_data["texts"])
+    turns = [{"role": "user", "content": prompt_text(3)}, {"role": "assistant", "content": answer_text(3)},
+             {"role": "user", "content": prompt_text(7)}, {"role": "assistant", "content": answer_text(7)}]
+    row = assistant_labels(tok, turns, "x")
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    untrained = tok.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label == -100])
+    text = tok.decode(trained)
+    assert text.index("x + 3") < text.index("x + 7") and prompt_text(3) in untrained and prompt_text(7) in untrained
+    assert "add_3(x) that" not in text and "add_7(x) that" not in text
+    assert trained.count(tok.convert_tokens_to_ids(FAMILIES[family]["ends_turn"])) == 2, text
+
+
 def test_a_base_model_without_a_chat_template_is_one_line_or_tuned_on_chatml(family_bases, family_data, tmp_path,
                                                                              run_in_process):
     args = [f"--MODEL_NAME={family_bases['base']}", f"--SFT_DIR={tmp_path}/sft_model", f"--RUNS_DIR={tmp_path}/runs",
@@ -379,7 +397,7 @@ def test_every_stage_runs_on_the_family(family, family_bases, family_data, tmp_p
 
     # ---- the tools
     proc = run_in_process("scripts/evaluate.py", "--model", str(ppo), "--problems", d["tasks"], "--max-new-tokens", "8",
-                          "--SANDBOX_TIMEOUT_S=2")
+                          "--out", str(tmp_path / "evaluate.jsonl"), "--SANDBOX_TIMEOUT_S=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pass@1" in json.loads(proc.stdout)
     proc = run_in_process("scripts/generate.py", "--model", str(ppo), "--greedy", "--max-new-tokens", "8",

@@ -4,6 +4,7 @@ runs as written on a tiny model. The same checks run over the Chinese README, wh
 step with the English one: the same sections in the same order, the same commands, the same code."""
 
 import functools
+import json
 import os
 import re
 import shlex
@@ -108,3 +109,37 @@ def test_deployment_snippet_runs_as_written(tiny_base, tmp_path):
     proc = subprocess.run([sys.executable, "deploy.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_reward_fn_example_runs_as_written(ppo_inputs, tmp_path, run_in_process, monkeypatch):
+    """The README's PPO_REWARD_FN example, saved as my_rewards.py: its values by hand, then PPO runs 2
+    iterations with it as the only reward, scoring each answer with it."""
+    from conftest import ppo_args
+
+    example = next(b for b in fenced_blocks("python") if b.startswith("# my_rewards.py"))
+    (tmp_path / "my_rewards.py").write_text(example, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_rewards
+
+    long_code = "\n".join(f"x{i} = {i}" for i in range(40))
+    prompts = [[{"role": "user", "content": "Write add(a, b)."}]] * 3
+    responses = ['```python\ndef add(a, b):\n    """Add."""\n    return a + b\n```',
+                 "```python\ndef add(a, b):\n    return a + b\n```", f"```python\n{long_code}\n```"]
+    assert my_rewards.documented_and_short(prompts, responses) == pytest.approx([0.2, 0.0, -0.2])
+    calls = []  # (prompts, responses, rewards) of each call PPO makes
+    original = my_rewards.documented_and_short
+    monkeypatch.setattr(my_rewards, "documented_and_short",
+                        lambda p, r: calls.append((p, r, original(p, r))) or calls[-1][2])
+    command = next(c for c in bash_commands() if any(w.startswith("--PPO_REWARD_FN=") for w in c))
+    setting = next(w for w in command if w.startswith("--PPO_REWARD_FN="))
+    proc = run_in_process("train_ppo.py", *ppo_args(ppo_inputs, tmp_path, "--PPO_STEPS=2", "--PPO_EVAL_EVERY=0",
+                                                    "--PPO_SAVE_EVERY=0", "--PPO_EXEC_WEIGHT=0", "--PPO_RM_WEIGHT=0",
+                                                    "--PPO_PENALIZE_MISSING_EOS=false", setting))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.load(open(tmp_path / "ppo_model" / "rlhf_stage.json"))["metrics"]["history"]
+    scores = [h["score"] for h in history if "kl" in h]
+    assert len(calls) == len(scores) == 2  # one call per rollout batch of 8 answers, each with its prompt's messages
+    assert all(len(p) == len(r) == 8 and p[0][-1]["role"] == "user" and isinstance(r[0], str) for p, r, _ in calls)
+    # the example's rewards are the whole score
+    assert scores == pytest.approx([sum(rewards) / len(rewards) for _, _, rewards in calls])

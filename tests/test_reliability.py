@@ -223,6 +223,30 @@ def test_ppo_prompt_rows_with_unrunnable_tests(case, tmp_path, ppo_inputs, stage
     assert os.listdir(tmp_path) == ["prompts.jsonl"]
 
 
+@pytest.mark.parametrize("stage, setting, on", [
+    ("sft", "EVAL_TASKS_FILE", "--SFT_EVAL_PASS_AT_1=true"), ("sft", "SEED_PROMPTS_FILE", "--SFT_EVAL_PASS_AT_1=true"),
+    ("rm", "RM_ONPOLICY_PROMPTS_FILE", "--RM_ONPOLICY_SAMPLES=1"),
+    ("ppo", "EVAL_TASKS_FILE", "--PPO_STEPS=1"), ("ppo", "PPO_PROMPTS_FILE", "--PPO_STEPS=1"),
+])
+def test_a_hub_id_that_cannot_be_reached_stops_the_stage_in_one_line(stage, setting, on, tmp_path, tiny_base, toy_data,
+                                                                      toy_pairs, ppo_inputs, stage_main, monkeypatch, capsys):
+    """Offline, a task file given as a hub id is one error line before anything trains; it used to
+    be skipped without a word (SFT's pass@1, PPO's evaluation, the RM's on-policy pairs)."""
+    args = stage_args(stage, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs)
+    if stage == "sft":
+        args.append(f"--EVAL_TASKS_FILE={ppo_inputs['tasks']}")
+    if stage == "ppo":
+        args += PPO_QUICK
+    monkeypatch.setattr(sys, "argv", [f"train_{stage}.py", *args, on, f"--{setting}=mbpp:sanitized:test",
+                                      "--SEED_PROMPT_SAMPLES=1"])
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(stage_main(stage))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: cannot load dataset 'mbpp:sanitized:test' from the hub (ConnectionError"), err
+    assert os.listdir(tmp_path) == []
+
+
 def test_model_path_that_does_not_exist(tmp_path, stage_main):
     with pytest.raises(UserError, match="is not a model folder"):
         stage_main("sft")([f"--MODEL_NAME={tmp_path}/no_model", f"--SFT_DIR={tmp_path}/o", f"--RUNS_DIR={tmp_path}/runs",

@@ -145,3 +145,70 @@ def test_answer_only_head_gives_trl_loss_gradients_and_metrics():
     # without fused_lm_head the model is the plain one (generation, logits)
     plain = ours(input_ids=input_ids).logits
     assert plain.shape == (3, 10, 64)
+
+
+def prepared_labels(tokenizer, model_dir, examples, tmp_path):
+    """The rows SFTTrainer trains on, as it prepares them from sft_rows(examples): (input_ids, labels)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf.data import sft_rows
+
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), processing_class=tokenizer,
+                         args=SFTConfig(output_dir=str(tmp_path), max_length=256, report_to=[], use_cpu=True, bf16=False),
+                         train_dataset=Dataset.from_list(sft_rows(tokenizer, examples)))
+    return [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
+
+
+def test_single_turn_examples_get_trls_own_labels_among_multi_turn_ones(tiny_base, toy_data, tmp_path):
+    """A data file with one multi-turn conversation is tokenised by us (rlhf.data.assistant_labels),
+    every example of it: a single-turn one gets exactly the labels TRL gives it on its own."""
+    from rlhf.common import load_tokenizer
+    from rlhf.data import assistant_labels, load_sft_examples
+
+    tokenizer = load_tokenizer(tiny_base)
+    single = load_sft_examples(toy_data["sft_train"])[:6]
+    trl_labels = prepared_labels(tokenizer, tiny_base, single, tmp_path / "trl")
+    ours = [assistant_labels(tokenizer, ex["prompt"] + ex["completion"], "x") for ex in single]
+    assert [(r["input_ids"], r["labels"]) for r in ours] == trl_labels
+    assert all(-100 in labels and set(labels) != {-100} for _, labels in trl_labels)  # prompt masked, answer kept
+
+
+def test_every_assistant_turn_of_a_conversation_trains(tiny_base, tmp_path):
+    """Multi-turn SFT: both assistant turns of a 2-turn conversation carry labels in what SFTTrainer
+    trains on (the first one too, which the last-message rule dropped); the user turns carry none."""
+    from rlhf.common import load_tokenizer
+    from rlhf.data import load_sft_examples
+
+    turns = [{"role": "user", "content": "Write add_3(x)."},
+             {"role": "assistant", "content": "```python\ndef add_3(x):\n    return x + 3\n```"},
+             {"role": "user", "content": "Now add_5(x)."},
+             {"role": "assistant", "content": "```python\ndef add_5(x):\n    return x + 5\n```"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
+    examples = load_sft_examples(str(tmp_path / "d.jsonl"))
+    assert examples == [{"messages": turns, "where": f"{tmp_path / 'd.jsonl'}:1"}]
+    tokenizer = load_tokenizer(tiny_base)
+    [(ids, labels)] = prepared_labels(tokenizer, tiny_base, examples, tmp_path / "trl")
+    trained = tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])
+    untrained = tokenizer.decode([t for t, lab in zip(ids, labels) if lab == -100])
+    assert "return x + 3" in trained and "return x + 5" in trained
+    assert "Write add_3" in untrained and "Now add_5" in untrained
+    assert "Write add_3" not in trained and "Now add_5" not in trained
+
+
+def test_a_template_that_rewrites_earlier_turns_is_one_line(tiny_base):
+    """A template that writes an earlier answer otherwise once another turn follows (here: drops it,
+    as reasoning templates drop earlier thoughts) cannot train that turn where it stands."""
+    from rlhf.common import load_tokenizer
+    from rlhf.data import assistant_labels
+    from rlhf.settings import UserError
+
+    tokenizer = load_tokenizer(tiny_base)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' or loop.last %}<|im_start|>{{ m['role'] }}\n"
+                               "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first answer"},
+             {"role": "user", "content": "b"}, {"role": "assistant", "content": "second answer"}]
+    with pytest.raises(UserError, match=r"d.jsonl:3: the chat template writes assistant turn 1 differently"):
+        assistant_labels(tokenizer, turns, "d.jsonl:3")
