@@ -10,7 +10,7 @@ import sys
 import time
 
 import config as C
-from rlhf.handoff import STAGE_COMMANDS
+from rlhf.handoff import STAGE_COMMANDS, check_lineage, learning_rate_notes
 from rlhf.settings import UserError, apply_overrides, check_values, stage_help
 from rlhf.settings import choice as settings_choice
 
@@ -38,7 +38,7 @@ def start_stage(name, argv):
     import torch
     from accelerate import PartialState
 
-    apply_overrides(argv, quiet=False)
+    given = apply_overrides(argv, quiet=False)
     check_values()
     # without CUDA, processes started by torchrun (accelerate_configs/cpu.yaml) join over gloo on the
     # CPU; accelerate only does that when told cpu=True (else each believes it is alone)
@@ -49,8 +49,11 @@ def start_stage(name, argv):
         raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
                         "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "
                         "or deepspeed_zero2.yaml (train_ppo.py gathers the shards itself)")
+    check_lineage(name, given, state.is_main_process)  # the earlier stage outputs: this run's MODEL_NAME and RECIPE
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if state.is_main_process:
+        for line in learning_rate_notes(name, given):
+            print(line)
         reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}"}[name]
         print(f"== {name} | {state.num_processes} process(es) on {state.device} | "
               f"precision {precision()} | from {reads} | lora {C.USE_LORA}")

@@ -48,6 +48,11 @@ RANGES = {
 }
 
 
+# config.py's learning rates, chosen for the embedded model (tests/test_settings.py checks that they
+# agree): a stage that would train another model with one of them says so (rlhf.handoff.learning_rate_notes)
+EMBEDDED_LEARNING_RATES = {"sft": {"LR": 1e-3}, "rm": {"RM_LR": 1e-3}, "ppo": {"PPO_LR": 5e-5, "PPO_CRITIC_LR": 3e-4}}
+
+
 class UserError(Exception):
     """A mistake the user can fix (missing input, bad data, unknown setting). Stage scripts turn
     it into one `error: ...` line and a non-zero exit, without a traceback."""
