@@ -25,6 +25,8 @@ REPORT_TO = "tensorboard"  # tensorboard | wandb | none; logs go under RUNS_DIR/
 RUNS_DIR = "./runs"  # TensorBoard logs and per-stage log files
 RESUME = True  # continue an interrupted stage from its last checkpoint (under RUNS_DIR/<stage>/checkpoints)
 OVERWRITE = False  # True: allow a stage to replace an existing finished output folder
+PUSH_TO_HUB = False  # True: each stage uploads its output folder (model card included) to a private Hub repo HUB_MODEL_ID-<stage>; needs `hf auth login`
+HUB_MODEL_ID = ""  # "user/name" for PUSH_TO_HUB: the stages upload to user/name-sft, user/name-rm and user/name-ppo
 MAX_LEN = 512  # SFT and PPO: tokens per sequence (prompt + answer); longer SFT examples are dropped with a count
 LOG_EVERY = 10  # SFT and RM: optimizer steps between log lines (PPO logs every iteration)
 EVAL_EVERY = 0  # SFT and RM: optimizer steps between held-out evaluations and checkpoints; 0 = once per epoch

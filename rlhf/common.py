@@ -11,6 +11,7 @@ import time
 
 import config as C
 from rlhf.handoff import STAGE_COMMANDS, check_lineage, learning_rate_notes
+from rlhf.model_card import check_hub_login
 from rlhf.settings import UserError, apply_overrides, check_values, stage_help
 from rlhf.settings import choice as settings_choice
 
@@ -45,6 +46,7 @@ def start_stage(name, argv):
     state = PartialState(cpu=not torch.cuda.is_available())
     seed_everything(C.SEED + state.process_index)  # per-rank seed (N+ implementation details)
     qlora_load_kwargs()  # a QLoRA set-up this machine cannot run fails now, not after the data is loaded
+    check_hub_login()  # PUSH_TO_HUB without a token: now, not after training
     if name in ("sft", "rm") and launched_with_sharded_weights():
         raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
                         "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "

@@ -13,6 +13,7 @@ import os
 import shutil
 
 import config as C
+from rlhf.model_card import model_card, push_to_hub
 from rlhf.settings import UserError, scalar_settings
 
 STAGE_INFO_FILE = "rlhf_stage.json"  # written last: its presence marks a finished stage output
@@ -161,7 +162,7 @@ def machine():
 
 def save_stage_output(path, stage, save_fn, metrics, extra=None):
     """Save atomically: `save_fn(tmp_dir)` writes the model and tokenizer into a temporary
-    sibling folder, we add the metadata file, then swap it into place. A crash mid-save leaves
+    sibling folder, we add the model card (README.md) and the metadata file, then swap it into place. A crash mid-save leaves
     the previous output (or nothing), never a half-written folder that looks finished."""
     tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -178,6 +179,8 @@ def save_stage_output(path, stage, save_fn, metrics, extra=None):
             "machine": machine(),
         }
         info.update(extra or {})
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(stage, path, info))
         write_json(os.path.join(tmp, STAGE_INFO_FILE), info)
     old = f"{path.rstrip('/')}.old-{os.getpid()}"
     if os.path.exists(path):
@@ -188,9 +191,10 @@ def save_stage_output(path, stage, save_fn, metrics, extra=None):
 
 def save_stage(stage, path, model, tokenizer, metrics, checkpoints, also=None, extra=None, show=None):
     """The end of every stage (main process only): the model, its tokenizer, eval_results.json
-    (the metrics without the per-step history) and the metadata, saved atomically to `path`; then
-    the stage's checkpoint folder is removed (finished: the next run starts fresh) and one line
-    printed. `also(tmp)` writes anything else first; `show` limits the metrics in that line."""
+    (the metrics without the per-step history), the model card and the metadata, saved atomically
+    to `path`; then the stage's checkpoint folder is removed (finished: the next run starts fresh),
+    one line printed and, with PUSH_TO_HUB, the folder uploaded. `also(tmp)` writes anything else
+    first; `show` limits the metrics in that line."""
     results = {k: v for k, v in metrics.items() if k not in HISTORY_KEYS}
     inputs = {earlier: {"path": getattr(C, setting), "finished_at": read_stage_info(getattr(C, setting)).get("finished_at")}
               for earlier, setting in STAGE_INPUTS[stage] if read_stage_info(getattr(C, setting))}  # check_lineage reads them
@@ -206,6 +210,8 @@ def save_stage(stage, path, model, tokenizer, metrics, checkpoints, also=None, e
     shutil.rmtree(checkpoints, ignore_errors=True)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if show is None or k in show}
     print(f"{stage} done | {shown} | saved {path}")
+    if C.PUSH_TO_HUB:
+        push_to_hub(path, stage)
 
 
 def save_tokenizer(tokenizer, folder):

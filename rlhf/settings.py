@@ -93,6 +93,8 @@ def check_values():
     `--WARMUP_RATIO=2`): one line at the start, not a traceback (or a silent misreading) later."""
     for name in CHOICES:
         choice(name)
+    if C.PUSH_TO_HUB and C.HUB_MODEL_ID.count("/") != 1:
+        raise UserError(f"PUSH_TO_HUB needs HUB_MODEL_ID as user/name (the stages add -sft, -rm, -ppo), not {C.HUB_MODEL_ID!r}")
     for name, value in settings().items():  # a data file that is a folder: IsADirectoryError deep in a reader
         if name.endswith("_FILE") and isinstance(value, str) and value and os.path.isdir(value):
             raise UserError(f"{name}={value!r} is a folder; give a data file (.jsonl, .json or .parquet)")

@@ -34,6 +34,7 @@ import time
 
 import config as C
 from rlhf.common import run_stage
+from rlhf.model_card import check_hub_login
 from rlhf.handoff import (
     STAGE_INFO_FILE, indist_answers_path, is_current, learning_rate_notes, read_stage_info, same_name,
 )
@@ -321,6 +322,7 @@ def main(argv):
     for name, _, _, train, _ in plan:  # the embedded model's learning rates on another model: said before SFT starts
         for line in learning_rate_notes(name, changes) if train else []:
             print(f"pipeline: {line}", flush=True)
+    check_hub_login()  # PUSH_TO_HUB without a token: before any stage trains
     ensure_data(defaults)
     if os.path.normpath(C.MODEL_NAME) == os.path.normpath(C.BASE_MODEL_DIR) and not os.path.exists(
             os.path.join(C.MODEL_NAME, "config.json")):

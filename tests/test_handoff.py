@@ -52,7 +52,7 @@ def test_save_stage_writes_model_results_and_metadata_then_removes_checkpoints(t
     save_stage("sft", str(tmp_path / "sft_model"), SavesItself("weights"), SavesItself("tokenizer"), metrics,
                str(checkpoints), also=lambda tmp: open(os.path.join(tmp, "extra.json"), "w").write("{}"))
     out = tmp_path / "sft_model"
-    assert sorted(os.listdir(out)) == ["eval_results.json", "extra.json", STAGE_INFO_FILE, "tokenizer", "weights"]
+    assert sorted(os.listdir(out)) == ["README.md", "eval_results.json", "extra.json", STAGE_INFO_FILE, "tokenizer", "weights"]
     assert json.load(open(out / "eval_results.json")) == {"eval_loss": 0.123456}  # no per-step history
     assert json.load(open(out / STAGE_INFO_FILE))["metrics"]["log_history"] == [{"loss": 1.0}]
     assert not checkpoints.exists()
