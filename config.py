@@ -21,7 +21,7 @@ LORA_DROPOUT = 0.05  # dropout inside the LoRA adapters during SFT/RM (PPO turns
 LORA_TARGET_MODULES = "all-linear"  # which layers get adapters: "all-linear" or a comma list like "q_proj,v_proj"
 QLORA = False  # True (with USE_LORA): SFT and the PPO policy train LoRA on a 4-bit base (bitsandbytes, CUDA GPU only); RM and PPO critic stay plain LoRA
 GRADIENT_CHECKPOINTING = False  # True trades ~30% more compute for much less activation memory (large models)
-REPORT_TO = "tensorboard"  # tensorboard | wandb | none; logs go under RUNS_DIR/<stage>
+REPORT_TO = "tensorboard"  # where the training metrics go, comma-separated: any tracker transformers supports (tensorboard, wandb, mlflow, comet_ml, trackio, neptune, ...; PPO: those accelerate supports), installed; none = nowhere; logs under RUNS_DIR/<stage>
 RUNS_DIR = "./runs"  # TensorBoard logs and per-stage log files
 RESUME = True  # continue an interrupted stage from its last checkpoint (under RUNS_DIR/<stage>/checkpoints)
 OVERWRITE = False  # True: allow a stage to replace an existing finished output folder

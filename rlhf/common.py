@@ -47,6 +47,7 @@ def start_stage(name, argv):
     seed_everything(C.SEED + state.process_index)  # per-rank seed (N+ implementation details)
     qlora_load_kwargs()  # a QLoRA set-up this machine cannot run fails now, not after the data is loaded
     check_hub_login()  # PUSH_TO_HUB without a token: now, not after training
+    check_report_to(name, state.is_main_process)  # a tracker that is unknown or not installed: now
     if name in ("sft", "rm") and launched_with_sharded_weights():
         raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
                         "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "
@@ -153,8 +154,50 @@ def trainer_schedule(warmup_ratio):
 
 
 def report_to():
-    choice = settings_choice("REPORT_TO")
-    return [] if choice == "none" else [choice]
+    """REPORT_TO as a list of tracker names ([] for none); check_report_to has checked them."""
+    names = [n.strip().lower() for n in C.REPORT_TO.split(",") if n.strip()]
+    return [] if names == ["none"] else names
+
+
+def check_report_to(stage, main_process=True):
+    """REPORT_TO names trackers that transformers' Trainer supports (SFT, RM: its report_to) and that
+    are installed, else one line; PPO logs through accelerate, which has fewer: the others are left
+    out of PPO's (REPORT_TO is set to what it keeps) with a line."""
+    names = report_to()
+    if "none" in names:
+        raise UserError(f"REPORT_TO={C.REPORT_TO!r}: none stands alone")
+    if stage == "ppo":
+        from accelerate.tracking import get_available_trackers
+        from accelerate.utils import LoggerType
+
+        known, installed = {t.value for t in LoggerType}, {t.value for t in get_available_trackers()}
+        left_out = [n for n in names if n not in known]
+        if left_out:
+            check_transformers_trackers(left_out)  # a typo is an error, a Trainer-only tracker a note
+            if main_process:
+                print(f"ppo: REPORT_TO {', '.join(left_out)}: not a tracker of accelerate, which PPO logs through "
+                      f"(it has {', '.join(sorted(known - {'all'}))}); left out")
+            names = [n for n in names if n in known]
+            C.REPORT_TO = ",".join(names) or "none"
+    else:
+        installed = check_transformers_trackers(names)
+    missing = [n for n in names if n != "all" and n not in installed]
+    if missing:
+        raise UserError(f"REPORT_TO={C.REPORT_TO!r}: {', '.join(missing)} is not installed here: pip install "
+                        f"{' '.join(missing)} (or --REPORT_TO=tensorboard)")
+
+
+def check_transformers_trackers(names):
+    """The trackers transformers supports: an unknown name in `names` is one line that lists them.
+    Returns the installed ones."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK and n != "all"]
+    if unknown:
+        raise UserError(f"REPORT_TO: unknown tracker {unknown[0]!r}; transformers supports "
+                        f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, all or none (comma-separated)")
+    return set(get_available_reporting_integrations())
 
 
 def lora_config(task_type):

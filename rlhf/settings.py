@@ -19,7 +19,6 @@ import config as C
 # (tests/test_settings.py checks that each comment names every value) all read it.
 CHOICES = {
     "PRECISION": ("auto", "fp32", "bf16", "fp16"),
-    "REPORT_TO": ("tensorboard", "wandb", "none"),
     "PPO_KL_ESTIMATOR": ("k1", "k2", "k3"),
     "PPO_EXEC_REWARD": ("all", "fraction"),
     "PPO_ADVANTAGE": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),

@@ -200,3 +200,41 @@ def test_shipped_recipes_are_complete_and_valid(recipe, tmp_path, monkeypatch):
     text = open(os.path.join(ROOT, recipe), encoding="utf-8").read()
     assert "NOTHING IN THIS PROJECT HAS RUN ON A GPU YET" in text
     assert all(source in text for source in ("TRL", "OpenRLHF", "Qwen"))
+
+
+# ---------------------------------------------------------------------------------------------
+# REPORT_TO: any tracker transformers supports (PPO: those accelerate supports), checked at the start
+# ---------------------------------------------------------------------------------------------
+
+def test_report_to_takes_transformers_trackers_and_checks_them_at_the_start(capsys):
+    from transformers.integrations import get_available_reporting_integrations
+
+    from rlhf.common import check_report_to, report_to
+
+    C.REPORT_TO = "tensorboard"
+    check_report_to("sft")
+    assert report_to() == ["tensorboard"]
+    C.REPORT_TO = "none"
+    check_report_to("rm")
+    assert report_to() == []
+    C.REPORT_TO = "tensorbaord"
+    with pytest.raises(UserError, match=r"unknown tracker 'tensorbaord'; transformers supports .*comet_ml.*mlflow.*"
+                                        r"tensorboard.*wandb, all or none"):
+        check_report_to("sft")
+    for tracker in ("mlflow", "neptune", "wandb"):  # known to transformers; an error only where it is not installed
+        if tracker not in get_available_reporting_integrations():
+            C.REPORT_TO = f"tensorboard,{tracker}"
+            with pytest.raises(UserError, match=f"{tracker} is not installed here: pip install {tracker}"):
+                check_report_to("sft")
+
+
+def test_ppo_leaves_out_a_tracker_accelerate_lacks_with_a_line(capsys):
+    from rlhf.common import check_report_to
+
+    C.REPORT_TO = "tensorboard,neptune"  # neptune: transformers' Trainer has it, accelerate does not
+    check_report_to("ppo")
+    assert C.REPORT_TO == "tensorboard"
+    assert "ppo: REPORT_TO neptune: not a tracker of accelerate, which PPO logs through" in capsys.readouterr().out
+    C.REPORT_TO = "tensorbaord"
+    with pytest.raises(UserError, match="unknown tracker 'tensorbaord'"):
+        check_report_to("ppo")
