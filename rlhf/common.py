@@ -409,7 +409,7 @@ def qlora_load_kwargs():
         raise UserError("QLORA=True needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none; "
                         "use --QLORA=false (--USE_LORA=true alone trains LoRA without quantisation)")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("QLORA=True needs bitsandbytes: pip install bitsandbytes (or use --QLORA=false)")
+        raise UserError("QLORA=True needs bitsandbytes: pip install -e \".[qlora]\" (or use --QLORA=false)")
     from accelerate import PartialState
     from transformers import BitsAndBytesConfig
 
