@@ -14,8 +14,8 @@ One process, no accelerate config (ACCELERATE_CONFIG stays ""). Memory (docs/SCA
 SFT and RM hold a bf16 base (3 GB) plus adapters; PPO the fp32 policy base (6 GB), whose adapter
 off is the reference, and the bf16 reward model (3 GB; with PPO_ADVANTAGE=gae an fp32 critic, whose
 adapter off is the reward model, 6 GB). Any --NAME=value after the recipe wins over it, e.g. your own data:
---SFT_TRAIN_FILE=my_sft.jsonl. Each stage writes its own folder, so a recipe run next to the
-embedded default's needs its own SFT_DIR, RM_DIR, PPO_DIR (below).
+--SFT_TRAIN_FILE=my_sft.jsonl. The stage folders are the recipe's own (SFT_DIR, RM_DIR, PPO_DIR
+below); the pipeline's --reports DIR keeps its report apart from the embedded default's.
 
 References: TRL's example scripts (trl/scripts/sft.py: lr 2e-5 full, 2e-4 LoRA with r 32, alpha 16,
 batch 2 x 8; examples/scripts/reward_modeling.py: lr 1e-5 full, 1e-4 LoRA, max_length 2048, 1 epoch;

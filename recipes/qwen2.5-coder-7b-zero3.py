@@ -13,6 +13,9 @@ next to them and from the memory arithmetic of docs/SCALING.md, not from a run. 
 ran on 2 CPU processes only (tests/test_distributed.py). Check the first log lines (loss, lr, KL)
 before trusting a long run, and report what you see.
 
+The stage folders are the recipe's own (SFT_DIR, RM_DIR, PPO_DIR below); the pipeline's --reports
+DIR keeps its report apart from the embedded default's. Any --NAME=value after the recipe wins.
+
 Why two configs: SFT and RM evaluate and save from one process and refuse ZeRO-3 and FSDP
 (rlhf/common.py); under ZeRO-2 they hold 2P of bf16 weights + 14P/8 of sharded gradients and Adam
 state, 29 GB per GPU (docs/SCALING.md). PPO trains policy and critic (16P each, sharded 8 ways

@@ -243,6 +243,7 @@ def shown(cmd):
 def dry_run(args, plan, overrides, changes):
     """Print what the run would do: the settings it changes (and where from), the stages it reuses
     and the commands it would run; nothing is built, trained or written."""
+    print("pipeline: dry run: nothing is built, trained or written")
     resolved = resolve_overrides(overrides)
     defaults = {n: v for n, v in vars(sys.modules["config"]).items() if n.isupper()}
     print("settings (config.py's, then these):" if resolved else "settings: config.py's")
@@ -254,6 +255,7 @@ def dry_run(args, plan, overrides, changes):
     for name, _, _, train, _ in plan:
         for line in learning_rate_notes(name, changes) if train else []:
             print(line)
+    check_launch(plan, dry_run=True)
     for name, script, folder, train, notes in plan:
         for line in notes:
             print(line)
@@ -314,11 +316,9 @@ def main(argv):
         redo = {s for s, _, _ in STAGES}  # --OVERWRITE=true reaches every stage: it means redo all
     plan = plan_stages(redo, reuse, changes)  # a finished stage made otherwise: one line now, not after SFT
     if args.dry_run:
-        print("pipeline: dry run: nothing is built, trained or written")
-    check_launch(plan, args.dry_run)
-    if args.dry_run:
         dry_run(args, plan, overrides, changes)
         return
+    check_launch(plan, dry_run=False)
     for name, _, _, train, _ in plan:  # the embedded model's learning rates on another model: said before SFT starts
         for line in learning_rate_notes(name, changes) if train else []:
             print(f"pipeline: {line}", flush=True)
