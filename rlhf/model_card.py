@@ -80,7 +80,8 @@ def model_card(stage, path, info):
     hardware = ", ".join(machine.get("gpus", [])) or f"{machine.get('cpus', '?')} CPUs, no GPU"
     inputs = "".join(f"| built on ({earlier.upper()}) | `{made['path']}`, finished {made['finished_at']} |\n"
                      for earlier, made in info.get("inputs", {}).items())
-    rows = "".join(f"| `{k}` | `{settings[k]!r}` |\n" for k in shown if k in settings)
+    lora = settings.get("USE_LORA")
+    rows = "".join(f"| `{k}` | `{settings[k]!r}` |\n" for k in shown if k in settings and (lora or not k.startswith("LORA_")))
     data_rows = "".join(f"| `{k}` | `{settings[k]}` |\n" for k in data if k in settings)
     results = "".join(f"| {k} | {round(v, 4) if isinstance(v, float) else v} |\n" for k, v in metrics.items()
                       if isinstance(v, (int, float, str)) and not isinstance(v, bool) and v is not None)
