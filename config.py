@@ -3,13 +3,15 @@ for one run with `--NAME=value` on a stage script's command line (e.g. `--LR=3e-
 
 The defaults run the embedded default: a ~2.6M-parameter Qwen2-architecture model that the
 project builds itself (./base_model) and the bundled code tasks in data/. It runs offline on a
-laptop CPU. The block at the end lists the values for a real model on a GPU.
+laptop CPU. A real model on GPUs takes a recipe: a small file of these constants with the values
+it needs (recipes/, `--RECIPE=recipes/qwen2.5-coder-1.5b-lora.py`).
 """
 
 # ---------------------------------------------------------------------------------------------
 # Shared by all stages
 # ---------------------------------------------------------------------------------------------
 MODEL_NAME = "./base_model"  # hub id or local folder of a causal LM; "./base_model" = embedded default, built when missing
+RECIPE = ""  # a recipe: a file of these constants for a real model (recipes/*.py), applied before the command line's --NAME=value; "" = none
 SEED = 42  # one seed for data order, init and sampling; each process adds its rank
 PRECISION = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16
 USE_LORA = False  # True: train LoRA adapters (peft); the saved stage output is merged and loads as a plain model
@@ -19,10 +21,12 @@ LORA_DROPOUT = 0.05  # dropout inside the LoRA adapters during SFT/RM (PPO turns
 LORA_TARGET_MODULES = "all-linear"  # which layers get adapters: "all-linear" or a comma list like "q_proj,v_proj"
 QLORA = False  # True (with USE_LORA): SFT and the PPO policy train LoRA on a 4-bit base (bitsandbytes, CUDA GPU only); RM and PPO critic stay plain LoRA
 GRADIENT_CHECKPOINTING = False  # True trades ~30% more compute for much less activation memory (large models)
-REPORT_TO = "tensorboard"  # tensorboard | wandb | none; logs go under RUNS_DIR/<stage>
+REPORT_TO = "tensorboard"  # where the training metrics go, comma-separated: any tracker transformers supports (tensorboard, wandb, mlflow, comet_ml, trackio, neptune, ...; PPO: those accelerate supports), installed; none = nowhere; logs under RUNS_DIR/<stage>
 RUNS_DIR = "./runs"  # TensorBoard logs and per-stage log files
 RESUME = True  # continue an interrupted stage from its last checkpoint (under RUNS_DIR/<stage>/checkpoints)
 OVERWRITE = False  # True: allow a stage to replace an existing finished output folder
+PUSH_TO_HUB = False  # True: each stage uploads its output folder (model card included) to a private Hub repo HUB_MODEL_ID-<stage>; needs `hf auth login`
+HUB_MODEL_ID = ""  # "user/name" for PUSH_TO_HUB: the stages upload to user/name-sft, user/name-rm and user/name-ppo
 MAX_LEN = 512  # SFT and PPO: tokens per sequence (prompt + answer); longer SFT examples are dropped with a count
 LOG_EVERY = 10  # SFT and RM: optimizer steps between log lines (PPO logs every iteration)
 EVAL_EVERY = 0  # SFT and RM: optimizer steps between held-out evaluations and checkpoints; 0 = once per epoch
@@ -143,16 +147,8 @@ PPO_EVAL_TASKS = 64  # held-out tasks evaluated every PPO_EVAL_EVERY (a subset, 
 PPO_SHARD_FROZEN_MODELS = False  # DeepSpeed, USE_LORA=False: reference and reward model in inference-only engines of the training ZeRO stage (TRL prepare_deepspeed); ZeRO-3: 4P -> 4P/N bytes per GPU (docs/SCALING.md); untested on GPUs yet
 
 # ---------------------------------------------------------------------------------------------
-# A real model on a GPU: copy these values above (or pass them as --NAME=value).
-# Qwen2.5-Coder-1.5B-Instruct on one 24 GB GPU, full fine-tuning in bf16:
-#   MODEL_NAME = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
-#   BATCH_SIZE = 2; GRAD_ACCUM = 4; EPOCHS = 2; MAX_LEN = 1024; LR = 1e-5
-#   GRADIENT_CHECKPOINTING = True
-# The same with LoRA on a 12-16 GB GPU: add USE_LORA = True and LR = 1e-4.
-# Reward model: RM_EPOCHS = 1; RM_LR = 1e-5 (LoRA: 1e-4). PPO: PPO_LR = 1e-6 to 3e-6 (policy),
-#   PPO_CRITIC_LR = 1e-5 (gae), PPO_TEMPERATURE = 0.7, PPO_SAMPLES_PER_PROMPT = 4 or more (grpo/rloo compare them); USE_LORA = True
-#   keeps PPO at two networks (reference and reward model are the adapters switched off).
-# The evaluations generate GEN_BATCH_SIZE answers per call: lower it (e.g. 128) if they run out of memory.
-# Evaluating on HumanEval/MBPP (scripts/evaluate.py): SANDBOX_TIMEOUT_S = 3.0, the time limit of their own harnesses.
-# Your own data: point SFT_TRAIN_FILE/SFT_EVAL_FILE at jsonl files or hub dataset ids.
+# Launching the stages (scripts/pipeline.py; a stage launched by hand ignores these)
 # ---------------------------------------------------------------------------------------------
+ACCELERATE_CONFIG = ""  # accelerate config the pipeline launches SFT and RM with (and PPO, unless PPO_ACCELERATE_CONFIG), e.g. accelerate_configs/ddp.yaml; "" = each stage as one plain process
+PPO_ACCELERATE_CONFIG = ""  # PPO's own accelerate config, e.g. deepspeed_zero3.yaml or fsdp.yaml (SFT and RM refuse ZeRO-3 and FSDP); "" = ACCELERATE_CONFIG
+NUM_PROCESSES = 0  # processes per stage under accelerate launch (one per GPU, all machines together); 0 = the config's num_processes

@@ -6,8 +6,8 @@ pass@EVAL_SAMPLES where the stages recorded it.
 For each SFT seed s, with SEED=s: the embedded base model built and initialised (its own
 BASE_MODEL_DIR; with a MODEL_NAME of your own the seed varies the data order only), train_sft.py,
 then train_rm.py once on that SFT model. For each PPO seed p: scripts/pipeline.py with SEED=p, which
-reuses that SFT and RM model (its notes that they were trained with another SEED and RUNS_DIR are
-expected), trains PPO, answers the in-distribution tasks and writes the run's report.json, whose
+reuses that SFT and RM model (`--reuse sft,rm`: its notes that they were trained with another SEED
+are expected), trains PPO, answers the in-distribution tasks and writes the run's report.json, whose
 "pass_at_1" figures this bench gathers. Under --out:
 
     sft_seed<s>/base_model, sft_model, rm_model, runs/, logs/
@@ -80,7 +80,7 @@ def run_ppo(folder, seed, models, overrides):
     if finished(ppo) and is_current(path, os.path.join(ppo, STAGE_INFO_FILE)):
         print(f"bench_seeds: {path} is done, reusing it", flush=True)
     else:
-        cmd = [sys.executable, os.path.join(ROOT, "scripts", "pipeline.py"), f"--reports={reports}", *overrides,
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", "pipeline.py"), f"--reports={reports}", "--reuse=sft,rm", *overrides,
                f"--SEED={seed}", *models, f"--PPO_DIR={ppo}", f"--RUNS_DIR={folder}/runs"]
         print(f"bench_seeds: {' '.join(cmd[1:])}", flush=True)
         run(cmd, os.path.join(folder, "pipeline.log"))

@@ -10,7 +10,8 @@ import sys
 import time
 
 import config as C
-from rlhf.handoff import STAGE_COMMANDS
+from rlhf.handoff import STAGE_COMMANDS, check_lineage, learning_rate_notes
+from rlhf.model_card import check_hub_login
 from rlhf.settings import UserError, apply_overrides, check_values, stage_help
 from rlhf.settings import choice as settings_choice
 
@@ -38,19 +39,24 @@ def start_stage(name, argv):
     import torch
     from accelerate import PartialState
 
-    apply_overrides(argv, quiet=False)
+    given = apply_overrides(argv, quiet=False)
     check_values()
     # without CUDA, processes started by torchrun (accelerate_configs/cpu.yaml) join over gloo on the
     # CPU; accelerate only does that when told cpu=True (else each believes it is alone)
     state = PartialState(cpu=not torch.cuda.is_available())
     seed_everything(C.SEED + state.process_index)  # per-rank seed (N+ implementation details)
     qlora_load_kwargs()  # a QLoRA set-up this machine cannot run fails now, not after the data is loaded
+    check_hub_login()  # PUSH_TO_HUB without a token: now, not after training
+    check_report_to(name, state.is_main_process)  # a tracker that is unknown or not installed: now
     if name in ("sft", "rm") and launched_with_sharded_weights():
         raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
                         "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "
                         "or deepspeed_zero2.yaml (train_ppo.py gathers the shards itself)")
+    check_lineage(name, given, state.is_main_process)  # the earlier stage outputs: this run's MODEL_NAME and RECIPE
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if state.is_main_process:
+        for line in learning_rate_notes(name, given):
+            print(line)
         reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}"}[name]
         print(f"== {name} | {state.num_processes} process(es) on {state.device} | "
               f"precision {precision()} | from {reads} | lora {C.USE_LORA}")
@@ -148,8 +154,50 @@ def trainer_schedule(warmup_ratio):
 
 
 def report_to():
-    choice = settings_choice("REPORT_TO")
-    return [] if choice == "none" else [choice]
+    """REPORT_TO as a list of tracker names ([] for none); check_report_to has checked them."""
+    names = [n.strip().lower() for n in C.REPORT_TO.split(",") if n.strip()]
+    return [] if names == ["none"] else names
+
+
+def check_report_to(stage, main_process=True):
+    """REPORT_TO names trackers that transformers' Trainer supports (SFT, RM: its report_to) and that
+    are installed, else one line; PPO logs through accelerate, which has fewer: the others are left
+    out of PPO's (REPORT_TO is set to what it keeps) with a line."""
+    names = report_to()
+    if "none" in names:
+        raise UserError(f"REPORT_TO={C.REPORT_TO!r}: none stands alone")
+    if stage == "ppo":
+        from accelerate.tracking import get_available_trackers
+        from accelerate.utils import LoggerType
+
+        known, installed = {t.value for t in LoggerType}, {t.value for t in get_available_trackers()}
+        left_out = [n for n in names if n not in known]
+        if left_out:
+            check_transformers_trackers(left_out)  # a typo is an error, a Trainer-only tracker a note
+            if main_process:
+                print(f"ppo: REPORT_TO {', '.join(left_out)}: not a tracker of accelerate, which PPO logs through "
+                      f"(it has {', '.join(sorted(known - {'all'}))}); left out")
+            names = [n for n in names if n in known]
+            C.REPORT_TO = ",".join(names) or "none"
+    else:
+        installed = check_transformers_trackers(names)
+    missing = [n for n in names if n != "all" and n not in installed]
+    if missing:
+        raise UserError(f"REPORT_TO={C.REPORT_TO!r}: {', '.join(missing)} is not installed here: pip install "
+                        f"{' '.join(missing)} (or --REPORT_TO=tensorboard)")
+
+
+def check_transformers_trackers(names):
+    """The trackers transformers supports: an unknown name in `names` is one line that lists them.
+    Returns the installed ones."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK and n != "all"]
+    if unknown:
+        raise UserError(f"REPORT_TO: unknown tracker {unknown[0]!r}; transformers supports "
+                        f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, all or none (comma-separated)")
+    return set(get_available_reporting_integrations())
 
 
 def lora_config(task_type):
@@ -361,7 +409,7 @@ def qlora_load_kwargs():
         raise UserError("QLORA=True needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none; "
                         "use --QLORA=false (--USE_LORA=true alone trains LoRA without quantisation)")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("QLORA=True needs bitsandbytes: pip install bitsandbytes (or use --QLORA=false)")
+        raise UserError("QLORA=True needs bitsandbytes: pip install -e \".[qlora]\" (or use --QLORA=false)")
     from accelerate import PartialState
     from transformers import BitsAndBytesConfig
 

@@ -2,7 +2,8 @@
 metadata file (rlhf_stage.json, written last: its presence marks a finished output); the next
 stage refuses a missing or unfinished one with the command that makes it. A kill mid-save leaves
 the previous output (or nothing), and the next run finishes or removes what it left. A full disk
-is one line that says what is kept. rlhf/checkpoints.py builds its atomic checkpoints on this."""
+is one line that says what is kept. A stage refuses to build on outputs made from another
+MODEL_NAME or RECIPE (check_lineage). rlhf/checkpoints.py builds its atomic checkpoints on this."""
 
 import contextlib
 import datetime
@@ -12,10 +13,12 @@ import os
 import shutil
 
 import config as C
+from rlhf.model_card import model_card, push_to_hub
 from rlhf.settings import UserError, scalar_settings
 
 STAGE_INFO_FILE = "rlhf_stage.json"  # written last: its presence marks a finished stage output
 STAGE_COMMANDS = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo": "python train_ppo.py"}
+STAGE_INPUTS = {"sft": (), "rm": (("sft", "SFT_DIR"),), "ppo": (("sft", "SFT_DIR"), ("rm", "RM_DIR"))}  # what each builds on
 HISTORY_KEYS = ("log_history", "history")  # per-step logs: in rlhf_stage.json, not in eval_results.json
 FREE_BYTES_WHEN_FULL = 16 * 2**20  # a save that failed with less than this free on its disk failed for lack of space
 
@@ -41,6 +44,59 @@ def read_stage_info(folder):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def same_name(a, b):
+    """Do two MODEL_NAME (or RECIPE) values name the same thing: the same hub id, or the same folder
+    however it is written?"""
+    a, b = os.path.expanduser(a or ""), os.path.expanduser(b or "")
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.normpath(a) == os.path.normpath(b) if a and b else a == b
+
+
+def check_lineage(stage, given, main_process=True):
+    """Before `stage` builds on the earlier stage outputs it reads (STAGE_INPUTS): each was made
+    with this run's RECIPE and from its MODEL_NAME, else one line naming the fix. A MODEL_NAME
+    that neither the command line nor the recipe gave (`given`: apply_overrides' changes) is the
+    SFT output's, with a line; an RM trained on an earlier SFT output than SFT_DIR's is refused."""
+    infos = {}
+    for earlier, setting in STAGE_INPUTS[stage]:
+        folder, info = getattr(C, setting), read_stage_info(getattr(C, setting))
+        if info is None:
+            continue  # require_stage_output names the command that makes it
+        infos[earlier] = info
+        remake = (f"make it again with this run's settings (`{STAGE_COMMANDS[earlier]} ... --OVERWRITE=true`, or "
+                  f"`python scripts/pipeline.py ... --redo {earlier}`), or point {setting} at one that was")
+        recipe = info.get("settings", {}).get("RECIPE", "")
+        if not same_name(recipe, C.RECIPE):
+            raise UserError(f"{folder} was made with RECIPE={recipe!r}, not {C.RECIPE!r}: pass --RECIPE={recipe} to build "
+                            f"on it, or {remake}")
+        model = info.get("base_model") or C.MODEL_NAME
+        if not same_name(model, C.MODEL_NAME):
+            if "MODEL_NAME" in given or earlier != "sft":
+                raise UserError(f"{folder} was trained from MODEL_NAME={model!r}, not {C.MODEL_NAME!r}: {remake}")
+            if main_process:
+                print(f"{stage}: MODEL_NAME = {model!r}: the base model of {folder}")
+            C.MODEL_NAME = model
+    made_on = infos.get("rm", {}).get("inputs", {}).get("sft", {}).get("finished_at")
+    if made_on and "sft" in infos and made_on != infos["sft"].get("finished_at"):
+        raise UserError(f"{C.RM_DIR} was trained on an SFT model finished at {made_on}, and {C.SFT_DIR} was finished at "
+                        f"{infos['sft'].get('finished_at')}: train the RM again on it (`python train_rm.py --OVERWRITE=true`, "
+                        "or `python scripts/pipeline.py --redo rm`)")
+
+
+def learning_rate_notes(stage, given):
+    """Lines that say so when the embedded model's learning rates (config.py's own, settings.
+    EMBEDDED_LEARNING_RATES) would train another model: a pretrained model wants 10-1000x less."""
+    from rlhf.settings import EMBEDDED_LEARNING_RATES
+
+    if same_name(C.MODEL_NAME, C.BASE_MODEL_DIR):
+        return []
+    names = [n for n in EMBEDDED_LEARNING_RATES[stage] if n != "PPO_CRITIC_LR" or C.PPO_ADVANTAGE == "gae"]
+    return [f"{stage}: note: {n}={getattr(C, n)!r} is the embedded model's learning rate (config.py), not one for "
+            f"{C.MODEL_NAME}: pass --{n}=... or a recipe (recipes/, --RECIPE=...)"
+            for n in names if n not in given and getattr(C, n) == EMBEDDED_LEARNING_RATES[stage][n]]
 
 
 def indist_answers_path(reports, stage):
@@ -106,7 +162,7 @@ def machine():
 
 def save_stage_output(path, stage, save_fn, metrics, extra=None):
     """Save atomically: `save_fn(tmp_dir)` writes the model and tokenizer into a temporary
-    sibling folder, we add the metadata file, then swap it into place. A crash mid-save leaves
+    sibling folder, we add the model card (README.md) and the metadata file, then swap it into place. A crash mid-save leaves
     the previous output (or nothing), never a half-written folder that looks finished."""
     tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -123,6 +179,8 @@ def save_stage_output(path, stage, save_fn, metrics, extra=None):
             "machine": machine(),
         }
         info.update(extra or {})
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(stage, path, info))
         write_json(os.path.join(tmp, STAGE_INFO_FILE), info)
     old = f"{path.rstrip('/')}.old-{os.getpid()}"
     if os.path.exists(path):
@@ -133,10 +191,13 @@ def save_stage_output(path, stage, save_fn, metrics, extra=None):
 
 def save_stage(stage, path, model, tokenizer, metrics, checkpoints, also=None, extra=None, show=None):
     """The end of every stage (main process only): the model, its tokenizer, eval_results.json
-    (the metrics without the per-step history) and the metadata, saved atomically to `path`; then
-    the stage's checkpoint folder is removed (finished: the next run starts fresh) and one line
-    printed. `also(tmp)` writes anything else first; `show` limits the metrics in that line."""
+    (the metrics without the per-step history), the model card and the metadata, saved atomically
+    to `path`; then the stage's checkpoint folder is removed (finished: the next run starts fresh),
+    one line printed and, with PUSH_TO_HUB, the folder uploaded. `also(tmp)` writes anything else
+    first; `show` limits the metrics in that line."""
     results = {k: v for k, v in metrics.items() if k not in HISTORY_KEYS}
+    inputs = {earlier: {"path": getattr(C, setting), "finished_at": read_stage_info(getattr(C, setting)).get("finished_at")}
+              for earlier, setting in STAGE_INPUTS[stage] if read_stage_info(getattr(C, setting))}  # check_lineage reads them
 
     def save(tmp):
         if also is not None:
@@ -145,10 +206,12 @@ def save_stage(stage, path, model, tokenizer, metrics, checkpoints, also=None, e
         save_tokenizer(tokenizer, tmp)
         write_json(os.path.join(tmp, "eval_results.json"), results)
 
-    save_stage_output(path, stage, save, metrics, extra)
+    save_stage_output(path, stage, save, metrics, {"inputs": inputs, **(extra or {})})
     shutil.rmtree(checkpoints, ignore_errors=True)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if show is None or k in show}
     print(f"{stage} done | {shown} | saved {path}")
+    if C.PUSH_TO_HUB:
+        push_to_hub(path, stage)
 
 
 def save_tokenizer(tokenizer, folder):

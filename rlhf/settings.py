@@ -1,7 +1,9 @@
 """`--NAME=value` overrides of the constants in config.py, the one override mechanism of every
-stage script. Unknown names fail with the close matches; values are checked against the type of
-the constant they replace and against the allowed values and ranges below; each change is
-printed once. `--help` lists the settings a script reads, grouped and commented as in config.py."""
+stage script, and recipes: `--RECIPE=FILE` names a file of `NAME = value` lines (recipes/*.py)
+applied first, so that the command line's own overrides win. Unknown names fail with the close
+matches; values are checked against the type of the constant they replace and against the allowed
+values and ranges below; each change is printed once. `--help` lists the settings a script reads,
+grouped and commented as in config.py."""
 
 import ast
 import difflib
@@ -17,7 +19,6 @@ import config as C
 # (tests/test_settings.py checks that each comment names every value) all read it.
 CHOICES = {
     "PRECISION": ("auto", "fp32", "bf16", "fp16"),
-    "REPORT_TO": ("tensorboard", "wandb", "none"),
     "PPO_KL_ESTIMATOR": ("k1", "k2", "k3"),
     "PPO_EXEC_REWARD": ("all", "fraction"),
     "PPO_ADVANTAGE": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
@@ -44,6 +45,11 @@ RANGES = {
         "PPO_KL_COEF", "PPO_KL_TARGET", "PPO_VF_COEF", "PPO_SIL_COEF", "PPO_EXEC_WEIGHT", "PPO_EVAL_EVERY",
         "PPO_SAVE_EVERY", "PPO_EVAL_TASKS"), "[0, inf)"),
 }
+
+
+# config.py's learning rates, chosen for the embedded model (tests/test_settings.py checks that they
+# agree): a stage that would train another model with one of them says so (rlhf.handoff.learning_rate_notes)
+EMBEDDED_LEARNING_RATES = {"sft": {"LR": 1e-3}, "rm": {"RM_LR": 1e-3}, "ppo": {"PPO_LR": 5e-5, "PPO_CRITIC_LR": 3e-4}}
 
 
 class UserError(Exception):
@@ -86,6 +92,8 @@ def check_values():
     `--WARMUP_RATIO=2`): one line at the start, not a traceback (or a silent misreading) later."""
     for name in CHOICES:
         choice(name)
+    if C.PUSH_TO_HUB and C.HUB_MODEL_ID.count("/") != 1:
+        raise UserError(f"PUSH_TO_HUB needs HUB_MODEL_ID as user/name (the stages add -sft, -rm, -ppo), not {C.HUB_MODEL_ID!r}")
     for name, value in settings().items():  # a data file that is a folder: IsADirectoryError deep in a reader
         if name.endswith("_FILE") and isinstance(value, str) and value and os.path.isdir(value):
             raise UserError(f"{name}={value!r} is a folder; give a data file (.jsonl, .json or .parquet)")
@@ -129,13 +137,69 @@ def parse_value(name, text, current):
         return text
 
 
-def apply_overrides(argv, quiet=False):
-    """Apply `--NAME=value` arguments to config.py's constants in place and return the changes.
+def unknown_setting(name, known, where):
+    close = difflib.get_close_matches(name.lstrip("-").upper().replace("-", "_"), list(known), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; the names are the constants in config.py"
+    return UserError(f"{where}unknown setting {name}{hint}")
 
-    Names are matched case-insensitively and `-` may stand for `_` (`--lr=1e-4` sets LR)."""
+
+def recipe_path(recipe):
+    """The file a RECIPE names: as given (relative to the working directory), else relative to the
+    repository, so that `--RECIPE=recipes/x.py` works from anywhere."""
+    for path in (recipe, os.path.join(ROOT, recipe)):
+        if os.path.isfile(path):
+            return path
+    shipped = sorted(f for f in os.listdir(os.path.join(ROOT, "recipes")) if f.endswith(".py")) \
+        if os.path.isdir(os.path.join(ROOT, "recipes")) else []
+    raise UserError(f"RECIPE {recipe!r}: no such file" + (f" (recipes/ has {', '.join(shipped)})" if shipped else ""))
+
+
+def read_recipe(recipe, known):
+    """{NAME: value} of a recipe file: `NAME = literal` lines (and comments, a docstring) only, read
+    with ast, never executed; each name a constant of config.py, each value of its type."""
+    path = recipe_path(recipe)
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    try:
+        tree = ast.parse(source, path)
+    except SyntaxError as e:
+        raise UserError(f"{recipe}:{e.lineno}: not Python: {e.msg}") from None
+    values = {}
+    for i, node in enumerate(tree.body):
+        where = f"{recipe}:{node.lineno}: "
+        if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise UserError(f"{where}a recipe holds only NAME = value lines (constants of config.py)")
+        name = node.targets[0].id
+        if name not in known or name == "RECIPE":
+            raise unknown_setting(name, {k: v for k, v in known.items() if k != "RECIPE"}, where)
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise UserError(f"{where}{name}: the value must be a literal (a number, string, True/False)") from None
+        values[name] = recipe_value(name, value, known[name], where)
+    return values
+
+
+def recipe_value(name, value, current, where):
+    """A recipe's value checked against the type of config.py's constant (an int may stand for a float)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+          str: isinstance(value, str)}.get(type(current), True)
+    if not ok:
+        raise UserError(f"{where}{name} = {value!r}: config.py's {name} is a {type(current).__name__} ({current!r})")
+    return float(value) if isinstance(current, float) else value
+
+
+def resolve_overrides(argv):
+    """[(NAME, value, source)] of `argv`'s `--NAME=value` arguments and of the recipe they (or
+    config.py) name, in the order they apply: RECIPE, the recipe's values, then the command line's,
+    each name once with the value that wins. Nothing is changed. Names are matched
+    case-insensitively and `-` may stand for `_` (`--lr=1e-4` sets LR)."""
     known = settings()
     by_key = {k.lower(): k for k in known}
-    changes = {}
+    given = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"cannot read argument {arg!r}: settings are given as --NAME=value, "
@@ -143,14 +207,29 @@ def apply_overrides(argv, quiet=False):
         raw_name, text = arg[2:].split("=", 1)
         name = by_key.get(raw_name.replace("-", "_").lower())
         if name is None:
-            close = difflib.get_close_matches(raw_name.upper().replace("-", "_"), list(known), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; the names are the constants in config.py"
-            raise UserError(f"unknown setting --{raw_name}{hint}")
-        value = parse_value(name, text, known[name])
+            raise unknown_setting(f"--{raw_name}", known, "")
+        given[name] = parse_value(name, text, known[name])
+    recipe = given.get("RECIPE", C.RECIPE)
+    resolved = {"RECIPE": (recipe, "command line")} if "RECIPE" in given else {}
+    for name, value in (read_recipe(recipe, known) if recipe else {}).items():
+        resolved[name] = (value, recipe)
+    for name, value in given.items():
+        resolved[name] = (value, "command line" if name not in resolved or name == "RECIPE"
+                          else f"command line, over {recipe}'s {resolved[name][0]!r}")
+    return [(name, value, source) for name, (value, source) in resolved.items()]
+
+
+def apply_overrides(argv, quiet=False):
+    """Apply a recipe's values and `--NAME=value` arguments (resolve_overrides) to config.py's
+    constants in place and return the changes {NAME: value}; each is printed once."""
+    known = settings()
+    changes = {}
+    for name, value, source in resolve_overrides(argv):
         setattr(C, name, value)
         changes[name] = value
         if not quiet:
-            print(f"setting {name} = {value!r} (config.py has {known[name]!r})")
+            origin = "" if source == "command line" else f"{source}; "
+            print(f"setting {name} = {value!r} ({origin}config.py has {known[name]!r})")
     return changes
 
 

@@ -4,52 +4,88 @@ Each stage runs as its own process (`python train_<stage>.py [overrides]`), exac
 run it by hand; its output goes to the terminal and to <reports>/logs/<stage>.log. The pipeline
 stops at the first stage that fails, with that stage's `error:` line. A stage whose output folder
 already holds a finished model (rlhf_stage.json) is reused, so an interrupted pipeline picks up
-where it stopped. Wall times go to <reports>/timings.json. When INDIST_TASKS_FILE exists (tasks of
-variants seen in training), the SFT and PPO models then answer each of its tasks once, greedily
-(scripts/evaluate.py, into <reports>/indist_<stage>.jsonl; answers newer than their model and the
-task file are reused). The report (scripts/report.py) comes last.
+where it stopped. A finished stage made with other settings than this run gives (on the command
+line or in its recipe), from another MODEL_NAME or with another RECIPE, is not reused silently:
+the pipeline stops before any work with one line naming the `--redo` (train it again) or, for
+settings, the `--reuse` (keep it as it is) to add. Wall times go to <reports>/timings.json. When
+INDIST_TASKS_FILE exists (tasks of variants seen in training), the SFT and PPO models then answer
+each of its tasks once, greedily (scripts/evaluate.py, into <reports>/indist_<stage>.jsonl; answers
+newer than their model and the task file are reused). The report (scripts/report.py) comes last.
+
+With ACCELERATE_CONFIG (--accelerate-config FILE) the stages run under `accelerate launch` with
+that config and NUM_PROCESSES (--num-processes N) processes; PPO_ACCELERATE_CONFIG gives PPO its
+own (ZeRO-3, FSDP: SFT and RM refuse them). A recipe (--RECIPE=recipes/...) sets them for you.
 
     bash run.sh                                        # set-up, then this script (the main job)
-    python scripts/pipeline.py --PPO_STEPS=5           # any --NAME=value goes to every stage
-    python scripts/pipeline.py --redo ppo              # train PPO again, reuse SFT and RM
+    python scripts/pipeline.py --redo ppo --PPO_STEPS=5    # train PPO again with a setting; reuse SFT and RM
     python scripts/pipeline.py --redo all              # train everything again
+    python scripts/pipeline.py --RECIPE=recipes/qwen2.5-coder-7b-zero3.py --dry-run   # print the settings and commands
+    python scripts/pipeline.py --accelerate-config accelerate_configs/ddp.yaml --num-processes 4
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 
 import config as C
 from rlhf.common import run_stage
-from rlhf.handoff import STAGE_INFO_FILE, indist_answers_path, is_current, read_stage_info
-from rlhf.settings import UserError, apply_overrides, check_values, settings
+from rlhf.model_card import check_hub_login
+from rlhf.handoff import (
+    STAGE_INFO_FILE, indist_answers_path, is_current, learning_rate_notes, read_stage_info, same_name,
+)
+from rlhf.settings import (
+    SHARED_SECTION, STAGE_SOURCES, UserError, apply_overrides, check_values, config_sections, names_read_by,
+    resolve_overrides, settings, tool_help,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [("sft", "train_sft.py", "SFT_DIR"), ("rm", "train_rm.py", "RM_DIR"), ("ppo", "train_ppo.py", "PPO_DIR")]
 DATA_SETTINGS = ("SFT_TRAIN_FILE", "SFT_EVAL_FILE", "RM_TRAIN_FILE", "RM_EVAL_FILE", "PPO_PROMPTS_FILE", "EVAL_TASKS_FILE")
+# settings that change where a stage writes, how it logs, resumes, uploads or is launched, or only its
+# memory use: a finished stage made with other values is still this run's. MODEL_NAME and RECIPE are
+# the lineage, checked apart (check_reuse).
+RUN_SETTINGS = {"SFT_DIR", "RM_DIR", "PPO_DIR", "RUNS_DIR", "RESUME", "OVERWRITE", "REPORT_TO", "LOG_EVERY", "GEN_BATCH_SIZE",
+                "RM_SCORE_BATCH_SIZE", "PPO_SAVE_EVERY", "GRADIENT_CHECKPOINTING", "PPO_SHARD_FROZEN_MODELS", "SANDBOX_MODE",
+                "PUSH_TO_HUB", "HUB_MODEL_ID", "ACCELERATE_CONFIG", "PPO_ACCELERATE_CONFIG", "NUM_PROCESSES",
+                "INDIST_TASKS_FILE", "MODEL_NAME", "RECIPE"}
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
         description="Run data -> SFT -> RM -> PPO -> report; extra --NAME=value settings go to every stage.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # `--rep=...` must not silently mean --reports
-        epilog="Settings are the constants of config.py, e.g. --PPO_STEPS=5 --LR=1e-3; "
-               "`python train_<stage>.py --help` lists the ones each stage reads, with their defaults.")
+        epilog="Any other setting of config.py goes to every stage as --NAME=value (e.g. --PPO_STEPS=5); "
+               "`python train_<stage>.py --help` lists the ones each stage reads, with their defaults.\n\n"
+               + tool_help(__file__, overrides=True))
     ap.add_argument("--redo", default="", metavar="STAGES",
                     help="comma list of stages to train again even if finished (sft,rm,ppo) or 'all'")
+    ap.add_argument("--reuse", default="", metavar="STAGES",
+                    help="comma list of finished stages to keep as they are although this run's settings differ "
+                         "from theirs (sft,rm,ppo), e.g. SFT and RM of another SEED under a new PPO_DIR")
     ap.add_argument("--reports", default="reports", metavar="DIR", help="where logs, timings and the report go")
+    ap.add_argument("--accelerate-config", metavar="FILE",
+                    help="launch the stages under `accelerate launch --config_file FILE` (sets ACCELERATE_CONFIG)")
+    ap.add_argument("--num-processes", type=int, metavar="N", help="processes per stage, one per GPU (sets NUM_PROCESSES)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the resolved settings and the commands the pipeline would run; run nothing")
     args, overrides = ap.parse_known_args(argv)
     names = [s for s, _, _ in STAGES]
-    redo = {s.strip().lower() for s in args.redo.split(",") if s.strip()}
-    if "all" in redo:
-        redo = set(names)
-    unknown = redo - set(names)
-    if unknown:
-        ap.error(f"--redo: unknown stage {sorted(unknown)[0]!r}; use sft, rm, ppo or all")
-    return args, redo, overrides
+    stages = {}
+    for flag in ("redo", "reuse"):
+        chosen = {s.strip().lower() for s in getattr(args, flag).split(",") if s.strip()}
+        chosen = set(names) if "all" in chosen else chosen
+        if chosen - set(names):
+            ap.error(f"--{flag}: unknown stage {sorted(chosen - set(names))[0]!r}; use sft, rm, ppo or all")
+        stages[flag] = chosen
+    if stages["redo"] & stages["reuse"]:
+        ap.error(f"--redo and --reuse both name {sorted(stages['redo'] & stages['reuse'])[0]}")
+    return args, stages["redo"], stages["reuse"], overrides
 
 
 def ensure_data(defaults):
@@ -83,14 +119,152 @@ def run_logged(cmd, log_path):
     return code, error
 
 
+def stage_settings(stage):
+    """The settings that decide what `stage` makes: the shared ones, those its sources read
+    (`C.NAME`) and its own prefix's (RM_, PPO_), less RUN_SETTINGS. The embedded base model's build
+    settings (rlhf/base_model.py) count only when it is built, once, so not here."""
+    shared = {n for title, rows in config_sections() if title == SHARED_SECTION for n, _ in rows}
+    sources = [p for p in STAGE_SOURCES[stage] if p != "rlhf/base_model.py"]
+    prefix = {"sft": None, "rm": "RM_", "ppo": "PPO_"}[stage]
+    own = {n for n in settings() if prefix and n.startswith(prefix)}
+    return (shared | names_read_by(*sources) | own) - RUN_SETTINGS
+
+
 def stale_settings(stage, info, changes):
-    """Settings given on this command line that differ from those a reused stage was trained
-    with. RM_* and PPO_* settings only concern their own stage; any other one is reported at
-    the first reused stage it differs for (redoing that stage redoes the later ones)."""
-    saved = info.get("settings", {})
-    own = {"rm": "RM_", "ppo": "PPO_"}
-    return {k: (saved[k], v) for k, v in changes.items() if k in saved and saved[k] != v
-            and all(not k.startswith(prefix) or s == stage for s, prefix in own.items())}
+    """{NAME: (the stage's value, this run's)} of the settings this run gives (command line or
+    recipe) that decide what `stage` makes (stage_settings) and differ from those it was made with."""
+    saved, own = info.get("settings", {}), stage_settings(stage)
+    return {k: (saved[k], v) for k, v in changes.items() if k in own and k in saved and saved[k] != v}
+
+
+def check_reuse(name, folder, info, changes, reuse, earlier):
+    """A finished stage the pipeline would reuse: made from this run's MODEL_NAME (when given) and
+    RECIPE, on the stage outputs it reads (`earlier`: their rlhf_stage.json), and with this run's
+    settings unless --reuse names it; else one line naming what to add. Returns the notes to print."""
+    redo = (f"add --redo {name} to train it (and the stages after it) again, or give this run its own "
+            f"{', '.join(s for _, _, s in STAGES[[n for n, _, _ in STAGES].index(name):])}")
+    recipe = info.get("settings", {}).get("RECIPE", "")
+    if not same_name(recipe, C.RECIPE):
+        raise UserError(f"{name}: {folder} was made with RECIPE={recipe!r}, this run gives {C.RECIPE!r}: {redo}")
+    model = info.get("base_model")
+    if model and not same_name(model, C.MODEL_NAME):
+        if "MODEL_NAME" in changes or name != "sft":
+            raise UserError(f"{name}: {folder} was trained from MODEL_NAME={model!r}, this run gives {C.MODEL_NAME!r}: {redo}")
+        C.MODEL_NAME = model  # as the stages do (rlhf.handoff.check_lineage): the one the run builds on
+    sft_info = earlier.get("sft")
+    made_on = info.get("inputs", {}).get("sft", {}).get("finished_at")
+    if name == "rm" and sft_info and made_on and made_on != sft_info.get("finished_at"):
+        raise UserError(f"rm: {folder} was trained on an SFT model finished at {made_on}, {C.SFT_DIR} was finished at "
+                        f"{sft_info.get('finished_at')}: {redo}")
+    stale = stale_settings(name, info, changes)
+    if stale and name not in reuse:
+        made = ", ".join(f"{k}={old!r}" for k, (old, _) in stale.items())
+        given = ", ".join(f"{k}={new!r}" for k, (_, new) in stale.items())
+        raise UserError(f"{name}: {folder} was made with {made}, this run gives {given}: add --redo {name} to train it "
+                        f"(and the stages after it) again, or --reuse {name} to keep it as it is")
+    return [f"{name}: note: {folder} was made with {k}={old!r}, not {new!r}; reused as --reuse asks"
+            for k, (old, new) in stale.items()]
+
+
+def plan_stages(redo, reuse, changes):
+    """[(stage, script, folder, train?, notes)]: which finished stages are reused (check_reuse) and
+    which are trained; after the first trained stage every later one is trained too."""
+    plan, infos, training = [], {}, None
+    for name, script, setting in STAGES:
+        folder = getattr(C, setting)
+        info = read_stage_info(folder)
+        if info and name not in redo and training is None:
+            notes = check_reuse(name, folder, info, changes, reuse, infos)
+            plan.append((name, script, folder, False, [f"{name}: {folder} is finished, reusing it (--redo {name} to "
+                                                        "train again)", *notes]))
+            infos[name] = info
+            continue
+        notes = [f"{name}: {training} is trained again, so {name} is trained again too"] if info and name not in redo \
+            and training else []
+        plan.append((name, script, folder, True, notes))
+        training = training or name
+    return plan
+
+
+def accelerate_config(name):
+    """The accelerate config `name` launches with ("" for one plain process): the path as given, or
+    inside the repository (accelerate_configs/...) when it is not there."""
+    config = (C.PPO_ACCELERATE_CONFIG or C.ACCELERATE_CONFIG) if name == "ppo" else C.ACCELERATE_CONFIG
+    return config if not config or os.path.isfile(config) else os.path.join(ROOT, config)
+
+
+def check_launch(plan, dry_run):
+    """The accelerate configs of the stages to train exist, SFT's and RM's do not shard the weights
+    (they refuse ZeRO-3 and FSDP), and DeepSpeed is installed where one uses it: one line before any
+    work (a note on a dry run, which may be made on a machine without it)."""
+    import yaml
+
+    if C.NUM_PROCESSES and not any(accelerate_config(name) for name, *_ in plan):
+        raise UserError("--num-processes (NUM_PROCESSES) needs an accelerate config: --accelerate-config FILE")
+    for name, _, _, train, _ in plan:
+        config = accelerate_config(name)
+        if not (train and config):
+            continue
+        if not os.path.isfile(config):
+            raise UserError(f"accelerate config {os.path.relpath(config, ROOT)} not found (accelerate_configs/ has "
+                            f"{', '.join(sorted(os.listdir(os.path.join(ROOT, 'accelerate_configs'))))})")
+        with open(config) as f:
+            launch = yaml.safe_load(f) or {}
+        config = os.path.relpath(config, ROOT) if config.startswith(ROOT + os.sep) else config  # as the user wrote it
+        kind = launch.get("distributed_type")
+        sharded = kind == "FSDP" or kind == "DEEPSPEED" and (launch.get("deepspeed_config") or {}).get("zero_stage") == 3
+        if sharded and name in ("sft", "rm"):
+            raise UserError(f"{config} shards the weights ({kind}), which train_{name}.py refuses: give SFT and RM "
+                            "accelerate_configs/ddp.yaml or deepspeed_zero2.yaml (ACCELERATE_CONFIG) and PPO this one "
+                            f"(--PPO_ACCELERATE_CONFIG={config})")
+        if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+            if not dry_run:
+                raise UserError(f"{config} needs deepspeed: pip install -e \".[deepspeed]\"")
+            print(f"{name}: note: {config} needs deepspeed, which is not installed here (pip install -e \".[deepspeed]\")")
+
+
+def stage_command(name, script, overrides):
+    """How the pipeline runs a stage: `python train_<stage>.py [overrides]`, or under `accelerate
+    launch` with its config and NUM_PROCESSES."""
+    config, path = accelerate_config(name), os.path.join(ROOT, script)
+    if not config:
+        return [sys.executable, path, *overrides]
+    processes = ["--num_processes", str(C.NUM_PROCESSES)] if C.NUM_PROCESSES else []
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *processes, path, *overrides]
+
+
+def shown(cmd):
+    """A command as a user would type it: `python`, `accelerate launch`, paths inside the repository
+    relative to it."""
+    words = ["accelerate", "launch"] + cmd[3:] if cmd[1:3] == ["-m", "accelerate.commands.launch"] else ["python"] + cmd[1:]
+    return shlex.join(os.path.relpath(w, ROOT) if w.startswith(ROOT + os.sep) else w for w in words)
+
+
+def dry_run(args, plan, overrides, changes):
+    """Print what the run would do: the settings it changes (and where from), the stages it reuses
+    and the commands it would run; nothing is built, trained or written."""
+    print("pipeline: dry run: nothing is built, trained or written")
+    resolved = resolve_overrides(overrides)
+    defaults = {n: v for n, v in vars(sys.modules["config"]).items() if n.isupper()}
+    print("settings (config.py's, then these):" if resolved else "settings: config.py's")
+    for name, value, source in resolved:
+        print(f"  {name} = {value!r}  ({source})")
+    for flag, setting in (("--accelerate-config", "ACCELERATE_CONFIG"), ("--num-processes", "NUM_PROCESSES")):
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            print(f"  {setting} = {defaults[setting]!r}  ({flag})")
+    for name, _, _, train, _ in plan:
+        for line in learning_rate_notes(name, changes) if train else []:
+            print(line)
+    check_launch(plan, dry_run=True)
+    for name, script, folder, train, notes in plan:
+        for line in notes:
+            print(line)
+        if train:
+            print(f"{name}: would train {folder}: {shown(stage_command(name, script, overrides))}")
+    for stage, setting in (("sft", "SFT_DIR"), ("ppo", "PPO_DIR")):
+        if os.path.exists(C.INDIST_TASKS_FILE):
+            print(f"{stage} in-distribution: {shown(indist_command(stage, getattr(C, setting), args.reports, overrides))}")
+    print(f"report: {shown(report_command(args.reports, overrides))}")
 
 
 def evaluate_in_distribution(reports, overrides):
@@ -105,9 +279,8 @@ def evaluate_in_distribution(reports, overrides):
         if is_current(out, os.path.join(folder, STAGE_INFO_FILE), C.INDIST_TASKS_FILE):
             print(f"{stage}: {out} answers {C.INDIST_TASKS_FILE} for this model, reusing it", flush=True)
             continue
-        cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--model", folder,
-               "--problems", C.INDIST_TASKS_FILE, "--k", "1", "--out", out, *overrides]
-        print(f"pipeline: {stage} in-distribution: {' '.join(cmd[1:])}", flush=True)
+        cmd = indist_command(stage, folder, reports, overrides)
+        print(f"pipeline: {stage} in-distribution: {shown(cmd)}", flush=True)
         log = os.path.join(reports, "logs", f"indist_{stage}.log")
         code, error = run_logged(cmd, log)
         if code != 0:
@@ -116,18 +289,40 @@ def evaluate_in_distribution(reports, overrides):
             sys.exit(code)
 
 
+def indist_command(stage, folder, reports, overrides):
+    return [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--model", folder,
+            "--problems", C.INDIST_TASKS_FILE, "--k", "1", "--out", indist_answers_path(reports, stage), *overrides]
+
+
+def report_command(reports, overrides):
+    return [sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--reports={reports}", *overrides]
+
+
 def write_timings(path, timings):
     with open(path, "w") as f:
         json.dump(timings, f, indent=2)
 
 
 def main(argv):
-    args, redo, overrides = parse_args(argv)
+    args, redo, reuse, overrides = parse_args(argv)
     defaults = settings()
     changes = apply_overrides(overrides, quiet=True)  # fail on a typo before hours of training
+    if args.accelerate_config is not None:
+        C.ACCELERATE_CONFIG = args.accelerate_config
+    if args.num_processes is not None:
+        C.NUM_PROCESSES = args.num_processes
     check_values()  # and on a value out of range (--WARMUP_RATIO=2), before the data is built
     if C.OVERWRITE:
         redo = {s for s, _, _ in STAGES}  # --OVERWRITE=true reaches every stage: it means redo all
+    plan = plan_stages(redo, reuse, changes)  # a finished stage made otherwise: one line now, not after SFT
+    if args.dry_run:
+        dry_run(args, plan, overrides, changes)
+        return
+    check_launch(plan, dry_run=False)
+    for name, _, _, train, _ in plan:  # the embedded model's learning rates on another model: said before SFT starts
+        for line in learning_rate_notes(name, changes) if train else []:
+            print(f"pipeline: {line}", flush=True)
+    check_hub_login()  # PUSH_TO_HUB without a token: before any stage trains
     ensure_data(defaults)
     if os.path.normpath(C.MODEL_NAME) == os.path.normpath(C.BASE_MODEL_DIR) and not os.path.exists(
             os.path.join(C.MODEL_NAME, "config.json")):
@@ -139,30 +334,21 @@ def main(argv):
     if os.path.exists(timings_path):
         with open(timings_path) as f:
             timings = json.load(f)
-    noted = set()  # settings already reported as differing from a reused stage's
-    trained = None  # the first stage trained in this run: every later stage must follow it
-    for name, script, dir_setting in STAGES:
-        folder = getattr(C, dir_setting)
+    for name, script, folder, train, notes in plan:
+        for line in notes:
+            print(line, flush=True)
         info = read_stage_info(folder)
-        if info and name not in redo and trained is None:
-            print(f"{name}: {folder} is finished, reusing it (--redo {name} to train again)", flush=True)
-            for key, (old, new) in stale_settings(name, info, changes).items():
-                if key not in noted:
-                    noted.add(key)
-                    print(f"{name}: note: {folder} was trained with {key}={old!r}, not {new!r}; "
-                          f"--redo {name} to apply it", flush=True)
+        if not train:
             earlier = timings.get(name, {})
             if earlier.get("finished_at") != info.get("finished_at"):  # trained outside the pipeline
                 earlier = {"seconds": info.get("metrics", {}).get("train_seconds"), "finished_at": info.get("finished_at"),
                            "source": "train_seconds of rlhf_stage.json"}
             timings[name] = earlier
             continue
-        if info and name not in redo:
-            print(f"{name}: {trained} was trained again, so {name} is trained again too", flush=True)
-        cmd = [sys.executable, os.path.join(ROOT, script), *overrides]
+        cmd = stage_command(name, script, overrides)
         if info:
             cmd.append("--OVERWRITE=true")  # the stage refuses to replace a finished model without it
-        print(f"pipeline: {name}: {' '.join(cmd[1:])}", flush=True)
+        print(f"pipeline: {name}: {shown(cmd)}", flush=True)
         t0 = time.time()
         code, error = run_logged(cmd, os.path.join(args.reports, "logs", f"{name}.log"))
         if code != 0:  # the stage's own error line last, so it is what the user sees
@@ -172,14 +358,11 @@ def main(argv):
             sys.exit(code)
         info = read_stage_info(folder) or {}
         timings[name] = {"seconds": time.time() - t0, "finished_at": info.get("finished_at"), "source": "pipeline"}
-        trained = trained or name
         write_timings(timings_path, timings)  # after each stage: a later failure keeps the earlier times
     write_timings(timings_path, timings)
     evaluate_in_distribution(args.reports, overrides)
 
-    code, error = run_logged([sys.executable, os.path.join(ROOT, "scripts", "report.py"),
-                                        f"--reports={args.reports}", *overrides],
-                             os.path.join(args.reports, "logs", "report.log"))
+    code, error = run_logged(report_command(args.reports, overrides), os.path.join(args.reports, "logs", "report.log"))
     if code != 0:
         print(error or "error: the report crashed, see the traceback above", file=sys.stderr)
         sys.exit(code)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates ./.venv (unless a virtual environment is already active) and installs the project.
-# Safe to run again: it only installs what is missing. Used by run.sh, test.sh and CI.
+# Creates ./.venv (unless a virtual environment is already active) and installs the project into it
+# with its dependencies and the test tools (pyproject.toml: `pip install -e ".[test]"`). Safe to run
+# again: it only installs what is missing. Used by run.sh, test.sh and CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -21,7 +22,9 @@ if [ -f "$VIRTUAL_ENV/$stamp" ] && [ "$(cat "$VIRTUAL_ENV/$stamp")" = "$want" ];
 fi
 python -m pip install -q --upgrade pip
 # Without a torch already present, pip would resolve a CUDA build of several GB: take the CPU
-# build first (on machines with a GPU, install the CUDA torch you want before running this).
+# build first. With nvidia-smi, PyPI's default (CUDA) build. A torch already in the environment
+# (one you installed in .venv for your driver, from pytorch.org) is kept: pip only replaces it
+# when it is outside pyproject.toml's range.
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     python -m pip install -q "torch>=2.4,<2.16"
@@ -30,7 +33,6 @@ if ! python -c "import torch" 2>/dev/null; then
       --timeout 20 --retries 1 2>/dev/null || python -m pip install -q "torch==2.13.0"
   fi
 fi
-python -m pip install -q -r requirements.txt
-python -m pip install -q --no-deps -e .
+python -m pip install -q -e ".[test]"
 echo "$want" > "$VIRTUAL_ENV/$stamp"
 python -c "import torch, transformers, trl; print(f'set up: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"

@@ -20,7 +20,7 @@ from conftest import ROOT, expected_last_lrs, launch, ppo_history, sft_losses
 
 FSDP_CONFIG = os.path.join(ROOT, "accelerate_configs", "fsdp.yaml")
 ZERO3_CONFIG = os.path.join(ROOT, "accelerate_configs", "deepspeed_zero3.yaml")
-# deepspeed is not in requirements.txt: CI skips these; run them where it is installed
+# deepspeed is an extra (pip install -e ".[deepspeed]"), not in CI: it skips these; run them where it is installed
 NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 def test_every_stage_runs_on_two_processes(two_process_runs):
@@ -296,7 +296,7 @@ def test_shard_frozen_model_leaves_models_alone_without_deepspeed():
 
 @NEEDS_DEEPSPEED
 def test_shard_frozen_model_under_zero3_on_cpu(tiny_base, tmp_path):
-    """shard_frozen_model for real, where deepspeed is installed (it is not in requirements.txt,
+    """shard_frozen_model for real, where deepspeed is installed (an extra, `.[deepspeed]`,
     so CI skips this): 2 CPU processes over gloo, ZeRO-3. Each holds half of the frozen model's
     weights (ZeRO-3 pads each tensor to a multiple of the processes), and its forward gives the
     plain model's logits."""

@@ -52,7 +52,7 @@ def test_save_stage_writes_model_results_and_metadata_then_removes_checkpoints(t
     save_stage("sft", str(tmp_path / "sft_model"), SavesItself("weights"), SavesItself("tokenizer"), metrics,
                str(checkpoints), also=lambda tmp: open(os.path.join(tmp, "extra.json"), "w").write("{}"))
     out = tmp_path / "sft_model"
-    assert sorted(os.listdir(out)) == ["eval_results.json", "extra.json", STAGE_INFO_FILE, "tokenizer", "weights"]
+    assert sorted(os.listdir(out)) == ["README.md", "eval_results.json", "extra.json", STAGE_INFO_FILE, "tokenizer", "weights"]
     assert json.load(open(out / "eval_results.json")) == {"eval_loss": 0.123456}  # no per-step history
     assert json.load(open(out / STAGE_INFO_FILE))["metrics"]["log_history"] == [{"loss": 1.0}]
     assert not checkpoints.exists()
@@ -87,3 +87,98 @@ def test_no_import_cycle_in_rlhf():
     for module in sorted(graph):
         visit(module, [])
     assert "rlhf.common" not in graph["rlhf.checkpoints"] and "rlhf.checkpoints" not in graph["rlhf.handoff"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance: a stage builds only on outputs made from this run's MODEL_NAME and RECIPE
+# ---------------------------------------------------------------------------------------------
+
+def fake_stage(folder, stage, model, recipe="", finished_at="2026-01-01T00:00:00", inputs=None):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, STAGE_INFO_FILE), "w") as f:
+        json.dump({"stage": stage, "finished_at": finished_at, "base_model": model, "metrics": {},
+                   "settings": {"RECIPE": recipe, "MODEL_NAME": model}, "inputs": inputs or {}}, f)
+    return str(folder)
+
+
+@pytest.fixture
+def lineage(tmp_path, monkeypatch):
+    """An SFT and an RM output made from some/model without a recipe, SFT_DIR and RM_DIR pointing at them."""
+    from rlhf.settings import settings
+
+    for name, value in settings().items():
+        monkeypatch.setattr(C, name, value)
+    sft = fake_stage(tmp_path / "sft", "sft", "some/model", finished_at="T1")
+    rm = fake_stage(tmp_path / "rm", "rm", "some/model", inputs={"sft": {"path": sft, "finished_at": "T1"}})
+    monkeypatch.setattr(C, "SFT_DIR", sft)
+    monkeypatch.setattr(C, "RM_DIR", rm)
+    return sft, rm
+
+
+def test_a_stage_takes_the_model_name_of_its_input_when_none_is_given(lineage, capsys):
+    from rlhf.handoff import check_lineage
+
+    check_lineage("ppo", given={})
+    assert C.MODEL_NAME == "some/model"
+    assert f"ppo: MODEL_NAME = 'some/model': the base model of {lineage[0]}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["rm", "ppo"])
+def test_a_stage_refuses_an_input_of_another_model_or_recipe(lineage, stage, tmp_path, monkeypatch):
+    from rlhf.handoff import check_lineage
+
+    monkeypatch.setattr(C, "MODEL_NAME", "other/model")
+    with pytest.raises(UserError) as e:
+        check_lineage(stage, given={"MODEL_NAME": "other/model"})
+    message = str(e.value)
+    assert message.startswith(f"{lineage[0]} was trained from MODEL_NAME='some/model', not 'other/model': ")
+    assert "--OVERWRITE=true" in message and "--redo sft" in message and "\n" not in message
+    monkeypatch.setattr(C, "MODEL_NAME", "some/model")
+    monkeypatch.setattr(C, "RECIPE", "recipes/qwen2.5-coder-1.5b-lora.py")
+    with pytest.raises(UserError, match=f"{lineage[0]} was made with RECIPE='', not 'recipes/qwen2.5-coder-1.5b-lora.py': "
+                                        "pass --RECIPE= to build on it"):
+        check_lineage(stage, given={})
+
+
+def test_ppo_refuses_an_rm_trained_on_an_earlier_sft_model(lineage):
+    from rlhf.handoff import check_lineage
+
+    fake_stage(lineage[0], "sft", "some/model", finished_at="T2")  # SFT trained again after the RM
+    with pytest.raises(UserError, match="was trained on an SFT model finished at T1, .* was finished at T2: train the RM "
+                                        r"again on it \(`python train_rm.py --OVERWRITE=true`"):
+        check_lineage("ppo", given={})
+    check_lineage("rm", given={})  # the RM stage itself may build on the new SFT model
+
+
+def test_the_embedded_learning_rates_on_another_model_are_said(lineage, monkeypatch):
+    import importlib.util
+
+    from rlhf.handoff import learning_rate_notes
+    from rlhf.settings import EMBEDDED_LEARNING_RATES
+
+    spec = importlib.util.spec_from_file_location("pristine_config", C.__file__)
+    pristine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pristine)  # config.py as shipped: EMBEDDED_LEARNING_RATES must be its values
+    assert all(getattr(pristine, n) == v for rates in EMBEDDED_LEARNING_RATES.values() for n, v in rates.items())
+    assert learning_rate_notes("sft", {}) == []  # the embedded model: its own rates
+    monkeypatch.setattr(C, "MODEL_NAME", "Qwen/Qwen2.5-Coder-1.5B-Instruct")
+    (line,) = learning_rate_notes("sft", {})
+    assert line == ("sft: note: LR=0.001 is the embedded model's learning rate (config.py), not one for "
+                    "Qwen/Qwen2.5-Coder-1.5B-Instruct: pass --LR=... or a recipe (recipes/, --RECIPE=...)")
+    assert [n.split("=")[0] for n in learning_rate_notes("ppo", {})] == ["ppo: note: PPO_LR"]  # grpo: no critic
+    monkeypatch.setattr(C, "PPO_ADVANTAGE", "gae")
+    assert len(learning_rate_notes("ppo", {})) == 2
+    monkeypatch.setattr(C, "RM_LR", 1e-5)
+    assert learning_rate_notes("rm", {}) == [] and learning_rate_notes("sft", {"LR": 1e-3}) == []  # chosen: no note
+
+
+def test_stage_scripts_check_their_inputs_lineage_before_any_work(ppo_inputs, tmp_path, run_in_process):
+    proc = run_in_process("train_ppo.py", f"--SFT_DIR={ppo_inputs['sft']}", f"--RM_DIR={ppo_inputs['rm']}",
+                          f"--PPO_DIR={tmp_path}/ppo", "--MODEL_NAME=Qwen/Qwen2.5-Coder-1.5B-Instruct")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "was trained from MODEL_NAME='./base_model', not 'Qwen/Qwen2.5-Coder-1.5B-Instruct'" in proc.stderr
+    recipe = tmp_path / "r.py"
+    recipe.write_text("PPO_STEPS = 3\n")
+    proc = run_in_process("train_rm.py", f"--SFT_DIR={ppo_inputs['sft']}", f"--RM_DIR={tmp_path}/rm", f"--RECIPE={recipe}")
+    assert proc.returncode == 2 and f"was made with RECIPE='', not '{recipe}'" in proc.stderr
+    assert not os.path.exists(tmp_path / "ppo") and not os.path.exists(tmp_path / "rm")

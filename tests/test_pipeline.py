@@ -102,9 +102,9 @@ def test_second_run_reuses_every_stage(first_run):
     folder, args, _ = first_run
     before = {s: finished_at(folder, s) for s in ("sft", "rm", "ppo")}
     seconds = json.load(open(folder / "reports" / "timings.json"))
-    proc = run_script("scripts/pipeline.py", *args, "--PPO_KL_COEF=0.1")
+    proc = run_script("scripts/pipeline.py", *args, "--PPO_KL_COEF=0.1", "--reuse", "ppo")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ppo: note: " in proc.stdout and "PPO_KL_COEF=0.05, not 0.1; --redo ppo" in proc.stdout
+    assert "ppo: note: " in proc.stdout and "PPO_KL_COEF=0.05, not 0.1; reused as --reuse asks" in proc.stdout
     assert "sft: note" not in proc.stdout and "rm: note" not in proc.stdout  # a PPO setting concerns PPO only
     for stage in ("sft", "rm", "ppo"):
         assert f"{stage}: {folder / (stage + '_model')} is finished, reusing it (--redo {stage} to train again)" in proc.stdout
@@ -175,3 +175,112 @@ def test_pipeline_refuses_a_value_out_of_range_before_any_work(tmp_path):
     proc = run_script("scripts/pipeline.py", f"--reports={tmp_path / 'reports'}", "--WARMUP_RATIO=2")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: WARMUP_RATIO must be in [0, 1), not 2.0 (config.py or --WARMUP_RATIO=...)"
     assert os.listdir(tmp_path) == []  # no reports folder, no data built, nothing trained
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run after a finished one does: reuse, or one line naming --redo / --reuse (no training:
+# the stages are rlhf_stage.json files written here, the pipeline runs with --dry-run or stops)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def finished_stages(tmp_path):
+    """Three finished stage folders made with config.py's settings from MODEL_NAME `made_from`, the
+    RM on that SFT model; returns (overrides that point the pipeline at them, folders)."""
+    from rlhf.settings import scalar_settings
+
+    def make(made_from="./base_model", sft_finished="T1"):
+        folders = {s: str(tmp_path / f"{s}_model") for s in ("sft", "rm", "ppo")}
+        for stage, folder in folders.items():
+            os.makedirs(folder, exist_ok=True)
+            inputs = {"sft": {"path": folders["sft"], "finished_at": "T1"}} if stage != "sft" else {}
+            info = {"stage": stage, "finished_at": sft_finished if stage == "sft" else "T1", "base_model": made_from,
+                    "metrics": {}, "settings": dict(scalar_settings(), MODEL_NAME=made_from), "inputs": inputs}
+            with open(os.path.join(folder, "rlhf_stage.json"), "w") as f:
+                json.dump(info, f)
+        args = [f"--SFT_DIR={folders['sft']}", f"--RM_DIR={folders['rm']}", f"--PPO_DIR={folders['ppo']}",
+                f"--reports={tmp_path / 'reports'}"]
+        return args, folders
+
+    return make
+
+
+def test_a_setting_that_changes_a_finished_stage_stops_the_run_naming_redo_and_reuse(finished_stages, run_in_process):
+    args, folders = finished_stages()
+    proc = run_in_process("scripts/pipeline.py", *args, "--PPO_STEPS=5", "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: ppo: {folders['ppo']} was made with PPO_STEPS=30, this run gives PPO_STEPS=5: add --redo ppo to train "
+        "it (and the stages after it) again, or --reuse ppo to keep it as it is")
+    proc = run_in_process("scripts/pipeline.py", *args, "--PPO_STEPS=5", "--redo", "ppo", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"sft: {folders['sft']} is finished, reusing it" in proc.stdout and "rm: " in proc.stdout
+    assert f"ppo: would train {folders['ppo']}: python train_ppo.py " in proc.stdout
+    proc = run_in_process("scripts/pipeline.py", *args, "--PPO_STEPS=5", "--reuse", "ppo", "--dry-run")
+    assert proc.returncode == 0 and "would train" not in proc.stdout
+    assert f"ppo: note: {folders['ppo']} was made with PPO_STEPS=30, not 5; reused as --reuse asks" in proc.stdout
+    # a setting of SFT's is reported at SFT, whose redo redoes the rest; memory and logging settings change nothing
+    proc = run_in_process("scripts/pipeline.py", *args, "--LR=1e-4", "--dry-run")
+    assert proc.returncode == 2 and f"error: sft: {folders['sft']} was made with LR=0.001" in proc.stderr
+    assert "add --redo sft" in proc.stderr
+    proc = run_in_process("scripts/pipeline.py", *args, "--GEN_BATCH_SIZE=8", "--REPORT_TO=none", "--dry-run")
+    assert proc.returncode == 0 and "would train" not in proc.stdout, proc.stderr
+
+
+def test_a_finished_stage_of_another_model_or_recipe_is_never_reused(finished_stages, run_in_process, tmp_path):
+    args, folders = finished_stages()
+    proc = run_in_process("scripts/pipeline.py", *args, "--MODEL_NAME=Qwen/Qwen2.5-Coder-1.5B-Instruct", "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: sft: {folders['sft']} was trained from MODEL_NAME='./base_model', this run gives "
+        "'Qwen/Qwen2.5-Coder-1.5B-Instruct': add --redo sft to train it (and the stages after it) again, or give this "
+        "run its own SFT_DIR, RM_DIR, PPO_DIR")
+    proc = run_in_process("scripts/pipeline.py", *args, "--MODEL_NAME=Qwen/Qwen2.5-Coder-1.5B-Instruct", "--reuse", "all",
+                          "--dry-run")
+    assert proc.returncode == 2  # --reuse keeps settings, never another model
+    proc = run_in_process("scripts/pipeline.py", *args, "--MODEL_NAME=Qwen/Qwen2.5-Coder-1.5B-Instruct", "--redo", "all",
+                          "--dry-run")
+    assert proc.returncode == 0 and proc.stdout.count("would train") == 3
+    # the embedded model's learning rates would reach the pretrained model: said for each stage
+    assert "sft: note: LR=0.001 is the embedded model's learning rate (config.py), not one for Qwen/" in proc.stdout
+    assert "rm: note: RM_LR=0.001" in proc.stdout and "ppo: note: PPO_LR=5e-05" in proc.stdout
+    recipe = tmp_path / "r.py"
+    recipe.write_text("PPO_STEPS = 30\n")
+    proc = run_in_process("scripts/pipeline.py", *args, f"--RECIPE={recipe}", "--dry-run")
+    assert proc.returncode == 2 and f"sft: {folders['sft']} was made with RECIPE='', this run gives '{recipe}'" in proc.stderr
+
+
+def test_without_model_name_the_run_builds_on_the_finished_sft_model(finished_stages, run_in_process):
+    args, folders = finished_stages(made_from="Qwen/Qwen2.5-Coder-1.5B-Instruct")
+    proc = run_in_process("scripts/pipeline.py", *args, "--redo", "ppo", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "ppo: note: PPO_LR=5e-05 is the embedded model's learning rate (config.py), not one for Qwen/" in proc.stdout
+    assert "sft: note" not in proc.stdout  # SFT is reused, not trained
+
+
+def test_an_rm_trained_on_an_earlier_sft_model_is_not_reused(finished_stages, run_in_process):
+    args, folders = finished_stages(sft_finished="T2")  # SFT trained again (by hand) after the RM
+    proc = run_in_process("scripts/pipeline.py", *args, "--dry-run")
+    assert proc.returncode == 2
+    assert f"rm: {folders['rm']} was trained on an SFT model finished at T1, {folders['sft']} was finished at T2: " \
+           "add --redo rm" in proc.stderr
+
+
+def test_dry_run_prints_the_recipe_settings_and_accelerate_commands_and_writes_nothing(tmp_path):
+    out = tmp_path / "reports"
+    proc = run_script("scripts/pipeline.py", "--RECIPE=recipes/qwen2.5-coder-7b-zero3.py", "--dry-run", f"--reports={out}",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "pipeline: dry run: nothing is built, trained or written"
+    assert "  MODEL_NAME = 'Qwen/Qwen2.5-Coder-7B-Instruct'  (recipes/qwen2.5-coder-7b-zero3.py)" in lines
+    assert "  PPO_RESPONSE_LEN = 512  (recipes/qwen2.5-coder-7b-zero3.py)" in lines
+    recipe = "--RECIPE=recipes/qwen2.5-coder-7b-zero3.py"
+    assert (f"sft: would train ./qwen7b_sft: accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml "
+            f"--num_processes 8 train_sft.py {recipe}") in lines
+    assert (f"ppo: would train ./qwen7b_ppo: accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml "
+            f"--num_processes 8 train_ppo.py {recipe}") in lines
+    assert f"report: python scripts/report.py --reports={out} {recipe}" in lines
+    assert "note: LR" not in proc.stdout  # the recipe sets every learning rate
+    assert os.listdir(tmp_path) == []
+    # SFT and RM refuse sharded weights: a config that shards them is one line before any work
+    proc = run_script("scripts/pipeline.py", "--accelerate-config", "accelerate_configs/deepspeed_zero3.yaml", "--dry-run",
+                      cwd=tmp_path)
+    assert proc.returncode == 2 and "shards the weights (DEEPSPEED), which train_sft.py refuses" in proc.stderr

@@ -143,3 +143,59 @@ def test_reward_fn_example_runs_as_written(ppo_inputs, tmp_path, run_in_process,
     assert all(len(p) == len(r) == 8 and p[0][-1]["role"] == "user" and isinstance(r[0], str) for p, r, _ in calls)
     # the example's rewards are the whole score
     assert scores == pytest.approx([sum(rewards) / len(rewards) for _, _, rewards in calls])
+
+
+# settings named in backticks that are not config.py's: environment variables
+ENVIRONMENT = {"OMP_NUM_THREADS", "HF_HUB_OFFLINE", "HF_TOKEN", "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES"}
+
+
+@BOTH
+def test_every_setting_the_readme_names_exists(readme):
+    """`UPPER_CASE` (alone or `NAME=value` in backticks) and --NAME=value anywhere in the text are
+    constants of config.py."""
+    from rlhf.settings import settings
+
+    known, text = settings(), read(readme)
+    named = [m.group(1) for span in re.findall(r"`([^`\n]+)`", text)
+             for m in [re.fullmatch(r"([A-Z][A-Z0-9_]*)(=\S*)?", span)] if m]
+    flags = [n for n in re.findall(r"--([A-Z][A-Z0-9_]*)=", text) if n != "NAME"]  # --NAME=value: the placeholder
+    assert len(named) > 40 and len(flags) > 20  # the patterns found them
+    unknown = sorted({n for n in named + flags if n not in known and n not in ENVIRONMENT})
+    assert not unknown, f"{os.path.basename(readme)} names settings config.py does not have: {unknown}"
+
+
+def settings_table(readme):
+    """The settings table: [(names, default cells, recipe cells)], and the recipe its third column
+    names. Cells are split at ", ", with remarks in parentheses (either width) dropped."""
+    rows = [line for line in read(readme).splitlines() if line.startswith("| ")]
+    head = next(i for i, line in enumerate(rows) if "`recipes/" in line)
+    recipe = re.search(r"`(recipes/[^`]+)`", rows[head]).group(1)
+    table = []
+    for line in rows[head + 1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not cells[0].startswith("`"):
+            break
+        values = [[v.strip() for v in re.sub(r"\s*[(（][^)）]*[)）]", "", c).split(", ")] for c in cells[1:3]]
+        table.append((re.findall(r"`([A-Z][A-Z0-9_]*)`", cells[0]), *values))
+    return recipe, table
+
+
+@BOTH
+def test_settings_table_states_config_defaults_and_the_recipes_values(readme):
+    """Each value of the settings table equals config.py's default, and the recipe column the
+    recipe's (config.py's where the recipe leaves a setting alone)."""
+    import config as C
+    from rlhf.settings import parse_value, resolve_overrides, settings
+
+    defaults = settings()
+    recipe, table = settings_table(readme)
+    from_recipe = {name: value for name, value, _ in resolve_overrides([f"--RECIPE={recipe}"])}
+    assert len(table) >= 15 and {"LR", "RM_LR", "PPO_LR", "PPO_RESPONSE_LEN", "PPO_TEMPERATURE"} <= {
+        n for names, _, _ in table for n in names}
+    for names, default_cells, recipe_cells in table:
+        assert len(names) == len(default_cells) == len(recipe_cells), (names, default_cells, recipe_cells)
+        for name, default, in_recipe in zip(names, default_cells, recipe_cells):
+            current = getattr(C, name)
+            assert parse_value(name, default, current) == defaults[name], f"{name}: README {default}, config.py {defaults[name]!r}"
+            expected = from_recipe.get(name, defaults[name])
+            assert parse_value(name, in_recipe, current) == expected, f"{name}: README {in_recipe}, {recipe} {expected!r}"

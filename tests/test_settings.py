@@ -125,3 +125,116 @@ def test_every_tool_has_help(tool):
     assert proc.returncode == 0 and proc.stdout.startswith("usage:") and not proc.stderr, proc.stderr
     if tool in ("generate", "rm_vs_tests", "report"):  # they take defaults from config.py: shown with comments
         assert re.search(r"\n  (--)?[A-Z_]+( = |=)\S+ +\w", proc.stdout), proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: --RECIPE=FILE, a file of NAME = value lines applied before the command line's overrides
+# ---------------------------------------------------------------------------------------------
+
+def write_recipe(tmp_path, text, name="r.py"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_recipe_applies_before_the_command_line_and_each_change_is_printed_once(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, '"""A recipe."""\n# a comment\nLR = 1e-5\nEPOCHS = 2\nMODEL_NAME = "some/model"\n'
+                                    'PPO_TEMPERATURE = 1\n')
+    changes = apply_overrides([f"--RECIPE={recipe}", "--EPOCHS=3"])
+    assert C.LR == 1e-5 and C.MODEL_NAME == "some/model" and C.EPOCHS == 3  # the command line wins
+    assert C.PPO_TEMPERATURE == 1.0 and isinstance(C.PPO_TEMPERATURE, float)  # an int may stand for a float
+    assert list(changes) == ["RECIPE", "LR", "EPOCHS", "MODEL_NAME", "PPO_TEMPERATURE"]
+    out = capsys.readouterr().out
+    assert out.count("EPOCHS") == 1 and f"setting EPOCHS = 3 (command line, over {recipe}'s 2; config.py has 5)" in out
+    assert f"setting LR = 1e-05 ({recipe}; config.py has 0.001)" in out
+
+
+def test_recipe_named_in_config_py_applies_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "RECIPE", write_recipe(tmp_path, "BATCH_SIZE = 7\n"))
+    assert apply_overrides([], quiet=True) == {"BATCH_SIZE": 7} and C.BATCH_SIZE == 7
+
+
+@pytest.mark.parametrize("text, message", [
+    ("LR = 1e-5\nBATCHSIZE = 4\n", "r.py:2: unknown setting BATCHSIZE; did you mean BATCH_SIZE"),
+    ("EPOCHS = 1.5\n", "r.py:1: EPOCHS = 1.5: config.py's EPOCHS is a int (5)"),
+    ("USE_LORA = 1\n", "r.py:1: USE_LORA = 1: config.py's USE_LORA is a bool (False)"),
+    ("import os\n", "r.py:1: a recipe holds only NAME = value lines"),
+    ("LR = 2 * LR\n", "r.py:1: LR: the value must be a literal"),
+    ("RECIPE = 'other.py'\n", "r.py:1: unknown setting RECIPE"),
+    ("LR = (\n", "r.py:1: not Python"),
+])
+def test_a_bad_recipe_line_is_one_error_naming_file_and_line(tmp_path, text, message):
+    recipe = write_recipe(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        apply_overrides([f"--RECIPE={recipe}"], quiet=True)
+    assert message in str(e.value).replace(str(tmp_path) + os.sep, "")
+
+
+def test_a_missing_recipe_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(UserError, match=r"no such file \(recipes/ has qwen2.5-coder-1.5b-lora.py"):
+        apply_overrides([f"--RECIPE={tmp_path}/nope.py"], quiet=True)
+
+
+RECIPES = sorted(f"recipes/{f}" for f in os.listdir(os.path.join(os.path.dirname(C.__file__), "recipes")))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_shipped_recipes_are_complete_and_valid(recipe, tmp_path, monkeypatch):
+    """Each recipe sets every length, learning rate, batch and the temperature a real model needs,
+    its values pass the checks of every stage, it says that nothing has run on a GPU, cites its
+    sources, and the accelerate configs it names exist. From another directory: the recipe path is
+    the repository's."""
+    from rlhf.settings import ROOT, check_values
+
+    monkeypatch.chdir(tmp_path)
+    changes = apply_overrides([f"--RECIPE={recipe}"], quiet=True)
+    check_values()
+    needed = {"MODEL_NAME", "MAX_LEN", "RM_MAX_LEN", "PPO_RESPONSE_LEN", "GEN_MAX_NEW_TOKENS", "LR", "RM_LR", "PPO_LR",
+              "PPO_CRITIC_LR", "BATCH_SIZE", "GRAD_ACCUM", "RM_BATCH_SIZE", "PPO_BATCH_SIZE", "PPO_MINI_BATCH_SIZE",
+              "PPO_TEMPERATURE", "SANDBOX_TIMEOUT_S", "SFT_DIR", "RM_DIR", "PPO_DIR"}
+    assert needed <= set(changes), needed - set(changes)
+    assert C.PPO_BATCH_SIZE % C.PPO_MINI_BATCH_SIZE == 0 and C.PPO_BATCH_SIZE % C.PPO_SAMPLES_PER_PROMPT == 0
+    assert C.MAX_LEN > C.PPO_RESPONSE_LEN and C.PPO_TEMPERATURE == 0.7
+    for name in ("ACCELERATE_CONFIG", "PPO_ACCELERATE_CONFIG"):
+        assert not getattr(C, name) or os.path.isfile(os.path.join(ROOT, getattr(C, name))), getattr(C, name)
+    text = open(os.path.join(ROOT, recipe), encoding="utf-8").read()
+    assert "NOTHING IN THIS PROJECT HAS RUN ON A GPU YET" in text
+    assert all(source in text for source in ("TRL", "OpenRLHF", "Qwen"))
+
+
+# ---------------------------------------------------------------------------------------------
+# REPORT_TO: any tracker transformers supports (PPO: those accelerate supports), checked at the start
+# ---------------------------------------------------------------------------------------------
+
+def test_report_to_takes_transformers_trackers_and_checks_them_at_the_start(capsys):
+    from transformers.integrations import get_available_reporting_integrations
+
+    from rlhf.common import check_report_to, report_to
+
+    C.REPORT_TO = "tensorboard"
+    check_report_to("sft")
+    assert report_to() == ["tensorboard"]
+    C.REPORT_TO = "none"
+    check_report_to("rm")
+    assert report_to() == []
+    C.REPORT_TO = "tensorbaord"
+    with pytest.raises(UserError, match=r"unknown tracker 'tensorbaord'; transformers supports .*comet_ml.*mlflow.*"
+                                        r"tensorboard.*wandb, all or none"):
+        check_report_to("sft")
+    for tracker in ("mlflow", "neptune", "wandb"):  # known to transformers; an error only where it is not installed
+        if tracker not in get_available_reporting_integrations():
+            C.REPORT_TO = f"tensorboard,{tracker}"
+            with pytest.raises(UserError, match=f"{tracker} is not installed here: pip install {tracker}"):
+                check_report_to("sft")
+
+
+def test_ppo_leaves_out_a_tracker_accelerate_lacks_with_a_line(capsys):
+    from rlhf.common import check_report_to
+
+    C.REPORT_TO = "tensorboard,neptune"  # neptune: transformers' Trainer has it, accelerate does not
+    check_report_to("ppo")
+    assert C.REPORT_TO == "tensorboard"
+    assert "ppo: REPORT_TO neptune: not a tracker of accelerate, which PPO logs through" in capsys.readouterr().out
+    C.REPORT_TO = "tensorbaord"
+    with pytest.raises(UserError, match="unknown tracker 'tensorbaord'"):
+        check_report_to("ppo")

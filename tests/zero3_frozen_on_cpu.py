@@ -2,7 +2,7 @@
 on 2 CPU processes (gloo): a frozen model through rlhf.engines.shard_frozen_model with a ZeRO-3
 training config, as PPO_SHARD_FROZEN_MODELS does for the reference and reward model. Prints, on
 each rank, the share of the weights it holds and how far its logits are from the plain model's.
-Needs deepspeed (not in requirements.txt)."""
+Needs deepspeed (an extra: pip install -e ".[deepspeed]")."""
 
 import sys
 from types import SimpleNamespace
