@@ -955,9 +955,14 @@ def _decode(enc, depth):
             if type(pair) is not list or len(pair) != 2:
                 raise ValueError("bad value")
             out[_decode(pair[0], depth + 1)] = _decode(pair[1], depth + 1)
+        if len(out) != len(x):  # two equal keys: no dict the program held
+            raise ValueError("bad value")
         return out
     kind = {"l": list, "t": tuple, "S": set, "F": frozenset}[tag]
-    return kind(_decode(item, depth + 1) for item in x)
+    out = kind(_decode(item, depth + 1) for item in x)
+    if len(out) != len(x):  # two equal members: no set the program held
+        raise ValueError("bad value")
+    return out
 
 
 def decode_value(enc):
@@ -988,16 +993,34 @@ def encode_value(v, depth: int = 0):
     raise TypeError(f"a value of type {t.__name__} cannot be sent to the program")
 
 
+def _exact(v):
+    """A stand-in for `v` that equals another one only where the types are the same at every depth
+    (1, 1.0, True and 1+0j are four keys; (1,) and (True,) two), to compare dict keys and set members."""
+    t = type(v)
+    if t is tuple:
+        return t, tuple(_exact(x) for x in v)
+    if t is frozenset:
+        return t, frozenset(_exact(x) for x in v)
+    return t, v
+
+
 def values_match(got, want) -> bool:
-    """Exact types (1 != 1.0 != True), floats within 1e-6 relative/absolute, recursively."""
-    if type(got) is not type(want):
+    """Exact types at every depth, dict keys and set members included (1 != 1.0 != True); floats
+    within 1e-6 relative/absolute where they are items or dict values (keys and members: exactly)."""
+    t = type(got)
+    if t is not type(want):
         return False
-    if type(got) is float:
+    if t is float:
         return (math.isnan(got) and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
-    if type(got) in (list, tuple):
+    if t is list or t is tuple:
         return len(got) == len(want) and all(values_match(g, w) for g, w in zip(got, want))
-    if type(got) is dict:
-        return got.keys() == want.keys() and all(values_match(got[k], want[k]) for k in want)
+    if t is dict:  # `==` would match keys through hashing, where True, 1 and 1.0 are one key
+        if len(got) != len(want):
+            return False
+        keys = {_exact(k): k for k in got}
+        return all(_exact(k) in keys and values_match(got[keys[_exact(k)]], w) for k, w in want.items())
+    if t is set or t is frozenset:
+        return len(got) == len(want) and {_exact(x) for x in got} == {_exact(x) for x in want}
     return got == want
 
 

@@ -42,6 +42,22 @@ def test_exact_types_and_setup():
     assert v.passed
 
 
+def test_exact_types_at_every_depth():
+    # dict keys and set members compared through hashing would take True, 1, 1.0 and 1+0j for one
+    for got, want in [({True: "a"}, {1: "a"}), ({1.0: "a"}, {1: "a"}), ({True}, {1}), ({1 + 0j}, {1}),
+                      (frozenset({False}), frozenset({0})), ({(True,): 0}, {(1,): 0}), ({(1.0, 2)}, {(1, 2)}),
+                      ({frozenset({1.0})}, {frozenset({1})}), ([{True: [2]}], [{1: [2]}]), ({1: {True}}, {1: {1}}),
+                      ([True], [1]), ({1: 1.0}, {1: 1}), ([(1,)], [[1]])]:
+        assert not sandbox.values_match(got, want), (got, want)
+    for same in [{1: "a", 2: 0.1 + 0.2}, {(1, "x"), frozenset({2.5})}, [{1: [0.30000000000000004]}]]:
+        assert sandbox.values_match(same, eval(repr(same)))
+    assert sandbox.values_match({1: 0.1 + 0.2}, {1: 0.3}) and sandbox.values_match([float("nan")], [float("nan")])
+    # a dict or set with two equal keys was never a value of the program's: malformed
+    for enc in (["d", [[["i", "1"], ["s", "a"]], [["b", True], ["s", "b"]]]], ["S", [["i", "1"], ["f", "1.0"]]]):
+        with pytest.raises(ValueError):
+            sandbox.decode_value(enc)
+
+
 def test_ordinary_stdlib_still_works():
     program = ("import collections, itertools, math, functools, re, heapq, dataclasses, typing, enum\n"
                "P = collections.namedtuple('P', 'a b')\n"

@@ -208,6 +208,18 @@ def test_prompt_helpers_are_the_trusted_ones():
     assert [v.passed for v in sandbox.run_many([forged, honest], workers=2)] == [False, True]
 
 
+# --------------------------------------------------------------------------- wrong answers
+def test_loose_types_inside_containers_fail(backend):
+    # each program returns a value that equals the expected one under `==` but is another value:
+    # a key or member of another type (True for 1, 1.0 for 1, 1+0j for 1), at any depth
+    cases = [({1: "a"}, "{True: 'a'}"), ({1: "a"}, "{1.0: 'a'}"), ({1}, "{True}"), ({1}, "{1 + 0j}"),
+             ({(1, 2)}, "{(1.0, 2)}"), (frozenset({0}), "frozenset({False})"), ([{1: [2]}], "[{True: [2]}]"),
+             ({(1,): 0}, "{(True,): 0}"), ({frozenset({1})}, "{frozenset({1.0})}"), ((1, {2: 3}), "(1, {2.0: 3})")]
+    jobs = [dict(program=f"def f():\n    return {returned}\n", calls=["f()"], expected=[want]) for want, returned in cases]
+    verdicts = sandbox.run_many(jobs + [ADD_OK], workers=2)
+    assert [v.status for v in verdicts] == ["failed"] * len(cases) + ["passed"], verdicts
+
+
 # --------------------------------------------------------------------------- escapes
 def test_loopback_tcp_and_abstract_unix_sockets(hook, backend):
     tcp = socket.socket()
