@@ -39,6 +39,7 @@ import marshal
 import math
 import os
 import platform
+import reprlib
 import select
 import shutil
 import signal
@@ -56,6 +57,9 @@ from rlhf.settings import UserError
 MAX_OPEN_FILES = 64        # RLIMIT_NOFILE
 READ_BACK_BYTES = 4 << 20  # largest message read back from a program (one value)
 MAX_DEPTH = 100            # deepest nesting of a value exchanged with a program
+MAX_VALUES = 1 << 18       # most values (each number, string, container) in one reply
+MAX_DIGITS = 4300          # longest number in a reply (Python's own default limit for int())
+SAME_HASH = 8              # most distinct numbers, tuples or frozensets with one hash in a reply
 UID_BASE = 1 << 24         # root: sample uid = UID_BASE + 256 * our pid + slot, unique on the host
 _AUDIT_HOOK = True         # tests switch it off to check that the kernel boundary holds on its own
 
@@ -297,7 +301,8 @@ def serve(cfg, unmarshal):
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
-    esc = _json.encode_basestring_ascii
+    esc_json = _json.encode_basestring_ascii
+    esc = lambda s: esc_json(s).replace("[", "\\u005b")  # each "[" of a record is then a value's (MAX_VALUES)
     write, read, type_, str_, repr_, len_ = os.write, os.read, type, str, repr, len
     compile_, exec_, eval_, int_, float_, complex_ = compile, exec, eval, int, float, complex
     BaseException_, MemoryError_, PermissionError_, AssertionError_ = BaseException, MemoryError, PermissionError, AssertionError
@@ -737,7 +742,7 @@ class _Child:
         self.backend = backend
         self.slot = _take_slot()
         self.tmp = self.proc = self.zygote = self.wfd = self.rfd = None
-        self.buf = b""
+        self.buf = bytearray()
         self.idle = False  # True while the program waits for a request (it may then exit cleanly)
         self.lifeline = None  # namespaces: its write end; closing it ends the whole namespace
         self.status_fd, self.status = None, b""  # namespaces: the keeper's report (set-up errors, exit status)
@@ -834,8 +839,10 @@ class _Child:
                 raise self._gone("the program closed its input") from None
 
     def recv(self) -> dict:
-        """The next message: a JSON object of at most READ_BACK_BYTES."""
-        while b"\n" not in self.buf:
+        """The next message: a JSON object of at most READ_BACK_BYTES and MAX_VALUES values; reading
+        and parsing it count against the deadline."""
+        end = self.buf.find(b"\n")
+        while end < 0:
             if len(self.buf) > READ_BACK_BYTES:
                 raise _ChildGone("error", f"oversized record (over {READ_BACK_BYTES} bytes)")
             left = self.deadline - time.monotonic()
@@ -844,10 +851,20 @@ class _Child:
             chunk = os.read(self.rfd, 1 << 16)
             if not chunk:
                 raise self._gone("exited before the tests finished")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
+            end = chunk.find(b"\n")
+            if end >= 0:
+                end += len(self.buf)
+            self.buf += chunk  # a bytearray: appending is amortised O(len(chunk))
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 1]
         if len(line) > READ_BACK_BYTES:
             raise _ChildGone("error", f"oversized record (over {READ_BACK_BYTES} bytes)")
+        # parsing is one uninterruptible call: bounded first by the number of values (the runner
+        # escapes "[" in strings, so each "[" opens a value) and the deadline
+        if line.count(b"[") > MAX_VALUES:
+            raise _ChildGone("error", f"reply with over {MAX_VALUES} values")
+        if time.monotonic() > self.deadline:
+            raise _ChildGone("timeout", "time limit exceeded")
         try:
             msg = json.loads(line)
         except (ValueError, RecursionError):  # garbage, or nesting deep enough to exhaust the stack
@@ -870,7 +887,7 @@ class _Child:
             return None, (msg["status"], msg["detail"][:300], str(msg.get("exc", "")))
         if "v" not in msg:
             raise _ChildGone("error", "malformed record")
-        return _decode_strict(msg["v"]), None
+        return _decode_strict(msg["v"], self.deadline), None
 
     def _setup_errors(self) -> list[str]:
         """The keeper's reports of what failed while setting up the program's namespaces."""
@@ -926,51 +943,87 @@ class _Child:
         _free_slot(self.slot)
 
 
-def _decode_strict(enc, depth: int = 0):
-    """A value from the program's encoding; _ChildGone("error") for anything not exactly valid."""
+def _decode_strict(enc, deadline: float | None = None):
+    """A value from the program's encoding; _ChildGone("error") for anything not exactly valid,
+    _ChildGone("timeout") once decoding it runs past `deadline`."""
     try:
-        return _decode(enc, depth)
+        return _Decoder(deadline).value(enc, 0)
     except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         raise _ChildGone("error", "malformed value") from None
 
 
-def _decode(enc, depth):
-    if depth > MAX_DEPTH + 1 or type(enc) is not list or not enc or type(enc[0]) is not str:
-        raise ValueError("bad value")
-    tag, rest = enc[0], enc[1:]
-    if tag == "n" and not rest:
-        return None
-    if len(rest) != 1:
-        raise ValueError("bad value")
-    x = rest[0]
-    if tag == "b" and type(x) is bool or tag == "s" and type(x) is str:
-        return x
-    if tag in ("i", "f", "c") and type(x) is str and len(x) < 10000:
-        return {"i": int, "f": float, "c": complex}[tag](x)
-    if type(x) is not list:
-        raise ValueError("bad value")
-    if tag == "d":
-        out = {}
-        for pair in x:
-            if type(pair) is not list or len(pair) != 2:
-                raise ValueError("bad value")
-            out[_decode(pair[0], depth + 1)] = _decode(pair[1], depth + 1)
-        if len(out) != len(x):  # two equal keys: no dict the program held
+_HASH_MODULUS = (1 << 61) - 1  # ints below it in size have distinct hashes (but -1 and -2)
+
+
+class _Decoder:
+    """Rebuilds one reply from the runner's tagged encoding. The work counts against the program's
+    deadline, checked every 256 values, and a reply cannot be built to make hash tables quadratic:
+    more than SAME_HASH distinct numbers, tuples or frozensets sharing one hash (k * (2**61 - 1)
+    for many k, crafted tuples) is refused, since every set or dict built from them, here or by a
+    test's `set(candidate(x))`, would cost time in the square of their number. Strings are safe:
+    their hashes are salted per process."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline, self.count, self.by_hash = deadline, 0, {}
+
+    def value(self, enc, depth):
+        self.count += 1
+        if not self.count & 255 and self.deadline is not None and time.monotonic() > self.deadline:
+            raise _ChildGone("timeout", "time limit exceeded (reading the reply)")
+        if depth > MAX_DEPTH + 1 or type(enc) is not list or not enc or type(enc[0]) is not str:
             raise ValueError("bad value")
+        tag, rest = enc[0], enc[1:]
+        if tag == "n" and not rest:
+            return None
+        if len(rest) != 1:
+            raise ValueError("bad value")
+        x = rest[0]
+        if tag == "b" and type(x) is bool or tag == "s" and type(x) is str:
+            return x
+        if tag in ("i", "f", "c") and type(x) is str and len(x) <= MAX_DIGITS + 1:
+            v = {"i": int, "f": float, "c": complex}[tag](x)
+            if not (tag == "i" and -_HASH_MODULUS < v < _HASH_MODULUS or v != v):  # v != v: nan
+                self.distinct_hash(v)
+            return v
+        if type(x) is not list:
+            raise ValueError("bad value")
+        if tag == "d":
+            out = {}
+            for pair in x:
+                if type(pair) is not list or len(pair) != 2:
+                    raise ValueError("bad value")
+                out[self.value(pair[0], depth + 1)] = self.value(pair[1], depth + 1)
+            if len(out) != len(x):  # two equal keys: no dict the program held
+                raise ValueError("bad value")
+            return out
+        kind = {"l": list, "t": tuple, "S": set, "F": frozenset}[tag]
+        out = kind(self.value(item, depth + 1) for item in x)
+        if len(out) != len(x):  # two equal members: no set the program held
+            raise ValueError("bad value")
+        if kind is tuple or kind is frozenset:
+            self.distinct_hash(out)
         return out
-    kind = {"l": list, "t": tuple, "S": set, "F": frozenset}[tag]
-    out = kind(_decode(item, depth + 1) for item in x)
-    if len(out) != len(x):  # two equal members: no set the program held
-        raise ValueError("bad value")
-    return out
+
+    def distinct_hash(self, v) -> None:
+        try:
+            seen = self.by_hash.setdefault(hash(v), [])
+        except TypeError:  # a tuple holding a list: no set or dict can hold it either
+            return
+        if not any(s == v for s in seen):
+            seen.append(v)
+            if len(seen) > SAME_HASH:
+                raise _ChildGone("error", f"reply with over {SAME_HASH} distinct values of one hash "
+                                          "(built to make hash tables slow)")
 
 
 def decode_value(enc):
     """Rebuild a value from the runner's tagged encoding (ValueError when malformed)."""
     try:
-        return _decode(enc, 0)
+        return _Decoder(None).value(enc, 0)
     except (TypeError, KeyError, IndexError, RecursionError) as e:
         raise ValueError(f"malformed value: {e}") from None
+    except _ChildGone as e:
+        raise ValueError(e.detail) from None
 
 
 def encode_value(v, depth: int = 0):
@@ -991,6 +1044,16 @@ def encode_value(v, depth: int = 0):
     if t in (list, tuple, set, frozenset):
         return [{list: "l", tuple: "t", set: "S", frozenset: "F"}[t], [encode_value(x, depth + 1) for x in v]]
     raise TypeError(f"a value of type {t.__name__} cannot be sent to the program")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 6, 200, 200, 200
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 20
+
+
+def _short(v) -> str:
+    """repr(v) in at most a few hundred characters, in time that does not grow with v's size."""
+    return _SHORT.repr(v)
 
 
 def _exact(v):
@@ -1084,7 +1147,7 @@ def run_calls(program: str, calls: list[str], expected: list, setup: str = "",
                 n_ok += 1
             elif first is None:
                 first = ("failed" if err is None or err[0] == "error" else err[0],
-                         f"{call}: " + (f"expected {want!r}, got {got!r}" if err is None else err[1]))
+                         f"{call}: " + (f"expected {_short(want)}, got {_short(got)}" if err is None else err[1]))
     except _ChildGone as g:
         return Verdict(False, g.status, g.detail, time.monotonic() - child.t0, n_ok / len(calls))
     finally:

@@ -3,6 +3,7 @@ Attacks on the isolation itself: tests/test_sandbox_attacks.py."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -56,6 +57,20 @@ def test_exact_types_at_every_depth():
     for enc in (["d", [[["i", "1"], ["s", "a"]], [["b", True], ["s", "b"]]]], ["S", [["i", "1"], ["f", "1.0"]]]):
         with pytest.raises(ValueError):
             sandbox.decode_value(enc)
+
+
+def test_reading_a_reply_counts_against_the_deadline():
+    # decoding stops at the program's deadline, whatever the reply's shape; a reply of more values
+    # than MAX_VALUES is refused before it is parsed
+    many = ["l", [["l", [["i", "1"]] * 1000]] * 1000]
+    assert len(sandbox._decode_strict(many, time.monotonic() + 60)) == 1000
+    with pytest.raises(sandbox._ChildGone) as gone:
+        sandbox._decode_strict(many, time.monotonic() - 0.001)
+    assert gone.value.status == "timeout"
+    v = calls(f"def add(a, b):\n    return [0] * {sandbox.MAX_VALUES}\n")
+    assert v.status == "error" and v.detail == f"reply with over {sandbox.MAX_VALUES} values", v
+    # strings are not counted as values, whatever they hold
+    assert sandbox.run_calls("def f():\n    return '[' * 300000\n", ["f()"], ["[" * 300000], timeout=3.0).passed
 
 
 def test_ordinary_stdlib_still_works():

@@ -220,6 +220,85 @@ def test_loose_types_inside_containers_fail(backend):
     assert [v.status for v in verdicts] == ["failed"] * len(cases) + ["passed"], verdicts
 
 
+# --------------------------------------------------------------------------- the evaluating process held
+def evaluate_elsewhere(jobs, backend, hook=True, limit_s=20.0):
+    """run_many(jobs) in a separate evaluating process with this backend and audit hook: its verdicts
+    as dicts, or None when it had not finished after `limit_s` (it is then ended, with every process
+    under it: an evaluating process blocked in the kernel by a program ends once the program does)."""
+    code = ("import json, sys\nfrom rlhf import sandbox\n"
+            f"sandbox._AUDIT_HOOK = {hook}\nsandbox._backend = lambda mode: {backend!r}\n"
+            "verdicts = sandbox.run_many(json.load(sys.stdin), workers=2)\n"
+            "print(json.dumps([v.__dict__ for v in verdicts]))\n")
+    evaluator = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = evaluator.communicate(json.dumps(jobs), timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        for pid in descendants(evaluator.pid) + [evaluator.pid]:  # the programs first: they may hold it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        evaluator.communicate()
+        return None
+    assert evaluator.returncode == 0, err[-2000:]
+    return json.loads(out)
+
+
+def descendants(pid):
+    """Every live process below `pid`, deepest first."""
+    children = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(p))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out[::-1]
+
+
+# finds the runner's writer in the frames above the program and sends `record` as the reply
+SEND_RAW = """
+import sys, time
+def send_raw(record):
+    f = sys._getframe(0)
+    while f is not None:
+        if callable(f.f_locals.get("send")):
+            f.f_locals["send"](record)
+            time.sleep(30)
+        f = f.f_back
+"""
+P61 = "(2 ** 61 - 1)"  # ints k * P61 all have one hash: a set of n of them costs n * n / 2 comparisons
+
+
+@pytest.mark.parametrize("attack", [
+    # a set, then a dict, of 120000 (100000) ints of one hash, sent as the reply (the runner would
+    # build the set as slowly); then a list of them, which a test hands to set() (MBPP task 2 does)
+    SEND_RAW + "def secret(x):\n    send_raw('{\"ok\":true,\"v\":[\"S\",[' + ','.join('[\"i\",\"%d\"]' % (k * " + P61 + ") "
+               "for k in range(1, 120000)) + ']]}')\n",
+    SEND_RAW + "def secret(x):\n    send_raw('{\"ok\":true,\"v\":[\"d\",[' + ','.join('[[\"i\",\"%d\"],[\"n\"]]' % (k * " + P61 + ") "
+               "for k in range(1, 100000)) + ']]}')\n",
+    "def secret(x):\n    return [k * " + P61 + " for k in range(1, 120000)]\n",
+], ids=["colliding-set", "colliding-dict", "colliding-list-in-a-test"])
+def test_replies_slow_to_decode_end_at_the_deadline(attack, backend):
+    # each holds an evaluating process that decodes it (or compares it) for many minutes; the run
+    # must end about when the program's time does, whatever the reply's shape
+    jobs = [dict(program=attack, calls=CALLS, expected=EXPECTED, timeout=1.0),
+            dict(program=attack, test_code="assert set(secret(1)) == {7312}\n", entry_point="secret", check=False,
+                 timeout=1.0)]
+    t0 = time.monotonic()
+    verdicts = evaluate_elsewhere(jobs, backend, limit_s=30.0)
+    assert verdicts is not None, "the evaluating process was still busy after 30 s"
+    assert time.monotonic() - t0 < 15 and not any(v["passed"] for v in verdicts), verdicts
+    assert all(v["seconds"] < 3.0 for v in verdicts), verdicts
+
+
 # --------------------------------------------------------------------------- escapes
 def test_loopback_tcp_and_abstract_unix_sockets(hook, backend):
     tcp = socket.socket()
