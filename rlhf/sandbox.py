@@ -33,7 +33,9 @@ import builtins
 import concurrent.futures
 import dataclasses
 import functools
+import heapq
 import importlib.util
+import itertools
 import json
 import marshal
 import math
@@ -61,6 +63,7 @@ MAX_VALUES = 1 << 18       # most values (each number, string, container) in one
 MAX_DIGITS = 4300          # longest number in a reply (Python's own default limit for int())
 SAME_HASH = 8              # most distinct numbers, tuples or frozensets with one hash in a reply
 UID_BASE = 1 << 24         # root: sample uid = UID_BASE + 256 * our pid + slot, unique on the host
+GRACE_S = 1.0              # a run still going this long past its deadline is ended from another thread
 _AUDIT_HOOK = True         # tests switch it off to check that the kernel boundary holds on its own
 
 STATUSES = ("passed", "failed", "error", "timeout", "memory", "refused")
@@ -225,6 +228,10 @@ def program_init(job, fds, has_proc, userns, ctypes, libc, check, mount):
         os.setgid(job["uid"])
         os.setuid(job["uid"])  # leaving uid 0 clears every capability
     os.chdir("/work")
+    # PR_SET_DUMPABLE 0 before the worker exists (it inherits it): neither this process nor the
+    # worker can be read, written or opened through by the program's uid (process_vm_writev is
+    # not in the seccomp list; it needs what ptrace needs)
+    libc.prctl(4, 0, 0, 0, 0)
     worker = os.fork()
     if worker:
         for fd in (request, reply, status):
@@ -263,7 +270,6 @@ def supervise(worker, lifeline, libc):
     # becomes our exit code, 128 + signal); either way the kernel then kills everything else
     # in the namespace. Signals from inside the namespace cannot kill a namespace's init.
     import select
-    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: not ptrace-able by the program's uid
     fds = [lifeline]
     try:
         fds.append(os.pidfd_open(worker))
@@ -733,6 +739,43 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+class _Watchdog:
+    """Ends every run that is still going GRACE_S after its deadline, from a thread of its own.
+
+    Reading and writing a program's pipes are bounded by its deadline, but a program can also hold
+    a pipe in the kernel: a splice() from an empty socket into its reply pipe holds the pipe's lock,
+    and our read then waits for that lock, unkillable, for as long as the program lives; and the
+    program lives until the thread that waits closes its lifeline. So the run's end must not depend
+    on that thread: here it is closing the lifeline (pid 1 leaves, the kernel kills the rest, the
+    lock is released) or killing the weak runner's process group. One thread per evaluating process,
+    one heap of deadlines; a forked copy starts its own."""
+
+    def __init__(self):
+        self.cond, self.heap, self.seq, self.pid = threading.Condition(), [], itertools.count(), None
+
+    def watch(self, child: "_Child") -> None:
+        with self.cond:
+            if self.pid != os.getpid():  # first use, or a forked copy of the evaluating process
+                self.heap.clear()
+                threading.Thread(target=self._run, name="sandbox-watchdog", daemon=True).start()
+                self.pid = os.getpid()
+            heapq.heappush(self.heap, (child.deadline + GRACE_S, next(self.seq), child))
+            if self.heap[0][2] is child:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                while self.heap and (self.heap[0][0] <= now or self.heap[0][2].ended):
+                    heapq.heappop(self.heap)[2].end()
+                self.cond.wait(self.heap[0][0] - now if self.heap else None)
+
+
+_watchdog = _Watchdog()
+os.register_at_fork(after_in_child=lambda: _watchdog.__init__())  # no lock held by a thread left behind
+
+
 class _Child:
     """One sandboxed program and its request/response pipes, all reads bounded by a deadline."""
 
@@ -745,6 +788,7 @@ class _Child:
         self.buf = bytearray()
         self.idle = False  # True while the program waits for a request (it may then exit cleanly)
         self.lifeline = None  # namespaces: its write end; closing it ends the whole namespace
+        self.lock, self.ended = threading.Lock(), False  # end(): this thread or the watchdog
         self.status_fd, self.status = None, b""  # namespaces: the keeper's report (set-up errors, exit status)
         cfg = {"audit_hook": _AUDIT_HOOK, "cpu_s": math.ceil(timeout) + 1, "memory": memory_mb << 20,
                "fsize": C.SANDBOX_FILE_SIZE_MB << 20, "nofile": MAX_OPEN_FILES, "nproc": C.SANDBOX_MAX_PROCS,
@@ -763,7 +807,26 @@ class _Child:
         except BaseException:
             self.close()
             raise
-        os.set_blocking(self.wfd, False)
+        for fd in (self.wfd, self.rfd):  # a program may drain or fill them too: never wait in a read or write
+            os.set_blocking(fd, False)
+        _watchdog.watch(self)
+
+    def end(self) -> None:
+        """End the run now, from any thread, without waiting on anything the program holds:
+        namespaces: pid 1 leaves and the kernel kills the rest; weak: the runner's process group
+        is killed. Idempotent; close() still collects what is left."""
+        with self.lock:
+            if self.ended:
+                return
+            self.ended = True
+            if self.lifeline is not None:
+                os.close(self.lifeline)
+                self.lifeline = None
+            elif self.proc is not None and self.proc.returncode is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def _start_weak(self, cfg: dict) -> None:
         self.tmp = tempfile.mkdtemp(prefix="sandbox-")
@@ -835,6 +898,8 @@ class _Child:
                 raise self._gone("time limit exceeded")
             try:
                 data = data[os.write(self.wfd, data):]
+            except BlockingIOError:  # filled between select and write (the program holds the pipe too)
+                continue
             except BrokenPipeError:
                 raise self._gone("the program closed its input") from None
 
@@ -848,7 +913,10 @@ class _Child:
             left = self.deadline - time.monotonic()
             if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
                 raise _ChildGone("timeout", "time limit exceeded")
-            chunk = os.read(self.rfd, 1 << 16)
+            try:
+                chunk = os.read(self.rfd, 1 << 16)
+            except BlockingIOError:  # drained between select and read (the program holds the pipe too)
+                continue
             if not chunk:
                 raise self._gone("exited before the tests finished")
             end = chunk.find(b"\n")
@@ -906,8 +974,9 @@ class _Child:
     def close(self) -> None:
         """End the run: every process of it is gone when this returns."""
         if self.lifeline is not None:  # namespaces: pid 1 leaves, the kernel kills the rest
-            os.close(self.lifeline)
-            self.lifeline = None
+            self.end()
+        with self.lock:  # weak: from here on the watchdog leaves the process group alone
+            self.ended = True
         if self.zygote is not None:
             for fd in (self.wfd, self.rfd):
                 if fd is not None:

@@ -299,6 +299,41 @@ def test_replies_slow_to_decode_end_at_the_deadline(attack, backend):
     assert all(v["seconds"] < 3.0 for v in verdicts), verdicts
 
 
+# the runner's end of the reply pipe, found in the frames above the program
+REPLY_FD = """
+import sys
+def reply_fd():
+    f = sys._getframe(0)
+    while f is not None:
+        if type(f.f_locals.get("cout")) is int:
+            return f.f_locals["cout"]
+        f = f.f_back
+"""
+
+
+# splice() moves a byte from a socket into the reply pipe, which makes it readable, then, holding
+# the pipe's lock, waits for a second byte that never comes (SO_RCVLOWAT 2): the evaluating process's
+# read waits for that lock, unkillable, and the program lives as long as that read waits
+HOLD_REPLY = ("    a, b = socket.socketpair()\n    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 2)\n"
+              "    b.send(b'x')\n    os.splice(a.fileno(), reply_fd(), 2)\n")
+
+
+@pytest.mark.parametrize("attack", [
+    "import os, socket\ndef secret(x):\n" + HOLD_REPLY,
+    "import os, socket, time\ndef secret(x):\n    if os.fork() == 0:\n" + HOLD_REPLY.replace("    ", "        ")
+    + "    time.sleep(60)\n",  # the same from a forked child, the program itself asleep
+], ids=["splice-holds-the-reply-pipe", "a-child-holds-it"])
+def test_a_program_cannot_hold_the_evaluating_process(attack, backend):
+    # kernel-level: with the audit hook off (it refuses the socket)
+    program = REPLY_FD + attack
+    jobs = [dict(program=program, calls=CALLS, expected=EXPECTED, timeout=1.0),
+            dict(program=program, test_code=TESTS, entry_point="secret", timeout=1.0), ADD_OK]
+    verdicts = evaluate_elsewhere(jobs, backend, hook=False, limit_s=20.0)
+    assert verdicts is not None, "the evaluating process was still held after 20 s"
+    assert [v["status"] for v in verdicts] == ["timeout", "timeout", "passed"], verdicts
+    assert all(v["seconds"] < 1.0 + sandbox.GRACE_S + 1.5 for v in verdicts), verdicts
+
+
 # --------------------------------------------------------------------------- escapes
 def test_loopback_tcp_and_abstract_unix_sockets(hook, backend):
     tcp = socket.socket()
