@@ -490,14 +490,22 @@ finally:
 
 # --------------------------------------------------------------------------- isolation set-up
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}
-# seccomp: (AUDIT_ARCH_*, syscalls refused with EPERM, clone, clone3), from the kernel's
-# arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h
+# seccomp: (AUDIT_ARCH_*, syscalls refused with EPERM, clone, clone3, fcntl), from the kernel's
+# arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h. The last row of
+# each list: state a program could attach to a file that other programs see too (the read-only
+# /usr, the interpreter, /dev/null...), i.e. a channel between programs running side by side:
+# flock, inotify_init(1), inotify_add_watch, fanotify_init/mark, and page-cache residency
+# (mincore, cachestat); fcntl's locks, leases and dnotify are refused by command (_FCNTL_DENY)
 _X86_64_DENY = [272, 308, 165, 166, 155, 161, 101, 250, 248, 249, 321, 298, 323, 425, 426, 427, 246, 320,
-                175, 313, 176, 304, 303, 428, 429, 430, 431, 432, 433, 442, 103, 179, 163, 167, 168, 169]
+                175, 313, 176, 304, 303, 428, 429, 430, 431, 432, 433, 442, 103, 179, 163, 167, 168, 169,
+                73, 253, 294, 254, 300, 301, 27, 451]
 _GENERIC_DENY = [97, 268, 40, 39, 41, 51, 117, 219, 217, 218, 280, 241, 282, 425, 426, 427, 104, 294,
-                 105, 273, 106, 265, 264, 428, 429, 430, 431, 432, 433, 442, 116, 60, 89, 224, 225, 142]
-_SECCOMP = {"x86_64": (0xC000003E, _X86_64_DENY, 56, 435), "aarch64": (0xC00000B7, _GENERIC_DENY, 220, 435),
-            "riscv64": (0xC00000F3, _GENERIC_DENY, 220, 435)}
+                 105, 273, 106, 265, 264, 428, 429, 430, 431, 432, 433, 442, 116, 60, 89, 224, 225, 142,
+                 32, 26, 27, 262, 263, 232, 451]
+# F_GETLK F_SETLK F_SETLKW (and their 64-bit twins), F_OFD_GETLK/SETLK/SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY
+_FCNTL_DENY = [5, 6, 7, 12, 13, 14, 36, 37, 38, 1024, 1025, 1026]
+_SECCOMP = {"x86_64": (0xC000003E, _X86_64_DENY, 56, 435, 72), "aarch64": (0xC00000B7, _GENERIC_DENY, 220, 435, 25),
+            "riscv64": (0xC00000F3, _GENERIC_DENY, 220, 435, 25)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -506,19 +514,23 @@ def _seccomp_filter(machine: str) -> bytes | None:
 
     The syscalls that open kernel attack surface no solution needs (new namespaces: a nested
     user namespace would give back capabilities; mounts, ptrace, keys, bpf, perf, io_uring,
-    modules, kexec) fail with EPERM; clone3 gets ENOSYS so libc falls back to clone, whose
-    namespace flags are checked; another ABI (x32, i386) kills the process.
+    modules, kexec) and those that attach state to shared files (locks, leases, file
+    notifications, page-cache residency) fail with EPERM; clone3 gets ENOSYS so libc falls back
+    to clone, whose namespace flags are checked; another ABI (x32, i386) kills the process.
     """
     if machine not in _SECCOMP:
         return None
-    arch, deny, clone, clone3 = _SECCOMP[machine]
+    arch, deny, clone, clone3, fcntl = _SECCOMP[machine]
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
     prog = [(LD, 0, 0, 4), (JEQ, 0, "kill", arch), (LD, 0, 0, 0), (JGE, "kill", 0, 0x40000000)]
     prog += [(JEQ, "eperm", 0, nr) for nr in deny]
-    prog += [(JEQ, "enosys", 0, clone3), (JEQ, 0, "allow", clone), (LD, 0, 0, 16),  # clone's flags
+    prog += [(JEQ, "enosys", 0, clone3), (JEQ, 0, "clone", fcntl), (LD, 0, 0, 24)]  # fcntl's command (low word)
+    prog += [(JEQ, "eperm", 0, cmd) for cmd in _FCNTL_DENY] + [(JEQ, "allow", "allow", 0)]
+    labels = {"clone": len(prog)}
+    prog += [(JEQ, 0, "allow", clone), (LD, 0, 0, 16),  # clone's flags
              (JSET, "eperm", "allow", 0x7E020000)]  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
     n = len(prog)
-    labels = {"allow": n, "eperm": n + 1, "enosys": n + 2, "kill": n + 3}
+    labels.update(allow=n, eperm=n + 1, enosys=n + 2, kill=n + 3)
     prog += [(RET, 0, 0, 0x7FFF0000), (RET, 0, 0, 0x00050001), (RET, 0, 0, 0x00050026), (RET, 0, 0, 0x80000000)]
     return b"".join(struct.pack("HBBI", op, labels[jt] - i - 1 if jt else 0, labels[jf] - i - 1 if jf else 0, k)
                     for i, (op, jt, jf, k) in enumerate(prog))

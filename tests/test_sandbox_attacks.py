@@ -401,6 +401,38 @@ def test_cannot_kill_sibling_samples(hook, backend):
     assert [v.passed for v in verdicts] == [False, True, True], verdicts
 
 
+def test_programs_side_by_side_cannot_signal_each_other(hook, backend):
+    # the files every program sees are the same files (the interpreter's, /dev/null): a lock, a
+    # lease, a file notification or page-cache residency on one of them is visible to the program
+    # beside it. The sender marks three files in each way; the receiver passes if it notices any
+    shared = "import os\nLIB = os.path.dirname(os.__file__)\nA, B, C = (os.path.join(LIB, n) for n in ('this.py', 'antigravity.py', '__hello__.py'))\n"
+    sender = (shared + "import fcntl, struct, time\nheld = []\n"
+              "def lock(path, how):\n    try:\n        fd = os.open(path, os.O_RDONLY)\n        how(fd)\n        held.append(fd)\n"
+              "    except OSError:\n        pass\n"
+              "lock(A, lambda fd: fcntl.flock(fd, fcntl.LOCK_SH))\n"
+              "lock(B, lambda fd: fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0)))\n"
+              "lock(C, lambda fd: fcntl.fcntl(fd, 37, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0)))\n"  # F_OFD_SETLK
+              "end = time.time() + 1.5\nwhile time.time() < end:\n    for p in (A, C):\n"  # closing B would drop its POSIX lock
+              "        with open(p, 'rb') as f:\n            f.read(1)\n    time.sleep(0.01)\n" + WRONG)
+    receiver = (shared + "import fcntl, struct, time\nfound = []\n"
+                "try:\n    import ctypes\n    libc = ctypes.CDLL(None, use_errno=True)\n"
+                "    ino = libc.inotify_init1(os.O_NONBLOCK)\n"
+                "    watched = [libc.inotify_add_watch(ino, p.encode(), 0x20 | 0x1) for p in (A, B, C)]\n"  # IN_OPEN | IN_ACCESS
+                "except Exception:\n    ino = -1\n"
+                "time.sleep(0.6)\n"
+                "fd = os.open(A, os.O_RDONLY)\ntry:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "except BlockingIOError:\n    found.append('flock')\nexcept OSError:\n    pass\n"
+                "for name, path, cmd in (('posix lock', B, fcntl.F_GETLK), ('ofd lock', C, 36)):\n"  # F_OFD_GETLK
+                "    try:\n        got = fcntl.fcntl(os.open(path, os.O_RDONLY), cmd, struct.pack('hhqqi', fcntl.F_WRLCK, 0, 0, 0, 0))\n"
+                "        found += [name] if struct.unpack('hhqqi', got)[0] != fcntl.F_UNLCK else []\n"
+                "    except OSError:\n        pass\n"
+                "if ino >= 0:\n    try:\n        found += ['inotify'] if os.read(ino, 4096) else []\n    except OSError:\n        pass\n"
+                "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if found else found\n")
+    verdicts = sandbox.run_many([dict(program=sender, calls=CALLS, expected=EXPECTED),
+                                 dict(program=receiver, calls=CALLS, expected=EXPECTED)], workers=2)
+    assert [v.detail for v in verdicts] == ["secret(1): expected 7312, got 0", "secret(1): expected 7312, got []"], verdicts
+
+
 def test_problems_file_is_out_of_reach(tmp_path, needs_namespaces):
     # the old attack: the parent's command line in /proc names --problems; read the answers there
     folder = tempfile.mkdtemp(prefix="sandbox-attack-")
