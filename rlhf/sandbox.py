@@ -3,9 +3,9 @@
 Isolation (docs/SANDBOX.md has the threat model): each program runs in new network, PID, IPC,
 UTS and mount namespaces of its own. A set-up process per evaluating process (the zygote, started
 once with util-linux `unshare`) builds a read-only view of the file system (only /usr, the
-interpreter and four /dev nodes exist) and pivots its root there; for each program it forks a
-process that takes the new namespaces, mounts a private size-limited tmpfs as the program's work
-dir and its own /proc, drops to a uid of its own (root) or all capabilities (user namespace)
+interpreter and four /dev nodes exist; no /proc, no host name) and pivots its root there; for
+each program it forks a process that takes the new namespaces, mounts a private size-limited tmpfs
+as the program's work dir, drops to a uid of its own (root) or all capabilities (user namespace)
 and forks the program's process, which sets a seccomp deny list and rlimits before any of the
 program's code runs (no_new_privs is set for all of them). The program's PID namespace has a
 supervisor as init, holding a lifeline pipe from us: when the run ends (or we die) it leaves
@@ -87,7 +87,7 @@ class Verdict:
 # (or userns root) inside new namespaces made by util-linux `unshare`. It builds the read-only
 # file system view, then waits on its control socket; each message there is one program's limits
 # and four pipe ends. For each it forks keeper(), which takes new namespaces of the
-# program's own and forks the program's pid 1; that one mounts the program's /work and /proc,
+# program's own and forks the program's pid 1; that one mounts the program's /work,
 # drops privileges and forks the worker: pid 1 stays as supervise(), the worker installs seccomp
 # and limits, then serve() reads requests from its request pipe and answers on its reply pipe.
 # The keeper waits for pid 1 (which the kernel lets go only when every process of the program's
@@ -112,7 +112,12 @@ def kernel():
 
 def build_root(cfg, libc, check, mount):
     # the file system every program sees, built once: a small read-only tmpfs holding read-only
-    # binds of /usr, the interpreter and four /dev nodes; the host tree is detached
+    # binds of /usr, the interpreter and four /dev nodes; the host tree is detached. No /proc:
+    # even a program's own would show the host (mountinfo: devices and paths; cgroup paths;
+    # cmdline, boot id, locks, load of everything else). No host name either: every program's UTS
+    # namespace is a copy of this one
+    check(libc.sethostname(b"sandbox", 7), "sethostname")
+    check(libc.setdomainname(b"(none)", 6), "setdomainname")
     R = cfg["mountpoint"]
     os.umask(0o022)  # the skeleton must be traversable by the program's uid
     mount(None, "/", None, REC | PRIVATE)  # nothing we mount propagates back to the host
@@ -130,12 +135,6 @@ def build_root(cfg, libc, check, mount):
         mount(path, dst, None, BIND)
         # read-only; keep the source's flags (a user namespace may not clear locked ones)
         mount(None, dst, None, REMOUNT | BIND | RDONLY | NOSUID | arg | (0 if kind == "dev" else NODEV))
-    os.mkdir(R + "/proc")
-    try:  # a user namespace may mount a program's own /proc only where one is already visible
-        mount("proc", R + "/proc", "proc", NOSUID | NODEV | NOEXEC)
-        has_proc = True
-    except OSError:
-        has_proc = False
     os.mkdir(R + "/work")
     os.symlink("work", R + "/tmp")
     os.symlink("/work", R + "/dev/shm")  # POSIX semaphores and shared memory, privately
@@ -145,12 +144,11 @@ def build_root(cfg, libc, check, mount):
     os.chdir("/")
     mount(None, "/", None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
     check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: no setuid gains
-    return has_proc
 
 def zygote(cfg):
     import _socket, marshal
     ctypes, libc, check, mount = kernel()
-    has_proc = build_root(cfg, libc, check, mount)
+    build_root(cfg, libc, check, mount)
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
@@ -176,7 +174,7 @@ def zygote(cfg):
         if pid == 0:
             try:
                 ctl.close()
-                keeper(marshal.loads(data), fds, has_proc, cfg["userns"], ctypes, libc, check, mount)
+                keeper(marshal.loads(data), fds, cfg["userns"], ctypes, libc, check, mount)
             except BaseException as e:
                 report(fds[3], e)
             os._exit(0)
@@ -190,14 +188,14 @@ def report(status, e):
     except BaseException:
         pass
 
-def keeper(job, fds, has_proc, userns, ctypes, libc, check, mount):
+def keeper(job, fds, userns, ctypes, libc, check, mount):
     # new namespaces for one program, its pid 1, then report how that pid 1 ended
     request, reply, lifeline, status = fds
     check(libc.unshare(NEWNS | NEWUTS | NEWIPC | NEWPID | NEWNET), "unshare")
     init = os.fork()
     if init == 0:
         try:
-            program_init(job, fds, has_proc, userns, ctypes, libc, check, mount)
+            program_init(job, fds, userns, ctypes, libc, check, mount)
         except BaseException as e:
             report(status, e)
         os._exit(1)
@@ -206,14 +204,9 @@ def keeper(job, fds, has_proc, userns, ctypes, libc, check, mount):
     _, st = os.waitpid(init, 0)
     os.write(status, b"X %d\n" % st)
 
-def program_init(job, fds, has_proc, userns, ctypes, libc, check, mount):
+def program_init(job, fds, userns, ctypes, libc, check, mount):
     # pid 1 of the program's PID namespace, in a mount namespace of its own
     request, reply, lifeline, status = fds
-    try:  # this namespace's /proc over the zygote's: the program sees its own processes only
-        mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
-    except OSError:
-        if has_proc:
-            raise
     own = "" if userns else ",uid=%d,gid=%d" % (job["uid"], job["uid"])
     mount("tmpfs", "/work", "tmpfs", NOSUID | NODEV,
           "size=%dk,nr_inodes=%d,mode=700%s" % (job["disk_kb"], job["inodes"], own))

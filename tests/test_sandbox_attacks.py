@@ -433,6 +433,46 @@ def test_programs_side_by_side_cannot_signal_each_other(hook, backend):
     assert [v.detail for v in verdicts] == ["secret(1): expected 7312, got 0", "secret(1): expected 7312, got []"], verdicts
 
 
+def host_identity():
+    """What identifies this host and this run of the tests: host name, boot id, kernel command line,
+    our cgroup paths, the root file system's device."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+    found = {"host name": socket.gethostname(), "boot id": read("/proc/sys/kernel/random/boot_id"),
+             "kernel command line": read("/proc/cmdline")[:60], "machine id": read("/etc/machine-id")}
+    for line in read("/proc/self/cgroup").splitlines():
+        path = line.split(":", 2)[-1]
+        if path not in ("", "/"):
+            found["cgroup " + line.split(":", 2)[1]] = path
+    for line in read("/proc/self/mountinfo").splitlines():
+        fields = line.split(" - ")
+        if line.split()[4] == "/" and len(fields) == 2 and fields[1].split()[1].startswith("/"):
+            found["root device"] = fields[1].split()[1]
+    return {k: v for k, v in found.items() if v}
+
+
+def test_the_host_is_not_identifiable(hook, backend):
+    # everything a program could read that names this host or this run: the UTS host name, and in
+    # /proc the boot id, kernel command line, cgroup paths (ours, and any cgroup the sandbox makes),
+    # mountinfo (devices and paths); the program passes if any of them is there
+    identity = dict(host_identity(), sandbox_cgroup="rlhf-sandbox")
+    attack = ("import os\nTEXTS = []\n"
+              "for p in ('/proc/sys/kernel/hostname', '/proc/sys/kernel/random/boot_id', '/proc/cmdline', "
+              "'/proc/self/cgroup', '/proc/1/cgroup', '/proc/self/mountinfo', '/proc/1/mountinfo', '/proc/self/mounts', "
+              "'/etc/hostname', '/etc/machine-id', '/sys/class/dmi/id/product_uuid'):\n"
+              "    try:\n        TEXTS.append(open(p).read())\n    except Exception:\n        pass\n"
+              f"IDENTITY = {identity!r}\n"
+              "NAMES = {os.uname().nodename} | {t.strip() for t in TEXTS}\n"
+              "FOUND = sorted(k for k, v in IDENTITY.items() if v in NAMES or k != 'host name' and any(v in t for t in TEXTS))\n"
+              "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if FOUND else FOUND\n")
+    verdicts = run_side_by_side(attack)
+    assert not any(v.passed for v in verdicts) and verdicts[0].detail == "secret(1): expected 7312, got []", verdicts
+
+
 def test_problems_file_is_out_of_reach(tmp_path, needs_namespaces):
     # the old attack: the parent's command line in /proc names --problems; read the answers there
     folder = tempfile.mkdtemp(prefix="sandbox-attack-")
@@ -568,8 +608,10 @@ def test_programs_forked_by_one_zygote_share_nothing(hook, backend):
               "def traces():\n    found = []\n"
               f"    for p in ('/work/mark-{tag}', '/dev/shm/mark-{tag}', '/tmp/mark-{tag}'):\n"
               "        found += [p] if os.path.exists(p) else []\n"
-              "    own = {str(os.getpid()), '1', 'self', 'thread-self'}\n"
-              "    found += [p for p in os.listdir('/proc') if p.isdigit() and p not in own]\n"
+              "    for pid in range(2, 4096):\n"  # any process but its own and pid 1 (no /proc needed)
+              "        try:\n            os.kill(pid, 0)\n            found += [pid] if pid != os.getpid() else []\n"
+              "        except PermissionError:\n            found.append(pid)\n"  # there, another uid's
+              "        except OSError:\n            pass\n"
               "    try:\n        c = socket.socket(socket.AF_UNIX)\n"
               f"        c.connect('\\0plant-{tag}')\n        found.append('socket')\n    except OSError:\n        pass\n"
               "    return found\n"
