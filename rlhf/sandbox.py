@@ -32,6 +32,7 @@ import atexit
 import builtins
 import concurrent.futures
 import dataclasses
+import errno
 import functools
 import heapq
 import importlib.util
@@ -160,7 +161,7 @@ def zygote(cfg):
                 pass
         except ChildProcessError:
             pass
-        data, anc, _, _ = ctl.recvmsg(1 << 16, _socket.CMSG_SPACE(16))
+        data, anc, _, _ = ctl.recvmsg(1 << 16, _socket.CMSG_SPACE(32))  # 4 pipe ends, up to 4 cgroups
         if not data:  # the evaluating process closed the socket, or died
             os._exit(0)
         fds = []
@@ -168,7 +169,7 @@ def zygote(cfg):
             if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                 fds += [int.from_bytes(raw[i:i + 4], sys.byteorder) for i in range(0, len(raw) - 3, 4)]
         try:
-            pid = os.fork() if len(fds) == 4 else -1
+            pid = os.fork() if len(fds) >= 4 else -1
         except OSError:  # the evaluating side sees the status pipe close: "could not start"
             pid = -1
         if pid == 0:
@@ -190,7 +191,7 @@ def report(status, e):
 
 def keeper(job, fds, userns, ctypes, libc, check, mount):
     # new namespaces for one program, its pid 1, then report how that pid 1 ended
-    request, reply, lifeline, status = fds
+    request, reply, lifeline, status = fds[:4]
     check(libc.unshare(NEWNS | NEWUTS | NEWIPC | NEWPID | NEWNET), "unshare")
     init = os.fork()
     if init == 0:
@@ -199,14 +200,17 @@ def keeper(job, fds, userns, ctypes, libc, check, mount):
         except BaseException as e:
             report(status, e)
         os._exit(1)
-    for fd in (request, reply, lifeline):
+    for fd in [request, reply, lifeline] + fds[4:]:
         os.close(fd)
     _, st = os.waitpid(init, 0)
     os.write(status, b"X %d\n" % st)
 
 def program_init(job, fds, userns, ctypes, libc, check, mount):
     # pid 1 of the program's PID namespace, in a mount namespace of its own
-    request, reply, lifeline, status = fds
+    request, reply, lifeline, status = fds[:4]
+    for fd in fds[4:]:  # the program's own cgroups (cgroup.procs, opened by the evaluating side): join them
+        os.write(fd, b"0")
+        os.close(fd)
     own = "" if userns else ",uid=%d,gid=%d" % (job["uid"], job["uid"])
     mount("tmpfs", "/work", "tmpfs", NOSUID | NODEV,
           "size=%dk,nr_inodes=%d,mode=700%s" % (job["disk_kb"], job["inodes"], own))
@@ -614,6 +618,202 @@ def _weak_interpreter() -> str:
                              "install python3 under /usr, or use the default SANDBOX_MODE=namespaces")
 
 
+# --------------------------------------------------------------------------- a cgroup per program
+# rlimits bound each process; a program of SANDBOX_MAX_PROCS processes could still hold that many
+# times SANDBOX_MEMORY_MB. Where this process may create cgroups below its own (root, or a delegated
+# subtree), each program gets one per hierarchy: its memory as a whole (all its processes, its
+# tmpfs, the kernel's memory for it) at most SANDBOX_MEMORY_MB, at most SANDBOX_MAX_PROCS tasks,
+# removed after the run. They live under rlhf-sandbox-<pid>, one folder per evaluating process.
+_CGROUP_FILES = {  # (controller, version): [(file, value)], each written where the kernel has the file
+    ("memory", 1): [("memory.limit_in_bytes", "memory"), ("memory.memsw.limit_in_bytes", "memory")],
+    ("memory", 2): [("memory.max", "memory"), ("memory.swap.max", "0"), ("memory.oom.group", "1")],
+    ("pids", 1): [("pids.max", "procs")], ("pids", 2): [("pids.max", "procs")]}
+
+
+def _cgroup_bases(mountinfo: str, cgroups: str) -> dict[str, tuple[str, int]]:
+    """Per controller ("memory", "pids"): (the directory of this process's own cgroup, version 1 or
+    2), from the text of /proc/self/mountinfo and /proc/self/cgroup. A controller bound to a v1
+    hierarchy is not in the v2 one."""
+    own_v1, own_v2 = {}, None  # controller -> our path; our v2 path
+    for line in cgroups.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and not parts[1]:
+            own_v2 = parts[2]
+        for ctrl in filter(None, parts[1].split(",")):
+            own_v1[ctrl] = parts[2]
+    bases = {}
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
+            continue
+        root, point, v1 = fields[3], fields[4].replace("\\040", " "), rfields[0] == "cgroup"
+        for ctrl in ("memory", "pids"):
+            path = own_v1.get(ctrl) if v1 else None if ctrl in own_v1 else own_v2
+            if path is None or v1 and ctrl not in rfields[2].split(",") or ctrl in bases:
+                continue
+            if root != "/" and not (path == root or path.startswith(root + "/")):
+                continue  # this mount does not show our cgroup
+            rel = path[len(root):] if root != "/" else path
+            bases[ctrl] = (point.rstrip("/") + rel.rstrip("/"), 1 if v1 else 2)
+    return bases
+
+
+def _write(path: str, value) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=None)
+def _cgroups() -> tuple:
+    """The cgroup parents every program gets a child of, found once per evaluating process:
+    ((parent directory, ((file, value), ...)), ...); () where none is writable, said once on stderr
+    with the reason."""
+    try:
+        with open("/proc/self/mountinfo") as f, open("/proc/self/cgroup") as g:
+            bases = _cgroup_bases(f.read(), g.read())
+    except OSError as e:
+        bases, why = {}, {"memory": str(e), "pids": str(e)}
+    else:
+        why = {c: "no cgroup hierarchy with it is mounted" for c in ("memory", "pids") if c not in bases}
+    parents = {}  # directory -> files
+    for ctrl, (base, version) in bases.items():
+        parent = f"{base}/rlhf-sandbox-{os.getpid()}"
+        try:
+            if version == 2:  # a v2 child has a controller only where its parent passes it down
+                with open(base + "/cgroup.subtree_control") as f:
+                    if ctrl not in f.read().split():
+                        _write(base + "/cgroup.subtree_control", "+" + ctrl)  # EBUSY where base holds processes
+            _remove_stale_cgroups(base)
+            os.makedirs(parent, exist_ok=True)
+            if version == 2:
+                _write(parent + "/cgroup.subtree_control", "+" + ctrl)
+            files = [(n, v) for n, v in _CGROUP_FILES[ctrl, version] if os.path.exists(f"{parent}/{n}")]
+            if not files or files[0][1] != {"memory": "memory", "pids": "procs"}[ctrl]:
+                raise OSError(errno.ENOENT, f"{_CGROUP_FILES[ctrl, version][0][0]} missing in {parent}")
+            parents.setdefault(parent, []).extend(files)
+        except OSError as e:
+            why[ctrl] = f"{base}: {e.strerror or e}"
+    found = tuple((parent, tuple(files)) for parent, files in parents.items() if _cgroup_works(parent, files))
+    for parent, files in parents.items():
+        if (parent, tuple(files)) not in found:
+            why.update((ctrl, f"{parent}: a process cannot be moved in") for ctrl in ("memory", "pids")
+                       if any(n.startswith(ctrl) for n, _ in files))
+    if why:
+        print(f"sandbox: no cgroup for {' and '.join(sorted(why))} ({'; '.join(why.values())[:300]}): a program's "
+              "processes are bounded one by one (RLIMIT_AS, RLIMIT_NPROC), not as a whole; docs/SANDBOX.md", file=sys.stderr)
+    if found:
+        owner = os.getpid()
+
+        def remove_parents():  # a forked copy of this process leaves them to us
+            if os.getpid() == owner:
+                _remove_cgroups([])  # children left over first
+                _remove_cgroups([parent for parent, _ in found])
+        atexit.register(remove_parents)
+    return found
+
+
+def _cgroup_works(parent: str, files) -> bool:
+    """Whether a child of `parent` takes its limits and a process of ours (tried once, with `sleep`)."""
+    path = f"{parent}/probe"
+    try:
+        os.makedirs(path, exist_ok=True)
+        for name, value in files:
+            _write(f"{path}/{name}", {"memory": 64 << 20, "procs": 8}.get(value, value))
+        probe = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, close_fds=True)
+        try:
+            _write(path + "/cgroup.procs", probe.pid)
+            return True
+        finally:
+            probe.kill()
+            probe.wait()
+    except OSError:
+        return False
+    finally:
+        _remove_cgroups([path])
+
+
+_cgroup_seq = itertools.count()
+_leftover_cgroups: list[str] = []  # could not be removed yet (retried with the next ones and at exit)
+
+
+def _make_cgroups(memory_bytes: int, procs: int) -> tuple[list[str], list[int]]:
+    """One program's own cgroups, limits written: (their directories, their cgroup.procs opened
+    for writing, for the program's pid 1 to join them with a write of "0")."""
+    paths, fds = [], []
+    try:
+        for parent, files in _cgroups():
+            path = f"{parent}/{os.getpid()}-{next(_cgroup_seq)}"
+            os.mkdir(path)
+            paths.append(path)
+            for name, value in files:
+                _write(f"{path}/{name}", {"memory": memory_bytes, "procs": procs}.get(value, value))
+            fds.append(os.open(path + "/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        _remove_cgroups(paths)
+        raise
+    return paths, fds
+
+
+def _remove_cgroups(paths: list[str], kill: bool = False) -> None:
+    """rmdir each cgroup (a cgroup goes only once its last process is reaped: a few tries); with
+    `kill`, SIGKILL what is left in it first (weak mode: a runner's setsid grandchildren)."""
+    retry, _leftover_cgroups[:] = _leftover_cgroups[:], []
+    for path in list(paths) + retry:
+        for attempt in range(50):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or attempt == 49:
+                    _leftover_cgroups.append(path)
+                    break
+                if kill:
+                    try:
+                        with open(path + "/cgroup.procs") as f:
+                            for pid in f.read().split():
+                                os.kill(int(pid), signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
+                time.sleep(0.002)
+
+
+def _remove_stale_cgroups(base: str) -> None:
+    """The folders of evaluating processes that died without removing theirs."""
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("rlhf-sandbox-") and n[13:].isdigit()]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.kill(int(name[13:]), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        folder = f"{base}/{name}"
+        try:
+            children = [f"{folder}/{c}" for c in os.listdir(folder) if os.path.isdir(f"{folder}/{c}")]
+        except OSError:
+            continue
+        for path in children + [folder]:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+
+
 _slot_lock = threading.Lock()
 _slots_used: set[int] = set()
 
@@ -671,15 +871,16 @@ class _Zygote:
             theirs.close()
         os.set_blocking(self.proc.stderr.fileno(), False)
 
-    def spawn(self, job: dict) -> list[int]:
-        """Start one program with these limits; returns our ends of its request, reply, lifeline
-        and status pipes. OSError when the zygote is gone."""
+    def spawn(self, job: dict, cgroup_fds: list[int]) -> list[int]:
+        """Start one program with these limits, in these cgroups (their cgroup.procs, open for
+        writing); returns our ends of its request, reply, lifeline and status pipes. OSError when
+        the zygote is gone."""
         pipes = [os.pipe() for _ in range(4)]
         theirs = [pipes[0][0], pipes[1][1], pipes[2][0], pipes[3][1]]
         ours = [pipes[0][1], pipes[1][0], pipes[2][1], pipes[3][0]]
         try:
             with self.lock:
-                socket.send_fds(self.ctl, [marshal.dumps(job)], theirs)
+                socket.send_fds(self.ctl, [marshal.dumps(job)], theirs + cgroup_fds)
         except OSError as e:
             for fd in ours:
                 os.close(fd)
@@ -795,23 +996,31 @@ class _Child:
         self.lifeline = None  # namespaces: its write end; closing it ends the whole namespace
         self.lock, self.ended = threading.Lock(), False  # end(): this thread or the watchdog
         self.status_fd, self.status = None, b""  # namespaces: the keeper's report (set-up errors, exit status)
+        self.cgroups: list[str] = []  # the program's own cgroups (_make_cgroups), removed by close()
+        cgroup_fds: list[int] = []
         cfg = {"audit_hook": _AUDIT_HOOK, "cpu_s": math.ceil(timeout) + 1, "memory": memory_mb << 20,
                "fsize": C.SANDBOX_FILE_SIZE_MB << 20, "nofile": MAX_OPEN_FILES, "nproc": C.SANDBOX_MAX_PROCS,
                "uid": UID_BASE + 256 * os.getpid() + self.slot}
         try:
+            self.cgroups, cgroup_fds = _make_cgroups(memory_mb << 20, C.SANDBOX_MAX_PROCS)
             if backend == "weak":
-                self._start_weak(cfg)
+                self._start_weak(cfg, cgroup_fds)
             else:
                 machine = platform.machine()
                 cfg.update(disk_kb=C.SANDBOX_DISK_MB << 10, inodes=4096, seccomp=_seccomp_filter(machine),
                            sys_seccomp={"x86_64": 317}.get(machine, 277))
                 if backend == "userns":
                     cfg["uid"] = 0
+                    if any(name == "pids.max" for _, files in _cgroups() for name, _ in files):
+                        cfg["nproc"] = -1  # all programs share one uid here: RLIMIT_NPROC would count them together
                 self.zygote = _zygote(backend)
-                self.wfd, self.rfd, self.lifeline, self.status_fd = self.zygote.spawn(cfg)
+                self.wfd, self.rfd, self.lifeline, self.status_fd = self.zygote.spawn(cfg, cgroup_fds)
         except BaseException:
             self.close()
             raise
+        finally:
+            for fd in cgroup_fds:
+                os.close(fd)
         for fd in (self.wfd, self.rfd):  # a program may drain or fill them too: never wait in a read or write
             os.set_blocking(fd, False)
         _watchdog.watch(self)
@@ -833,7 +1042,7 @@ class _Child:
                 except (ProcessLookupError, PermissionError):
                     pass
 
-    def _start_weak(self, cfg: dict) -> None:
+    def _start_weak(self, cfg: dict, cgroup_fds: list[int]) -> None:
         self.tmp = tempfile.mkdtemp(prefix="sandbox-")
         os.chmod(self.tmp, 0o700)
         exe, kw = sys.executable, {}
@@ -848,6 +1057,8 @@ class _Child:
                                      cwd=self.tmp, env={**_ENV, "HOME": self.tmp, "TMPDIR": self.tmp},
                                      close_fds=True, start_new_session=True, umask=0o077, **kw)
         self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        for fd in cgroup_fds:  # before the program arrives: the runner waits for it on its stdin
+            os.write(fd, b"%d" % self.proc.pid)
 
     def _read_status(self, timeout: float) -> bool:
         """Read the keeper's report for up to `timeout` s; True once it is complete (pipe closed)."""
@@ -1012,6 +1223,9 @@ class _Child:
                 pass
             proc.wait()
             proc.stderr.close()
+        if self.cgroups:  # empty by now (weak: but for a setsid grandchild, killed here)
+            _remove_cgroups(self.cgroups, kill=proc is not None)
+            self.cgroups = []
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
         _free_slot(self.slot)

@@ -187,6 +187,38 @@ def test_each_concurrent_sample_has_its_own_uid():
     assert len(uids) == 3 and all(u >= sandbox.UID_BASE for u in uids)
 
 
+def test_cgroups_found_in_v1_v2_and_hybrid_layouts():
+    # where this process's own cgroup is, per controller, from /proc/self/mountinfo and /proc/self/cgroup
+    v1 = ("35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+          "39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids\n"
+          "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
+    own = "8:pids:/\n4:memory:/jobs/7\n0::/\n"
+    assert sandbox._cgroup_bases(v1, own) == {"memory": ("/sys/fs/cgroup/memory/jobs/7", 1), "pids": ("/sys/fs/cgroup/pids", 1)}
+    v2 = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    assert sandbox._cgroup_bases(v2, "0::/user.slice/run-1.scope\n") == {
+        "memory": ("/sys/fs/cgroup/user.slice/run-1.scope", 2), "pids": ("/sys/fs/cgroup/user.slice/run-1.scope", 2)}
+    # a container's mount shows only its own subtree; a cgroup outside what is mounted is no use
+    container = "600 500 0:26 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    assert sandbox._cgroup_bases(container, "0::/docker/abc/x\n") == {"memory": ("/sys/fs/cgroup/x", 2), "pids": ("/sys/fs/cgroup/x", 2)}
+    assert sandbox._cgroup_bases(container, "0::/elsewhere\n") == {}
+    # hybrid: memory bound to v1, pids left to v2
+    hybrid = v1.splitlines()[0] + "\n" + "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+    assert sandbox._cgroup_bases(hybrid, "4:memory:/\n0::/a\n") == {"memory": ("/sys/fs/cgroup/memory", 1),
+                                                                     "pids": ("/sys/fs/cgroup/unified/a", 2)}
+
+
+def test_without_cgroups_one_line_says_so_and_programs_still_run(monkeypatch, capsys):
+    monkeypatch.setattr(sandbox, "_cgroup_bases", lambda mountinfo, cgroups: {})
+    sandbox._cgroups.cache_clear()
+    try:
+        assert sandbox._cgroups() == () and sandbox._cgroups() == ()
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("sandbox: no cgroup for memory and pids (") and "docs/SANDBOX.md" in err[0], err
+        assert calls(ADD).passed and not calls("def add(a, b):\n    return 0\n").passed
+    finally:
+        sandbox._cgroups.cache_clear()
+
+
 def test_weak_mode_is_explicit_and_reported(monkeypatch):
     monkeypatch.setattr(C, "SANDBOX_MODE", "weak")
     assert sandbox.active_mode().startswith("weak")

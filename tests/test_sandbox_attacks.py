@@ -110,10 +110,11 @@ def sandbox_processes(evaluator_pid=None):
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-        except (OSError, StopIteration, ValueError):
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            uid, zombie = int(status["Uid"].split()[0]), status["State"].split()[0] == "Z"
+        except (OSError, KeyError, ValueError):
             continue
-        if low <= uid < low + 256:
+        if low <= uid < low + 256 and not zombie:  # a zombie runs nothing (weak mode: init reaps it soon)
             out.append(int(pid))
     return out
 
@@ -142,13 +143,22 @@ def needs_namespaces():
 def backend(request, monkeypatch, needs_namespaces):
     """Kernel-level attacks run in both isolation set-ups: a uid of its own (root) and a user
     namespace (what a non-root user gets), wherever this machine can run them."""
-    if request.param == "root" and os.geteuid() != 0:
+    return use_backend(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["root", "userns", "weak"])
+def any_backend(request, monkeypatch, needs_namespaces):
+    """The set-ups of `backend`, and the weak sandbox (which gets the cgroups too)."""
+    return use_backend(request.param, monkeypatch)
+
+
+def use_backend(name, monkeypatch):
+    if name == "root" and os.geteuid() != 0:
         pytest.skip("a uid per sample needs root")
-    if request.param == "userns" and not sandbox._run_calls_with("userns", "def f():\n    return 1\n",
-                                                                  ["f()"], [1], "", 30.0).passed:
+    if name == "userns" and not sandbox._run_calls_with("userns", "def f():\n    return 1\n", ["f()"], [1], "", 30.0).passed:
         pytest.skip("no unprivileged user namespaces here")
-    monkeypatch.setattr(sandbox, "_backend", lambda mode: request.param)
-    return request.param
+    monkeypatch.setattr(sandbox, "_backend", lambda mode: name)
+    return name
 
 
 # --------------------------------------------------------------------------- forged verdicts
@@ -471,6 +481,54 @@ def test_the_host_is_not_identifiable(hook, backend):
               "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if FOUND else FOUND\n")
     verdicts = run_side_by_side(attack)
     assert not any(v.passed for v in verdicts) and verdicts[0].detail == "secret(1): expected 7312, got []", verdicts
+
+
+@pytest.fixture
+def cgroups():
+    if not sandbox._cgroups():
+        pytest.skip("no writable cgroup here (the one line on stderr says why)")
+    return sandbox._cgroups()
+
+
+def test_memory_is_bounded_for_the_program_as_a_whole(any_backend, cgroups, monkeypatch):
+    # six processes of 64 MiB each, at once, under a limit of 256 MiB: each is under RLIMIT_AS (the
+    # bound per process), and together they held 384 MiB before programs had a cgroup
+    monkeypatch.setattr(sandbox, "_AUDIT_HOOK", False)
+    attack = ("import os, select, time\nR, W = os.pipe()\ndef secret(x):\n    for i in range(6):\n"
+              "        if os.fork() == 0:\n            held = b'\\x01' * (64 << 20)\n            os.write(W, b'1')\n"
+              "            time.sleep(3)\n            os._exit(0)\n    got, end = b'', time.time() + 2\n"
+              "    while len(got) < 6 and time.time() < end:\n        if select.select([R], [], [], 0.1)[0]:\n"
+              "            got += os.read(R, 6)\n    return {1: 7312, 2: 'k9q'}[x] if len(got) == 6 else len(got)\n")
+    jobs = [dict(program=attack, calls=CALLS, expected=EXPECTED, timeout=4.0, memory_mb=256),
+            dict(ADD_OK, memory_mb=256)]
+    verdicts = sandbox.run_many(jobs, workers=2)
+    assert [v.passed for v in verdicts] == [False, True], verdicts
+    # each program's cgroups are gone after its run
+    assert [n for parent, _ in cgroups for n in os.listdir(parent) if os.path.isdir(f"{parent}/{n}")] == []
+
+
+def test_a_programs_processes_are_bounded_as_a_whole(backend, cgroups, monkeypatch):
+    # in a user namespace every program has the same uid: RLIMIT_NPROC counts them together (one
+    # program's 40 sleeping processes would leave the one beside it too few for its 30), and where
+    # that uid is root outside (the evaluating process runs as root) the kernel does not apply
+    # RLIMIT_NPROC at all: a program forked 200 processes. With a cgroup each program has its own
+    # SANDBOX_MAX_PROCS. (As root each program has a uid, and a count, of its own already.)
+    if backend == "root":
+        pytest.skip("as root each program has a uid, and so a count, of its own")
+    if not any(name == "pids.max" for _, files in cgroups for name, _ in files):
+        pytest.skip("no pids cgroup here")
+    monkeypatch.setattr(sandbox, "_AUDIT_HOOK", False)
+    hog = ("import os, time\nfor i in range(40):\n    if os.fork() == 0:\n        time.sleep(3)\n        os._exit(0)\n"
+           "time.sleep(2)\n" + WRONG)
+    needs_30 = ("import os, time\ntime.sleep(0.5)\ndef add(a, b):\n    pids = []\n    for i in range(30):\n"
+                "        pid = os.fork()\n        if pid == 0:\n            time.sleep(0.2)\n            os._exit(0)\n"
+                "        pids.append(pid)\n    for pid in pids:\n        os.waitpid(pid, 0)\n    return a + b\n")
+    verdicts = sandbox.run_many([dict(program=hog, calls=CALLS, expected=EXPECTED, timeout=4.0),
+                                 dict(ADD_OK, program=needs_30, timeout=4.0)], workers=2)
+    assert [v.passed for v in verdicts] == [False, True], verdicts
+    bomb = "import os, time\nn = 0\ntry:\n    while n < 200:\n        if os.fork() == 0:\n            time.sleep(2)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\ndef f():\n    return n\n"
+    v = sandbox.run_calls(bomb, ["f()"], [0], timeout=4.0)
+    assert v.detail.startswith("f(): expected 0, got ") and int(v.detail.rsplit(" ", 1)[1]) < C.SANDBOX_MAX_PROCS, v
 
 
 def test_problems_file_is_out_of_reach(tmp_path, needs_namespaces):
