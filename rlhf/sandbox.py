@@ -63,6 +63,7 @@ MAX_DEPTH = 100            # deepest nesting of a value exchanged with a program
 MAX_VALUES = 1 << 18       # most values (each number, string, container) in one reply
 MAX_DIGITS = 4300          # longest number in a reply (Python's own default limit for int())
 SAME_HASH = 8              # most distinct numbers, tuples or frozensets with one hash in a reply
+STDOUT_MAX_BYTES = (READ_BACK_BYTES >> 1) - 4096  # longest stdout of a stdin/stdout test (sent as hex)
 UID_BASE = 1 << 24         # root: sample uid = UID_BASE + 256 * our pid + slot, unique on the host
 GRACE_S = 1.0              # a run still going this long past its deadline is ended from another thread
 _AUDIT_HOOK = True         # tests switch it off to check that the kernel boundary holds on its own
@@ -317,13 +318,15 @@ def serve(cfg, unmarshal):
             data = data[write(cout, data):]
 
     def recv():
-        while b"\n" not in buf[0]:
+        parts, tail = [], buf[0]
+        while b"\n" not in tail:  # a stdin test's input can be megabytes: linear, not quadratic
             chunk = read(cin, 1 << 16)
             if not chunk:
                 return None
-            buf[0] += chunk
-        line, _, buf[0] = buf[0].partition(b"\n")
-        return unmarshal(bytes.fromhex(line.decode()))  # trusted: from the evaluating process
+            parts.append(tail)
+            tail = chunk
+        head, _, buf[0] = tail.partition(b"\n")
+        return unmarshal(bytes.fromhex((b"".join(parts) + head).decode()))  # trusted: from the evaluating process
 
     def describe(e):
         name = type_(e).__name__
@@ -362,6 +365,8 @@ def serve(cfg, unmarshal):
         raise TypeError("non-builtin value of type " + t.__name__)
 
     job = recv()
+    if job.get("stdio"):
+        return serve_stdio(cfg, job, recv, send, esc, describe)
     module = type(sys)("__sandbox__")
     sys.modules["__sandbox__"] = module
     ns = module.__dict__
@@ -395,6 +400,84 @@ def serve(cfg, unmarshal):
                      ',"detail":' + esc(describe(e)) + "}")
                 continue
             send('{"ok":true,"v":' + text + "}")
+
+def serve_stdio(cfg, job, recv, send, esc, describe):
+    # a stdin/stdout program: compiled once here, then run as a script in a fresh process per test,
+    # the test's input on its stdin; its stdout (at most cfg["stdout_max"] + 1 bytes), exit code
+    # and uncaught exception go back, to be compared on the trusted side. No code of the program
+    # runs in this process, so the audit hook goes into each test's process only.
+    try:
+        code = compile(job["program"], "<program>", "exec")
+    except BaseException as e:
+        send('{"ok":false,"status":"error","detail":' + esc(describe(e)) + "}")
+        return
+    send('{"ok":true}')
+    while True:
+        req = recv()
+        if req is None:
+            return
+        stdin_r, stdin_w = os.pipe()
+        out, why = os.memfd_create("stdout"), os.memfd_create("exception")
+        pid = os.fork()
+        if pid == 0:
+            os._exit(run_script(cfg, code, stdin_r, out, why, describe))
+        os.close(stdin_r)
+        try:
+            data = req["stdin"].encode("utf-8", "surrogateescape")
+            while data:  # it may stop reading, or exit, before the end: its choice
+                data = data[os.write(stdin_w, data[:1 << 16]):]
+        except OSError:
+            pass
+        os.close(stdin_w)
+        _, st = os.waitpid(pid, 0)
+        try:  # what it left running in its process group (a setsid process lives until the run ends)
+            os.killpg(pid, 9)
+        except OSError:
+            pass
+        text, exc = os.pread(out, cfg["stdout_max"] + 1, 0), os.pread(why, 1000, 0)
+        os.close(out)
+        os.close(why)
+        rc = 128 + os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+        send('{"ok":true,"out":"' + text.hex() + '","exit":%d,"detail":' % rc + esc(exc.decode("utf-8", "replace")) + "}")
+
+def run_script(cfg, code, stdin_r, out, why, describe):
+    # the process of one stdin test: the program as __main__ reading fd 0, writing fd 1; exit code
+    try:
+        os.setpgid(0, 0)
+        os.dup2(stdin_r, 0)
+        os.dup2(out, 1)
+        os.dup2(why, 3)
+        os.closerange(4, 1 << 12)  # the runner's request and reply pipes among them
+        sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", errors="surrogateescape", closefd=False)
+        sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
+        sys.argv = ["main.py"]
+        if cfg["audit_hook"]:
+            sys.addaudithook(make_hook(os.getcwd()))
+    except BaseException as e:
+        os.write(3, ("sandbox set-up failed: " + describe(e)).encode("utf-8", "replace"))
+        return 1
+    rc = 0
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        if "threading" in sys.modules:  # as the interpreter does at exit: wait for non-daemon threads
+            sys.modules["threading"]._shutdown()
+    except SystemExit as e:
+        rc = e.code if type(e.code) is int else 0 if e.code is None else 1
+    except BaseException as e:
+        rc = 1
+        try:
+            os.write(3, describe(e).encode("utf-8", "replace"))
+        except BaseException:
+            pass
+    try:
+        sys.stdout.flush()
+    except BaseException as e:
+        rc = rc or 1
+        try:
+            os.write(3, describe(e).encode("utf-8", "replace"))
+        except BaseException:
+            pass
+    return rc & 255
 
 def make_hook(root):
     # An extra layer only (the program can reach it): refuse what a solution never needs.
@@ -1000,7 +1083,7 @@ class _Child:
         cgroup_fds: list[int] = []
         cfg = {"audit_hook": _AUDIT_HOOK, "cpu_s": math.ceil(timeout) + 1, "memory": memory_mb << 20,
                "fsize": C.SANDBOX_FILE_SIZE_MB << 20, "nofile": MAX_OPEN_FILES, "nproc": C.SANDBOX_MAX_PROCS,
-               "uid": UID_BASE + 256 * os.getpid() + self.slot}
+               "uid": UID_BASE + 256 * os.getpid() + self.slot, "stdout_max": STDOUT_MAX_BYTES}
         try:
             self.cgroups, cgroup_fds = _make_cgroups(memory_mb << 20, C.SANDBOX_MAX_PROCS)
             if backend == "weak":
@@ -1447,6 +1530,69 @@ def run_calls(program: str, calls: list[str], expected: list, setup: str = "",
     return Verdict(False, first[0], first[1][:500], seconds, fraction)
 
 
+def run_stdio(program: str, stdin_tests: list[dict], timeout: float | None = None,
+              memory_mb: int | None = None) -> Verdict:
+    """Run `program` as a script (APPS/CodeContests/TACO style), once per test in a fresh process
+    with the test's "input" on its stdin; a test passes when the program exits 0 and its stdout is
+    the test's "output" token for token (whitespace-separated: spaces, line breaks, trailing
+    whitespace do not matter; no float tolerance). The outputs never reach the program; the
+    time limit is for the load and all tests together, as in run_calls.
+    """
+    if type(stdin_tests) is not list or not all(
+            type(t) is dict and type(t.get("input")) is str and type(t.get("output")) is str for t in stdin_tests):
+        raise ValueError('stdin_tests must be a list of {"input": str, "output": str}')
+    child, load = _start({"program": program, "stdio": True}, timeout, memory_mb)
+    n_ok, first = 0, None
+    try:
+        if not load["ok"]:
+            return Verdict(False, load["status"], load["detail"][:500], time.monotonic() - child.t0, 0.0)
+        for i, test in enumerate(stdin_tests):
+            child.idle = False
+            child.send({"stdin": test["input"]})
+            out, rc, why = _stdio_result(child.recv())
+            child.idle = True
+            if rc == 0 and out is not None and out.split() == test["output"].split():
+                n_ok += 1
+            elif first is None:
+                first = (_stdio_status(rc, why), f"test {i + 1}: " + (
+                    f"exit code {rc}" + (f", {why}" if why else "") if rc else
+                    f"output over {STDOUT_MAX_BYTES} bytes" if out is None else
+                    f"expected {_short(test['output'])}, got {_short(out)}"))
+            if time.monotonic() > child.deadline:  # reading and comparing count against it too
+                raise _ChildGone("timeout", "time limit exceeded")
+    except _ChildGone as g:
+        return Verdict(False, g.status, g.detail, time.monotonic() - child.t0, n_ok / max(len(stdin_tests), 1))
+    finally:
+        child.close()
+    seconds, fraction = time.monotonic() - child.t0, n_ok / len(stdin_tests) if stdin_tests else 1.0
+    if first is None:
+        return Verdict(True, "passed", "", seconds, fraction)
+    return Verdict(False, first[0], first[1][:500], seconds, fraction)
+
+
+def _stdio_result(msg: dict) -> tuple[str | None, int, str]:
+    """(stdout as text, None when over STDOUT_MAX_BYTES; exit code; uncaught exception) of one
+    stdin test's record; _ChildGone("error") when it is not exactly that."""
+    out, rc, why = msg.get("out"), msg.get("exit"), msg.get("detail")
+    if not msg["ok"] or type(out) is not str or len(out) > 2 * STDOUT_MAX_BYTES + 2 or type(rc) is not int \
+            or type(why) is not str:
+        raise _ChildGone("error", "malformed record")
+    try:
+        raw = bytes.fromhex(out)
+    except ValueError:
+        raise _ChildGone("error", "malformed record") from None
+    text = raw.decode("utf-8", "replace") if len(raw) <= STDOUT_MAX_BYTES else None
+    return text, rc, why[:300]
+
+
+def _stdio_status(rc: int, why: str) -> str:
+    if rc == 128 + signal.SIGKILL or why.startswith("MemoryError"):
+        return "memory"
+    if rc == 128 + signal.SIGXCPU:
+        return "timeout"
+    return "refused" if why.startswith("PermissionError: sandbox refused") else "failed"
+
+
 _EXCEPTIONS = {k: v for k, v in vars(builtins).items()
                if isinstance(v, type) and issubclass(v, Exception)}
 
@@ -1573,10 +1719,12 @@ def run_unique(jobs: list[dict], workers: int | None = None, progress: bool = Fa
 
 
 def run_job(job: dict) -> Verdict:
-    """One job dict: run_calls kwargs (has "calls") or run_asserts kwargs (has "test_code").
-    A malformed job is that sample's "error" verdict."""
+    """One job dict: run_calls kwargs (has "calls"), run_stdio kwargs (has "stdin_tests") or
+    run_asserts kwargs (has "test_code"). A malformed job is that sample's "error" verdict."""
     try:
-        return run_calls(**job) if "calls" in job else run_asserts(**job)
+        if "calls" in job:
+            return run_calls(**job)
+        return run_stdio(**job) if "stdin_tests" in job else run_asserts(**job)
     except (TypeError, ValueError) as e:
         return Verdict(False, "error", f"malformed job: {e}"[:500], 0.0, 0.0)
     except OSError as e:  # no process or pipe to be had (EAGAIN, EMFILE): this sample only

@@ -153,6 +153,52 @@ def test_reward_hacks_fail(program):
     assert not asserts(program).passed
 
 
+SUM = "import sys\nprint(sum(map(int, sys.stdin.read().split())))\n"
+STDIN_TESTS = [{"input": "2 3\n", "output": "5\n"}, {"input": "10\n-4\n", "output": "6"}]
+
+
+def stdio(program, tests=STDIN_TESTS, timeout=3.0):
+    return sandbox.run_stdio(program, tests, timeout=timeout)
+
+
+def test_stdin_stdout_programs():
+    # APPS/CodeContests style: the program reads its input on stdin and prints; compared here
+    assert stdio(SUM).passed
+    half = stdio("print(5)\n")
+    assert (half.passed, half.status, half.pass_fraction) == (False, "failed", 0.5) and half.detail == "test 2: expected '6', got '5\\n'"
+    # whitespace as those judges take it: tokens; but the tokens themselves exactly
+    for printed, ok in [("'  5 \\r\\n\\n'", True), ("'5\\t'", True), ("'5 0'", False), ("'50'", False), ("'5.0'", False), ("''", False)]:
+        assert sandbox.run_stdio(f"print({printed}, end='')\n", STDIN_TESTS[:1]).passed is ok, printed
+    # every usual way to read and print; each test in a fresh process (module state starts over)
+    for program in ["a = list(map(int, open(0).read().split()))\nprint(sum(a))\n",
+                    "import sys\nsys.stdout.write(str(sum(map(int, sys.stdin.buffer.read().split()))) + '\\n')\n",
+                    "def main():\n    nums = []\n    while True:\n        try:\n            nums += map(int, input().split())\n"
+                    "        except EOFError:\n            break\n    print(sum(nums))\nif __name__ == '__main__':\n    main()\n",
+                    "import sys, threading\nsys.setrecursionlimit(10 ** 6)\nthreading.stack_size(1 << 26)\n"
+                    "threading.Thread(target=lambda: print(sum(map(int, sys.stdin.read().split())))).start()\n",
+                    "import sys, builtins\nbuiltins.runs = getattr(builtins, 'runs', 0) + 1\n"
+                    "print(sum(map(int, sys.stdin.read().split())) if builtins.runs == 1 else 0)\nsys.exit(0)\n"]:
+        v = stdio(program)
+        assert v.passed, (program, v)
+
+
+def test_stdin_stdout_failures():
+    assert stdio("raise ValueError('bad input')\n").detail == "test 1: exit code 1, ValueError: bad input"
+    assert stdio("import sys\nprint(5)\nsys.exit(3)\n").detail == "test 1: exit code 3"
+    assert stdio("print(\n").status == "error"
+    never = stdio("import sys\nsys.stdin.read()\nwhile True:\n    pass\n", timeout=1.0)
+    assert (never.status, never.detail) == ("timeout", "time limit exceeded") and never.seconds < 3, never
+    assert stdio("x = bytearray(2 << 30)\n").status == "memory"
+    assert stdio("print('x' * (3 << 20))\n").detail == f"test 1: output over {sandbox.STDOUT_MAX_BYTES} bytes"
+    big = [{"input": " ".join(map(str, range(200000))), "output": str(sum(range(200000)))}]  # 1.3 MB
+    assert stdio(SUM, big).passed
+    # a job of this kind in run_many and run_unique; a malformed one is that sample's error
+    job = dict(program=SUM, stdin_tests=STDIN_TESTS)
+    verdicts = sandbox.run_unique([job, dict(job, stdin_tests=[{"input": "1"}]), job, dict(job, program="print(6)")], workers=2)
+    assert [v.status for v in verdicts] == ["passed", "error", "passed", "failed"] and verdicts[0] is verdicts[2]
+    assert verdicts[1].detail.startswith("malformed job: stdin_tests must be")
+
+
 def test_run_many_keeps_order():
     jobs = [dict(program=f"def add(a, b):\n    return a + b + {i}\n", calls=["add(0, 0)"], expected=[0])
             for i in range(6)] + [dict(program=ADD, test_code="assert add(1, 1) == 2\n")]

@@ -183,6 +183,27 @@ def test_forged_verdicts_fail(attack):
         assert not v.passed and v.status in sandbox.STATUSES, v
 
 
+def test_stdin_programs_get_no_verdict_channel(hook, backend):
+    # a stdin/stdout program looks for the expected output everywhere it can reach (the frames above
+    # it, its input), and forges the runner's record for it through any writer and descriptor
+    forged = '{"ok":true,"out":"%s","exit":0,"detail":""}' % "7312 k9q\n".encode().hex()
+    attack = ("import os, sys\ndef strings(v, depth=0):\n    if type(v) is str:\n        yield v\n"
+              "    elif depth < 4 and type(v) in (list, tuple, dict):\n"
+              "        for x in (v.values() if type(v) is dict else v):\n            yield from strings(x, depth + 1)\n"
+              "found, f = [], sys._getframe(0)\nwhile f is not None:\n    for k, v in list(f.f_locals.items()):\n"
+              "        found += [s for s in strings(v) if str(7000 + 312) in s]\n"  # its own source does not hold it
+              f"        if k == 'send' and callable(v):\n            try:\n                v({forged!r})\n"
+              "            except Exception:\n                pass\n    f = f.f_back\n"
+              f"for fd in range(3, 64):\n    try:\n        os.write(fd, {forged!r}.encode() + b'\\n')\n"
+              "    except OSError:\n        pass\n"
+              "print(found[0] if found else sys.stdin.read())\n")
+    tests = [{"input": "1 2", "output": "7312 k9q"}, {"input": "3", "output": "7312 k9q"}]
+    benign = dict(program="print(sum(map(int, input().split())))\n", stdin_tests=[{"input": "2 3", "output": "5"}])
+    verdicts = sandbox.run_many([dict(program=BYPASS + attack, stdin_tests=tests), benign, benign], workers=2)
+    assert [v.passed for v in verdicts] == [False, True, True], verdicts
+    assert verdicts[0].detail == "test 1: expected '7312 k9q', got '1 2\\n'", verdicts[0]
+
+
 def test_asserted_constants_are_not_in_the_program():
     # the old runner held the test source in its locals: find it and answer from it
     attack = ("import sys, re\ndef _find():\n    f = sys._getframe(0)\n    while f is not None:\n"
