@@ -649,6 +649,7 @@ def _fs_view() -> tuple[str, str, list]:
 def _backend(mode: str) -> str:
     """"root" (namespaces + own uid), "userns" (namespaces in a user namespace) or "weak";
     SandboxUnavailable when the configured mode cannot run here (checked once per process)."""
+    _cgroups()  # found (or said to be missing) once, before the first program
     if mode == "weak":
         if os.geteuid() == 0:
             _weak_interpreter()  # raises when no interpreter can run unprivileged
@@ -752,11 +753,19 @@ def _write(path: str, value) -> None:
         os.close(fd)
 
 
-@functools.lru_cache(maxsize=None)
+_cgroups_lock = threading.Lock()
+
+
 def _cgroups() -> tuple:
     """The cgroup parents every program gets a child of, found once per evaluating process:
     ((parent directory, ((file, value), ...)), ...); () where none is writable, said once on stderr
     with the reason."""
+    with _cgroups_lock:  # the first programs may start in several threads at once
+        return _find_cgroups()
+
+
+@functools.lru_cache(maxsize=None)
+def _find_cgroups() -> tuple:
     try:
         with open("/proc/self/mountinfo") as f, open("/proc/self/cgroup") as g:
             bases = _cgroup_bases(f.read(), g.read())

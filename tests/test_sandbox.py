@@ -255,14 +255,14 @@ def test_cgroups_found_in_v1_v2_and_hybrid_layouts():
 
 def test_without_cgroups_one_line_says_so_and_programs_still_run(monkeypatch, capsys):
     monkeypatch.setattr(sandbox, "_cgroup_bases", lambda mountinfo, cgroups: {})
-    sandbox._cgroups.cache_clear()
+    sandbox._find_cgroups.cache_clear()
     try:
         assert sandbox._cgroups() == () and sandbox._cgroups() == ()
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith("sandbox: no cgroup for memory and pids (") and "docs/SANDBOX.md" in err[0], err
         assert calls(ADD).passed and not calls("def add(a, b):\n    return 0\n").passed
     finally:
-        sandbox._cgroups.cache_clear()
+        sandbox._find_cgroups.cache_clear()
 
 
 def test_weak_mode_is_explicit_and_reported(monkeypatch):
