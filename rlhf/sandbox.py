@@ -1,15 +1,17 @@
 """Run untrusted generated Python programs; verdicts are decided outside them.
 
 Isolation (docs/SANDBOX.md has the threat model): each program runs in new network, PID, IPC,
-UTS and mount namespaces of its own. A set-up process per evaluating process (the zygote, started
+UTS and mount namespaces of its own, and in cgroups of its own where this process may make them
+(memory and tasks of the program as a whole). A set-up process per evaluating process (the zygote, started
 once with util-linux `unshare`) builds a read-only view of the file system (only /usr, the
 interpreter and four /dev nodes exist; no /proc, no host name) and pivots its root there; for
 each program it forks a process that takes the new namespaces, mounts a private size-limited tmpfs
 as the program's work dir, drops to a uid of its own (root) or all capabilities (user namespace)
 and forks the program's process, which sets a seccomp deny list and rlimits before any of the
 program's code runs (no_new_privs is set for all of them). The program's PID namespace has a
-supervisor as init, holding a lifeline pipe from us: when the run ends (or we die) it leaves
-and the kernel kills everything else in the namespace. No program code runs in the zygote. An
+supervisor as init, holding a lifeline pipe from us: when the run ends (or we die, or a watchdog
+thread finds the run past its deadline) it leaves and the kernel kills everything else in the
+namespace. No program code runs in the zygote. An
 audit hook (PEP 578) inside refuses sockets, processes, ctypes, ... as an extra layer only.
 SANDBOX_MODE="weak" (an explicit opt-in) keeps the hook, the limits and a separate uid but no
 namespaces, and starts an interpreter per program.
@@ -21,9 +23,11 @@ requests over a pipe and gets back strictly encoded builtin values (or the excep
   run_asserts(program, test_code, ...)  HumanEval/MBPP asserts run here, in a namespace built
       from the trusted prompt helpers; every call of `candidate`/the entry point (or any other
       name the tests take from the program) is proxied to the program as encoded values.
+  run_stdio(program, stdin_tests)       APPS/CodeContests style: the program runs as a script per
+      test, the input on its stdin; its stdout comes back and is compared here with the output.
 Anything malformed, oversized, late or missing from the program is that sample's verdict
-("error"/"timeout"), never an exception here. run_many(jobs) runs many in parallel threads;
-run_unique(jobs) runs each distinct job once.
+("error"/"timeout"), never an exception here; reading a reply counts against the deadline, whatever
+its shape. run_many(jobs) runs many in parallel threads; run_unique(jobs) runs each distinct job once.
 """
 from __future__ import annotations
 
@@ -439,7 +443,8 @@ def serve_stdio(cfg, job, recv, send, esc, describe):
         os.close(out)
         os.close(why)
         rc = 128 + os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
-        send('{"ok":true,"out":"' + text.hex() + '","exit":%d,"detail":' % rc + esc(exc.decode("utf-8", "replace")) + "}")
+        send('{"ok":true,"out":"' + text.hex() + '","exit":%d,"detail":' % rc
+             + esc(exc.decode("utf-8", "replace")) + "}")
 
 def run_script(cfg, code, stdin_r, out, why, describe):
     # the process of one stdin test: the program as __main__ reading fd 0, writing fd 1; exit code
@@ -799,8 +804,9 @@ def _find_cgroups() -> tuple:
             why.update((ctrl, f"{parent}: a process cannot be moved in") for ctrl in ("memory", "pids")
                        if any(n.startswith(ctrl) for n, _ in files))
     if why:
+        bound = {"memory": "memory per process (RLIMIT_AS)", "pids": "processes by RLIMIT_NPROC"}
         print(f"sandbox: no cgroup for {' and '.join(sorted(why))} ({'; '.join(why.values())[:300]}): a program's "
-              "processes are bounded one by one (RLIMIT_AS, RLIMIT_NPROC), not as a whole; docs/SANDBOX.md", file=sys.stderr)
+              f"{' and '.join(bound[c] for c in sorted(why))} only, not as a whole; docs/SANDBOX.md", file=sys.stderr)
     if found:
         owner = os.getpid()
 
@@ -970,9 +976,9 @@ class _Zygote:
         os.set_blocking(self.proc.stderr.fileno(), False)
 
     def spawn(self, job: dict, cgroup_fds: list[int]) -> list[int]:
-        """Start one program with these limits, in these cgroups (the files that move a task into them, open for
-        writing); returns our ends of its request, reply, lifeline and status pipes. OSError when
-        the zygote is gone."""
+        """Start one program with these limits, in these cgroups (the files that move a task into
+        them, open for writing); returns our ends of its request, reply, lifeline and status pipes.
+        OSError when the zygote is gone."""
         pipes = [os.pipe() for _ in range(4)]
         theirs = [pipes[0][0], pipes[1][1], pipes[2][0], pipes[3][1]]
         ours = [pipes[0][1], pipes[1][0], pipes[2][1], pipes[3][0]]
