@@ -9,7 +9,12 @@ rebound, then a loopback TCP connect, a setsid grandchild that outlived the run,
 sibling samples killed; mkfifo/mknod in /tmp and /dev/shm; 280 MiB of posix_fallocate; and
 malformed records raised KeyError/RecursionError in the parent. The finaliser, signal-frame,
 abstract-socket and /proc/<parent>/cmdline cases were not re-run against it; the nested
-namespace attack succeeds in this sandbox with its seccomp filter off.
+namespace attack succeeds in this sandbox with its seccomp filter off. Against 33dce2c these
+succeeded (the tests after "wrong answers"): wrong answers through dict keys and set members of
+another type; replies that held the evaluating process for minutes (hash collisions) or for good
+(a splice holding the reply pipe); signals between programs through locks and inotify on shared
+files; the host's name, boot id, kernel command line, cgroup path and root device; six 64 MiB
+processes under a 256 MiB bound, 200 processes in a user namespace run as root.
 Kernel-level attacks also run with the audit hook off (`_AUDIT_HOOK`), as if a program had
 found a way around it (the namespaces must hold on their own), and in both set-ups: a uid per
 sample (root) and a user namespace. Each case is bounded by the sandbox's own limits
@@ -41,7 +46,9 @@ ADD_OK = dict(program="import time\ntime.sleep(0.3)\ndef add(a, b):\n    return 
 ADD_TESTS_OK = dict(program=ADD_OK["program"], test_code="def check(candidate):\n    assert candidate(2, 3) == 5\n",
                     entry_point="add")
 
-# walks every frame above the program and rebinds the audit hook's `refuse` cell to a no-op
+# walks every frame above the program and rebinds the audit hook's `refuse` cell to a no-op. The
+# hook is in no frame of the runner, so this finds nothing and the "hook" runs show the hook
+# refusing; the "no-hook" runs stand for a program that got past it
 BYPASS = '''
 import sys
 def _bypass():
