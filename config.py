@@ -101,10 +101,10 @@ MBPP_FILE = "mbpp:full:test"  # scripts/evaluate.py --benchmark mbpp: MBPP as a 
 SANDBOX_MODE = "namespaces"  # "namespaces": kernel isolation per program (root, or user namespaces); "weak": audit hook and limits only, an explicit opt-in where namespaces are unavailable (not safe against hostile code)
 SANDBOX_TIMEOUT_S = 1.0  # wall-clock seconds per program (load + all its tests); CPU limit = this rounded up + 1. The bundled
 #   tasks' slowest passing program takes ~20 ms, and each endless loop costs this much CPU (bench/README.md); 3.0 for HumanEval/MBPP (their harnesses' default)
-SANDBOX_MEMORY_MB = 512  # address space per process of a program (RLIMIT_AS)
+SANDBOX_MEMORY_MB = 512  # address space per process of a program (RLIMIT_AS), and its memory as a whole where a cgroup can be made
 SANDBOX_DISK_MB = 64  # private tmpfs work dir per program (held in RAM while it runs); the rest of the file system is read-only
 SANDBOX_FILE_SIZE_MB = 8  # largest single file a program may write (RLIMIT_FSIZE)
-SANDBOX_MAX_PROCS = 64  # processes and threads per program (RLIMIT_NPROC of its own uid)
+SANDBOX_MAX_PROCS = 64  # processes and threads per program (its cgroup where one can be made; RLIMIT_NPROC of its own uid)
 
 # ---------------------------------------------------------------------------------------------
 # Stage 3: PPO (train_ppo.py); defaults follow TRL <= 1.10 and the N+ implementation details

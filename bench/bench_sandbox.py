@@ -1,4 +1,4 @@
-"""Sandbox throughput: programs per second, trivial and typical, on this machine; with --model,
+"""Sandbox throughput: programs per second, trivial, typical and stdin/stdout, on this machine; with --model,
 what the time limit costs on a model's own answers.
 
     python bench/bench_sandbox.py [--n 200] [--workers 4]
@@ -25,6 +25,9 @@ TYPICAL = dict(  # a data-set style quicksort with 7 test calls
             "quick_sort([x for x in arr if x > p])\n",
     calls=[f"quick_sort({list(range(n, 0, -1))})" for n in range(0, 70, 10)],
     expected=[list(range(1, n + 1)) for n in range(0, 70, 10)])
+STDIO = dict(  # a stdin/stdout program (APPS style) with 3 tests: a process per test
+    program="a, b = map(int, input().split())\nprint(a + b)\n",
+    stdin_tests=[{"input": f"{i} {i + 1}\n", "output": f"{2 * i + 1}\n"} for i in range(3)])
 
 
 def main():
@@ -36,8 +39,9 @@ def main():
     ap.add_argument("--tasks", default="data/val_tasks.jsonl,data/ppo_prompts.jsonl")
     args = ap.parse_args()
     print(f"{datetime.date.today()} | {platform.node()} | {os.cpu_count()} CPUs | {platform.platform()} | "
-          f"load {os.getloadavg()[0]:.1f} | sandbox {sandbox.active_mode()}")
-    for name, job in (("trivial", TRIVIAL), ("typical", TYPICAL)):
+          f"load {os.getloadavg()[0]:.1f} | sandbox {sandbox.active_mode()} | cgroup per program: "
+          f"{', '.join(n.split('.')[0] for _, files in sandbox._cgroups() for n, _ in files[:1]) or 'none'}")
+    for name, job in (("trivial", TRIVIAL), ("typical", TYPICAL), ("stdio", STDIO)):
         sandbox.run_many([TRIVIAL] * 2)  # (re)starts the namespaces' set-up process: not timed
         t0, cpu0, busy0 = time.perf_counter(), cpu_seconds(), machine_busy_seconds()
         verdicts = sandbox.run_many([job] * args.n, workers=args.workers)

@@ -1,15 +1,17 @@
 """Run untrusted generated Python programs; verdicts are decided outside them.
 
 Isolation (docs/SANDBOX.md has the threat model): each program runs in new network, PID, IPC,
-UTS and mount namespaces of its own. A set-up process per evaluating process (the zygote, started
+UTS and mount namespaces of its own, and in cgroups of its own where this process may make them
+(memory and tasks of the program as a whole). A set-up process per evaluating process (the zygote, started
 once with util-linux `unshare`) builds a read-only view of the file system (only /usr, the
-interpreter and four /dev nodes exist) and pivots its root there; for each program it forks a
-process that takes the new namespaces, mounts a private size-limited tmpfs as the program's work
-dir and its own /proc, drops to a uid of its own (root) or all capabilities (user namespace)
+interpreter and four /dev nodes exist; no /proc, no host name) and pivots its root there; for
+each program it forks a process that takes the new namespaces, mounts a private size-limited tmpfs
+as the program's work dir, drops to a uid of its own (root) or all capabilities (user namespace)
 and forks the program's process, which sets a seccomp deny list and rlimits before any of the
 program's code runs (no_new_privs is set for all of them). The program's PID namespace has a
-supervisor as init, holding a lifeline pipe from us: when the run ends (or we die) it leaves
-and the kernel kills everything else in the namespace. No program code runs in the zygote. An
+supervisor as init, holding a lifeline pipe from us: when the run ends (or we die, or a watchdog
+thread finds the run past its deadline) it leaves and the kernel kills everything else in the
+namespace. No program code runs in the zygote. An
 audit hook (PEP 578) inside refuses sockets, processes, ctypes, ... as an extra layer only.
 SANDBOX_MODE="weak" (an explicit opt-in) keeps the hook, the limits and a separate uid but no
 namespaces, and starts an interpreter per program.
@@ -21,9 +23,11 @@ requests over a pipe and gets back strictly encoded builtin values (or the excep
   run_asserts(program, test_code, ...)  HumanEval/MBPP asserts run here, in a namespace built
       from the trusted prompt helpers; every call of `candidate`/the entry point (or any other
       name the tests take from the program) is proxied to the program as encoded values.
+  run_stdio(program, stdin_tests)       APPS/CodeContests style: the program runs as a script per
+      test, the input on its stdin; its stdout comes back and is compared here with the output.
 Anything malformed, oversized, late or missing from the program is that sample's verdict
-("error"/"timeout"), never an exception here. run_many(jobs) runs many in parallel threads;
-run_unique(jobs) runs each distinct job once.
+("error"/"timeout"), never an exception here; reading a reply counts against the deadline, whatever
+its shape. run_many(jobs) runs many in parallel threads; run_unique(jobs) runs each distinct job once.
 """
 from __future__ import annotations
 
@@ -32,13 +36,17 @@ import atexit
 import builtins
 import concurrent.futures
 import dataclasses
+import errno
 import functools
+import heapq
 import importlib.util
+import itertools
 import json
 import marshal
 import math
 import os
 import platform
+import reprlib
 import select
 import shutil
 import signal
@@ -56,7 +64,12 @@ from rlhf.settings import UserError
 MAX_OPEN_FILES = 64        # RLIMIT_NOFILE
 READ_BACK_BYTES = 4 << 20  # largest message read back from a program (one value)
 MAX_DEPTH = 100            # deepest nesting of a value exchanged with a program
+MAX_VALUES = 1 << 18       # most values (each number, string, container) in one reply
+MAX_DIGITS = 4300          # longest number in a reply (Python's own default limit for int())
+SAME_HASH = 8              # most distinct numbers, tuples or frozensets with one hash in a reply
+STDOUT_MAX_BYTES = (READ_BACK_BYTES >> 1) - 4096  # longest stdout of a stdin/stdout test (sent as hex)
 UID_BASE = 1 << 24         # root: sample uid = UID_BASE + 256 * our pid + slot, unique on the host
+GRACE_S = 1.0              # a run still going this long past its deadline is ended from another thread
 _AUDIT_HOOK = True         # tests switch it off to check that the kernel boundary holds on its own
 
 STATUSES = ("passed", "failed", "error", "timeout", "memory", "refused")
@@ -80,7 +93,7 @@ class Verdict:
 # (or userns root) inside new namespaces made by util-linux `unshare`. It builds the read-only
 # file system view, then waits on its control socket; each message there is one program's limits
 # and four pipe ends. For each it forks keeper(), which takes new namespaces of the
-# program's own and forks the program's pid 1; that one mounts the program's /work and /proc,
+# program's own and forks the program's pid 1; that one mounts the program's /work,
 # drops privileges and forks the worker: pid 1 stays as supervise(), the worker installs seccomp
 # and limits, then serve() reads requests from its request pipe and answers on its reply pipe.
 # The keeper waits for pid 1 (which the kernel lets go only when every process of the program's
@@ -105,7 +118,12 @@ def kernel():
 
 def build_root(cfg, libc, check, mount):
     # the file system every program sees, built once: a small read-only tmpfs holding read-only
-    # binds of /usr, the interpreter and four /dev nodes; the host tree is detached
+    # binds of /usr, the interpreter and four /dev nodes; the host tree is detached. No /proc:
+    # even a program's own would show the host (mountinfo: devices and paths; cgroup paths;
+    # cmdline, boot id, locks, load of everything else). No host name either: every program's UTS
+    # namespace is a copy of this one
+    check(libc.sethostname(b"sandbox", 7), "sethostname")
+    check(libc.setdomainname(b"(none)", 6), "setdomainname")
     R = cfg["mountpoint"]
     os.umask(0o022)  # the skeleton must be traversable by the program's uid
     mount(None, "/", None, REC | PRIVATE)  # nothing we mount propagates back to the host
@@ -123,12 +141,6 @@ def build_root(cfg, libc, check, mount):
         mount(path, dst, None, BIND)
         # read-only; keep the source's flags (a user namespace may not clear locked ones)
         mount(None, dst, None, REMOUNT | BIND | RDONLY | NOSUID | arg | (0 if kind == "dev" else NODEV))
-    os.mkdir(R + "/proc")
-    try:  # a user namespace may mount a program's own /proc only where one is already visible
-        mount("proc", R + "/proc", "proc", NOSUID | NODEV | NOEXEC)
-        has_proc = True
-    except OSError:
-        has_proc = False
     os.mkdir(R + "/work")
     os.symlink("work", R + "/tmp")
     os.symlink("/work", R + "/dev/shm")  # POSIX semaphores and shared memory, privately
@@ -138,12 +150,11 @@ def build_root(cfg, libc, check, mount):
     os.chdir("/")
     mount(None, "/", None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
     check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: no setuid gains
-    return has_proc
 
 def zygote(cfg):
     import _socket, marshal
     ctypes, libc, check, mount = kernel()
-    has_proc = build_root(cfg, libc, check, mount)
+    build_root(cfg, libc, check, mount)
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
@@ -155,7 +166,7 @@ def zygote(cfg):
                 pass
         except ChildProcessError:
             pass
-        data, anc, _, _ = ctl.recvmsg(1 << 16, _socket.CMSG_SPACE(16))
+        data, anc, _, _ = ctl.recvmsg(1 << 16, _socket.CMSG_SPACE(32))  # 4 pipe ends, up to 4 cgroups
         if not data:  # the evaluating process closed the socket, or died
             os._exit(0)
         fds = []
@@ -163,13 +174,13 @@ def zygote(cfg):
             if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                 fds += [int.from_bytes(raw[i:i + 4], sys.byteorder) for i in range(0, len(raw) - 3, 4)]
         try:
-            pid = os.fork() if len(fds) == 4 else -1
+            pid = os.fork() if len(fds) >= 4 else -1
         except OSError:  # the evaluating side sees the status pipe close: "could not start"
             pid = -1
         if pid == 0:
             try:
                 ctl.close()
-                keeper(marshal.loads(data), fds, has_proc, cfg["userns"], ctypes, libc, check, mount)
+                keeper(marshal.loads(data), fds, cfg["userns"], ctypes, libc, check, mount)
             except BaseException as e:
                 report(fds[3], e)
             os._exit(0)
@@ -183,30 +194,28 @@ def report(status, e):
     except BaseException:
         pass
 
-def keeper(job, fds, has_proc, userns, ctypes, libc, check, mount):
+def keeper(job, fds, userns, ctypes, libc, check, mount):
     # new namespaces for one program, its pid 1, then report how that pid 1 ended
-    request, reply, lifeline, status = fds
+    request, reply, lifeline, status = fds[:4]
     check(libc.unshare(NEWNS | NEWUTS | NEWIPC | NEWPID | NEWNET), "unshare")
     init = os.fork()
     if init == 0:
         try:
-            program_init(job, fds, has_proc, userns, ctypes, libc, check, mount)
+            program_init(job, fds, userns, ctypes, libc, check, mount)
         except BaseException as e:
             report(status, e)
         os._exit(1)
-    for fd in (request, reply, lifeline):
+    for fd in [request, reply, lifeline] + fds[4:]:
         os.close(fd)
     _, st = os.waitpid(init, 0)
     os.write(status, b"X %d\n" % st)
 
-def program_init(job, fds, has_proc, userns, ctypes, libc, check, mount):
+def program_init(job, fds, userns, ctypes, libc, check, mount):
     # pid 1 of the program's PID namespace, in a mount namespace of its own
-    request, reply, lifeline, status = fds
-    try:  # this namespace's /proc over the zygote's: the program sees its own processes only
-        mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
-    except OSError:
-        if has_proc:
-            raise
+    request, reply, lifeline, status = fds[:4]
+    for fd in fds[4:]:  # the program's own cgroups (`tasks` or cgroup.procs, opened by the evaluating side): join them
+        os.write(fd, b"0")
+        os.close(fd)
     own = "" if userns else ",uid=%d,gid=%d" % (job["uid"], job["uid"])
     mount("tmpfs", "/work", "tmpfs", NOSUID | NODEV,
           "size=%dk,nr_inodes=%d,mode=700%s" % (job["disk_kb"], job["inodes"], own))
@@ -221,6 +230,10 @@ def program_init(job, fds, has_proc, userns, ctypes, libc, check, mount):
         os.setgid(job["uid"])
         os.setuid(job["uid"])  # leaving uid 0 clears every capability
     os.chdir("/work")
+    # PR_SET_DUMPABLE 0 before the worker exists (it inherits it): neither this process nor the
+    # worker can be read, written or opened through by the program's uid (process_vm_writev is
+    # not in the seccomp list; it needs what ptrace needs)
+    libc.prctl(4, 0, 0, 0, 0)
     worker = os.fork()
     if worker:
         for fd in (request, reply, status):
@@ -259,7 +272,6 @@ def supervise(worker, lifeline, libc):
     # becomes our exit code, 128 + signal); either way the kernel then kills everything else
     # in the namespace. Signals from inside the namespace cannot kill a namespace's init.
     import select
-    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: not ptrace-able by the program's uid
     fds = [lifeline]
     try:
         fds.append(os.pidfd_open(worker))
@@ -297,7 +309,8 @@ def serve(cfg, unmarshal):
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
-    esc = _json.encode_basestring_ascii
+    esc_json = _json.encode_basestring_ascii
+    esc = lambda s: esc_json(s).replace("[", "\\u005b")  # each "[" of a record is then a value's (MAX_VALUES)
     write, read, type_, str_, repr_, len_ = os.write, os.read, type, str, repr, len
     compile_, exec_, eval_, int_, float_, complex_ = compile, exec, eval, int, float, complex
     BaseException_, MemoryError_, PermissionError_, AssertionError_ = BaseException, MemoryError, PermissionError, AssertionError
@@ -309,13 +322,15 @@ def serve(cfg, unmarshal):
             data = data[write(cout, data):]
 
     def recv():
-        while b"\n" not in buf[0]:
+        parts, tail = [], buf[0]
+        while b"\n" not in tail:  # a stdin test's input can be megabytes: linear, not quadratic
             chunk = read(cin, 1 << 16)
             if not chunk:
                 return None
-            buf[0] += chunk
-        line, _, buf[0] = buf[0].partition(b"\n")
-        return unmarshal(bytes.fromhex(line.decode()))  # trusted: from the evaluating process
+            parts.append(tail)
+            tail = chunk
+        head, _, buf[0] = tail.partition(b"\n")
+        return unmarshal(bytes.fromhex((b"".join(parts) + head).decode()))  # trusted: from the evaluating process
 
     def describe(e):
         name = type_(e).__name__
@@ -354,6 +369,8 @@ def serve(cfg, unmarshal):
         raise TypeError("non-builtin value of type " + t.__name__)
 
     job = recv()
+    if job.get("stdio"):
+        return serve_stdio(cfg, job, recv, send, esc, describe)
     module = type(sys)("__sandbox__")
     sys.modules["__sandbox__"] = module
     ns = module.__dict__
@@ -387,6 +404,87 @@ def serve(cfg, unmarshal):
                      ',"detail":' + esc(describe(e)) + "}")
                 continue
             send('{"ok":true,"v":' + text + "}")
+
+def serve_stdio(cfg, job, recv, send, esc, describe):
+    # a stdin/stdout program: compiled once here, then run as a script in a fresh process per test,
+    # the test's input on its stdin; its stdout (at most cfg["stdout_max"] + 1 bytes), exit code
+    # and uncaught exception go back, to be compared on the trusted side. No code of the program
+    # runs in this process, so the audit hook goes into each test's process only.
+    try:
+        code = compile(job["program"], "<program>", "exec")
+    except BaseException as e:
+        send('{"ok":false,"status":"error","detail":' + esc(describe(e)) + "}")
+        return
+    send('{"ok":true}')
+    while True:
+        req = recv()
+        if req is None:
+            return
+        stdin_r, stdin_w = os.pipe()
+        out, why = os.memfd_create("stdout"), os.memfd_create("exception")
+        pid = os.fork()
+        if pid == 0:
+            os._exit(run_script(cfg, code, stdin_r, out, why, describe))
+        os.close(stdin_r)
+        try:
+            data = req["stdin"].encode("utf-8", "surrogateescape")
+            while data:  # it may stop reading, or exit, before the end: its choice
+                data = data[os.write(stdin_w, data[:1 << 16]):]
+        except OSError:
+            pass
+        os.close(stdin_w)
+        _, st = os.waitpid(pid, 0)
+        if "disk_kb" in cfg:  # namespaces: what it left running in its group (a setsid one lives until the run ends)
+            try:
+                os.killpg(pid, 9)
+            except OSError:
+                pass
+        text, exc = os.pread(out, cfg["stdout_max"] + 1, 0), os.pread(why, 1000, 0)
+        os.close(out)
+        os.close(why)
+        rc = 128 + os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+        send('{"ok":true,"out":"' + text.hex() + '","exit":%d,"detail":' % rc
+             + esc(exc.decode("utf-8", "replace")) + "}")
+
+def run_script(cfg, code, stdin_r, out, why, describe):
+    # the process of one stdin test: the program as __main__ reading fd 0, writing fd 1; exit code
+    try:
+        if "disk_kb" in cfg:  # namespaces: a group of its own, killed after the test (weak mode: the
+            os.setpgid(0, 0)  # runner's group, killed as a whole at the end of the run)
+        os.dup2(stdin_r, 0)
+        os.dup2(out, 1)
+        os.dup2(why, 3)
+        os.closerange(4, 1 << 12)  # the runner's request and reply pipes among them
+        sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", errors="surrogateescape", closefd=False)
+        sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
+        sys.argv = ["main.py"]
+        if cfg["audit_hook"]:
+            sys.addaudithook(make_hook(os.getcwd()))
+    except BaseException as e:
+        os.write(3, ("sandbox set-up failed: " + describe(e)).encode("utf-8", "replace"))
+        return 1
+    rc = 0
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        if "threading" in sys.modules:  # as the interpreter does at exit: wait for non-daemon threads
+            sys.modules["threading"]._shutdown()
+    except SystemExit as e:
+        rc = e.code if type(e.code) is int else 0 if e.code is None else 1
+    except BaseException as e:
+        rc = 1
+        try:
+            os.write(3, describe(e).encode("utf-8", "replace"))
+        except BaseException:
+            pass
+    try:
+        sys.stdout.flush()
+    except BaseException as e:
+        rc = rc or 1
+        try:
+            os.write(3, describe(e).encode("utf-8", "replace"))
+        except BaseException:
+            pass
+    return rc & 255
 
 def make_hook(root):
     # An extra layer only (the program can reach it): refuse what a solution never needs.
@@ -479,14 +577,22 @@ finally:
 
 # --------------------------------------------------------------------------- isolation set-up
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}
-# seccomp: (AUDIT_ARCH_*, syscalls refused with EPERM, clone, clone3), from the kernel's
-# arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h
+# seccomp: (AUDIT_ARCH_*, syscalls refused with EPERM, clone, clone3, fcntl), from the kernel's
+# arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h. The last row of
+# each list: state a program could attach to a file that other programs see too (the read-only
+# /usr, the interpreter, /dev/null...), i.e. a channel between programs running side by side:
+# flock, inotify_init(1), inotify_add_watch, fanotify_init/mark, and page-cache residency
+# (mincore, cachestat); fcntl's locks, leases and dnotify are refused by command (_FCNTL_DENY)
 _X86_64_DENY = [272, 308, 165, 166, 155, 161, 101, 250, 248, 249, 321, 298, 323, 425, 426, 427, 246, 320,
-                175, 313, 176, 304, 303, 428, 429, 430, 431, 432, 433, 442, 103, 179, 163, 167, 168, 169]
+                175, 313, 176, 304, 303, 428, 429, 430, 431, 432, 433, 442, 103, 179, 163, 167, 168, 169,
+                73, 253, 294, 254, 300, 301, 27, 451]
 _GENERIC_DENY = [97, 268, 40, 39, 41, 51, 117, 219, 217, 218, 280, 241, 282, 425, 426, 427, 104, 294,
-                 105, 273, 106, 265, 264, 428, 429, 430, 431, 432, 433, 442, 116, 60, 89, 224, 225, 142]
-_SECCOMP = {"x86_64": (0xC000003E, _X86_64_DENY, 56, 435), "aarch64": (0xC00000B7, _GENERIC_DENY, 220, 435),
-            "riscv64": (0xC00000F3, _GENERIC_DENY, 220, 435)}
+                 105, 273, 106, 265, 264, 428, 429, 430, 431, 432, 433, 442, 116, 60, 89, 224, 225, 142,
+                 32, 26, 27, 262, 263, 232, 451]
+# F_GETLK F_SETLK F_SETLKW (and their 64-bit twins), F_OFD_GETLK/SETLK/SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY
+_FCNTL_DENY = [5, 6, 7, 12, 13, 14, 36, 37, 38, 1024, 1025, 1026]
+_SECCOMP = {"x86_64": (0xC000003E, _X86_64_DENY, 56, 435, 72), "aarch64": (0xC00000B7, _GENERIC_DENY, 220, 435, 25),
+            "riscv64": (0xC00000F3, _GENERIC_DENY, 220, 435, 25)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -495,19 +601,23 @@ def _seccomp_filter(machine: str) -> bytes | None:
 
     The syscalls that open kernel attack surface no solution needs (new namespaces: a nested
     user namespace would give back capabilities; mounts, ptrace, keys, bpf, perf, io_uring,
-    modules, kexec) fail with EPERM; clone3 gets ENOSYS so libc falls back to clone, whose
-    namespace flags are checked; another ABI (x32, i386) kills the process.
+    modules, kexec) and those that attach state to shared files (locks, leases, file
+    notifications, page-cache residency) fail with EPERM; clone3 gets ENOSYS so libc falls back
+    to clone, whose namespace flags are checked; another ABI (x32, i386) kills the process.
     """
     if machine not in _SECCOMP:
         return None
-    arch, deny, clone, clone3 = _SECCOMP[machine]
+    arch, deny, clone, clone3, fcntl = _SECCOMP[machine]
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
     prog = [(LD, 0, 0, 4), (JEQ, 0, "kill", arch), (LD, 0, 0, 0), (JGE, "kill", 0, 0x40000000)]
     prog += [(JEQ, "eperm", 0, nr) for nr in deny]
-    prog += [(JEQ, "enosys", 0, clone3), (JEQ, 0, "allow", clone), (LD, 0, 0, 16),  # clone's flags
+    prog += [(JEQ, "enosys", 0, clone3), (JEQ, 0, "clone", fcntl), (LD, 0, 0, 24)]  # fcntl's command (low word)
+    prog += [(JEQ, "eperm", 0, cmd) for cmd in _FCNTL_DENY] + [(JEQ, "allow", "allow", 0)]
+    labels = {"clone": len(prog)}
+    prog += [(JEQ, 0, "allow", clone), (LD, 0, 0, 16),  # clone's flags
              (JSET, "eperm", "allow", 0x7E020000)]  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
     n = len(prog)
-    labels = {"allow": n, "eperm": n + 1, "enosys": n + 2, "kill": n + 3}
+    labels.update(allow=n, eperm=n + 1, enosys=n + 2, kill=n + 3)
     prog += [(RET, 0, 0, 0x7FFF0000), (RET, 0, 0, 0x00050001), (RET, 0, 0, 0x00050026), (RET, 0, 0, 0x80000000)]
     return b"".join(struct.pack("HBBI", op, labels[jt] - i - 1 if jt else 0, labels[jf] - i - 1 if jf else 0, k)
                     for i, (op, jt, jf, k) in enumerate(prog))
@@ -546,6 +656,7 @@ def _fs_view() -> tuple[str, str, list]:
 def _backend(mode: str) -> str:
     """"root" (namespaces + own uid), "userns" (namespaces in a user namespace) or "weak";
     SandboxUnavailable when the configured mode cannot run here (checked once per process)."""
+    _cgroups()  # found (or said to be missing) once, before the first program
     if mode == "weak":
         if os.geteuid() == 0:
             _weak_interpreter()  # raises when no interpreter can run unprivileged
@@ -596,6 +707,215 @@ def _weak_interpreter() -> str:
             return exe
     raise SandboxUnavailable(f"SANDBOX_MODE=weak as root: no Python interpreter is executable by uid {UID_BASE}; "
                              "install python3 under /usr, or use the default SANDBOX_MODE=namespaces")
+
+
+# --------------------------------------------------------------------------- a cgroup per program
+# rlimits bound each process; a program of SANDBOX_MAX_PROCS processes could still hold that many
+# times SANDBOX_MEMORY_MB. Where this process may create cgroups below its own (root, or a delegated
+# subtree), each program gets one per hierarchy: its memory as a whole (all its processes, its
+# tmpfs, the kernel's memory for it) at most SANDBOX_MEMORY_MB, at most SANDBOX_MAX_PROCS tasks,
+# removed after the run. They live under rlhf-sandbox-<pid>, one folder per evaluating process.
+_CGROUP_FILES = {  # (controller, version): [(file, value)], each written where the kernel has the file
+    ("memory", 1): [("memory.limit_in_bytes", "memory"), ("memory.memsw.limit_in_bytes", "memory")],
+    ("memory", 2): [("memory.max", "memory"), ("memory.swap.max", "0"), ("memory.oom.group", "1")],
+    ("pids", 1): [("pids.max", "procs")], ("pids", 2): [("pids.max", "procs")]}
+
+
+def _cgroup_bases(mountinfo: str, cgroups: str) -> dict[str, tuple[str, int]]:
+    """Per controller ("memory", "pids"): (the directory of this process's own cgroup, version 1 or
+    2), from the text of /proc/self/mountinfo and /proc/self/cgroup. A controller bound to a v1
+    hierarchy is not in the v2 one."""
+    own_v1, own_v2 = {}, None  # controller -> our path; our v2 path
+    for line in cgroups.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and not parts[1]:
+            own_v2 = parts[2]
+        for ctrl in filter(None, parts[1].split(",")):
+            own_v1[ctrl] = parts[2]
+    bases = {}
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
+            continue
+        root, point, v1 = fields[3], fields[4].replace("\\040", " "), rfields[0] == "cgroup"
+        for ctrl in ("memory", "pids"):
+            path = own_v1.get(ctrl) if v1 else None if ctrl in own_v1 else own_v2
+            if path is None or v1 and ctrl not in rfields[2].split(",") or ctrl in bases:
+                continue
+            if root != "/" and not (path == root or path.startswith(root + "/")):
+                continue  # this mount does not show our cgroup
+            rel = path[len(root):] if root != "/" else path
+            bases[ctrl] = (point.rstrip("/") + rel.rstrip("/"), 1 if v1 else 2)
+    return bases
+
+
+def _write(path: str, value) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
+
+
+_cgroups_lock = threading.Lock()
+
+
+def _cgroups() -> tuple:
+    """The cgroup parents every program gets a child of, found once per evaluating process:
+    ((parent directory, ((file, value), ...)), ...); () where none is writable, said once on stderr
+    with the reason."""
+    with _cgroups_lock:  # the first programs may start in several threads at once
+        return _find_cgroups()
+
+
+@functools.lru_cache(maxsize=None)
+def _find_cgroups() -> tuple:
+    try:
+        with open("/proc/self/mountinfo") as f, open("/proc/self/cgroup") as g:
+            bases = _cgroup_bases(f.read(), g.read())
+    except OSError as e:
+        bases, why = {}, {"memory": str(e), "pids": str(e)}
+    else:
+        why = {c: "no cgroup hierarchy with it is mounted" for c in ("memory", "pids") if c not in bases}
+    parents = {}  # directory -> files
+    for ctrl, (base, version) in bases.items():
+        parent = f"{base}/rlhf-sandbox-{os.getpid()}"
+        try:
+            if version == 2:  # a v2 child has a controller only where its parent passes it down
+                with open(base + "/cgroup.subtree_control") as f:
+                    if ctrl not in f.read().split():
+                        _write(base + "/cgroup.subtree_control", "+" + ctrl)  # EBUSY where base holds processes
+            _remove_stale_cgroups(base)
+            os.makedirs(parent, exist_ok=True)
+            if version == 2:
+                _write(parent + "/cgroup.subtree_control", "+" + ctrl)
+            files = [(n, v) for n, v in _CGROUP_FILES[ctrl, version] if os.path.exists(f"{parent}/{n}")]
+            if not files or files[0][1] != {"memory": "memory", "pids": "procs"}[ctrl]:
+                raise OSError(errno.ENOENT, f"{_CGROUP_FILES[ctrl, version][0][0]} missing in {parent}")
+            parents.setdefault(parent, []).extend(files)
+        except OSError as e:
+            why[ctrl] = f"{base}: {e.strerror or e}"
+    found = tuple((parent, tuple(files)) for parent, files in parents.items() if _cgroup_works(parent, files))
+    for parent, files in parents.items():
+        if (parent, tuple(files)) not in found:
+            why.update((ctrl, f"{parent}: a process cannot be moved in") for ctrl in ("memory", "pids")
+                       if any(n.startswith(ctrl) for n, _ in files))
+    if why:
+        bound = {"memory": "memory per process (RLIMIT_AS)", "pids": "processes by RLIMIT_NPROC"}
+        print(f"sandbox: no cgroup for {' and '.join(sorted(why))} ({'; '.join(why.values())[:300]}): a program's "
+              f"{' and '.join(bound[c] for c in sorted(why))} only, not as a whole; docs/SANDBOX.md", file=sys.stderr)
+    if found:
+        owner = os.getpid()
+
+        def remove_parents():  # a forked copy of this process leaves them to us
+            if os.getpid() == owner:
+                _remove_cgroups([])  # children left over first
+                _remove_cgroups([parent for parent, _ in found])
+        atexit.register(remove_parents)
+    return found
+
+
+def _cgroup_works(parent: str, files) -> bool:
+    """Whether a child of `parent` takes its limits and a process of ours (tried once, with `sleep`)."""
+    path = f"{parent}/probe"
+    try:
+        os.makedirs(path, exist_ok=True)
+        for name, value in files:
+            _write(f"{path}/{name}", {"memory": 64 << 20, "procs": 8}.get(value, value))
+        probe = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, close_fds=True)
+        try:
+            _write(path + "/cgroup.procs", probe.pid)
+            return True
+        finally:
+            probe.kill()
+            probe.wait()
+    except OSError:
+        return False
+    finally:
+        _remove_cgroups([path])
+
+
+_cgroup_seq = itertools.count()
+_leftover_cgroups: list[str] = []  # could not be removed yet (retried with the next ones and at exit)
+
+
+def _make_cgroups(memory_bytes: int, procs: int) -> tuple[list[str], list[int]]:
+    """One program's own cgroups, limits written: (their directories, the file that moves a task
+    into each, opened for writing, for the program's pid 1 to join them with a write of "0")."""
+    paths, fds = [], []
+    try:
+        for parent, files in _cgroups():
+            path = f"{parent}/{os.getpid()}-{next(_cgroup_seq)}"
+            os.mkdir(path)
+            paths.append(path)
+            for name, value in files:
+                _write(f"{path}/{name}", {"memory": memory_bytes, "procs": procs}.get(value, value))
+            # v1: "0" written to `tasks` moves the writing thread only, without the global lock a
+            # cgroup.procs write takes (an RCU grace period each: ~7 ms per program measured here);
+            # pid 1 is single-threaded when it writes. v2 has no such file: cgroup.procs
+            join = path + "/tasks" if os.path.exists(path + "/tasks") else path + "/cgroup.procs"
+            fds.append(os.open(join, os.O_WRONLY | os.O_CLOEXEC))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        _remove_cgroups(paths)
+        raise
+    return paths, fds
+
+
+def _remove_cgroups(paths: list[str], kill: bool = False) -> None:
+    """rmdir each cgroup (a cgroup goes only once its last process is reaped: a few tries); with
+    `kill`, SIGKILL what is left in it first (weak mode: a runner's setsid grandchildren)."""
+    retry, _leftover_cgroups[:] = _leftover_cgroups[:], []
+    for path in list(paths) + retry:
+        for attempt in range(50):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or attempt == 49:
+                    _leftover_cgroups.append(path)
+                    break
+                if kill:
+                    try:
+                        with open(path + "/cgroup.procs") as f:
+                            for pid in f.read().split():
+                                os.kill(int(pid), signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
+                time.sleep(0.002)
+
+
+def _remove_stale_cgroups(base: str) -> None:
+    """The folders of evaluating processes that died without removing theirs."""
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("rlhf-sandbox-") and n[13:].isdigit()]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.kill(int(name[13:]), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        folder = f"{base}/{name}"
+        try:
+            children = [f"{folder}/{c}" for c in os.listdir(folder) if os.path.isdir(f"{folder}/{c}")]
+        except OSError:
+            continue
+        for path in children + [folder]:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
 _slot_lock = threading.Lock()
@@ -655,15 +975,16 @@ class _Zygote:
             theirs.close()
         os.set_blocking(self.proc.stderr.fileno(), False)
 
-    def spawn(self, job: dict) -> list[int]:
-        """Start one program with these limits; returns our ends of its request, reply, lifeline
-        and status pipes. OSError when the zygote is gone."""
+    def spawn(self, job: dict, cgroup_fds: list[int]) -> list[int]:
+        """Start one program with these limits, in these cgroups (the files that move a task into
+        them, open for writing); returns our ends of its request, reply, lifeline and status pipes.
+        OSError when the zygote is gone."""
         pipes = [os.pipe() for _ in range(4)]
         theirs = [pipes[0][0], pipes[1][1], pipes[2][0], pipes[3][1]]
         ours = [pipes[0][1], pipes[1][0], pipes[2][1], pipes[3][0]]
         try:
             with self.lock:
-                socket.send_fds(self.ctl, [marshal.dumps(job)], theirs)
+                socket.send_fds(self.ctl, [marshal.dumps(job)], theirs + cgroup_fds)
         except OSError as e:
             for fd in ours:
                 os.close(fd)
@@ -728,6 +1049,43 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+class _Watchdog:
+    """Ends every run that is still going GRACE_S after its deadline, from a thread of its own.
+
+    Reading and writing a program's pipes are bounded by its deadline, but a program can also hold
+    a pipe in the kernel: a splice() from an empty socket into its reply pipe holds the pipe's lock,
+    and our read then waits for that lock, unkillable, for as long as the program lives; and the
+    program lives until the thread that waits closes its lifeline. So the run's end must not depend
+    on that thread: here it is closing the lifeline (pid 1 leaves, the kernel kills the rest, the
+    lock is released) or killing the weak runner's process group. One thread per evaluating process,
+    one heap of deadlines; a forked copy starts its own."""
+
+    def __init__(self):
+        self.cond, self.heap, self.seq, self.pid = threading.Condition(), [], itertools.count(), None
+
+    def watch(self, child: "_Child") -> None:
+        with self.cond:
+            if self.pid != os.getpid():  # first use, or a forked copy of the evaluating process
+                self.heap.clear()
+                threading.Thread(target=self._run, name="sandbox-watchdog", daemon=True).start()
+                self.pid = os.getpid()
+            heapq.heappush(self.heap, (child.deadline + GRACE_S, next(self.seq), child))
+            if self.heap[0][2] is child:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                while self.heap and (self.heap[0][0] <= now or self.heap[0][2].ended):
+                    heapq.heappop(self.heap)[2].end()
+                self.cond.wait(self.heap[0][0] - now if self.heap else None)
+
+
+_watchdog = _Watchdog()
+os.register_at_fork(after_in_child=lambda: _watchdog.__init__())  # no lock held by a thread left behind
+
+
 class _Child:
     """One sandboxed program and its request/response pipes, all reads bounded by a deadline."""
 
@@ -737,30 +1095,58 @@ class _Child:
         self.backend = backend
         self.slot = _take_slot()
         self.tmp = self.proc = self.zygote = self.wfd = self.rfd = None
-        self.buf = b""
+        self.buf = bytearray()
         self.idle = False  # True while the program waits for a request (it may then exit cleanly)
         self.lifeline = None  # namespaces: its write end; closing it ends the whole namespace
+        self.lock, self.ended = threading.Lock(), False  # end(): this thread or the watchdog
         self.status_fd, self.status = None, b""  # namespaces: the keeper's report (set-up errors, exit status)
+        self.cgroups: list[str] = []  # the program's own cgroups (_make_cgroups), removed by close()
+        cgroup_fds: list[int] = []
         cfg = {"audit_hook": _AUDIT_HOOK, "cpu_s": math.ceil(timeout) + 1, "memory": memory_mb << 20,
                "fsize": C.SANDBOX_FILE_SIZE_MB << 20, "nofile": MAX_OPEN_FILES, "nproc": C.SANDBOX_MAX_PROCS,
-               "uid": UID_BASE + 256 * os.getpid() + self.slot}
+               "uid": UID_BASE + 256 * os.getpid() + self.slot, "stdout_max": STDOUT_MAX_BYTES}
         try:
+            self.cgroups, cgroup_fds = _make_cgroups(memory_mb << 20, C.SANDBOX_MAX_PROCS)
             if backend == "weak":
-                self._start_weak(cfg)
+                self._start_weak(cfg, cgroup_fds)
             else:
                 machine = platform.machine()
                 cfg.update(disk_kb=C.SANDBOX_DISK_MB << 10, inodes=4096, seccomp=_seccomp_filter(machine),
                            sys_seccomp={"x86_64": 317}.get(machine, 277))
                 if backend == "userns":
                     cfg["uid"] = 0
+                    if any(name == "pids.max" for _, files in _cgroups() for name, _ in files):
+                        cfg["nproc"] = -1  # all programs share one uid here: RLIMIT_NPROC would count them together
                 self.zygote = _zygote(backend)
-                self.wfd, self.rfd, self.lifeline, self.status_fd = self.zygote.spawn(cfg)
+                self.wfd, self.rfd, self.lifeline, self.status_fd = self.zygote.spawn(cfg, cgroup_fds)
         except BaseException:
             self.close()
             raise
-        os.set_blocking(self.wfd, False)
+        finally:
+            for fd in cgroup_fds:
+                os.close(fd)
+        for fd in (self.wfd, self.rfd):  # a program may drain or fill them too: never wait in a read or write
+            os.set_blocking(fd, False)
+        _watchdog.watch(self)
 
-    def _start_weak(self, cfg: dict) -> None:
+    def end(self) -> None:
+        """End the run now, from any thread, without waiting on anything the program holds:
+        namespaces: pid 1 leaves and the kernel kills the rest; weak: the runner's process group
+        is killed. Idempotent; close() still collects what is left."""
+        with self.lock:
+            if self.ended:
+                return
+            self.ended = True
+            if self.lifeline is not None:
+                os.close(self.lifeline)
+                self.lifeline = None
+            elif self.proc is not None and self.proc.returncode is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def _start_weak(self, cfg: dict, cgroup_fds: list[int]) -> None:
         self.tmp = tempfile.mkdtemp(prefix="sandbox-")
         os.chmod(self.tmp, 0o700)
         exe, kw = sys.executable, {}
@@ -775,6 +1161,8 @@ class _Child:
                                      cwd=self.tmp, env={**_ENV, "HOME": self.tmp, "TMPDIR": self.tmp},
                                      close_fds=True, start_new_session=True, umask=0o077, **kw)
         self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        for fd in cgroup_fds:  # before the program arrives: the runner waits for it on its stdin
+            os.write(fd, b"%d" % self.proc.pid)
 
     def _read_status(self, timeout: float) -> bool:
         """Read the keeper's report for up to `timeout` s; True once it is complete (pipe closed)."""
@@ -830,24 +1218,41 @@ class _Child:
                 raise self._gone("time limit exceeded")
             try:
                 data = data[os.write(self.wfd, data):]
+            except BlockingIOError:  # filled between select and write (the program holds the pipe too)
+                continue
             except BrokenPipeError:
                 raise self._gone("the program closed its input") from None
 
     def recv(self) -> dict:
-        """The next message: a JSON object of at most READ_BACK_BYTES."""
-        while b"\n" not in self.buf:
+        """The next message: a JSON object of at most READ_BACK_BYTES and MAX_VALUES values; reading
+        and parsing it count against the deadline."""
+        end = self.buf.find(b"\n")
+        while end < 0:
             if len(self.buf) > READ_BACK_BYTES:
                 raise _ChildGone("error", f"oversized record (over {READ_BACK_BYTES} bytes)")
             left = self.deadline - time.monotonic()
             if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
                 raise _ChildGone("timeout", "time limit exceeded")
-            chunk = os.read(self.rfd, 1 << 16)
+            try:
+                chunk = os.read(self.rfd, 1 << 16)
+            except BlockingIOError:  # drained between select and read (the program holds the pipe too)
+                continue
             if not chunk:
                 raise self._gone("exited before the tests finished")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
+            end = chunk.find(b"\n")
+            if end >= 0:
+                end += len(self.buf)
+            self.buf += chunk  # a bytearray: appending is amortised O(len(chunk))
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 1]
         if len(line) > READ_BACK_BYTES:
             raise _ChildGone("error", f"oversized record (over {READ_BACK_BYTES} bytes)")
+        # parsing is one uninterruptible call: bounded first by the number of values (the runner
+        # escapes "[" in strings, so each "[" opens a value) and the deadline
+        if line.count(b"[") > MAX_VALUES:
+            raise _ChildGone("error", f"reply with over {MAX_VALUES} values")
+        if time.monotonic() > self.deadline:
+            raise _ChildGone("timeout", "time limit exceeded")
         try:
             msg = json.loads(line)
         except (ValueError, RecursionError):  # garbage, or nesting deep enough to exhaust the stack
@@ -870,7 +1275,7 @@ class _Child:
             return None, (msg["status"], msg["detail"][:300], str(msg.get("exc", "")))
         if "v" not in msg:
             raise _ChildGone("error", "malformed record")
-        return _decode_strict(msg["v"]), None
+        return _decode_strict(msg["v"], self.deadline), None
 
     def _setup_errors(self) -> list[str]:
         """The keeper's reports of what failed while setting up the program's namespaces."""
@@ -889,8 +1294,9 @@ class _Child:
     def close(self) -> None:
         """End the run: every process of it is gone when this returns."""
         if self.lifeline is not None:  # namespaces: pid 1 leaves, the kernel kills the rest
-            os.close(self.lifeline)
-            self.lifeline = None
+            self.end()
+        with self.lock:  # weak: from here on the watchdog leaves the process group alone
+            self.ended = True
         if self.zygote is not None:
             for fd in (self.wfd, self.rfd):
                 if fd is not None:
@@ -921,51 +1327,95 @@ class _Child:
                 pass
             proc.wait()
             proc.stderr.close()
+        if self.cgroups:  # empty by now (weak: but for a setsid grandchild, killed here)
+            _remove_cgroups(self.cgroups, kill=proc is not None)
+            self.cgroups = []
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
         _free_slot(self.slot)
 
 
-def _decode_strict(enc, depth: int = 0):
-    """A value from the program's encoding; _ChildGone("error") for anything not exactly valid."""
+def _decode_strict(enc, deadline: float | None = None):
+    """A value from the program's encoding; _ChildGone("error") for anything not exactly valid,
+    _ChildGone("timeout") once decoding it runs past `deadline`."""
     try:
-        return _decode(enc, depth)
+        return _Decoder(deadline).value(enc, 0)
     except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         raise _ChildGone("error", "malformed value") from None
 
 
-def _decode(enc, depth):
-    if depth > MAX_DEPTH + 1 or type(enc) is not list or not enc or type(enc[0]) is not str:
-        raise ValueError("bad value")
-    tag, rest = enc[0], enc[1:]
-    if tag == "n" and not rest:
-        return None
-    if len(rest) != 1:
-        raise ValueError("bad value")
-    x = rest[0]
-    if tag == "b" and type(x) is bool or tag == "s" and type(x) is str:
-        return x
-    if tag in ("i", "f", "c") and type(x) is str and len(x) < 10000:
-        return {"i": int, "f": float, "c": complex}[tag](x)
-    if type(x) is not list:
-        raise ValueError("bad value")
-    if tag == "d":
-        out = {}
-        for pair in x:
-            if type(pair) is not list or len(pair) != 2:
+_HASH_MODULUS = (1 << 61) - 1  # ints below it in size have distinct hashes (but -1 and -2)
+
+
+class _Decoder:
+    """Rebuilds one reply from the runner's tagged encoding. The work counts against the program's
+    deadline, checked every 256 values, and a reply cannot be built to make hash tables quadratic:
+    more than SAME_HASH distinct numbers, tuples or frozensets sharing one hash (k * (2**61 - 1)
+    for many k, crafted tuples) is refused, since every set or dict built from them, here or by a
+    test's `set(candidate(x))`, would cost time in the square of their number. Strings are safe:
+    their hashes are salted per process."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline, self.count, self.by_hash = deadline, 0, {}
+
+    def value(self, enc, depth):
+        self.count += 1
+        if not self.count & 255 and self.deadline is not None and time.monotonic() > self.deadline:
+            raise _ChildGone("timeout", "time limit exceeded (reading the reply)")
+        if depth > MAX_DEPTH + 1 or type(enc) is not list or not enc or type(enc[0]) is not str:
+            raise ValueError("bad value")
+        tag, rest = enc[0], enc[1:]
+        if tag == "n" and not rest:
+            return None
+        if len(rest) != 1:
+            raise ValueError("bad value")
+        x = rest[0]
+        if tag == "b" and type(x) is bool or tag == "s" and type(x) is str:
+            return x
+        if tag in ("i", "f", "c") and type(x) is str and len(x) <= MAX_DIGITS + 1:
+            v = {"i": int, "f": float, "c": complex}[tag](x)
+            if not (tag == "i" and -_HASH_MODULUS < v < _HASH_MODULUS or v != v):  # v != v: nan
+                self.distinct_hash(v)
+            return v
+        if type(x) is not list:
+            raise ValueError("bad value")
+        if tag == "d":
+            out = {}
+            for pair in x:
+                if type(pair) is not list or len(pair) != 2:
+                    raise ValueError("bad value")
+                out[self.value(pair[0], depth + 1)] = self.value(pair[1], depth + 1)
+            if len(out) != len(x):  # two equal keys: no dict the program held
                 raise ValueError("bad value")
-            out[_decode(pair[0], depth + 1)] = _decode(pair[1], depth + 1)
+            return out
+        kind = {"l": list, "t": tuple, "S": set, "F": frozenset}[tag]
+        out = kind(self.value(item, depth + 1) for item in x)
+        if len(out) != len(x):  # two equal members: no set the program held
+            raise ValueError("bad value")
+        if kind is tuple or kind is frozenset:
+            self.distinct_hash(out)
         return out
-    kind = {"l": list, "t": tuple, "S": set, "F": frozenset}[tag]
-    return kind(_decode(item, depth + 1) for item in x)
+
+    def distinct_hash(self, v) -> None:
+        try:
+            seen = self.by_hash.setdefault(hash(v), [])
+        except TypeError:  # a tuple holding a list: no set or dict can hold it either
+            return
+        if not any(s == v for s in seen):
+            seen.append(v)
+            if len(seen) > SAME_HASH:
+                raise _ChildGone("error", f"reply with over {SAME_HASH} distinct values of one hash "
+                                          "(built to make hash tables slow)")
 
 
 def decode_value(enc):
     """Rebuild a value from the runner's tagged encoding (ValueError when malformed)."""
     try:
-        return _decode(enc, 0)
+        return _Decoder(None).value(enc, 0)
     except (TypeError, KeyError, IndexError, RecursionError) as e:
         raise ValueError(f"malformed value: {e}") from None
+    except _ChildGone as e:
+        raise ValueError(e.detail) from None
 
 
 def encode_value(v, depth: int = 0):
@@ -988,16 +1438,44 @@ def encode_value(v, depth: int = 0):
     raise TypeError(f"a value of type {t.__name__} cannot be sent to the program")
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 6, 200, 200, 200
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 20
+
+
+def _short(v) -> str:
+    """repr(v) in at most a few hundred characters, in time that does not grow with v's size."""
+    return _SHORT.repr(v)
+
+
+def _exact(v):
+    """A stand-in for `v` that equals another one only where the types are the same at every depth
+    (1, 1.0, True and 1+0j are four keys; (1,) and (True,) two), to compare dict keys and set members."""
+    t = type(v)
+    if t is tuple:
+        return t, tuple(_exact(x) for x in v)
+    if t is frozenset:
+        return t, frozenset(_exact(x) for x in v)
+    return t, v
+
+
 def values_match(got, want) -> bool:
-    """Exact types (1 != 1.0 != True), floats within 1e-6 relative/absolute, recursively."""
-    if type(got) is not type(want):
+    """Exact types at every depth, dict keys and set members included (1 != 1.0 != True); floats
+    within 1e-6 relative/absolute where they are items or dict values (keys and members: exactly)."""
+    t = type(got)
+    if t is not type(want):
         return False
-    if type(got) is float:
+    if t is float:
         return (math.isnan(got) and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
-    if type(got) in (list, tuple):
+    if t is list or t is tuple:
         return len(got) == len(want) and all(values_match(g, w) for g, w in zip(got, want))
-    if type(got) is dict:
-        return got.keys() == want.keys() and all(values_match(got[k], want[k]) for k in want)
+    if t is dict:  # `==` would match keys through hashing, where True, 1 and 1.0 are one key
+        if len(got) != len(want):
+            return False
+        keys = {_exact(k): k for k in got}
+        return all(_exact(k) in keys and values_match(got[keys[_exact(k)]], w) for k, w in want.items())
+    if t is set or t is frozenset:
+        return len(got) == len(want) and {_exact(x) for x in got} == {_exact(x) for x in want}
     return got == want
 
 
@@ -1061,7 +1539,7 @@ def run_calls(program: str, calls: list[str], expected: list, setup: str = "",
                 n_ok += 1
             elif first is None:
                 first = ("failed" if err is None or err[0] == "error" else err[0],
-                         f"{call}: " + (f"expected {want!r}, got {got!r}" if err is None else err[1]))
+                         f"{call}: " + (f"expected {_short(want)}, got {_short(got)}" if err is None else err[1]))
     except _ChildGone as g:
         return Verdict(False, g.status, g.detail, time.monotonic() - child.t0, n_ok / len(calls))
     finally:
@@ -1071,6 +1549,69 @@ def run_calls(program: str, calls: list[str], expected: list, setup: str = "",
     if first is None:
         return Verdict(True, "passed", "", seconds, fraction)
     return Verdict(False, first[0], first[1][:500], seconds, fraction)
+
+
+def run_stdio(program: str, stdin_tests: list[dict], timeout: float | None = None,
+              memory_mb: int | None = None) -> Verdict:
+    """Run `program` as a script (APPS/CodeContests/TACO style), once per test in a fresh process
+    with the test's "input" on its stdin; a test passes when the program exits 0 and its stdout is
+    the test's "output" token for token (whitespace-separated: spaces, line breaks, trailing
+    whitespace do not matter; no float tolerance). The outputs never reach the program; the
+    time limit is for the load and all tests together, as in run_calls.
+    """
+    if type(stdin_tests) is not list or not all(
+            type(t) is dict and type(t.get("input")) is str and type(t.get("output")) is str for t in stdin_tests):
+        raise ValueError('stdin_tests must be a list of {"input": str, "output": str}')
+    child, load = _start({"program": program, "stdio": True}, timeout, memory_mb)
+    n_ok, first = 0, None
+    try:
+        if not load["ok"]:
+            return Verdict(False, load["status"], load["detail"][:500], time.monotonic() - child.t0, 0.0)
+        for i, test in enumerate(stdin_tests):
+            child.idle = False
+            child.send({"stdin": test["input"]})
+            out, rc, why = _stdio_result(child.recv())
+            child.idle = True
+            if rc == 0 and out is not None and out.split() == test["output"].split():
+                n_ok += 1
+            elif first is None:
+                first = (_stdio_status(rc, why), f"test {i + 1}: " + (
+                    f"exit code {rc}" + (f", {why}" if why else "") if rc else
+                    f"output over {STDOUT_MAX_BYTES} bytes" if out is None else
+                    f"expected {_short(test['output'])}, got {_short(out)}"))
+            if time.monotonic() > child.deadline:  # reading and comparing count against it too
+                raise _ChildGone("timeout", "time limit exceeded")
+    except _ChildGone as g:
+        return Verdict(False, g.status, g.detail, time.monotonic() - child.t0, n_ok / max(len(stdin_tests), 1))
+    finally:
+        child.close()
+    seconds, fraction = time.monotonic() - child.t0, n_ok / len(stdin_tests) if stdin_tests else 1.0
+    if first is None:
+        return Verdict(True, "passed", "", seconds, fraction)
+    return Verdict(False, first[0], first[1][:500], seconds, fraction)
+
+
+def _stdio_result(msg: dict) -> tuple[str | None, int, str]:
+    """(stdout as text, None when over STDOUT_MAX_BYTES; exit code; uncaught exception) of one
+    stdin test's record; _ChildGone("error") when it is not exactly that."""
+    out, rc, why = msg.get("out"), msg.get("exit"), msg.get("detail")
+    if not msg["ok"] or type(out) is not str or len(out) > 2 * STDOUT_MAX_BYTES + 2 or type(rc) is not int \
+            or type(why) is not str:
+        raise _ChildGone("error", "malformed record")
+    try:
+        raw = bytes.fromhex(out)
+    except ValueError:
+        raise _ChildGone("error", "malformed record") from None
+    text = raw.decode("utf-8", "replace") if len(raw) <= STDOUT_MAX_BYTES else None
+    return text, rc, why[:300]
+
+
+def _stdio_status(rc: int, why: str) -> str:
+    if rc == 128 + signal.SIGKILL or why.startswith("MemoryError"):
+        return "memory"
+    if rc == 128 + signal.SIGXCPU:
+        return "timeout"
+    return "refused" if why.startswith("PermissionError: sandbox refused") else "failed"
 
 
 _EXCEPTIONS = {k: v for k, v in vars(builtins).items()
@@ -1199,10 +1740,12 @@ def run_unique(jobs: list[dict], workers: int | None = None, progress: bool = Fa
 
 
 def run_job(job: dict) -> Verdict:
-    """One job dict: run_calls kwargs (has "calls") or run_asserts kwargs (has "test_code").
-    A malformed job is that sample's "error" verdict."""
+    """One job dict: run_calls kwargs (has "calls"), run_stdio kwargs (has "stdin_tests") or
+    run_asserts kwargs (has "test_code"). A malformed job is that sample's "error" verdict."""
     try:
-        return run_calls(**job) if "calls" in job else run_asserts(**job)
+        if "calls" in job:
+            return run_calls(**job)
+        return run_stdio(**job) if "stdin_tests" in job else run_asserts(**job)
     except (TypeError, ValueError) as e:
         return Verdict(False, "error", f"malformed job: {e}"[:500], 0.0, 0.0)
     except OSError as e:  # no process or pipe to be had (EAGAIN, EMFILE): this sample only

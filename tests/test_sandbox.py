@@ -3,6 +3,7 @@ Attacks on the isolation itself: tests/test_sandbox_attacks.py."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -40,6 +41,36 @@ def test_exact_types_and_setup():
     assert not calls("def add(a, b):\n    return float(a + b)\n").passed
     v = sandbox.run_calls("def f(n):\n    return Box(n).v\n", ["f(2)"], [2], setup="class Box:\n    def __init__(self, v):\n        self.v = v\n")
     assert v.passed
+
+
+def test_exact_types_at_every_depth():
+    # dict keys and set members compared through hashing would take True, 1, 1.0 and 1+0j for one
+    for got, want in [({True: "a"}, {1: "a"}), ({1.0: "a"}, {1: "a"}), ({True}, {1}), ({1 + 0j}, {1}),
+                      (frozenset({False}), frozenset({0})), ({(True,): 0}, {(1,): 0}), ({(1.0, 2)}, {(1, 2)}),
+                      ({frozenset({1.0})}, {frozenset({1})}), ([{True: [2]}], [{1: [2]}]), ({1: {True}}, {1: {1}}),
+                      ([True], [1]), ({1: 1.0}, {1: 1}), ([(1,)], [[1]])]:
+        assert not sandbox.values_match(got, want), (got, want)
+    for same in [{1: "a", 2: 0.1 + 0.2}, {(1, "x"), frozenset({2.5})}, [{1: [0.30000000000000004]}]]:
+        assert sandbox.values_match(same, eval(repr(same)))
+    assert sandbox.values_match({1: 0.1 + 0.2}, {1: 0.3}) and sandbox.values_match([float("nan")], [float("nan")])
+    # a dict or set with two equal keys was never a value of the program's: malformed
+    for enc in (["d", [[["i", "1"], ["s", "a"]], [["b", True], ["s", "b"]]]], ["S", [["i", "1"], ["f", "1.0"]]]):
+        with pytest.raises(ValueError):
+            sandbox.decode_value(enc)
+
+
+def test_reading_a_reply_counts_against_the_deadline():
+    # decoding stops at the program's deadline, whatever the reply's shape; a reply of more values
+    # than MAX_VALUES is refused before it is parsed
+    many = ["l", [["l", [["i", "1"]] * 1000]] * 1000]
+    assert len(sandbox._decode_strict(many, time.monotonic() + 60)) == 1000
+    with pytest.raises(sandbox._ChildGone) as gone:
+        sandbox._decode_strict(many, time.monotonic() - 0.001)
+    assert gone.value.status == "timeout"
+    v = calls(f"def add(a, b):\n    return [0] * {sandbox.MAX_VALUES}\n")
+    assert v.status == "error" and v.detail == f"reply with over {sandbox.MAX_VALUES} values", v
+    # strings are not counted as values, whatever they hold
+    assert sandbox.run_calls("def f():\n    return '[' * 300000\n", ["f()"], ["[" * 300000], timeout=3.0).passed
 
 
 def test_ordinary_stdlib_still_works():
@@ -122,6 +153,52 @@ def test_reward_hacks_fail(program):
     assert not asserts(program).passed
 
 
+SUM = "import sys\nprint(sum(map(int, sys.stdin.read().split())))\n"
+STDIN_TESTS = [{"input": "2 3\n", "output": "5\n"}, {"input": "10\n-4\n", "output": "6"}]
+
+
+def stdio(program, tests=STDIN_TESTS, timeout=3.0):
+    return sandbox.run_stdio(program, tests, timeout=timeout)
+
+
+def test_stdin_stdout_programs():
+    # APPS/CodeContests style: the program reads its input on stdin and prints; compared here
+    assert stdio(SUM).passed
+    half = stdio("print(5)\n")
+    assert (half.passed, half.status, half.pass_fraction) == (False, "failed", 0.5) and half.detail == "test 2: expected '6', got '5\\n'"
+    # whitespace as those judges take it: tokens; but the tokens themselves exactly
+    for printed, ok in [("'  5 \\r\\n\\n'", True), ("'5\\t'", True), ("'5 0'", False), ("'50'", False), ("'5.0'", False), ("''", False)]:
+        assert sandbox.run_stdio(f"print({printed}, end='')\n", STDIN_TESTS[:1]).passed is ok, printed
+    # every usual way to read and print; each test in a fresh process (module state starts over)
+    for program in ["a = list(map(int, open(0).read().split()))\nprint(sum(a))\n",
+                    "import sys\nsys.stdout.write(str(sum(map(int, sys.stdin.buffer.read().split()))) + '\\n')\n",
+                    "def main():\n    nums = []\n    while True:\n        try:\n            nums += map(int, input().split())\n"
+                    "        except EOFError:\n            break\n    print(sum(nums))\nif __name__ == '__main__':\n    main()\n",
+                    "import sys, threading\nsys.setrecursionlimit(10 ** 6)\nthreading.stack_size(1 << 26)\n"
+                    "threading.Thread(target=lambda: print(sum(map(int, sys.stdin.read().split())))).start()\n",
+                    "import sys, builtins\nbuiltins.runs = getattr(builtins, 'runs', 0) + 1\n"
+                    "print(sum(map(int, sys.stdin.read().split())) if builtins.runs == 1 else 0)\nsys.exit(0)\n"]:
+        v = stdio(program)
+        assert v.passed, (program, v)
+
+
+def test_stdin_stdout_failures():
+    assert stdio("raise ValueError('bad input')\n").detail == "test 1: exit code 1, ValueError: bad input"
+    assert stdio("import sys\nprint(5)\nsys.exit(3)\n").detail == "test 1: exit code 3"
+    assert stdio("print(\n").status == "error"
+    never = stdio("import sys\nsys.stdin.read()\nwhile True:\n    pass\n", timeout=1.0)
+    assert (never.status, never.detail) == ("timeout", "time limit exceeded") and never.seconds < 3, never
+    assert stdio("x = bytearray(2 << 30)\n").status == "memory"
+    assert stdio("print('x' * (3 << 20))\n").detail == f"test 1: output over {sandbox.STDOUT_MAX_BYTES} bytes"
+    big = [{"input": " ".join(map(str, range(200000))), "output": str(sum(range(200000)))}]  # 1.3 MB
+    assert stdio(SUM, big).passed
+    # a job of this kind in run_many and run_unique; a malformed one is that sample's error
+    job = dict(program=SUM, stdin_tests=STDIN_TESTS)
+    verdicts = sandbox.run_unique([job, dict(job, stdin_tests=[{"input": "1"}]), job, dict(job, program="print(6)")], workers=2)
+    assert [v.status for v in verdicts] == ["passed", "error", "passed", "failed"] and verdicts[0] is verdicts[2]
+    assert verdicts[1].detail.startswith("malformed job: stdin_tests must be")
+
+
 def test_run_many_keeps_order():
     jobs = [dict(program=f"def add(a, b):\n    return a + b + {i}\n", calls=["add(0, 0)"], expected=[0])
             for i in range(6)] + [dict(program=ADD, test_code="assert add(1, 1) == 2\n")]
@@ -154,6 +231,38 @@ def test_each_concurrent_sample_has_its_own_uid():
                calls=["uid()"], expected=[0])
     uids = {int(v.detail.rsplit(" ", 1)[1]) for v in sandbox.run_many([job] * 3, workers=3)}
     assert len(uids) == 3 and all(u >= sandbox.UID_BASE for u in uids)
+
+
+def test_cgroups_found_in_v1_v2_and_hybrid_layouts():
+    # where this process's own cgroup is, per controller, from /proc/self/mountinfo and /proc/self/cgroup
+    v1 = ("35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+          "39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids\n"
+          "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
+    own = "8:pids:/\n4:memory:/jobs/7\n0::/\n"
+    assert sandbox._cgroup_bases(v1, own) == {"memory": ("/sys/fs/cgroup/memory/jobs/7", 1), "pids": ("/sys/fs/cgroup/pids", 1)}
+    v2 = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    assert sandbox._cgroup_bases(v2, "0::/user.slice/run-1.scope\n") == {
+        "memory": ("/sys/fs/cgroup/user.slice/run-1.scope", 2), "pids": ("/sys/fs/cgroup/user.slice/run-1.scope", 2)}
+    # a container's mount shows only its own subtree; a cgroup outside what is mounted is no use
+    container = "600 500 0:26 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    assert sandbox._cgroup_bases(container, "0::/docker/abc/x\n") == {"memory": ("/sys/fs/cgroup/x", 2), "pids": ("/sys/fs/cgroup/x", 2)}
+    assert sandbox._cgroup_bases(container, "0::/elsewhere\n") == {}
+    # hybrid: memory bound to v1, pids left to v2
+    hybrid = v1.splitlines()[0] + "\n" + "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+    assert sandbox._cgroup_bases(hybrid, "4:memory:/\n0::/a\n") == {"memory": ("/sys/fs/cgroup/memory", 1),
+                                                                     "pids": ("/sys/fs/cgroup/unified/a", 2)}
+
+
+def test_without_cgroups_one_line_says_so_and_programs_still_run(monkeypatch, capsys):
+    monkeypatch.setattr(sandbox, "_cgroup_bases", lambda mountinfo, cgroups: {})
+    sandbox._find_cgroups.cache_clear()
+    try:
+        assert sandbox._cgroups() == () and sandbox._cgroups() == ()
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("sandbox: no cgroup for memory and pids (") and "docs/SANDBOX.md" in err[0], err
+        assert calls(ADD).passed and not calls("def add(a, b):\n    return 0\n").passed
+    finally:
+        sandbox._find_cgroups.cache_clear()
 
 
 def test_weak_mode_is_explicit_and_reported(monkeypatch):

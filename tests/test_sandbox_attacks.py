@@ -9,7 +9,12 @@ rebound, then a loopback TCP connect, a setsid grandchild that outlived the run,
 sibling samples killed; mkfifo/mknod in /tmp and /dev/shm; 280 MiB of posix_fallocate; and
 malformed records raised KeyError/RecursionError in the parent. The finaliser, signal-frame,
 abstract-socket and /proc/<parent>/cmdline cases were not re-run against it; the nested
-namespace attack succeeds in this sandbox with its seccomp filter off.
+namespace attack succeeds in this sandbox with its seccomp filter off. Against 33dce2c these
+succeeded (the tests after "wrong answers"): wrong answers through dict keys and set members of
+another type; replies that held the evaluating process for minutes (hash collisions) or for good
+(a splice holding the reply pipe); signals between programs through locks and inotify on shared
+files; the host's name, boot id, kernel command line, cgroup path and root device; six 64 MiB
+processes under a 256 MiB bound, 200 processes in a user namespace run as root.
 Kernel-level attacks also run with the audit hook off (`_AUDIT_HOOK`), as if a program had
 found a way around it (the namespaces must hold on their own), and in both set-ups: a uid per
 sample (root) and a user namespace. Each case is bounded by the sandbox's own limits
@@ -41,7 +46,9 @@ ADD_OK = dict(program="import time\ntime.sleep(0.3)\ndef add(a, b):\n    return 
 ADD_TESTS_OK = dict(program=ADD_OK["program"], test_code="def check(candidate):\n    assert candidate(2, 3) == 5\n",
                     entry_point="add")
 
-# walks every frame above the program and rebinds the audit hook's `refuse` cell to a no-op
+# walks every frame above the program and rebinds the audit hook's `refuse` cell to a no-op. The
+# hook is in no frame of the runner, so this finds nothing and the "hook" runs show the hook
+# refusing; the "no-hook" runs stand for a program that got past it
 BYPASS = '''
 import sys
 def _bypass():
@@ -110,10 +117,11 @@ def sandbox_processes(evaluator_pid=None):
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-        except (OSError, StopIteration, ValueError):
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            uid, zombie = int(status["Uid"].split()[0]), status["State"].split()[0] == "Z"
+        except (OSError, KeyError, ValueError):
             continue
-        if low <= uid < low + 256:
+        if low <= uid < low + 256 and not zombie:  # a zombie runs nothing (weak mode: init reaps it soon)
             out.append(int(pid))
     return out
 
@@ -142,13 +150,22 @@ def needs_namespaces():
 def backend(request, monkeypatch, needs_namespaces):
     """Kernel-level attacks run in both isolation set-ups: a uid of its own (root) and a user
     namespace (what a non-root user gets), wherever this machine can run them."""
-    if request.param == "root" and os.geteuid() != 0:
+    return use_backend(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["root", "userns", "weak"])
+def any_backend(request, monkeypatch, needs_namespaces):
+    """The set-ups of `backend`, and the weak sandbox (which gets the cgroups too)."""
+    return use_backend(request.param, monkeypatch)
+
+
+def use_backend(name, monkeypatch):
+    if name == "root" and os.geteuid() != 0:
         pytest.skip("a uid per sample needs root")
-    if request.param == "userns" and not sandbox._run_calls_with("userns", "def f():\n    return 1\n",
-                                                                  ["f()"], [1], "", 30.0).passed:
+    if name == "userns" and not sandbox._run_calls_with("userns", "def f():\n    return 1\n", ["f()"], [1], "", 30.0).passed:
         pytest.skip("no unprivileged user namespaces here")
-    monkeypatch.setattr(sandbox, "_backend", lambda mode: request.param)
-    return request.param
+    monkeypatch.setattr(sandbox, "_backend", lambda mode: name)
+    return name
 
 
 # --------------------------------------------------------------------------- forged verdicts
@@ -171,6 +188,27 @@ def backend(request, monkeypatch, needs_namespaces):
 def test_forged_verdicts_fail(attack):
     for v in run_side_by_side(attack):
         assert not v.passed and v.status in sandbox.STATUSES, v
+
+
+def test_stdin_programs_get_no_verdict_channel(hook, backend):
+    # a stdin/stdout program looks for the expected output everywhere it can reach (the frames above
+    # it, its input), and forges the runner's record for it through any writer and descriptor
+    forged = '{"ok":true,"out":"%s","exit":0,"detail":""}' % "7312 k9q\n".encode().hex()
+    attack = ("import os, sys\ndef strings(v, depth=0):\n    if type(v) is str:\n        yield v\n"
+              "    elif depth < 4 and type(v) in (list, tuple, dict):\n"
+              "        for x in (v.values() if type(v) is dict else v):\n            yield from strings(x, depth + 1)\n"
+              "found, f = [], sys._getframe(0)\nwhile f is not None:\n    for k, v in list(f.f_locals.items()):\n"
+              "        found += [s for s in strings(v) if str(7000 + 312) in s]\n"  # its own source does not hold it
+              f"        if k == 'send' and callable(v):\n            try:\n                v({forged!r})\n"
+              "            except Exception:\n                pass\n    f = f.f_back\n"
+              f"for fd in range(3, 64):\n    try:\n        os.write(fd, {forged!r}.encode() + b'\\n')\n"
+              "    except OSError:\n        pass\n"
+              "print(found[0] if found else sys.stdin.read())\n")
+    tests = [{"input": "1 2", "output": "7312 k9q"}, {"input": "3", "output": "7312 k9q"}]
+    benign = dict(program="print(sum(map(int, input().split())))\n", stdin_tests=[{"input": "2 3", "output": "5"}])
+    verdicts = sandbox.run_many([dict(program=BYPASS + attack, stdin_tests=tests), benign, benign], workers=2)
+    assert [v.passed for v in verdicts] == [False, True, True], verdicts
+    assert verdicts[0].detail == "test 1: expected '7312 k9q', got '1 2\\n'", verdicts[0]
 
 
 def test_asserted_constants_are_not_in_the_program():
@@ -206,6 +244,132 @@ def test_prompt_helpers_are_the_trusted_ones():
     forged = problem.job("    return 0.0\n\n\ndef poly(xs, x):\n    return 0.0\n")
     honest = problem.job(problem.record["canonical_solution"])
     assert [v.passed for v in sandbox.run_many([forged, honest], workers=2)] == [False, True]
+
+
+# --------------------------------------------------------------------------- wrong answers
+def test_loose_types_inside_containers_fail(backend):
+    # each program returns a value that equals the expected one under `==` but is another value:
+    # a key or member of another type (True for 1, 1.0 for 1, 1+0j for 1), at any depth
+    cases = [({1: "a"}, "{True: 'a'}"), ({1: "a"}, "{1.0: 'a'}"), ({1}, "{True}"), ({1}, "{1 + 0j}"),
+             ({(1, 2)}, "{(1.0, 2)}"), (frozenset({0}), "frozenset({False})"), ([{1: [2]}], "[{True: [2]}]"),
+             ({(1,): 0}, "{(True,): 0}"), ({frozenset({1})}, "{frozenset({1.0})}"), ((1, {2: 3}), "(1, {2.0: 3})")]
+    jobs = [dict(program=f"def f():\n    return {returned}\n", calls=["f()"], expected=[want]) for want, returned in cases]
+    verdicts = sandbox.run_many(jobs + [ADD_OK], workers=2)
+    assert [v.status for v in verdicts] == ["failed"] * len(cases) + ["passed"], verdicts
+
+
+# --------------------------------------------------------------------------- the evaluating process held
+def evaluate_elsewhere(jobs, backend, hook=True, limit_s=20.0):
+    """run_many(jobs) in a separate evaluating process with this backend and audit hook: its verdicts
+    as dicts, or None when it had not finished after `limit_s` (it is then ended, with every process
+    under it: an evaluating process blocked in the kernel by a program ends once the program does)."""
+    code = ("import json, sys\nfrom rlhf import sandbox\n"
+            f"sandbox._AUDIT_HOOK = {hook}\nsandbox._backend = lambda mode: {backend!r}\n"
+            "verdicts = sandbox.run_many(json.load(sys.stdin), workers=2)\n"
+            "print(json.dumps([v.__dict__ for v in verdicts]))\n")
+    evaluator = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = evaluator.communicate(json.dumps(jobs), timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        for pid in descendants(evaluator.pid) + [evaluator.pid]:  # the programs first: they may hold it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        evaluator.communicate()
+        return None
+    assert evaluator.returncode == 0, err[-2000:]
+    return json.loads(out)
+
+
+def descendants(pid):
+    """Every live process below `pid`, deepest first."""
+    children = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(p))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out[::-1]
+
+
+# finds the runner's writer in the frames above the program and sends `record` as the reply
+SEND_RAW = """
+import sys, time
+def send_raw(record):
+    f = sys._getframe(0)
+    while f is not None:
+        if callable(f.f_locals.get("send")):
+            f.f_locals["send"](record)
+            time.sleep(30)
+        f = f.f_back
+"""
+P61 = "(2 ** 61 - 1)"  # ints k * P61 all have one hash: a set of n of them costs n * n / 2 comparisons
+
+
+@pytest.mark.parametrize("attack", [
+    # a set, then a dict, of 120000 (100000) ints of one hash, sent as the reply (the runner would
+    # build the set as slowly); then a list of them, which a test hands to set() (MBPP task 2 does)
+    SEND_RAW + "def secret(x):\n    send_raw('{\"ok\":true,\"v\":[\"S\",[' + ','.join('[\"i\",\"%d\"]' % (k * " + P61 + ") "
+               "for k in range(1, 120000)) + ']]}')\n",
+    SEND_RAW + "def secret(x):\n    send_raw('{\"ok\":true,\"v\":[\"d\",[' + ','.join('[[\"i\",\"%d\"],[\"n\"]]' % (k * " + P61 + ") "
+               "for k in range(1, 100000)) + ']]}')\n",
+    "def secret(x):\n    return [k * " + P61 + " for k in range(1, 120000)]\n",
+], ids=["colliding-set", "colliding-dict", "colliding-list-in-a-test"])
+def test_replies_slow_to_decode_end_at_the_deadline(attack, backend):
+    # each holds an evaluating process that decodes it (or compares it) for many minutes; the run
+    # must end about when the program's time does, whatever the reply's shape
+    jobs = [dict(program=attack, calls=CALLS, expected=EXPECTED, timeout=1.0),
+            dict(program=attack, test_code="assert set(secret(1)) == {7312}\n", entry_point="secret", check=False,
+                 timeout=1.0)]
+    t0 = time.monotonic()
+    verdicts = evaluate_elsewhere(jobs, backend, limit_s=30.0)
+    assert verdicts is not None, "the evaluating process was still busy after 30 s"
+    assert time.monotonic() - t0 < 15 and not any(v["passed"] for v in verdicts), verdicts
+    assert all(v["seconds"] < 3.0 for v in verdicts), verdicts
+
+
+# the runner's end of the reply pipe, found in the frames above the program
+REPLY_FD = """
+import sys
+def reply_fd():
+    f = sys._getframe(0)
+    while f is not None:
+        if type(f.f_locals.get("cout")) is int:
+            return f.f_locals["cout"]
+        f = f.f_back
+"""
+
+
+# splice() moves a byte from a socket into the reply pipe, which makes it readable, then, holding
+# the pipe's lock, waits for a second byte that never comes (SO_RCVLOWAT 2): the evaluating process's
+# read waits for that lock, unkillable, and the program lives as long as that read waits
+HOLD_REPLY = ("    a, b = socket.socketpair()\n    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 2)\n"
+              "    b.send(b'x')\n    os.splice(a.fileno(), reply_fd(), 2)\n")
+
+
+@pytest.mark.parametrize("attack", [
+    "import os, socket\ndef secret(x):\n" + HOLD_REPLY,
+    "import os, socket, time\ndef secret(x):\n    if os.fork() == 0:\n" + HOLD_REPLY.replace("    ", "        ")
+    + "    time.sleep(60)\n",  # the same from a forked child, the program itself asleep
+], ids=["splice-holds-the-reply-pipe", "a-child-holds-it"])
+def test_a_program_cannot_hold_the_evaluating_process(attack, backend):
+    # kernel-level: with the audit hook off (it refuses the socket)
+    program = REPLY_FD + attack
+    jobs = [dict(program=program, calls=CALLS, expected=EXPECTED, timeout=1.0),
+            dict(program=program, test_code=TESTS, entry_point="secret", timeout=1.0), ADD_OK]
+    verdicts = evaluate_elsewhere(jobs, backend, hook=False, limit_s=20.0)
+    assert verdicts is not None, "the evaluating process was still held after 20 s"
+    assert [v["status"] for v in verdicts] == ["timeout", "timeout", "passed"], verdicts
+    assert all(v["seconds"] < 1.0 + sandbox.GRACE_S + 1.5 for v in verdicts), verdicts
 
 
 # --------------------------------------------------------------------------- escapes
@@ -273,6 +437,126 @@ def test_cannot_kill_sibling_samples(hook, backend):
                   calls=["add(2, 3)"], expected=[5])
     verdicts = sandbox.run_many([dict(program=killer, calls=CALLS, expected=EXPECTED), victim, victim], workers=3)
     assert [v.passed for v in verdicts] == [False, True, True], verdicts
+
+
+def test_programs_side_by_side_cannot_signal_each_other(hook, backend):
+    # the files every program sees are the same files (the interpreter's, /dev/null): a lock, a
+    # lease, a file notification or page-cache residency on one of them is visible to the program
+    # beside it. The sender marks three files in each way; the receiver passes if it notices any
+    shared = "import os\nLIB = os.path.dirname(os.__file__)\nA, B, C = (os.path.join(LIB, n) for n in ('this.py', 'antigravity.py', '__hello__.py'))\n"
+    sender = (shared + "import fcntl, struct, time\nheld = []\n"
+              "def lock(path, how):\n    try:\n        fd = os.open(path, os.O_RDONLY)\n        how(fd)\n        held.append(fd)\n"
+              "    except OSError:\n        pass\n"
+              "lock(A, lambda fd: fcntl.flock(fd, fcntl.LOCK_SH))\n"
+              "lock(B, lambda fd: fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0)))\n"
+              "lock(C, lambda fd: fcntl.fcntl(fd, 37, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0)))\n"  # F_OFD_SETLK
+              "end = time.time() + 1.5\nwhile time.time() < end:\n    for p in (A, C):\n"  # closing B would drop its POSIX lock
+              "        with open(p, 'rb') as f:\n            f.read(1)\n    time.sleep(0.01)\n" + WRONG)
+    receiver = (shared + "import fcntl, struct, time\nfound = []\n"
+                "try:\n    import ctypes\n    libc = ctypes.CDLL(None, use_errno=True)\n"
+                "    ino = libc.inotify_init1(os.O_NONBLOCK)\n"
+                "    watched = [libc.inotify_add_watch(ino, p.encode(), 0x20 | 0x1) for p in (A, B, C)]\n"  # IN_OPEN | IN_ACCESS
+                "except Exception:\n    ino = -1\n"
+                "time.sleep(0.6)\n"
+                "fd = os.open(A, os.O_RDONLY)\ntry:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "except BlockingIOError:\n    found.append('flock')\nexcept OSError:\n    pass\n"
+                "for name, path, cmd in (('posix lock', B, fcntl.F_GETLK), ('ofd lock', C, 36)):\n"  # F_OFD_GETLK
+                "    try:\n        got = fcntl.fcntl(os.open(path, os.O_RDONLY), cmd, struct.pack('hhqqi', fcntl.F_WRLCK, 0, 0, 0, 0))\n"
+                "        found += [name] if struct.unpack('hhqqi', got)[0] != fcntl.F_UNLCK else []\n"
+                "    except OSError:\n        pass\n"
+                "if ino >= 0:\n    try:\n        found += ['inotify'] if os.read(ino, 4096) else []\n    except OSError:\n        pass\n"
+                "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if found else found\n")
+    verdicts = sandbox.run_many([dict(program=sender, calls=CALLS, expected=EXPECTED),
+                                 dict(program=receiver, calls=CALLS, expected=EXPECTED)], workers=2)
+    assert [v.detail for v in verdicts] == ["secret(1): expected 7312, got 0", "secret(1): expected 7312, got []"], verdicts
+
+
+def host_identity():
+    """What identifies this host and this run of the tests: host name, boot id, kernel command line,
+    our cgroup paths, the root file system's device."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+    found = {"host name": socket.gethostname(), "boot id": read("/proc/sys/kernel/random/boot_id"),
+             "kernel command line": read("/proc/cmdline")[:60], "machine id": read("/etc/machine-id")}
+    for line in read("/proc/self/cgroup").splitlines():
+        path = line.split(":", 2)[-1]
+        if path not in ("", "/"):
+            found["cgroup " + line.split(":", 2)[1]] = path
+    for line in read("/proc/self/mountinfo").splitlines():
+        fields = line.split(" - ")
+        if line.split()[4] == "/" and len(fields) == 2 and fields[1].split()[1].startswith("/"):
+            found["root device"] = fields[1].split()[1]
+    return {k: v for k, v in found.items() if v}
+
+
+def test_the_host_is_not_identifiable(hook, backend):
+    # everything a program could read that names this host or this run: the UTS host name, and in
+    # /proc the boot id, kernel command line, cgroup paths (ours, and any cgroup the sandbox makes),
+    # mountinfo (devices and paths); the program passes if any of them is there
+    identity = dict(host_identity(), sandbox_cgroup="rlhf-sandbox")
+    attack = ("import os\nTEXTS = []\n"
+              "for p in ('/proc/sys/kernel/hostname', '/proc/sys/kernel/random/boot_id', '/proc/cmdline', "
+              "'/proc/self/cgroup', '/proc/1/cgroup', '/proc/self/mountinfo', '/proc/1/mountinfo', '/proc/self/mounts', "
+              "'/etc/hostname', '/etc/machine-id', '/sys/class/dmi/id/product_uuid'):\n"
+              "    try:\n        TEXTS.append(open(p).read())\n    except Exception:\n        pass\n"
+              f"IDENTITY = {identity!r}\n"
+              "NAMES = {os.uname().nodename} | {t.strip() for t in TEXTS}\n"
+              "FOUND = sorted(k for k, v in IDENTITY.items() if v in NAMES or k != 'host name' and any(v in t for t in TEXTS))\n"
+              "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if FOUND else FOUND\n")
+    verdicts = run_side_by_side(attack)
+    assert not any(v.passed for v in verdicts) and verdicts[0].detail == "secret(1): expected 7312, got []", verdicts
+
+
+@pytest.fixture
+def cgroups():
+    if not sandbox._cgroups():
+        pytest.skip("no writable cgroup here (the one line on stderr says why)")
+    return sandbox._cgroups()
+
+
+def test_memory_is_bounded_for_the_program_as_a_whole(any_backend, cgroups, monkeypatch):
+    # six processes of 64 MiB each, at once, under a limit of 256 MiB: each is under RLIMIT_AS (the
+    # bound per process), and together they held 384 MiB before programs had a cgroup
+    monkeypatch.setattr(sandbox, "_AUDIT_HOOK", False)
+    attack = ("import os, select, time\nR, W = os.pipe()\ndef secret(x):\n    for i in range(6):\n"
+              "        if os.fork() == 0:\n            held = b'\\x01' * (64 << 20)\n            os.write(W, b'1')\n"
+              "            time.sleep(3)\n            os._exit(0)\n    got, end = b'', time.time() + 2\n"
+              "    while len(got) < 6 and time.time() < end:\n        if select.select([R], [], [], 0.1)[0]:\n"
+              "            got += os.read(R, 6)\n    return {1: 7312, 2: 'k9q'}[x] if len(got) == 6 else len(got)\n")
+    jobs = [dict(program=attack, calls=CALLS, expected=EXPECTED, timeout=4.0, memory_mb=256),
+            dict(ADD_OK, memory_mb=256)]
+    verdicts = sandbox.run_many(jobs, workers=2)
+    assert [v.passed for v in verdicts] == [False, True], verdicts
+    # each program's cgroups are gone after its run
+    assert [n for parent, _ in cgroups for n in os.listdir(parent) if os.path.isdir(f"{parent}/{n}")] == []
+
+
+def test_a_programs_processes_are_bounded_as_a_whole(backend, cgroups, monkeypatch):
+    # in a user namespace every program has the same uid: RLIMIT_NPROC counts them together (one
+    # program's 40 sleeping processes would leave the one beside it too few for its 30), and where
+    # that uid is root outside (the evaluating process runs as root) the kernel does not apply
+    # RLIMIT_NPROC at all: a program forked 200 processes. With a cgroup each program has its own
+    # SANDBOX_MAX_PROCS. (As root each program has a uid, and a count, of its own already.)
+    if backend == "root":
+        pytest.skip("as root each program has a uid, and so a count, of its own")
+    if not any(name == "pids.max" for _, files in cgroups for name, _ in files):
+        pytest.skip("no pids cgroup here")
+    monkeypatch.setattr(sandbox, "_AUDIT_HOOK", False)
+    hog = ("import os, time\nfor i in range(40):\n    if os.fork() == 0:\n        time.sleep(3)\n        os._exit(0)\n"
+           "time.sleep(2)\n" + WRONG)
+    needs_30 = ("import os, time\ntime.sleep(0.5)\ndef add(a, b):\n    pids = []\n    for i in range(30):\n"
+                "        pid = os.fork()\n        if pid == 0:\n            time.sleep(0.2)\n            os._exit(0)\n"
+                "        pids.append(pid)\n    for pid in pids:\n        os.waitpid(pid, 0)\n    return a + b\n")
+    verdicts = sandbox.run_many([dict(program=hog, calls=CALLS, expected=EXPECTED, timeout=4.0),
+                                 dict(ADD_OK, program=needs_30, timeout=4.0)], workers=2)
+    assert [v.passed for v in verdicts] == [False, True], verdicts
+    bomb = "import os, time\nn = 0\ntry:\n    while n < 200:\n        if os.fork() == 0:\n            time.sleep(2)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\ndef f():\n    return n\n"
+    v = sandbox.run_calls(bomb, ["f()"], [0], timeout=4.0)
+    assert v.detail.startswith("f(): expected 0, got ") and int(v.detail.rsplit(" ", 1)[1]) < C.SANDBOX_MAX_PROCS, v
 
 
 def test_problems_file_is_out_of_reach(tmp_path, needs_namespaces):
@@ -410,8 +694,10 @@ def test_programs_forked_by_one_zygote_share_nothing(hook, backend):
               "def traces():\n    found = []\n"
               f"    for p in ('/work/mark-{tag}', '/dev/shm/mark-{tag}', '/tmp/mark-{tag}'):\n"
               "        found += [p] if os.path.exists(p) else []\n"
-              "    own = {str(os.getpid()), '1', 'self', 'thread-self'}\n"
-              "    found += [p for p in os.listdir('/proc') if p.isdigit() and p not in own]\n"
+              "    for pid in range(2, 4096):\n"  # any process but its own and pid 1 (no /proc needed)
+              "        try:\n            os.kill(pid, 0)\n            found += [pid] if pid != os.getpid() else []\n"
+              "        except PermissionError:\n            found.append(pid)\n"  # there, another uid's
+              "        except OSError:\n            pass\n"
               "    try:\n        c = socket.socket(socket.AF_UNIX)\n"
               f"        c.connect('\\0plant-{tag}')\n        found.append('socket')\n    except OSError:\n        pass\n"
               "    return found\n"
