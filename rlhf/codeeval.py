@@ -139,19 +139,18 @@ class Problem:
 
 @functools.cache
 def _harness() -> str:
-    with open(os.path.join(os.path.dirname(__file__), "stdio_harness.py"), encoding="utf-8") as f:
+    with open(os.path.join(os.path.dirname(__file__), "call_harness.py"), encoding="utf-8") as f:
         return f.read()
 
 
 def stdin_job(code: str, tests: list[dict]) -> dict:
-    """The sandbox job that runs `code` once per test, with the test's "input" as its standard
-    input, and passes a test when what it prints equals the test's "output" as whitespace-separated
-    tokens (rlhf/stdio_harness.py, run_stdin). The outputs never reach the program: it returns what
-    it printed, and sandbox.run_calls compares here. The time limit (SANDBOX_TIMEOUT_S) covers the
-    program's load and all its tests; a program that never ends is that sample's "timeout"."""
-    return {"program": f"{_harness()}\n\nCODE = load({code!r})\n",
-            "calls": [f"run_stdin(CODE, {t['input']!r})" for t in tests],
-            "expected": [" ".join(t["output"].split()) for t in tests]}
+    """The sandbox job that runs `code` as a script once per test, in a fresh process with the
+    test's "input" as its standard input, and passes a test when it exits 0 and what it prints
+    equals the test's "output" as whitespace-separated tokens (sandbox.run_stdio: the rule of
+    testlib's wcmp, the default checker of most judges). The outputs never reach the program; the
+    time limit (SANDBOX_TIMEOUT_S) covers the program's load and all its tests; a program that
+    never ends is that sample's "timeout"."""
+    return {"program": code, "stdin_tests": [{"input": t["input"], "output": t["output"]} for t in tests]}
 
 
 def call_job(code: str, fn_name: str, tests: list[dict]) -> dict:

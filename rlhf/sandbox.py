@@ -465,7 +465,8 @@ def run_script(cfg, code, stdin_r, out, why, describe):
         return 1
     rc = 0
     try:
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        # exit() and quit() as `site` defines them (the interpreter runs with -S): judges' scripts use them
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__, "exit": sys.exit, "quit": sys.exit})
         if "threading" in sys.modules:  # as the interpreter does at exit: wait for non-daemon threads
             sys.modules["threading"]._shutdown()
     except SystemExit as e:

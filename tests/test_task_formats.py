@@ -116,8 +116,8 @@ def test_stdin_programs_as_a_judge_runs_them():
     assert got == {case: passed for case, (_, _, passed) in answers.items()}, [r["detail"] for r in results]
     by_case = dict(zip(answers, results))
     assert by_case["syntax error"]["status"] == "error" and "SyntaxError" in by_case["syntax error"]["detail"]
-    assert "exit status 3" in by_case["exit status 3"]["detail"]
-    assert by_case["wrong answer"]["detail"] == "run_stdin(CODE, '1 2\\n'): expected '3', got '-1'"
+    assert "exit code 3" in by_case["exit status 3"]["detail"]
+    assert by_case["wrong answer"]["detail"] == "test 1: expected '3\\n', got '-1\\n'"
     assert by_case["wrong answer"]["pass_fraction"] == 0.0
 
 
