@@ -322,7 +322,7 @@ F.append(Family(
      "用Python求两个数的$zh，函数名 $name(a, b)。"],
     "def $name(a, b):\n$code",
     {"missing_return": "def $name(a, b):\n    while b:\n        a, b = b, a % b"},
-    lambda rng, p: [(12, 18), (7, 5), (0, 9), (5, 0), (0, 0), (1, 7), (9, 1), (-4, 6), (rng.randint(1, 60), rng.randint(1, 60)), (21, 14)],
+    lambda rng, p: [(12, 18), (7, 5), (0, 9), (5, 0), (0, 0), (1, 7), (9, 1), (-1, 9), (5, -1), (-4, 6), (rng.randint(1, 60), rng.randint(1, 60)), (21, 14)],
     lambda p, a, b: math.gcd(a, b) if p["op"] == "gcd" else abs(a * b) // math.gcd(a, b) if a and b else 0,
     heldout=0))
 
@@ -711,7 +711,8 @@ F.append(Family(
     ["编写 $name(arr, target)，在升序列表 arr 上用二分查找${zh}",
      "用Python实现二分查找 $name(arr, target)${zh}"],
     "$code", {"$bugkind": "$bug"},
-    lambda rng, p: [([], 3), ([1], 1), ([1, 3, 5, 7], 7), ([1, 3, 5, 7], 4), ([1, 3, 5, 7], 0), ([2, 4, 6, 8, 10], 10)] + [(sorted(set(ints(rng, 8, -20, 20))), rng.randint(-20, 20))],
+    lambda rng, p: [([], 3), ([1], 1), ([1, 3, 5, 7], 7), ([1, 3, 5, 7], 1), ([1, 3, 5, 7], 4), ([1, 3, 5, 7], 0),
+                    ([3, 5, 7], 3), ([3, 5, 7], 7), ([2, 4], 2), ([2, 4], 4), ([2, 4, 6, 8, 10], 10)] + [(sorted(set(ints(rng, 8, -20, 20))), rng.randint(-20, 20))],
     lambda p, arr, target: _search(arr, target, p["mode"]),
     heldout=0))
 F[-1].params[0].update(en="; return the index of target, or -1 if it is absent.", zh="，返回 target 的下标，找不到返回 -1。",

@@ -370,7 +370,7 @@ class _Mutate(ast.NodeTransformer):
 
 
 def mutants(code):
-    """[(kind, program)] of the distinct mutants of a program (_Mutate) that compile."""
+    """[("#number kind", program)] of the distinct mutants of a program (_Mutate) that compile."""
     tree = ast.parse(code)
     out, seen = [], {ast.unparse(tree)}
     for target in itertools.count():
@@ -386,7 +386,7 @@ def mutants(code):
             compile(src, "<mutant>", "exec")  # compiled, never run here: only in the sandbox
         except SyntaxError:  # e.g. a `break` that no loop holds any more
             continue
-        out.append((mutate.kind, src))
+        out.append((f"#{target} {mutate.kind}", src))  # numbered: a kind recurs at other places
 
 
 # ---------------------------------------------------------------- tests that reject wrong programs
