@@ -5,15 +5,19 @@ A family is one kind of task with parameter variants. Templates use string.Templ
 $name is the function name, other $fields come from the parameter dict. A prompt template
 without $name relies on the convention name (the family's first name). `inputs(rng, p)`
 returns argument tuples (edge cases first); `oracle(p, *args)` computes the expected value
-independently of the reference code, so a wrong reference is caught by the sandbox check.
-The last third of each family's parameter list (or its last `heldout`) is held out of every
-training file (SFT, RM, PPO): eval and validation only.
+independently of the reference code, so a wrong reference is caught by the sandbox check, and
+raises ValueError (`valid`) for an input the task is not for. The last third of each family's
+parameter list (or its last `heldout`) is held out of every training file (SFT, RM, PPO), split
+between eval and validation; a family with natural prompts (`bare`) keeps params[0] out of them too.
+The inputs are what the tests call: build_data stops unless they reject every bug of the family,
+every other variant's reference and the mutants of the reference that change what it returns.
 
 A family whose variants differ by one value (a number, a character, a word, peg names) has many
 seen values around its held-out ones (sum_multiples: 40 seen k, 8 held out), so that writing a
 held-out value is a matter of copying it from the prompt, not of memory; with a few seen values
 the model wrote one of those instead (docs/RESULTS.md, "Values read from the prompt").
 """
+import functools
 import math
 import string
 from dataclasses import dataclass, field
@@ -34,10 +38,17 @@ class Family:
     call: object = None   # optional (name, args) -> call expression; default name(*args)
     heldout: int = field(default=-1)  # how many trailing params are held out (-1: len // 3)
     bare: list = field(default_factory=list)  # (lang, natural prompt) meaning params[0], names[0]
+    behaviour: object = None  # optional p -> key: variants with one key ask for the same results (bubble
+    #   vs insertion sort, which only the method tells apart): one task for evaluation, held out together
+
+    def task_class(self, pi):
+        """The evaluation task of variant pi: variants that only a method tells apart share one."""
+        return pi if self.behaviour is None else self.behaviour(self.params[pi])
 
     @property
     def n_seen(self):
-        """How many leading params the training files may hold; params[n_seen:] are held out."""
+        """How many leading params the training files may hold; params[n_seen:] are held out
+        (scripts/build_data.py variant_roles: also params[0] of a family with natural prompts)."""
         return len(self.params) - (len(self.params) // 3 if self.heldout < 0 else self.heldout)
 
 
@@ -58,6 +69,14 @@ def seen_then_held(values, is_held):
 def held_last(params, is_held):
     """Order params so the held-out ones (is_held) come last; returns (params, how many held)."""
     return sorted(params, key=is_held), sum(map(is_held, params))
+
+
+def valid(ok):
+    """None, or ValueError when an oracle is asked about an input its task is not for (an unsorted
+    list to merge, 0 as a Roman numeral): the checks of scripts/build_data.py probe a reference with
+    other variants' inputs and inputs near its tests, and skip those."""
+    if not ok:
+        raise ValueError("not an input of this task")
 
 
 # ---------------------------------------------------------------- input helpers
@@ -202,7 +221,8 @@ RUN_OPS = """def run_ops(cls, ops):
 
 
 def ops_inputs(rng, p):
-    fixed = [[("pop",), ("peek",), ("size",)], [("push", 1), ("push", 2), ("pop",), ("peek",), ("size",)]]
+    fixed = [[("pop",), ("peek",), ("size",)], [("push", 1), ("push", 2), ("pop",), ("peek",), ("size",)],
+             [("push", 1), ("push", 2), ("peek",), ("push", 3), ("pop",), ("peek",), ("pop",), ("size",)]]
     rand = []
     for _ in range(3):
         ops = []
@@ -231,7 +251,7 @@ F.append(Family(
     "def $name(nums):\n    return sum(x for x in nums if x % $k == 0)",
     {"wrong_comparison": "def $name(nums):\n    return sum(x for x in nums if x % $k != 0)",
      "wrong_operator": "def $name(nums):\n    return sum(x for x in nums if x // $k == 0)"},
-    lambda rng, p: lists(rng, [[p["k"], 2 * p["k"], p["k"] + 1, -p["k"]]]),
+    lambda rng, p: lists(rng, [[p["k"], 2 * p["k"], p["k"] + 1, -p["k"]], [p["k"]], list(range(1, 100))]),
     lambda p, nums: sum(x for x in nums if x % p["k"] == 0), heldout=8))
 
 F.append(Family(
@@ -287,7 +307,7 @@ F.append(Family(
     "def $name(n):\n    if n < 2:\n        return False\n    for d in range(2, int(n ** 0.5) + 1):\n        if n % d == 0:\n            return False\n    return True",
     {"wrong_base_case": "def $name(n):\n    if n < 1:\n        return False\n    for d in range(2, int(n ** 0.5) + 1):\n        if n % d == 0:\n            return False\n    return True",
      "off_by_one": "def $name(n):\n    if n < 2:\n        return False\n    for d in range(2, int(n ** 0.5)):\n        if n % d == 0:\n            return False\n    return True"},
-    lambda rng, p: [(0,), (1,), (2,), (9,), (25,), (-7,), (rng.randint(3, 200),), (97,)],
+    lambda rng, p: [(0,), (1,), (2,), (3,), (4,), (9,), (25,), (49,), (121,), (-7,), (rng.randint(3, 200),), (97,)],
     lambda p, n: is_prime(n)))
 
 F.append(Family(
@@ -302,7 +322,7 @@ F.append(Family(
      "用Python求两个数的$zh，函数名 $name(a, b)。"],
     "def $name(a, b):\n$code",
     {"missing_return": "def $name(a, b):\n    while b:\n        a, b = b, a % b"},
-    lambda rng, p: [(12, 18), (7, 5), (0, 9), (-4, 6), (rng.randint(1, 60), rng.randint(1, 60)), (21, 14)],
+    lambda rng, p: [(12, 18), (7, 5), (0, 9), (5, 0), (0, 0), (1, 7), (9, 1), (-1, 9), (5, -1), (-4, 6), (rng.randint(1, 60), rng.randint(1, 60)), (21, 14)],
     lambda p, a, b: math.gcd(a, b) if p["op"] == "gcd" else abs(a * b) // math.gcd(a, b) if a and b else 0,
     heldout=0))
 
@@ -359,7 +379,8 @@ F.append(Family(
     "def $name(s):\n    t = $prep\n    return t == t[::-1]",
     {"wrong_slice": "def $name(s):\n    t = $prep\n    return t == t[::-2]",
      "wrong_return_type": "def $name(s):\n    t = $prep\n    return 1 if t == t[::-1] else 0"},
-    lambda rng, p: [("",), ("Abba",), ("A man, a plan, a canal: Panama",), ("racecar",), ("ab",), ("No 'x' in Nixon",), (rng.choice(WORDS),)],
+    lambda rng, p: [("",), ("Abba",), ("A man, a plan, a canal: Panama",), ("racecar",), ("race car",), ("ab",),
+                    ("No 'x' in Nixon",), ("No lemon, no melon",), (rng.choice(WORDS),)],
     lambda p, s: (lambda t: t == t[::-1])(eval(p["prep"], {"s": s}))))
 
 F.append(Family(
@@ -408,7 +429,9 @@ F.append(Family(
     {"missing_filter": "def $name(nums):\n    return [$m for x in nums]",
      "missing_map": "def $name(nums):\n    return [x for x in nums if $f]"},
     lambda rng, p: lists(rng, [[1, 2, 3, 12, -6, 11]]),
-    lambda p, nums: [fx(p["m"])(x) for x in nums if fx(p["f"])(x)], heldout=_FM_HELD))
+    lambda p, nums: [fx(p["m"])(x) for x in nums if fx(p["f"])(x)], heldout=_FM_HELD,
+    # the absolute value of a negative number is its negation: those two prompts ask one thing
+    behaviour=lambda p: (p["f"], "-x" if (p["f"], p["m"]) == ("x < 0", "abs(x)") else p["m"])))
 
 F.append(Family(
     "filter_reduce", _FR,
@@ -420,7 +443,7 @@ F.append(Family(
     "def $name(nums):\n    vals = [x for x in nums if $f]\n    return $a",
     {"missing_filter": "def $name(nums):\n    vals = nums\n    return $a",
      "wrong_condition": "def $name(nums):\n    vals = [x for x in nums if not ($f)]\n    return $a"},
-    lambda rng, p: lists(rng, [[1, 2, 3, 12, -6, 11], [4, 4, -9]]),
+    lambda rng, p: lists(rng, [[1, 2, 3, 12, -6, 11], [4, 4, -9], [1], [-1], [10], [11]]),
     lambda p, nums: AGGS[p["ai"]][3]([x for x in nums if fx(p["f"])(x)]), heldout=_FR_HELD))
 
 F.append(Family(
@@ -486,7 +509,8 @@ F.append(Family(
     "def $name(nums):\n    vals = sorted(set(nums), reverse=True)\n    if len(vals) < $k:\n        return None\n    return vals[$k - 1]",
     {"no_dedup": "def $name(nums):\n    vals = sorted(nums, reverse=True)\n    if len(vals) < $k:\n        return None\n    return vals[$k - 1]",
      "off_by_one": "def $name(nums):\n    vals = sorted(set(nums), reverse=True)\n    if len(vals) <= $k:\n        return None\n    return vals[$k - 1]"},
-    lambda rng, p: lists(rng, [list(range(p["k"])), [9, 9, 8, 7, 7, 6, 5, 4]]),
+    lambda rng, p: lists(rng, [list(range(p["k"])), list(range(p["k"] - 1)), [9, 9, 8, 7, 7, 6, 5, 4],
+                               sorted(list(range(p["k"])) * 2), list(range(p["k"] - 1)) * 2]),
     lambda p, nums: (lambda v: v[p["k"] - 1] if len(v) >= p["k"] else None)(sorted(set(nums), reverse=True))))
 
 F.append(Family(
@@ -536,7 +560,7 @@ F.append(Family(
     "def $name(lst):\n    if not lst:\n        return []\n    k = $k % len(lst)\n    return ${body}",
     {"wrong_direction": "def $name(lst):\n    if not lst:\n        return []\n    k = $k % len(lst)\n    return ${wrong}",
      "missing_guard": "def $name(lst):\n    k = $k % len(lst)\n    return ${body}"},
-    lambda rng, p: lists(rng, [[1, 2, 3, 4, 5]]),
+    lambda rng, p: lists(rng, [[1, 2, 3, 4, 5], list(range(2 * p["k"] + 3))]),
     lambda p, lst: (lambda k: lst[k:] + lst[:k] if p["d"] == "left" else lst[len(lst) - k:] + lst[:len(lst) - k])(p["k"] % len(lst)) if lst else [],
     heldout=10))
 for p_ in F[-1].params:
@@ -625,27 +649,47 @@ F.append(Family(
     {"wrong_base_case": "def $name(n):\n    if n == 0:\n        return n\n    return n $op $name(n - 1)",
      "missing_return": "def $name(n):\n    if n == 0:\n        return $base\n    n $op $name(n - 1)"},
     lambda rng, p: [(0,), (1,), (5,), (rng.randint(6, 15),)],
-    lambda p, n: math.factorial(n) if p["op"] == "*" else n * (n + 1) // 2, heldout=0))
+    lambda p, n: valid(n >= 0) or (math.factorial(n) if p["op"] == "*" else n * (n + 1) // 2), heldout=0))
 F[-1].params[0]["op_name"], F[-1].params[1]["op_name"] = "factorial", "sum"
 
 F.append(Family(
-    "collatz", [dict(m=3, c=1), dict(m=3, c=3), dict(m=5, c=1)],
+    # odd rules m * n + c (c odd) under which many odd starts reach 1: 3n+3 reached it from powers of
+    # two alone, so no test could tell its odd rule from any other's
+    "collatz", [dict(m=m, c=c, rule=f"{m} * n {'+-'[c < 0]} {abs(c)}", zrule=f"乘{m}{'加减'[c < 0]}{abs(c)}")
+                for m, c in ((3, 1), (3, 7), (5, -1), (3, -1), (5, 7), (5, 1), (3, 13), (5, 11),
+                             (5, 9), (3, 11), (5, -3), (3, 5))],
     ["collatz_steps", "count_steps"],
-    ["Write $name(n) for n >= 1 that counts the steps to reach 1, where an even n becomes n // 2 and an odd n becomes $m * n + $c.",
-     "Implement $name(n): repeat n -> n // 2 (even) or n -> $m*n + $c (odd) until n == 1 and return the number of steps."],
-    ["编写 $name(n)（n >= 1）：偶数变为 n // 2，奇数变为 $m*n + $c，返回变到 1 需要的步数。",
-     "实现函数 $name(n)，统计按“偶数除以2、奇数乘$m加$c”的规则变到1的步数。"],
-    "def $name(n):\n    steps = 0\n    while n != 1:\n        n = n // 2 if n % 2 == 0 else $m * n + $c\n        steps += 1\n    return steps",
-    {"off_by_one": "def $name(n):\n    steps = 1\n    while n != 1:\n        n = n // 2 if n % 2 == 0 else $m * n + $c\n        steps += 1\n    return steps"},
-    lambda rng, p: [(1,), (2,), (8,), (16,)] + ([(6,), (7,), (rng.choice([3, 9, 12, 27]),)] if p["m"] == 3 and p["c"] == 1 else [(4,), (32,)]),
-    lambda p, n: _collatz(n, p["m"], p["c"]), heldout=1))
+    ["Write $name(n) for n >= 1 that counts the steps to reach 1, where an even n becomes n // 2 and an odd n becomes $rule.",
+     "Implement $name(n): repeat n -> n // 2 (even) or n -> $rule (odd) until n == 1 and return the number of steps."],
+    ["编写 $name(n)（n >= 1）：偶数变为 n // 2，奇数变为 $rule，返回变到 1 需要的步数。",
+     "实现函数 $name(n)，统计按“偶数除以2、奇数${zrule}”的规则变到1的步数。"],
+    "def $name(n):\n    steps = 0\n    while n != 1:\n        n = n // 2 if n % 2 == 0 else $rule\n        steps += 1\n    return steps",
+    {"off_by_one": "def $name(n):\n    steps = 1\n    while n != 1:\n        n = n // 2 if n % 2 == 0 else $rule\n        steps += 1\n    return steps"},
+    lambda rng, p: [(1,), (2,), (16,)] + [(n,) for n in rng.sample(_collatz_starts(p["m"], p["c"])[0], 3)]
+    + [(rng.choice(_collatz_starts(p["m"], p["c"])[1]),)],
+    lambda p, n: _collatz(n, p["m"], p["c"]), heldout=4))
 
 
-def _collatz(n, m, c):
+def _collatz(n, m, c, limit=10000):
+    valid(n >= 1)
     steps = 0
     while n != 1:
         n, steps = (n // 2 if n % 2 == 0 else m * n + c), steps + 1
+        if steps > limit:  # some starts cycle or grow under these rules: not a valid input
+            raise ValueError(f"{n} does not reach 1 in {limit} steps under {m} * n + {c}")
     return steps
+
+
+@functools.lru_cache(maxsize=None)
+def _collatz_starts(m, c):
+    """(odd starts, even starts that are not powers of two) in 3..300 that reach 1 within 500 steps."""
+    def reaches(n):
+        try:
+            return _collatz(n, m, c, limit=500) >= 0
+        except ValueError:
+            return False
+    ok = [n for n in range(3, 301) if reaches(n)]
+    return [n for n in ok if n % 2], [n for n in ok if n % 2 == 0 and n & (n - 1)]
 
 
 F.append(Family(
@@ -657,7 +701,7 @@ F.append(Family(
     "def $name(m, n):\n    if m == 1 or n == 1:\n        return 1\n    return $name(m - 1, n) + $name(m, n - 1)",
     {"wrong_base_case": "def $name(m, n):\n    if m == 1 and n == 1:\n        return 1\n    if m == 0 or n == 0:\n        return 1\n    return $name(m - 1, n) + $name(m, n - 1)"},
     lambda rng, p: [(1, 1), (2, 2), (3, 3), (1, 5), (rng.randint(2, 6), rng.randint(2, 6))],
-    lambda p, m, n: math.comb(m + n - 2, m - 1)))
+    lambda p, m, n: valid(m >= 1 and n >= 1) or math.comb(m + n - 2, m - 1)))
 
 F.append(Family(
     "binary_search", [dict(mode="index"), dict(mode="insert")],
@@ -667,8 +711,9 @@ F.append(Family(
     ["编写 $name(arr, target)，在升序列表 arr 上用二分查找${zh}",
      "用Python实现二分查找 $name(arr, target)${zh}"],
     "$code", {"$bugkind": "$bug"},
-    lambda rng, p: [([], 3), ([1], 1), ([1, 3, 5, 7], 7), ([1, 3, 5, 7], 4), ([1, 3, 5, 7], 0), ([2, 4, 6, 8, 10], 10)] + [(sorted(set(ints(rng, 8, -20, 20))), rng.randint(-20, 20))],
-    lambda p, arr, target: (arr.index(target) if target in arr else -1) if p["mode"] == "index" else sum(1 for x in arr if x < target),
+    lambda rng, p: [([], 3), ([1], 1), ([1, 3, 5, 7], 7), ([1, 3, 5, 7], 1), ([1, 3, 5, 7], 4), ([1, 3, 5, 7], 0),
+                    ([3, 5, 7], 3), ([3, 5, 7], 7), ([2, 4], 2), ([2, 4], 4), ([2, 4, 6, 8, 10], 10)] + [(sorted(set(ints(rng, 8, -20, 20))), rng.randint(-20, 20))],
+    lambda p, arr, target: _search(arr, target, p["mode"]),
     heldout=0))
 F[-1].params[0].update(en="; return the index of target, or -1 if it is absent.", zh="，返回 target 的下标，找不到返回 -1。",
                        code="def $name(arr, target):\n    lo, hi = 0, len(arr) - 1\n    while lo <= hi:\n        mid = (lo + hi) // 2\n        if arr[mid] == target:\n            return mid\n        if arr[mid] < target:\n            lo = mid + 1\n        else:\n            hi = mid - 1\n    return -1",
@@ -676,6 +721,12 @@ F[-1].params[0].update(en="; return the index of target, or -1 if it is absent."
 F[-1].params[1].update(en="; return the leftmost index where target could be inserted to keep arr sorted.", zh="，返回 target 插入后仍保持有序的最左位置。",
                        code="def $name(arr, target):\n    lo, hi = 0, len(arr)\n    while lo < hi:\n        mid = (lo + hi) // 2\n        if arr[mid] < target:\n            lo = mid + 1\n        else:\n            hi = mid\n    return lo",
                        bugkind="wrong_comparison", bug="def $name(arr, target):\n    lo, hi = 0, len(arr)\n    while lo < hi:\n        mid = (lo + hi) // 2\n        if arr[mid] <= target:\n            lo = mid + 1\n        else:\n            hi = mid\n    return lo")
+
+
+def _search(arr, target, mode):
+    valid(all(a < b for a, b in zip(arr, arr[1:])))
+    return (arr.index(target) if target in arr else -1) if mode == "index" else sum(1 for x in arr if x < target)
+
 
 SORT_DIRS = [dict(lt="<", gt=">", rev=False, den="ascending", dzh="升序"),
              dict(lt=">", gt="<", rev=True, den="descending", dzh="降序")]
@@ -714,7 +765,7 @@ F.append(Family(
      "编写 $name(arr)，用${azh}把列表的副本按${dzh}排序后返回。"],
     "$code", {"$bugkind": "$bug"},
     lambda rng, p: lists(rng, [[3, 1, 2], [1, 3, 2, 5, 4]]),
-    lambda p, arr: sorted(arr, reverse=p["rev"]), heldout=2))
+    lambda p, arr: sorted(arr, reverse=p["rev"]), heldout=3, behaviour=lambda p: p["rev"]))
 _SORT = {
     "bubble": ("def $name(arr):\n    a = arr[:]\n    for i in range(len(a)):\n        for j in range(len(a) - 1 - i):\n            if a[j] $gt a[j + 1]:\n                a[j], a[j + 1] = a[j + 1], a[j]\n    return a",
                "off_by_one", "def $name(arr):\n    a = arr[:]\n    for i in range(len(a)):\n        for j in range(len(a) - 2 - i):\n            if a[j] $gt a[j + 1]:\n                a[j], a[j + 1] = a[j + 1], a[j]\n    return a"),
@@ -725,7 +776,9 @@ _SORT = {
 }
 for p_ in F[-1].params:
     p_["code"], p_["bugkind"], p_["bug"] = _SORT[p_["algo"]]
-F[-1].params.sort(key=lambda p_: (p_["algo"], p_["rev"]) in (("selection", True), ("insertion", False)))
+# the algorithms sort alike (no test tells bubble from insertion sort): the descending ones, one task
+# for evaluation, are held out together
+F[-1].params.sort(key=lambda p_: p_["rev"])
 
 F.append(Family(
     "merge_sorted", [dict(d) for d in SORT_DIRS], ["merge_sorted", "merge_lists"],
@@ -736,7 +789,12 @@ F.append(Family(
     "def $name(a, b):\n    i = j = 0\n    out = []\n    while i < len(a) and j < len(b):\n        if a[i] $lt= b[j]:\n            out.append(a[i])\n            i += 1\n        else:\n            out.append(b[j])\n            j += 1\n    return out + a[i:] + b[j:]",
     {"drops_tail": "def $name(a, b):\n    i = j = 0\n    out = []\n    while i < len(a) and j < len(b):\n        if a[i] $lt= b[j]:\n            out.append(a[i])\n            i += 1\n        else:\n            out.append(b[j])\n            j += 1\n    return out"},
     lambda rng, p: [([], []), ([1], []), ([], [2, 1] if p["rev"] else [1, 2]), ([5, 3, 1], [4, 2]) if p["rev"] else ([1, 3, 5], [2, 4])] + [(sorted(ints(rng), reverse=p["rev"]), sorted(ints(rng), reverse=p["rev"]))],
-    lambda p, a, b: sorted(a + b, reverse=p["rev"]), heldout=0))
+    lambda p, a, b: _merged(a, b, p["rev"]), heldout=0))
+
+
+def _merged(a, b, rev):
+    valid(all(x == sorted(x, reverse=rev) for x in (a, b)))
+    return sorted(a + b, reverse=rev)
 
 TRAVERSALS = [dict(order="in", en="inorder", zh="中序"), dict(order="pre", en="preorder", zh="前序"),
               dict(order="post", en="postorder", zh="后序"), dict(order="level", en="level-order (breadth-first)", zh="层序")]
@@ -820,7 +878,8 @@ F.append(Family(
 
 F.append(Family(
     "brackets", [dict(pairs="()", en="parentheses ()", zh="圆括号 ()"), dict(pairs="()[]{}", en="the brackets (), [] and {}", zh="括号 ()、[]、{}"),
-                 dict(pairs="()[]", en="the brackets () and []", zh="括号 () 和 []"), dict(pairs="{}<>", en="the brackets {} and <>", zh="括号 {} 和 <>")],
+                 dict(pairs="()[]", en="the brackets () and []", zh="括号 () 和 []"), dict(pairs="{}<>", en="the brackets {} and <>", zh="括号 {} 和 <>"),
+                 dict(pairs="[]", en="square brackets []", zh="方括号 []"), dict(pairs="()<>", en="the brackets () and <>", zh="括号 () 和 <>")],
     ["is_balanced", "check_brackets"],
     ["Write $name(s) that returns True if $en in s are balanced and properly nested; other characters are ignored.",
      "Implement $name(s) with a stack: check that $en in the string s match up."],
@@ -831,8 +890,9 @@ F.append(Family(
      "count_only": "def $name(s):\n    opens = sum(s.count(c) for c in '$opens')\n    closes = sum(s.count(c) for c in '$closes')\n    return opens == closes"},
     lambda rng, p: [("",), (p["pairs"],), (p["pairs"][::-1],), (p["pairs"][0] * 2 + p["pairs"][1],),
                     (p["pairs"][0] + p["pairs"][-2] + p["pairs"][1] + p["pairs"][-1],), ("x" + p["pairs"][:2] + "y",),
+                    (p["pairs"][1] + p["pairs"][:2],), (")(",), ("][",), ("}{",), ("><",), ("([)]",), ("{<}>",),
                     ("".join(rng.choice(p["pairs"]) for _ in range(6)),)],
-    lambda p, s: _balanced(s, p["pairs"]), heldout=1))
+    lambda p, s: _balanced(s, p["pairs"]), heldout=3))
 for p_ in F[-1].params:
     pr = p_["pairs"]
     p_["mapping"] = ", ".join(f"'{pr[i + 1]}': '{pr[i]}'" for i in range(0, len(pr), 2))
@@ -884,6 +944,7 @@ F[-1].params[1].update(sig="(s)", en_text="Write $name(s) that converts a Roman 
 
 
 def _roman(n):
+    valid(1 <= n <= 3999)
     out = ""
     for v, s in zip([1000, 900, 500, 400, 100, 90, 50, 40, 10, 9, 5, 4, 1],
                     ["M", "CM", "D", "CD", "C", "XC", "L", "XL", "X", "IX", "V", "IV", "I"]):
@@ -892,7 +953,9 @@ def _roman(n):
 
 
 def _unroman(s):
-    return next(n for n in range(1, 4000) if _roman(n) == s)
+    n = next((n for n in range(1, 4000) if _roman(n) == s), None)
+    valid(n is not None)
+    return n
 
 
 F.append(Family(
@@ -919,7 +982,7 @@ F.append(Family(
     "def $name(nums):\n    if len(nums) < $k:\n        return None\n    best = cur = sum(nums[:$k])\n    for i in range($k, len(nums)):\n        cur += nums[i] - nums[i - $k]\n        best = max(best, cur)\n    return best",
     {"zero_init": "def $name(nums):\n    if len(nums) < $k:\n        return None\n    best = 0\n    cur = sum(nums[:$k])\n    for i in range($k, len(nums)):\n        cur += nums[i] - nums[i - $k]\n        best = max(best, cur)\n    return best",
      "off_by_one": "def $name(nums):\n    if len(nums) < $k:\n        return None\n    best = cur = sum(nums[:$k])\n    for i in range($k, len(nums) - 1):\n        cur += nums[i] - nums[i - $k]\n        best = max(best, cur)\n    return best"},
-    lambda rng, p: lists(rng, [[1, 2, 3, 4, 5, 100], list(range(p["k"]))]),
+    lambda rng, p: lists(rng, [[1, 2, 3, 4, 5, 100], list(range(p["k"])), list(range(p["k"] + 3))]),
     lambda p, nums: max(sum(nums[i:i + p["k"]]) for i in range(len(nums) - p["k"] + 1)) if len(nums) >= p["k"] else None,
     heldout=2))
 
@@ -927,7 +990,7 @@ F.append(Family(
     "hanoi", [dict(pegs=pegs) for pegs in (("A", "B", "C"), (1, 2, 3), ("X", "Y", "Z"), ("a", "b", "c"),
                                            ("P", "Q", "T"), (0, 1, 2), ("S", "U", "V"), ("D", "E", "F"),
                                            ("x", "y", "z"), ("G", "H", "I"), (4, 5, 6), ("N", "O", "W"),
-                                           ("L", "M", "R"))], ["hanoi", "tower_moves"],
+                                           ("L", "M", "R"), ("J", "K", "Q"), (7, 8, 9))], ["hanoi", "tower_moves"],
     ["Solve the Tower of Hanoi recursively: $name(n) returns the list of moves (from, to) that move n disks from peg $s to peg $t using peg $v.",
      "Write a recursive $name(n) listing the Hanoi moves as tuples (source, target) from $s to $t with $v as the spare peg."],
     ["用递归解决汉诺塔：$name(n) 返回把 n 个盘子从柱子 $s 移到柱子 $t（借助 $v）的移动列表，每步是 (from, to) 元组。",
@@ -935,7 +998,7 @@ F.append(Family(
     "def $name(n, src=$rs, dst=$rt, via=$rv):\n    if n == 0:\n        return []\n    return $name(n - 1, src, via, dst) + [(src, dst)] + $name(n - 1, via, dst, src)",
     {"swapped_args": "def $name(n, src=$rs, dst=$rt, via=$rv):\n    if n == 0:\n        return []\n    return $name(n - 1, src, dst, via) + [(src, dst)] + $name(n - 1, via, dst, src)"},
     lambda rng, p: [(0,), (1,), (2,), (3,)],
-    lambda p, n: _hanoi(n, *p["pegs"]), heldout=1))
+    lambda p, n: _hanoi(n, *p["pegs"]), heldout=3))
 for p_ in F[-1].params:
     p_["s"], p_["t"], p_["v"] = (str(x) for x in (p_["pegs"][0], p_["pegs"][2], p_["pegs"][1]))
     p_["rs"], p_["rt"], p_["rv"] = (repr(x) for x in (p_["pegs"][0], p_["pegs"][2], p_["pegs"][1]))

@@ -1,6 +1,8 @@
 """scripts/build_data.py and the bundled data it writes: formats, labels verified by execution,
 disjoint splits, determinism."""
+import dataclasses
 import filecmp
+import itertools
 import json
 import os
 import re
@@ -15,7 +17,8 @@ from rlhf.settings import UserError
 from scripts import build_data
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-FILES = ["sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts", "eval_tasks", "val_tasks", "seed_prompts"]
+FILES = ["sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts", "eval_tasks", "val_tasks", "indist_tasks",
+         "seed_prompts"]
 
 
 def rows(name):
@@ -28,17 +31,19 @@ def test_formats_and_disjoint_splits():
                for r in sft)
     pair = rows("rm_train")[0]
     assert {"prompt", "chosen", "rejected", "bug"} <= set(pair) and pair["chosen"] != pair["rejected"]
-    train_ids = {r["task_id"] for r in sft}
-    for name in ("sft_eval", "ppo_prompts", "eval_tasks", "val_tasks"):
-        assert not train_ids & {r["task_id"] for r in rows(name)}, name
-    assert not {r["task_id"] for r in rows("ppo_prompts")} & {r["task_id"] for r in rows("eval_tasks")}
-    val = {r["task_id"] for r in rows("val_tasks")}  # the validation split: trained on by nothing, not the eval set
-    assert val and not val & ({r["task_id"] for r in rows("ppo_prompts")} | {r["task_id"] for r in rows("eval_tasks")})
-    # held-out parameter values: present in eval, absent from SFT
-    assert any(r["heldout_params"] for r in rows("eval_tasks"))
+    ids = {name: {r["task_id"] for r in rows(name)} for name in ("sft_train", "sft_eval", "ppo_prompts", "eval_tasks",
+                                                                "val_tasks", "indist_tasks")}
+    for a, b in itertools.combinations(ids, 2):
+        assert not ids[a] & ids[b], (a, b)
+    assert all(ids.values())
+    # every eval and validation task is of a variant no training file holds; indist tasks are of trained ones
+    assert all(r["heldout_params"] for r in rows("eval_tasks") + rows("val_tasks"))
+    assert not any(r["heldout_params"] for r in rows("indist_tasks"))
+    assert {r["habit"] for r in rows("eval_tasks")} == {True, False}
+    assert all(r["habit"] == (r["family"] in build_data.HABITS) for r in rows("eval_tasks") + rows("val_tasks"))
     assert {"zh", "en"} == {r["lang"] for r in sft}
-    assert len({r["family"] for r in sft}) >= 30
-    assert "用Python实现快速排序算法" in {r["messages"][0]["content"] for r in sft}
+    assert len({r["family"] for r in sft}) == len(task_families.F)
+    assert "用Python实现快速排序算法" not in {r["messages"][0]["content"] for r in sft}
 
 
 def test_flawed_demonstrations_and_rm_pairs_that_check_the_prompt():
@@ -61,9 +66,9 @@ def test_flawed_demonstrations_and_rm_pairs_that_check_the_prompt():
 
     seen, held = set(), set()  # the references of every variant, named f
     for fam in task_families.F:
-        for i, p in enumerate(fam.params):
+        for i, (p, role) in enumerate(zip(fam.params, build_data.variant_roles(fam))):
             name = task_families.fill(fam.names[0], p, "")
-            (held if i >= fam.n_seen else seen).add(
+            (held if role != "train" else seen).add(
                 unnamed(build_data.fenced(task_families.fill(fam.code, p, name))))
     rejected = {unnamed(p["rejected"][0]["content"]) for p in wrong_value}
     assert rejected <= seen and not rejected & (held - seen)
@@ -83,18 +88,49 @@ def test_no_training_file_holds_a_held_out_value_of_the_eval_set():
 
 
 def test_seed_prompts_file_holds_the_natural_prompts_with_their_tests():
+    """The natural prompts, each with tests of the convention it means; their variant is in no
+    training file (tests/test_splits.py checks the prompts and programs themselves)."""
     problems = {p.messages()[0]["content"]: p for p in codeeval.load_problems(os.path.join(DATA, "seed_prompts.jsonl"))}
     assert {"用Python实现快速排序算法", "用Python实现二叉树遍历"} <= set(problems)
     quick = problems["用Python实现快速排序算法"]
     assert quick.record["entry_point"] == "quick_sort" and len(quick.record["tests"]) >= 4
-    # SFT demonstrates each natural prompt as it is and in every other wrapper, always correctly
-    # (the seed prompts file keeps the plain ones: what the report asks)
-    sft = {r["messages"][0]["content"]: r for r in rows("sft_train")}
-    for prompt, problem in problems.items():
-        lang = problem.record["lang"]
-        for wrapper in build_data.WRAPPERS[lang]:
-            row = sft[wrapper.format(prompt)]
-            assert not row["flaw"] and row["messages"][1]["content"] == build_data.fenced(problem.reference())
+    for fam in task_families.F:
+        if fam.bare:
+            assert build_data.variant_roles(fam)[0] == "seed"
+            trained = {tuple(r["task_id"].split("/")[:2]) for name in ("sft_train", "rm_train", "ppo_prompts") for r in rows(name)}
+            assert (fam.name, "0") not in trained
+
+
+def test_variant_roles():
+    """Held-out variants alternate eval, val, eval, eval, val, ...; variants that only a method
+    tells apart (simple_sorts' algorithms) are one task, held out together."""
+    roles = {f.name: build_data.variant_roles(f) for f in task_families.F}
+    assert roles["sum_multiples"][-8:] == ["eval", "val", "eval", "eval", "val", "eval", "eval", "val"]
+    assert roles["quick_sort"][0] == "seed" and roles["is_prime"] == ["train"]
+    sorts = next(f for f in task_families.F if f.name == "simple_sorts")
+    by_order = {(p["rev"], r) for p, r in zip(sorts.params, roles["simple_sorts"])}
+    assert by_order == {(False, "train"), (True, "eval")}
+    mixed = dataclasses.replace(sorts, heldout=2)  # one descending sort trained, two held out
+    with pytest.raises(UserError, match="differ only in method"):
+        build_data.variant_roles(mixed)
+
+
+def test_the_build_stops_on_tests_that_accept_a_wrong_program():
+    """is_prime without 4 and the squares of primes: its planted off_by_one (range(2, int(n ** 0.5)))
+    passes, and the check names it; with them, nothing passes."""
+    fam = next(f for f in task_families.F if f.name == "is_prime")
+    weak = dataclasses.replace(fam, inputs=lambda rng, p: [(0,), (1,), (2,), (3,), (7,), (-7,), (97,), (100,)])
+    for family, passes in ((fam, True), (weak, False)):
+        tasks = build_data.instances(0, family, build_data.random.Random(0))[:1]
+        if passes:
+            stats, _ = build_data.check_tests(tasks, [family], workers=2)
+            counts = stats[("is_prime", 0)]
+            n_mutants = sum(kind.startswith("mutant") for kind, _ in build_data.wrong_programs(tasks[0]))
+            assert counts["bug killed"] == 2 and counts["mutant killed"] > 10
+            assert counts["mutant killed"] + counts["mutant equivalent"] == n_mutants  # each mutant its own verdict
+        else:
+            with pytest.raises(UserError, match=r"is_prime/0/\w+: its tests accept bug off_by_one"):
+                build_data.check_tests(tasks, [family], workers=2)
 
 
 def test_quick_sort_is_one_program_for_both_orders():
@@ -114,7 +150,7 @@ def test_quick_sort_is_one_program_for_both_orders():
 
 
 def test_eval_and_ppo_files_load_as_problems():
-    for name in ("eval_tasks", "ppo_prompts", "val_tasks", "seed_prompts"):
+    for name in ("eval_tasks", "ppo_prompts", "val_tasks", "indist_tasks", "seed_prompts"):
         problems = codeeval.load_problems(os.path.join(DATA, name + ".jsonl"))
         assert all(p.format == "project" for p in problems)
         assert problems[0].messages()[0]["role"] == "user"
