@@ -73,7 +73,9 @@ def extra_pairs(design, bundled, families, parts, seed=7):
         out = []
         for t in sft:
             fam = families[t["family"]]
-            others = [q for i, q in enumerate(fam.params[:fam.n_seen]) if i != t["pi"]]
+            roles = build_data.variant_roles(fam)  # training variants that are another task than t's
+            others = [q for i, q in enumerate(fam.params)
+                      if roles[i] == "train" and fam.task_class(i) != fam.task_class(t["pi"])]
             if t["task_id"] not in in_rm and others:
                 out.append(wrong_value_pair(t, fam, rng.choice(others)))
         return [p for p in out if p]
