@@ -1,4 +1,4 @@
-"""Unit tests for the PPO math in train_ppo.py. Expected numbers are worked out by hand in the
+"""Unit tests for the PPO math (rlhf/ppo_math.py). Expected numbers are worked out by hand in the
 comments, never by calling the code under test."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import train_ppo as P
+from rlhf import ppo_math as P
 
 EOS, PAD = 2, 0
 T_, F_ = True, False
@@ -409,6 +409,7 @@ def test_reward_model_reads_as_many_answers_on_every_process_when_sharded(monkey
     different numbers of prompts without tests must still run the same forwards."""
     import config as C
     import rlhf.reward as R
+    import train_ppo
 
     read = []
     monkeypatch.setattr(R, "score_responses", lambda rm, tok, prompts, texts, device=None: read.append(len(texts))
@@ -421,7 +422,7 @@ def test_reward_model_reads_as_many_answers_on_every_process_when_sharded(monkey
     ranks = [torch.tensor([1.0, 0.0, nan, nan]), torch.tensor([1.0, 0.0, 1.0, 1.0])]  # 2 and 0 untested rows
     for every_row in (False, True):
         read.clear()
-        scores = [P.sequence_scores(None, None, norm, batch, texts, ended, passed, "cpu", every_row=every_row)
+        scores = [train_ppo.sequence_scores(None, None, norm, batch, texts, ended, passed, "cpu", every_row=every_row)
                   for passed in ranks]
         assert read == ([4, 4] if every_row else [2])
         # the tested answers' RM scores are read but not used: the tests decide there
