@@ -42,8 +42,9 @@ from rlhf.data import load_rows, row_where, template_lengths
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
 from rlhf.generation import generate, hf_model, positions
 from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json, write_jsonl
+from rlhf.reward import RewardMix, exec_rewards, reward_function, sequence_scores
 from rlhf.ppo_math import (
-    apply_missing_eos_penalty, compute_advantages, first_eos_mask, gae, imitation_rows, informative_groups, kl_estimate,
+    compute_advantages, first_eos_mask, gae, imitation_rows, informative_groups, kl_estimate,
     KLController, length_grouped_order, logprobs_and_entropy, logprobs_from_logits, loss_normalizers, masked_total,
     mixed_groups, policy_loss, policy_rows, self_imitation_loss, truncate_after_eos, value_loss,
 )
@@ -252,66 +253,6 @@ def encode_prompts(tokenizer, batch, device):
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-# ---- scoring: unit tests + reward model ----
-
-def exec_rewards(batch, texts, device):
-    """Unit-test reward (B,) of each response (PPO_EXEC_REWARD of its sandbox verdict); NaN where the
-    prompt has no tests or PPO_EXEC_WEIGHT is 0."""
-    from rlhf.codeeval import completion_for
-    from rlhf.sandbox import run_unique
-
-    passed = torch.full((len(batch),), float("nan"), device=device)
-    tested = [i for i, r in enumerate(batch) if r["problem"] is not None]
-    if tested and C.PPO_EXEC_WEIGHT:
-        verdicts = run_unique([batch[i]["problem"].job(completion_for(batch[i]["problem"], texts[i])) for i in tested])
-        # "all": the verdict greedy pass@1 counts; "fraction" also pays for near misses
-        passed[tested] = torch.tensor([float(v.passed) if C.PPO_EXEC_REWARD == "all" else v.pass_fraction
-                                       for v in verdicts], device=device)
-    return passed
-
-
-def sequence_scores(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device, every_row=False):
-    """Sequence scores (B,) and the normalised RM scores (B,) (NaN where the RM was not asked).
-
-    Where the prompt has unit tests, they decide: score = PPO_EXEC_WEIGHT x test reward (+ the RM's
-    with PPO_RM_ON_TESTED; off by default: docs/RESULTS.md measures how often our RM prefers the
-    failing answer). Elsewhere score = PPO_RM_WEIGHT x normalised RM score, read as in RM training
-    (prompt + answer through the chat template, at its last token; rlhf.reward.score_responses),
-    normalised with the mean/std the RM stage stored.
-    every_row: the RM reads every answer, its scores kept where they are asked for: where the RM's
-    forwards are collectives (ZeRO-3, FSDP), each process must run as many as the others, whatever
-    share of its batch has tests."""
-    from rlhf.reward import normalize_rewards, score_responses
-
-    tested = ~torch.isnan(passed)  # (B,)
-    asked = torch.ones_like(tested) if C.PPO_RM_ON_TESTED else ~tested
-    rm_score = torch.full_like(passed, float("nan"))
-    read = torch.ones_like(asked) if every_row else asked
-    if read.any():
-        rows = read.nonzero().flatten().tolist()
-        raw = score_responses(rm, rm_tokenizer, [batch[i]["messages"] for i in rows], [texts[i] for i in rows], device=device)
-        rm_score[rows] = normalize_rewards(raw.float().to(device), norm)
-        rm_score = torch.where(asked, rm_score, float("nan"))
-    score = C.PPO_RM_WEIGHT * torch.nan_to_num(rm_score) + C.PPO_EXEC_WEIGHT * torch.nan_to_num(passed)
-    if C.PPO_REWARD_FN:  # a user's own reward on top: f(list of messages, list of texts) -> floats
-        score = score + torch.tensor(custom_reward_fn()([r["messages"] for r in batch], texts),
-                                     dtype=score.dtype, device=device)
-    if C.PPO_PENALIZE_MISSING_EOS:
-        score = apply_missing_eos_penalty(score, ends_with_eos, C.PPO_MISSING_EOS_PENALTY)
-    return score, rm_score
-
-
-def custom_reward_fn():
-    """The function PPO_REWARD_FN names ("package.module:function")."""
-    import importlib
-
-    module, _, name = C.PPO_REWARD_FN.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise UserError(f"PPO_REWARD_FN={C.PPO_REWARD_FN!r}: no such function; write it as module:function") from None
-
-
 def keep_informative(roll, n_prompts):
     """Keep n_prompts of the oversampled prompts, those whose answers disagree in the tests first
     (informative_groups), and every per-answer field of the rollout `roll` with them; then drop the
@@ -398,6 +339,10 @@ def setup(accelerator):
     from rlhf.reward import load_reward_model, load_reward_normalization
 
     s = SimpleNamespace(critic=C.PPO_ADVANTAGE == "gae")
+    s.reward = RewardMix(rm_weight=C.PPO_RM_WEIGHT, exec_weight=C.PPO_EXEC_WEIGHT, exec_reward=C.PPO_EXEC_REWARD,
+                         rm_on_tested=C.PPO_RM_ON_TESTED,
+                         reward_fn=reward_function(C.PPO_REWARD_FN) if C.PPO_REWARD_FN else None,
+                         missing_eos_penalty=C.PPO_MISSING_EOS_PENALTY if C.PPO_PENALIZE_MISSING_EOS else None)
     # data (before the models: a mistake in it is reported in seconds)
     s.tokenizer = load_tokenizer(C.SFT_DIR)
     s.prompts = load_prompts(C.PPO_PROMPTS_FILE, s.tokenizer)
@@ -566,7 +511,7 @@ def main(argv):
             response = truncate_after_eos(response, eos_ids, tokenizer.pad_token_id)
             _, _, last_index = first_eos_mask(response, eos_ids)
             texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
-            roll = dict(batch=batch, texts=texts, passed=exec_rewards(batch, texts, device), query=query,
+            roll = dict(batch=batch, texts=texts, passed=exec_rewards(batch, texts, device, s.reward), query=query,
                         query_mask=query_mask, response=response, last_index=last_index,
                         sampled_logp=sampled_logp)  # passed (B,): NaN without tests
             mixed = mixed_groups(roll["passed"], C.PPO_SAMPLES_PER_PROMPT)
@@ -611,7 +556,7 @@ def main(argv):
             # 3. scores, KL, advantages; answers of all-pass / all-fail groups do not train the policy
             with frozen(accelerator, model, s.reward_model, "critic") as rm:
                 score, rm_score = sequence_scores(rm, s.rm_tokenizer, s.norm, batch, texts, ends_with_eos, passed, device,
-                                                  every_row=s.rm_every_row)
+                                                  s.reward, every_row=s.rm_every_row)
             trains_policy = policy_rows(passed, C.PPO_SAMPLES_PER_PROMPT)  # (B,)
             imitate = imitation_rows(passed, ends_with_eos, trains_policy, C.PPO_SAMPLES_PER_PROMPT)  # (B,) PPO_SIL_COEF
             kl = torch.where(mask, kl_estimate(old_logp, ref_logp, C.PPO_KL_ESTIMATOR), 0.0)  # (B, T)

@@ -90,18 +90,6 @@ def kl_estimate(logp, ref_logp, kind="k1"):
     raise ValueError(f"kl_estimate: unknown kind {kind!r}; use 'k1', 'k2' or 'k3'")
 
 
-def apply_missing_eos_penalty(score, ends_with_eos, penalty):
-    """Scores (B,) where a response that never emitted EOS gets `penalty` INSTEAD of its RM score.
-
-    Replace, not subtract, as in the N+ code (Huang et al. 2024, penalty -1): a response cut at the
-    length limit is worth a fixed low value whatever the RM thinks of the fragment, so the policy
-    cannot earn reward by rambling. (TRL's `missing_eos_penalty` subtracts instead, which keeps the RM's
-    ranking among cut responses but lets a high-scoring fragment beat a finished answer.)
-    Pick `penalty` below the usual range of the (normalised) RM score.
-    """
-    return torch.where(ends_with_eos, score, torch.full_like(score, penalty))  # (B,)
-
-
 def per_token_rewards(score, kl, mask, last_index, kl_coef):
     """Per-token reward (B, T): -kl_coef * kl on valid tokens, plus the sequence score (B,) added
     at the last valid token (Ziegler et al. 2019 KL-shaped reward; InstructGPT). 0 on padding.
