@@ -244,7 +244,7 @@ SHARED_SECTION = "Shared by all stages"
 # the RM's on-policy pairs of RM_ONPOLICY_SAMPLES)
 STAGE_SOURCES = {"sft": ("train_sft.py", "rlhf/base_model.py", "rlhf/codeeval.py", "rlhf/sandbox.py"),
                  "rm": ("train_rm.py", "rlhf/codeeval.py", "rlhf/sandbox.py"),
-                 "ppo": ("train_ppo.py", "rlhf/codeeval.py", "rlhf/sandbox.py")}
+                 "ppo": ("train_ppo.py", "rlhf/ppo_setup.py", "rlhf/codeeval.py", "rlhf/sandbox.py")}
 
 
 def config_sections():
