@@ -96,7 +96,7 @@ SEED_PROMPT_SAMPLES = 10  # after SFT and after PPO: answers per seed prompt sam
 MBPP_FILE = "mbpp:full:test"  # scripts/evaluate.py --benchmark mbpp: MBPP as a local .jsonl/.json/.parquet file or a hub id (mbpp:sanitized:test: the sanitized set); its rows with task ids 11-510 (the test split) are scored
 
 # ---------------------------------------------------------------------------------------------
-# Sandbox (evaluation by execution): every generated program runs in rlhf/sandbox.py (docs/SANDBOX.md)
+# Sandbox (evaluation by execution): every generated program runs in rlhf/sandbox/ (docs/SANDBOX.md)
 # ---------------------------------------------------------------------------------------------
 SANDBOX_MODE = "namespaces"  # "namespaces": kernel isolation per program (root, or user namespaces); "weak": audit hook and limits only, an explicit opt-in where namespaces are unavailable (not safe against hostile code)
 SANDBOX_TIMEOUT_S = 1.0  # wall-clock seconds per program (load + all its tests); CPU limit = this rounded up + 1. The bundled

@@ -1,5 +1,5 @@
 """Build the bundled code-task data in data/ from rlhf/task_families.py, every label
-verified by running it in rlhf/sandbox.py (references pass, rejected programs fail).
+verified by running it in rlhf/sandbox/ (references pass, rejected programs fail).
 
 Writes sft_train/sft_eval (TRL conversational), rm_train/rm_eval (TRL preference),
 ppo_prompts, eval_tasks, val_tasks and seed_prompts (project problem format, see data/DATA_CARD.md).
