@@ -23,30 +23,23 @@ RUNNER = _program_text("program_serve.py") + "\n" + _program_text("program_setup
 assert RUNNER.count("\nMAX_DEPTH = None ") == 1
 RUNNER = RUNNER.replace("\nMAX_DEPTH = None ", f"\nMAX_DEPTH = {MAX_DEPTH} ")
 
-# Syscall numbers by name: the kernel's arch/x86/entry/syscalls/syscall_64.tbl (x86-64) and
-# include/uapi/asm-generic/unistd.h (aarch64, riscv64). A name missing from a table has no such
-# syscall on that CPU.
-_X86_64 = {
-    "unshare": 272, "setns": 308, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "ptrace": 101,
-    "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
-    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "kexec_load": 246, "kexec_file_load": 320,
-    "init_module": 175, "finit_module": 313, "delete_module": 176, "open_by_handle_at": 304, "name_to_handle_at": 303,
-    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-    "mount_setattr": 442, "syslog": 103, "quotactl": 179, "acct": 163, "swapon": 167, "swapoff": 168, "reboot": 169,
-    "flock": 73, "inotify_init": 253, "inotify_init1": 294, "inotify_add_watch": 254, "fanotify_init": 300,
-    "fanotify_mark": 301, "mincore": 27, "cachestat": 451, "clone": 56, "clone3": 435, "fcntl": 72, "seccomp": 317,
+# Syscall numbers by name: (x86-64, the generic table of aarch64 and riscv64), from the kernel's
+# arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h; None: no such syscall.
+_SYSCALLS = {
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "chroot": (161, 51), "ptrace": (101, 117), "keyctl": (250, 219), "add_key": (248, 217),
+    "request_key": (249, 218), "bpf": (321, 280), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "kexec_load": (246, 104), "kexec_file_load": (320, 294), "init_module": (175, 105), "finit_module": (313, 273),
+    "delete_module": (176, 106), "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264),
+    "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430), "fsconfig": (431, 431),
+    "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442), "syslog": (103, 116),
+    "quotactl": (179, 60), "acct": (163, 89), "swapon": (167, 224), "swapoff": (168, 225), "reboot": (169, 142),
+    "flock": (73, 32), "inotify_init": (253, None), "inotify_init1": (294, 26), "inotify_add_watch": (254, 27),
+    "fanotify_init": (300, 262), "fanotify_mark": (301, 263), "mincore": (27, 232), "cachestat": (451, 451),
+    "clone": (56, 220), "clone3": (435, 435), "fcntl": (72, 25), "seccomp": (317, 277),
 }
-_GENERIC = {
-    "unshare": 97, "setns": 268, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "ptrace": 117,
-    "keyctl": 219, "add_key": 217, "request_key": 218, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
-    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "kexec_load": 104, "kexec_file_load": 294,
-    "init_module": 105, "finit_module": 273, "delete_module": 106, "open_by_handle_at": 265, "name_to_handle_at": 264,
-    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-    "mount_setattr": 442, "syslog": 116, "quotactl": 60, "acct": 89, "swapon": 224, "swapoff": 225, "reboot": 142,
-    "flock": 32, "inotify_init1": 26, "inotify_add_watch": 27, "fanotify_init": 262, "fanotify_mark": 263,
-    "mincore": 232, "cachestat": 451, "clone": 220, "clone3": 435, "fcntl": 25, "seccomp": 277,
-}
-_ARCH = {"x86_64": (0xC000003E, _X86_64), "aarch64": (0xC00000B7, _GENERIC), "riscv64": (0xC00000F3, _GENERIC)}  # AUDIT_ARCH_*
+_ARCH = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1), "riscv64": (0xC00000F3, 1)}  # AUDIT_ARCH_*, column
 
 # Refused with EPERM: kernel attack surface no solution needs, and (last row) state a program could
 # attach to a file that other programs see too (the read-only /usr, the interpreter, /dev/null...),
@@ -65,7 +58,7 @@ _FCNTL_DENY = [5, 6, 7, 12, 13, 14, 36, 37, 38, 1024, 1025, 1026]
 
 def syscall_number(machine: str, name: str) -> int | None:
     """The number of syscall `name` on CPU `machine` (platform.machine()), or None where unknown."""
-    return _ARCH[machine][1].get(name) if machine in _ARCH else None
+    return _SYSCALLS[name][_ARCH[machine][1]] if machine in _ARCH else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,9 +73,9 @@ def _seccomp_filter(machine: str) -> bytes | None:
     """
     if machine not in _ARCH:
         return None
-    arch, number = _ARCH[machine]
-    deny = [number[name] for name in _DENY if name in number]
-    clone, clone3, fcntl = number["clone"], number["clone3"], number["fcntl"]
+    arch = _ARCH[machine][0]
+    deny = [nr for nr in (syscall_number(machine, name) for name in _DENY) if nr is not None]
+    clone, clone3, fcntl = (syscall_number(machine, name) for name in ("clone", "clone3", "fcntl"))
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
     prog = [(LD, 0, 0, 4), (JEQ, 0, "kill", arch), (LD, 0, 0, 0), (JGE, "kill", 0, 0x40000000)]
     prog += [(JEQ, "eperm", 0, nr) for nr in deny]

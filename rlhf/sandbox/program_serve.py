@@ -92,10 +92,7 @@ def serve(cfg, unmarshal):
         send('{"ok":false,"status":' + esc("error" if st == "failed" else st) + ',"detail":' + esc(describe(e)) + "}")
         return
     send('{"ok":true}')
-    while True:
-        req = recv()
-        if req is None:
-            return
+    while (req := recv()) is not None:  # until the trusted side closes the pipe
         for call in req.get("calls") or [None]:  # the project's calls come in one request
             try:
                 if call is not None:
@@ -123,10 +120,7 @@ def serve_stdio(cfg, job, recv, send, esc, describe):
         send('{"ok":false,"status":"error","detail":' + esc(describe(e)) + "}")
         return
     send('{"ok":true}')
-    while True:
-        req = recv()
-        if req is None:
-            return
+    while (req := recv()) is not None:  # until the trusted side closes the pipe
         stdin_r, stdin_w = os.pipe()
         out, why = os.memfd_create("stdout"), os.memfd_create("exception")
         pid = os.fork()
