@@ -126,8 +126,8 @@ def loss_normalizers(counts, mini_batches, num_processes=1, total=None):
     whole batch, over every process (`total`: a function that sums a tensor over processes),
     divided by the number of mini-batches (per process). So every token weighs the same in the
     epoch's gradient, whatever mini-batch it lands in; with a token mean per mini-batch, and
-    mini-batches grouped by length, a token of a short-answer mini-batch would weigh 3-5x one of a
-    long-answer mini-batch, the per-answer normalisation Dr. GRPO removes (Liu et al. 2025), and
+    mini-batches grouped by length, a token of a short-answer mini-batch would weigh several times
+    one of a long-answer mini-batch, the per-answer normalisation Dr. GRPO removes (Liu et al. 2025), and
     rows that train nothing (advantage 0) would dilute their mini-batch. counts: {term: (B, T) bool
     or a count}; returns {term: float >= 1}."""
     out = {}

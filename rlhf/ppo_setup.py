@@ -162,7 +162,8 @@ def setup(accelerator):
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": C.PPO_LR}]
     if critic is not None:
         groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": C.PPO_CRITIC_LR})
-    # fused: one kernel over all tensors (bench/README.md); engines that shard or wrap the parameters keep torch's default
+    # fused: one kernel over all tensors (timed in bench/README.md); engines that shard or wrap the
+    # parameters keep torch's default
     plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # one process, DDP
     fused = accelerator.device.type in ("cpu", "cuda") and accelerator.distributed_type in plain
     optimizer = torch.optim.AdamW(groups, eps=1e-5, fused=fused or None)

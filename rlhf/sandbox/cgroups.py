@@ -159,8 +159,8 @@ def _make_cgroups(memory_bytes: int, procs: int) -> tuple[list[str], list[int]]:
             for name, value in files:
                 _write(f"{path}/{name}", {"memory": memory_bytes, "procs": procs}.get(value, value))
             # v1: "0" written to `tasks` moves the writing thread only, without the global lock a
-            # cgroup.procs write takes (an RCU grace period each: ~7 ms per program measured here);
-            # pid 1 is single-threaded when it writes. v2 has no such file: cgroup.procs
+            # cgroup.procs write takes (an RCU grace period each); pid 1 is single-threaded when it
+            # writes. v2 has no such file: cgroup.procs
             join = path + "/tasks" if os.path.exists(path + "/tasks") else path + "/cgroup.procs"
             fds.append(os.open(join, os.O_WRONLY | os.O_CLOEXEC))
     except BaseException:
