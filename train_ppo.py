@@ -42,7 +42,7 @@ from rlhf.ppo_math import (
     value_loss,
 )
 from rlhf.ppo_models import response_forward
-from rlhf.ppo_setup import CHECKPOINT, check_settings, evaluate, save_checkpoint, save_policy, setup
+from rlhf.ppo_setup import CHECKPOINT, check_settings, run_evaluation, save_checkpoint, save_policy, setup
 from rlhf.reward import exec_rewards, sequence_scores
 
 
@@ -276,8 +276,9 @@ def main(argv):
 
     def run_eval(step, final=False):  # held-out tasks: a subset (PPO_EVAL_TASKS) during training, all at the end
         last = final and step == C.PPO_STEPS  # after the last iteration: pass@EVAL_SAMPLES and the seed prompts too
-        return evaluate(s, step, s.problems if final else s.problems[: C.PPO_EVAL_TASKS or None], C.GEN_MAX_NEW_TOKENS,
-                        samples=C.EVAL_SAMPLES if last else 0, seed_prompt_samples=C.SEED_PROMPT_SAMPLES if last else None)
+        return run_evaluation(s, step, s.problems if final else s.problems[: C.PPO_EVAL_TASKS or None],
+                              C.GEN_MAX_NEW_TOKENS, samples=C.EVAL_SAMPLES if last else 0,
+                              seed_prompt_samples=C.SEED_PROMPT_SAMPLES if last else None)
 
     if s.start == 0 and (C.PPO_EVAL_EVERY or 0) > 0:
         before = run_eval(0, final=True)[0]  # the SFT baseline, on the same tasks as the final evaluation

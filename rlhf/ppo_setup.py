@@ -200,26 +200,32 @@ def setup(accelerator):
         ckpt_dir=ckpt_dir, start=start, history=history, ref_copy=ref_copy, rm_copy=rm_copy)
 
 
-def evaluate(s, step, problems, max_new_tokens, samples=0, seed_prompt_samples=None):
-    """The policy on held-out `problems`: greedy pass@1 (sandboxed) and the mean normalised RM score
-    of its answers, with each task's answer and verdict (rows as the SFT stage's eval_results.jsonl);
-    with `samples`, pass@samples of answers sampled at temperature 1; with seed_prompt_samples, how
-    often its answers to the natural seed prompts pass. Every process calls it: the main one
-    evaluates (and prints and logs the figures at `step`), the others too where the weights are
-    sharded (every forward is then a collective); ({}, []) elsewhere and without tasks."""
+def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device, max_new_tokens):
+    """Greedy pass@1 on held-out tasks (sandboxed) and the mean normalised RM score of the answers;
+    and each task's answer and verdict (rows as the SFT stage's eval_results.jsonl)."""
     from rlhf.codeeval import completion_for, generate_completions, pass_at_1_metrics, score_samples
     from rlhf.reward import normalize_rewards, score_responses
 
+    texts = [t[0] for t in generate_completions(policy, tokenizer, [p.messages() for p in problems], max_new_tokens,
+                                                progress=False)]
+    summary, answers = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
+                                                for p, t in zip(problems, texts)], ks=(1,), progress=False)
+    scores = score_responses(rm, rm_tokenizer, [p.messages() for p in problems], texts, device=device)
+    return {**pass_at_1_metrics(summary), "rm_score": normalize_rewards(scores.float().mean().item(), norm)}, answers
+
+
+def run_evaluation(s, step, problems, max_new_tokens, samples=0, seed_prompt_samples=None):
+    """The policy on held-out `problems` (evaluate), with `samples` the pass@samples of answers
+    sampled at temperature 1, with seed_prompt_samples how often its answers to the natural seed
+    prompts pass. Every process calls it: the main one evaluates (and prints and logs the figures
+    at `step`), the others too where the weights are sharded (every forward is then a collective);
+    ({}, []) elsewhere and without tasks."""
     accelerator, result, answers = s.accelerator, {}, []
     if (accelerator.is_main_process or sharded(accelerator)) and problems:
         with s.reward_model() as rm, accelerator.autocast(), \
                 full_weights_for_generation(accelerator, s.model, with_critic=s.critic) as policy:
-            texts = [t[0] for t in generate_completions(policy, s.tokenizer, [p.messages() for p in problems],
-                                                        max_new_tokens, progress=False)]
-            summary, answers = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
-                                                        for p, t in zip(problems, texts)], ks=(1,), progress=False)
-            scores = score_responses(rm, s.rm_tokenizer, [p.messages() for p in problems], texts, device=accelerator.device)
-            result = {**pass_at_1_metrics(summary), "rm_score": normalize_rewards(scores.float().mean().item(), s.norm)}
+            result, answers = evaluate(policy, s.tokenizer, rm, s.rm_tokenizer, s.norm, problems, accelerator.device,
+                                       max_new_tokens)
             if samples:  # the trained policy's pass@k, as SFT reports it
                 result.update(sampled_pass_at_k(policy, s.tokenizer, problems, samples, max_new_tokens, progress=False))
             if seed_prompt_samples is not None:  # the natural prompts, asked as a user asks
