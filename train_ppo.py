@@ -87,7 +87,8 @@ class Rollout:
         mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
         sampled_logp = self.sampled_logp
         if sampled_logp is not None:  # to the same width; 0 after each answer
-            sampled_logp = torch.where(mask, torch.nn.functional.pad(sampled_logp, (0, width - sampled_logp.shape[1])), 0.0)
+            sampled_logp = torch.nn.functional.pad(sampled_logp, (0, width - sampled_logp.shape[1]))
+            sampled_logp = torch.where(mask, sampled_logp, 0.0)
         return dataclasses.replace(self, response=response, last_index=last_index, sampled_logp=sampled_logp,
                                    mask=mask, ends_with_eos=ends_with_eos)
 
@@ -109,7 +110,8 @@ class Rollout:
                        self.response[rows][:, :T], answers(self.last_index), tokens(self.sampled_logp),
                        tokens(self.mask), answers(self.ends_with_eos), tokens(self.old_logp), tokens(self.ref_logp),
                        tokens(self.values), answers(self.score), answers(self.rm_score), tokens(self.kl),
-                       answers(self.trains_policy), answers(self.imitate), tokens(self.advantages), tokens(self.returns))
+                       answers(self.trains_policy), answers(self.imitate), tokens(self.advantages),
+                       tokens(self.returns))
 
 
 def step_prompts(prompts, step, rank, count, *, seed, samples_per_prompt):
@@ -190,7 +192,8 @@ def rollout_forwards(s, roll, mini_batch, temperature):
                                    temperature, logprobs=False) if s.critic else None
         values.append(None if out is None or out.values is None else back(out.values))
         with s.reference() as ref:
-            ref_logp.append(back(response_forward(ref, mb.query, mb.query_mask, mb.response, mb.mask, temperature).logp))
+            ref_out = response_forward(ref, mb.query, mb.query_mask, mb.response, mb.mask, temperature)
+            ref_logp.append(back(ref_out.logp))
     unsort = torch.argsort(by_length)
     return torch.cat(old_logp)[unsort], torch.cat(ref_logp)[unsort], torch.cat(values)[unsort] if s.critic else None
 
@@ -205,13 +208,15 @@ def update(s, roll, normalizers, step, *, epochs, mini_batch, temperature, clip,
     stats = []
     shuffle = torch.Generator().manual_seed(seed + 7919 * step + s.accelerator.process_index)
     for _ in range(epochs):
-        for rows in length_grouped_order(roll.lengths(), mini_batch, shuffle).to(roll.response.device).split(mini_batch):
+        order = length_grouped_order(roll.lengths(), mini_batch, shuffle).to(roll.response.device)
+        for rows in order.split(mini_batch):
             mb = roll.minibatch(rows)  # (B', T')
             out = response_forward(s.model, mb.query, mb.query_mask, mb.response, mb.mask, temperature, entropy=True)
             loss, step_stats = policy_loss(out.logp, mb.old_logp, mb.advantages, mb.mask, clip, normalizers["policy"])
             step_stats["policy_loss"] = loss.detach()
             if s.critic:
-                vf_loss, vf_stats = value_loss(out.values, mb.values, mb.returns, mb.mask, vf_clip, normalizers["value"])
+                vf_loss, vf_stats = value_loss(out.values, mb.values, mb.returns, mb.mask, vf_clip,
+                                               normalizers["value"])
                 loss = loss + vf_coef * vf_loss
                 step_stats.update(value_loss=vf_loss.detach(), **vf_stats)
             if sil_coef:  # self-imitation: the passing answers of mixed groups, unclipped
@@ -245,10 +250,11 @@ def optimizer_step(accelerator, model, optimizer, scheduler, loss, max_grad_norm
 def local_metrics(roll, sampled, stats, kl_coef):
     """This process's means over its batch (main() then averages them over the processes)."""
     tested = ~torch.isnan(roll.passed)
+    nan = torch.tensor(float("nan"), device=tested.device)
     kl_per_response = roll.kl.sum(1)  # (B,)
     return {
         "score": roll.score.mean(), "rm_score": roll.rm_score.nanmean(), **sampled,
-        "test_pass_rate": roll.passed[tested].mean() if tested.any() else torch.tensor(float("nan"), device=tested.device),
+        "test_pass_rate": roll.passed[tested].mean() if tested.any() else nan,
         "trained_share": roll.trains_policy.float().mean(),
         "kl": kl_per_response.mean(), "non_score_reward": -kl_coef * kl_per_response.mean(),
         "response_length": roll.mask.sum(1).float().mean(), "eos_rate": roll.ends_with_eos.float().mean(),
@@ -292,10 +298,11 @@ def main(argv):
         # 1. rollout (no gradients): answers, their tests, their logprobs now and under the reference, values
         s.model.eval()
         with torch.no_grad(), accelerator.autocast():  # every forward of the rollout in the update's precision
-            roll, sampled, gen_seconds = rollout(s, step, C.PPO_BATCH_SIZE // group, seed=C.SEED, samples_per_prompt=group,
-                                                 max_tokens=C.PPO_RESPONSE_LEN, temperature=C.PPO_TEMPERATURE,
-                                                 own_logprobs=own_logprobs)
-            roll.old_logp, roll.ref_logp, roll.values = rollout_forwards(s, roll, C.PPO_MINI_BATCH_SIZE, C.PPO_TEMPERATURE)
+            roll, sampled, gen_seconds = rollout(s, step, C.PPO_BATCH_SIZE // group, seed=C.SEED,
+                                                 samples_per_prompt=group, max_tokens=C.PPO_RESPONSE_LEN,
+                                                 temperature=C.PPO_TEMPERATURE, own_logprobs=own_logprobs)
+            roll.old_logp, roll.ref_logp, roll.values = rollout_forwards(s, roll, C.PPO_MINI_BATCH_SIZE,
+                                                                         C.PPO_TEMPERATURE)
 
             # 2. scores, KL, advantages; answers of all-pass / all-fail groups do not train the policy
             with s.reward_model() as rm:
@@ -309,7 +316,7 @@ def main(argv):
             roll.advantages, roll.returns = compute_advantages(
                 C.PPO_ADVANTAGE, roll.score, roll.kl, roll.values, roll.mask, roll.last_index, kl_reward_coef, group,
                 roll.trains_policy, C.PPO_GAMMA, C.PPO_LAM)
-            # each loss term's denominator (PPO_LOSS_NORM): the tokens it trains on in the batch, or None (per mini-batch)
+            # each loss term's denominator (PPO_LOSS_NORM): its tokens in the batch, or None (per mini-batch)
             normalizers = dict.fromkeys(("policy", "value", "sil", "kl"))
             if C.PPO_LOSS_NORM == "batch":
                 normalizers = loss_normalizers(
@@ -346,7 +353,8 @@ def main(argv):
             row.update({f"eval_{k}": v for k, v in run_eval(step)[0].items()})
         history.append(row)
 
-        # 5. save: every PPO_SAVE_EVERY iterations and after the last one (a kill in the final evaluation redoes no training)
+        # 5. save: every PPO_SAVE_EVERY iterations and after the last (a kill in the final evaluation then
+        # redoes no training)
         if C.PPO_SAVE_EVERY and (step % C.PPO_SAVE_EVERY == 0 or step == C.PPO_STEPS):
             save_checkpoint(accelerator, s.ckpt_dir, step, history)
     bar.close()
@@ -354,9 +362,10 @@ def main(argv):
 
     # the final evaluation, and ./ppo_model
     final, answers = run_eval(C.PPO_STEPS, final=True)
-    last_rows = [h for h in history if "kl" in h][-5:] or [{}]
+    last_rows = [h for h in history if "kl" in h][-5:] or [{}]  # the last 5 iterations' means
     save_policy(s, C.PPO_DIR, {
-        **final, **{k: sum(h.get(k, 0.0) for h in last_rows) / len(last_rows) for k in ("kl", "reward_mean", "response_length")},
+        **final, **{k: sum(h.get(k, 0.0) for h in last_rows) / len(last_rows) for k in ("kl", "reward_mean",
+                                                                                        "response_length")},
         "advantage_estimator": C.PPO_ADVANTAGE, "train_seconds": seconds,
         "episodes_per_second": episodes / seconds if episodes else None}, answers, C.SFT_DIR, C.USE_LORA)
     accelerator.end_training()

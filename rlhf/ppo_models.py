@@ -55,7 +55,8 @@ def response_forward(model, query, query_mask, response, mask, temperature, entr
     ids = torch.cat([query, response], 1)  # (B, P + T)
     attention = torch.cat([query_mask, torch.ones_like(response)], 1)
     if not logprobs:
-        return ResponseOutputs(None, None, token_values(model.critic, ids, attention, positions(attention))[:, -T - 1:-1])
+        values = token_values(model.critic, ids, attention, positions(attention))  # (B, P + T)
+        return ResponseOutputs(None, None, values[:, -T - 1:-1])
     if isinstance(getattr(model, "module", model), PolicyAndCritic):
         logits, values = model(input_ids=ids, attention_mask=attention, position_ids=positions(attention),
                                logits_to_keep=T + 1, keep=mask)  # (n, V), (B, P + T)
