@@ -6,624 +6,121 @@ Reads  ./sft_model (policy and frozen reference), ./rm_model (frozen reward mode
 Writes ./ppo_model: a plain causal-LM folder (merged when LoRA is on) with tokenizer, chat
        template, eval_results.json and rlhf_stage.json; checkpoints and logs under RUNS_DIR/ppo.
 
-One iteration: sample responses to a batch of prompts (rollout; PPO_OVERSAMPLE x more prompts,
-keeping those whose answers disagree in the unit tests), score them (normalised RM score + test
-reward, a penalty when a response never ends), shape per-token rewards with a KL penalty to the
-SFT reference, estimate advantages with GAE, then PPO_EPOCHS of clipped policy and value updates
-over mini-batches. The math is in the section below, each trick with its source; the loop is
-main().
+One iteration of main()'s loop: 1. rollout: sample answers to a batch of prompts (PPO_OVERSAMPLE
+x more prompts, keeping those whose answers disagree in the unit tests) and read their logprobs
+under the policy and the frozen SFT reference, and the critic's values; 2. advantages: score the
+answers (rlhf/reward.py: test reward or normalised RM score, a penalty when an answer never ends),
+pay the KL to the reference, estimate advantages (GAE, or a critic-free estimator); 3. update:
+PPO_EPOCHS of clipped policy (and value) updates over mini-batches; 4. log; 5. save. The math is
+in rlhf/ppo_math.py, each trick with its source; the networks and their one forward in
+rlhf/ppo_models.py; set-up, evaluation and checkpoints in rlhf/ppo_setup.py.
 
     python train_ppo.py                                    # embedded default, CPU is fine
     python train_ppo.py --USE_LORA=true --PPO_LR=1e-5      # LoRA: reference = adapter disabled
-    accelerate launch --config_file accelerate_configs/ddp.yaml train_ppo.py  # several GPUs (docs/DISTRIBUTED.md: DeepSpeed, FSDP)
+    accelerate launch --config_file accelerate_configs/ddp.yaml train_ppo.py  # several GPUs (docs/DISTRIBUTED.md)
     accelerate launch --config_file accelerate_configs/cpu.yaml train_ppo.py  # 2 CPU processes
 
 Any constant of config.py can be overridden as --NAME=value. Interrupted runs resume from the
 last checkpoint (RESUME, PPO_SAVE_EVERY).
 """
 
-import contextlib
-import json
+import dataclasses
 import os
-import resource
-import shutil
 import time
 
 import torch
 
 import config as C
-from rlhf.checkpoints import diverged, resume_from
-from rlhf.codeeval import load_problems, sampled_pass_at_k, seed_prompt_passes
-from rlhf.common import (
-    check_lora_targets, end_of_turn_ids, head_scales_logits, launched_with_sharded_weights, load_causal_lm, load_tokenizer,
-    lora_config, mixed_precision, precision, prompt_rng, report_to, run_stage, start_stage, stop_at_end_of_turn, torch_dtype,
+from rlhf.checkpoints import diverged
+from rlhf.common import mixed_precision, precision, prompt_rng, report_to, run_stage, start_stage
+from rlhf.engines import full_weights_for_generation
+from rlhf.generation import generate
+from rlhf.handoff import check_output_dir, require_stage_output
+from rlhf.ppo_math import (
+    compute_advantages, first_eos_mask, imitation_rows, informative_groups, kl_estimate, length_grouped_order,
+    loss_normalizers, masked_total, mixed_groups, policy_loss, policy_rows, self_imitation_loss, truncate_after_eos,
+    value_loss,
 )
-from rlhf.data import load_rows, row_where, template_lengths
-from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
-from rlhf.generation import generate, hf_model, positions
-from rlhf.handoff import check_output_dir, disk_full_is_an_error, require_stage_output, save_stage, write_json, write_jsonl
-from rlhf.settings import UserError, scalar_settings
-
-# ---- PPO math (pure functions, unit-tested in tests/test_ppo_math.py) ----
-# Conventions shared by every function below:
-# - B = batch of responses, T = response length (prompt tokens removed), right-padded.
-# - `mask` is a bool tensor (B, T), True on valid response tokens. It comes from the position of
-#   the first EOS only (first_eos_mask), never from the pad id: a token equal to pad_id before the
-#   first EOS is valid, and the mask stays right even where pad_id == eos_id.
-# - Every response has at least one valid token (an EOS at position 0 is a one-token response
-#   whose only action is stopping), so masked means over a batch never divide by zero.
-# - Padding positions of returned (B, T) tensors are 0.
-
-
-def first_eos_mask(response_ids, eos_id):
-    """Valid-token mask of right-padded responses: every token up to and including the first EOS.
-
-    eos_id: an int, or a list of ints for models with several stop tokens.
-    Returns (mask (B, T) bool, ends_with_eos (B,) bool, last_index (B,) long). last_index is the
-    position of the first EOS, or T - 1 for a response that never emitted EOS (cut at the length
-    limit); it is always a valid token. Truncation after EOS as in Huang et al. 2024 (N+ details).
-    """
-    if response_ids.shape[1] == 0:
-        raise ValueError("first_eos_mask: responses have length 0; generate at least one token")
-    is_eos = torch.isin(response_ids, torch.as_tensor(eos_id, device=response_ids.device))  # (B, T)
-    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # (B, T) number of EOS strictly before t
-    mask = eos_before == 0  # (B, T)
-    ends_with_eos = is_eos.any(1)  # (B,)
-    last_index = mask.sum(1) - 1  # (B,)
-    return mask, ends_with_eos, last_index
-
-
-def truncate_after_eos(response_ids, eos_id, pad_id):
-    """Copy of response_ids (B, T) with every token after the first EOS replaced by pad_id.
-
-    The reward model must score exactly this truncated text (Huang et al. 2024, "truncate after EOS");
-    `generate` already pads finished rows, this also covers samplers that keep going.
-    """
-    mask, _, _ = first_eos_mask(response_ids, eos_id)
-    return torch.where(mask, response_ids, pad_id)  # (B, T)
-
-
-def logprobs_from_logits(logits, tokens, temperature):
-    """Log-probability (B, T) of each taken token under softmax(logits / temperature).
-
-    logits (B, T, V) must already be aligned with tokens (B, T): for a causal LM over prompt +
-    response, logits = output.logits[:, prompt_len - 1 : -1] (or (n, V) and (n,): the valid
-    tokens only, response_forward with `keep`). The SAME temperature must be used for
-    the rollout ("old") logprobs, the reference logprobs and the training forward, otherwise the
-    PPO ratio and the KL are off from step 0 (TRL <= 1.10 PPOv2 and the N+ code divide all three).
-    Memory: one float32 (B, T, V) copy, gather + logsumexp instead of a full log_softmax output.
-    """
-    scaled = logits.float() / temperature  # (B, T, V)
-    taken = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return taken - torch.logsumexp(scaled, dim=-1)  # (B, T)
-
-
-def logprobs_and_entropy(logits, tokens, temperature):
-    """logprobs_from_logits(logits, tokens, temperature) and, without gradient, the entropy of
-    softmax(logits / temperature) (pass the sampling temperature, so it is the entropy of the
-    distribution sampled from): H = logsumexp(x) - sum(softmax(x) * x), as TRL <= 1.10 PPOv2, with
-    softmax(x) = exp(x - logsumexp(x)) from the logsumexp the logprobs need. Expects finite logits."""
-    scaled = logits.float() / temperature  # (..., V)
-    lse = torch.logsumexp(scaled, dim=-1)
-    logp = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-    with torch.no_grad():
-        entropy = lse - (torch.exp(scaled - lse.unsqueeze(-1)) * scaled).sum(-1)
-    return logp, entropy
-
-
-def kl_estimate(logp, ref_logp, kind="k1"):
-    """Per-token estimate (B, T) of KL(policy || reference) from logprobs of sampled tokens.
-
-    Schulman, "Approximating KL divergence" (2020), with r = p_ref / p_policy = exp(ref_logp - logp):
-      k1 = -log r = logp - ref_logp      unbiased, can be negative per token (TRL, N+ default)
-      k2 = 0.5 * (log r)^2               biased, low variance, >= 0
-      k3 = (r - 1) - log r               unbiased, low variance, >= 0 (OpenRLHF, GRPO)
-    k3 clamps log r to [-10, 10] before exp so one outlier token cannot give inf (OpenRLHF does the same).
-    """
-    log_ratio = ref_logp - logp  # (B, T) log r
-    if kind == "k1":
-        return -log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio**2
-    if kind == "k3":
-        log_ratio = log_ratio.clamp(-10.0, 10.0)
-        return torch.expm1(log_ratio) - log_ratio  # expm1 keeps k3 exactly 0 when equal
-    raise ValueError(f"kl_estimate: unknown kind {kind!r}; use 'k1', 'k2' or 'k3'")
-
-
-def apply_missing_eos_penalty(score, ends_with_eos, penalty):
-    """Scores (B,) where a response that never emitted EOS gets `penalty` INSTEAD of its RM score.
-
-    Replace, not subtract, as in the N+ code (Huang et al. 2024, penalty -1): a response cut at the
-    length limit is worth a fixed low value whatever the RM thinks of the fragment, so the policy
-    cannot earn reward by rambling. (TRL's `missing_eos_penalty` subtracts instead, which keeps the RM's
-    ranking among cut responses but lets a high-scoring fragment beat a finished answer.)
-    Pick `penalty` below the usual range of the (normalised) RM score.
-    """
-    return torch.where(ends_with_eos, score, torch.full_like(score, penalty))  # (B,)
-
-
-def per_token_rewards(score, kl, mask, last_index, kl_coef):
-    """Per-token reward (B, T): -kl_coef * kl on valid tokens, plus the sequence score (B,) added
-    at the last valid token (Ziegler et al. 2019 KL-shaped reward; InstructGPT). 0 on padding.
-
-    Where the score lands: on last_index, the EOS (or the final token when cut), as the N+ code and
-    OpenRLHF do. TRL <= 1.10 PPOv2 puts it one position later when it fits (on the first pad) and
-    trains the value there, so the score reaches the EOS only through that extra value estimate, and
-    lands on a different place for responses that fill T. The last token is the action that ended
-    the episode: the score belongs to it, in one place for every response.
-    (Reading the score from the RM at the position it was trained on is the caller's job.)
-    """
-    rewards = torch.where(mask, -kl_coef * kl, 0.0)  # (B, T)
-    return rewards.scatter_add(1, last_index.unsqueeze(1), score.unsqueeze(1).to(rewards.dtype))
-
-
-def masked_mean(x, mask, dim=None):
-    """Mean of x over positions where the bool mask is True (all of them, or along dim).
-    Padding values never enter, not even NaN or inf."""
-    x = torch.where(mask, x, 0.0)
-    if dim is None:
-        return x.sum() / mask.sum()
-    return x.sum(dim) / mask.sum(dim)
-
-
-def masked_total(x, mask, normalizer=None):
-    """The sum of x over the valid positions divided by `normalizer`, a constant of the whole rollout
-    batch (loss_normalizers); None: the masked mean of this tensor alone (a token mean per
-    mini-batch)."""
-    return masked_mean(x, mask) if normalizer is None else torch.where(mask, x, 0.0).sum() / normalizer
-
-
-def loss_normalizers(counts, mini_batches, num_processes=1, total=None):
-    """Each loss term's denominator for one rollout batch: the tokens that term trains on in the
-    whole batch, over every process (`total`: a function that sums a tensor over processes),
-    divided by the number of mini-batches (per process). So every token weighs the same in the
-    epoch's gradient, whatever mini-batch it lands in; with a token mean per mini-batch, and
-    mini-batches grouped by length, a token of a short-answer mini-batch would weigh 3-5x one of a
-    long-answer mini-batch, the per-answer normalisation Dr. GRPO removes (Liu et al. 2025), and
-    rows that train nothing (advantage 0) would dilute their mini-batch. counts: {term: (B, T) bool
-    or a count}; returns {term: float >= 1}."""
-    out = {}
-    for term, count in counts.items():
-        n = torch.as_tensor(count).sum().float().reshape(1)
-        n = total(n) if total is not None else n
-        out[term] = max(1.0, float(n) / num_processes / mini_batches)
-    return out
-
-
-def masked_var(x, mask, unbiased=True):
-    """Variance of x over valid positions; unbiased divides by n - 1 (as TRL's masked_var)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        if n < 2:
-            raise ValueError("masked_var: unbiased variance needs at least 2 valid tokens")
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over valid tokens only; padding set to 0.
-
-    shift_mean=True for advantages (mean 0, var 1; Ziegler et al. 2019, N+, TRL). shift_mean=False
-    for rewards: scale only, keep the mean, so the sign of the reward survives (TRL's
-    `whiten_rewards`). Statistics are over this tensor only (per process under multi-GPU, like TRL).
-    """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)  # (B, T)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask, whitened, 0.0)
-
-
-def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation (Schulman et al. 2016) over right-padded responses.
-
-    rewards, values (B, T); rewards and values outside the mask are treated as 0, so the state after
-    the last valid token is terminal (V = 0). Returns (advantages, returns), both (B, T), 0 on
-    padding; returns = advantages + values (the value target, as in TRL, N+, OpenRLHF).
-    """
-    rewards = torch.where(mask, rewards, 0.0)  # (B, T)
-    values = torch.where(mask, values, 0.0)  # (B, T)
-    T = rewards.shape[1]
-    advantages = torch.zeros_like(rewards)  # (B, T)
-    last_gae = torch.zeros_like(rewards[:, 0])  # (B,)
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)  # (B,)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,) TD error
-        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]  # (B,)
-        advantages[:, t] = last_gae
-    return advantages, advantages + values
-
-
-def group_advantages(rewards, group, kind):
-    """Critic-free advantage (N,) of each answer from its sequence reward (N,), measured against
-    the other answers to the same prompt (`group` consecutive answers per prompt, group >= 2):
-      grpo     (r - mean) / (std + 1e-4)   DeepSeekMath (Shao et al. 2024); std unbiased, as TRL and OpenRLHF
-      dr_grpo  r - mean                    Dr. GRPO (Liu et al. 2025): dividing by the group's std
-                                           up-weights prompts the policy almost always passes or fails
-      rloo     r - mean of the OTHER answers = group / (group - 1) * (r - mean)   (Ahmadian et al. 2024)
-    A group whose answers all score the same gets 0 from each. The caller gives every token of an
-    answer its answer's advantage. Dr. GRPO's other fix, no division by each answer's own length,
-    holds for every estimator here: policy_loss averages over all tokens of the mini-batch.
-    """
-    r = rewards.float().reshape(-1, group)  # (N / group, group)
-    centred = r - r.mean(1, keepdim=True)
-    if kind == "grpo":
-        advantages = centred / (r.std(1, keepdim=True) + 1e-4)
-    elif kind == "dr_grpo":
-        advantages = centred
-    elif kind == "rloo":
-        advantages = centred * group / (group - 1)
-    else:
-        raise ValueError(f"group_advantages: unknown kind {kind!r}; use 'grpo', 'dr_grpo' or 'rloo'")
-    return advantages.flatten()  # (N,)
-
-
-def compute_advantages(kind, score, kl, values, mask, last_index, kl_coef, group, trains_policy, gamma, lam):
-    """Advantages (B, T) of one rollout batch, and the critic's targets (B, T) (None without a critic).
-
-    score (B,) sequence scores; kl (B, T) per-token KL estimate, paid as reward at kl_coef (pass 0
-    when the KL is a loss term instead); values (B, T) the critic's, or None; trains_policy (B,)
-    bool, False for answers whose group all passed or all failed its unit tests: their advantage
-    is 0, so they cannot move the policy (they still train the critic). kind:
-      gae          critic, GAE(gamma, lam) over KL-shaped per-token rewards, then whitened (N+, TRL)
-      reinforce++  no critic, the return-to-go of the same rewards, whitened over the batch (Hu 2025,
-                   OpenRLHF's "reinforce++")
-      grpo, dr_grpo, rloo   no critic, the group baseline of group_advantages on score - kl_coef * KL
-    """
-    live = mask & trains_policy.unsqueeze(1)  # (B, T) tokens whose advantage can move the policy
-    returns = None
-    if kind in ("gae", "reinforce++"):
-        rewards = per_token_rewards(score, kl, mask, last_index, kl_coef)  # (B, T)
-        if kind == "gae":
-            advantages, returns = gae(rewards, values, mask, gamma, lam)
-        else:  # returns-to-go: GAE with no critic and lambda 1
-            advantages = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0]
-        if live.sum() < 2:  # nothing to learn from in this batch
-            return torch.zeros_like(advantages), returns
-        advantages = masked_whiten(advantages, live)  # Ziegler et al. 2019; over trained tokens only
-    else:
-        sequence = score - kl_coef * torch.where(mask, kl, 0.0).sum(1)  # (B,)
-        advantages = group_advantages(sequence, group, kind).unsqueeze(1).expand_as(kl)  # (B, T)
-    return torch.where(live, advantages, 0.0), returns
-
-
-def policy_loss(logp, old_logp, advantages, mask, clip, normalizer=None):
-    """Clipped surrogate loss of PPO (Schulman et al. 2017) over valid tokens (masked_total: their
-    mean, or their sum / normalizer).
-
-    logp (B, T) from the current forward (with grad); old_logp, advantages (B, T) from the rollout.
-    Returns (loss, stats) with detached tensor stats: clipfrac (share of valid tokens where the
-    clipped term is active), approx_kl (k3 of old vs new, as CleanRL; TRL logs 0.5 * logratio^2),
-    ratio_mean, ratio_var. The log ratio is zeroed on padding before exp, so garbage logprobs there
-    can give neither inf nor a NaN gradient.
-    """
-    log_ratio = torch.where(mask, logp - old_logp, 0.0)  # (B, T)
-    ratio = torch.exp(log_ratio)  # (B, T)
-    loss_unclipped = -advantages * ratio  # (B, T)
-    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)  # (B, T)
-    loss = masked_total(torch.max(loss_unclipped, loss_clipped), mask, normalizer)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
-            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
-            "ratio_mean": masked_mean(ratio, mask),
-            "ratio_var": masked_var(ratio, mask, unbiased=False),
-        }
-    return loss, stats
-
-
-def self_imitation_loss(logp, mask, imitate, normalizer=None):
-    """Negative logprob over the valid tokens (mask (B, T)) of the answers to imitate (B,)
-    (imitation_rows), pushed up without PPO's clip (self-imitation learning, Oh et al. 2018; the
-    same idea as rejection-sampling fine-tuning): their mean, or their sum / normalizer. 0 when
-    none is in the mini-batch."""
-    good = mask & imitate.unsqueeze(1)  # (B, T)
-    if normalizer is None:
-        normalizer = good.sum().clamp(min=1)  # masked_mean, 0 when empty
-    return -torch.where(good, logp, 0.0).sum() / normalizer
-
-
-def value_loss(values, old_values, returns, mask, clip, normalizer=None):
-    """Clipped value loss (PPO2 baselines; TRL, N+): 0.5 * max((V - R)^2, (V_clip - R)^2), masked mean,
-    where V_clip = old_V + clamp(V - old_V, -clip, clip). values (B, T) with grad, the rest from the
-    rollout. Returns (loss, stats) with vf_clipfrac (share of valid tokens where the clipped term wins).
-    """
-    values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # (B, T)
-    loss_unclipped = (values - returns) ** 2  # (B, T)
-    loss_clipped = (values_clipped - returns) ** 2  # (B, T)
-    loss = 0.5 * masked_total(torch.max(loss_unclipped, loss_clipped), mask, normalizer)
-    with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
-    return loss, stats
-
-
-def mixed_groups(passed, group):
-    """(N / group,) bool: True for each group of `group` consecutive responses (the answers to one
-    prompt) whose unit-test rewards `passed` (N,) differ. NaN (no tests) counts as not mixed."""
-    groups = passed.reshape(-1, group)
-    return (groups.amax(1) > groups.amin(1)) & ~groups.isnan().any(1)
-
-
-def informative_groups(passed, group, keep):
-    """Indices (keep * group,) of the responses to train on, out of a larger sampled batch of
-    groups in the order they were drawn: first the groups without tests among the first `keep`
-    (the share a plain draw of `keep` prompts gives the prompts scored by the reward model or a
-    function of the user's: the tests say nothing about them), then the groups with mixed test
-    results, then the others to fill up, so the count and every shape stay fixed; returned in
-    sampled order.
-
-    A group whose answers all pass or all fail teaches little: its advantages are mostly the
-    critic's error on one outcome. Training on the prompts with mixed outcomes is DAPO's "dynamic
-    sampling" (Yu et al. 2025, arXiv 2503.14476); here sampling cost is small next to the update.
-    """
-    untested = passed.reshape(-1, group).isnan().all(1)  # (G,)
-    own_share = untested & (torch.arange(len(untested), device=passed.device) < keep)
-    mixed = mixed_groups(passed, group)
-    rank = torch.where(own_share, 0, torch.where(mixed, 1, 2))  # (G,) kept in this order, ties in draw order
-    chosen = torch.argsort(rank, stable=True)[:keep].sort().values
-    return (chosen.unsqueeze(1) * group + torch.arange(group, device=passed.device)).flatten()
-
-
-def policy_rows(passed, group):
-    """(B,) bool: the answers whose advantage may move the policy. With several answers per prompt,
-    every answer of a group whose test results differ, and every answer to a prompt without tests
-    (scored by the reward model); a group whose answers all pass or all fail gets advantage 0 (it
-    still trains the critic). With one answer per prompt there is no group to compare: every
-    answer trains, against the critic's values (gae) or the batch's whitening (reinforce++)."""
-    if group == 1:
-        return torch.ones_like(passed, dtype=torch.bool)
-    groups = passed.reshape(-1, group)
-    return (mixed_groups(passed, group) | groups.isnan().all(1)).repeat_interleave(group)
-
-
-def imitation_rows(passed, ends_with_eos, trains, group):
-    """(B,) bool: the answers self-imitation pushes up (PPO_SIL_COEF): those that passed every test
-    in a group where some failed, and ended. An answer cut at PPO_RESPONSE_LEN can still pass (its
-    first code block is complete) but gets the missing-EOS penalty: imitating it would teach the
-    rambling the penalty punishes. None with one answer per prompt (no group to compare)."""
-    if group == 1:
-        return torch.zeros_like(ends_with_eos)
-    return trains & (passed == 1) & ends_with_eos
-
-
-class KLController:
-    """KL coefficient beta: fixed when target is None, else adaptive (Ziegler et al. 2019):
-    beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon.
-
-    current_kl: mean per-response KL (sum over tokens of k1, averaged over the batch);
-    n_steps, horizon: counted in episodes (responses), as Ziegler et al. and OpenRLHF (horizon 10000).
-    state_dict() holds only the coefficient; target and horizon come from the settings of the run.
-    """
-
-    def __init__(self, init_coef, target=None, horizon=10000):
-        self.value, self.target, self.horizon = float(init_coef), target, horizon
-
-    def update(self, current_kl, n_steps):
-        if self.target is None:
-            return
-        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)  # proportional error, clipped
-        self.value *= 1.0 + error * n_steps / self.horizon
-
-    def state_dict(self):
-        return {"value": self.value}
-
-    def load_state_dict(self, state):
-        self.value = float(state["value"])
-
-
-# ---- end of PPO math ----
-
-
-# ---- models ----
-
-class PolicyAndCritic(torch.nn.Module):
-    """Policy and critic (None with a critic-free estimator) in one module, so accelerate (DDP,
-    DeepSpeed, FSDP) prepares, clips and checkpoints them together with one optimizer (as TRL's
-    PolicyAndValueWrapper)."""
-
-    def __init__(self, policy, critic=None):
-        super().__init__()
-        self.policy, self.critic = policy, critic
-        # the decoder block classes: FSDP's transformer-based wrap (accelerate) shards each block apart
-        self._no_split_modules = sorted({*(getattr(policy, "_no_split_modules", None) or []),
-                                         *(getattr(critic, "_no_split_modules", None) or [])})
-
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, keep=None):
-        """(logits, values (B, L) or None): the policy's logits of the last logits_to_keep positions,
-        or with `keep` (B, T) only those of its True positions (n, V) (logits_for)."""
-        logits = logits_for(self.policy, input_ids, attention_mask, position_ids, logits_to_keep, keep)
-        if self.critic is None:
-            return logits, None
-        return logits, token_values(self.critic, input_ids, attention_mask, position_ids)
-
-
-def head_apart(model):
-    """The transformers model whose backbone and LM head can be called one after the other, or
-    None: under ZeRO-3/FSDP a sharded module's parameters are gathered in its own (or its root's)
-    forward, and a head that scales or caps its logits is more than the linear layer."""
-    from transformers import PreTrainedModel
-
-    base = hf_model(model)  # a DeepSpeed engine (PPO_SHARD_FROZEN_MODELS) is none: its own forward is used
-    if launched_with_sharded_weights() or not isinstance(base, PreTrainedModel) or base.get_output_embeddings() is None:
-        return None
-    return None if head_scales_logits(base) else base
-
-
-def logits_for(model, input_ids, attention_mask, position_ids, logits_to_keep, keep=None):
-    """A causal LM's logits: (B, logits_to_keep, V) as its forward gives them, or with `keep`
-    (B, T) the (n, V) logits that predict its n True tokens among the last T (position t predicts
-    token t + 1). Then only those positions go through the LM head: the padding after each
-    response's end, a large share of a mini-batch's columns, never does."""
-    base = head_apart(model) if keep is not None else None
-    if base is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=logits_to_keep).logits
-        return logits if keep is None else logits[:, -keep.shape[1] - 1:-1][keep]
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return base.get_output_embeddings()(hidden[:, -keep.shape[1] - 1:-1][keep])
-
-
-def token_values(critic, input_ids, attention_mask, position_ids):
-    """Per-token values (B, L): the reward model's scalar head applied at every position instead
-    of only the last one (critic initialised from the RM: DeepSpeed-Chat, OpenRLHF, N+)."""
-    base = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return critic.score(hidden).squeeze(-1).float()  # (B, L); peft routes `score` to its trained copy
-
-
-def zero_value_head(critic):
-    """Start the critic at V = 0 everywhere. Its head comes from the RM, whose raw scores (std 2.6 on
-    the embedded default, and never trained on answer prefixes) are on another scale than the returns
-    built from normalised scores; N+ subtracts the RM bias, OpenRLHF normalises the critic's output.
-    With LoRA only the trained copy of the head is zeroed: the original stays the reward model's."""
-    head = critic.score
-    head = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
-    params = list(head.parameters())
-    gathered = contextlib.nullcontext()
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned it at load: gather, zero, re-partition
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    with gathered, torch.no_grad():
-        for p in params:
-            p.zero_()
-
-
-def disable_dropout(model):
-    """Dropout off in every model during RL: with it the ratio is not 1 at the first update and
-    the KL is noise (N+ implementation details; TRL's disable_dropout)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def response_forward(model, query, query_mask, response, keep=None):
-    """One forward over prompt + response -> (logits (B, T, V) that predict each response token,
-    values (B, T) of the state before each response token, or None when `model` has no critic).
-    `model` is the (prepared) PolicyAndCritic or a plain causal LM (the reference). Only the last
-    T + 1 positions go through the LM head (logits_to_keep): prompt logits would be thrown away.
-    With `keep` (B, T), the response's valid tokens: logits (n, V) of those n tokens only."""
-    T = response.shape[1]
-    ids = torch.cat([query, response], 1)  # (B, P + T)
-    mask = torch.cat([query_mask, torch.ones_like(response)], 1)
-    if not isinstance(getattr(model, "module", model), PolicyAndCritic):  # the reference: a causal LM
-        logits = logits_for(model, ids, mask, positions(mask), T + 1, keep)
-        return (logits[:, :-1] if keep is None else logits), None
-    # through the prepared module's own forward (DDP synchronises gradients there)
-    logits, values = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=T + 1,
-                           **({} if keep is None else {"keep": keep}))
-    # position P-1+t predicts response token t; V(s_t) is read at the same position
-    return (logits[:, :-1] if keep is None else logits), None if values is None else values[:, -T - 1:-1]
-
-
-def rollout_values(accelerator, model, query, query_mask, response):
-    """The critic's values (B, T) of the state before each response token, without the policy's
-    forward (no gradients: the prepared wrapper's forward, which DDP needs to synchronise
-    gradients, is not needed). Used when the sampler gave the old logprobs, which happens only
-    where the whole weights are on every process (not ZeRO-3/FSDP: generate() there)."""
-    T = response.shape[1]
-    ids = torch.cat([query, response], 1)  # (B, P + T)
-    mask = torch.cat([query_mask, torch.ones_like(response)], 1)
-    critic = accelerator.unwrap_model(model).critic
-    return token_values(critic, ids, mask, positions(mask))[:, -T - 1:-1]
-
-
-def valid_logprobs(logits, response, keep, with_entropy=False):
-    """Logprobs (B, T) of the response tokens from response_forward(..., keep=keep)'s (n, V)
-    logits, 0 where keep is False; with_entropy: (logprobs, entropy (n,) of the n valid tokens'
-    distributions, no gradient)."""
-    if not with_entropy:
-        logp = logprobs_from_logits(logits, response[keep], C.PPO_TEMPERATURE)  # (n,)
-        return logp.new_zeros(keep.shape).masked_scatter(keep, logp)
-    logp, entropy = logprobs_and_entropy(logits, response[keep], C.PPO_TEMPERATURE)
-    return logp.new_zeros(keep.shape).masked_scatter(keep, logp), entropy
-
-
-def without_padding_columns(query, query_mask, response, mask):
-    """A mini-batch cut to the columns some row uses: prompts are left-padded (leading columns),
-    responses padded after their EOS (trailing). Every loss and statistic is a masked mean, so
-    the figures are the same with fewer positions through the network. Returns (query,
-    query_mask, response, T') with T' the longest valid response of the mini-batch."""
-    start = int((query_mask.cumsum(1) == 0).all(0).sum())  # columns that are padding in every prompt
-    T = max(1, int(mask.sum(1).max()))
-    return query[:, start:], query_mask[:, start:], response[:, :T], T
-
-
-def length_grouped_order(lengths, mini_batch, generator, jitter=16.0):
-    """One epoch's order of the rows: shuffled, then sorted by length (prompt + answer tokens, plus
-    a random jitter of up to `jitter` tokens, so the groups change from epoch to epoch), cut into
-    mini-batches of similar length whose order is shuffled again. Every row is visited once per
-    epoch as before; a mini-batch's forward is only as wide as its longest row, so fewer padding
-    positions go through the network. (B,) lengths -> (B,) permutation."""
-    perm = torch.randperm(len(lengths), generator=generator)
-    key = lengths.cpu()[perm].float() + jitter * torch.rand(len(lengths), generator=generator)
-    perm = perm[torch.argsort(key, stable=True)]
-    groups = perm.reshape(-1, mini_batch)
-    return groups[torch.randperm(len(groups), generator=generator)].reshape(-1)
-
-
-@contextlib.contextmanager
-def frozen(accelerator, model, copy, host):
-    """The frozen reference ("policy") or reward model ("critic"): its own `copy` when it has one,
-    else (LoRA) that network of the prepared model with its adapter disabled: four roles, two
-    networks (TRL, LLaMA-Factory, verl)."""
-    if copy is not None:
-        yield copy
-        return
-    network = getattr(accelerator.unwrap_model(model), host)
-    with network.disable_adapter():
-        yield network
-
-
-def sample(policy, query, query_mask, eos_ids, pad_id):
-    """(responses (B, T), their logprobs (B, T) or None), T <= PPO_RESPONSE_LEN, sampled from plain
-    softmax(logits / T): the distribution every logprob of the loop assumes (no top-k, top-p or
-    repetition penalty, whatever the checkpoint's generation_config says). Rows that have ended
-    leave the batch (rlhf.generation): generate() would keep computing them to the longest
-    response. The logprobs are the sampler's own: PPO's "old" logprobs without a second forward
-    over the answers, as TRL's PPOTrainer takes them from generate()'s scores (trl 1.10,
-    experimental/ppo/ppo_trainer.py). Only in fp32, where the cached decoding and a whole forward
-    agree to float rounding (tests/test_generation.py); in bf16 or fp16 they round apart, so there
-    the loop reads the answers again (None)."""
-    response, logp = generate(policy, query, query_mask, C.PPO_RESPONSE_LEN, eos_ids, pad_id,
-                              temperature=C.PPO_TEMPERATURE, logprobs=True)
-    return response, logp if precision() == "fp32" else None
-
-
-# ---- data ----
-
-def load_prompts(path, tokenizer):
-    """PPO prompts: {"prompt": text or messages, ...}, or task rows with unit tests in any format
-    (the project's, HumanEval, MBPP, APPS/TACO, CodeContests: rlhf.codeeval), which get an
-    execution reward and ask what their format asks."""
-    from rlhf.codeeval import prompt_and_problem
-
-    rows = []
-    for i, row in enumerate(load_rows(path)):
-        messages, problem = prompt_and_problem(row, row_where(path, row, i), str(i))  # tests checked here
-        rows.append({"messages": messages, "problem": problem})
-    limit = C.MAX_LEN - C.PPO_RESPONSE_LEN
-    lengths = template_lengths(tokenizer, [r["messages"] for r in rows], path, add_generation_prompt=True)
-    kept = [r for r, n in zip(rows, lengths) if n <= limit]
-    if not kept:
-        raise UserError(f"{path}: every prompt is longer than MAX_LEN - PPO_RESPONSE_LEN = {limit} tokens")
-    if len(kept) < len(rows):
-        print(f"dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than {limit} tokens")
-    return kept
-
-
-def step_prompts(prompts, step, rank, count):
-    """The `count` prompts of one iteration on one process, each repeated PPO_SAMPLES_PER_PROMPT
-    times (answers that pass and fail side by side are what the advantages learn from). A function
-    of (seed, rank, step) only: a resumed run sees the prompts it would have seen, no sampler state."""
-    rng = prompt_rng(C.SEED, rank, step)
+from rlhf.ppo_models import response_forward
+from rlhf.ppo_setup import CHECKPOINT, check_settings, run_evaluation, save_checkpoint, save_policy, setup
+from rlhf.reward import exec_rewards, sequence_scores
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One iteration's answers on this process, a row each (B), and what the update learns from
+    them, filled in the loop's order: rollout(), rollout_forwards(), then scores and advantages.
+    (B, T) tensors are right-padded: 0 (False) after each answer's end."""
+    batch: list  # (B,) prompt rows {"messages", "problem"}, each PPO_SAMPLES_PER_PROMPT times in a row
+    texts: list  # (B,) the answers as text, up to their first EOS
+    passed: torch.Tensor  # (B,) unit-test reward (rlhf.reward.exec_rewards); NaN without tests
+    query: torch.Tensor  # (B, P) prompt ids, left-padded
+    query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    response: torch.Tensor  # (B, T) answer ids, padded after the first EOS
+    last_index: torch.Tensor  # (B,) the first EOS, or T - 1 where the answer was cut (first_eos_mask)
+    sampled_logp: torch.Tensor | None  # (B, T) the sampler's logprobs (fp32 only: sample), else None
+    mask: torch.Tensor | None = None  # (B, T) bool: the answer's tokens up to its first EOS
+    ends_with_eos: torch.Tensor | None = None  # (B,) bool: not cut at PPO_RESPONSE_LEN
+    old_logp: torch.Tensor | None = None  # (B, T) logprobs under the policy that sampled
+    ref_logp: torch.Tensor | None = None  # (B, T) logprobs under the frozen reference
+    values: torch.Tensor | None = None  # (B, T) the critic's V(s_t) (gae), else None
+    score: torch.Tensor | None = None  # (B,) sequence score (rlhf.reward.sequence_scores)
+    rm_score: torch.Tensor | None = None  # (B,) normalised RM score, NaN where the RM was not asked
+    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate to the reference
+    trains_policy: torch.Tensor | None = None  # (B,) bool: its advantage may move the policy (policy_rows)
+    imitate: torch.Tensor | None = None  # (B,) bool: self-imitation pushes it up (imitation_rows)
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T) the critic's targets (gae), else None
+
+    def select(self, rows):
+        """The sampled rollout's rows `rows`, without the columns that are padding in all of them."""
+        query_mask = self.query_mask[rows]
+        width, answer_width = int(query_mask.sum(1).max()), int(self.last_index[rows].max()) + 1
+        cut = lambda x: None if x is None else x[rows][:, :answer_width]  # noqa: E731
+        return Rollout([self.batch[i] for i in rows], [self.texts[i] for i in rows], self.passed[rows],
+                       self.query[rows][:, -width:], query_mask[:, -width:], cut(self.response),
+                       self.last_index[rows], cut(self.sampled_logp))
+
+    def padded(self, width, pad_id, eos_ids):
+        """The sampled rollout with its answers padded to `width` columns, and their masks."""
+        response = torch.nn.functional.pad(self.response, (0, width - self.response.shape[1]), value=pad_id)
+        mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
+        sampled_logp = self.sampled_logp
+        if sampled_logp is not None:  # to the same width; 0 after each answer
+            sampled_logp = torch.nn.functional.pad(sampled_logp, (0, width - sampled_logp.shape[1]))
+            sampled_logp = torch.where(mask, sampled_logp, 0.0)
+        return dataclasses.replace(self, response=response, last_index=last_index, sampled_logp=sampled_logp,
+                                   mask=mask, ends_with_eos=ends_with_eos)
+
+    def lengths(self):
+        return self.query_mask.sum(1) + self.mask.sum(1)  # (B,) tokens of each row
+
+    def minibatch(self, rows):
+        """Rows `rows`, cut to the columns some of them use: prompts are left-padded (leading
+        columns), answers padded after their EOS (trailing). Every loss and statistic is a masked
+        mean, so the figures are the same with fewer positions through the network."""
+        query_mask = self.query_mask[rows]
+        start = int((query_mask.cumsum(1) == 0).all(0).sum())  # columns that are padding in every prompt
+        T = max(1, int(self.mask[rows].sum(1).max()))  # the longest answer among the rows
+        tokens = lambda x: None if x is None else x[rows, :T]  # noqa: E731
+        answers = lambda x: None if x is None else x[rows]  # noqa: E731
+        listed = rows.tolist()
+        return Rollout([self.batch[i] for i in listed], [self.texts[i] for i in listed],
+                       answers(self.passed), self.query[rows][:, start:], query_mask[:, start:],
+                       self.response[rows][:, :T], answers(self.last_index), tokens(self.sampled_logp),
+                       tokens(self.mask), answers(self.ends_with_eos), tokens(self.old_logp), tokens(self.ref_logp),
+                       tokens(self.values), answers(self.score), answers(self.rm_score), tokens(self.kl),
+                       answers(self.trains_policy), answers(self.imitate), tokens(self.advantages),
+                       tokens(self.returns))
+
+
+def step_prompts(prompts, step, rank, count, *, seed, samples_per_prompt):
+    """The `count` prompts of one iteration on one process, each repeated samples_per_prompt times
+    (answers that pass and fail side by side are what the advantages learn from). A function of
+    (seed, rank, step) only: a resumed run sees the prompts it would have seen, no sampler state."""
+    rng = prompt_rng(seed, rank, step)
     picked = [prompts[rng.randrange(len(prompts))] for _ in range(count)]
-    return [row for row in picked for _ in range(C.PPO_SAMPLES_PER_PROMPT)]
+    return [row for row in picked for _ in range(samples_per_prompt)]
 
 
 def encode_prompts(tokenizer, batch, device):
@@ -632,253 +129,138 @@ def encode_prompts(tokenizer, batch, device):
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-# ---- scoring: unit tests + reward model ----
-
-def exec_rewards(batch, texts, device):
-    """Unit-test reward (B,) of each response (PPO_EXEC_REWARD of its sandbox verdict); NaN where the
-    prompt has no tests or PPO_EXEC_WEIGHT is 0."""
-    from rlhf.codeeval import completion_for
-    from rlhf.sandbox import run_unique
-
-    passed = torch.full((len(batch),), float("nan"), device=device)
-    tested = [i for i, r in enumerate(batch) if r["problem"] is not None]
-    if tested and C.PPO_EXEC_WEIGHT:
-        verdicts = run_unique([batch[i]["problem"].job(completion_for(batch[i]["problem"], texts[i])) for i in tested])
-        # "all": the verdict greedy pass@1 counts; "fraction" also pays for near misses
-        passed[tested] = torch.tensor([float(v.passed) if C.PPO_EXEC_REWARD == "all" else v.pass_fraction
-                                       for v in verdicts], device=device)
-    return passed
+def sample(policy, query, query_mask, eos_ids, pad_id, *, max_tokens, temperature, own_logprobs):
+    """(responses (B, T), their logprobs (B, T) or None), T <= max_tokens, sampled from plain
+    softmax(logits / temperature): the distribution every logprob of the loop assumes (no top-k,
+    top-p or repetition penalty, whatever the checkpoint's generation_config says). Rows that have
+    ended leave the batch (rlhf.generation): generate() would keep computing them to the longest
+    response. With own_logprobs, the sampler's logprobs are PPO's "old" logprobs without a second
+    forward over the answers, as TRL's PPOTrainer takes them from generate()'s scores (trl 1.10,
+    experimental/ppo/ppo_trainer.py). Only in fp32, where the cached decoding and a whole forward
+    agree to float rounding (tests/test_generation.py); in bf16 or fp16 they round apart, so there
+    the loop reads the answers again (None)."""
+    response, logp = generate(policy, query, query_mask, max_tokens, eos_ids, pad_id, temperature=temperature,
+                              logprobs=True)
+    return response, logp if own_logprobs else None
 
 
-def sequence_scores(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device, every_row=False):
-    """Sequence scores (B,) and the normalised RM scores (B,) (NaN where the RM was not asked).
-
-    Where the prompt has unit tests, they decide: score = PPO_EXEC_WEIGHT x test reward (+ the RM's
-    with PPO_RM_ON_TESTED; off by default: docs/RESULTS.md measures how often our RM prefers the
-    failing answer). Elsewhere score = PPO_RM_WEIGHT x normalised RM score, read as in RM training
-    (prompt + answer through the chat template, at its last token; rlhf.reward.score_responses),
-    normalised with the mean/std the RM stage stored.
-    every_row: the RM reads every answer, its scores kept where they are asked for: where the RM's
-    forwards are collectives (ZeRO-3, FSDP), each process must run as many as the others, whatever
-    share of its batch has tests."""
-    from rlhf.reward import normalize_rewards, score_responses
-
-    tested = ~torch.isnan(passed)  # (B,)
-    asked = torch.ones_like(tested) if C.PPO_RM_ON_TESTED else ~tested
-    rm_score = torch.full_like(passed, float("nan"))
-    read = torch.ones_like(asked) if every_row else asked
-    if read.any():
-        rows = read.nonzero().flatten().tolist()
-        raw = score_responses(rm, rm_tokenizer, [batch[i]["messages"] for i in rows], [texts[i] for i in rows], device=device)
-        rm_score[rows] = normalize_rewards(raw.float().to(device), norm)
-        rm_score = torch.where(asked, rm_score, float("nan"))
-    score = C.PPO_RM_WEIGHT * torch.nan_to_num(rm_score) + C.PPO_EXEC_WEIGHT * torch.nan_to_num(passed)
-    if C.PPO_REWARD_FN:  # a user's own reward on top: f(list of messages, list of texts) -> floats
-        score = score + torch.tensor(custom_reward_fn()([r["messages"] for r in batch], texts),
-                                     dtype=score.dtype, device=device)
-    if C.PPO_PENALIZE_MISSING_EOS:
-        score = apply_missing_eos_penalty(score, ends_with_eos, C.PPO_MISSING_EOS_PENALTY)
-    return score, rm_score
-
-
-def custom_reward_fn():
-    """The function PPO_REWARD_FN names ("package.module:function")."""
-    import importlib
-
-    module, _, name = C.PPO_REWARD_FN.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise UserError(f"PPO_REWARD_FN={C.PPO_REWARD_FN!r}: no such function; write it as module:function") from None
+def rollout(s, step, n_prompts, *, seed, samples_per_prompt, max_tokens, temperature, own_logprobs):
+    """Answers to this iteration's prompts and their unit-test rewards; with oversampling, the
+    n_prompts prompts whose answers disagree in the tests first (informative_groups). Returns the
+    Rollout padded to the longest answer of any process, the sampled batch's pass rate and share of
+    mixed groups, and the seconds spent generating."""
+    accelerator, tokenizer, device = s.accelerator, s.tokenizer, s.accelerator.device
+    batch = step_prompts(s.prompts, step, accelerator.process_index, n_prompts * s.oversample, seed=seed,
+                         samples_per_prompt=samples_per_prompt)
+    query, query_mask = encode_prompts(tokenizer, batch, device)
+    t_gen = time.time()
+    with full_weights_for_generation(accelerator, s.model) as policy:
+        response, sampled_logp = sample(policy, query, query_mask, s.eos_ids, tokenizer.pad_token_id,
+                                        max_tokens=max_tokens, temperature=temperature, own_logprobs=own_logprobs)
+    gen_seconds = time.time() - t_gen
+    # sampling stops when every row has ended: (B, T') with T' <= max_tokens
+    response = truncate_after_eos(response, s.eos_ids, tokenizer.pad_token_id)
+    _, _, last_index = first_eos_mask(response, s.eos_ids)
+    texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
+    roll = Rollout(batch, texts, exec_rewards(batch, texts, device, s.reward), query, query_mask, response, last_index,
+                   sampled_logp)
+    sampled = {"sampled_pass_rate": roll.passed.nanmean(),
+               "mixed_groups": mixed_groups(roll.passed, samples_per_prompt).float().mean()}
+    if s.oversample > 1:
+        roll = roll.select(informative_groups(roll.passed, samples_per_prompt, n_prompts))
+    # pad to the longest answer of any process (not to max_tokens: most answers are far shorter), so
+    # every process runs the same number of identically shaped steps
+    longest = accelerator.reduce(torch.tensor([roll.response.shape[1]], device=device), "max").item()
+    return roll.padded(longest, tokenizer.pad_token_id, s.eos_ids), sampled, gen_seconds
 
 
-def keep_informative(roll, n_prompts):
-    """Keep n_prompts of the oversampled prompts, those whose answers disagree in the tests first
-    (informative_groups), and every per-answer field of the rollout `roll` with them; then drop the
-    columns that were padding for every kept row."""
-    keep = informative_groups(roll["passed"], C.PPO_SAMPLES_PER_PROMPT, n_prompts)
-    for key in ("batch", "texts"):
-        roll[key] = [roll[key][i] for i in keep]
-    for key in ("passed", "query", "query_mask", "response", "last_index", "sampled_logp"):
-        roll[key] = None if roll.get(key) is None else roll[key][keep]
-    width = int(roll["query_mask"].sum(1).max())
-    roll["query"], roll["query_mask"] = roll["query"][:, -width:], roll["query_mask"][:, -width:]
-    answer_width = int(roll["last_index"].max()) + 1
-    roll["response"] = roll["response"][:, :answer_width]
-    if roll.get("sampled_logp") is not None:
-        roll["sampled_logp"] = roll["sampled_logp"][:, :answer_width]
-    return roll
+def rollout_forwards(s, roll, mini_batch, temperature):
+    """The answers' logprobs under the policy that sampled them ("old": the sampler's own, or a
+    forward), under the frozen reference, and the critic's values (None without one), (B, T) each.
+    Rows of like length share a forward (less padding); the results come back in rollout order."""
+    old_logp, ref_logp, values = [], [], []
+    back = lambda x: torch.nn.functional.pad(x, (0, roll.response.shape[1] - x.shape[1]))  # noqa: E731  to (B', T)
+    by_length = torch.argsort(roll.lengths().cpu(), stable=True).to(roll.response.device)
+    for rows in by_length.split(mini_batch):
+        mb = roll.minibatch(rows)
+        if roll.sampled_logp is None:
+            out = response_forward(s.model, mb.query, mb.query_mask, mb.response, mb.mask, temperature)
+            old_logp.append(back(out.logp))
+        else:  # the sampler's logprobs; the critic (gae) still reads the answers for its values
+            old_logp.append(roll.sampled_logp[rows])
+            out = response_forward(s.accelerator.unwrap_model(s.model), mb.query, mb.query_mask, mb.response, mb.mask,
+                                   temperature, logprobs=False) if s.critic else None
+        values.append(None if out is None or out.values is None else back(out.values))
+        with s.reference() as ref:
+            ref_out = response_forward(ref, mb.query, mb.query_mask, mb.response, mb.mask, temperature)
+            ref_logp.append(back(ref_out.logp))
+    unsort = torch.argsort(by_length)
+    return torch.cat(old_logp)[unsort], torch.cat(ref_logp)[unsort], torch.cat(values)[unsort] if s.critic else None
 
 
-# ---- evaluation, checkpoints ----
-
-def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device):
-    """Greedy pass@1 on held-out tasks (sandboxed) and the mean normalised RM score of the answers;
-    and each task's answer and verdict (rows as the SFT stage's eval_results.jsonl)."""
-    from rlhf.codeeval import completion_for, generate_completions, pass_at_1_metrics, score_samples
-    from rlhf.reward import normalize_rewards, score_responses
-
-    texts = [t[0] for t in generate_completions(policy, tokenizer, [p.messages() for p in problems],
-                                                C.GEN_MAX_NEW_TOKENS, progress=False)]
-    summary, answers = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
-                                                for p, t in zip(problems, texts)], ks=(1,), progress=False)
-    scores = score_responses(rm, rm_tokenizer, [p.messages() for p in problems], texts, device=device)
-    return {**pass_at_1_metrics(summary), "rm_score": normalize_rewards(scores.float().mean().item(), norm)}, answers
-
-
-CHECKPOINT = {"marker": "ppo_state.json", "prefix": "step_"}  # step_N is complete once it holds ppo_state.json
-
-
-def save_checkpoint(accelerator, folder, step, history):
-    """accelerate's state (models, optimizer, scheduler, RNGs, KL controller) + our step counter,
-    written to a temporary folder and renamed, so a kill mid-save never leaves a half checkpoint
-    that looks complete; older checkpoints are removed after."""
-    final = os.path.join(folder, f"step_{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    kept = "the previous checkpoint is kept and a rerun resumes from it"
-    with disk_full_is_an_error(f"checkpoint {final}", tmp, kept):
-        accelerator.save_state(tmp)
-        accelerator.wait_for_everyone()  # save_state has no barrier: every process's RNG state is written
-        if accelerator.is_main_process:
-            write_json(os.path.join(tmp, CHECKPOINT["marker"]), {"step": step, "history": history,
-                                                                 "settings": scalar_settings()})
-    if accelerator.is_main_process:
-        os.replace(tmp, final)
-        for d in os.listdir(folder):
-            if d.startswith("step_") and d != f"step_{step}":
-                shutil.rmtree(os.path.join(folder, d), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+def update(s, roll, normalizers, step, *, epochs, mini_batch, temperature, clip, vf_clip, vf_coef, sil_coef,
+           kl_coef, kl_estimator, max_grad_norm, seed):
+    """`epochs` passes over the rollout in shuffled mini-batches of like length, each one optimizer
+    step on PPO's clipped policy loss, plus with a critic vf_coef x the clipped value loss, sil_coef
+    x self-imitation, and kl_coef x the KL to the reference where it is a loss term (GRPO's; None:
+    the reward paid it). normalizers: each term's denominator (loss_normalizers), or None per term.
+    Returns each mini-batch's stats and the policy's learning rate of the last step."""
+    stats = []
+    shuffle = torch.Generator().manual_seed(seed + 7919 * step + s.accelerator.process_index)
+    for _ in range(epochs):
+        order = length_grouped_order(roll.lengths(), mini_batch, shuffle).to(roll.response.device)
+        for rows in order.split(mini_batch):
+            mb = roll.minibatch(rows)  # (B', T')
+            out = response_forward(s.model, mb.query, mb.query_mask, mb.response, mb.mask, temperature, entropy=True)
+            loss, step_stats = policy_loss(out.logp, mb.old_logp, mb.advantages, mb.mask, clip, normalizers["policy"])
+            step_stats["policy_loss"] = loss.detach()
+            if s.critic:
+                vf_loss, vf_stats = value_loss(out.values, mb.values, mb.returns, mb.mask, vf_clip,
+                                               normalizers["value"])
+                loss = loss + vf_coef * vf_loss
+                step_stats.update(value_loss=vf_loss.detach(), **vf_stats)
+            if sil_coef:  # self-imitation: the passing answers of mixed groups, unclipped
+                sil_loss = self_imitation_loss(out.logp, mb.mask, mb.imitate, normalizers["sil"])
+                loss = loss + sil_coef * sil_loss
+                step_stats["sil_loss"] = sil_loss.detach()
+            if kl_coef is not None:  # GRPO's KL term (DeepSeekMath): in the loss, per token, instead of the reward
+                kl_loss = masked_total(kl_estimate(out.logp, mb.ref_logp, kl_estimator), mb.mask, normalizers["kl"])
+                loss = loss + kl_coef * kl_loss
+                step_stats["kl_loss"] = kl_loss.detach()
+            if not torch.isfinite(loss):
+                raise diverged("ppo", step, f"loss {loss.item()} ({ {k: float(v) for k, v in step_stats.items()} })",
+                               s.ckpt_dir, "PPO_LR (or PPO_CRITIC_LR, or check the reward scale)", **CHECKPOINT)
+            lr = s.optimizer.param_groups[0]["lr"]  # the policy's rate in this update (logged: its last)
+            optimizer_step(s.accelerator, s.model, s.optimizer, s.scheduler, loss, max_grad_norm)
+            step_stats["entropy"] = out.entropy.mean()  # the n valid tokens
+            stats.append(step_stats)
+    return stats, lr
 
 
-# ---- set-up: settings, data, models, optimizer, resume ----
-
-def check_settings():
-    """Settings that only make sense together: one line each, before any model is loaded."""
-    for name in ("PPO_MINI_BATCH_SIZE", "PPO_SAMPLES_PER_PROMPT"):
-        if getattr(C, name) < 1 or C.PPO_BATCH_SIZE % getattr(C, name):
-            raise UserError(f"PPO_BATCH_SIZE ({C.PPO_BATCH_SIZE}) must be a multiple of {name} ({getattr(C, name)})")
-    if C.PPO_ADVANTAGE in ("grpo", "dr_grpo", "rloo") and C.PPO_SAMPLES_PER_PROMPT < 2:
-        raise UserError(f"PPO_ADVANTAGE={C.PPO_ADVANTAGE} compares the answers to one prompt: set PPO_SAMPLES_PER_PROMPT >= 2")
-    if C.PPO_KL_LOSS and C.PPO_KL_ESTIMATOR == "k1":
-        raise UserError("PPO_KL_LOSS needs PPO_KL_ESTIMATOR k2 or k3: k1 as a loss term has no gradient in expectation")
-
-
-def setup(accelerator):
-    """Data, models, optimizer and scheduler (prepared), KL controller, and the resume point.
-    Returns a namespace; the loop in main() reads it."""
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-    from transformers import AutoModelForCausalLM
-
-    from rlhf.reward import load_reward_model, load_reward_normalization
-
-    s = SimpleNamespace(critic=C.PPO_ADVANTAGE == "gae")
-    # data (before the models: a mistake in it is reported in seconds)
-    s.tokenizer = load_tokenizer(C.SFT_DIR)
-    s.prompts = load_prompts(C.PPO_PROMPTS_FILE, s.tokenizer)
-    s.problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None] if C.EVAL_TASKS_FILE else []
-    s.seed_problems = load_problems(C.SEED_PROMPTS_FILE) if C.SEED_PROMPT_SAMPLES and C.SEED_PROMPTS_FILE else []
-    n_tested = sum(r["problem"] is not None for r in s.prompts)
-    # oversampling picks prompts by their test results: without tests (or their reward) it would only cost time
-    s.oversample = C.PPO_OVERSAMPLE if n_tested and C.PPO_EXEC_WEIGHT and C.PPO_SAMPLES_PER_PROMPT > 1 else 1
-    if accelerator.is_main_process:
-        if C.PPO_SAMPLES_PER_PROMPT == 1:  # no group of answers to one prompt whose test results could differ
-            print("PPO_SAMPLES_PER_PROMPT=1: every answer trains the policy against the "
-                  f"{'critic' if s.critic else 'batch mean'}; PPO_OVERSAMPLE and PPO_SIL_COEF (they compare "
-                  "the answers to one prompt) are not used")
-        elif s.oversample < C.PPO_OVERSAMPLE:
-            print(f"PPO_OVERSAMPLE={C.PPO_OVERSAMPLE} is not used: no prompt has unit tests, or PPO_EXEC_WEIGHT is 0")
-        print(f"data: {len(s.prompts)} prompts ({n_tested} with unit tests), {len(s.problems)} held-out tasks | "
-              f"advantages: {C.PPO_ADVANTAGE}")
-        if not C.EVAL_TASKS_FILE:
-            print("no held-out evaluation: EVAL_TASKS_FILE is empty")
-
-    # models: policy + reference from SFT; reward model from RM, and the critic (gae only) too
-    s.rm_tokenizer, s.norm = load_tokenizer(C.RM_DIR), load_reward_normalization(C.RM_DIR)
-    policy = load_causal_lm(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights (QLORA: 4-bit base)
-    check_lora_targets(policy)
-    s.eos_ids = end_of_turn_ids(s.tokenizer, policy)  # where an answer ends: sampling, masks, the missing-EOS penalty
-    critic = load_reward_model(C.RM_DIR, dtype=torch.float32) if s.critic else None
-    s.ref_policy = s.reward_model = None
-    if C.USE_LORA:  # the reference is the policy with its adapter off; the RM is the critic's, when there is one
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, lora_config("CAUSAL_LM"))
-        if critic is not None:  # its head `score` trained in full (modules_to_save)
-            critic = get_peft_model(critic, lora_config("SEQ_CLS"))
-    # frozen copies: whole on every process, or (PPO_SHARD_FROZEN_MODELS, ZeRO-3) partitioned as they load
-    # and given inference engines after prepare
-    with contextlib.nullcontext() if C.PPO_SHARD_FROZEN_MODELS else whole_models_loaded(accelerator):
-        if not C.USE_LORA:  # in the policy's own precision (cast after prepare): at step 0 the KL is 0, not rounding
-            s.ref_policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch.float32).to(accelerator.device)
-        if critic is None or not C.USE_LORA:
-            s.reward_model = load_reward_model(C.RM_DIR, dtype=torch_dtype()).to(accelerator.device)
-    for m in (policy, critic, s.ref_policy, s.reward_model):
-        if m is not None:
-            disable_dropout(m)
-    for m in (s.ref_policy, s.reward_model):
-        if m is not None:
-            m.eval().requires_grad_(False)
-    if critic is not None:
-        zero_value_head(critic)
-    if C.GRADIENT_CHECKPOINTING:
-        policy.gradient_checkpointing_enable()
-
-    # one optimizer; the critic learns faster than the policy (OpenRLHF: ~10x); eps 1e-5: N+ details
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": C.PPO_LR}]
-    if critic is not None:
-        groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": C.PPO_CRITIC_LR})
-    # fused: one kernel over all tensors (the embedded default on CPU: 1.4 ms a step instead of 9 ms,
-    # bench/README.md); engines that shard or wrap the parameters keep torch's default
-    plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # one process, DDP
-    fused = accelerator.device.type in ("cpu", "cuda") and accelerator.distributed_type in plain
-    optimizer = torch.optim.AdamW(groups, eps=1e-5, fused=fused or None)
-    n_updates = C.PPO_STEPS * C.PPO_EPOCHS * (C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE)
-    # linear decay to 0, no warm-up (transformers' get_linear_schedule_with_warmup(optimizer, 0, n); not
-    # imported from there: it loads the Trainer utilities and peft, seconds of start-up for every rank)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, (n_updates - k) / max(1, n_updates)))
-    if accelerator.state.deepspeed_plugin is not None:
-        # no dataloader goes through prepare, so DeepSpeed cannot infer the micro-batch; and it clips
-        # gradients itself (accelerator.clip_grad_norm_ is a no-op there). TRL's PPO set the same.
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["train_micro_batch_size_per_gpu"] = C.PPO_MINI_BATCH_SIZE
-        ds_config["gradient_clipping"] = C.PPO_MAX_GRAD_NORM
-    s.model, s.optimizer, s.scheduler = accelerator.prepare(PolicyAndCritic(policy, critic), optimizer, scheduler)
-    if s.ref_policy is not None:  # DeepSpeed holds the policy in bf16/fp16; elsewhere fp32 master weights, under autocast
-        s.ref_policy.to(next(accelerator.unwrap_model(s.model).policy.parameters()).dtype)
-    if C.PPO_SHARD_FROZEN_MODELS:  # after prepare: the DeepSpeed config is complete
-        s.ref_policy, s.reward_model = (None if m is None else shard_frozen_model(accelerator, m)
-                                        for m in (s.ref_policy, s.reward_model))
-    # the RM's forwards are collectives under ZeRO-3/FSDP: then every process reads all its answers
-    s.rm_every_row = sharded(accelerator) and (C.PPO_RM_ON_TESTED or n_tested < len(s.prompts))
-    s.kl_ctl = KLController(C.PPO_KL_COEF, C.PPO_KL_TARGET or None, C.PPO_KL_HORIZON)
-    accelerator.register_for_checkpointing(s.kl_ctl)
-
-    s.ckpt_dir, s.start, s.history = os.path.join(C.RUNS_DIR, "ppo", "checkpoints"), 0, []
-    last = resume_from(s.ckpt_dir, **CHECKPOINT)
-    if last:
-        accelerator.load_state(last)
-        saved = json.load(open(os.path.join(last, CHECKPOINT["marker"])))
-        s.start, s.history = saved["step"], saved["history"]
-    return s
-
-
-def optimizer_step(accelerator, model, optimizer, scheduler, loss):
+def optimizer_step(accelerator, model, optimizer, scheduler, loss, max_grad_norm):
     """Backward, clip, step. Clips the parameters of the PREPARED model: FSDP2 replaces the parameter
     objects in prepare, so a list collected before it would hold tensors that never get a gradient."""
     accelerator.backward(loss)
-    accelerator.clip_grad_norm_(model.parameters(), C.PPO_MAX_GRAD_NORM)
+    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad()
 
 
-# ---- the loop ----
+def local_metrics(roll, sampled, stats, kl_coef):
+    """This process's means over its batch (main() then averages them over the processes)."""
+    tested = ~torch.isnan(roll.passed)
+    nan = torch.tensor(float("nan"), device=tested.device)
+    kl_per_response = roll.kl.sum(1)  # (B,)
+    return {
+        "score": roll.score.mean(), "rm_score": roll.rm_score.nanmean(), **sampled,
+        "test_pass_rate": roll.passed[tested].mean() if tested.any() else nan,
+        "trained_share": roll.trains_policy.float().mean(),
+        "kl": kl_per_response.mean(), "non_score_reward": -kl_coef * kl_per_response.mean(),
+        "response_length": roll.mask.sum(1).float().mean(), "eos_rate": roll.ends_with_eos.float().mean(),
+        **{k: torch.stack([x[k] for x in stats]).float().mean() for k in stats[0]},
+    }
+
 
 def main(argv):
     start_stage("ppo", argv)
@@ -892,171 +274,71 @@ def main(argv):
     # step_scheduler_with_optimizer=False: one scheduler step per optimizer step; otherwise accelerate
     # steps a prepared scheduler once per process each time (made for a dataloader it split), and on
     # N processes the learning rate would reach 0 after 1/N of the run
-    accelerator = Accelerator(mixed_precision=mixed_precision(),
-                              step_scheduler_with_optimizer=False,
+    accelerator = Accelerator(mixed_precision=mixed_precision(), step_scheduler_with_optimizer=False,
                               log_with=report_to() or None, project_dir=os.path.join(C.RUNS_DIR, "ppo"))
-    device, s = accelerator.device, setup(accelerator)
-    model, tokenizer, kl_ctl, history = s.model, s.tokenizer, s.kl_ctl, s.history
+    s = setup(accelerator)
+    device, history, group = accelerator.device, s.history, C.PPO_SAMPLES_PER_PROMPT
     accelerator.init_trackers("ppo")
 
-    def run_eval(step, final=False):
-        """Held-out pass@1 and RM score: a subset (PPO_EVAL_TASKS) during training, all at the end
-        (and pass@EVAL_SAMPLES of sampled answers after the last iteration)."""
-        result = {}
-        if (accelerator.is_main_process or sharded(accelerator)) and s.problems:  # sharded: forwards are collectives
-            subset = s.problems if final else s.problems[: C.PPO_EVAL_TASKS or None]
-            with frozen(accelerator, model, s.reward_model, "critic") as rm, accelerator.autocast(), \
-                    full_weights_for_generation(accelerator, model, with_critic=s.critic) as policy_full:
-                result, answers = evaluate(policy_full, tokenizer, rm, s.rm_tokenizer, s.norm, subset, device)
-                if final:
-                    final_answers[:] = answers
-                if final and step == C.PPO_STEPS and C.EVAL_SAMPLES:  # the trained policy's pass@k, as SFT reports it
-                    result.update(sampled_pass_at_k(policy_full, tokenizer, subset, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
-                                                    progress=False))
-                if final and step == C.PPO_STEPS:  # the natural prompts, asked as a user asks
-                    result.update(seed_prompt_passes(policy_full, tokenizer, s.seed_problems, C.SEED_PROMPT_SAMPLES,
-                                                     C.GEN_MAX_NEW_TOKENS, progress=False))
-        if accelerator.is_main_process and result:
-            print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
-            accelerator.log({f"ppo/eval_{k}": v for k, v in result.items() if not isinstance(v, dict)}, step=step)
-        accelerator.wait_for_everyone()
-        return result
+    def run_eval(step, final=False):  # held-out tasks: a subset (PPO_EVAL_TASKS) during training, all at the end
+        last = final and step == C.PPO_STEPS  # after the last iteration: pass@EVAL_SAMPLES and the seed prompts too
+        return run_evaluation(s, step, s.problems if final else s.problems[: C.PPO_EVAL_TASKS or None],
+                              C.GEN_MAX_NEW_TOKENS, samples=C.EVAL_SAMPLES if last else 0,
+                              seed_prompt_samples=C.SEED_PROMPT_SAMPLES if last else None)
 
-    final_answers = []  # the final evaluation's answer and verdict per task (eval_results.jsonl)
     if s.start == 0 and (C.PPO_EVAL_EVERY or 0) > 0:
-        before = run_eval(0, final=True)  # the SFT baseline, on the same tasks as the final evaluation
+        before = run_eval(0, final=True)[0]  # the SFT baseline, on the same tasks as the final evaluation
         if before:
             history.append({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
     bar = tqdm(total=C.PPO_STEPS, initial=s.start, desc="ppo", disable=not accelerator.is_main_process)
-    t_start, episodes, eos_ids = time.time(), 0, s.eos_ids
-    n_prompts = C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT
+    t_start, episodes, own_logprobs = time.time(), 0, precision() == "fp32"  # the sampler's logprobs (sample)
     for step in range(s.start + 1, C.PPO_STEPS + 1):
         t0 = time.time()
-        # 1. rollout (no gradients): sample oversampled prompts, run their tests, keep the informative ones
-        model.eval()
+        # 1. rollout (no gradients): answers, their tests, their logprobs now and under the reference, values
+        s.model.eval()
         with torch.no_grad(), accelerator.autocast():  # every forward of the rollout in the update's precision
-            batch = step_prompts(s.prompts, step, accelerator.process_index, n_prompts * s.oversample)
-            query, query_mask = encode_prompts(tokenizer, batch, device)
-            t_gen = time.time()
-            with full_weights_for_generation(accelerator, model) as policy_full:
-                response, sampled_logp = sample(policy_full, query, query_mask, eos_ids, tokenizer.pad_token_id)
-            gen_seconds = time.time() - t_gen
-            # sampling stops when every row has ended: (B, T') with T' <= PPO_RESPONSE_LEN
-            response = truncate_after_eos(response, eos_ids, tokenizer.pad_token_id)
-            _, _, last_index = first_eos_mask(response, eos_ids)
-            texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
-            roll = dict(batch=batch, texts=texts, passed=exec_rewards(batch, texts, device), query=query,
-                        query_mask=query_mask, response=response, last_index=last_index,
-                        sampled_logp=sampled_logp)  # passed (B,): NaN without tests
-            mixed = mixed_groups(roll["passed"], C.PPO_SAMPLES_PER_PROMPT)
-            sampled = {"sampled_pass_rate": roll["passed"].nanmean(), "mixed_groups": mixed.float().mean()}
-            if s.oversample > 1:
-                roll = keep_informative(roll, n_prompts)
-            batch, texts, passed, query, query_mask = (roll[k] for k in ("batch", "texts", "passed", "query", "query_mask"))
-            # pad to the longest response of any process (not to PPO_RESPONSE_LEN: most answers are
-            # far shorter), so every process runs the same number of identically shaped steps
-            longest = accelerator.reduce(torch.tensor([roll["response"].shape[1]], device=device), "max").item()
-            response = torch.nn.functional.pad(roll["response"], (0, longest - roll["response"].shape[1]),
-                                               value=tokenizer.pad_token_id)  # (B, T)
-            mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
-            sampled_logp = roll["sampled_logp"]
-            if sampled_logp is not None:  # the sampler's logprobs, to the same width; 0 after each response
-                sampled_logp = torch.nn.functional.pad(sampled_logp, (0, response.shape[1] - sampled_logp.shape[1]))
-                sampled_logp = torch.where(mask, sampled_logp, 0.0)
+            roll, sampled, gen_seconds = rollout(s, step, C.PPO_BATCH_SIZE // group, seed=C.SEED,
+                                                 samples_per_prompt=group, max_tokens=C.PPO_RESPONSE_LEN,
+                                                 temperature=C.PPO_TEMPERATURE, own_logprobs=own_logprobs)
+            roll.old_logp, roll.ref_logp, roll.values = rollout_forwards(s, roll, C.PPO_MINI_BATCH_SIZE,
+                                                                         C.PPO_TEMPERATURE)
 
-            # 2. logprobs of the sampled tokens now ("old") and under the reference, values; rows of
-            # like length share a forward (less padding), results back in rollout order
-            old_logp, ref_logp, values = [], [], []
-            back = lambda x: torch.nn.functional.pad(x, (0, response.shape[1] - x.shape[1]))  # noqa: E731  to (B', T)
-            lengths = query_mask.sum(1) + mask.sum(1)  # (B,) tokens of each row
-            by_length = torch.argsort(lengths.cpu(), stable=True).to(device)
-            for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
-                rows = by_length[i: i + C.PPO_MINI_BATCH_SIZE]
-                q, qm, r, T = without_padding_columns(query[rows], query_mask[rows], response[rows], mask[rows])
-                m = mask[rows, :T]  # logits only where a response token is
-                if sampled_logp is None:
-                    logits, v = response_forward(model, q, qm, r, keep=m)
-                    old_logp.append(back(valid_logprobs(logits, r, m)))
-                else:  # the sampler's logprobs; the critic (gae) still reads the answers for its values
-                    old_logp.append(sampled_logp[rows])
-                    v = rollout_values(accelerator, model, q, qm, r) if s.critic else None
-                values.append(None if v is None else back(v))
-                with frozen(accelerator, model, s.ref_policy, "policy") as ref:
-                    ref_logp.append(back(valid_logprobs(response_forward(ref, q, qm, r, keep=m)[0], r, m)))
-            unsort = torch.argsort(by_length)
-            old_logp, ref_logp = torch.cat(old_logp)[unsort], torch.cat(ref_logp)[unsort]  # (B, T), 0 after each response
-            values = torch.cat(values)[unsort] if s.critic else None
-
-            # 3. scores, KL, advantages; answers of all-pass / all-fail groups do not train the policy
-            with frozen(accelerator, model, s.reward_model, "critic") as rm:
-                score, rm_score = sequence_scores(rm, s.rm_tokenizer, s.norm, batch, texts, ends_with_eos, passed, device,
-                                                  every_row=s.rm_every_row)
-            trains_policy = policy_rows(passed, C.PPO_SAMPLES_PER_PROMPT)  # (B,)
-            imitate = imitation_rows(passed, ends_with_eos, trains_policy, C.PPO_SAMPLES_PER_PROMPT)  # (B,) PPO_SIL_COEF
-            kl = torch.where(mask, kl_estimate(old_logp, ref_logp, C.PPO_KL_ESTIMATOR), 0.0)  # (B, T)
-            kl_reward_coef = 0.0 if C.PPO_KL_LOSS else kl_ctl.value  # KL paid in the reward, or as a loss term below
-            advantages, returns = compute_advantages(C.PPO_ADVANTAGE, score, kl, values, mask, last_index, kl_reward_coef,
-                                                     C.PPO_SAMPLES_PER_PROMPT, trains_policy, C.PPO_GAMMA, C.PPO_LAM)
-            # each loss term's denominator (PPO_LOSS_NORM): the tokens it trains on in the batch, or None (per mini-batch)
-            norm = dict.fromkeys(("policy", "value", "sil", "kl"))
+            # 2. scores, KL, advantages; answers of all-pass / all-fail groups do not train the policy
+            with s.reward_model() as rm:
+                roll.score, roll.rm_score = sequence_scores(rm, s.rm_tokenizer, s.norm, roll.batch, roll.texts,
+                                                            roll.ends_with_eos, roll.passed, device, s.reward,
+                                                            every_row=s.rm_every_row)
+            roll.trains_policy = policy_rows(roll.passed, group)
+            roll.imitate = imitation_rows(roll.passed, roll.ends_with_eos, roll.trains_policy, group)  # PPO_SIL_COEF
+            roll.kl = torch.where(roll.mask, kl_estimate(roll.old_logp, roll.ref_logp, C.PPO_KL_ESTIMATOR), 0.0)
+            kl_reward_coef = 0.0 if C.PPO_KL_LOSS else s.kl_ctl.value  # KL paid in the reward, or as a loss term
+            roll.advantages, roll.returns = compute_advantages(
+                C.PPO_ADVANTAGE, roll.score, roll.kl, roll.values, roll.mask, roll.last_index, kl_reward_coef, group,
+                roll.trains_policy, C.PPO_GAMMA, C.PPO_LAM)
+            # each loss term's denominator (PPO_LOSS_NORM): its tokens in the batch, or None (per mini-batch)
+            normalizers = dict.fromkeys(("policy", "value", "sil", "kl"))
             if C.PPO_LOSS_NORM == "batch":
-                norm = loss_normalizers({"policy": mask & trains_policy.unsqueeze(1), "value": mask,
-                                         "sil": mask & imitate.unsqueeze(1), "kl": mask},
-                                        C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE, accelerator.num_processes,
-                                        total=lambda n: accelerator.reduce(n.to(device), "sum"))
+                normalizers = loss_normalizers(
+                    {"policy": roll.mask & roll.trains_policy.unsqueeze(1), "value": roll.mask,
+                     "sil": roll.mask & roll.imitate.unsqueeze(1), "kl": roll.mask},
+                    C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE, accelerator.num_processes,
+                    total=lambda n: accelerator.reduce(n.to(device), "sum"))
 
-        # 4. update: PPO_EPOCHS passes over the batch in shuffled mini-batches
+        # 3. update: PPO_EPOCHS passes over the batch in shuffled mini-batches
         t_update = time.time()
-        model.train()
-        stats = []
-        shuffle = torch.Generator().manual_seed(C.SEED + 7919 * step + accelerator.process_index)
-        for _ in range(C.PPO_EPOCHS):
-            order = length_grouped_order(lengths, C.PPO_MINI_BATCH_SIZE, shuffle).to(device)
-            for i in range(0, C.PPO_BATCH_SIZE, C.PPO_MINI_BATCH_SIZE):
-                idx = order[i: i + C.PPO_MINI_BATCH_SIZE]
-                q, qm, r, T = without_padding_columns(query[idx], query_mask[idx], response[idx], mask[idx])
-                m = mask[idx, :T]
-                logits, v = response_forward(model, q, qm, r, keep=m)  # (n, V) at the n valid tokens, (B', T)
-                logp, entropy = valid_logprobs(logits, r, m, with_entropy=True)  # (B', T), 0 elsewhere; (n,)
-                loss, step_stats = policy_loss(logp, old_logp[idx, :T], advantages[idx, :T], m, C.PPO_CLIP, norm["policy"])
-                step_stats["policy_loss"] = loss.detach()
-                if s.critic:
-                    vf_loss, vf_stats = value_loss(v, values[idx, :T], returns[idx, :T], m, C.PPO_VF_CLIP, norm["value"])
-                    loss = loss + C.PPO_VF_COEF * vf_loss
-                    step_stats.update(value_loss=vf_loss.detach(), **vf_stats)
-                if C.PPO_SIL_COEF:  # self-imitation: the passing answers of mixed groups, unclipped
-                    sil_loss = self_imitation_loss(logp, m, imitate[idx], norm["sil"])
-                    loss = loss + C.PPO_SIL_COEF * sil_loss
-                    step_stats["sil_loss"] = sil_loss.detach()
-                if C.PPO_KL_LOSS:  # GRPO's KL term (DeepSeekMath): in the loss, per token, instead of the reward
-                    kl_loss = masked_total(kl_estimate(logp, ref_logp[idx, :T], C.PPO_KL_ESTIMATOR), m, norm["kl"])
-                    loss = loss + kl_ctl.value * kl_loss
-                    step_stats["kl_loss"] = kl_loss.detach()
-                if not torch.isfinite(loss):
-                    raise diverged("ppo", step, f"loss {loss.item()} ({ {k: float(v) for k, v in step_stats.items()} })",
-                                   s.ckpt_dir, "PPO_LR (or PPO_CRITIC_LR, or check the reward scale)", **CHECKPOINT)
-                lr = s.optimizer.param_groups[0]["lr"]  # the policy's rate in this update (logged: its last)
-                optimizer_step(accelerator, model, s.optimizer, s.scheduler, loss)
-                step_stats["entropy"] = entropy.mean()  # the n valid tokens
-                stats.append(step_stats)
+        s.model.train()
+        stats, lr = update(s, roll, normalizers, step, epochs=C.PPO_EPOCHS, mini_batch=C.PPO_MINI_BATCH_SIZE,
+                           temperature=C.PPO_TEMPERATURE, clip=C.PPO_CLIP, vf_clip=C.PPO_VF_CLIP, vf_coef=C.PPO_VF_COEF,
+                           sil_coef=C.PPO_SIL_COEF, kl_coef=s.kl_ctl.value if C.PPO_KL_LOSS else None,
+                           kl_estimator=C.PPO_KL_ESTIMATOR, max_grad_norm=C.PPO_MAX_GRAD_NORM, seed=C.SEED)
         update_seconds = time.time() - t_update
 
-        # 5. metrics: means over this process's batch, then over processes
-        tested = ~torch.isnan(passed)
-        nan = torch.tensor(float("nan"), device=device)
-        kl_per_response = kl.sum(1)  # (B,)
-        local = {
-            "score": score.mean(), "rm_score": rm_score.nanmean(), **sampled,
-            "test_pass_rate": passed[tested].mean() if tested.any() else nan,
-            "trained_share": trains_policy.float().mean(),
-            "kl": kl_per_response.mean(), "non_score_reward": -kl_ctl.value * kl_per_response.mean(),
-            "response_length": mask.sum(1).float().mean(), "eos_rate": ends_with_eos.float().mean(),
-            **{k: torch.stack([s_[k] for s_ in stats]).float().mean() for k in stats[0]},
-        }
-        metrics = {k: accelerator.reduce(v.detach().float().reshape(1).to(device), "mean").item() for k, v in local.items()}
-        kl_ctl.update(metrics["kl"], C.PPO_BATCH_SIZE * accelerator.num_processes)
-        metrics.update(reward_mean=metrics["score"] + metrics["non_score_reward"], kl_coef=kl_ctl.value,
+        # 4. log: means over this process's batch, then over processes
+        metrics = {k: accelerator.reduce(v.detach().float().reshape(1).to(device), "mean").item()
+                   for k, v in local_metrics(roll, sampled, stats, s.kl_ctl.value).items()}
+        s.kl_ctl.update(metrics["kl"], C.PPO_BATCH_SIZE * accelerator.num_processes)
+        metrics.update(reward_mean=metrics["score"] + metrics["non_score_reward"], kl_coef=s.kl_ctl.value,
                        lr=lr, seconds=time.time() - t0,
                        generate_seconds=gen_seconds, update_seconds=update_seconds)  # this process's (bench/)
         episodes += C.PPO_BATCH_SIZE * accelerator.num_processes
@@ -1068,31 +350,24 @@ def main(argv):
                       f"| eos {metrics['eos_rate']:.2f} | clip {metrics['clipfrac']:.2f} | lr {lr:.2g} | {metrics['seconds']:.1f} s")
         row = {"step": step, **metrics}
         if C.PPO_EVAL_EVERY and step % C.PPO_EVAL_EVERY == 0 and step != C.PPO_STEPS:
-            row.update({f"eval_{k}": v for k, v in run_eval(step).items()})
+            row.update({f"eval_{k}": v for k, v in run_eval(step)[0].items()})
         history.append(row)
-        # every PPO_SAVE_EVERY iterations and after the last one: a kill in the final evaluation redoes no training
+
+        # 5. save: every PPO_SAVE_EVERY iterations and after the last (a kill in the final evaluation then
+        # redoes no training)
         if C.PPO_SAVE_EVERY and (step % C.PPO_SAVE_EVERY == 0 or step == C.PPO_STEPS):
             save_checkpoint(accelerator, s.ckpt_dir, step, history)
     bar.close()
     seconds = time.time() - t_start
 
-    # 6. final evaluation and save ./ppo_model
-    final = run_eval(C.PPO_STEPS, final=True)
-    policy_out = plain_policy(accelerator, model, torch.float32)  # every process: gathers shards
-    if accelerator.is_main_process:
-        stop_at_end_of_turn(policy_out, tokenizer)
-        last_rows = [h for h in history if "kl" in h][-5:] or [{}]
-        metrics = {
-            **final,
-            **{k: sum(h.get(k, 0.0) for h in last_rows) / len(last_rows) for k in ("kl", "reward_mean", "response_length")},
-            "advantage_estimator": C.PPO_ADVANTAGE,
-            "train_seconds": seconds,
-            "episodes_per_second": episodes / seconds if episodes else None,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "history": history,
-        }
-        save_stage("ppo", C.PPO_DIR, policy_out, tokenizer, metrics, s.ckpt_dir,
-                   also=lambda tmp: write_jsonl(os.path.join(tmp, "eval_results.jsonl"), final_answers) if final_answers else None)
+    # the final evaluation, and ./ppo_model
+    final, answers = run_eval(C.PPO_STEPS, final=True)
+    last_rows = [h for h in history if "kl" in h][-5:] or [{}]  # the last 5 iterations' means
+    save_policy(s, C.PPO_DIR, {
+        **final, **{k: sum(h.get(k, 0.0) for h in last_rows) / len(last_rows) for k in ("kl", "reward_mean",
+                                                                                        "response_length")},
+        "advantage_estimator": C.PPO_ADVANTAGE, "train_seconds": seconds,
+        "episodes_per_second": episodes / seconds if episodes else None}, answers, C.SFT_DIR, C.USE_LORA)
     accelerator.end_training()
 
 

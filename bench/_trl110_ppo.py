@@ -29,12 +29,12 @@ def main(out, steps, argv):
 
     from rlhf.common import load_tokenizer, seed_everything
     from rlhf.reward import load_reward_normalization
-    from train_ppo import load_prompts
+    from rlhf.ppo_setup import load_prompts
 
     seed_everything(C.SEED)
     tokenizer = load_tokenizer(C.SFT_DIR)
     tokenizer.padding_side = "left"  # TRL's collator pads the queries; generation continues on the right
-    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)  # the same prompts, same length filter as ours
+    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer, C.MAX_LEN - C.PPO_RESPONSE_LEN)  # the same prompts, same length filter as ours
     ids = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
            for p in prompts]
     dataset = Dataset.from_dict({"input_ids": ids})

@@ -56,20 +56,20 @@ def run_theirs(out, steps, overrides, python):
 
 
 def held_out(policy_dir, tasks):
-    """Greedy pass@1 and mean normalised RM score on the held-out tasks (train_ppo.evaluate)."""
+    """Greedy pass@1 and mean normalised RM score on the held-out tasks (rlhf.ppo_setup.evaluate)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from rlhf.codeeval import load_problems
     from rlhf.common import load_tokenizer
+    from rlhf.ppo_setup import evaluate
     from rlhf.reward import load_reward_normalization
-    from train_ppo import evaluate
 
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     rm = AutoModelForSequenceClassification.from_pretrained(C.RM_DIR, dtype=torch.float32).eval()
     problems = load_problems(C.EVAL_TASKS_FILE)[:tasks]
     return evaluate(policy, load_tokenizer(C.SFT_DIR), rm, load_tokenizer(C.RM_DIR), load_reward_normalization(C.RM_DIR),
-                    problems, "cpu")
+                    problems, "cpu", C.GEN_MAX_NEW_TOKENS)
 
 
 def main(argv):

@@ -53,7 +53,8 @@ def ppo_batch(prompts, step):
     """The prompts of PPO step `step` on process 0, as train_ppo.py picks them (without oversampling)."""
     from train_ppo import step_prompts
 
-    return step_prompts(prompts, step, 0, C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT)
+    return step_prompts(prompts, step, 0, C.PPO_BATCH_SIZE // C.PPO_SAMPLES_PER_PROMPT, seed=C.SEED,
+                        samples_per_prompt=C.PPO_SAMPLES_PER_PROMPT)
 
 
 def generate_batch(policy, tokenizer, batch, kwargs, calls, sort):
@@ -61,7 +62,8 @@ def generate_batch(policy, tokenizer, batch, kwargs, calls, sort):
     import torch
 
     from rlhf.generation import generate_tokens
-    from train_ppo import encode_prompts, first_eos_mask
+    from rlhf.ppo_math import first_eos_mask
+    from train_ppo import encode_prompts
 
     if sort:  # shortest prompts together: less left padding in each call
         batch = sorted(batch, key=lambda r: len(tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True)))
@@ -96,11 +98,11 @@ def main(argv):
 
     import rlhf.generation as G
     from rlhf.common import load_tokenizer, seed_everything
-    from train_ppo import load_prompts
+    from rlhf.ppo_setup import load_prompts
 
     tokenizer = load_tokenizer(C.SFT_DIR)
     policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch.float32).eval()
-    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer)
+    prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer, C.MAX_LEN - C.PPO_RESPONSE_LEN)
     names = [n for n in VARIANTS if not own["variants"] or any(v in n for v in own["variants"].split(","))]
     result = _common.header("python bench/bench_rollout.py " + " ".join(argv))
     result.update(model=C.SFT_DIR, batch_size=C.PPO_BATCH_SIZE, response_len=C.PPO_RESPONSE_LEN,

@@ -8,8 +8,6 @@ train_ppo.py so that the algorithm reads top to bottom there; used only by it.
 
 import contextlib
 
-import config as C
-
 
 def sharded(accelerator):
     """True under DeepSpeed ZeRO-3 and FSDP: each process holds a shard of the weights, so every
@@ -114,11 +112,12 @@ def whole_models_loaded(accelerator):
         set_hf_deepspeed_config(registered)
 
 
-def plain_policy(accelerator, model, dtype):
-    """The trained policy as a plain causal LM on the main process (None on the others), LoRA
-    merged. Every process must call it: under ZeRO-3 and FSDP the full state dict is gathered
-    first (accelerator.get_state_dict; ZeRO-3 needs zero3_save_16bit_model), then loaded into a
-    fresh copy of the SFT model. One more copy of the policy in CPU memory, at the end only."""
+def plain_policy(accelerator, model, dtype, sft_dir, lora):
+    """The trained policy as a plain causal LM on the main process (None on the others), its LoRA
+    adapter (`lora`) merged. Every process must call it: under ZeRO-3 and FSDP the full state dict
+    is gathered first (accelerator.get_state_dict; ZeRO-3 needs zero3_save_16bit_model), then loaded
+    into a fresh copy of the SFT model (`sft_dir`). One more copy of the policy in CPU memory, at the
+    end only."""
     from transformers import AutoModelForCausalLM
 
     from rlhf.common import merge_lora_weights
@@ -128,9 +127,9 @@ def plain_policy(accelerator, model, dtype):
         return None
     state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
     with whole_models_loaded(accelerator):  # on this process only: no ZeRO-3 partitioning
-        if C.USE_LORA:
-            return merge_lora_weights(C.SFT_DIR, state, dtype=dtype)
-        policy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=dtype)
+        if lora:
+            return merge_lora_weights(sft_dir, state, dtype=dtype)
+        policy = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=dtype)
     policy.load_state_dict(state)
     return policy
 

@@ -1,6 +1,7 @@
 """Reward-model helpers shared by the RM stage (train_rm.py) and PPO (train_ppo.py): loading a
 scalar-head model, building its input exactly as TRL's RewardTrainer did in training, scoring,
-and the reward normalisation stored with the model.
+and the reward normalisation stored with the model. And PPO's whole reward: unit tests, RM score,
+a function of the user's and the missing-EOS penalty mixed into one score per answer.
 
 What the RM sees (TRL 1.16 RewardTrainer, conversational data): the chat template applied to
 prompt + [assistant answer], tokenised by `apply_chat_template`, with no EOS appended (TRL only
@@ -11,6 +12,7 @@ decoded response through `score_responses` so the score is read at that same pos
 (Huang et al. 2024, "score at the last real token"); tests/test_rm.py checks the match.
 """
 
+import dataclasses
 import json
 import os
 
@@ -158,6 +160,96 @@ def load_reward_normalization(path):
 def normalize_rewards(scores, stats):
     """(score - mean) / std, with the statistics from load_reward_normalization."""
     return (scores - stats["mean"]) / stats["std"]
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO's reward: unit tests, the RM, a function of the user's, the missing-EOS penalty
+# (train_ppo.py; the one place to change what PPO rewards)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RewardMix:
+    """How PPO's sequence score of an answer is made; train_ppo's setup fills it from the settings."""
+    rm_weight: float  # PPO_RM_WEIGHT: weight of the normalised RM score
+    exec_weight: float  # PPO_EXEC_WEIGHT: weight of the unit-test reward; 0 = the RM only
+    exec_reward: str  # PPO_EXEC_REWARD: "all" (1 only if every test passes) | "fraction" (share passed)
+    rm_on_tested: bool  # PPO_RM_ON_TESTED: the RM scores answers whose prompt has tests too
+    reward_fn: object = None  # PPO_REWARD_FN, imported (reward_function): f(messages, texts) -> floats; None = none
+    missing_eos_penalty: float | None = None  # score of an answer that never ended; None = it keeps its own
+
+
+def reward_function(spec):
+    """The function a PPO_REWARD_FN value names ("package.module:function")."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"PPO_REWARD_FN={spec!r}: no such function; write it as module:function") from None
+
+
+def exec_rewards(batch, texts, device, mix):
+    """Unit-test reward (B,) of each response (mix.exec_reward of its sandbox verdict); NaN where the
+    prompt has no tests or mix.exec_weight is 0."""
+    import torch
+
+    from rlhf.codeeval import completion_for
+    from rlhf.sandbox import run_unique
+
+    passed = torch.full((len(batch),), float("nan"), device=device)
+    tested = [i for i, r in enumerate(batch) if r["problem"] is not None]
+    if tested and mix.exec_weight:
+        verdicts = run_unique([batch[i]["problem"].job(completion_for(batch[i]["problem"], texts[i])) for i in tested])
+        # "all": the verdict greedy pass@1 counts; "fraction" also pays for near misses
+        passed[tested] = torch.tensor([float(v.passed) if mix.exec_reward == "all" else v.pass_fraction
+                                       for v in verdicts], device=device)
+    return passed
+
+
+def sequence_scores(rm, rm_tokenizer, norm, batch, texts, ends_with_eos, passed, device, mix, every_row=False):
+    """Sequence scores (B,) and the normalised RM scores (B,) (NaN where the RM was not asked).
+
+    Where the prompt has unit tests, they decide: score = exec_weight x test reward (+ the RM's
+    with rm_on_tested; off by default: docs/RESULTS.md measures how often our RM prefers the
+    failing answer). Elsewhere score = rm_weight x normalised RM score, read as in RM training
+    (prompt + answer through the chat template, at its last token; score_responses), normalised
+    with the mean/std the RM stage stored. Then the user's reward_fn is added, and an answer that
+    never ended gets missing_eos_penalty instead.
+    every_row: the RM reads every answer, its scores kept where they are asked for: where the RM's
+    forwards are collectives (ZeRO-3, FSDP), each process must run as many as the others, whatever
+    share of its batch has tests."""
+    import torch
+
+    tested = ~torch.isnan(passed)  # (B,)
+    asked = torch.ones_like(tested) if mix.rm_on_tested else ~tested
+    rm_score = torch.full_like(passed, float("nan"))
+    read = torch.ones_like(asked) if every_row else asked
+    if read.any():
+        rows = read.nonzero().flatten().tolist()
+        raw = score_responses(rm, rm_tokenizer, [batch[i]["messages"] for i in rows], [texts[i] for i in rows], device=device)
+        rm_score[rows] = normalize_rewards(raw.float().to(device), norm)
+        rm_score = torch.where(asked, rm_score, float("nan"))
+    score = mix.rm_weight * torch.nan_to_num(rm_score) + mix.exec_weight * torch.nan_to_num(passed)
+    if mix.reward_fn is not None:  # a user's own reward on top: f(list of messages, list of texts) -> floats
+        score = score + torch.tensor(mix.reward_fn([r["messages"] for r in batch], texts), dtype=score.dtype, device=device)
+    if mix.missing_eos_penalty is not None:
+        score = apply_missing_eos_penalty(score, ends_with_eos, mix.missing_eos_penalty)
+    return score, rm_score
+
+
+def apply_missing_eos_penalty(score, ends_with_eos, penalty):
+    """Scores (B,) where a response that never emitted EOS gets `penalty` INSTEAD of its RM score.
+
+    Replace, not subtract, as in the N+ code (Huang et al. 2024, penalty -1): a response cut at the
+    length limit is worth a fixed low value whatever the RM thinks of the fragment, so the policy
+    cannot earn reward by rambling. (TRL's `missing_eos_penalty` subtracts instead, which keeps the RM's
+    ranking among cut responses but lets a high-scoring fragment beat a finished answer.)
+    Pick `penalty` below the usual range of the (normalised) RM score.
+    """
+    import torch
+
+    return torch.where(ends_with_eos, score, torch.full_like(score, penalty))  # (B,)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -242,9 +242,9 @@ SHARED_SECTION = "Shared by all stages"
 # what each stage reads besides its own script and the shared settings: the embedded base model
 # (built by SFT when missing) and the sandbox that runs the unit tests (SFT's and PPO's pass@1,
 # the RM's on-policy pairs of RM_ONPOLICY_SAMPLES)
-STAGE_SOURCES = {"sft": ("train_sft.py", "rlhf/base_model.py", "rlhf/codeeval.py", "rlhf/sandbox.py"),
-                 "rm": ("train_rm.py", "rlhf/codeeval.py", "rlhf/sandbox.py"),
-                 "ppo": ("train_ppo.py", "rlhf/codeeval.py", "rlhf/sandbox.py")}
+STAGE_SOURCES = {"sft": ("train_sft.py", "rlhf/base_model.py", "rlhf/codeeval.py", "rlhf/sandbox"),
+                 "rm": ("train_rm.py", "rlhf/codeeval.py", "rlhf/sandbox"),
+                 "ppo": ("train_ppo.py", "rlhf/ppo_setup.py", "rlhf/codeeval.py", "rlhf/sandbox")}
 
 
 def config_sections():
@@ -269,12 +269,14 @@ def config_sections():
 
 
 def names_read_by(*paths):
-    """The config.py names the given files (relative to the repository root) read as `C.NAME`."""
+    """The config.py names the given files or folders (relative to the repository root) read as `C.NAME`."""
     found = set()
     for path in paths:
         full = os.path.join(ROOT, path)
-        if os.path.exists(full):
-            with open(full, encoding="utf-8") as f:
+        files = [os.path.join(full, f) for f in sorted(os.listdir(full)) if f.endswith(".py")] if os.path.isdir(full) \
+            else [full] if os.path.exists(full) else []
+        for file in files:
+            with open(file, encoding="utf-8") as f:
                 found.update(re.findall(r"\bC\.([A-Z][A-Z0-9_]*)\b", f.read()))
     return found
 

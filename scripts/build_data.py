@@ -1,5 +1,5 @@
 """Build the bundled code-task data in data/ from rlhf/task_families.py, every label verified by
-running it in rlhf/sandbox.py: references pass, rejected programs fail, and the tests of every
+running it in rlhf/sandbox/: references pass, rejected programs fail, and the tests of every
 eval, validation and in-distribution task reject its family's bugs, the other variants' references
 and the mutants of its reference that change what it returns.
 

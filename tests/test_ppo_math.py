@@ -1,4 +1,4 @@
-"""Unit tests for the PPO math in train_ppo.py. Expected numbers are worked out by hand in the
+"""Unit tests for the PPO math (rlhf/ppo_math.py). Expected numbers are worked out by hand in the
 comments, never by calling the code under test."""
 
 import math
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import train_ppo as P
+from rlhf import ppo_math as P
+from rlhf import reward as R
 
 EOS, PAD = 2, 0
 T_, F_ = True, False
@@ -149,7 +150,7 @@ def test_missing_eos_penalty_replaces_score():
     score = torch.tensor([0.5, 3.0, -2.0])
     ends = torch.tensor([True, False, False])
     # replace semantics: -2.0 becomes -1.0 (subtracting 1 would give -3.0)
-    assert_close(P.apply_missing_eos_penalty(score, ends, -1.0), torch.tensor([0.5, -1.0, -1.0]))
+    assert_close(R.apply_missing_eos_penalty(score, ends, -1.0), torch.tensor([0.5, -1.0, -1.0]))
 
 
 # ---- masked statistics ----
@@ -407,21 +408,17 @@ def test_losses_with_a_batch_normaliser_are_sums_over_it():
 def test_reward_model_reads_as_many_answers_on_every_process_when_sharded(monkeypatch):
     """Under ZeRO-3/FSDP each RM forward is a collective: two processes whose batches hold
     different numbers of prompts without tests must still run the same forwards."""
-    import config as C
-    import rlhf.reward as R
-
     read = []
     monkeypatch.setattr(R, "score_responses", lambda rm, tok, prompts, texts, device=None: read.append(len(texts))
                         or torch.zeros(len(texts)))
-    monkeypatch.setattr(C, "PPO_RM_ON_TESTED", False)
-    monkeypatch.setattr(C, "PPO_REWARD_FN", "")
+    mix = R.RewardMix(rm_weight=1.0, exec_weight=1.0, exec_reward="all", rm_on_tested=False, missing_eos_penalty=-1.0)
     nan = float("nan")
     batch, texts, ended = [{"messages": []}] * 4, ["a"] * 4, torch.ones(4, dtype=torch.bool)
     norm = {"mean": 0.0, "std": 1.0}
     ranks = [torch.tensor([1.0, 0.0, nan, nan]), torch.tensor([1.0, 0.0, 1.0, 1.0])]  # 2 and 0 untested rows
     for every_row in (False, True):
         read.clear()
-        scores = [P.sequence_scores(None, None, norm, batch, texts, ended, passed, "cpu", every_row=every_row)
+        scores = [R.sequence_scores(None, None, norm, batch, texts, ended, passed, "cpu", mix, every_row=every_row)
                   for passed in ranks]
         assert read == ([4, 4] if every_row else [2])
         # the tested answers' RM scores are read but not used: the tests decide there

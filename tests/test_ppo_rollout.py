@@ -1,12 +1,14 @@
-"""The parts of train_ppo.py around the math that a wrong line would silently break: the
-distribution the rollout samples from, the critic's starting scale, which parameters are clipped."""
+"""The parts of train_ppo.py and rlhf/ppo_models.py around the math that a wrong line would
+silently break: the distribution the rollout samples from, the critic's starting scale, which
+parameters are clipped, the forward that reads only the answers' valid tokens."""
 
 import pytest
 import torch
 
-import config as C
 import rlhf.generation as G
+import rlhf.ppo_models as M
 import train_ppo as P
+from rlhf.ppo_math import first_eos_mask
 
 
 @pytest.fixture
@@ -20,8 +22,6 @@ def test_rollout_samples_plain_softmax_whatever_the_checkpoint_generation_config
     """A checkpoint's generation_config (repetition_penalty 1.05-1.1 in public Qwen instruct models,
     top_k, ...) must not reach the rollout: the logprobs of the loop assume softmax(logits / T)."""
     policy, tok = policy_and_tokenizer
-    monkeypatch.setattr(C, "PPO_RESPONSE_LEN", 8)
-    monkeypatch.setattr(C, "PPO_TEMPERATURE", 0.7)
     query, query_mask = P.encode_prompts(tok, [{"messages": [{"role": "user", "content": "add add add add"}]}] * 4, "cpu")
     drawn = []  # the distribution of every draw
     draw = G.draw
@@ -31,7 +31,8 @@ def test_rollout_samples_plain_softmax_whatever_the_checkpoint_generation_config
         torch.manual_seed(0)
         drawn.clear()
         with torch.no_grad():
-            response, logp = P.sample(policy, query, query_mask, [tok.eos_token_id], tok.pad_token_id)
+            response, logp = P.sample(policy, query, query_mask, [tok.eos_token_id], tok.pad_token_id, max_tokens=8,
+                                      temperature=0.7, own_logprobs=True)
             return response, logp, list(drawn)
 
     plain, _, plain_draws = rollout()
@@ -45,7 +46,7 @@ def test_rollout_samples_plain_softmax_whatever_the_checkpoint_generation_config
     torch.testing.assert_close(logp[:, 0], first)
     # the first draw: softmax of the last prompt position's logits / 0.7, all of the vocabulary
     with torch.no_grad():
-        logits = policy(input_ids=query, attention_mask=query_mask, position_ids=P.positions(query_mask)).logits[:, -1]
+        logits = policy(input_ids=query, attention_mask=query_mask, position_ids=G.positions(query_mask)).logits[:, -1]
     torch.testing.assert_close(configured_draws[0], torch.softmax(logits / 0.7, -1))
     assert policy.generation_config.repetition_penalty == 1.5  # the checkpoint's own config is left as it was
 
@@ -59,9 +60,9 @@ def test_critic_starts_at_zero_and_the_reward_model_keeps_its_head(tiny_base):
     ids = torch.tensor([[5, 6, 7, 8]])
     mask, pos = torch.ones_like(ids), torch.arange(4).unsqueeze(0)
     critic = load_reward_model(tiny_base)
-    assert P.token_values(critic, ids, mask, pos).abs().sum() > 0
-    P.zero_value_head(critic)
-    assert P.token_values(critic, ids, mask, pos).abs().sum() == 0
+    assert M.token_values(critic, ids, mask, pos).abs().sum() > 0
+    M.zero_value_head(critic)
+    assert M.token_values(critic, ids, mask, pos).abs().sum() == 0
 
     # LoRA: the critic's trained copy of the head starts at 0, the reward model (adapter off) is untouched
     critic = load_reward_model(tiny_base)
@@ -69,16 +70,15 @@ def test_critic_starts_at_zero_and_the_reward_model_keeps_its_head(tiny_base):
     cfg = lora_config("SEQ_CLS")
     cfg.modules_to_save = ["score"]
     critic = get_peft_model(critic, cfg)
-    P.zero_value_head(critic)
-    assert P.token_values(critic, ids, mask, pos).abs().sum() == 0
+    M.zero_value_head(critic)
+    assert M.token_values(critic, ids, mask, pos).abs().sum() == 0
     with critic.disable_adapter():
         torch.testing.assert_close(critic(input_ids=ids, attention_mask=mask).logits, rm_before)
 
 
-def test_gradient_clipping_acts_on_the_prepared_parameters(monkeypatch):
+def test_gradient_clipping_acts_on_the_prepared_parameters():
     """FSDP2's prepare replaces the parameter objects: clipping a list taken before it clips tensors
     that never get a gradient. optimizer_step must clip the prepared model's own parameters."""
-    monkeypatch.setattr(C, "PPO_MAX_GRAD_NORM", 0.01)
     model = torch.nn.Linear(4, 1)
     before = list(model.parameters())
     model.weight = torch.nn.Parameter(model.weight.detach().clone())  # what fully_shard does, in place
@@ -95,7 +95,7 @@ def test_gradient_clipping_acts_on_the_prepared_parameters(monkeypatch):
     acc, optimizer = Accelerator(), torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     weight = model.weight.detach().clone()
-    P.optimizer_step(acc, model, optimizer, scheduler, (model(torch.ones(2, 4)) * 100).sum())
+    P.optimizer_step(acc, model, optimizer, scheduler, (model(torch.ones(2, 4)) * 100).sum(), 0.01)
     assert [id(p) for p in acc.clipped] == [id(p) for p in model.parameters()]
     assert not any(p is q for p in acc.clipped for q in before)
     # the step moved the weights by lr x the clipped gradient: at most the clip norm
@@ -103,8 +103,8 @@ def test_gradient_clipping_acts_on_the_prepared_parameters(monkeypatch):
 
 
 def test_padding_columns_cut_from_a_mini_batch_leave_its_logprobs(policy_and_tokenizer):
-    """without_padding_columns drops the prompt columns every row pads and the response columns
-    after every row's EOS; the logprobs of the valid tokens must not move."""
+    """Rollout.minibatch drops the prompt columns every row pads and the answer columns after every
+    row's EOS; the logprobs of the valid tokens must not move."""
     policy, tok = policy_and_tokenizer
     prompts = [{"messages": [{"role": "user", "content": text}]} for text in ("add 1", "add two to x please", "add 3")]
     query, query_mask = P.encode_prompts(tok, prompts, "cpu")  # left-padded
@@ -113,20 +113,23 @@ def test_padding_columns_cut_from_a_mini_batch_leave_its_logprobs(policy_and_tok
     eos, pad = tok.eos_token_id, tok.pad_token_id
     response = torch.tensor([[5, 6, eos, pad, pad, pad, pad], [7, eos, pad, pad, pad, pad, pad],
                              [8, 9, 10, 11, eos, pad, pad]])
-    mask = P.first_eos_mask(response, [eos])[0]
-    q, qm, r, T = P.without_padding_columns(query, query_mask, response, mask)
-    assert T == 5 and r.shape == (3, 5) and qm[:, 0].any() and q.shape[1] < query.shape[1]
+    mask, _, last = first_eos_mask(response, [eos])
+    roll = P.Rollout(prompts, ["a", "b", "c"], torch.zeros(3), query, query_mask, response, last, None, mask=mask)
+    mb = roll.minibatch(torch.tensor([0, 1, 2]))
+    assert mb.response.shape == (3, 5) and mb.mask.shape == (3, 5) and mb.query_mask[:, 0].any()
+    assert mb.query.shape[1] == query.shape[1] - 2 and mb.texts == ["a", "b", "c"]
     with torch.no_grad():
-        full = P.logprobs_from_logits(P.response_forward(policy, query, query_mask, response)[0], response, 1.0)
-        cut = P.logprobs_from_logits(P.response_forward(policy, q, qm, r)[0], r, 1.0)
-    torch.testing.assert_close(cut[mask[:, :T]], full[mask], rtol=1e-5, atol=1e-5)
+        full = M.response_forward(policy, query, query_mask, response, mask, 1.0).logp
+        cut = M.response_forward(policy, mb.query, mb.query_mask, mb.response, mb.mask, 1.0).logp
+    torch.testing.assert_close(cut[mb.mask], full[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_logits_of_the_valid_response_tokens_only_give_the_same_logprobs_values_and_gradients(tiny_base,
-                                                                                           policy_and_tokenizer):
-    """response_forward(keep=mask) sends only the valid response tokens through the LM head (the
-    reference, the policy with its critic, the policy with LoRA): their logprobs, the values and
-    the policy's gradient must be those of the full (B, T, V) logits."""
+                                                                                           policy_and_tokenizer,
+                                                                                           monkeypatch):
+    """response_forward sends only the answers' valid tokens through the LM head (the reference,
+    the policy with its critic, the policy with LoRA): their logprobs, entropies, the values and the
+    policy's gradient must be those of the model's own forward over every position."""
     from peft import get_peft_model
 
     from rlhf.common import load_causal_lm, lora_config
@@ -137,27 +140,33 @@ def test_logits_of_the_valid_response_tokens_only_give_the_same_logprobs_values_
     query, query_mask = P.encode_prompts(tok, prompts, "cpu")
     eos, pad = tok.eos_token_id, tok.pad_token_id
     response = torch.tensor([[5, 6, eos, pad], [7, 8, 9, eos]])
-    mask = P.first_eos_mask(response, [eos])[0]
+    mask = first_eos_mask(response, [eos])[0]
     lora = get_peft_model(load_causal_lm(tiny_base, dtype=torch.float32), lora_config("CAUSAL_LM"))
-    P.disable_dropout(lora)  # as train_ppo does: LoRA's dropout would make the two passes differ
-    for name, model in [("reference", policy), ("policy + critic", P.PolicyAndCritic(policy, load_reward_model(tiny_base))),
-                        ("LoRA policy", P.PolicyAndCritic(lora))]:
-        grads = []
-        for keep in (None, mask):
+    M.disable_dropout(lora)  # as train_ppo does: LoRA's dropout would make the two passes differ
+    head_apart = M.head_apart
+    for name, model in [("reference", policy), ("policy + critic", M.PolicyAndCritic(policy, load_reward_model(tiny_base))),
+                        ("LoRA policy", M.PolicyAndCritic(lora))]:
+        head = (model.policy if name != "reference" else model).get_output_embeddings()
+        rows = []  # what went through the LM head
+        hook = head.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[:-1]))
+        outs, grads = [], []
+        for apart in (False, True):  # the model's own forward, then the head on the valid tokens only
+            monkeypatch.setattr(M, "head_apart", head_apart if apart else lambda m: None)
             model.zero_grad()
-            logits, values = P.response_forward(model, query, query_mask, response, keep=keep)
-            logp = P.logprobs_from_logits(logits, response if keep is None else response[mask], 1.0)
-            logp = logp[mask] if keep is None else logp
-            logp.sum().backward()
+            out = M.response_forward(model, query, query_mask, response, mask, 0.7, entropy=True)
+            out.logp.sum().backward()
+            outs.append(out)
             grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
-            if keep is None:
-                full, full_values = logp.detach(), values
-            else:
-                assert logits.shape == (int(mask.sum()), logits.shape[-1]), name
-                torch.testing.assert_close(logp.detach(), full, rtol=1e-5, atol=1e-5)
-                assert (values is None) == (full_values is None), name
-                if values is not None:
-                    torch.testing.assert_close(values, full_values)
+        hook.remove()
+        assert rows == [(2, 5), (int(mask.sum()),)], (name, rows)  # T + 1 positions of each row, then the n tokens
+        full, apart = outs
+        torch.testing.assert_close(apart.logp, full.logp, rtol=1e-5, atol=1e-5)
+        assert (apart.logp[~mask] == 0).all() and apart.entropy.shape == (int(mask.sum()),)
+        torch.testing.assert_close(apart.entropy, full.entropy, rtol=1e-5, atol=1e-5)
+        assert (apart.values is None) == (name != "policy + critic") and (full.values is None) == (apart.values is None)
+        if apart.values is not None:
+            assert apart.values.shape == response.shape
+            torch.testing.assert_close(apart.values, full.values)
         assert grads[0] and len(grads[0]) == len(grads[1]), name
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -167,10 +176,10 @@ def test_the_head_is_called_apart_only_on_a_plain_transformers_model(policy_and_
     """Anything else (a DeepSpeed engine holding a frozen model, weights sharded by ZeRO-3/FSDP, a
     head that scales its logits) keeps its own forward."""
     policy, _ = policy_and_tokenizer
-    assert P.head_apart(policy) is policy
-    assert P.head_apart(torch.nn.Sequential(policy)) is None  # a wrapper that is not a transformers model
+    assert M.head_apart(policy) is policy
+    assert M.head_apart(torch.nn.Sequential(policy)) is None  # a wrapper that is not a transformers model
     monkeypatch.setattr(policy.config, "final_logit_softcapping", 30.0, raising=False)
-    assert P.head_apart(policy) is None
+    assert M.head_apart(policy) is None
     monkeypatch.delattr(policy.config, "final_logit_softcapping", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert P.head_apart(policy) is None
+    assert M.head_apart(policy) is None

@@ -119,16 +119,14 @@ def test_all_examples_too_long_is_an_error(stage, tmp_path, tiny_base, toy_data,
     assert os.listdir(tmp_path) == []
 
 
-def test_some_examples_too_long_are_dropped_with_a_count(tiny_base, tmp_path, capsys, monkeypatch):
+def test_some_examples_too_long_are_dropped_with_a_count(tiny_base, tmp_path, capsys):
     from rlhf.common import load_tokenizer
-    from train_ppo import load_prompts
+    from rlhf.ppo_setup import load_prompts
 
     assert drop_too_long(["a", "b", "c"], [3, 9, 4], 5, "x.jsonl") == ["a", "c"]
     assert "dropped 1 of 3 examples of x.jsonl longer than MAX_LEN=5 tokens" in capsys.readouterr().out
     rows = [{"prompt": "Write add_1(x)."}, {"prompt": "Write add_1(x). " * 40}]
-    monkeypatch.setattr(C, "MAX_LEN", 64)
-    monkeypatch.setattr(C, "PPO_RESPONSE_LEN", 16)
-    kept = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows), load_tokenizer(tiny_base))
+    kept = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows), load_tokenizer(tiny_base), 64 - 16)  # MAX_LEN - PPO_RESPONSE_LEN
     assert len(kept) == 1 and "dropped 1 of 2 prompts longer than 48 tokens" in capsys.readouterr().out
 
 

@@ -1,4 +1,4 @@
-"""Hostile programs against rlhf/sandbox.py, in both test formats, two workers side by side.
+"""Hostile programs against rlhf/sandbox/, in both test formats, two workers side by side.
 
 Every attack targets a "secret" task whose answers cannot be computed (secret(1) == 7312,
 secret(2) == 'k9q'), so a pass can only be a forged verdict; the attacks on the host are
