@@ -175,9 +175,9 @@ def frozen_model_deepspeed_config(train_config, hidden_size):
 
 def shard_frozen_model(accelerator, model):
     """Under DeepSpeed: `model` (frozen, eval) wrapped in an inference-only DeepSpeed engine with
-    frozen_model_deepspeed_config, i.e. sharded under ZeRO-3 instead of whole on every GPU (the
-    README's memory table: 4P per GPU for the reference and reward model becomes 4P/N). Every
-    process must call it (best after accelerator.prepare, when the training config is complete),
+    frozen_model_deepspeed_config, i.e. sharded under ZeRO-3 instead of whole on every GPU
+    (docs/SCALING.md's memory table: 4P per GPU for the reference and reward model becomes 4P/N).
+    Every process must call it (best after accelerator.prepare, when the training config is complete),
     and then run every forward of the model together (PPO's rollout loop does: the same number of
     equally shaped mini-batches on all ranks, and its evaluation runs on all ranks when sharded).
     Returns the model (the engine's module), sharded, with ZeRO-3's hooks that gather each
