@@ -1,6 +1,6 @@
 """What train_ppo.py's loop needs around it: the settings checked together, the set-up (data,
-models, optimizer, the resume point) as one PPOSetup, the held-out evaluation, the checkpoints
-and the final save. Settings are read in check_settings() and setup() only."""
+models, optimizer, the resume point) as one PPOSetup, each iteration's prompts, the held-out
+evaluation, the checkpoints and the final save. Settings are read in check_settings() and setup() only."""
 
 import contextlib
 import dataclasses
@@ -15,7 +15,8 @@ import config as C
 from rlhf.checkpoints import resume_from
 from rlhf.codeeval import load_problems, sampled_pass_at_k, sandbox_limits, seed_prompt_passes
 from rlhf.common import (
-    check_lora_targets, end_of_turn_ids, load_causal_lm, load_tokenizer, lora_config, stop_at_end_of_turn, torch_dtype,
+    check_lora_targets, end_of_turn_ids, load_causal_lm, load_tokenizer, lora_config, prompt_rng, stop_at_end_of_turn,
+    torch_dtype,
 )
 from rlhf.data import load_rows, row_where, template_lengths
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
@@ -57,6 +58,21 @@ def load_prompts(path, tokenizer, max_tokens):
     if len(kept) < len(rows):
         print(f"dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than {max_tokens} tokens")
     return kept
+
+
+def step_prompts(prompts, step, rank, count, *, seed, samples_per_prompt):
+    """The `count` prompts of one iteration on one process, each repeated samples_per_prompt times
+    (answers that pass and fail side by side are what the advantages learn from). A function of
+    (seed, rank, step) only: a resumed run sees the prompts it would have seen, no sampler state."""
+    rng = prompt_rng(seed, rank, step)
+    picked = [prompts[rng.randrange(len(prompts))] for _ in range(count)]
+    return [row for row in picked for _ in range(samples_per_prompt)]
+
+
+def encode_prompts(tokenizer, batch, device):
+    texts = [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False) for r in batch]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 @dataclasses.dataclass
