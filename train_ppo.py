@@ -188,7 +188,7 @@ def main(argv):
 
     require_stage_output(C.SFT_DIR, "sft")
     require_stage_output(C.RM_DIR, "rm")
-    check_output_dir(C.PPO_DIR)
+    check_output_dir(C.PPO_DIR, C.OVERWRITE)
     check_settings()
     # step_scheduler_with_optimizer=False: one scheduler step per optimizer step; otherwise accelerate
     # steps a prepared scheduler once per process each time (made for a dataloader it split), and on

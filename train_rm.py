@@ -172,7 +172,7 @@ def sft_failures(state):
 
 def main(argv):
     state = start_stage("rm", argv)
-    check_output_dir(C.RM_DIR)
+    check_output_dir(C.RM_DIR, C.OVERWRITE)
     require_stage_output(C.SFT_DIR, "sft")
     tokenizer = load_tokenizer(C.SFT_DIR)  # the SFT stage's tokenizer: same chat template, same ids
 

@@ -143,7 +143,7 @@ def final_evaluation(trainer):
 
 def main(argv):
     state = start_stage("sft", argv)
-    check_output_dir(C.SFT_DIR)
+    check_output_dir(C.SFT_DIR, C.OVERWRITE)
 
     # ---- data: conversational prompt-completion, too-long examples dropped with a count
     train = load_sft_examples(C.SFT_TRAIN_FILE)  # read before the base model is built: bad data writes nothing
