@@ -13,7 +13,8 @@ answers (rlhf/reward.py: test reward or normalised RM score, a penalty when an a
 pay the KL to the reference, estimate advantages (GAE, or a critic-free estimator); 3. update:
 PPO_EPOCHS of clipped policy (and value) updates over mini-batches; 4. log; 5. save. The math is
 in rlhf/ppo_math.py, each trick with its source; the networks and their one forward in
-rlhf/ppo_models.py; set-up, evaluation and checkpoints in rlhf/ppo_setup.py.
+rlhf/ppo_models.py, with the Rollout that holds one iteration's answers; set-up, the prompts,
+evaluation and checkpoints in rlhf/ppo_setup.py.
 
     python train_ppo.py                                    # embedded default, CPU is fine
     python train_ppo.py --USE_LORA=true --PPO_LR=1e-5      # LoRA: reference = adapter disabled
@@ -24,7 +25,6 @@ Any constant of config.py can be overridden as --NAME=value. Interrupted runs re
 last checkpoint (RESUME, PPO_SAVE_EVERY).
 """
 
-import dataclasses
 import os
 import time
 
@@ -32,7 +32,7 @@ import torch
 
 import config as C
 from rlhf.checkpoints import diverged
-from rlhf.common import mixed_precision, precision, prompt_rng, report_to, run_stage, start_stage
+from rlhf.common import mixed_precision, precision, report_to, run_stage, start_stage
 from rlhf.engines import full_weights_for_generation
 from rlhf.generation import generate
 from rlhf.handoff import check_output_dir, require_stage_output
@@ -41,92 +41,11 @@ from rlhf.ppo_math import (
     loss_normalizers, masked_total, mixed_groups, policy_loss, policy_rows, self_imitation_loss, truncate_after_eos,
     value_loss,
 )
-from rlhf.ppo_models import response_forward
-from rlhf.ppo_setup import CHECKPOINT, check_settings, run_evaluation, save_checkpoint, save_policy, setup
+from rlhf.ppo_models import Rollout, response_forward
+from rlhf.ppo_setup import (
+    CHECKPOINT, check_settings, encode_prompts, run_evaluation, save_checkpoint, save_policy, setup, step_prompts,
+)
 from rlhf.reward import exec_rewards, sequence_scores
-
-
-@dataclasses.dataclass
-class Rollout:
-    """One iteration's answers on this process, a row each (B), and what the update learns from
-    them, filled in the loop's order: rollout(), rollout_forwards(), then scores and advantages.
-    (B, T) tensors are right-padded: 0 (False) after each answer's end."""
-    batch: list  # (B,) prompt rows {"messages", "problem"}, each PPO_SAMPLES_PER_PROMPT times in a row
-    texts: list  # (B,) the answers as text, up to their first EOS
-    passed: torch.Tensor  # (B,) unit-test reward (rlhf.reward.exec_rewards); NaN without tests
-    query: torch.Tensor  # (B, P) prompt ids, left-padded
-    query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
-    response: torch.Tensor  # (B, T) answer ids, padded after the first EOS
-    last_index: torch.Tensor  # (B,) the first EOS, or T - 1 where the answer was cut (first_eos_mask)
-    sampled_logp: torch.Tensor | None  # (B, T) the sampler's logprobs (fp32 only: sample), else None
-    mask: torch.Tensor | None = None  # (B, T) bool: the answer's tokens up to its first EOS
-    ends_with_eos: torch.Tensor | None = None  # (B,) bool: not cut at PPO_RESPONSE_LEN
-    old_logp: torch.Tensor | None = None  # (B, T) logprobs under the policy that sampled
-    ref_logp: torch.Tensor | None = None  # (B, T) logprobs under the frozen reference
-    values: torch.Tensor | None = None  # (B, T) the critic's V(s_t) (gae), else None
-    score: torch.Tensor | None = None  # (B,) sequence score (rlhf.reward.sequence_scores)
-    rm_score: torch.Tensor | None = None  # (B,) normalised RM score, NaN where the RM was not asked
-    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate to the reference
-    trains_policy: torch.Tensor | None = None  # (B,) bool: its advantage may move the policy (policy_rows)
-    imitate: torch.Tensor | None = None  # (B,) bool: self-imitation pushes it up (imitation_rows)
-    advantages: torch.Tensor | None = None  # (B, T)
-    returns: torch.Tensor | None = None  # (B, T) the critic's targets (gae), else None
-
-    def select(self, rows):
-        """The sampled rollout's rows `rows`, without the columns that are padding in all of them."""
-        query_mask = self.query_mask[rows]
-        width, answer_width = int(query_mask.sum(1).max()), int(self.last_index[rows].max()) + 1
-        cut = lambda x: None if x is None else x[rows][:, :answer_width]  # noqa: E731
-        return Rollout([self.batch[i] for i in rows], [self.texts[i] for i in rows], self.passed[rows],
-                       self.query[rows][:, -width:], query_mask[:, -width:], cut(self.response),
-                       self.last_index[rows], cut(self.sampled_logp))
-
-    def padded(self, width, pad_id, eos_ids):
-        """The sampled rollout with its answers padded to `width` columns, and their masks."""
-        response = torch.nn.functional.pad(self.response, (0, width - self.response.shape[1]), value=pad_id)
-        mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
-        sampled_logp = self.sampled_logp
-        if sampled_logp is not None:  # to the same width; 0 after each answer
-            sampled_logp = torch.nn.functional.pad(sampled_logp, (0, width - sampled_logp.shape[1]))
-            sampled_logp = torch.where(mask, sampled_logp, 0.0)
-        return dataclasses.replace(self, response=response, last_index=last_index, sampled_logp=sampled_logp,
-                                   mask=mask, ends_with_eos=ends_with_eos)
-
-    def lengths(self):
-        return self.query_mask.sum(1) + self.mask.sum(1)  # (B,) tokens of each row
-
-    def minibatch(self, rows):
-        """Rows `rows`, cut to the columns some of them use: prompts are left-padded (leading
-        columns), answers padded after their EOS (trailing). Every loss and statistic is a masked
-        mean, so the figures are the same with fewer positions through the network."""
-        query_mask = self.query_mask[rows]
-        start = int((query_mask.cumsum(1) == 0).all(0).sum())  # columns that are padding in every prompt
-        T = max(1, int(self.mask[rows].sum(1).max()))  # the longest answer among the rows
-        tokens = lambda x: None if x is None else x[rows, :T]  # noqa: E731
-        answers = lambda x: None if x is None else x[rows]  # noqa: E731
-        listed = rows.tolist()
-        return Rollout([self.batch[i] for i in listed], [self.texts[i] for i in listed],
-                       answers(self.passed), self.query[rows][:, start:], query_mask[:, start:],
-                       self.response[rows][:, :T], answers(self.last_index), tokens(self.sampled_logp),
-                       tokens(self.mask), answers(self.ends_with_eos), tokens(self.old_logp), tokens(self.ref_logp),
-                       tokens(self.values), answers(self.score), answers(self.rm_score), tokens(self.kl),
-                       answers(self.trains_policy), answers(self.imitate), tokens(self.advantages),
-                       tokens(self.returns))
-
-
-def step_prompts(prompts, step, rank, count, *, seed, samples_per_prompt):
-    """The `count` prompts of one iteration on one process, each repeated samples_per_prompt times
-    (answers that pass and fail side by side are what the advantages learn from). A function of
-    (seed, rank, step) only: a resumed run sees the prompts it would have seen, no sampler state."""
-    rng = prompt_rng(seed, rank, step)
-    picked = [prompts[rng.randrange(len(prompts))] for _ in range(count)]
-    return [row for row in picked for _ in range(samples_per_prompt)]
-
-
-def encode_prompts(tokenizer, batch, device):
-    texts = [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False) for r in batch]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def sample(policy, query, query_mask, eos_ids, pad_id, *, max_tokens, temperature, own_logprobs):
@@ -269,7 +188,7 @@ def main(argv):
 
     require_stage_output(C.SFT_DIR, "sft")
     require_stage_output(C.RM_DIR, "rm")
-    check_output_dir(C.PPO_DIR)
+    check_output_dir(C.PPO_DIR, C.OVERWRITE)
     check_settings()
     # step_scheduler_with_optimizer=False: one scheduler step per optimizer step; otherwise accelerate
     # steps a prepared scheduler once per process each time (made for a dataloader it split), and on

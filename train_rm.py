@@ -111,7 +111,7 @@ def on_policy_pairs(tokenizer, state):
     the module docstring), and the share of sampled answers that passed; ([], None) when off. The
     main process samples and writes them to the stage's checkpoint folder, where every process
     reads them; a resumed run reuses that file, so it trains on the pairs it started with."""
-    from rlhf.codeeval import evaluate_model, load_problems
+    from rlhf.codeeval import evaluate_model, load_problems, sandbox_limits
     from rlhf.common import load_causal_lm
 
     if not (C.RM_ONPOLICY_SAMPLES and C.RM_ONPOLICY_PROMPTS_FILE):
@@ -122,7 +122,7 @@ def on_policy_pairs(tokenizer, state):
         model = load_causal_lm(C.SFT_DIR, for_training=False).to(state.device)
         answers = []
         evaluate_model(model, tokenizer, problems, num_samples=C.RM_ONPOLICY_SAMPLES, temperature=1.0, top_p=1.0,
-                       max_new_tokens=C.GEN_MAX_NEW_TOKENS, ks=(), results_out=answers)
+                       max_new_tokens=C.GEN_MAX_NEW_TOKENS, ks=(), results_out=answers, limits=sandbox_limits())
         del model
         by_task = {}
         for a in answers:
@@ -172,7 +172,7 @@ def sft_failures(state):
 
 def main(argv):
     state = start_stage("rm", argv)
-    check_output_dir(C.RM_DIR)
+    check_output_dir(C.RM_DIR, C.OVERWRITE)
     require_stage_output(C.SFT_DIR, "sft")
     tokenizer = load_tokenizer(C.SFT_DIR)  # the SFT stage's tokenizer: same chat template, same ids
 

@@ -30,7 +30,9 @@ import time
 
 import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
-from rlhf.codeeval import evaluate_model, load_problems, pass_at_1_metrics, sampled_pass_at_k, seed_prompt_passes
+from rlhf.codeeval import (
+    evaluate_model, load_problems, pass_at_1_metrics, sampled_pass_at_k, sandbox_limits, seed_prompt_passes,
+)
 from rlhf.common import (
     check_lora_targets, fit_embeddings, head_scales_logits, load_causal_lm, load_tokenizer, lora_config,
     merge_lora_weights, resolve_base_model, run_stage, start_stage, stop_at_end_of_turn, trainer_args, trainer_schedule,
@@ -141,7 +143,7 @@ def final_evaluation(trainer):
 
 def main(argv):
     state = start_stage("sft", argv)
-    check_output_dir(C.SFT_DIR)
+    check_output_dir(C.SFT_DIR, C.OVERWRITE)
 
     # ---- data: conversational prompt-completion, too-long examples dropped with a count
     train = load_sft_examples(C.SFT_TRAIN_FILE)  # read before the base model is built: bad data writes nothing
@@ -195,15 +197,17 @@ def main(argv):
     # ---- pass@1 on held-out code tasks, run in the sandbox
     answers = []  # per task: the answer and its verdict (saved as eval_results.jsonl)
     if problems is not None and state.is_main_process:
+        limits = sandbox_limits()
         summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS,
-                                 results_out=answers)
+                                 results_out=answers, limits=limits)
         metrics.update(pass_at_1_metrics(summary))
         metrics["eval_tasks"] = len(problems)
         if C.EVAL_SAMPLES:  # pass@k of sampled answers: the headroom above greedy pass@1 that PPO can use
-            metrics.update(sampled_pass_at_k(model, tokenizer, problems, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS))
+            metrics.update(sampled_pass_at_k(model, tokenizer, problems, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
+                                             limits=limits))
         # the natural prompts, asked as a user asks
         metrics.update(seed_prompt_passes(model, tokenizer, seed_problems, C.SEED_PROMPT_SAMPLES,
-                                          C.GEN_MAX_NEW_TOKENS))
+                                          C.GEN_MAX_NEW_TOKENS, limits=limits))
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
         print("no pass@1: EVAL_TASKS_FILE is empty (set it, or SFT_EVAL_PASS_AT_1=False)")
 

@@ -17,7 +17,7 @@ import torch
 import _common
 import config as C
 from rlhf import sandbox
-from rlhf.codeeval import completion_for, generate_completions, load_problems, score_samples
+from rlhf.codeeval import completion_for, generate_completions, load_problems, sandbox_limits, score_samples
 from rlhf.common import load_causal_lm, load_tokenizer
 from rlhf.settings import apply_overrides
 
@@ -43,7 +43,8 @@ def main(argv):
         texts, seconds = timed(generate_completions, model, tokenizer, messages, C.GEN_MAX_NEW_TOKENS,
                                batch_size=per_call, progress=False)
         summary, _ = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t[0])}
-                                              for p, t in zip(problems, texts)], ks=(1,), progress=False)
+                                              for p, t in zip(problems, texts)], ks=(1,), progress=False,
+                                   limits=sandbox_limits())
         result["greedy"].append({"prompts_per_call": per_call, "seconds": seconds, "pass_at_1": summary["pass@1"]})
         rows.append([f"greedy, {len(problems)} answers", f"{per_call} prompts a call", f"{seconds:.1f}",
                      f"pass@1 {summary['pass@1']:.3f}"])
@@ -58,7 +59,7 @@ def main(argv):
     jobs = [p.job(completion_for(p, t)) for p, outs in zip(problems, texts) for t in outs]
     for r in range(own["rounds"]):
         for run in (sandbox.run_many, sandbox.run_unique):
-            verdicts, seconds = timed(run, jobs)
+            verdicts, seconds = timed(run, jobs, limits=sandbox_limits())
             passed, ran = sum(v.passed for v in verdicts), len({id(v) for v in verdicts})  # a verdict per job run
             result["verdicts"].append({"round": r, "how": run.__name__, "seconds": seconds, "passed": passed, "ran": ran})
             rows.append([f"sandbox verdicts of the {len(jobs)} sampled answers", f"{run.__name__}, round {r + 1}",

@@ -13,7 +13,7 @@ Each design is the RM stage (train_rm.py in a subprocess, REPORT_TO none) with o
                   function name (rejected); the pair differs in the prompt alone (implicit-prompt rows)
   <design>+N      the same pairs on the SFT model plus N new decoder layers whose attention and MLP
                   output projections start at zero (so the deeper RM starts as the shallow one)
-The extra pairs are rebuilt from rlhf/task_families.py with scripts/build_data.py's split, so they
+The extra pairs are rebuilt from scripts/task_families.py with scripts/build_data.py's split, so they
 hold seen variants only, like the bundled ones; the bench checks that the rebuilt split is the one
 behind RM_TRAIN_FILE. Reported per design: train seconds, held-out pair accuracy on RM_EVAL_FILE
 (all, and `wrong_value` pairs apart: the pairs an RM can rank only by reading the prompt) and the
@@ -53,8 +53,7 @@ def training_split(data_seed):
 
 def wrong_value_pair(task, fam, other_params):
     """The task's reference against the reference another seen variant would have (same name)."""
-    from rlhf import task_families
-    from scripts import build_data
+    from scripts import build_data, task_families
 
     code = task_families.fill(fam.code, other_params, task["entry_point"])
     return None if code == task["solution"] else build_data.preference_row(task, code, "wrong_value")

@@ -335,6 +335,14 @@ def extract_code(text: str) -> str:
     return m.group(1).rstrip("\n") if m else text
 
 
+def sandbox_limits() -> sandbox.Limits:
+    """The SANDBOX_* settings as the sandbox's Limits: read once in each stage's main() or set-up and
+    passed to score_samples, evaluate_model and the PPO reward."""
+    return sandbox.Limits(mode=C.SANDBOX_MODE, timeout_s=C.SANDBOX_TIMEOUT_S, memory_mb=C.SANDBOX_MEMORY_MB,
+                          disk_mb=C.SANDBOX_DISK_MB, file_size_mb=C.SANDBOX_FILE_SIZE_MB,
+                          max_procs=C.SANDBOX_MAX_PROCS)
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021, numerically stable form)."""
     if n - c < k:
@@ -342,9 +350,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def score_samples(problems: list[Problem], samples: list[dict], ks=(1, 10, 100),
-                  workers: int | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Run every sample ({"task_id", "completion"}) against its problem's tests.
+def score_samples(problems: list[Problem], samples: list[dict], ks=(1, 10, 100), workers: int | None = None,
+                  progress: bool = True, limits: sandbox.Limits = sandbox.Limits()) -> tuple[dict, list[dict]]:
+    """Run every sample ({"task_id", "completion"}) against its problem's tests, in the sandbox under `limits`.
 
     Returns (summary, results): results are the samples with "passed", "status", "detail",
     "pass_fraction" added; the summary has pass@k for every k <= the fewest samples per task.
@@ -356,11 +364,11 @@ def score_samples(problems: list[Problem], samples: list[dict], ks=(1, 10, 100),
         if str(s["task_id"]) not in by_id:
             raise UserError(f"sample {i}: task_id {s['task_id']!r} is not in the problems")
     jobs = [by_id[str(s["task_id"])].job(s["completion"]) for s in samples]
-    verdicts = sandbox.run_unique(jobs, workers=workers, progress=progress)
+    verdicts = sandbox.run_unique(jobs, workers=workers, progress=progress, limits=limits)
     results = [{**s, "passed": v.passed, "status": v.status, "detail": v.detail,
                 "pass_fraction": v.pass_fraction} for s, v in zip(samples, verdicts)]
     summary = summarize(problems, results, ks)
-    summary["sandbox"] = sandbox.active_mode()  # which isolation ran the programs
+    summary["sandbox"] = sandbox.active_mode(limits.mode)  # which isolation ran the programs
     return summary, results
 
 
@@ -439,7 +447,8 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
 def evaluate_model(model, tokenizer, problems: list[Problem], num_samples: int = 1,
                    temperature: float | None = None, max_new_tokens: int = 256,
                    batch_size: int | None = None, ks=(1, 10, 100), workers: int | None = None,
-                   progress: bool = True, results_out: list | None = None, top_p: float = 0.95) -> dict:
+                   progress: bool = True, results_out: list | None = None, top_p: float = 0.95,
+                   limits: sandbox.Limits = sandbox.Limits()) -> dict:
     """Generate, extract code, run the tests; returns the summary (pass@k, counts, statuses).
 
     Per-sample results (score_samples) are appended to `results_out` when given.
@@ -448,25 +457,25 @@ def evaluate_model(model, tokenizer, problems: list[Problem], num_samples: int =
                                  num_samples, temperature, top_p, batch_size=batch_size, progress=progress)
     samples = [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
                for p, outs in zip(problems, texts) for t in outs]
-    summary, results = score_samples(problems, samples, ks, workers, progress)
+    summary, results = score_samples(problems, samples, ks, workers, progress, limits)
     if results_out is not None:
         results_out.extend(results)
     return summary
 
 
 def sampled_pass_at_k(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, limits: sandbox.Limits = sandbox.Limits()) -> dict:
     """{"pass_at_<samples>": ...}: `samples` answers per task from plain softmax (temperature 1,
     top_p 1), pass@k with k = samples (Chen et al. 2021's unbiased estimator at n = k: the share of
     tasks with at least one passing answer). Far above greedy pass@1, it is what PPO can still turn
     into pass@1; close to it, PPO has little to learn from (docs/RESULTS.md)."""
     summary = evaluate_model(model, tokenizer, problems, num_samples=samples, temperature=1.0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, ks=(samples,), progress=progress)
+                             max_new_tokens=max_new_tokens, ks=(samples,), progress=progress, limits=limits)
     return {f"pass_at_{samples}": summary[f"pass@{samples}"]}
 
 
 def seed_prompt_passes(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, limits: sandbox.Limits = sandbox.Limits()) -> dict:
     """{"seed_prompt_passes": {prompt: passing answers}, "seed_prompt_samples": samples}: each
     natural prompt of `problems` (SEED_PROMPTS_FILE, e.g. "用Python实现快速排序算法") asked `samples`
     times the way a user's generate call asks it (temperature 0.7, top_p 0.95, and transformers'
@@ -480,7 +489,7 @@ def seed_prompt_passes(model, tokenizer, problems: list[Problem], samples: int, 
                                  temperature=0.7, top_p=0.95, top_k=50, progress=progress)
     answers = [{"task_id": p.task_id, "completion": named_as_asked(completion_for(p, t), p.record.get("entry_point"))}
                for p, outs in zip(problems, texts) for t in outs]
-    _, results = score_samples(problems, answers, ks=(1,), progress=progress)
+    _, results = score_samples(problems, answers, ks=(1,), progress=progress, limits=limits)
     passed = collections.Counter(r["task_id"] for r in results if r["passed"])
     return {"seed_prompt_passes": {p.messages()[-1]["content"]: passed[p.task_id] for p in problems},
             "seed_prompt_samples": samples}

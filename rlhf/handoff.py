@@ -115,15 +115,15 @@ def is_current(path, *inputs):
 # Writing this stage's output
 # ---------------------------------------------------------------------------------------------
 
-def check_output_dir(path):
-    """Refuse to replace a finished stage output unless OVERWRITE is set (after finishing a save
-    that a kill interrupted)."""
+def check_output_dir(path, overwrite):
+    """Refuse to replace a finished stage output unless `overwrite` (the OVERWRITE setting), after
+    finishing a save that a kill interrupted."""
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         recover_interrupted_save(path)
     PartialState().wait_for_everyone()
-    if os.path.exists(os.path.join(path, STAGE_INFO_FILE)) and not C.OVERWRITE:
+    if os.path.exists(os.path.join(path, STAGE_INFO_FILE)) and not overwrite:
         raise UserError(f"{path} already holds a finished model; move it away or pass --OVERWRITE=true to replace it")
 
 

@@ -1,15 +1,85 @@
 """PPO's networks: the policy and critic trained as one module, and the one forward the loop
 calls for the log-probabilities, entropy and values of an answer (response_forward), whichever
-model it runs (the policy with its critic, the frozen reference, the critic alone)."""
+model it runs (the policy with its critic, the frozen reference, the critic alone); and the
+Rollout, one iteration's answers and what the update learns from them, cut to what a forward reads."""
 
 import contextlib
+import dataclasses
 from typing import NamedTuple
 
 import torch
 
 from rlhf.common import head_scales_logits, launched_with_sharded_weights
 from rlhf.generation import hf_model, positions
-from rlhf.ppo_math import logprobs_and_entropy, logprobs_from_logits
+from rlhf.ppo_math import first_eos_mask, logprobs_and_entropy, logprobs_from_logits
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One iteration's answers on this process, a row each (B), and what the update learns from
+    them, filled in train_ppo.py's order: rollout(), rollout_forwards(), then scores and advantages.
+    (B, T) tensors are right-padded: 0 (False) after each answer's end."""
+    batch: list  # (B,) prompt rows {"messages", "problem"}, each PPO_SAMPLES_PER_PROMPT times in a row
+    texts: list  # (B,) the answers as text, up to their first EOS
+    passed: torch.Tensor  # (B,) unit-test reward (rlhf.reward.exec_rewards); NaN without tests
+    query: torch.Tensor  # (B, P) prompt ids, left-padded
+    query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    response: torch.Tensor  # (B, T) answer ids, padded after the first EOS
+    last_index: torch.Tensor  # (B,) the first EOS, or T - 1 where the answer was cut (first_eos_mask)
+    sampled_logp: torch.Tensor | None  # (B, T) the sampler's logprobs (fp32 only: sample), else None
+    mask: torch.Tensor | None = None  # (B, T) bool: the answer's tokens up to its first EOS
+    ends_with_eos: torch.Tensor | None = None  # (B,) bool: not cut at PPO_RESPONSE_LEN
+    old_logp: torch.Tensor | None = None  # (B, T) logprobs under the policy that sampled
+    ref_logp: torch.Tensor | None = None  # (B, T) logprobs under the frozen reference
+    values: torch.Tensor | None = None  # (B, T) the critic's V(s_t) (gae), else None
+    score: torch.Tensor | None = None  # (B,) sequence score (rlhf.reward.sequence_scores)
+    rm_score: torch.Tensor | None = None  # (B,) normalised RM score, NaN where the RM was not asked
+    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate to the reference
+    trains_policy: torch.Tensor | None = None  # (B,) bool: its advantage may move the policy (policy_rows)
+    imitate: torch.Tensor | None = None  # (B,) bool: self-imitation pushes it up (imitation_rows)
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T) the critic's targets (gae), else None
+
+    def select(self, rows):
+        """The sampled rollout's rows `rows`, without the columns that are padding in all of them."""
+        query_mask = self.query_mask[rows]
+        width, answer_width = int(query_mask.sum(1).max()), int(self.last_index[rows].max()) + 1
+        cut = lambda x: None if x is None else x[rows][:, :answer_width]  # noqa: E731
+        return Rollout([self.batch[i] for i in rows], [self.texts[i] for i in rows], self.passed[rows],
+                       self.query[rows][:, -width:], query_mask[:, -width:], cut(self.response),
+                       self.last_index[rows], cut(self.sampled_logp))
+
+    def padded(self, width, pad_id, eos_ids):
+        """The sampled rollout with its answers padded to `width` columns, and their masks."""
+        response = torch.nn.functional.pad(self.response, (0, width - self.response.shape[1]), value=pad_id)
+        mask, ends_with_eos, last_index = first_eos_mask(response, eos_ids)  # (B, T), (B,), (B,)
+        sampled_logp = self.sampled_logp
+        if sampled_logp is not None:  # to the same width; 0 after each answer
+            sampled_logp = torch.nn.functional.pad(sampled_logp, (0, width - sampled_logp.shape[1]))
+            sampled_logp = torch.where(mask, sampled_logp, 0.0)
+        return dataclasses.replace(self, response=response, last_index=last_index, sampled_logp=sampled_logp,
+                                   mask=mask, ends_with_eos=ends_with_eos)
+
+    def lengths(self):
+        return self.query_mask.sum(1) + self.mask.sum(1)  # (B,) tokens of each row
+
+    def minibatch(self, rows):
+        """Rows `rows`, cut to the columns some of them use: prompts are left-padded (leading
+        columns), answers padded after their EOS (trailing). Every loss and statistic is a masked
+        mean, so the figures are the same with fewer positions through the network."""
+        query_mask = self.query_mask[rows]
+        start = int((query_mask.cumsum(1) == 0).all(0).sum())  # columns that are padding in every prompt
+        T = max(1, int(self.mask[rows].sum(1).max()))  # the longest answer among the rows
+        tokens = lambda x: None if x is None else x[rows, :T]  # noqa: E731
+        answers = lambda x: None if x is None else x[rows]  # noqa: E731
+        listed = rows.tolist()
+        return Rollout([self.batch[i] for i in listed], [self.texts[i] for i in listed],
+                       answers(self.passed), self.query[rows][:, start:], query_mask[:, start:],
+                       self.response[rows][:, :T], answers(self.last_index), tokens(self.sampled_logp),
+                       tokens(self.mask), answers(self.ends_with_eos), tokens(self.old_logp), tokens(self.ref_logp),
+                       tokens(self.values), answers(self.score), answers(self.rm_score), tokens(self.kl),
+                       answers(self.trains_policy), answers(self.imitate), tokens(self.advantages),
+                       tokens(self.returns))
 
 
 class PolicyAndCritic(torch.nn.Module):

@@ -1,6 +1,6 @@
 """What train_ppo.py's loop needs around it: the settings checked together, the set-up (data,
-models, optimizer, the resume point) as one PPOSetup, the held-out evaluation, the checkpoints
-and the final save. Settings are read in check_settings() and setup() only."""
+models, optimizer, the resume point) as one PPOSetup, each iteration's prompts, the held-out
+evaluation, the checkpoints and the final save. Settings are read in check_settings() and setup() only."""
 
 import contextlib
 import dataclasses
@@ -13,9 +13,10 @@ import torch
 
 import config as C
 from rlhf.checkpoints import resume_from
-from rlhf.codeeval import load_problems, sampled_pass_at_k, seed_prompt_passes
+from rlhf.codeeval import load_problems, sampled_pass_at_k, sandbox_limits, seed_prompt_passes
 from rlhf.common import (
-    check_lora_targets, end_of_turn_ids, load_causal_lm, load_tokenizer, lora_config, stop_at_end_of_turn, torch_dtype,
+    check_lora_targets, end_of_turn_ids, load_causal_lm, load_tokenizer, lora_config, prompt_rng, stop_at_end_of_turn,
+    torch_dtype,
 )
 from rlhf.data import load_rows, row_where, template_lengths
 from rlhf.engines import full_weights_for_generation, plain_policy, shard_frozen_model, sharded, whole_models_loaded
@@ -57,6 +58,21 @@ def load_prompts(path, tokenizer, max_tokens):
     if len(kept) < len(rows):
         print(f"dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than {max_tokens} tokens")
     return kept
+
+
+def step_prompts(prompts, step, rank, count, *, seed, samples_per_prompt):
+    """The `count` prompts of one iteration on one process, each repeated samples_per_prompt times
+    (answers that pass and fail side by side are what the advantages learn from). A function of
+    (seed, rank, step) only: a resumed run sees the prompts it would have seen, no sampler state."""
+    rng = prompt_rng(seed, rank, step)
+    picked = [prompts[rng.randrange(len(prompts))] for _ in range(count)]
+    return [row for row in picked for _ in range(samples_per_prompt)]
+
+
+def encode_prompts(tokenizer, batch, device):
+    texts = [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False) for r in batch]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 @dataclasses.dataclass
@@ -106,7 +122,8 @@ def setup(accelerator):
     reward = RewardMix(rm_weight=C.PPO_RM_WEIGHT, exec_weight=C.PPO_EXEC_WEIGHT, exec_reward=C.PPO_EXEC_REWARD,
                        rm_on_tested=C.PPO_RM_ON_TESTED,
                        reward_fn=reward_function(C.PPO_REWARD_FN) if C.PPO_REWARD_FN else None,
-                       missing_eos_penalty=C.PPO_MISSING_EOS_PENALTY if C.PPO_PENALIZE_MISSING_EOS else None)
+                       missing_eos_penalty=C.PPO_MISSING_EOS_PENALTY if C.PPO_PENALIZE_MISSING_EOS else None,
+                       sandbox_limits=sandbox_limits())
     # data (before the models: a mistake in it is reported in seconds)
     tokenizer = load_tokenizer(C.SFT_DIR)
     prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer, C.MAX_LEN - C.PPO_RESPONSE_LEN)
@@ -200,16 +217,17 @@ def setup(accelerator):
         ckpt_dir=ckpt_dir, start=start, history=history, ref_copy=ref_copy, rm_copy=rm_copy)
 
 
-def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device, max_new_tokens):
-    """Greedy pass@1 on held-out tasks (sandboxed) and the mean normalised RM score of the answers;
-    and each task's answer and verdict (rows as the SFT stage's eval_results.jsonl)."""
+def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device, max_new_tokens, limits):
+    """Greedy pass@1 on held-out tasks (sandboxed under `limits`) and the mean normalised RM score of the
+    answers; and each task's answer and verdict (rows as the SFT stage's eval_results.jsonl)."""
     from rlhf.codeeval import completion_for, generate_completions, pass_at_1_metrics, score_samples
     from rlhf.reward import normalize_rewards, score_responses
 
     texts = [t[0] for t in generate_completions(policy, tokenizer, [p.messages() for p in problems], max_new_tokens,
                                                 progress=False)]
     summary, answers = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
-                                                for p, t in zip(problems, texts)], ks=(1,), progress=False)
+                                                for p, t in zip(problems, texts)], ks=(1,), progress=False,
+                                     limits=limits)
     scores = score_responses(rm, rm_tokenizer, [p.messages() for p in problems], texts, device=device)
     return {**pass_at_1_metrics(summary), "rm_score": normalize_rewards(scores.float().mean().item(), norm)}, answers
 
@@ -220,17 +238,18 @@ def run_evaluation(s, step, problems, max_new_tokens, samples=0, seed_prompt_sam
     prompts pass. Every process calls it: the main one evaluates (and prints and logs the figures
     at `step`), the others too where the weights are sharded (every forward is then a collective);
     ({}, []) elsewhere and without tasks."""
-    accelerator, result, answers = s.accelerator, {}, []
+    accelerator, result, answers, limits = s.accelerator, {}, [], s.reward.sandbox_limits
     if (accelerator.is_main_process or sharded(accelerator)) and problems:
         with s.reward_model() as rm, accelerator.autocast(), \
                 full_weights_for_generation(accelerator, s.model, with_critic=s.critic) as policy:
             result, answers = evaluate(policy, s.tokenizer, rm, s.rm_tokenizer, s.norm, problems, accelerator.device,
-                                       max_new_tokens)
+                                       max_new_tokens, limits)
             if samples:  # the trained policy's pass@k, as SFT reports it
-                result.update(sampled_pass_at_k(policy, s.tokenizer, problems, samples, max_new_tokens, progress=False))
+                result.update(sampled_pass_at_k(policy, s.tokenizer, problems, samples, max_new_tokens, progress=False,
+                                                limits=limits))
             if seed_prompt_samples is not None:  # the natural prompts, asked as a user asks
                 result.update(seed_prompt_passes(policy, s.tokenizer, s.seed_problems, seed_prompt_samples,
-                                                 max_new_tokens, progress=False))
+                                                 max_new_tokens, progress=False, limits=limits))
     if accelerator.is_main_process and result:
         print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
         accelerator.log({f"ppo/eval_{k}": v for k, v in result.items() if not isinstance(v, dict)}, step=step)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 
+from rlhf.sandbox.verdict import Limits
 from rlhf.settings import UserError
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -176,6 +177,7 @@ class RewardMix:
     rm_on_tested: bool  # PPO_RM_ON_TESTED: the RM scores answers whose prompt has tests too
     reward_fn: object = None  # PPO_REWARD_FN, imported (reward_function): f(messages, texts) -> floats; None = none
     missing_eos_penalty: float | None = None  # score of an answer that never ended; None = it keeps its own
+    sandbox_limits: Limits = Limits()  # SANDBOX_*: how the answers run (rlhf.codeeval.sandbox_limits)
 
 
 def reward_function(spec):
@@ -200,7 +202,8 @@ def exec_rewards(batch, texts, device, mix):
     passed = torch.full((len(batch),), float("nan"), device=device)
     tested = [i for i, r in enumerate(batch) if r["problem"] is not None]
     if tested and mix.exec_weight:
-        verdicts = run_unique([batch[i]["problem"].job(completion_for(batch[i]["problem"], texts[i])) for i in tested])
+        verdicts = run_unique([batch[i]["problem"].job(completion_for(batch[i]["problem"], texts[i])) for i in tested],
+                              limits=mix.sandbox_limits)
         # "all": the verdict greedy pass@1 counts; "fraction" also pays for near misses
         passed[tested] = torch.tensor([float(v.passed) if mix.exec_reward == "all" else v.pass_fraction
                                        for v in verdicts], device=device)

@@ -1,4 +1,4 @@
-"""Build the bundled code-task data in data/ from rlhf/task_families.py, every label verified by
+"""Build the bundled code-task data in data/ from scripts/task_families.py, every label verified by
 running it in rlhf/sandbox/: references pass, rejected programs fail, and the tests of every
 eval, validation and in-distribution task reject its family's bugs, the other variants' references
 and the mutants of its reference that change what it returns.
@@ -21,9 +21,14 @@ import random
 import re
 import time
 
-from rlhf import sandbox, task_families
+from rlhf import sandbox
 from rlhf.common import run_stage
 from rlhf.settings import UserError
+
+if __package__:  # imported as scripts.build_data (tests, bench/)
+    from scripts import task_families
+else:  # run as `python scripts/build_data.py`: scripts/ is first on sys.path
+    import task_families
 
 WRAPPERS = {  # phrasing around each template: a model has to find the task inside
     "en": ["{}", "{} Reply with the code only.", "Python question: {}", "Please solve this. {}"],
@@ -535,7 +540,7 @@ def check_tests(tasks, families, workers=None):
             for (key, kind), v in zip(accepted, on_probes) if not v.passed]
     if bad:
         raise UserError(f"tests too weak or references wrong ({len(bad)}): strengthen the family's inputs in "
-                        "rlhf/task_families.py\n  " + "\n  ".join(bad[:40])
+                        "scripts/task_families.py\n  " + "\n  ".join(bad[:40])
                         + (f"\n  ... {len(bad) - 40} more" if len(bad) > 40 else ""))
     stats = collections.defaultdict(collections.Counter)
     for (key, kind), ok in passed.items():

@@ -146,7 +146,7 @@ def main(argv):
     else:
         samples = read_samples(args.samples, problems)
         out = args.out or args.samples + "_results.jsonl"
-    summary, results = codeeval.score_samples(problems, samples, ks, args.workers)
+    summary, results = codeeval.score_samples(problems, samples, ks, args.workers, limits=codeeval.sandbox_limits())
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         write_jsonl(out, results)

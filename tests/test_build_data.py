@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from rlhf import codeeval, task_families
+from rlhf import codeeval
 from rlhf.data import read_jsonl
 from rlhf.settings import UserError
-from scripts import build_data
+from scripts import build_data, task_families
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 FILES = ["sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts", "eval_tasks", "val_tasks", "indist_tasks",
@@ -137,8 +137,8 @@ def test_quick_sort_is_one_program_for_both_orders():
     """Descending sorts by the negated key: partition and return line are the same in every
     variant, so the prompt decides one spot (the model copied one side's comparison into the
     other when each order had its own); the tests still tell the two orders apart."""
-    family = next(f for f in build_data.task_families.F if f.name == "quick_sort")
-    programs = {p["rev"]: build_data.task_families.fill(family.code, p, "quick_sort") for p in family.params if p["key"] == "x"}
+    family = next(f for f in task_families.F if f.name == "quick_sort")
+    programs = {p["rev"]: task_families.fill(family.code, p, "quick_sort") for p in family.params if p["key"] == "x"}
     key_line = lambda code: next(line for line in code.splitlines() if "key = lambda" in line)  # noqa: E731
     assert [line for line in programs[True].splitlines() if line != key_line(programs[True])] == \
         [line for line in programs[False].splitlines() if line != key_line(programs[False])]
@@ -158,7 +158,7 @@ def test_eval_and_ppo_files_load_as_problems():
 
 def small_tasks():
     rng = build_data.random.Random(0)
-    return [t for fam in build_data.task_families.F[:2] for t in build_data.instances(0, fam, rng)][:4]
+    return [t for fam in task_families.F[:2] for t in build_data.instances(0, fam, rng)][:4]
 
 
 def test_verify_rejects_a_corrupt_reference():

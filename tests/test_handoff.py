@@ -14,7 +14,7 @@ from rlhf.handoff import STAGE_INFO_FILE, check_output_dir, require_stage_output
 from rlhf.settings import UserError
 
 
-def test_hand_off_requires_a_finished_output_and_refuses_overwrite(tmp_path, monkeypatch):
+def test_hand_off_requires_a_finished_output_and_refuses_overwrite(tmp_path):
     out = str(tmp_path / "sft_model")
     with pytest.raises(UserError, match="does not exist: run `python train_sft.py` first"):
         require_stage_output(out, "sft")
@@ -25,11 +25,9 @@ def test_hand_off_requires_a_finished_output_and_refuses_overwrite(tmp_path, mon
     save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"), {"m": 1})
     assert require_stage_output(out, "sft") == out
     assert json.load(open(os.path.join(out, STAGE_INFO_FILE)))["metrics"] == {"m": 1}
-    monkeypatch.setattr(C, "OVERWRITE", False)
     with pytest.raises(UserError, match="--OVERWRITE=true"):
-        check_output_dir(out)
-    monkeypatch.setattr(C, "OVERWRITE", True)
-    check_output_dir(out)
+        check_output_dir(out, overwrite=False)
+    check_output_dir(out, overwrite=True)
     save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v2"), {"m": 2})
     assert open(os.path.join(out, "weights")).read() == "v2"
     assert sorted(os.listdir(tmp_path)) == ["sft_model"]  # no temporary folders left behind

@@ -421,6 +421,7 @@ def test_ppo_rollouts_end_at_the_token_that_ends_a_turn(family_bases, family_dat
     import torch
     from transformers import AutoModelForCausalLM
 
+    import rlhf.ppo_models
     import train_ppo
     from rlhf.common import load_tokenizer
     from rlhf.handoff import save_stage_output
@@ -448,7 +449,8 @@ def test_ppo_rollouts_end_at_the_token_that_ends_a_turn(family_bases, family_dat
         tok.save_pretrained(tmp)
 
     save_stage_output(rm, "rm", save_rm, {})
-    masks = Spy(monkeypatch, train_ppo, "first_eos_mask")
+    # the rollout's masks: after sampling (train_ppo.rollout) and padded to every process's width (Rollout.padded)
+    masks = [Spy(monkeypatch, train_ppo, "first_eos_mask"), Spy(monkeypatch, rlhf.ppo_models, "first_eos_mask")]
     proc = run_in_process("train_ppo.py", f"--SFT_DIR={sft}", f"--RM_DIR={rm}", f"--PPO_DIR={tmp_path}/ppo_model",
                           f"--RUNS_DIR={tmp_path}/runs", f"--PPO_PROMPTS_FILE={family_data['ppo']}",
                           f"--EVAL_TASKS_FILE={family_data['tasks']}", "--PPO_STEPS=2", "--PPO_BATCH_SIZE=4",
@@ -459,5 +461,6 @@ def test_ppo_rollouts_end_at_the_token_that_ends_a_turn(family_bases, family_dat
     history = [h for h in json.load(open(tmp_path / "ppo_model" / "rlhf_stage.json"))["metrics"]["history"] if "kl" in h]
     assert [h["eos_rate"] for h in history] == [1.0, 1.0], history
     assert [h["response_length"] for h in history] == [1.0, 1.0]
-    for (response, _), _, (mask, ends, last) in masks.calls:  # the rollout mask: the <|eot_id|> and nothing after it
+    assert all(spy.calls for spy in masks)
+    for (response, _), _, (mask, ends, last) in masks[0].calls + masks[1].calls:  # the <|eot_id|> and nothing after it
         assert (response[:, 0] == eot).all() and ends.all() and (last == 0).all() and mask.sum(1).eq(1).all()

@@ -286,7 +286,7 @@ def test_kill_while_saving_the_output_loses_and_leaks_nothing(moment, tmp_path, 
                           lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v2"), {})
         os.rename(out, tmp_path / "sft_model.old-4242")
     with pytest.raises(UserError, match="already holds a finished model"):
-        check_output_dir(str(out))
+        check_output_dir(str(out), overwrite=False)
     assert os.listdir(tmp_path) == ["sft_model"]
     assert open(out / "weights").read() == ("v1" if moment == "writing" else "v2")
     said = capsys.readouterr().out

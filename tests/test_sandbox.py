@@ -265,10 +265,21 @@ def test_without_cgroups_one_line_says_so_and_programs_still_run(monkeypatch, ca
         sandbox._find_cgroups.cache_clear()
 
 
-def test_weak_mode_is_explicit_and_reported(monkeypatch):
-    monkeypatch.setattr(C, "SANDBOX_MODE", "weak")
-    assert sandbox.active_mode().startswith("weak")
-    assert calls(ADD).passed and not calls("def add(a, b):\n    return 0\n").passed
+def test_weak_mode_is_explicit_and_reported():
+    weak = sandbox.Limits(mode="weak")
+    assert sandbox.active_mode("weak").startswith("weak")
+    assert calls(ADD, limits=weak).passed and not calls("def add(a, b):\n    return 0\n", limits=weak).passed
+
+
+def test_the_limits_defaults_are_config_defaults():
+    # sandbox.Limits() is what a helper called without limits runs under: config.py's SANDBOX_* defaults
+    import runpy
+
+    from rlhf.codeeval import sandbox_limits
+
+    defaults = {k: v for k, v in runpy.run_path(C.__file__).items() if k.startswith("SANDBOX_")}
+    assert len(defaults) == 6 and all(getattr(C, k) == v for k, v in defaults.items())  # this process: the defaults
+    assert sandbox.Limits() == sandbox_limits()
 
 
 def test_no_isolation_stops_with_the_fix(monkeypatch):
@@ -288,14 +299,12 @@ def test_no_isolation_stops_with_the_fix(monkeypatch):
     assert r.returncode != 0 and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-1500:]
 
 
-def test_a_program_whose_set_up_fails_gets_the_reason(monkeypatch):
+def test_a_program_whose_set_up_fails_gets_the_reason():
     # the namespaces' set-up fails for this program only (a work dir size the kernel refuses):
     # an error verdict that says why, and the next program runs as usual
     if C.SANDBOX_MODE != "namespaces":
         pytest.skip("kernel isolation is off (SANDBOX_MODE=weak)")
     assert calls(ADD).passed  # the isolation mode is known before the setting changes
-    monkeypatch.setattr(C, "SANDBOX_DISK_MB", -5)
-    v = calls(ADD)
+    v = calls(ADD, limits=sandbox.Limits(disk_mb=-5))
     assert v.status == "error" and v.detail.startswith("sandbox set-up failed: OSError") and "/work" in v.detail, v
-    monkeypatch.setattr(C, "SANDBOX_DISK_MB", 64)
     assert calls(ADD).passed

@@ -18,7 +18,7 @@ processes under a 256 MiB bound, 200 processes in a user namespace run as root.
 Kernel-level attacks also run with the audit hook off (`_AUDIT_HOOK`), as if a program had
 found a way around it (the namespaces must hold on their own), and in both set-ups: a uid per
 sample (root) and a user namespace. Each case is bounded by the sandbox's own limits
-(SANDBOX_TIMEOUT_S below, memory, processes, a 64 MiB disk), and after each one no process of a
+(LIMITS below: 3 s, memory, processes, a 64 MiB disk), and after each one no process of a
 sample uid may be left.
 """
 import json
@@ -38,6 +38,7 @@ import config as C
 from rlhf import codeeval, sandbox
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIMITS = sandbox.Limits(mode=C.SANDBOX_MODE, timeout_s=3.0)  # every run here, where a job sets no time of its own
 CALLS, EXPECTED = ["secret(1)", "secret(2)"], [7312, "k9q"]
 TESTS = "def check(candidate):\n    assert candidate(1) == 7312\n    assert candidate(2) == 'k9q'\n"
 WRONG = "def secret(x):\n    return 0\n"
@@ -103,7 +104,7 @@ def secret_jobs(program):
 
 def run_side_by_side(program):
     """Both formats of `program` next to two benign samples, 2 workers; benign ones must pass."""
-    verdicts = sandbox.run_many(secret_jobs(program) + [ADD_OK, ADD_TESTS_OK], workers=2)
+    verdicts = sandbox.run_many(secret_jobs(program) + [ADD_OK, ADD_TESTS_OK], workers=2, limits=LIMITS)
     assert [v.passed for v in verdicts[2:]] == [True, True], verdicts[2:]
     return verdicts[:2]
 
@@ -127,8 +128,7 @@ def sandbox_processes(evaluator_pid=None):
 
 
 @pytest.fixture(autouse=True)
-def bounded(monkeypatch):
-    monkeypatch.setattr(C, "SANDBOX_TIMEOUT_S", 3.0)
+def bounded():
     yield
     assert sandbox_processes() == []  # nothing of any sample outlives its run
 
@@ -206,7 +206,8 @@ def test_stdin_programs_get_no_verdict_channel(hook, backend):
               "print(found[0] if found else sys.stdin.read())\n")
     tests = [{"input": "1 2", "output": "7312 k9q"}, {"input": "3", "output": "7312 k9q"}]
     benign = dict(program="print(sum(map(int, input().split())))\n", stdin_tests=[{"input": "2 3", "output": "5"}])
-    verdicts = sandbox.run_many([dict(program=BYPASS + attack, stdin_tests=tests), benign, benign], workers=2)
+    verdicts = sandbox.run_many([dict(program=BYPASS + attack, stdin_tests=tests), benign, benign], workers=2,
+                                limits=LIMITS)
     assert [v.passed for v in verdicts] == [False, True, True], verdicts
     assert verdicts[0].detail == "test 1: expected '7312 k9q', got '1 2\\n'", verdicts[0]
 
@@ -233,7 +234,8 @@ def test_asserted_constants_are_not_in_the_program():
 def test_shadowed_builtins_do_not_reach_the_tests(shadow, returns, test):
     # MBPP style (the asserts call the function by name); the old runner ran them in the
     # program's globals, where a module-level `len` hides the builtin
-    v = sandbox.run_asserts(f"{shadow}def secret(x):\n    return {returns}\n", test, entry_point="secret", check=False)
+    v = sandbox.run_asserts(f"{shadow}def secret(x):\n    return {returns}\n", test, entry_point="secret", check=False,
+                            limits=LIMITS)
     assert not v.passed and v.status in ("failed", "error"), v
 
 
@@ -243,7 +245,7 @@ def test_prompt_helpers_are_the_trusted_ones():
     problem = next(p for p in codeeval.load_problems(codeeval.humaneval_path()) if p.task_id == "HumanEval/32")
     forged = problem.job("    return 0.0\n\n\ndef poly(xs, x):\n    return 0.0\n")
     honest = problem.job(problem.record["canonical_solution"])
-    assert [v.passed for v in sandbox.run_many([forged, honest], workers=2)] == [False, True]
+    assert [v.passed for v in sandbox.run_many([forged, honest], workers=2, limits=LIMITS)] == [False, True]
 
 
 # --------------------------------------------------------------------------- wrong answers
@@ -254,7 +256,7 @@ def test_loose_types_inside_containers_fail(backend):
              ({(1, 2)}, "{(1.0, 2)}"), (frozenset({0}), "frozenset({False})"), ([{1: [2]}], "[{True: [2]}]"),
              ({(1,): 0}, "{(True,): 0}"), ({frozenset({1})}, "{frozenset({1.0})}"), ((1, {2: 3}), "(1, {2.0: 3})")]
     jobs = [dict(program=f"def f():\n    return {returned}\n", calls=["f()"], expected=[want]) for want, returned in cases]
-    verdicts = sandbox.run_many(jobs + [ADD_OK], workers=2)
+    verdicts = sandbox.run_many(jobs + [ADD_OK], workers=2, limits=LIMITS)
     assert [v.status for v in verdicts] == ["failed"] * len(cases) + ["passed"], verdicts
 
 
@@ -435,7 +437,8 @@ def test_cannot_kill_sibling_samples(hook, backend):
               "    try:\n        os.kill(-1, 9)\n    except OSError:\n        pass\n" + WRONG)
     victim = dict(program="import time\ntime.sleep(1.0)\ndef add(a, b):\n    return a + b\n",
                   calls=["add(2, 3)"], expected=[5])
-    verdicts = sandbox.run_many([dict(program=killer, calls=CALLS, expected=EXPECTED), victim, victim], workers=3)
+    verdicts = sandbox.run_many([dict(program=killer, calls=CALLS, expected=EXPECTED), victim, victim], workers=3,
+                                limits=LIMITS)
     assert [v.passed for v in verdicts] == [False, True, True], verdicts
 
 
@@ -467,7 +470,7 @@ def test_programs_side_by_side_cannot_signal_each_other(hook, backend):
                 "if ino >= 0:\n    try:\n        found += ['inotify'] if os.read(ino, 4096) else []\n    except OSError:\n        pass\n"
                 "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if found else found\n")
     verdicts = sandbox.run_many([dict(program=sender, calls=CALLS, expected=EXPECTED),
-                                 dict(program=receiver, calls=CALLS, expected=EXPECTED)], workers=2)
+                                 dict(program=receiver, calls=CALLS, expected=EXPECTED)], workers=2, limits=LIMITS)
     assert [v.detail for v in verdicts] == ["secret(1): expected 7312, got 0", "secret(1): expected 7312, got []"], verdicts
 
 
@@ -529,7 +532,7 @@ def test_memory_is_bounded_for_the_program_as_a_whole(any_backend, cgroups, monk
               "            got += os.read(R, 6)\n    return {1: 7312, 2: 'k9q'}[x] if len(got) == 6 else len(got)\n")
     jobs = [dict(program=attack, calls=CALLS, expected=EXPECTED, timeout=4.0, memory_mb=256),
             dict(ADD_OK, memory_mb=256)]
-    verdicts = sandbox.run_many(jobs, workers=2)
+    verdicts = sandbox.run_many(jobs, workers=2, limits=LIMITS)
     assert [v.passed for v in verdicts] == [False, True], verdicts
     # each program's cgroups are gone after its run
     assert [n for parent, _ in cgroups for n in os.listdir(parent) if os.path.isdir(f"{parent}/{n}")] == []
@@ -552,10 +555,10 @@ def test_a_programs_processes_are_bounded_as_a_whole(backend, cgroups, monkeypat
                 "        pid = os.fork()\n        if pid == 0:\n            time.sleep(0.2)\n            os._exit(0)\n"
                 "        pids.append(pid)\n    for pid in pids:\n        os.waitpid(pid, 0)\n    return a + b\n")
     verdicts = sandbox.run_many([dict(program=hog, calls=CALLS, expected=EXPECTED, timeout=4.0),
-                                 dict(ADD_OK, program=needs_30, timeout=4.0)], workers=2)
+                                 dict(ADD_OK, program=needs_30, timeout=4.0)], workers=2, limits=LIMITS)
     assert [v.passed for v in verdicts] == [False, True], verdicts
     bomb = "import os, time\nn = 0\ntry:\n    while n < 200:\n        if os.fork() == 0:\n            time.sleep(2)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\ndef f():\n    return n\n"
-    v = sandbox.run_calls(bomb, ["f()"], [0], timeout=4.0)
+    v = sandbox.run_calls(bomb, ["f()"], [0], timeout=4.0, limits=LIMITS)
     assert v.detail.startswith("f(): expected 0, got ") and int(v.detail.rsplit(" ", 1)[1]) < C.SANDBOX_MAX_PROCS, v
 
 
@@ -610,7 +613,8 @@ def test_disk_is_bounded(hook, backend):
               "            fd = os.open('fill%d' % i, os.O_CREAT | os.O_WRONLY, 0o600)\n"
               "            os.posix_fallocate(fd, 0, 7 << 20)\n            done += 1\n"
               "        except OSError:\n            pass\n    return a + b if done == 40 else 0\n")
-    verdicts = sandbox.run_many([dict(ADD_OK, program=attack), dict(ADD_TESTS_OK, program=attack), ADD_OK], workers=2)
+    verdicts = sandbox.run_many([dict(ADD_OK, program=attack), dict(ADD_TESTS_OK, program=attack), ADD_OK], workers=2,
+                                limits=LIMITS)
     assert [v.passed for v in verdicts] == [False, False, True], verdicts
 
 
@@ -629,7 +633,8 @@ def test_bad_results_are_that_samples_verdict(body):
 
 def test_malformed_jobs_are_errors_not_exceptions():
     verdicts = sandbox.run_many([{"program": "x = 1"}, {"calls": ["f()"], "expected": [1]},
-                                 {"program": "x", "test_code": "assert (", "entry_point": "f"}, ADD_OK], workers=2)
+                                 {"program": "x", "test_code": "assert (", "entry_point": "f"}, ADD_OK], workers=2,
+                                limits=LIMITS)
     assert [v.status for v in verdicts[:3]] == ["error"] * 3 and verdicts[3].passed
 
 
@@ -703,9 +708,10 @@ def test_programs_forked_by_one_zygote_share_nothing(hook, backend):
               "    return found\n"
               "def secret(x):\n    return {1: 7312, 2: 'k9q'}[x] if traces() else traces()\n")
     side_by_side = sandbox.run_many([dict(program=planter, calls=CALLS, expected=EXPECTED),
-                                     dict(program=finder, calls=CALLS, expected=EXPECTED)], workers=2)
+                                     dict(program=finder, calls=CALLS, expected=EXPECTED)], workers=2, limits=LIMITS)
     one_after_another = sandbox.run_many([dict(program=planter, calls=CALLS, expected=EXPECTED),
-                                          dict(program=finder, calls=CALLS, expected=EXPECTED)], workers=1)
+                                          dict(program=finder, calls=CALLS, expected=EXPECTED)], workers=1,
+                                         limits=LIMITS)
     verdicts = side_by_side + one_after_another
     assert not any(v.passed for v in verdicts), verdicts
     if not hook:  # the finder looked everywhere and found nothing (with the hook, it is refused)
@@ -716,27 +722,27 @@ def test_a_lost_zygote_is_replaced(needs_namespaces):
     # the set-up process killed from outside: the program it was running gets a verdict, the next
     # program a new zygote
     slow = dict(ADD_OK, program="import time\ntime.sleep(2)\n" + ADD_OK["program"])
-    assert sandbox.run_many([ADD_OK])[0].passed
+    assert sandbox.run_many([ADD_OK], limits=LIMITS)[0].passed
     zygote = sandbox._zygote(sandbox._backend(C.SANDBOX_MODE))
     killer = threading.Timer(0.5, zygote.proc.kill)
     killer.start()
-    verdict = sandbox.run_many([slow])[0]
+    verdict = sandbox.run_many([slow], limits=LIMITS)[0]
     killer.join()
     assert not verdict.passed and verdict.status == "error", verdict
-    assert sandbox.run_many([ADD_OK, ADD_TESTS_OK], workers=2)[0].passed
+    assert sandbox.run_many([ADD_OK, ADD_TESTS_OK], workers=2, limits=LIMITS)[0].passed
 
 
 def test_a_forked_evaluator_starts_its_own_zygote(needs_namespaces):
     # a copy of the evaluating process made by fork() (a data loader worker, multiprocessing) must
     # not share the parent's set-up process: its programs get their own, and the parent's still works
-    assert sandbox.run_many([ADD_OK])[0].passed
+    assert sandbox.run_many([ADD_OK], limits=LIMITS)[0].passed
     parent_zygote = sandbox._zygote(sandbox._backend(C.SANDBOX_MODE))
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child reports whether its program passed and whether its zygote is new
         ok = False
         try:
-            v = sandbox.run_many([ADD_OK])[0]
+            v = sandbox.run_many([ADD_OK], limits=LIMITS)[0]
             ok = v.passed and sandbox._zygote(sandbox._backend(C.SANDBOX_MODE)) is not parent_zygote
         finally:
             os.write(write, b"1" if ok else b"0")
@@ -746,4 +752,5 @@ def test_a_forked_evaluator_starts_its_own_zygote(needs_namespaces):
     os.close(read)
     os.waitpid(pid, 0)
     assert answer == b"1"
-    assert sandbox._zygote(sandbox._backend(C.SANDBOX_MODE)) is parent_zygote and sandbox.run_many([ADD_OK])[0].passed
+    assert sandbox._zygote(sandbox._backend(C.SANDBOX_MODE)) is parent_zygote
+    assert sandbox.run_many([ADD_OK], limits=LIMITS)[0].passed

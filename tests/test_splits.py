@@ -13,9 +13,9 @@ import re
 
 import pytest
 
-from rlhf import sandbox, task_families
+from rlhf import sandbox
 from rlhf.data import read_jsonl
-from scripts import build_data
+from scripts import build_data, task_families
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 TRAINING = ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts")

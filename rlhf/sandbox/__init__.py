@@ -28,6 +28,8 @@ requests over a pipe and gets back strictly encoded builtin values (or the excep
 Anything malformed, oversized, late or missing from the program is that sample's verdict
 ("error"/"timeout"), never an exception here; reading a reply counts against the deadline, whatever
 its shape. run_many(jobs) runs many in parallel threads; run_unique(jobs) runs each distinct job once.
+Each takes `limits` (Limits: the isolation mode, time, memory, disk, file size and process limits of
+every program), which the caller passes from its settings (the defaults are config.py's).
 
 The package: this file is the API; verdict.py the limits and the Verdict; values.py the value
 encoding and comparison; isolation.py the program side's text, seccomp and file system view;
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import platform
@@ -46,7 +49,6 @@ import shutil
 import signal
 import time
 
-import config as C
 from rlhf.sandbox.asserts import _free_names, _Proxy, _test_globals, _trusted_helpers
 from rlhf.sandbox.cgroups import _cgroup_bases, _cgroups, _find_cgroups  # noqa: F401  (tests reach them here)
 from rlhf.sandbox.child import _Child
@@ -54,7 +56,7 @@ from rlhf.sandbox.isolation import _fs_view, _weak_interpreter, syscall_number
 from rlhf.sandbox.values import _decode_strict, _short, decode_value, encode_value, values_match  # noqa: F401
 from rlhf.sandbox.verdict import (  # noqa: F401  (the constants are part of the API)
     GRACE_S, MAX_DEPTH, MAX_DIGITS, MAX_OPEN_FILES, MAX_VALUES, READ_BACK_BYTES, SAME_HASH, STATUSES, STDOUT_MAX_BYTES,
-    UID_BASE, SandboxUnavailable, Verdict, _ChildGone,
+    UID_BASE, Limits, SandboxUnavailable, Verdict, _ChildGone,
 )
 from rlhf.sandbox.zygote import _zygote, shutdown  # noqa: F401
 
@@ -92,16 +94,17 @@ def _backend(mode: str) -> str:
         "the weaker audit-hook sandbox with --SANDBOX_MODE=weak (not safe against hostile code, docs/SANDBOX.md)")
 
 
-def active_mode() -> str:
-    """What isolation runs programs, for reports: 'namespaces (...)' or 'weak (...)'."""
+def active_mode(mode: str = "namespaces") -> str:
+    """What isolation runs programs in SANDBOX_MODE `mode`, for reports: 'namespaces (...)' or 'weak (...)'."""
     return {"root": "namespaces (root: a uid per sample)", "userns": "namespaces (user namespace)",
-            "weak": "weak (audit hook and limits only)"}[_backend(C.SANDBOX_MODE)]
+            "weak": "weak (audit hook and limits only)"}[_backend(mode)]
 
 
-def _start(job: dict, timeout: float | None, memory_mb: int | None) -> tuple[_Child, dict]:
-    backend = _backend(C.SANDBOX_MODE)
-    child = _Child(backend, C.SANDBOX_TIMEOUT_S if timeout is None else timeout,
-                   C.SANDBOX_MEMORY_MB if memory_mb is None else memory_mb)
+def _start(job: dict, limits: Limits, timeout: float | None, memory_mb: int | None) -> tuple[_Child, dict]:
+    """A program loaded under `limits`, with a job's own time and memory limits where it has them."""
+    child = _Child(_backend(limits.mode), dataclasses.replace(
+        limits, timeout_s=limits.timeout_s if timeout is None else timeout,
+        memory_mb=limits.memory_mb if memory_mb is None else memory_mb))
     try:
         child.send(job)
         load = child.recv()
@@ -115,9 +118,9 @@ def _start(job: dict, timeout: float | None, memory_mb: int | None) -> tuple[_Ch
 
 
 def _run_calls_with(backend, program, calls, expected, setup, timeout) -> Verdict:
-    """run_calls on a given backend (the probe in _backend)."""
+    """run_calls on a given backend (the probe in _backend), under the default limits but `timeout`."""
     try:
-        child = _Child(backend, timeout, C.SANDBOX_MEMORY_MB)
+        child = _Child(backend, Limits(timeout_s=timeout))
     except OSError as e:
         return Verdict(False, "error", str(e)[-500:], 0.0, 0.0)
     try:
@@ -136,7 +139,7 @@ def _run_calls_with(backend, program, calls, expected, setup, timeout) -> Verdic
 
 
 def run_calls(program: str, calls: list[str], expected: list, setup: str = "",
-              timeout: float | None = None, memory_mb: int | None = None) -> Verdict:
+              timeout: float | None = None, memory_mb: int | None = None, limits: Limits = Limits()) -> Verdict:
     """Run `setup` + `program`, evaluate each call expression in it, compare with `expected`.
 
     `expected` holds Python values (never sent to the program). A call passes when its result
@@ -144,7 +147,7 @@ def run_calls(program: str, calls: list[str], expected: list, setup: str = "",
     """
     if len(calls) != len(expected):
         raise ValueError(f"{len(calls)} calls but {len(expected)} expected values")
-    child, load = _start({"program": program, "setup": setup}, timeout, memory_mb)
+    child, load = _start({"program": program, "setup": setup}, limits, timeout, memory_mb)
     n_ok, first = 0, None
     try:
         if not load["ok"]:
@@ -171,7 +174,7 @@ def run_calls(program: str, calls: list[str], expected: list, setup: str = "",
 
 
 def run_stdio(program: str, stdin_tests: list[dict], timeout: float | None = None,
-              memory_mb: int | None = None) -> Verdict:
+              memory_mb: int | None = None, limits: Limits = Limits()) -> Verdict:
     """Run `program` as a script (APPS/CodeContests/TACO style), once per test in a fresh process
     with the test's "input" on its stdin; a test passes when the program exits 0 and its stdout is
     the test's "output" token for token (whitespace-separated: spaces, line breaks, trailing
@@ -181,7 +184,7 @@ def run_stdio(program: str, stdin_tests: list[dict], timeout: float | None = Non
     if type(stdin_tests) is not list or not all(
             type(t) is dict and type(t.get("input")) is str and type(t.get("output")) is str for t in stdin_tests):
         raise ValueError('stdin_tests must be a list of {"input": str, "output": str}')
-    child, load = _start({"program": program, "stdio": True}, timeout, memory_mb)
+    child, load = _start({"program": program, "stdio": True}, limits, timeout, memory_mb)
     n_ok, first = 0, None
     try:
         if not load["ok"]:
@@ -235,7 +238,7 @@ def _stdio_status(rc: int, why: str) -> str:
 
 def run_asserts(program: str, test_code: str, entry_point: str = "", setup: str = "",
                 check: bool = True, helpers: str = "", timeout: float | None = None,
-                memory_mb: int | None = None) -> Verdict:
+                memory_mb: int | None = None, limits: Limits = Limits()) -> Verdict:
     """Run `setup` + `program` in the sandbox and the assert-style `test_code` here.
 
     The tests run in a fresh namespace holding `setup` and `helpers` (the trusted prompt's other
@@ -250,7 +253,7 @@ def run_asserts(program: str, test_code: str, entry_point: str = "", setup: str 
     except (SyntaxError, ValueError) as e:
         return Verdict(False, "error", f"the test code does not compile: {e}", 0.0, 0.0)
     helper_code = _trusted_helpers(helpers, entry_point) if helpers else None
-    child, load = _start({"program": program, "setup": setup}, timeout, memory_mb)
+    child, load = _start({"program": program, "setup": setup}, limits, timeout, memory_mb)
     state: dict = {}
     try:
         if not load["ok"]:
@@ -283,7 +286,8 @@ def run_asserts(program: str, test_code: str, entry_point: str = "", setup: str 
     return Verdict(True, "passed", "", time.monotonic() - child.t0, 1.0)
 
 
-def run_unique(jobs: list[dict], workers: int | None = None, progress: bool = False) -> list[Verdict]:
+def run_unique(jobs: list[dict], workers: int | None = None, progress: bool = False,
+               limits: Limits = Limits()) -> list[Verdict]:
     """run_many where jobs repeat (sampled answers often do): each distinct job runs once and every
     copy gets its verdict; order kept."""
     keys = [repr(sorted(job.items())) for job in jobs]
@@ -292,29 +296,30 @@ def run_unique(jobs: list[dict], workers: int | None = None, progress: bool = Fa
         if key not in index:
             index[key] = len(distinct)
             distinct.append(job)
-    verdicts = run_many(distinct, workers, progress)
+    verdicts = run_many(distinct, workers, progress, limits)
     return [verdicts[index[key]] for key in keys]
 
 
-def run_job(job: dict) -> Verdict:
+def run_job(job: dict, limits: Limits = Limits()) -> Verdict:
     """One job dict: run_calls kwargs (has "calls"), run_stdio kwargs (has "stdin_tests") or
     run_asserts kwargs (has "test_code"). A malformed job is that sample's "error" verdict."""
     try:
         if "calls" in job:
-            return run_calls(**job)
-        return run_stdio(**job) if "stdin_tests" in job else run_asserts(**job)
+            return run_calls(**job, limits=limits)
+        return run_stdio(**job, limits=limits) if "stdin_tests" in job else run_asserts(**job, limits=limits)
     except (TypeError, ValueError) as e:
         return Verdict(False, "error", f"malformed job: {e}"[:500], 0.0, 0.0)
     except OSError as e:  # no process or pipe to be had (EAGAIN, EMFILE): this sample only
         return Verdict(False, "error", f"the sandbox could not start: {e}"[:500], 0.0, 0.0)
 
 
-def run_many(jobs: list[dict], workers: int | None = None, progress: bool = False) -> list[Verdict]:
+def run_many(jobs: list[dict], workers: int | None = None, progress: bool = False,
+             limits: Limits = Limits()) -> list[Verdict]:
     """Run jobs (see run_job) in parallel, `workers` at a time (default os.cpu_count()); order kept."""
-    _backend(C.SANDBOX_MODE)  # fail once, with the fix, before starting anything
+    _backend(limits.mode)  # fail once, with the fix, before starting anything
     workers = workers or os.cpu_count() or 1
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = pool.map(run_job, jobs)
+        results = pool.map(functools.partial(run_job, limits=limits), jobs)
         if progress:
             from tqdm.auto import tqdm
             results = tqdm(results, total=len(jobs), desc="sandbox", leave=False)

@@ -19,13 +19,12 @@ import tempfile
 import threading
 import time
 
-import config as C
 from rlhf import sandbox
 from rlhf.sandbox.cgroups import _cgroups, _make_cgroups, _remove_cgroups
 from rlhf.sandbox.isolation import RUNNER, _seccomp_filter, _weak_interpreter, syscall_number
 from rlhf.sandbox.values import _decode_strict
 from rlhf.sandbox.verdict import (
-    GRACE_S, MAX_OPEN_FILES, MAX_VALUES, READ_BACK_BYTES, STATUSES, STDOUT_MAX_BYTES, UID_BASE, _ChildGone,
+    GRACE_S, MAX_OPEN_FILES, MAX_VALUES, READ_BACK_BYTES, STATUSES, STDOUT_MAX_BYTES, UID_BASE, Limits, _ChildGone,
 )
 from rlhf.sandbox.zygote import _ENV, _read_tail, _zygote
 
@@ -86,9 +85,9 @@ os.register_at_fork(after_in_child=lambda: _watchdog.__init__())  # no lock held
 class _Child:
     """One sandboxed program and its request/response pipes, all reads bounded by a deadline."""
 
-    def __init__(self, backend: str, timeout: float, memory_mb: int):
+    def __init__(self, backend: str, limits: Limits):
         self.t0 = time.monotonic()
-        self.deadline = self.t0 + timeout
+        self.deadline = self.t0 + limits.timeout_s
         self.backend = backend
         self.slot = _take_slot()
         self.tmp = self.proc = self.zygote = self.wfd = self.rfd = None
@@ -100,16 +99,17 @@ class _Child:
         self.cgroups: list[str] = []  # the program's own cgroups (_make_cgroups), removed by close()
         cgroup_fds: list[int] = []
         # sandbox._AUDIT_HOOK through the package: tests switch it off there
-        cfg = {"audit_hook": sandbox._AUDIT_HOOK, "cpu_s": math.ceil(timeout) + 1, "memory": memory_mb << 20,
-               "fsize": C.SANDBOX_FILE_SIZE_MB << 20, "nofile": MAX_OPEN_FILES, "nproc": C.SANDBOX_MAX_PROCS,
-               "uid": UID_BASE + 256 * os.getpid() + self.slot, "stdout_max": STDOUT_MAX_BYTES}
+        cfg = {"audit_hook": sandbox._AUDIT_HOOK, "cpu_s": math.ceil(limits.timeout_s) + 1,
+               "memory": limits.memory_mb << 20, "fsize": limits.file_size_mb << 20, "nofile": MAX_OPEN_FILES,
+               "nproc": limits.max_procs, "uid": UID_BASE + 256 * os.getpid() + self.slot,
+               "stdout_max": STDOUT_MAX_BYTES}
         try:
-            self.cgroups, cgroup_fds = _make_cgroups(memory_mb << 20, C.SANDBOX_MAX_PROCS)
+            self.cgroups, cgroup_fds = _make_cgroups(limits.memory_mb << 20, limits.max_procs)
             if backend == "weak":
                 self._start_weak(cfg, cgroup_fds)
             else:
                 machine = platform.machine()
-                cfg.update(disk_kb=C.SANDBOX_DISK_MB << 10, inodes=4096, seccomp=_seccomp_filter(machine),
+                cfg.update(disk_kb=limits.disk_mb << 10, inodes=4096, seccomp=_seccomp_filter(machine),
                            sys_seccomp=syscall_number(machine, "seccomp"))
                 if backend == "userns":
                     cfg["uid"] = 0

@@ -19,6 +19,19 @@ GRACE_S = 1.0              # a run still going this long past its deadline is en
 STATUSES = ("passed", "failed", "error", "timeout", "memory", "refused")
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What each program may use, and how it is isolated: the SANDBOX_* settings (config.py says each
+    one's unit), which a stage reads once (rlhf.codeeval.sandbox_limits) and passes down. The
+    defaults are config.py's (tests/test_sandbox.py checks that they agree)."""
+    mode: str = "namespaces"  # SANDBOX_MODE: namespaces | weak
+    timeout_s: float = 1.0    # SANDBOX_TIMEOUT_S: load + all tests; the CPU limit is 1 s more
+    memory_mb: int = 512      # SANDBOX_MEMORY_MB
+    disk_mb: int = 64         # SANDBOX_DISK_MB
+    file_size_mb: int = 8     # SANDBOX_FILE_SIZE_MB
+    max_procs: int = 64       # SANDBOX_MAX_PROCS
+
+
 class SandboxUnavailable(UserError):
     """The configured isolation cannot be set up on this machine (one-line message with the fix)."""
 
