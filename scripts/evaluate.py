@@ -122,7 +122,7 @@ def main(argv):
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="longest answer (default: GEN_MAX_NEW_TOKENS; 512 for HumanEval/MBPP with a real model)")
-    ap.add_argument("--batch-size", type=int, default=None, help="problems per generate call (default: 128 answers a call)")
+    ap.add_argument("--batch-size", type=int, default=None, help="problems per generate call (default: GEN_BATCH_SIZE answers a call)")
     ap.add_argument("--workers", type=int, default=None, help="sandbox processes in parallel (default: CPUs)")
     args, settings = ap.parse_known_args(argv)
     # e.g. --SANDBOX_MODE=weak where namespaces are unavailable; stdout stays the JSON summary
