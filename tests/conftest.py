@@ -110,6 +110,12 @@ def run_in_process(monkeypatch, capsys):
     and for whole runs whose test needs no process of its own (tests/test_ppo.py). Every run
     starts from the settings the test had; they are restored afterwards. Returns a
     CompletedProcess (output from capsys)."""
+    return in_process_runner(monkeypatch, capsys.readouterr)
+
+
+def in_process_runner(monkeypatch, readouterr):
+    """run_in_process's `run`, its settings restored by `monkeypatch` and its output read by
+    `readouterr()` (capsys's, or one of a fixture wider than a test: tests/test_ppo_wiring.py)."""
     import importlib
     from subprocess import CompletedProcess
 
@@ -131,13 +137,13 @@ def run_in_process(monkeypatch, capsys):
         AcceleratorState._reset_state(reset_partial_state=True)  # each run chooses its own precision, as a process would
         main = importlib.import_module(script.removesuffix(".py").replace("/", ".")).main  # scripts/x.py: scripts.x
         monkeypatch.setattr(sys, "argv", [script, *args])
-        capsys.readouterr()
+        readouterr()
         try:
             run_stage(main)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
-        out = capsys.readouterr()
+        out = readouterr()
         return CompletedProcess([script, *args], code, out.out, out.err)
 
     return run
