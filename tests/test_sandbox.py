@@ -41,6 +41,11 @@ def test_exact_types_and_setup():
     assert not calls("def add(a, b):\n    return float(a + b)\n").passed
     v = sandbox.run_calls("def f(n):\n    return Box(n).v\n", ["f(2)"], [2], setup="class Box:\n    def __init__(self, v):\n        self.v = v\n")
     assert v.passed
+    # a bool is an int to isinstance: True for 1 (or 0 for False) is a wrong answer all the same
+    for got, want in [(True, 1), (False, 0), (1, True), (1.0, 1), (1, 1.0), (1 + 0j, 1)]:
+        assert not sandbox.values_match(got, want), (got, want)
+    v = sandbox.run_calls("def f(x):\n    return x == 1\n", ["f(1)", "f(2)"], [1, 0])
+    assert (v.passed, v.pass_fraction) == (False, 0.0) and "expected 1, got True" in v.detail, v
 
 
 def test_exact_types_at_every_depth():
