@@ -49,7 +49,10 @@ def toy_conversations(n, seed=0):
     return rows
 
 
-LAUNCHES_A_PROCESS = re.compile(r"\b(run_script|subprocess\.\w+|Popen|launch|run_evaluate)\(")
+# a call that starts a process: subprocess itself, or a helper of conftest or of a test file that
+# does (run_snippet, help_text: transformers' ~6 s of imports a process). Not test_sandbox_attacks'
+# evaluate_elsewhere: an interpreter without torch, for tests of the sandbox's verdicts
+LAUNCHES_A_PROCESS = re.compile(r"\b(run_script|subprocess\.\w+|Popen|launch|run_evaluate|run_snippet|help_text)\(")
 
 
 def starts_a_process(function):
