@@ -64,6 +64,28 @@ def test_exact_types_at_every_depth():
             sandbox.decode_value(enc)
 
 
+def test_a_reply_decodes_to_the_exact_value_and_anything_else_is_malformed():
+    """decode_value inverts encode_value on every kind of value a program may return, up to one
+    level past MAX_DEPTH (the reply's own wrapping); every other shape is malformed, never a value."""
+    from rlhf.sandbox.verdict import MAX_DEPTH, MAX_DIGITS, SAME_HASH
+
+    for v in [None, True, False, 0, -7, 2**70, 1.5, float("inf"), 1 + 2j, "", "é", [], (), set(), frozenset(), {},
+              [None, (2, "x")], {"k": [None, {1: 2.5}]}, {(1, 2): frozenset({3.0})}, int("9" * MAX_DIGITS)]:
+        assert sandbox.values_match(sandbox.decode_value(sandbox.encode_value(v)), v), v
+
+    def nested(depth):  # None inside `depth` lists
+        return ["n"] if depth == 0 else ["l", [nested(depth - 1)]]
+
+    assert sandbox.decode_value(nested(MAX_DEPTH + 1)) is not None
+    hash_of_zero = [["i", str(k * ((1 << 61) - 1))] for k in range(1, SAME_HASH + 2)]  # distinct ints, one hash
+    assert len(sandbox.decode_value(["l", hash_of_zero[:SAME_HASH]])) == SAME_HASH
+    for enc in [nested(MAX_DEPTH + 2), "n", ("n",), [], [1], ["n", 1], ["i"], ["i", 5], ["i", "1", "2"], ["b", 1],
+                ["s", 1], ["f", "x"], ["f", "9" * (MAX_DIGITS + 2)], ["l", "ab"], ["q", []], ["d", [1]], ["d", [[["n"]]]],
+                ["S", [["l", []]]], ["l", hash_of_zero]]:
+        with pytest.raises(ValueError):
+            sandbox.decode_value(enc)
+
+
 def test_reading_a_reply_counts_against_the_deadline():
     # decoding stops at the program's deadline, whatever the reply's shape; a reply of more values
     # than MAX_VALUES is refused before it is parsed
