@@ -64,6 +64,7 @@ class Mutant:
     module: str
     path: str  # relative to the repository
     line: int
+    column: int  # of the replaced text, from 1
     start: int  # byte offsets of the replaced text in the file
     end: int
     original: str
@@ -72,8 +73,12 @@ class Mutant:
     def apply(self, source: bytes) -> bytes:
         return source[: self.start] + self.mutant.encode() + source[self.end:]
 
+    def __str__(self):
+        short = lambda text: repr(text if len(" ".join(text.split())) <= 60 else " ".join(text.split())[:57] + "...")  # noqa: E731
+        return f"{self.where()}  {short(self.original)} -> {short(self.mutant)}"
+
     def where(self):
-        return f"{self.path}:{self.line}"
+        return f"{self.path}:{self.line}:{self.column}"
 
 
 def skipped_nodes(tree):
@@ -116,6 +121,7 @@ def mutants_of(module, path, source: bytes, functions=None):
     for line in source.splitlines(keepends=True):
         line_start.append(line_start[-1] + len(line))
     offset = lambda lineno, col: line_start[lineno - 1] + col  # noqa: E731  (ast columns count UTF-8 bytes)
+    column = lambda at: len(source[: at].rsplit(b"\n", 1)[-1].decode()) + 1  # noqa: E731
     roots = [tree] if functions is None else [
         n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in functions]
     if functions is not None and len(roots) != len(functions):
@@ -132,11 +138,11 @@ def mutants_of(module, path, source: bytes, functions=None):
             return
         m = re.search(r"\s+".join(re.escape(w) for w in old.split()), gap)
         at = start + len(gap[: m.start()].encode())
-        out.append(Mutant(module, path, line, at, at + len(m.group().encode()), m.group(), new))
+        out.append(Mutant(module, path, line, column(at), at, at + len(m.group().encode()), m.group(), new))
 
     def whole(node, new):
         start, end = offset(node.lineno, node.col_offset), offset(node.end_lineno, node.end_col_offset)
-        out.append(Mutant(module, path, node.lineno, start, end, source[start:end].decode(), new))
+        out.append(Mutant(module, path, node.lineno, column(start), start, end, source[start:end].decode(), new))
 
     for root in roots:
         for node in walk(root, skip):
@@ -165,7 +171,8 @@ def mutants_of(module, path, source: bytes, functions=None):
                     node.func.attr if isinstance(node.func, ast.Attribute) else None
                 if name in NAMES:
                     end = offset(node.func.end_lineno, node.func.end_col_offset)
-                    out.append(Mutant(module, path, node.lineno, end - len(name), end, name, NAMES[name]))
+                    out.append(Mutant(module, path, node.lineno, column(end - len(name)), end - len(name), end, name,
+                                      NAMES[name]))
     unique = {(m.start, m.end, m.mutant): m for m in out}  # a node reached twice gives one mutant
     return sorted(unique.values(), key=lambda m: (m.start, m.mutant))
 
@@ -224,7 +231,7 @@ def main(argv=None):
     if args.list:
         for name, (_, picked) in plan.items():
             for m in picked:
-                print(f"  {m.where()}  {m.original!r} -> {m.mutant!r}")
+                print(f"  {m}")
         return 0
 
     results = {}
@@ -259,7 +266,7 @@ def main(argv=None):
                     with open(os.path.join(copy, path), "wb") as f:
                         f.write(original)
                 results[name].append((m, outcome))
-                print(f"[{name} {i}/{len(picked)}] {outcome:8} {m.where()}  {m.original!r} -> {m.mutant!r}", flush=True)
+                print(f"[{name} {i}/{len(picked)}] {outcome:8} {m}", flush=True)
 
     print("\n| module | mutants (sampled of all) | killed | timeout | survived | score |\n|---|---|---|---|---|---|")
     total = caught = 0
@@ -274,7 +281,7 @@ def main(argv=None):
     survivors = [m for rows in results.values() for m, o in rows if o == "survived"]
     print(f"\nsurvivors ({len(survivors)}):" if survivors else "\nno survivors")
     for m in survivors:
-        print(f"  {m.where()}  {m.original!r} -> {m.mutant!r}")
+        print(f"  {m}")
     return 0
 
 
