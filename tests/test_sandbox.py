@@ -1,5 +1,6 @@
 """Sandbox verdicts: correct, wrong, crashing, hanging, hostile and reward-hacking programs.
 Attacks on the isolation itself: tests/test_sandbox_attacks.py."""
+import itertools
 import os
 import subprocess
 import sys
@@ -79,9 +80,12 @@ def test_a_reply_decodes_to_the_exact_value_and_anything_else_is_malformed():
     assert sandbox.decode_value(nested(MAX_DEPTH + 1)) is not None
     hash_of_zero = [["i", str(k * ((1 << 61) - 1))] for k in range(1, SAME_HASH + 2)]  # distinct ints, one hash
     assert len(sandbox.decode_value(["l", hash_of_zero[:SAME_HASH]])) == SAME_HASH
+    # hash(-1) == hash(-2): the tuples of -1s and -2s of one length are distinct and share one hash
+    same_hash_tuples = [["t", [["i", str(x)] for x in t]] for t in itertools.product((-1, -2), repeat=4)][:SAME_HASH + 1]
+    assert len(sandbox.decode_value(["l", same_hash_tuples[:SAME_HASH]])) == SAME_HASH
     for enc in [nested(MAX_DEPTH + 2), "n", ("n",), [], [1], ["n", 1], ["i"], ["i", 5], ["i", "1", "2"], ["b", 1],
                 ["s", 1], ["f", "x"], ["f", "9" * (MAX_DIGITS + 2)], ["l", "ab"], ["q", []], ["d", [1]], ["d", [[["n"]]]],
-                ["S", [["l", []]]], ["l", hash_of_zero]]:
+                ["S", [["l", []]]], ["l", hash_of_zero], ["l", same_hash_tuples]]:
         with pytest.raises(ValueError):
             sandbox.decode_value(enc)
 
