@@ -2,6 +2,7 @@
 comments, never by calling the code under test."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -151,6 +152,14 @@ def test_missing_eos_penalty_replaces_score():
     ends = torch.tensor([True, False, False])
     # replace semantics: -2.0 becomes -1.0 (subtracting 1 would give -3.0)
     assert_close(R.apply_missing_eos_penalty(score, ends, -1.0), torch.tensor([0.5, -1.0, -1.0]))
+
+
+def test_the_reward_model_refuses_a_tokenizer_without_its_own_pad_token():
+    """Padding with EOS (or with nothing) would pool the score at the wrong token: refused before any
+    forward, whatever the model."""
+    for pad in (None, 2):
+        with pytest.raises(ValueError, match="pad token distinct from EOS"):
+            R.score_conversations(None, types.SimpleNamespace(pad_token_id=pad, eos_token_id=2), [], device="cpu")
 
 
 # ---- masked statistics ----
