@@ -65,6 +65,16 @@ def test_exact_types_at_every_depth():
             sandbox.decode_value(enc)
 
 
+def test_the_isolation_probe_passes_only_a_program_that_loads_and_answers_exactly():
+    """_backend's probe of a backend: a program that does not load, raises, or answers True for 1 is
+    a failed probe (the backend is then said not to work), never a working one."""
+    backend = sandbox._backend(C.SANDBOX_MODE)
+    probe = lambda program: sandbox._run_calls_with(backend, program, ["f()"], [1], "", 30.0)  # noqa: E731
+    assert probe("def f():\n    return 1\n").passed
+    for program in ("def f(:\n", "def f():\n    return True\n", "def f():\n    return 1 / 0\n", "raise SystemExit(3)\n"):
+        assert not probe(program).passed, program
+
+
 def test_a_reply_decodes_to_the_exact_value_and_anything_else_is_malformed():
     """decode_value inverts encode_value on every kind of value a program may return, up to one
     level past MAX_DEPTH (the reply's own wrapping); every other shape is malformed, never a value."""
