@@ -162,6 +162,12 @@ def test_the_reward_model_refuses_a_tokenizer_without_its_own_pad_token():
             R.score_conversations(None, types.SimpleNamespace(pad_token_id=pad, eos_token_id=2), [], device="cpu")
 
 
+def test_rm_scores_are_normalised_by_the_rm_stages_statistics():
+    # (score - mean) / std: (1 - 1) / 2 = 0, (5 - 1) / 2 = 2, (-3 - 1) / 2 = -2
+    assert_close(R.normalize_rewards(torch.tensor([1.0, 5.0, -3.0]), {"mean": 1.0, "std": 2.0}),
+                 torch.tensor([0.0, 2.0, -2.0]))
+
+
 # ---- masked statistics ----
 
 
