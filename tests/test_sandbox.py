@@ -228,7 +228,12 @@ def test_stdin_stdout_failures():
     assert stdio("import sys\nprint(5)\nsys.exit(3)\n").detail == "test 1: exit code 3"
     assert stdio("print(\n").status == "error"
     never = stdio("import sys\nsys.stdin.read()\nwhile True:\n    pass\n", timeout=1.0)
-    assert (never.status, never.detail) == ("timeout", "time limit exceeded") and never.seconds < 3, never
+    assert (never.passed, never.status, never.detail) == (False, "timeout", "time limit exceeded") and never.seconds < 3, never
+    # a run that ends early keeps the share of the tests it passed (PPO_EXEC_REWARD=fraction): 1 of 2
+    for v in (stdio("import sys\nif sys.stdin.read().split() == ['5', '7']:\n    while True:\n        pass\nprint(5)\n",
+                    [{"input": "2 3", "output": "5"}, {"input": "5 7", "output": "12"}], timeout=1.0),
+              calls("def add(a, b):\n    while a < 0:\n        pass\n    return a + b\n", timeout=1.0)):
+        assert (v.passed, v.status, v.pass_fraction) == (False, "timeout", 0.5), v
     assert stdio("x = bytearray(2 << 30)\n").status == "memory"
     assert stdio("print('x' * (3 << 20))\n").detail == f"test 1: output over {sandbox.STDOUT_MAX_BYTES} bytes"
     big = [{"input": " ".join(map(str, range(200000))), "output": str(sum(range(200000)))}]  # 1.3 MB
