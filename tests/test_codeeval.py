@@ -57,6 +57,11 @@ def test_summary_averages_pass_at_k_over_tasks_and_per_language():
         {"problems": 1, "problems_scored": 1, "samples": 100, "passed": 1,
          "pass@1": 0.01, "pass@10": 0.1, "pass@100": 1.0, "pass@1_en": 0.01})  # 1 - C(99,10)/C(100,10) = 0.1
     assert not [k for k in codeeval.summarize(problems, []) if k.startswith("pass@")]
+    # k up to the FEWEST samples of a task (b has 2 here); a language whose tasks have no results: no key
+    fewer = [r for r in results if r["task_id"] == "a"] + [{"task_id": "b", "passed": True, "status": "passed"}] * 2
+    assert [k for k in codeeval.summarize(problems, fewer, ks=(0, 1, 2, 3)) if k.startswith("pass@")] == \
+        ["pass@1", "pass@2", "pass@1_en", "pass@1_zh"]
+    assert "pass@1_zh" not in codeeval.summarize(problems, fewer[:3])
 
 
 @pytest.mark.parametrize("record,fmt", [(PROJECT, "project"), (HUMANEVAL, "humaneval"), (MBPP, "mbpp")])
