@@ -1,6 +1,8 @@
 """rlhf.generation: the sampling loop whose ended rows leave the batch gives what generate()
 gives, samples the distribution it says, and keeps ended rows ended."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -140,3 +142,21 @@ def test_sampled_logprobs_are_those_a_whole_forward_gives_and_zero_after_the_end
     assert not valid.all() and valid.any(1).all()  # some rows ended early (they left the batch)
     assert torch.allclose(logp[valid], expected[valid], atol=1e-5)
     assert (logp[~valid] == 0).all()
+
+
+def test_a_preallocated_cache_writes_in_place_then_concatenates_past_its_room():
+    """preallocate's layers hold what DynamicLayer would, the keys and values of every position so
+    far, in place while the reserved room lasts and by concatenation after it."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rlhf.generation import PreallocatedLayer, preallocate
+
+    steps = [torch.randn(2, 3, n, 4) for n in (2, 1, 1, 1)]  # (B, heads, new positions, head dim)
+    layer = DynamicLayer()
+    layer.update(steps[0], -steps[0])
+    preallocate(SimpleNamespace(layers=[layer]), 2)  # room for 2 more positions
+    for i, new in enumerate(steps[1:], 2):
+        keys, values = layer.update(new, -new)
+        torch.testing.assert_close(keys, torch.cat(steps[:i], 2))
+        torch.testing.assert_close(values, -torch.cat(steps[:i], 2))
+        assert type(layer) is (PreallocatedLayer if i <= 3 else DynamicLayer), i
