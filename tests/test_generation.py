@@ -146,8 +146,9 @@ def test_sampled_logprobs_are_those_a_whole_forward_gives_and_zero_after_the_end
 
 def test_a_preallocated_cache_writes_in_place_then_concatenates_past_its_room():
     """preallocate's layers hold what DynamicLayer would, the keys and values of every position so
-    far, in place while the reserved room lasts and by concatenation after it."""
-    from transformers.cache_utils import DynamicLayer
+    far, in place while the reserved room lasts and by concatenation after it; other kinds of
+    cache are left as they are."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     from rlhf.generation import PreallocatedLayer, preallocate
 
@@ -160,3 +161,9 @@ def test_a_preallocated_cache_writes_in_place_then_concatenates_past_its_room():
         torch.testing.assert_close(keys, torch.cat(steps[:i], 2))
         torch.testing.assert_close(values, -torch.cat(steps[:i], 2))
         assert type(layer) is (PreallocatedLayer if i <= 3 else DynamicLayer), i
+    # a cache with a layer of another kind (Gemma 2, Mistral: sliding windows beside full layers) is left alone
+    full, window = DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=8)
+    for layer in (full, window):
+        layer.update(steps[0], -steps[0])
+    preallocate(SimpleNamespace(layers=[full, window]), 2)
+    assert (type(full), type(window)) == (DynamicLayer, DynamicSlidingWindowLayer)
