@@ -297,11 +297,11 @@ def test_a_half_written_first_save_is_removed_never_moved_into_place(tmp_path, c
     """Killed while writing a stage's first output: no earlier model, and a <out>.tmp-PID without
     its metadata file. The next run removes it; moving it into place would hand the next stage a
     half-written model as a finished one."""
-    from rlhf.handoff import check_output_dir, require_stage_output
+    from rlhf.handoff import recover_interrupted_save, require_stage_output
 
     os.makedirs(tmp_path / "sft_model.tmp-4242")
     (tmp_path / "sft_model.tmp-4242" / "weights").write_text("half")
-    check_output_dir(str(tmp_path / "sft_model"))  # nothing finished there: no error
+    recover_interrupted_save(str(tmp_path / "sft_model"))  # what check_output_dir runs first
     assert os.listdir(tmp_path) == []
     assert "an incomplete save of" in capsys.readouterr().out
     with pytest.raises(UserError, match="run `python train_sft.py` first"):
