@@ -196,9 +196,11 @@ def run_tests(copy, test_file, timeout):
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # pytest and what it started (sandboxed programs)
-        proc.wait()
         return "timeout"
+    finally:  # past the timeout, or on Ctrl-C (the tests run in a session of their own: it does not reach them)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # pytest and what it started (sandboxed programs)
+            proc.wait()
 
 
 def main(argv=None):
