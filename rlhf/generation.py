@@ -37,7 +37,7 @@ def next_tokens(logits, temperature, top_p=1.0, top_k=0):
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
+        outside = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return draw(logits.softmax(-1))

@@ -49,7 +49,10 @@ def toy_conversations(n, seed=0):
     return rows
 
 
-LAUNCHES_A_PROCESS = re.compile(r"\b(run_script|subprocess\.\w+|Popen|launch|run_evaluate)\(")
+# a call that starts a process: subprocess itself, or a helper of conftest or of a test file that
+# does (run_snippet, help_text: transformers' ~6 s of imports a process). Not test_sandbox_attacks'
+# evaluate_elsewhere: an interpreter without torch, for tests of the sandbox's verdicts
+LAUNCHES_A_PROCESS = re.compile(r"\b(run_script|subprocess\.\w+|Popen|launch|run_evaluate|run_snippet|help_text)\(")
 
 
 def starts_a_process(function):
@@ -110,6 +113,12 @@ def run_in_process(monkeypatch, capsys):
     and for whole runs whose test needs no process of its own (tests/test_ppo.py). Every run
     starts from the settings the test had; they are restored afterwards. Returns a
     CompletedProcess (output from capsys)."""
+    return in_process_runner(monkeypatch, capsys.readouterr)
+
+
+def in_process_runner(monkeypatch, readouterr):
+    """run_in_process's `run`, its settings restored by `monkeypatch` and its output read by
+    `readouterr()` (capsys's, or one of a fixture wider than a test: tests/test_ppo_wiring.py)."""
     import importlib
     from subprocess import CompletedProcess
 
@@ -131,13 +140,13 @@ def run_in_process(monkeypatch, capsys):
         AcceleratorState._reset_state(reset_partial_state=True)  # each run chooses its own precision, as a process would
         main = importlib.import_module(script.removesuffix(".py").replace("/", ".")).main  # scripts/x.py: scripts.x
         monkeypatch.setattr(sys, "argv", [script, *args])
-        capsys.readouterr()
+        readouterr()
         try:
             run_stage(main)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
-        out = capsys.readouterr()
+        out = readouterr()
         return CompletedProcess([script, *args], code, out.out, out.err)
 
     return run

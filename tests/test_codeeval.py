@@ -34,6 +34,36 @@ def test_pass_at_k_hand_computed():
     assert codeeval.pass_at_k(4, 2, 3) == 1.0  # fewer than k wrong samples
 
 
+def test_summary_averages_pass_at_k_over_tasks_and_per_language():
+    """summarize() from verdicts (no sandbox): pass@k, the mean over tasks of pass_at_k(n, c, k), for
+    each k up to the fewest samples of a task; pass@1 per language where tasks name one."""
+    problems = [codeeval.Problem("a", "project", {**PROJECT, "task_id": "a", "lang": "en"}),
+                codeeval.Problem("b", "project", {**PROJECT, "task_id": "b", "lang": "zh"})]
+    results = [{"task_id": t, "passed": ok, "status": "passed" if ok else "failed"}
+               for t, oks in (("a", [True, False, False]), ("b", [True, True, False])) for ok in oks]
+    summary = codeeval.summarize(problems, results, ks=(1, 2, 3, 5))
+    assert summary["pass@1"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert summary["pass@2"] == pytest.approx((1 - 1 / 3 + 1.0) / 2)  # a: 1 - C(2,2)/C(3,2); b: one wrong < 2
+    assert summary["pass@3"] == 1.0 and "pass@5" not in summary  # 5 > the 3 samples a task has
+    assert summary["pass@1_en"] == pytest.approx(1 / 3) and summary["pass@1_zh"] == pytest.approx(2 / 3)
+    assert (summary["samples"], summary["passed"], summary["statuses"]) == (6, 3, {"passed": 3, "failed": 3})
+    assert codeeval.pass_at_1_metrics(summary) == {"pass_at_1": summary["pass@1"], "pass_at_1_en": pytest.approx(1 / 3),
+                                                   "pass_at_1_zh": pytest.approx(2 / 3)}
+    # the default ks (1, 10, 100): each as soon as every task has that many samples; none without results
+    assert [k for k in codeeval.summarize(problems, results) if k.startswith("pass@")] == ["pass@1", "pass@1_en", "pass@1_zh"]
+    many = [{"task_id": "a", "passed": i == 0, "status": "x"} for i in range(100)]
+    summary = codeeval.summarize(problems[:1], many)
+    assert summary.pop("statuses") == {"x": 100} and summary == pytest.approx(
+        {"problems": 1, "problems_scored": 1, "samples": 100, "passed": 1,
+         "pass@1": 0.01, "pass@10": 0.1, "pass@100": 1.0, "pass@1_en": 0.01})  # 1 - C(99,10)/C(100,10) = 0.1
+    assert not [k for k in codeeval.summarize(problems, []) if k.startswith("pass@")]
+    # k up to the FEWEST samples of a task (b has 2 here); a language whose tasks have no results: no key
+    fewer = [r for r in results if r["task_id"] == "a"] + [{"task_id": "b", "passed": True, "status": "passed"}] * 2
+    assert [k for k in codeeval.summarize(problems, fewer, ks=(0, 1, 2, 3)) if k.startswith("pass@")] == \
+        ["pass@1", "pass@2", "pass@1_en", "pass@1_zh"]
+    assert "pass@1_zh" not in codeeval.summarize(problems, fewer[:3])
+
+
 @pytest.mark.parametrize("record,fmt", [(PROJECT, "project"), (HUMANEVAL, "humaneval"), (MBPP, "mbpp")])
 def test_formats_round_trip_and_score(tmp_path, record, fmt):
     path = tmp_path / "p.jsonl"

@@ -1,6 +1,8 @@
 """rlhf.generation: the sampling loop whose ended rows leave the batch gives what generate()
 gives, samples the distribution it says, and keeps ended rows ended."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -96,6 +98,10 @@ def test_sampling_draws_from_softmax_over_temperature_and_the_top_k_top_p_set(mo
     kept = torch.tensor([[True, True, False, False], [True, True, True, True]])
     expected = torch.where(kept, probs, 0.0)
     torch.testing.assert_close(seen[-1], expected / expected.sum(-1, keepdim=True))
+    # top_p on a tie: 0.5 of [0.5, 0.25, 0.25] is reached by the first token alone (transformers'
+    # TopPLogitsWarper keeps just it too)
+    next_tokens(torch.tensor([[2.0, 1.0, 1.0]]).log(), 1.0, 0.5)
+    torch.testing.assert_close(seen[-1], torch.tensor([[1.0, 0.0, 0.0]]))
     assert torch.equal(next_tokens(logits, None, 1.0), torch.tensor([0, 1]))  # greedy
 
 
@@ -136,3 +142,28 @@ def test_sampled_logprobs_are_those_a_whole_forward_gives_and_zero_after_the_end
     assert not valid.all() and valid.any(1).all()  # some rows ended early (they left the batch)
     assert torch.allclose(logp[valid], expected[valid], atol=1e-5)
     assert (logp[~valid] == 0).all()
+
+
+def test_a_preallocated_cache_writes_in_place_then_concatenates_past_its_room():
+    """preallocate's layers hold what DynamicLayer would, the keys and values of every position so
+    far, in place while the reserved room lasts and by concatenation after it; other kinds of
+    cache are left as they are."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    from rlhf.generation import PreallocatedLayer, preallocate
+
+    steps = [torch.randn(2, 3, n, 4) for n in (2, 1, 1, 1)]  # (B, heads, new positions, head dim)
+    layer = DynamicLayer()
+    layer.update(steps[0], -steps[0])
+    preallocate(SimpleNamespace(layers=[layer]), 2)  # room for 2 more positions
+    for i, new in enumerate(steps[1:], 2):
+        keys, values = layer.update(new, -new)
+        torch.testing.assert_close(keys, torch.cat(steps[:i], 2))
+        torch.testing.assert_close(values, -torch.cat(steps[:i], 2))
+        assert type(layer) is (PreallocatedLayer if i <= 3 else DynamicLayer), i
+    # a cache with a layer of another kind (Gemma 2, Mistral: sliding windows beside full layers) is left alone
+    full, window = DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=8)
+    for layer in (full, window):
+        layer.update(steps[0], -steps[0])
+    preallocate(SimpleNamespace(layers=[full, window]), 2)
+    assert (type(full), type(window)) == (DynamicLayer, DynamicSlidingWindowLayer)

@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, expected_last_lrs, ppo_args, run_script, toy_tasks, write_jsonl
 
 
+@pytest.mark.slow  # 16 iterations of 32 answers: the fast lane's longest test (tests/test_ppo_wiring.py: the wiring)
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_toy_reward_rises_with_bounded_kl(ppo_inputs, tmp_path, advantage, run_in_process):
     """Reward for the letter 'a' in the response (tests/ppo_toy_reward.py), nothing else; with a

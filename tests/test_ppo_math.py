@@ -2,6 +2,7 @@
 comments, never by calling the code under test."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -151,6 +152,20 @@ def test_missing_eos_penalty_replaces_score():
     ends = torch.tensor([True, False, False])
     # replace semantics: -2.0 becomes -1.0 (subtracting 1 would give -3.0)
     assert_close(R.apply_missing_eos_penalty(score, ends, -1.0), torch.tensor([0.5, -1.0, -1.0]))
+
+
+def test_the_reward_model_refuses_a_tokenizer_without_its_own_pad_token():
+    """Padding with EOS (or with nothing) would pool the score at the wrong token: refused before any
+    forward, whatever the model."""
+    for pad in (None, 2):
+        with pytest.raises(ValueError, match="pad token distinct from EOS"):
+            R.score_conversations(None, types.SimpleNamespace(pad_token_id=pad, eos_token_id=2), [], device="cpu")
+
+
+def test_rm_scores_are_normalised_by_the_rm_stages_statistics():
+    # (score - mean) / std: (1 - 1) / 2 = 0, (5 - 1) / 2 = 2, (-3 - 1) / 2 = -2
+    assert_close(R.normalize_rewards(torch.tensor([1.0, 5.0, -3.0]), {"mean": 1.0, "std": 2.0}),
+                 torch.tensor([0.0, 2.0, -2.0]))
 
 
 # ---- masked statistics ----
@@ -490,3 +505,24 @@ def test_length_grouped_order_visits_every_row_once_in_mini_batches_of_like_leng
     # the mini-batches' order and, within a cluster, their members change from epoch to epoch
     assert len({tuple(o.tolist()) for o in orders}) > 1
     assert len({tuple(o[:2].tolist()) for o in orders}) > 1
+
+
+def test_rm_agreement_with_tests_counts_the_failed_answers_that_have_a_reference(monkeypatch):
+    """agreement_with_tests: for each failed answer whose task has a reference program, does the RM
+    score the reference higher? Per group: all failures, held-out and seen parameter values. Here
+    the RM scores '+' (the references add, the wrong answers subtract) unless it is asked about t4."""
+    from conftest import toy_tasks
+    from rlhf.codeeval import problem_from_row
+
+    monkeypatch.setattr(R, "score_responses", lambda rm, tok, prompts, texts, device=None: torch.tensor(
+        [float("+" in text and "add_4" not in text) for text in texts]))
+    rows = toy_tasks(5)
+    rows[4].pop("solution")  # t5: no reference, left out
+    problems = [problem_from_row(dict(r, heldout_params=k >= 2), "t.jsonl") for k, r in enumerate(rows)]
+    results = [{"task_id": f"t{k}", "passed": k == 1, "raw": f"def add_{k}(x):\n    return x - {k}"} for k in range(1, 6)]
+    results.append({"task_id": "t2", "passed": False})  # no answer text: left out
+    out = R.agreement_with_tests(None, None, problems, results)
+    # failed with a reference: t2 (seen), t3 and t4 (held out); the RM prefers the reference but on t4
+    assert out == {"all failures": (pytest.approx(2 / 3), 3, pytest.approx(2 / 3), 0.0),
+                   "held-out parameter values": (0.5, 2, 0.5, 0.0), "seen parameter values": (1.0, 1, 1.0, 0.0)}
+    assert R.agreement_with_tests(None, None, problems, results[:1]) == {}  # t1 passed: nothing to compare

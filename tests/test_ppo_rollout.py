@@ -183,3 +183,18 @@ def test_the_head_is_called_apart_only_on_a_plain_transformers_model(policy_and_
     monkeypatch.delattr(policy.config, "final_logit_softcapping", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert M.head_apart(policy) is None
+
+
+def test_a_batch_of_reward_scores_is_each_conversations_own_score(tiny_base):
+    """score_conversations pads a batch, longest first, and puts the scores back in order: each
+    equals the score of its conversation read alone, without padding (a row left unscored or
+    scored for another would differ)."""
+    from rlhf.common import load_tokenizer
+    from rlhf.reward import conversation_ids, load_reward_model, score_conversations
+
+    rm, tok = load_reward_model(tiny_base), load_tokenizer(tiny_base)
+    convs = [[{"role": "user", "content": "add " * n}, {"role": "assistant", "content": "x + 1"}] for n in (1, 7, 3, 12, 5)]
+    with torch.no_grad():
+        alone = torch.stack([rm(input_ids=torch.tensor([conversation_ids(tok, c)])).logits[0, 0] for c in convs])
+    assert len(set(alone.tolist())) == len(convs), alone  # distinct: a mix-up cannot hide
+    torch.testing.assert_close(score_conversations(rm, tok, convs, batch_size=2), alone, rtol=1e-4, atol=1e-5)

@@ -293,6 +293,21 @@ def test_kill_while_saving_the_output_loses_and_leaks_nothing(moment, tmp_path, 
     assert ("an incomplete save of" in said) if moment == "writing" else ("finishing a save that was interrupted" in said)
 
 
+def test_a_half_written_first_save_is_removed_never_moved_into_place(tmp_path, capsys):
+    """Killed while writing a stage's first output: no earlier model, and a <out>.tmp-PID without
+    its metadata file. The next run removes it; moving it into place would hand the next stage a
+    half-written model as a finished one."""
+    from rlhf.handoff import recover_interrupted_save, require_stage_output
+
+    os.makedirs(tmp_path / "sft_model.tmp-4242")
+    (tmp_path / "sft_model.tmp-4242" / "weights").write_text("half")
+    recover_interrupted_save(str(tmp_path / "sft_model"))  # what check_output_dir runs first
+    assert os.listdir(tmp_path) == []
+    assert "an incomplete save of" in capsys.readouterr().out
+    with pytest.raises(UserError, match="run `python train_sft.py` first"):
+        require_stage_output(str(tmp_path / "sft_model"), "sft")
+
+
 def test_half_written_checkpoints_are_never_resumed(tmp_path, capsys, monkeypatch):
     trainer, ppo = tmp_path / "sft", tmp_path / "ppo"
     for folder, marker in ((trainer / "checkpoint-2", CHECKPOINT_MARKER), (ppo / "step_2", "ppo_state.json"),

@@ -1,5 +1,6 @@
 """Sandbox verdicts: correct, wrong, crashing, hanging, hostile and reward-hacking programs.
 Attacks on the isolation itself: tests/test_sandbox_attacks.py."""
+import itertools
 import os
 import subprocess
 import sys
@@ -41,6 +42,11 @@ def test_exact_types_and_setup():
     assert not calls("def add(a, b):\n    return float(a + b)\n").passed
     v = sandbox.run_calls("def f(n):\n    return Box(n).v\n", ["f(2)"], [2], setup="class Box:\n    def __init__(self, v):\n        self.v = v\n")
     assert v.passed
+    # a bool is an int to isinstance: True for 1 (or 0 for False) is a wrong answer all the same
+    for got, want in [(True, 1), (False, 0), (1, True), (1.0, 1), (1, 1.0), (1 + 0j, 1)]:
+        assert not sandbox.values_match(got, want), (got, want)
+    v = sandbox.run_calls("def f(x):\n    return x == 1\n", ["f(1)", "f(2)"], [1, 0])
+    assert (v.passed, v.pass_fraction) == (False, 0.0) and "expected 1, got True" in v.detail, v
 
 
 def test_exact_types_at_every_depth():
@@ -55,6 +61,41 @@ def test_exact_types_at_every_depth():
     assert sandbox.values_match({1: 0.1 + 0.2}, {1: 0.3}) and sandbox.values_match([float("nan")], [float("nan")])
     # a dict or set with two equal keys was never a value of the program's: malformed
     for enc in (["d", [[["i", "1"], ["s", "a"]], [["b", True], ["s", "b"]]]], ["S", [["i", "1"], ["f", "1.0"]]]):
+        with pytest.raises(ValueError):
+            sandbox.decode_value(enc)
+
+
+def test_the_isolation_probe_passes_only_a_program_that_loads_and_answers_exactly():
+    """_backend's probe of a backend: a program that does not load, raises, or answers True for 1 is
+    a failed probe (the backend is then said not to work), never a working one."""
+    backend = sandbox._backend(C.SANDBOX_MODE)
+    probe = lambda program: sandbox._run_calls_with(backend, program, ["f()"], [1], "", 30.0)  # noqa: E731
+    assert probe("def f():\n    return 1\n").passed
+    for program in ("def f(:\n", "def f():\n    return True\n", "def f():\n    return 1 / 0\n", "raise SystemExit(3)\n"):
+        assert not probe(program).passed, program
+
+
+def test_a_reply_decodes_to_the_exact_value_and_anything_else_is_malformed():
+    """decode_value inverts encode_value on every kind of value a program may return, up to one
+    level past MAX_DEPTH (the reply's own wrapping); every other shape is malformed, never a value."""
+    from rlhf.sandbox.verdict import MAX_DEPTH, MAX_DIGITS, SAME_HASH
+
+    for v in [None, True, False, 0, -7, 2**70, 1.5, float("inf"), 1 + 2j, "", "é", [], (), set(), frozenset(), {},
+              [None, (2, "x")], {"k": [None, {1: 2.5}]}, {(1, 2): frozenset({3.0})}, int("9" * MAX_DIGITS)]:
+        assert sandbox.values_match(sandbox.decode_value(sandbox.encode_value(v)), v), v
+
+    def nested(depth):  # None inside `depth` lists
+        return ["n"] if depth == 0 else ["l", [nested(depth - 1)]]
+
+    assert sandbox.decode_value(nested(MAX_DEPTH + 1)) is not None
+    hash_of_zero = [["i", str(k * ((1 << 61) - 1))] for k in range(1, SAME_HASH + 2)]  # distinct ints, one hash
+    assert len(sandbox.decode_value(["l", hash_of_zero[:SAME_HASH]])) == SAME_HASH
+    # hash(-1) == hash(-2): the tuples of -1s and -2s of one length are distinct and share one hash
+    same_hash_tuples = [["t", [["i", str(x)] for x in t]] for t in itertools.product((-1, -2), repeat=4)][:SAME_HASH + 1]
+    assert len(sandbox.decode_value(["l", same_hash_tuples[:SAME_HASH]])) == SAME_HASH
+    for enc in [nested(MAX_DEPTH + 2), "n", ("n",), [], [1], ["n", 1], ["i"], ["i", 5], ["i", "1", "2"], ["b", 1],
+                ["s", 1], ["f", "x"], ["f", "9" * (MAX_DIGITS + 2)], ["l", "ab"], ["q", []], ["d", [1]], ["d", [[["n"]]]],
+                ["S", [["l", []]]], ["l", hash_of_zero], ["l", same_hash_tuples]]:
         with pytest.raises(ValueError):
             sandbox.decode_value(enc)
 
@@ -187,7 +228,12 @@ def test_stdin_stdout_failures():
     assert stdio("import sys\nprint(5)\nsys.exit(3)\n").detail == "test 1: exit code 3"
     assert stdio("print(\n").status == "error"
     never = stdio("import sys\nsys.stdin.read()\nwhile True:\n    pass\n", timeout=1.0)
-    assert (never.status, never.detail) == ("timeout", "time limit exceeded") and never.seconds < 3, never
+    assert (never.passed, never.status, never.detail) == (False, "timeout", "time limit exceeded") and never.seconds < 3, never
+    # a run that ends early keeps the share of the tests it passed (PPO_EXEC_REWARD=fraction): 1 of 2
+    for v in (stdio("import sys\nif sys.stdin.read().split() == ['5', '7']:\n    while True:\n        pass\nprint(5)\n",
+                    [{"input": "2 3", "output": "5"}, {"input": "5 7", "output": "12"}], timeout=1.0),
+              calls("def add(a, b):\n    while a < 0:\n        pass\n    return a + b\n", timeout=1.0)):
+        assert (v.passed, v.status, v.pass_fraction) == (False, "timeout", 0.5), v
     assert stdio("x = bytearray(2 << 30)\n").status == "memory"
     assert stdio("print('x' * (3 << 20))\n").detail == f"test 1: output over {sandbox.STDOUT_MAX_BYTES} bytes"
     big = [{"input": " ".join(map(str, range(200000))), "output": str(sum(range(200000)))}]  # 1.3 MB

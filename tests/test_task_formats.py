@@ -91,6 +91,19 @@ def test_humaneval_as_evalplus_samples_164_canonical_and_0_broken(tmp_path, run_
         assert json.loads(proc.stdout)["passed"] == passed, kind
 
 
+def test_a_ppo_prompt_given_as_messages_leaves_the_answer_out(tiny_base, tmp_path):
+    """A PPO row {"messages": [user, assistant]} (an SFT conversation used as a prompt) asks the
+    user's message: the reference answer after it is not part of the prompt the policy answers."""
+    from rlhf.common import load_tokenizer
+    from rlhf.ppo_setup import load_prompts
+
+    user = {"role": "user", "content": "Write add_3(x) returning x plus 3."}
+    rows = [{"messages": [user, {"role": "assistant", "content": "def add_3(x):\n    return x + 3"}]},
+            {"prompt": [user]}]
+    (asked, same) = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows), load_tokenizer(tiny_base), 1000)
+    assert asked == same == {"messages": [user], "problem": None}
+
+
 def test_stdin_programs_as_a_judge_runs_them():
     """Output compared as whitespace-separated tokens; input() and sys.stdin.buffer read the test's
     input; exit(0) ends a program, another status fails it; a syntax error fails it at load; a
