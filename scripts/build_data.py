@@ -364,15 +364,7 @@ class _Mutate(ast.NodeTransformer):
         self._block(node)
         return node
 
-    def visit_FunctionDef(self, node):
-        self.generic_visit(node)
-        self._block(node)
-        return node
-
-    def visit_ClassDef(self, node):
-        self.generic_visit(node)
-        self._block(node)
-        return node
+    visit_FunctionDef = visit_ClassDef = visit_For
 
 
 def mutants(code):
