@@ -115,12 +115,16 @@ def as_conversation(value, role):
 
 
 def prompt_messages(row, where):
-    """The prompt of a PPO row as messages: `prompt` (text or messages), else the first message of
-    `messages`; a missing or malformed prompt is an error naming file and line."""
+    """The prompt of a PPO row as messages: `prompt` (text or messages), else `messages` up to its
+    last turn when that turn is the assistant's (an SFT conversation: its system message and earlier
+    turns stay, its answer goes); a missing or malformed prompt is an error naming file and line."""
     if "prompt" in row:
         messages = as_conversation(row["prompt"], "user")
     elif "messages" in row:
-        messages = row["messages"][:1] if isinstance(row["messages"], list) else row["messages"]
+        messages = row["messages"]
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
     else:
         raise UserError(f"{where}: missing field `prompt`")
     _check_messages(messages, where, "prompt")

@@ -98,10 +98,16 @@ def test_a_ppo_prompt_given_as_messages_leaves_the_answer_out(tiny_base, tmp_pat
     from rlhf.ppo_setup import load_prompts
 
     user = {"role": "user", "content": "Write add_3(x) returning x plus 3."}
-    rows = [{"messages": [user, {"role": "assistant", "content": "def add_3(x):\n    return x + 3"}]},
-            {"prompt": [user]}]
-    (asked, same) = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows), load_tokenizer(tiny_base), 1000)
-    assert asked == same == {"messages": [user], "problem": None}
+    answer = {"role": "assistant", "content": "def add_3(x):\n    return x + 3"}
+    system = {"role": "system", "content": "Answer with code only."}
+    follow_up = {"role": "user", "content": "Now add 4 instead."}
+    rows = [{"messages": [user, answer]}, {"prompt": [user]},
+            {"messages": [system, user, answer]},  # the system message stays with the user's
+            {"messages": [user, answer, follow_up, answer]},  # a later turn: the conversation up to it
+            {"messages": [system, user]}]  # no answer: all of it is the prompt
+    asked = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows), load_tokenizer(tiny_base), 1000)
+    assert [a["messages"] for a in asked] == [[user], [user], [system, user], [user, answer, follow_up],
+                                              [system, user]]
 
 
 def test_stdin_programs_as_a_judge_runs_them():
