@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny locally built model and tiny data files, so every test runs offline
 on a CPU in seconds. Everything runs with the Hugging Face hub switched off.
 
-Two lanes: `bash test.sh -m "not slow"` runs the unit tests (about 1.5 min on 2 cores); `bash test.sh` runs
+Two lanes: `bash test.sh -m "not slow"` runs the unit tests; `bash test.sh` runs
 everything, as CI does. A test is `slow` when it, or a fixture it uses, starts a process (a stage
 script, a tool, `accelerate launch`): marked here, from the source, so no test can forget it.
 Tests that train in this process carry @pytest.mark.slow themselves."""
