@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fastest and most direct first: a mutant is killed by the first file that fails). tests/test_ppo.py
 # is left out: its whole training runs take minutes a mutant; tests/test_ppo_wiring.py checks one
 # short run against a recomputation instead
+SANDBOX_TESTS = ["tests/test_sandbox.py", "tests/test_sandbox_attacks.py", "tests/test_sandbox_isolation.py"]
 MODULES = {
     "ppo_math": ("rlhf/ppo_math.py", None,
                  ["tests/test_ppo_math.py", "tests/test_ppo_rollout.py", "tests/test_ppo_wiring.py"]),
@@ -42,9 +43,9 @@ MODULES = {
     "reward": ("rlhf/reward.py", None,
                ["tests/test_ppo_math.py", "tests/test_rm.py", "tests/test_ppo_rollout.py", "tests/test_ppo_wiring.py"]),
     "pass_at_k": ("rlhf/codeeval.py", ["pass_at_k", "summarize", "pass_at_1_metrics"], ["tests/test_codeeval.py"]),
-    "sandbox_values": ("rlhf/sandbox/values.py", None, ["tests/test_sandbox.py", "tests/test_sandbox_attacks.py"]),
+    "sandbox_values": ("rlhf/sandbox/values.py", None, SANDBOX_TESTS),
     "sandbox_verdict": ("rlhf/sandbox/__init__.py", ["_run_calls_with", "run_calls", "run_stdio", "_stdio_result"],
-                        ["tests/test_sandbox.py", "tests/test_sandbox_attacks.py"]),
+                        SANDBOX_TESTS),
     "handoff": ("rlhf/handoff.py", None, ["tests/test_handoff.py", "tests/test_reliability.py"]),
 }
 PYTEST = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", "-n", "0"]  # fast lane, stop at the first failure

@@ -50,8 +50,8 @@ def toy_conversations(n, seed=0):
 
 
 # a call that starts a process: subprocess itself, or a helper of conftest or of a test file that
-# does (run_snippet, help_text: transformers' ~6 s of imports a process). Not test_sandbox_attacks'
-# evaluate_elsewhere: an interpreter without torch, for tests of the sandbox's verdicts
+# does (run_snippet, help_text: transformers' ~6 s of imports a process). Not the sandbox attack
+# tests' evaluate_elsewhere: an interpreter without torch, for tests of the sandbox's verdicts
 LAUNCHES_A_PROCESS = re.compile(r"\b(run_script|subprocess\.\w+|Popen|launch|run_evaluate|run_snippet|help_text)\(")
 
 
@@ -68,7 +68,8 @@ def starts_a_process(function):
 SAME_WORKER = {"tests/test_multinode.py": "tests/test_distributed.py"}
 # the files that take longest, first (test.sh keeps this order: --no-loadscope-reorder), so that no
 # worker is left with a long file at the end
-LONGEST_FIRST = ["test_distributed.py", "test_multinode.py", "test_ppo.py", "test_pipeline.py", "test_model_families.py"]
+LONGEST_FIRST = ["test_distributed.py", "test_multinode.py", "test_ppo.py", "test_pipeline.py", "test_model_families.py",
+                 "test_sandbox_isolation.py", "test_sandbox_attacks.py"]
 
 
 @pytest.hookimpl(optionalhook=True)

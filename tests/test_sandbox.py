@@ -1,5 +1,6 @@
 """Sandbox verdicts: correct, wrong, crashing, hanging, hostile and reward-hacking programs.
-Attacks on the isolation itself: tests/test_sandbox_attacks.py."""
+Attacks on the sandbox itself: tests/test_sandbox_attacks.py (the verdict) and
+tests/test_sandbox_isolation.py (the host and the programs beside)."""
 import itertools
 import os
 import subprocess

@@ -214,6 +214,7 @@ def test_no_rm_program_pair_in_both_rm_files(files):
     assert len(shared_rm_pairs(planted)) == 1
 
 
+@pytest.mark.slow  # about a thousand programs; the fast lane checks a sample (the mutants' test below)
 def test_checked_tasks_reject_their_bugs_and_the_other_variants(files):
     """Every eval, val and indist task: its family's bugs (the planted habits included) and every
     other variant's reference fail its tests."""
@@ -253,7 +254,7 @@ def sample(files, n_families):
 
 
 def test_checked_tasks_reject_the_mutants_of_a_sample(files):
-    assert accepted_wrong_programs(sample(files, 12), with_mutants=True) == []
+    assert accepted_wrong_programs(sample(files, 6), with_mutants=True) == []
 
 
 @pytest.mark.slow
