@@ -67,7 +67,7 @@ def rollout(s, step, n_prompts, *, seed, samples_per_prompt, max_tokens, tempera
     """Answers to this iteration's prompts and their unit-test rewards; with oversampling, the
     n_prompts prompts whose answers disagree in the tests first (informative_groups). Returns the
     Rollout padded to the longest answer of any process, the sampled batch's pass rate and share of
-    mixed groups, and the seconds spent generating."""
+    mixed groups, and the seconds spent generating and running the tests."""
     accelerator, tokenizer, device = s.accelerator, s.tokenizer, s.accelerator.device
     batch = step_prompts(s.prompts, step, accelerator.process_index, n_prompts * s.oversample, seed=seed,
                          samples_per_prompt=samples_per_prompt)
@@ -81,8 +81,10 @@ def rollout(s, step, n_prompts, *, seed, samples_per_prompt, max_tokens, tempera
     response = truncate_after_eos(response, s.eos_ids, tokenizer.pad_token_id)
     _, _, last_index = first_eos_mask(response, s.eos_ids)
     texts = tokenizer.batch_decode([row[: n + 1] for row, n in zip(response, last_index)], skip_special_tokens=True)
-    roll = Rollout(batch, texts, exec_rewards(batch, texts, device, s.reward), query, query_mask, response, last_index,
-                   sampled_logp)
+    t_reward = time.time()
+    passed = exec_rewards(batch, texts, device, s.reward)
+    seconds = {"generate_seconds": gen_seconds, "reward_seconds": time.time() - t_reward}
+    roll = Rollout(batch, texts, passed, query, query_mask, response, last_index, sampled_logp)
     sampled = {"sampled_pass_rate": roll.passed.nanmean(),
                "mixed_groups": mixed_groups(roll.passed, samples_per_prompt).float().mean()}
     if s.oversample > 1:
@@ -90,7 +92,7 @@ def rollout(s, step, n_prompts, *, seed, samples_per_prompt, max_tokens, tempera
     # pad to the longest answer of any process (not to max_tokens: most answers are far shorter), so
     # every process runs the same number of identically shaped steps
     longest = accelerator.reduce(torch.tensor([roll.response.shape[1]], device=device), "max").item()
-    return roll.padded(longest, tokenizer.pad_token_id, s.eos_ids), sampled, gen_seconds
+    return roll.padded(longest, tokenizer.pad_token_id, s.eos_ids), sampled, seconds
 
 
 def rollout_forwards(s, roll, mini_batch, temperature):
@@ -217,7 +219,7 @@ def main(argv):
         # 1. rollout (no gradients): answers, their tests, their logprobs now and under the reference, values
         s.model.eval()
         with torch.no_grad(), accelerator.autocast():  # every forward of the rollout in the update's precision
-            roll, sampled, gen_seconds = rollout(s, step, C.PPO_BATCH_SIZE // group, seed=C.SEED,
+            roll, sampled, rollout_seconds = rollout(s, step, C.PPO_BATCH_SIZE // group, seed=C.SEED,
                                                  samples_per_prompt=group, max_tokens=C.PPO_RESPONSE_LEN,
                                                  temperature=C.PPO_TEMPERATURE, own_logprobs=own_logprobs)
             roll.old_logp, roll.ref_logp, roll.values = rollout_forwards(s, roll, C.PPO_MINI_BATCH_SIZE,
@@ -259,7 +261,7 @@ def main(argv):
         s.kl_ctl.update(metrics["kl"], C.PPO_BATCH_SIZE * accelerator.num_processes)
         metrics.update(reward_mean=metrics["score"] + metrics["non_score_reward"], kl_coef=s.kl_ctl.value,
                        lr=lr, seconds=time.time() - t0,
-                       generate_seconds=gen_seconds, update_seconds=update_seconds)  # this process's (bench/)
+                       **rollout_seconds, update_seconds=update_seconds)  # this process's (bench/)
         episodes += C.PPO_BATCH_SIZE * accelerator.num_processes
         accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=step)
         if accelerator.is_main_process:

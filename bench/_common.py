@@ -1,10 +1,11 @@
 """What every bench script shares: the machine and versions line, the measured matmul peak, the
-FLOP count of a model, step timing inside a Trainer, the bench's own --name=value options, and
-the raw-results file (bench/results/<name>.json). Imported as `import _common` (the scripts run
-as `python bench/<script>.py`, so bench/ is first on sys.path), before config and rlhf: it puts
-the tree the script lives in right after bench/ on sys.path, so a bench run from a second
-checkout (a git worktree of an older commit, say) measures that checkout's code, not the copy
-installed in the virtual environment (`pip install -e .` of another folder)."""
+FLOP count of a model, step timing inside a Trainer, the bench's own --name=value options, the
+held-out evaluation of a trained policy, and the raw-results file (bench/results/<name>.json).
+Imported as `import _common` (the scripts run as `python bench/<script>.py`, so bench/ is first on
+sys.path), before config and rlhf: it puts the tree the script lives in right after bench/ on
+sys.path, so a bench run from a second checkout (a git worktree of an older commit, say) measures
+that checkout's code, not the copy installed in the virtual environment (`pip install -e .` of
+another folder)."""
 
 import datetime
 import json
@@ -140,14 +141,35 @@ def table(header_row, rows):
 def run_train_ppo(out, steps, overrides=()):
     """train_ppo.py for `steps` iterations in a subprocess, without evaluation or checkpoints,
     writing under `out`; returns its per-iteration history (seconds, generate_seconds,
-    response_length, rm_score, ...)."""
+    reward_seconds, update_seconds, response_length, rm_score, ...)."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, os.path.join(root, "train_ppo.py"), f"--PPO_STEPS={steps}", f"--PPO_DIR={out}/ppo_model",
-           f"--RUNS_DIR={out}/runs", "--EVAL_TASKS_FILE=none", "--PPO_SAVE_EVERY=0", "--PPO_EVAL_EVERY=0",
+           f"--RUNS_DIR={out}/runs", "--EVAL_TASKS_FILE=", "--PPO_SAVE_EVERY=0", "--PPO_EVAL_EVERY=0",
            "--REPORT_TO=none", *overrides]
     subprocess.run(cmd, check=True, cwd=root)
     with open(os.path.join(out, "ppo_model", "rlhf_stage.json")) as f:
         return json.load(f)["metrics"]["history"]
+
+
+def held_out(policy_dir, tasks_file, max_tasks=None):
+    """Greedy pass@1 ("pass_at_1") and mean normalised RM score ("rm_score", C.RM_DIR's) of the causal LM
+    in `policy_dir` on the first `max_tasks` tasks of `tasks_file` (None: all), through the PPO stage's
+    own evaluation (rlhf.ppo_setup.evaluate: answers up to GEN_MAX_NEW_TOKENS, sandboxed tests) with the
+    SFT stage's tokenizer, so policies trained by different code are judged alike."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import config as C
+    from rlhf.codeeval import load_problems, sandbox_limits
+    from rlhf.common import load_tokenizer
+    from rlhf.ppo_setup import evaluate
+    from rlhf.reward import load_reward_model, load_reward_normalization
+
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    problems = load_problems(tasks_file)[:max_tasks]
+    summary, _ = evaluate(policy, load_tokenizer(C.SFT_DIR), load_reward_model(C.RM_DIR), load_tokenizer(C.RM_DIR),
+                          load_reward_normalization(C.RM_DIR), problems, "cpu", C.GEN_MAX_NEW_TOKENS, sandbox_limits())
+    return summary

@@ -13,7 +13,7 @@ padded to the longest; TRL: one lr, full-vocabulary logits kept from generate())
 
 Speed: episodes per second over the iterations after the first (warm-up), median over rounds.
 Reward gain: both final policies and the SFT model answer the same PPO_EVAL_TASKS held-out tasks
-greedily; the gain is the mean normalised RM score (and pass@1) minus the SFT model's.
+greedily (_common.held_out); the gain is the mean normalised RM score (and pass@1) minus the SFT model's.
 
     bash bench/setup_trl110.sh                          # once: the TRL 1.10 venv
     python bench/bench_ppo_vs_trl.py                    # 2 rounds x 5 iterations each
@@ -55,23 +55,6 @@ def run_theirs(out, steps, overrides, python):
             "train_score_first_last": [scores[0], scores[-1]] if scores else None, "policy": f"{out}/policy"}
 
 
-def held_out(policy_dir, tasks):
-    """Greedy pass@1 and mean normalised RM score on the held-out tasks (rlhf.ppo_setup.evaluate)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from rlhf.codeeval import load_problems
-    from rlhf.common import load_tokenizer
-    from rlhf.ppo_setup import evaluate
-    from rlhf.reward import load_reward_normalization
-
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
-    rm = AutoModelForSequenceClassification.from_pretrained(C.RM_DIR, dtype=torch.float32).eval()
-    problems = load_problems(C.EVAL_TASKS_FILE)[:tasks]
-    return evaluate(policy, load_tokenizer(C.SFT_DIR), rm, load_tokenizer(C.RM_DIR), load_reward_normalization(C.RM_DIR),
-                    problems, "cpu", C.GEN_MAX_NEW_TOKENS)
-
-
 def main(argv):
     own, rest = _common.own_options(argv, {"rounds": 2, "steps": 5, "venv": os.environ.get("TRL110_VENV", "bench/.venv-trl110")})
     apply_overrides(rest)
@@ -95,8 +78,8 @@ def main(argv):
                 result[side].append(run(out))
                 print(f"round {r + 1} | {side} | {result[side][-1]['episodes_per_second']:.2f} episodes/s", flush=True)
         tasks = C.PPO_EVAL_TASKS or None
-        quality = {"sft": held_out(C.SFT_DIR, tasks), "ours": held_out(result["ours"][-1]["policy"], tasks),
-                   "theirs": held_out(result["theirs"][-1]["policy"], tasks)}
+        quality = {side: _common.held_out(policy, C.EVAL_TASKS_FILE, tasks) for side, policy in
+                   (("sft", C.SFT_DIR), ("ours", result["ours"][-1]["policy"]), ("theirs", result["theirs"][-1]["policy"]))}
     result["held_out"] = quality
     result["load_average_1min_after"] = os.getloadavg()[0]
     ours = statistics.median(x["episodes_per_second"] for x in result["ours"])

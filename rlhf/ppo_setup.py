@@ -1,6 +1,7 @@
 """What train_ppo.py's loop needs around it: the settings checked together, the set-up (data,
 models, optimizer, the resume point) as one PPOSetup, each iteration's prompts, the held-out
-evaluation, the checkpoints and the final save. Settings are read in check_settings() and setup() only."""
+evaluation, the checkpoints and the final save. Settings are read in check_settings(), reward_mix()
+and setup() only."""
 
 import contextlib
 import dataclasses
@@ -38,6 +39,15 @@ def check_settings():
         raise UserError(f"PPO_ADVANTAGE={C.PPO_ADVANTAGE} compares the answers to one prompt: set PPO_SAMPLES_PER_PROMPT >= 2")
     if C.PPO_KL_LOSS and C.PPO_KL_ESTIMATOR == "k1":
         raise UserError("PPO_KL_LOSS needs PPO_KL_ESTIMATOR k2 or k3: k1 as a loss term has no gradient in expectation")
+
+
+def reward_mix():
+    """How PPO scores an answer (rlhf.reward.RewardMix), from the PPO_* reward and SANDBOX_* settings."""
+    return RewardMix(rm_weight=C.PPO_RM_WEIGHT, exec_weight=C.PPO_EXEC_WEIGHT, exec_reward=C.PPO_EXEC_REWARD,
+                     rm_on_tested=C.PPO_RM_ON_TESTED,
+                     reward_fn=reward_function(C.PPO_REWARD_FN) if C.PPO_REWARD_FN else None,
+                     missing_eos_penalty=C.PPO_MISSING_EOS_PENALTY if C.PPO_PENALIZE_MISSING_EOS else None,
+                     sandbox_limits=sandbox_limits())
 
 
 def load_prompts(path, tokenizer, max_tokens):
@@ -119,11 +129,7 @@ def setup(accelerator):
     from rlhf.reward import load_reward_model, load_reward_normalization
 
     critic_on = C.PPO_ADVANTAGE == "gae"
-    reward = RewardMix(rm_weight=C.PPO_RM_WEIGHT, exec_weight=C.PPO_EXEC_WEIGHT, exec_reward=C.PPO_EXEC_REWARD,
-                       rm_on_tested=C.PPO_RM_ON_TESTED,
-                       reward_fn=reward_function(C.PPO_REWARD_FN) if C.PPO_REWARD_FN else None,
-                       missing_eos_penalty=C.PPO_MISSING_EOS_PENALTY if C.PPO_PENALIZE_MISSING_EOS else None,
-                       sandbox_limits=sandbox_limits())
+    reward = reward_mix()
     # data (before the models: a mistake in it is reported in seconds)
     tokenizer = load_tokenizer(C.SFT_DIR)
     prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer, C.MAX_LEN - C.PPO_RESPONSE_LEN)

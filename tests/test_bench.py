@@ -267,3 +267,64 @@ def test_bench_seeds_refuses_a_seed_or_folder_setting_it_sets_itself(seeds_bench
     with pytest.raises(UserError, match="comma lists of integers"):
         module.main([f"--out={tmp_path}", "--sft_seeds=1,x"])
     assert commands == []
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_vs_trl_grpo: our grpo against TRL's GRPOTrainer, each in its own process
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_vs_trl_grpo_runs_both_sides_end_to_end(ppo_inputs, monkeypatch, tmp_path):
+    """One iteration a side on the tiny models: both train the same iterations, split their time into
+    generation, tests, update and the rest, and their final policies are evaluated alike."""
+    import json
+
+    import config as C
+    from rlhf.settings import settings
+
+    for name, value in settings().items():  # main() applies its overrides to config: undone after the test
+        monkeypatch.setattr(C, name, value)
+    module = bench_module("bench_vs_trl_grpo")
+    monkeypatch.setattr(module._common, "RESULTS_DIR", str(tmp_path))
+    inp = ppo_inputs
+    result = module.main(["--seeds=3", "--steps=1", f"--tasks={inp['tasks']}", f"--SFT_DIR={inp['sft']}",
+                          f"--RM_DIR={inp['rm']}", f"--PPO_PROMPTS_FILE={inp['prompts']}", "--MAX_LEN=128",
+                          "--PPO_BATCH_SIZE=8", "--PPO_MINI_BATCH_SIZE=4", "--PPO_EPOCHS=2", "--PPO_RESPONSE_LEN=12",
+                          "--GEN_MAX_NEW_TOKENS=12", "--REPORT_TO=none"])
+    from rlhf.common import load_tokenizer
+    from rlhf.ppo_setup import load_prompts, step_prompts
+
+    prompts = load_prompts(inp["prompts"], load_tokenizer(inp["sft"]), 128 - 12)
+    numbered = [dict(p, row=i) for i, p in enumerate(prompts)]
+    # TRL answered the prompts train_ppo draws in its first iteration (2 prompts x 4 answers), in its order
+    assert result["theirs"][0]["prompts_scored"] == [p["row"] for p in step_prompts(numbered, 1, 0, 2, seed=3,
+                                                                                     samples_per_prompt=4)]
+    for side in ("ours", "theirs"):
+        (run,) = result[side]
+        assert run["seed"] == 3 and len(run["iterations"]) == 1  # TRL: max_steps = 1 iteration's optimizer steps
+        split = run["seconds_per_iteration"]
+        assert all(split[k] > 0 for k in ("seconds", "generate", "reward", "update"))
+        assert split["other"] >= 0 and run["episodes_per_second"] == pytest.approx(8 / split["seconds"])
+        assert 0 <= run["pass_at_1"] <= 1 and run["peak_rss_mib"] > 100
+    ours, theirs = (result[side][0]["episodes_per_second"] for side in ("ours", "theirs"))
+    assert result["ratio"] == pytest.approx(ours / theirs)
+    with open(tmp_path / "vs_trl_grpo.json") as f:
+        assert json.load(f)["overrides"][:2] == ["--PPO_ADVANTAGE=grpo", "--PPO_OVERSAMPLE=1"]
+
+
+def test_trl_side_refuses_a_setting_grpo_trainer_has_no_counterpart_for(monkeypatch):
+    import config as C
+    from rlhf.settings import UserError
+
+    trl_side = bench_module("_trl_grpo")
+    monkeypatch.setattr(C, "PPO_KL_LOSS", True)
+    monkeypatch.setattr(C, "PPO_KL_ESTIMATOR", "k3")
+    monkeypatch.setattr(C, "PPO_OVERSAMPLE", 1)
+    monkeypatch.setattr(C, "PPO_SIL_COEF", 0.0)
+    monkeypatch.setattr(C, "PPO_PENALIZE_MISSING_EOS", False)
+    config = trl_side.grpo_config("/tmp/out", 3)
+    assert config["max_steps"] == 3 * C.PPO_EPOCHS * C.PPO_BATCH_SIZE // C.PPO_MINI_BATCH_SIZE
+    assert (config["loss_type"], config["scale_rewards"], config["beta"]) == ("dapo", "group", C.PPO_KL_COEF)
+    monkeypatch.setattr(C, "PPO_PENALIZE_MISSING_EOS", True)
+    with pytest.raises(UserError, match="PPO_PENALIZE_MISSING_EOS"):
+        trl_side.grpo_config("/tmp/out", 3)
