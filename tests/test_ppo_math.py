@@ -122,6 +122,9 @@ def test_k3_non_negative_and_zero_when_equal():
     assert (P.kl_estimate(logp, ref, "k3") >= 0).all()
     assert torch.equal(P.kl_estimate(logp, logp, "k3"), torch.zeros(4, 9))
     assert torch.isfinite(P.kl_estimate(torch.tensor([-100.0]), torch.tensor([0.0]), "k3")).all()
+    # log r clamped to [-10, 10]: beyond it, the value at the bound
+    far = P.kl_estimate(torch.tensor([-30.0, 0.0]), torch.tensor([0.0, -30.0]), "k3")
+    assert_close(far, torch.tensor([math.expm1(10.0) - 10.0, math.expm1(-10.0) + 10.0]))
     with pytest.raises(ValueError):
         P.kl_estimate(logp, ref, "k4")
 
@@ -491,6 +494,11 @@ def test_reinforce_pp_is_the_whitened_return_to_go():
                                   torch.tensor([1, 1]), 0.0, 2, torch.tensor([True, True]), 1.0, 1.0)
     z = 0.5 / math.sqrt(1 / 3)
     assert_close(adv, torch.tensor([[z, z], [-z, -z]]), atol=1e-4, rtol=0)
+    # two trained tokens are enough to whiten: +-1/sqrt(2) (unbiased variance of (1, 0) is 1/2)
+    one = torch.tensor([[True, False], [True, False]])
+    adv, _ = P.compute_advantages("reinforce++", torch.tensor([1.0, 0.0]), torch.zeros(2, 2), None, one,
+                                  torch.tensor([0, 0]), 0.0, 2, torch.tensor([True, True]), 1.0, 1.0)
+    assert_close(adv, torch.tensor([[math.sqrt(0.5), 0.0], [-math.sqrt(0.5), 0.0]]), atol=1e-4, rtol=0)
 
 
 def test_length_grouped_order_visits_every_row_once_in_mini_batches_of_like_length():
