@@ -98,6 +98,13 @@ def test_sampling_draws_from_softmax_over_temperature_and_the_top_k_top_p_set(mo
     kept = torch.tensor([[True, True, False, False], [True, True, True, True]])
     expected = torch.where(kept, probs, 0.0)
     torch.testing.assert_close(seen[-1], expected / expected.sum(-1, keepdim=True))
+    # top_k 3 and top_k 1 (only the most likely token left, as greedy)
+    next_tokens(logits, 1.0, 1.0, top_k=3)
+    kept = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    expected = torch.where(kept, probs, 0.0)
+    torch.testing.assert_close(seen[-1], expected / expected.sum(-1, keepdim=True))
+    next_tokens(logits, 1.0, 1.0, top_k=1)
+    torch.testing.assert_close(seen[-1], torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
     # top_p on a tie: 0.5 of [0.5, 0.25, 0.25] is reached by the first token alone (transformers'
     # TopPLogitsWarper keeps just it too)
     next_tokens(torch.tensor([[2.0, 1.0, 1.0]]).log(), 1.0, 0.5)
