@@ -62,6 +62,7 @@ from rlhf.common import (
 )
 from rlhf.data import drop_too_long, load_preference_pairs, load_rows, read_jsonl, template_lengths
 from rlhf.handoff import check_output_dir, require_stage_output, save_stage, write_jsonl
+from rlhf.settings import scalar_settings
 from rlhf.reward import (
     agreement_with_tests, load_reward_model, preference_metrics, reference_answer, reward_statistics,
     save_reward_normalization, score_conversations,
@@ -116,13 +117,14 @@ def on_policy_pairs(tokenizer, state):
 
     if not (C.RM_ONPOLICY_SAMPLES and C.RM_ONPOLICY_PROMPTS_FILE):
         return [], None
-    path = os.path.join(checkpoint_folder("rm"), "on_policy_pairs.jsonl")
+    path = os.path.join(checkpoint_folder(C.RUNS_DIR, "rm"), "on_policy_pairs.jsonl")
     if state.is_main_process and not (C.RESUME and os.path.exists(path)):
         problems = [p for p in load_problems(C.RM_ONPOLICY_PROMPTS_FILE) if p.record.get("tests") or p.format != "project"]
-        model = load_causal_lm(C.SFT_DIR, for_training=False).to(state.device)
+        model = load_causal_lm(C.SFT_DIR, torch_dtype(C.PRECISION), for_training=False).to(state.device)
         answers = []
         evaluate_model(model, tokenizer, problems, num_samples=C.RM_ONPOLICY_SAMPLES, temperature=1.0, top_p=1.0,
-                       max_new_tokens=C.GEN_MAX_NEW_TOKENS, ks=(), results_out=answers, limits=sandbox_limits())
+                       max_new_tokens=C.GEN_MAX_NEW_TOKENS, ks=(), results_out=answers, limits=sandbox_limits(C),
+                       answers_per_call=C.GEN_BATCH_SIZE)
         del model
         by_task = {}
         for a in answers:
@@ -195,12 +197,13 @@ def main(argv):
     from trl import RewardConfig, RewardTrainer
 
     # ---- model: the SFT model with a new scalar head (num_labels=1), padding known to its config
-    model = load_reward_model(C.SFT_DIR, dtype=torch_dtype(), for_training=True)
+    model = load_reward_model(C.SFT_DIR, dtype=torch_dtype(C.PRECISION), for_training=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # pooling reads the last token that is not padding
-    check_lora_targets(model)
+    check_lora_targets(model, C.USE_LORA, C.LORA_TARGET_MODULES)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "rm")
+    checkpoints, run_settings = checkpoint_folder(C.RUNS_DIR, "rm"), scalar_settings()
     args = RewardConfig(
-        output_dir=staging_folder("rm"),  # checkpoints are moved from there when complete (train_resumable)
+        output_dir=staging_folder(checkpoints),  # checkpoints are moved from there when complete (train_resumable)
         per_device_train_batch_size=C.RM_BATCH_SIZE,
         per_device_eval_batch_size=C.RM_BATCH_SIZE,
         gradient_accumulation_steps=C.RM_GRAD_ACCUM,
@@ -211,21 +214,21 @@ def main(argv):
         remove_unused_columns=False,  # keeps `length` for the sampler; the collator reads only the token ids
         center_rewards_coefficient=C.RM_CENTER_REWARDS_COEF or None,
         disable_dropout=True,
-        **trainer_schedule(C.RM_WARMUP_RATIO),  # cosine after warm-up; log, evaluate and save as SFT does
-        **trainer_args(RewardConfig),  # fp32 on CPU: TRL's bf16 default is ~20x slower here
+        **trainer_schedule(C.RM_WARMUP_RATIO, C.EVAL_EVERY, C.LOG_EVERY),  # cosine after warm-up; log, evaluate, save as SFT
+        **trainer_args(RewardConfig, C),  # fp32 on CPU: TRL's bf16 default is ~20x slower here
     )
     trainer = RewardTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list([{k: v for k, v in p.items() if k != "bug"} for p in evals]),
-        peft_config=lora_config("SEQ_CLS") if C.USE_LORA else None,  # the new score head is trained fully
+        peft_config=lora_config("SEQ_CLS", C) if C.USE_LORA else None,  # the new score head is trained fully
     )
     use_log_line(trainer, "rm", [("loss", "loss"), ("accuracy", "acc"), ("margin", "margin"), ("eval_loss", "eval loss"),
                                  ("eval_accuracy", "eval acc"), ("eval_margin", "eval margin"), ("learning_rate", "lr")])
 
     # ---- train (resuming from the last complete checkpoint of an interrupted run)
     t0 = time.time()
-    result = train_resumable(trainer, "rm", "RM_LR")
+    result = train_resumable(trainer, "rm", "RM_LR", checkpoints, run_settings)
     train_seconds = time.time() - t0
     train_tokens = trainer.state.num_input_tokens_seen or None  # chosen + rejected, padding excluded
 
@@ -277,7 +280,7 @@ def main(argv):
             if onpolicy:  # what the RM was trained on besides RM_TRAIN_FILE, to read
                 write_jsonl(os.path.join(tmp, "onpolicy_pairs.jsonl"), onpolicy)
 
-        save_stage("rm", C.RM_DIR, model, tokenizer, metrics, checkpoint_folder("rm"), also=also,
+        save_stage("rm", C.RM_DIR, model, tokenizer, metrics, checkpoints, run_settings, also=also,
                    extra={"sft_model": C.SFT_DIR},
                    show=("eval_accuracy", "eval_f1", "eval_margin", "heldout_test_agreement", "train_loss",
                          "train_seconds", "train_tokens_per_second"))
