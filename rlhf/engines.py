@@ -114,9 +114,9 @@ def whole_models_loaded(accelerator):
 
 def plain_policy(accelerator, model, dtype, sft_dir, lora):
     """The trained policy as a plain causal LM on the main process (None on the others), its LoRA
-    adapter merged (`lora`: its LoraConfig, None without LoRA). Every process must call it: under ZeRO-3 and FSDP the full state dict
-    is gathered first (accelerator.get_state_dict; ZeRO-3 needs zero3_save_16bit_model), then loaded
-    into a fresh copy of the SFT model (`sft_dir`). One more copy of the policy in CPU memory, at the
+    adapter merged (`lora`: its LoraConfig, None without LoRA). Every process must call it: under
+    ZeRO-3 and FSDP the full state dict is gathered first (accelerator.get_state_dict; ZeRO-3 needs
+    zero3_save_16bit_model), then loaded into a fresh copy of the SFT model (`sft_dir`). One more copy of the policy in CPU memory, at the
     end only."""
     from transformers import AutoModelForCausalLM
 

@@ -237,9 +237,9 @@ def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device, max_ne
 
 
 def run_evaluation(s, step, problems, max_new_tokens, answers_per_call, samples=0, seed_prompt_samples=None):
-    """The policy on held-out `problems` (evaluate; answers_per_call: GEN_BATCH_SIZE), with `samples` the pass@samples of answers
-    sampled at temperature 1, with seed_prompt_samples how often its answers to the natural seed
-    prompts pass. Every process calls it: the main one evaluates (and prints and logs the figures
+    """The policy on held-out `problems` (evaluate; answers_per_call: GEN_BATCH_SIZE), with `samples`
+    the pass@samples of answers sampled at temperature 1, with seed_prompt_samples how often its
+    answers to the natural seed prompts pass. Every process calls it: the main one evaluates (and prints and logs the figures
     at `step`), the others too where the weights are sharded (every forward is then a collective);
     ({}, []) elsewhere and without tasks."""
     accelerator, result, answers, limits = s.accelerator, {}, [], s.reward.sandbox_limits
@@ -289,9 +289,9 @@ def save_checkpoint(accelerator, folder, step, history, run_settings):
 
 def save_policy(s, out_dir, metrics, answers, sft_dir, lora):
     """./ppo_model: the trained policy as a plain causal LM (the SFT model's architecture, its LoRA
-    adapter merged: `lora` is its LoraConfig, None without LoRA), its tokenizer, the metrics with the peak memory (eval_results.json,
-    rlhf_stage.json) and the final evaluation's answers (eval_results.jsonl). Every process calls it
-    (the shards are gathered); the main one writes."""
+    adapter merged: `lora` is its LoraConfig, None without LoRA), its tokenizer, the metrics with
+    the peak memory (eval_results.json, rlhf_stage.json) and the final evaluation's answers
+    (eval_results.jsonl). Every process calls it (the shards are gathered); the main one writes."""
     policy = plain_policy(s.accelerator, s.model, torch.float32, sft_dir, lora)
     if s.accelerator.is_main_process:
         stop_at_end_of_turn(policy, s.tokenizer)
