@@ -85,10 +85,10 @@ def pair_lengths(tokenizer, pairs, source):
     return [max(c, r) for c, r in zip(chosen, rejected)]
 
 
-def score_pairs(model, tokenizer, pairs, device):
-    """(chosen scores, rejected scores) of the pairs, each a float tensor (N,)."""
+def score_pairs(model, tokenizer, pairs, device, batch_size):
+    """(chosen scores, rejected scores) of the pairs, each a float tensor (N,); batch_size: RM_SCORE_BATCH_SIZE."""
     scores = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs] +
-                                 [p["prompt"] + p["rejected"] for p in pairs], C.RM_SCORE_BATCH_SIZE, device)
+                                 [p["prompt"] + p["rejected"] for p in pairs], batch_size, device)
     return scores[:len(pairs)], scores[len(pairs):]
 
 
@@ -153,21 +153,22 @@ def on_policy_pairs(tokenizer, state):
     return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows], passed
 
 
-def sft_failures(state):
+def sft_failures(sft_dir, tasks_file, main_process):
     """(held-out tasks, the SFT model's answers to them) when the SFT stage saved its pass@1
-    answers (SFT_DIR/eval_results.jsonl) for the EVAL_TASKS_FILE that exists now; else None, with a
-    line when the answers are for another task file (SFT evaluated on the validation split, say).
-    Read before training, so that a bad task file stops the run before anything is trained."""
+    answers (`sft_dir`/eval_results.jsonl) for the task file `tasks_file` (EVAL_TASKS_FILE) that
+    exists now; else None, with a line when the answers are for another task file (SFT evaluated on
+    the validation split, say). Read before training, so that a bad task file stops the run before
+    anything is trained."""
     from rlhf.codeeval import load_problems
 
-    path = os.path.join(C.SFT_DIR, "eval_results.jsonl")
-    if not (os.path.exists(path) and C.EVAL_TASKS_FILE):
+    path = os.path.join(sft_dir, "eval_results.jsonl")
+    if not (os.path.exists(path) and tasks_file):
         return None
-    problems, answers = load_problems(C.EVAL_TASKS_FILE), read_jsonl(path)
+    problems, answers = load_problems(tasks_file), read_jsonl(path)
     if {p.task_id for p in problems} & {str(a.get("task_id")) for a in answers}:
         return problems, answers
-    if state.is_main_process:
-        print(f"rm vs tests | no agreement figure: {path} answers none of the tasks of {C.EVAL_TASKS_FILE} "
+    if main_process:
+        print(f"rm vs tests | no agreement figure: {path} answers none of the tasks of {tasks_file} "
               "(pass --EVAL_TASKS_FILE=<the file the SFT stage was evaluated on>)")
     return None
 
@@ -182,7 +183,7 @@ def main(argv):
     train = load_preference_pairs(C.RM_TRAIN_FILE)
     evals = [dict(p, bug=row.get("bug"))  # the kind of pair, for the accuracy by kind (None where the file says none)
              for p, row in zip(load_preference_pairs(C.RM_EVAL_FILE), load_rows(C.RM_EVAL_FILE))]
-    failures = sft_failures(state)
+    failures = sft_failures(C.SFT_DIR, C.EVAL_TASKS_FILE, state.is_main_process)
     onpolicy, onpolicy_passed = on_policy_pairs(tokenizer, state)  # the SFT model's failing answers, tested
     train += onpolicy
     # `length` lets the sampler batch pairs of similar length: each pair is padded to the longest
@@ -241,10 +242,10 @@ def main(argv):
     if state.is_main_process:
         t1 = time.time()
         norm_pairs = spread(train, NORM_PAIRS)
-        train_chosen, train_rejected = score_pairs(model, tokenizer, norm_pairs, state.device)
+        train_chosen, train_rejected = score_pairs(model, tokenizer, norm_pairs, state.device, C.RM_SCORE_BATCH_SIZE)
         stats = reward_statistics(train_chosen, train_rejected, f"both answers of {len(norm_pairs)} of the "
                                                                 f"{len(train)} training pairs (evenly spread)")
-        eval_chosen, eval_rejected = score_pairs(model, tokenizer, evals, state.device)
+        eval_chosen, eval_rejected = score_pairs(model, tokenizer, evals, state.device, C.RM_SCORE_BATCH_SIZE)
         held_out = preference_metrics(eval_chosen, eval_rejected, threshold=stats["mean"])
         on_train = preference_metrics(train_chosen, train_rejected, threshold=stats["mean"])
         held_out.update(accuracy_by_pair_kind(eval_chosen, eval_rejected, [p["bug"] for p in evals]))
