@@ -32,7 +32,7 @@ import torch
 
 import config as C
 from rlhf.checkpoints import diverged
-from rlhf.common import mixed_precision, precision, report_to, run_stage, start_stage
+from rlhf.common import lora_config, mixed_precision, precision, report_to, run_stage, start_stage
 from rlhf.engines import full_weights_for_generation
 from rlhf.generation import generate
 from rlhf.handoff import check_output_dir, require_stage_output
@@ -195,8 +195,8 @@ def main(argv):
     # step_scheduler_with_optimizer=False: one scheduler step per optimizer step; otherwise accelerate
     # steps a prepared scheduler once per process each time (made for a dataloader it split), and on
     # N processes the learning rate would reach 0 after 1/N of the run
-    accelerator = Accelerator(mixed_precision=mixed_precision(), step_scheduler_with_optimizer=False,
-                              log_with=report_to() or None, project_dir=os.path.join(C.RUNS_DIR, "ppo"))
+    accelerator = Accelerator(mixed_precision=mixed_precision(C.PRECISION), step_scheduler_with_optimizer=False,
+                              log_with=report_to(C.REPORT_TO) or None, project_dir=os.path.join(C.RUNS_DIR, "ppo"))
     s = setup(accelerator)
     device, history, group = accelerator.device, s.history, C.PPO_SAMPLES_PER_PROMPT
     accelerator.init_trackers("ppo")
@@ -204,7 +204,7 @@ def main(argv):
     def run_eval(step, final=False):  # held-out tasks: a subset (PPO_EVAL_TASKS) during training, all at the end
         last = final and step == C.PPO_STEPS  # after the last iteration: pass@EVAL_SAMPLES and the seed prompts too
         return run_evaluation(s, step, s.problems if final else s.problems[: C.PPO_EVAL_TASKS or None],
-                              C.GEN_MAX_NEW_TOKENS, samples=C.EVAL_SAMPLES if last else 0,
+                              C.GEN_MAX_NEW_TOKENS, C.GEN_BATCH_SIZE, samples=C.EVAL_SAMPLES if last else 0,
                               seed_prompt_samples=C.SEED_PROMPT_SAMPLES if last else None)
 
     if s.start == 0 and (C.PPO_EVAL_EVERY or 0) > 0:
@@ -213,7 +213,7 @@ def main(argv):
             history.append({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
     bar = tqdm(total=C.PPO_STEPS, initial=s.start, desc="ppo", disable=not accelerator.is_main_process)
-    t_start, episodes, own_logprobs = time.time(), 0, precision() == "fp32"  # the sampler's logprobs (sample)
+    t_start, episodes, own_logprobs = time.time(), 0, precision(C.PRECISION) == "fp32"  # the sampler's logprobs (sample)
     for step in range(s.start + 1, C.PPO_STEPS + 1):
         t0 = time.time()
         # 1. rollout (no gradients): answers, their tests, their logprobs now and under the reference, values
@@ -277,7 +277,7 @@ def main(argv):
         # 5. save: every PPO_SAVE_EVERY iterations and after the last (a kill in the final evaluation then
         # redoes no training)
         if C.PPO_SAVE_EVERY and (step % C.PPO_SAVE_EVERY == 0 or step == C.PPO_STEPS):
-            save_checkpoint(accelerator, s.ckpt_dir, step, history)
+            save_checkpoint(accelerator, s.ckpt_dir, step, history, s.run_settings)
     bar.close()
     seconds = time.time() - t_start
 
@@ -288,7 +288,8 @@ def main(argv):
         **final, **{k: sum(h.get(k, 0.0) for h in last_rows) / len(last_rows) for k in ("kl", "reward_mean",
                                                                                         "response_length")},
         "advantage_estimator": C.PPO_ADVANTAGE, "train_seconds": seconds,
-        "episodes_per_second": episodes / seconds if episodes else None}, answers, C.SFT_DIR, C.USE_LORA)
+        "episodes_per_second": episodes / seconds if episodes else None}, answers, C.SFT_DIR,
+        lora_config("CAUSAL_LM", C) if C.USE_LORA else None)
     accelerator.end_training()
 
 

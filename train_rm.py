@@ -62,6 +62,7 @@ from rlhf.common import (
 )
 from rlhf.data import drop_too_long, load_preference_pairs, load_rows, read_jsonl, template_lengths
 from rlhf.handoff import check_output_dir, require_stage_output, save_stage, write_jsonl
+from rlhf.settings import scalar_settings
 from rlhf.reward import (
     agreement_with_tests, load_reward_model, preference_metrics, reference_answer, reward_statistics,
     save_reward_normalization, score_conversations,
@@ -84,10 +85,10 @@ def pair_lengths(tokenizer, pairs, source):
     return [max(c, r) for c, r in zip(chosen, rejected)]
 
 
-def score_pairs(model, tokenizer, pairs, device):
-    """(chosen scores, rejected scores) of the pairs, each a float tensor (N,)."""
+def score_pairs(model, tokenizer, pairs, device, batch_size):
+    """(chosen scores, rejected scores) of the pairs, each a float tensor (N,); batch_size: RM_SCORE_BATCH_SIZE."""
     scores = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs] +
-                                 [p["prompt"] + p["rejected"] for p in pairs], C.RM_SCORE_BATCH_SIZE, device)
+                                 [p["prompt"] + p["rejected"] for p in pairs], batch_size, device)
     return scores[:len(pairs)], scores[len(pairs):]
 
 
@@ -116,13 +117,14 @@ def on_policy_pairs(tokenizer, state):
 
     if not (C.RM_ONPOLICY_SAMPLES and C.RM_ONPOLICY_PROMPTS_FILE):
         return [], None
-    path = os.path.join(checkpoint_folder("rm"), "on_policy_pairs.jsonl")
+    path = os.path.join(checkpoint_folder(C.RUNS_DIR, "rm"), "on_policy_pairs.jsonl")
     if state.is_main_process and not (C.RESUME and os.path.exists(path)):
         problems = [p for p in load_problems(C.RM_ONPOLICY_PROMPTS_FILE) if p.record.get("tests") or p.format != "project"]
-        model = load_causal_lm(C.SFT_DIR, for_training=False).to(state.device)
+        model = load_causal_lm(C.SFT_DIR, torch_dtype(C.PRECISION), for_training=False).to(state.device)
         answers = []
         evaluate_model(model, tokenizer, problems, num_samples=C.RM_ONPOLICY_SAMPLES, temperature=1.0, top_p=1.0,
-                       max_new_tokens=C.GEN_MAX_NEW_TOKENS, ks=(), results_out=answers, limits=sandbox_limits())
+                       max_new_tokens=C.GEN_MAX_NEW_TOKENS, ks=(), results_out=answers, limits=sandbox_limits(C),
+                       answers_per_call=C.GEN_BATCH_SIZE)
         del model
         by_task = {}
         for a in answers:
@@ -151,21 +153,22 @@ def on_policy_pairs(tokenizer, state):
     return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows], passed
 
 
-def sft_failures(state):
+def sft_failures(sft_dir, tasks_file, main_process):
     """(held-out tasks, the SFT model's answers to them) when the SFT stage saved its pass@1
-    answers (SFT_DIR/eval_results.jsonl) for the EVAL_TASKS_FILE that exists now; else None, with a
-    line when the answers are for another task file (SFT evaluated on the validation split, say).
-    Read before training, so that a bad task file stops the run before anything is trained."""
+    answers (`sft_dir`/eval_results.jsonl) for the task file `tasks_file` (EVAL_TASKS_FILE) that
+    exists now; else None, with a line when the answers are for another task file (SFT evaluated on
+    the validation split, say). Read before training, so that a bad task file stops the run before
+    anything is trained."""
     from rlhf.codeeval import load_problems
 
-    path = os.path.join(C.SFT_DIR, "eval_results.jsonl")
-    if not (os.path.exists(path) and C.EVAL_TASKS_FILE):
+    path = os.path.join(sft_dir, "eval_results.jsonl")
+    if not (os.path.exists(path) and tasks_file):
         return None
-    problems, answers = load_problems(C.EVAL_TASKS_FILE), read_jsonl(path)
+    problems, answers = load_problems(tasks_file), read_jsonl(path)
     if {p.task_id for p in problems} & {str(a.get("task_id")) for a in answers}:
         return problems, answers
-    if state.is_main_process:
-        print(f"rm vs tests | no agreement figure: {path} answers none of the tasks of {C.EVAL_TASKS_FILE} "
+    if main_process:
+        print(f"rm vs tests | no agreement figure: {path} answers none of the tasks of {tasks_file} "
               "(pass --EVAL_TASKS_FILE=<the file the SFT stage was evaluated on>)")
     return None
 
@@ -180,7 +183,7 @@ def main(argv):
     train = load_preference_pairs(C.RM_TRAIN_FILE)
     evals = [dict(p, bug=row.get("bug"))  # the kind of pair, for the accuracy by kind (None where the file says none)
              for p, row in zip(load_preference_pairs(C.RM_EVAL_FILE), load_rows(C.RM_EVAL_FILE))]
-    failures = sft_failures(state)
+    failures = sft_failures(C.SFT_DIR, C.EVAL_TASKS_FILE, state.is_main_process)
     onpolicy, onpolicy_passed = on_policy_pairs(tokenizer, state)  # the SFT model's failing answers, tested
     train += onpolicy
     # `length` lets the sampler batch pairs of similar length: each pair is padded to the longest
@@ -195,12 +198,13 @@ def main(argv):
     from trl import RewardConfig, RewardTrainer
 
     # ---- model: the SFT model with a new scalar head (num_labels=1), padding known to its config
-    model = load_reward_model(C.SFT_DIR, dtype=torch_dtype(), for_training=True)
+    model = load_reward_model(C.SFT_DIR, dtype=torch_dtype(C.PRECISION), for_training=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # pooling reads the last token that is not padding
-    check_lora_targets(model)
+    check_lora_targets(model, C.USE_LORA, C.LORA_TARGET_MODULES)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "rm")
+    checkpoints, run_settings = checkpoint_folder(C.RUNS_DIR, "rm"), scalar_settings()
     args = RewardConfig(
-        output_dir=staging_folder("rm"),  # checkpoints are moved from there when complete (train_resumable)
+        output_dir=staging_folder(checkpoints),  # checkpoints are moved from there when complete (train_resumable)
         per_device_train_batch_size=C.RM_BATCH_SIZE,
         per_device_eval_batch_size=C.RM_BATCH_SIZE,
         gradient_accumulation_steps=C.RM_GRAD_ACCUM,
@@ -211,21 +215,21 @@ def main(argv):
         remove_unused_columns=False,  # keeps `length` for the sampler; the collator reads only the token ids
         center_rewards_coefficient=C.RM_CENTER_REWARDS_COEF or None,
         disable_dropout=True,
-        **trainer_schedule(C.RM_WARMUP_RATIO),  # cosine after warm-up; log, evaluate and save as SFT does
-        **trainer_args(RewardConfig),  # fp32 on CPU: TRL's bf16 default is ~20x slower here
+        **trainer_schedule(C.RM_WARMUP_RATIO, C.EVAL_EVERY, C.LOG_EVERY),  # cosine after warm-up; log, evaluate, save as SFT
+        **trainer_args(RewardConfig, C),  # fp32 on CPU: TRL's bf16 default is ~20x slower here
     )
     trainer = RewardTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list([{k: v for k, v in p.items() if k != "bug"} for p in evals]),
-        peft_config=lora_config("SEQ_CLS") if C.USE_LORA else None,  # the new score head is trained fully
+        peft_config=lora_config("SEQ_CLS", C) if C.USE_LORA else None,  # the new score head is trained fully
     )
     use_log_line(trainer, "rm", [("loss", "loss"), ("accuracy", "acc"), ("margin", "margin"), ("eval_loss", "eval loss"),
                                  ("eval_accuracy", "eval acc"), ("eval_margin", "eval margin"), ("learning_rate", "lr")])
 
     # ---- train (resuming from the last complete checkpoint of an interrupted run)
     t0 = time.time()
-    result = train_resumable(trainer, "rm", "RM_LR")
+    result = train_resumable(trainer, "rm", "RM_LR", checkpoints, run_settings)
     train_seconds = time.time() - t0
     train_tokens = trainer.state.num_input_tokens_seen or None  # chosen + rejected, padding excluded
 
@@ -238,10 +242,10 @@ def main(argv):
     if state.is_main_process:
         t1 = time.time()
         norm_pairs = spread(train, NORM_PAIRS)
-        train_chosen, train_rejected = score_pairs(model, tokenizer, norm_pairs, state.device)
+        train_chosen, train_rejected = score_pairs(model, tokenizer, norm_pairs, state.device, C.RM_SCORE_BATCH_SIZE)
         stats = reward_statistics(train_chosen, train_rejected, f"both answers of {len(norm_pairs)} of the "
                                                                 f"{len(train)} training pairs (evenly spread)")
-        eval_chosen, eval_rejected = score_pairs(model, tokenizer, evals, state.device)
+        eval_chosen, eval_rejected = score_pairs(model, tokenizer, evals, state.device, C.RM_SCORE_BATCH_SIZE)
         held_out = preference_metrics(eval_chosen, eval_rejected, threshold=stats["mean"])
         on_train = preference_metrics(train_chosen, train_rejected, threshold=stats["mean"])
         held_out.update(accuracy_by_pair_kind(eval_chosen, eval_rejected, [p["bug"] for p in evals]))
@@ -277,7 +281,7 @@ def main(argv):
             if onpolicy:  # what the RM was trained on besides RM_TRAIN_FILE, to read
                 write_jsonl(os.path.join(tmp, "onpolicy_pairs.jsonl"), onpolicy)
 
-        save_stage("rm", C.RM_DIR, model, tokenizer, metrics, checkpoint_folder("rm"), also=also,
+        save_stage("rm", C.RM_DIR, model, tokenizer, metrics, checkpoints, run_settings, also=also,
                    extra={"sft_model": C.SFT_DIR},
                    show=("eval_accuracy", "eval_f1", "eval_margin", "heldout_test_agreement", "train_loss",
                          "train_seconds", "train_tokens_per_second"))

@@ -29,17 +29,19 @@ import os
 import time
 
 import config as C
+from rlhf.base_model import resolve_base_model
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
 from rlhf.codeeval import (
     evaluate_model, load_problems, pass_at_1_metrics, sampled_pass_at_k, sandbox_limits, seed_prompt_passes,
 )
 from rlhf.common import (
     check_lora_targets, fit_embeddings, head_scales_logits, load_causal_lm, load_tokenizer, lora_config,
-    merge_lora_weights, resolve_base_model, run_stage, start_stage, stop_at_end_of_turn, trainer_args, trainer_schedule,
+    merge_lora_weights, run_stage, start_stage, stop_at_end_of_turn, torch_dtype, trainer_args, trainer_schedule,
     use_log_line,
 )
 from rlhf.data import conversation, drop_too_long, load_sft_examples, sft_rows, template_lengths
 from rlhf.handoff import check_output_dir, save_stage, write_jsonl
+from rlhf.settings import scalar_settings
 
 
 def token_lengths(tokenizer, examples, source="SFT data"):
@@ -112,18 +114,18 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, answer_only_head=Tru
         # batches of similar lengths waste little on padding
         packing=C.PACKING,
         train_sampling_strategy="random" if C.PACKING else "group_by_length",
-        **trainer_schedule(C.WARMUP_RATIO),  # cosine after warm-up; log, evaluate and save as RM does
+        **trainer_schedule(C.WARMUP_RATIO, C.EVAL_EVERY, C.LOG_EVERY),  # cosine after warm-up; log, evaluate, save as RM does
         # with early stopping the checkpoint of lowest held-out loss is kept and loaded at the end
         load_best_model_at_end=C.SFT_EARLY_STOP_PATIENCE > 0,
         metric_for_best_model="eval_loss",
     )
-    fields.update(trainer_args(SFTConfig), **overrides)
+    fields.update(trainer_args(SFTConfig, C), **overrides)
     fields["load_best_model_at_end"] &= fields["eval_strategy"] != "no"  # no evaluations, nothing to stop on
     args = SFTConfig(**fields)
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(sft_rows(tokenizer, train)), eval_dataset=Dataset.from_list(sft_rows(tokenizer, evals)),
-        peft_config=lora_config("CAUSAL_LM") if C.USE_LORA else None,
+        peft_config=lora_config("CAUSAL_LM", C) if C.USE_LORA else None,
         callbacks=[EarlyStoppingCallback(C.SFT_EARLY_STOP_PATIENCE)] if args.load_best_model_at_end else None,
     )
     if answer_only_head:  # on the model TRL patched (under the LoRA wrapper when there is one)
@@ -152,7 +154,7 @@ def main(argv):
     if C.SFT_EVAL_PASS_AT_1 and C.EVAL_TASKS_FILE:  # a file or hub id; one that cannot be read stops the run
         problems = load_problems(C.EVAL_TASKS_FILE)[: C.EVAL_MAX_TASKS or None]
     seed_problems = load_problems(C.SEED_PROMPTS_FILE) if problems and C.SEED_PROMPT_SAMPLES and C.SEED_PROMPTS_FILE else []
-    base = resolve_base_model()
+    base = resolve_base_model(C)
     tokenizer = load_tokenizer(base, C.CHAT_TEMPLATE)  # chatml: ChatML in place of the model's own
     train = drop_too_long(train, token_lengths(tokenizer, train, C.SFT_TRAIN_FILE), C.MAX_LEN, C.SFT_TRAIN_FILE)
     evals = drop_too_long(evals, token_lengths(tokenizer, evals, C.SFT_EVAL_FILE), C.MAX_LEN, C.SFT_EVAL_FILE)
@@ -160,18 +162,19 @@ def main(argv):
         print(f"data: {len(train)} train / {len(evals)} eval conversations")
 
     # ---- model
-    model = load_causal_lm(base)
+    model = load_causal_lm(base, torch_dtype(C.PRECISION), qlora=C.QLORA, gradient_checkpointing=C.GRADIENT_CHECKPOINTING)
     fit_embeddings(model, tokenizer, C.USE_LORA)  # room for the tokens CHAT_TEMPLATE=chatml added
-    check_lora_targets(model)
+    check_lora_targets(model, C.USE_LORA, C.LORA_TARGET_MODULES)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "sft")
     # checkpoints are written to the staging folder and moved when complete (train_resumable)
-    trainer = sft_trainer(model, tokenizer, train, evals, staging_folder("sft"))
+    checkpoints, run_settings = checkpoint_folder(C.RUNS_DIR, "sft"), scalar_settings()
+    trainer = sft_trainer(model, tokenizer, train, evals, staging_folder(checkpoints))
     use_log_line(trainer, "sft", [("loss", "loss"), ("eval_loss", "eval loss"), ("mean_token_accuracy", "acc"),
                                   ("eval_mean_token_accuracy", "eval acc"), ("learning_rate", "lr")])
 
     # ---- train (resuming from the last complete checkpoint of an interrupted run)
     t0 = time.time()
-    result = train_resumable(trainer, "sft", "LR")
+    result = train_resumable(trainer, "sft", "LR", checkpoints, run_settings)
     train_seconds = time.time() - t0
 
     # ---- held-out loss and token accuracy of the model training ended with
@@ -190,31 +193,32 @@ def main(argv):
               f"{trainer.state.best_model_checkpoint}, trained {metrics['epochs_trained']} of {C.EPOCHS} epochs")
     model = trainer.model
     if C.USE_LORA:  # a plain model: RM, PPO and transformers load it as is (QLoRA: merged into a full-precision base)
-        model = merge_lora_weights(base, model.state_dict()) if C.QLORA else model.merge_and_unload()
+        model = (merge_lora_weights(base, model.state_dict(), lora_config("CAUSAL_LM", C), torch_dtype(C.PRECISION))
+                 if C.QLORA else model.merge_and_unload())
     model.eval()
     stop_at_end_of_turn(model, tokenizer)
 
     # ---- pass@1 on held-out code tasks, run in the sandbox
     answers = []  # per task: the answer and its verdict (saved as eval_results.jsonl)
     if problems is not None and state.is_main_process:
-        limits = sandbox_limits()
+        limits, per_call = sandbox_limits(C), C.GEN_BATCH_SIZE
         summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS,
-                                 results_out=answers, limits=limits)
+                                 results_out=answers, limits=limits, answers_per_call=per_call)
         metrics.update(pass_at_1_metrics(summary))
         metrics["eval_tasks"] = len(problems)
         if C.EVAL_SAMPLES:  # pass@k of sampled answers: the headroom above greedy pass@1 that PPO can use
             metrics.update(sampled_pass_at_k(model, tokenizer, problems, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
-                                             limits=limits))
+                                             limits=limits, answers_per_call=per_call))
         # the natural prompts, asked as a user asks
         metrics.update(seed_prompt_passes(model, tokenizer, seed_problems, C.SEED_PROMPT_SAMPLES,
-                                          C.GEN_MAX_NEW_TOKENS, limits=limits))
+                                          C.GEN_MAX_NEW_TOKENS, limits=limits, answers_per_call=per_call))
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
         print("no pass@1: EVAL_TASKS_FILE is empty (set it, or SFT_EVAL_PASS_AT_1=False)")
 
     # ---- save ./sft_model (main process; atomic, with metadata)
     if state.is_main_process:
         metrics["log_history"] = trainer.state.log_history
-        save_stage("sft", C.SFT_DIR, model, tokenizer, metrics, checkpoint_folder("sft"),
+        save_stage("sft", C.SFT_DIR, model, tokenizer, metrics, checkpoints, run_settings,
                    also=lambda tmp: write_jsonl(os.path.join(tmp, "eval_results.jsonl"), answers) if answers else None)
     state.wait_for_everyone()
 

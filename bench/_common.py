@@ -171,5 +171,6 @@ def held_out(policy_dir, tasks_file, max_tasks=None):
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     problems = load_problems(tasks_file)[:max_tasks]
     summary, _ = evaluate(policy, load_tokenizer(C.SFT_DIR), load_reward_model(C.RM_DIR), load_tokenizer(C.RM_DIR),
-                          load_reward_normalization(C.RM_DIR), problems, "cpu", C.GEN_MAX_NEW_TOKENS, sandbox_limits())
+                          load_reward_normalization(C.RM_DIR), problems, "cpu", C.GEN_MAX_NEW_TOKENS, sandbox_limits(C),
+                          C.GEN_BATCH_SIZE)
     return summary

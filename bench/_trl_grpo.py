@@ -65,7 +65,7 @@ def unit_test_reward(asked, scored):
     from rlhf.ppo_setup import reward_mix
     from rlhf.reward import exec_rewards
 
-    mix = reward_mix()
+    mix = reward_mix(C)
 
     def unit_tests(prompts, completions, row, **kwargs):
         texts = [c[-1]["content"] for c in completions]

@@ -33,11 +33,11 @@ DEFAULTS = {"estimators": "gae,grpo,rloo", "seeds": "42,1,2", "tasks": "data/val
 def pass_at_1(model_dir, tasks):
     """Greedy pass@1 of the model in `model_dir` on `tasks` (the SFT model: where every run starts)."""
     from rlhf.codeeval import evaluate_model, load_problems, sandbox_limits
-    from rlhf.common import load_causal_lm, load_tokenizer
+    from rlhf.common import load_causal_lm, load_tokenizer, torch_dtype
 
-    model = load_causal_lm(model_dir, for_training=False)
+    model = load_causal_lm(model_dir, torch_dtype(C.PRECISION), for_training=False)
     summary = evaluate_model(model, load_tokenizer(model_dir), load_problems(tasks), max_new_tokens=C.GEN_MAX_NEW_TOKENS,
-                             ks=(1,), progress=False, limits=sandbox_limits())
+                             ks=(1,), progress=False, limits=sandbox_limits(C), answers_per_call=C.GEN_BATCH_SIZE)
     return summary["pass@1"]
 
 

@@ -55,15 +55,21 @@ FIXES = {  # name -> sft_trainer keywords (SFTConfig fields, or answer_only_head
 
 def sft_setup():
     """Model, tokenizer and data exactly as train_sft.py prepares them."""
-    from rlhf.common import load_causal_lm, load_tokenizer, resolve_base_model
+    import functools
+
+    from rlhf.base_model import resolve_base_model
+    from rlhf.common import load_causal_lm, load_tokenizer, torch_dtype
     from rlhf.data import drop_too_long, load_sft_examples
     from train_sft import token_lengths
 
-    base = resolve_base_model()
+    base = resolve_base_model(C)
     tokenizer = load_tokenizer(base)
     train = load_sft_examples(C.SFT_TRAIN_FILE)
     train = drop_too_long(train, token_lengths(tokenizer, train), C.MAX_LEN, C.SFT_TRAIN_FILE)
-    return base, tokenizer, train, load_causal_lm
+    # the base model for training, loaded as train_sft.py loads it
+    load = functools.partial(load_causal_lm, base, torch_dtype(C.PRECISION), qlora=C.QLORA,
+                             gradient_checkpointing=C.GRADIENT_CHECKPOINTING)
+    return base, tokenizer, train, load
 
 
 def run_sft(steps, warmup, out, profile_steps=0, **overrides):
@@ -76,8 +82,8 @@ def run_sft(steps, warmup, out, profile_steps=0, **overrides):
     from train_sft import sft_trainer
 
     seed_everything(C.SEED)
-    base, tokenizer, train, load_causal_lm = sft_setup()
-    model = load_causal_lm(base)
+    base, tokenizer, train, load_base = sft_setup()
+    model = load_base()
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(out, "runs")
     trainer = sft_trainer(model, tokenizer, train, train[:8], out, max_steps=warmup + steps,
                           save_strategy="no", eval_strategy="no", disable_tqdm=True, **overrides)
@@ -270,12 +276,10 @@ def main(argv):
                              "update_share": update_seconds / seconds, "flop_params": [n_pol, n_crit],
                              "flops_per_response_token": per_token, "history": history}
     if "ceiling" in only and "sft" in result:  # the SFT step's own matrix products, timed alone
-        from rlhf.common import load_causal_lm
-
         sft = result["sft"]
         rows = round(sft["mean_padded_length"] * C.BATCH_SIZE)
         answer_rows = round(sft["useful_tokens"] / sft["steps"])
-        seconds, flops = gemm_ceiling(load_causal_lm(sft_setup()[0]), rows, answer_rows)
+        seconds, flops = gemm_ceiling(sft_setup()[3](), rows, answer_rows)
         result["sft_gemm_ceiling"] = {"rows": rows, "answer_rows": answer_rows, "seconds": seconds, "flops": flops,
                                       "gemm_flops_per_second": flops / seconds,
                                       "useful_tokens_per_second": answer_rows / seconds}

@@ -23,7 +23,8 @@ import sys
 
 import _common
 import config as C
-from rlhf.common import load_tokenizer, resolve_base_model, seed_everything, trainer_args
+from rlhf.base_model import resolve_base_model
+from rlhf.common import load_tokenizer, seed_everything, trainer_args
 from rlhf.data import load_preference_pairs
 from rlhf.settings import apply_overrides
 
@@ -40,7 +41,7 @@ def common_args(steps, out):
     """The fields both runs share; precision etc. as the stages set them (fp32 on CPU)."""
     from trl import RewardConfig
 
-    fields = trainer_args(RewardConfig)
+    fields = trainer_args(RewardConfig, C)
     fields.update(report_to=[])
     return dict(output_dir=out, max_steps=steps, logging_steps=10**6, save_strategy="no", eval_strategy="no",
                 learning_rate=1e-4, disable_tqdm=True, **fields)
@@ -102,7 +103,7 @@ def main(argv):
 
     import torch
 
-    model_path = resolve_base_model()
+    model_path = resolve_base_model(C)
     tokenizer = load_tokenizer(model_path)
     pairs = load_preference_pairs(C.RM_TRAIN_FILE)
     load_before = os.getloadavg()

@@ -61,14 +61,15 @@ def main():
 def time_limits(model_dir, limits, task_files, workers):
     import config as C
     from rlhf import codeeval
-    from rlhf.common import load_causal_lm, load_tokenizer, seed_everything
+    from rlhf.common import load_causal_lm, load_tokenizer, seed_everything, torch_dtype
 
-    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    model, tokenizer = load_causal_lm(model_dir, torch_dtype(C.PRECISION)), load_tokenizer(model_dir)
     for path in task_files:
         problems = codeeval.load_problems(path)
         seed_everything(C.SEED)
         texts = codeeval.generate_completions(model, tokenizer, [p.messages() for p in problems], C.GEN_MAX_NEW_TOKENS,
-                                              num_samples=8, temperature=1.0, top_p=1.0, progress=False)
+                                              num_samples=8, temperature=1.0, top_p=1.0, progress=False,
+                                              answers_per_call=C.GEN_BATCH_SIZE)
         jobs = {}
         for p, answers in zip(problems, texts):
             for text in answers:

@@ -30,11 +30,12 @@ def make_models(size, folder):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf.common import load_tokenizer, resolve_base_model
+    from rlhf.base_model import resolve_base_model
+    from rlhf.common import load_tokenizer
     from rlhf.handoff import STAGE_INFO_FILE, save_tokenizer, write_json
     from rlhf.reward import load_reward_model, save_reward_normalization
 
-    base = resolve_base_model()
+    base = resolve_base_model(C)
     hidden, layers = (int(x) for x in size.split("x"))
     config = AutoConfig.from_pretrained(base)
     heads = max(1, hidden // 32)

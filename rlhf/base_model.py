@@ -3,16 +3,16 @@ and Python's own standard library, a ChatML chat template, and a small randomly 
 Qwen2 causal LM. It is an ordinary Hugging Face folder, so every stage runs the same code path
 it runs for Qwen2.5-Coder; SFT is what teaches it to write code.
 
-train_sft.py builds it when MODEL_NAME is the embedded default (BASE_MODEL_DIR) and the folder
-does not exist yet; its size is set by the BASE_* constants in config.py.
+train_sft.py builds it (resolve_base_model) when MODEL_NAME is the embedded default (BASE_MODEL_DIR)
+and the folder does not exist yet; its size is set by the BASE_* constants in config.py.
 """
 
 import os
 import random
 import sysconfig
 
-import config as C
 from rlhf.data import read_jsonl
+from rlhf.settings import UserError
 
 # ChatML, as Qwen2.5 uses, with no system turn. EOS is <|im_end|>; padding has its own token
 # so that masking padding never masks EOS (a policy whose EOS is masked never learns to stop).
@@ -114,38 +114,37 @@ def build_tokenizer(texts, vocab_size):
     return hf
 
 
-def build_base_model(out_dir=None, data_files=None, vocab_size=None, hidden=None, layers=None,
-                     heads=None, kv_heads=None, intermediate=None, max_positions=None,
-                     stdlib_bytes=3_000_000, seed=None):
+def build_base_model(out_dir, settings, data_files=None, stdlib_bytes=3_000_000):
     """Build tokenizer + random Qwen2 model and save them to `out_dir`. Returns out_dir.
 
-    Arguments default to the BASE_* constants of config.py; tests pass tiny sizes."""
+    Sizes, seed and answer length come from the BASE_*, SEED and GEN_MAX_NEW_TOKENS of `settings`
+    (config.py's module in a stage; tests pass tiny sizes); the tokenizer is trained on `data_files`
+    (default: its SFT_TRAIN_FILE, RM_TRAIN_FILE and PPO_PROMPTS_FILE) and some standard library."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    out_dir = out_dir or C.BASE_MODEL_DIR
     if data_files is None:
-        data_files = [C.SFT_TRAIN_FILE, C.RM_TRAIN_FILE, C.PPO_PROMPTS_FILE]
-    tokenizer = build_tokenizer(corpus_texts(data_files, stdlib_bytes), vocab_size or C.BASE_VOCAB_SIZE)
+        data_files = [settings.SFT_TRAIN_FILE, settings.RM_TRAIN_FILE, settings.PPO_PROMPTS_FILE]
+    tokenizer = build_tokenizer(corpus_texts(data_files, stdlib_bytes), settings.BASE_VOCAB_SIZE)
 
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=hidden or C.BASE_HIDDEN,
-        num_hidden_layers=layers or C.BASE_LAYERS,
-        num_attention_heads=heads or C.BASE_HEADS,
-        num_key_value_heads=kv_heads or C.BASE_KV_HEADS,
-        intermediate_size=intermediate or C.BASE_INTERMEDIATE,
-        max_position_embeddings=max_positions or C.BASE_MAX_POSITIONS,
+        hidden_size=settings.BASE_HIDDEN,
+        num_hidden_layers=settings.BASE_LAYERS,
+        num_attention_heads=settings.BASE_HEADS,
+        num_key_value_heads=settings.BASE_KV_HEADS,
+        intermediate_size=settings.BASE_INTERMEDIATE,
+        max_position_embeddings=settings.BASE_MAX_POSITIONS,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         attention_dropout=0.0,
     )
-    torch.manual_seed(C.SEED if seed is None else seed)
+    torch.manual_seed(settings.SEED)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=C.GEN_MAX_NEW_TOKENS,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=settings.GEN_MAX_NEW_TOKENS,
     )
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -160,3 +159,24 @@ def build_base_model(out_dir=None, data_files=None, vocab_size=None, hidden=None
     print(f"built the embedded base model in {out_dir}: {n_params / 1e6:.1f}M parameters, "
           f"vocabulary {len(tokenizer)}")
     return out_dir
+
+
+def resolve_base_model(settings):
+    """The folder or hub id of the base model MODEL_NAME of `settings` (config.py's module in a
+    stage) names. Builds the embedded default (build_base_model) when it is what MODEL_NAME names
+    and it does not exist yet."""
+    name = settings.MODEL_NAME
+    if os.path.normpath(name) == os.path.normpath(settings.BASE_MODEL_DIR) and not os.path.exists(
+            os.path.join(name, "config.json")):
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.is_main_process:
+            build_base_model(name, settings)
+        state.wait_for_everyone()
+        return name
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and os.path.exists(name.split(os.sep)[0])
+    if looks_local and not os.path.exists(os.path.join(os.path.expanduser(name), "config.json")):
+        raise UserError(f"MODEL_NAME {name!r} is not a model folder (no config.json there); "
+                        "give a hub id or a folder saved with save_pretrained")
+    return name

@@ -6,22 +6,21 @@ import json
 import os
 import shutil
 
-import config as C
 from rlhf.handoff import disk_full_is_an_error, write_json
-from rlhf.settings import UserError, scalar_settings
+from rlhf.settings import UserError
 
 CHECKPOINT_MARKER = "rlhf_checkpoint.json"  # written into a Trainer checkpoint before it is renamed into place
 
 
-def checkpoint_folder(stage):
-    """Where a stage keeps its checkpoints while it runs (removed once its output is saved)."""
-    return os.path.join(C.RUNS_DIR, stage, "checkpoints")
+def checkpoint_folder(runs_dir, stage):
+    """Where a stage keeps its checkpoints while it runs (removed once its output is saved); runs_dir: RUNS_DIR."""
+    return os.path.join(runs_dir, stage, "checkpoints")
 
 
-def staging_folder(stage):
+def staging_folder(checkpoints):
     """The Trainer's output_dir: it writes checkpoint-N here, in place; atomic_checkpoints moves
-    each finished one into checkpoint_folder(stage)."""
-    return os.path.join(checkpoint_folder(stage), ".saving")
+    each finished one into the checkpoint folder `checkpoints`."""
+    return os.path.join(checkpoints, ".saving")
 
 
 def complete_checkpoints(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
@@ -40,10 +39,12 @@ def last_checkpoint(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
     return found[max(found)] if found else None
 
 
-def resume_from(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
+def resume_from(folder, run_settings, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
     """The checkpoint this run continues from (None: from the start). What a kill mid-save left in
     `folder` (a temporary folder, a checkpoint without its marker) is removed with a line, never
-    resumed from. With RESUME=false the complete checkpoints stay until this run's first save."""
+    resumed from. run_settings: this run's settings {NAME: value} (rlhf.settings.scalar_settings);
+    with RESUME false the complete checkpoints stay until this run's first save, else a line names
+    the settings that differ from the checkpoint's."""
     from accelerate import PartialState
 
     main = PartialState().is_main_process
@@ -55,7 +56,7 @@ def resume_from(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
             if os.listdir(path):  # (the Trainer creates its empty staging folder itself)
                 print(f"removing {path}: an incomplete checkpoint (the run was stopped while saving it)")
             shutil.rmtree(path, ignore_errors=True)
-    if last and not C.RESUME:
+    if last and not run_settings["RESUME"]:
         if main:
             print(f"RESUME is false: starting over; {last} is replaced at this run's first checkpoint")
         return None
@@ -63,8 +64,8 @@ def resume_from(folder, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):
         print(f"resuming from {last} (step {last[len(os.path.join(folder, prefix)):]})")
         with open(os.path.join(last, marker)) as f:
             saved = json.load(f).get("settings", {})
-        changed = [f"{k}={v!r} (now {getattr(C, k)!r})" for k, v in saved.items()
-                   if k not in ("RESUME", "OVERWRITE") and hasattr(C, k) and getattr(C, k) != v]
+        changed = [f"{k}={v!r} (now {run_settings[k]!r})" for k, v in saved.items()
+                   if k not in ("RESUME", "OVERWRITE") and k in run_settings and run_settings[k] != v]
         if changed:
             print(f"note: the checkpoint was made with {', '.join(changed)}; its optimizer, learning rate "
                   "and place in the data win: --RESUME=false to start over with the new settings")
@@ -80,13 +81,14 @@ def diverged(stage, step, detail, folder, lr_setting, marker=CHECKPOINT_MARKER, 
                      "checkpoint's learning rate)")
 
 
-def atomic_checkpoints(folder):
+def atomic_checkpoints(folder, run_settings):
     """A Trainer callback that makes its checkpoints atomic. The Trainer writes checkpoint-N in place
     (into its output_dir, staging_folder), so a kill mid-save would leave a half folder that
     transformers' get_last_checkpoint takes for a good one. on_save runs once the Trainer has
     written everything (transformers 5.24 `_maybe_log_save_evaluate`: `_save_checkpoint` - model,
     optimizer, scheduler, RNG states, trainer_state.json - then `on_save`); this callback then adds
-    the marker, renames the checkpoint into `folder` (one atomic step) and removes the older ones."""
+    the marker (with `run_settings`, which resume_from compares), renames the checkpoint into
+    `folder` (one atomic step) and removes the older ones."""
     from accelerate import PartialState
     from transformers import TrainerCallback
 
@@ -109,7 +111,7 @@ def atomic_checkpoints(folder):
             if state.is_world_process_zero:
                 name = f"checkpoint-{state.global_step}"
                 staged, final = os.path.join(args.output_dir, name), os.path.join(folder, name)
-                write_json(os.path.join(staged, CHECKPOINT_MARKER), {"step": state.global_step, "settings": scalar_settings()})
+                write_json(os.path.join(staged, CHECKPOINT_MARKER), {"step": state.global_step, "settings": run_settings})
                 shutil.rmtree(final, ignore_errors=True)  # the same step from a run with RESUME=false
                 os.replace(staged, final)
                 best = os.path.basename(state.best_model_checkpoint or "")
@@ -143,13 +145,13 @@ def stop_when_diverged(stage, folder, lr_setting):
     return StopWhenDiverged
 
 
-def train_resumable(trainer, stage, lr_setting):
-    """trainer.train() for a TRL stage: atomic checkpoints in checkpoint_folder(stage), resumed from
-    the last complete one (RESUME), one line for divergence or a full disk. Returns train()'s result."""
-    folder = checkpoint_folder(stage)
-    trainer.add_callback(atomic_checkpoints(folder))
+def train_resumable(trainer, stage, lr_setting, folder, run_settings):
+    """trainer.train() for a TRL stage whose output_dir is staging_folder(folder): atomic checkpoints
+    in `folder`, resumed from the last complete one (resume_from: RESUME of `run_settings`), one line
+    for divergence or a full disk. Returns train()'s result."""
+    trainer.add_callback(atomic_checkpoints(folder, run_settings))
     trainer.add_callback(stop_when_diverged(stage, folder, lr_setting))
-    last = resume_from(folder)
+    last = resume_from(folder, run_settings)
     kept = "the last complete checkpoint is kept and a rerun resumes from it"
-    with disk_full_is_an_error(f"a checkpoint under {folder}", staging_folder(stage), kept):
+    with disk_full_is_an_error(f"a checkpoint under {folder}", staging_folder(folder), kept):
         return trainer.train(resume_from_checkpoint=last)

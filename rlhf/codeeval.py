@@ -28,7 +28,6 @@ import re
 
 import numpy as np
 
-import config as C
 from rlhf import data, sandbox
 from rlhf.settings import UserError
 
@@ -335,12 +334,13 @@ def extract_code(text: str) -> str:
     return m.group(1).rstrip("\n") if m else text
 
 
-def sandbox_limits() -> sandbox.Limits:
-    """The SANDBOX_* settings as the sandbox's Limits: read once in each stage's main() or set-up and
-    passed to score_samples, evaluate_model and the PPO reward."""
-    return sandbox.Limits(mode=C.SANDBOX_MODE, timeout_s=C.SANDBOX_TIMEOUT_S, memory_mb=C.SANDBOX_MEMORY_MB,
-                          disk_mb=C.SANDBOX_DISK_MB, file_size_mb=C.SANDBOX_FILE_SIZE_MB,
-                          max_procs=C.SANDBOX_MAX_PROCS)
+def sandbox_limits(settings) -> sandbox.Limits:
+    """The SANDBOX_* settings (of `settings`: config.py's module in a stage) as the sandbox's Limits:
+    made once in each stage's main() or set-up and passed to score_samples, evaluate_model and the
+    PPO reward."""
+    return sandbox.Limits(mode=settings.SANDBOX_MODE, timeout_s=settings.SANDBOX_TIMEOUT_S,
+                          memory_mb=settings.SANDBOX_MEMORY_MB, disk_mb=settings.SANDBOX_DISK_MB,
+                          file_size_mb=settings.SANDBOX_FILE_SIZE_MB, max_procs=settings.SANDBOX_MAX_PROCS)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -399,16 +399,17 @@ def pass_at_1_metrics(summary: dict) -> dict:
 
 def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_new_tokens: int,
                          num_samples: int = 1, temperature: float | None = None,
-                         top_p: float = 0.95, batch_size: int | None = None, progress: bool = True,
+                         top_p: float = 0.95, answers_per_call: int | None = None, progress: bool = True,
                          top_k: int = 0) -> list[list[str]]:
     """num_samples completions per conversation: greedy when temperature is None or 0, else
     sampled from softmax(logits / temperature) cut to top_k (0: no cut) and top_p; nothing of the
     checkpoint's generation_config applies (no repetition penalty).
 
-    Prompts use the tokenizer's chat template with the generation prompt, left padded, `batch_size`
-    conversations per call (default: GEN_BATCH_SIZE answers a call; on CPU more rows a call are
-    faster, up to the 512 measured: bench/README.md, "Evaluation inside the stages"); rows that have
-    ended leave the batch, and a prompt asked several times is read once (rlhf.generation).
+    Prompts use the tokenizer's chat template with the generation prompt, left padded, about
+    `answers_per_call` answers per call (GEN_BATCH_SIZE, in whole conversations; None: all in one
+    call; on CPU more rows a call are faster, up to the 512 measured: bench/README.md, "Evaluation
+    inside the stages"); rows that have ended leave the batch, and a prompt asked several times is
+    read once (rlhf.generation).
     """
     from tqdm.auto import tqdm
 
@@ -421,7 +422,7 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in end_of_turn_ids(tokenizer):
         raise ValueError("generate_completions needs a pad token that ends no turn: load the tokenizer with load_tokenizer")
     stop_ids = end_of_turn_ids(tokenizer, model)
-    batch_size = batch_size or max(1, C.GEN_BATCH_SIZE // num_samples)
+    batch_size = max(1, answers_per_call // num_samples if answers_per_call else len(messages_list))
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
              for m in messages_list]
     device = next(model.parameters()).device
@@ -446,7 +447,7 @@ def generate_completions(model, tokenizer, messages_list: list[list[dict]], max_
 
 def evaluate_model(model, tokenizer, problems: list[Problem], num_samples: int = 1,
                    temperature: float | None = None, max_new_tokens: int = 256,
-                   batch_size: int | None = None, ks=(1, 10, 100), workers: int | None = None,
+                   answers_per_call: int | None = None, ks=(1, 10, 100), workers: int | None = None,
                    progress: bool = True, results_out: list | None = None, top_p: float = 0.95,
                    limits: sandbox.Limits = sandbox.Limits()) -> dict:
     """Generate, extract code, run the tests; returns the summary (pass@k, counts, statuses).
@@ -454,7 +455,7 @@ def evaluate_model(model, tokenizer, problems: list[Problem], num_samples: int =
     Per-sample results (score_samples) are appended to `results_out` when given.
     """
     texts = generate_completions(model, tokenizer, [p.messages() for p in problems], max_new_tokens,
-                                 num_samples, temperature, top_p, batch_size=batch_size, progress=progress)
+                                 num_samples, temperature, top_p, answers_per_call=answers_per_call, progress=progress)
     samples = [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
                for p, outs in zip(problems, texts) for t in outs]
     summary, results = score_samples(problems, samples, ks, workers, progress, limits)
@@ -464,18 +465,21 @@ def evaluate_model(model, tokenizer, problems: list[Problem], num_samples: int =
 
 
 def sampled_pass_at_k(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
-                      progress: bool = True, limits: sandbox.Limits = sandbox.Limits()) -> dict:
+                      progress: bool = True, limits: sandbox.Limits = sandbox.Limits(),
+                      answers_per_call: int | None = None) -> dict:
     """{"pass_at_<samples>": ...}: `samples` answers per task from plain softmax (temperature 1,
     top_p 1), pass@k with k = samples (Chen et al. 2021's unbiased estimator at n = k: the share of
     tasks with at least one passing answer). Far above greedy pass@1, it is what PPO can still turn
     into pass@1; close to it, PPO has little to learn from (docs/RESULTS.md)."""
     summary = evaluate_model(model, tokenizer, problems, num_samples=samples, temperature=1.0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, ks=(samples,), progress=progress, limits=limits)
+                             max_new_tokens=max_new_tokens, ks=(samples,), progress=progress, limits=limits,
+                             answers_per_call=answers_per_call)
     return {f"pass_at_{samples}": summary[f"pass@{samples}"]}
 
 
 def seed_prompt_passes(model, tokenizer, problems: list[Problem], samples: int, max_new_tokens: int,
-                       progress: bool = True, limits: sandbox.Limits = sandbox.Limits()) -> dict:
+                       progress: bool = True, limits: sandbox.Limits = sandbox.Limits(),
+                       answers_per_call: int | None = None) -> dict:
     """{"seed_prompt_passes": {prompt: passing answers}, "seed_prompt_samples": samples}: each
     natural prompt of `problems` (SEED_PROMPTS_FILE, e.g. "用Python实现快速排序算法") asked `samples`
     times the way a user's generate call asks it (temperature 0.7, top_p 0.95, and transformers'
@@ -486,7 +490,8 @@ def seed_prompt_passes(model, tokenizer, problems: list[Problem], samples: int, 
     if not samples or not problems:
         return {}
     texts = generate_completions(model, tokenizer, [p.messages() for p in problems], max_new_tokens, samples,
-                                 temperature=0.7, top_p=0.95, top_k=50, progress=progress)
+                                 temperature=0.7, top_p=0.95, top_k=50, progress=progress,
+                                 answers_per_call=answers_per_call)
     answers = [{"task_id": p.task_id, "completion": named_as_asked(completion_for(p, t), p.record.get("entry_point"))}
                for p, outs in zip(problems, texts) for t in outs]
     _, results = score_samples(problems, answers, ks=(1,), progress=progress, limits=limits)

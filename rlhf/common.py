@@ -12,7 +12,7 @@ import time
 import config as C
 from rlhf.handoff import STAGE_COMMANDS, check_lineage, learning_rate_notes
 from rlhf.model_card import check_hub_login
-from rlhf.settings import UserError, apply_overrides, check_values, stage_help
+from rlhf.settings import UserError, apply_overrides, check_values, scalar_settings, stage_help
 from rlhf.settings import choice as settings_choice
 
 
@@ -30,8 +30,10 @@ def run_stage(main):
 
 
 def start_stage(name, argv):
-    """Common start of every stage: apply overrides, fix the seed, print the settings that
-    matter. Returns the accelerate PartialState (rank, world size, device)."""
+    """Common start of every stage: apply overrides, fix the seed, check what can fail early, print
+    the settings that matter. Part of each stage's main(): it reads and sets config.py's constants
+    (REPORT_TO to what PPO can log to, MODEL_NAME to the SFT output's) and hands the helpers values.
+    Returns the accelerate PartialState (rank, world size, device)."""
     if any(a in ("-h", "--help") for a in argv):  # the stage's docstring and the settings it reads
         script = sys.modules.get(f"train_{name}") or sys.modules["__main__"]
         print(stage_help(name, script.__doc__ or ""))
@@ -45,21 +47,22 @@ def start_stage(name, argv):
     # CPU; accelerate only does that when told cpu=True (else each believes it is alone)
     state = PartialState(cpu=not torch.cuda.is_available())
     seed_everything(C.SEED + state.process_index)  # per-rank seed (N+ implementation details)
-    qlora_load_kwargs()  # a QLoRA set-up this machine cannot run fails now, not after the data is loaded
-    check_hub_login()  # PUSH_TO_HUB without a token: now, not after training
-    check_report_to(name, state.is_main_process)  # a tracker that is unknown or not installed: now
+    qlora_load_kwargs(C.QLORA)  # a QLoRA set-up this machine cannot run fails now, not after the data is loaded
+    check_hub_login(C.PUSH_TO_HUB)  # PUSH_TO_HUB without a token: now, not after training
+    C.REPORT_TO = check_report_to(C.REPORT_TO, name, state.is_main_process)  # unknown or not installed: now
     if name in ("sft", "rm") and launched_with_sharded_weights():
         raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
                         "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "
                         "or deepspeed_zero2.yaml (train_ppo.py gathers the shards itself)")
-    check_lineage(name, given, state.is_main_process)  # the earlier stage outputs: this run's MODEL_NAME and RECIPE
+    # the earlier stage outputs: this run's MODEL_NAME and RECIPE
+    C.MODEL_NAME = check_lineage(name, given, scalar_settings(), state.is_main_process)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if state.is_main_process:
-        for line in learning_rate_notes(name, given):
+        for line in learning_rate_notes(name, given, scalar_settings()):
             print(line)
         reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}"}[name]
         print(f"== {name} | {state.num_processes} process(es) on {state.device} | "
-              f"precision {precision()} | from {reads} | lora {C.USE_LORA}")
+              f"precision {precision(C.PRECISION)} | from {reads} | lora {C.USE_LORA}")
     return state
 
 
@@ -93,12 +96,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
-def precision():
-    """'bf16' on GPUs that support it, else 'fp32' (bf16 matmuls on CPUs without AMX run
-    hundreds of times slower than fp32); PRECISION overrides."""
+def precision(setting):
+    """The precision the PRECISION setting (`setting`) stands for: auto is 'bf16' on GPUs that
+    support it, else 'fp32' (bf16 matmuls on CPUs without AMX run hundreds of times slower than fp32)."""
     import torch
 
-    choice = settings_choice("PRECISION")
+    choice = settings_choice("PRECISION", setting)
     if choice == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if choice == "fp16" and not torch.cuda.is_available():
@@ -106,66 +109,70 @@ def precision():
     return choice
 
 
-def mixed_precision():
-    """accelerate's mixed_precision for the stage's precision: "bf16", "fp16" (with its loss
+def mixed_precision(setting):
+    """accelerate's mixed_precision for PRECISION = `setting`: "bf16", "fp16" (with its loss
     scaling) or "no" (fp32)."""
-    return {"bf16": "bf16", "fp16": "fp16"}.get(precision(), "no")
+    return {"bf16": "bf16", "fp16": "fp16"}.get(precision(setting), "no")
 
 
-def torch_dtype():
+def torch_dtype(setting):
+    """The torch dtype of PRECISION = `setting`."""
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision()]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision(setting)]
 
 
-def trainer_args(config_cls):
-    """TrainingArguments fields every TRL stage sets the same way: precision, device, gradient
-    checkpointing, logging backend, seed. Precision is set explicitly both ways: TRL's configs
-    default bf16 to True whatever the hardware (`use_cpu=True` alone leaves it on)."""
+def trainer_args(config_cls, settings):
+    """TrainingArguments fields every TRL stage sets the same way from `settings` (config.py's module
+    in a stage): precision, device, gradient checkpointing, logging backend, seed. Precision is set
+    explicitly both ways: TRL's configs default bf16 to True whatever the hardware (`use_cpu=True`
+    alone leaves it on)."""
     import dataclasses
 
     import torch
 
-    p = precision()
+    p = precision(settings.PRECISION)
     fields = {f.name for f in dataclasses.fields(config_cls)}
     # transformers renamed gradient_checkpointing to activation_checkpointing; TRL defaults it on
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {
         "bf16": p == "bf16", "fp16": p == "fp16", "use_cpu": not torch.cuda.is_available(),
-        checkpointing: C.GRADIENT_CHECKPOINTING,
-        "report_to": report_to(), "seed": C.SEED,
+        checkpointing: settings.GRADIENT_CHECKPOINTING,
+        "report_to": report_to(settings.REPORT_TO), "seed": settings.SEED,
         "include_num_input_tokens_seen": "non_padding",  # useful tokens, for tokens per second
     }
 
 
-def trainer_schedule(warmup_ratio):
+def trainer_schedule(warmup_ratio, eval_every, log_every):
     """When SFT's and RM's Trainer log, evaluate and save, and their learning-rate schedule: cosine
-    decay after a warm-up share of the steps; a held-out evaluation and a checkpoint every
-    EVAL_EVERY optimizer steps (0: each epoch), one checkpoint kept."""
-    every = "steps" if C.EVAL_EVERY else "epoch"
+    decay after a warm-up share of the steps; a line every `log_every` optimizer steps (LOG_EVERY);
+    a held-out evaluation and a checkpoint every `eval_every` (EVAL_EVERY; 0: each epoch), one
+    checkpoint kept."""
+    every = "steps" if eval_every else "epoch"
     return {
         "lr_scheduler_type": "cosine",
         "warmup_steps": warmup_ratio,  # a float below 1 is a share of the total steps (check_values keeps it there)
-        "logging_steps": C.LOG_EVERY,
-        "eval_strategy": every, "eval_steps": C.EVAL_EVERY or None,
-        "save_strategy": every, "save_steps": C.EVAL_EVERY or None,
+        "logging_steps": log_every,
+        "eval_strategy": every, "eval_steps": eval_every or None,
+        "save_strategy": every, "save_steps": eval_every or None,
         "save_total_limit": 1,
     }
 
 
-def report_to():
-    """REPORT_TO as a list of tracker names ([] for none); check_report_to has checked them."""
-    names = [n.strip().lower() for n in C.REPORT_TO.split(",") if n.strip()]
+def report_to(setting):
+    """The REPORT_TO setting (`setting`) as a list of tracker names ([] for none); check_report_to has
+    checked them."""
+    names = [n.strip().lower() for n in setting.split(",") if n.strip()]
     return [] if names == ["none"] else names
 
 
-def check_report_to(stage, main_process=True):
-    """REPORT_TO names trackers that transformers' Trainer supports (SFT, RM: its report_to) and that
-    are installed, else one line; PPO logs through accelerate, which has fewer: the others are left
-    out of PPO's (REPORT_TO is set to what it keeps) with a line."""
-    names = report_to()
+def check_report_to(setting, stage, main_process=True):
+    """REPORT_TO (`setting`) names trackers that transformers' Trainer supports (SFT, RM: its
+    report_to) and that are installed, else one line; PPO logs through accelerate, which has fewer:
+    the others are left out of PPO's with a line. Returns the REPORT_TO the stage logs to."""
+    names = report_to(setting)
     if "none" in names:
-        raise UserError(f"REPORT_TO={C.REPORT_TO!r}: none stands alone")
+        raise UserError(f"REPORT_TO={setting!r}: none stands alone")
     if stage == "ppo":
         from accelerate.tracking import get_available_trackers
         from accelerate.utils import LoggerType
@@ -178,13 +185,14 @@ def check_report_to(stage, main_process=True):
                 print(f"ppo: REPORT_TO {', '.join(left_out)}: not a tracker of accelerate, which PPO logs through "
                       f"(it has {', '.join(sorted(known - {'all'}))}); left out")
             names = [n for n in names if n in known]
-            C.REPORT_TO = ",".join(names) or "none"
+            setting = ",".join(names) or "none"
     else:
         installed = check_transformers_trackers(names)
     missing = [n for n in names if n != "all" and n not in installed]
     if missing:
-        raise UserError(f"REPORT_TO={C.REPORT_TO!r}: {', '.join(missing)} is not installed here: pip install "
+        raise UserError(f"REPORT_TO={setting!r}: {', '.join(missing)} is not installed here: pip install "
                         f"{' '.join(missing)} (or --REPORT_TO=tensorboard)")
+    return setting
 
 
 def check_transformers_trackers(names):
@@ -200,28 +208,29 @@ def check_transformers_trackers(names):
     return set(get_available_reporting_integrations())
 
 
-def lora_config(task_type):
-    """peft LoraConfig from the LORA_* settings: task_type 'CAUSAL_LM' (SFT, PPO policy) or
-    'SEQ_CLS' (reward model, PPO critic), whose new scalar head `score` is trained fully, not
-    through an adapter."""
+def lora_config(task_type, settings):
+    """peft LoraConfig from the LORA_* of `settings` (config.py's module in a stage): task_type
+    'CAUSAL_LM' (SFT, PPO policy) or 'SEQ_CLS' (reward model, PPO critic), whose new scalar head
+    `score` is trained fully, not through an adapter."""
     from peft import LoraConfig
 
-    targets = C.LORA_TARGET_MODULES
+    targets = settings.LORA_TARGET_MODULES
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return LoraConfig(r=C.LORA_R, lora_alpha=C.LORA_ALPHA, lora_dropout=C.LORA_DROPOUT, target_modules=targets,
+    return LoraConfig(r=settings.LORA_R, lora_alpha=settings.LORA_ALPHA, lora_dropout=settings.LORA_DROPOUT,
+                      target_modules=targets,
                       task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
 
 
-def check_lora_targets(model):
-    """LORA_TARGET_MODULES names layers `model` has: one line listing its linear layers, before any
-    training, instead of peft's error from inside the Trainer."""
-    if not C.USE_LORA or C.LORA_TARGET_MODULES == "all-linear":
+def check_lora_targets(model, use_lora, target_modules):
+    """LORA_TARGET_MODULES (`target_modules`) names layers `model` has, when USE_LORA (`use_lora`): one
+    line listing its linear layers, before any training, instead of peft's error from inside the Trainer."""
+    if not use_lora or target_modules == "all-linear":
         return
     import torch
 
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    wanted = [t.strip() for t in C.LORA_TARGET_MODULES.split(",") if t.strip()]
+    wanted = [t.strip() for t in target_modules.split(",") if t.strip()]
     missing = [t for t in wanted if not any(name == t or name.endswith("." + t) for name, _ in model.named_modules())]
     if missing or not wanted:
         raise UserError(f"LORA_TARGET_MODULES: the model has no layer named {', '.join(missing) or '(none given)'}; "
@@ -238,28 +247,6 @@ def prompt_rng(seed, rank, step):
 # ---------------------------------------------------------------------------------------------
 # Models and tokenizers
 # ---------------------------------------------------------------------------------------------
-
-def resolve_base_model():
-    """The folder or hub id of the base model. Builds the embedded default when it is what
-    MODEL_NAME names and it does not exist yet."""
-    name = C.MODEL_NAME
-    if os.path.normpath(name) == os.path.normpath(C.BASE_MODEL_DIR) and not os.path.exists(
-            os.path.join(name, "config.json")):
-        from accelerate import PartialState
-
-        state = PartialState()
-        if state.is_main_process:
-            from rlhf.base_model import build_base_model
-
-            build_base_model(name)
-        state.wait_for_everyone()
-        return name
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name and os.path.exists(name.split(os.sep)[0])
-    if looks_local and not os.path.exists(os.path.join(os.path.expanduser(name), "config.json")):
-        raise UserError(f"MODEL_NAME {name!r} is not a model folder (no config.json there); "
-                        "give a hub id or a folder saved with save_pretrained")
-    return name
-
 
 def load_tokenizer(path, chat_template="model"):
     """AutoTokenizer with a pad token distinct from EOS. If the tokenizer has none, an existing
@@ -356,30 +343,31 @@ def template_end_ids(tokenizer):
     return ids[:1] if ids and ids[0] in special else []
 
 
-def load_causal_lm(path, for_training=True, dtype=None):
-    """A causal LM in the stage's precision (or `dtype`); dropout off when not training. With
-    QLORA a model for training is loaded in 4-bit and prepared for k-bit training (peft)."""
+def load_causal_lm(path, dtype, for_training=True, qlora=False, gradient_checkpointing=False):
+    """A causal LM in `dtype` (torch_dtype(PRECISION) in a stage); dropout off when not training.
+    With `qlora` (QLORA) a model for training is loaded in 4-bit and prepared for k-bit training
+    (peft), with `gradient_checkpointing` (GRADIENT_CHECKPOINTING) on."""
     from transformers import AutoModelForCausalLM
 
-    quantized = qlora_load_kwargs() if for_training else {}
+    quantized = qlora_load_kwargs(qlora) if for_training else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch_dtype(), **quantized)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized)
     except OSError as e:
         raise UserError(f"cannot load a model from {path!r}: {str(e).splitlines()[0]}") from None
     if quantized:
         from peft import prepare_model_for_kbit_training
 
         # norms and the output layer in fp32, input grads on for the adapters (Dettmers et al. 2023)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=C.GRADIENT_CHECKPOINTING)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if not for_training:
         model.eval()
     return model
 
 
-def load_for_generation(name):
+def load_for_generation(name, precision_setting):
     """(model, tokenizer) of a stage output or hub id, as the tools in scripts/ use it: the model in
-    PRECISION (auto: bf16 on GPUs that support it, else fp32), dropout off, on the GPU when there
-    is one; the tokenizer with load_tokenizer's pad/EOS set-up."""
+    the precision of PRECISION = `precision_setting` (auto: bf16 on GPUs that support it, else fp32),
+    dropout off, on the GPU when there is one; the tokenizer with load_tokenizer's pad/EOS set-up."""
     path = os.path.expanduser(name)
     looks_local = name.startswith((".", "/", "~")) or os.path.isdir(path)
     if looks_local and not os.path.exists(os.path.join(path, "config.json")):
@@ -390,21 +378,19 @@ def load_for_generation(name):
     import torch  # after the folder check: a typo should not wait for torch to import
 
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path, for_training=False)
+    model = load_causal_lm(path, torch_dtype(precision_setting), for_training=False)
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
 
-def qlora_load_kwargs():
+def qlora_load_kwargs(qlora):
     """from_pretrained arguments that load the frozen base in 4-bit NF4 with double quantisation
-    and bf16/fp16 compute (QLoRA, Dettmers et al. 2023) when QLORA is set; {} otherwise."""
-    if not C.QLORA:
+    and bf16/fp16 compute (QLoRA, Dettmers et al. 2023) when `qlora` (QLORA); {} otherwise."""
+    if not qlora:
         return {}
     import importlib.util
 
     import torch
 
-    if not C.USE_LORA:
-        raise UserError("QLORA=True trains LoRA adapters on a 4-bit base: add --USE_LORA=true")
     if not torch.cuda.is_available():
         raise UserError("QLORA=True needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none; "
                         "use --QLORA=false (--USE_LORA=true alone trains LoRA without quantisation)")
@@ -420,10 +406,10 @@ def qlora_load_kwargs():
     return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
 
 
-def merge_lora_weights(base_path, state_dict, dtype=None):
-    """A plain causal LM: base_path loaded in full precision (the stage's, or `dtype`) with the
-    LoRA weights found in `state_dict` (a state dict of a peft model made with
-    lora_config("CAUSAL_LM"); other keys are ignored) merged in.
+def merge_lora_weights(base_path, state_dict, lora, dtype):
+    """A plain causal LM: base_path loaded in `dtype` with the LoRA weights found in `state_dict`
+    (a state dict of a peft model made with the LoraConfig `lora`, lora_config("CAUSAL_LM", ...);
+    other keys are ignored) merged in.
 
     For where merging in place would be wrong: a 4-bit base (QLoRA: merged into quantised
     weights, the saved model would be quantised and rounded) or weights sharded across processes
@@ -431,8 +417,7 @@ def merge_lora_weights(base_path, state_dict, dtype=None):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or torch_dtype()),
-                           lora_config("CAUSAL_LM"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype), lora)
     lora = {k: v for k, v in state_dict.items() if "lora_" in k}
     expected = {k for k in model.state_dict() if "lora_" in k}
     if set(lora) != expected:

@@ -114,9 +114,9 @@ def whole_models_loaded(accelerator):
 
 def plain_policy(accelerator, model, dtype, sft_dir, lora):
     """The trained policy as a plain causal LM on the main process (None on the others), its LoRA
-    adapter (`lora`) merged. Every process must call it: under ZeRO-3 and FSDP the full state dict
-    is gathered first (accelerator.get_state_dict; ZeRO-3 needs zero3_save_16bit_model), then loaded
-    into a fresh copy of the SFT model (`sft_dir`). One more copy of the policy in CPU memory, at the
+    adapter merged (`lora`: its LoraConfig, None without LoRA). Every process must call it: under
+    ZeRO-3 and FSDP the full state dict is gathered first (accelerator.get_state_dict; ZeRO-3 needs
+    zero3_save_16bit_model), then loaded into a fresh copy of the SFT model (`sft_dir`). One more copy of the policy in CPU memory, at the
     end only."""
     from transformers import AutoModelForCausalLM
 
@@ -127,8 +127,8 @@ def plain_policy(accelerator, model, dtype, sft_dir, lora):
         return None
     state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
     with whole_models_loaded(accelerator):  # on this process only: no ZeRO-3 partitioning
-        if lora:
-            return merge_lora_weights(sft_dir, state, dtype=dtype)
+        if lora is not None:
+            return merge_lora_weights(sft_dir, state, lora, dtype)
         policy = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=dtype)
     policy.load_state_dict(state)
     return policy

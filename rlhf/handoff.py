@@ -12,9 +12,8 @@ import json
 import os
 import shutil
 
-import config as C
 from rlhf.model_card import model_card, push_to_hub
-from rlhf.settings import UserError, scalar_settings
+from rlhf.settings import UserError
 
 STAGE_INFO_FILE = "rlhf_stage.json"  # written last: its presence marks a finished stage output
 STAGE_COMMANDS = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo": "python train_ppo.py"}
@@ -55,48 +54,52 @@ def same_name(a, b):
     return os.path.normpath(a) == os.path.normpath(b) if a and b else a == b
 
 
-def check_lineage(stage, given, main_process=True):
-    """Before `stage` builds on the earlier stage outputs it reads (STAGE_INPUTS): each was made
-    with this run's RECIPE and from its MODEL_NAME, else one line naming the fix. A MODEL_NAME
-    that neither the command line nor the recipe gave (`given`: apply_overrides' changes) is the
-    SFT output's, with a line; an RM trained on an earlier SFT output than SFT_DIR's is refused."""
-    infos = {}
+def check_lineage(stage, given, run_settings, main_process=True):
+    """Before `stage` builds on the earlier stage outputs it reads (STAGE_INPUTS, found through
+    `run_settings`: {NAME: value}): each was made with this run's RECIPE and from its MODEL_NAME, else
+    one line naming the fix. Returns the MODEL_NAME the run builds on: one that neither the command
+    line nor the recipe gave (`given`: apply_overrides' changes) is the SFT output's, with a line.
+    An RM trained on an earlier SFT output than SFT_DIR's is refused."""
+    infos, model_name = {}, run_settings["MODEL_NAME"]
     for earlier, setting in STAGE_INPUTS[stage]:
-        folder, info = getattr(C, setting), read_stage_info(getattr(C, setting))
+        folder = run_settings[setting]
+        info = read_stage_info(folder)
         if info is None:
             continue  # require_stage_output names the command that makes it
         infos[earlier] = info
         remake = (f"make it again with this run's settings (`{STAGE_COMMANDS[earlier]} ... --OVERWRITE=true`, or "
                   f"`python scripts/pipeline.py ... --redo {earlier}`), or point {setting} at one that was")
         recipe = info.get("settings", {}).get("RECIPE", "")
-        if not same_name(recipe, C.RECIPE):
-            raise UserError(f"{folder} was made with RECIPE={recipe!r}, not {C.RECIPE!r}: pass --RECIPE={recipe} to build "
-                            f"on it, or {remake}")
-        model = info.get("base_model") or C.MODEL_NAME
-        if not same_name(model, C.MODEL_NAME):
+        if not same_name(recipe, run_settings["RECIPE"]):
+            raise UserError(f"{folder} was made with RECIPE={recipe!r}, not {run_settings['RECIPE']!r}: pass "
+                            f"--RECIPE={recipe} to build on it, or {remake}")
+        model = info.get("base_model") or model_name
+        if not same_name(model, model_name):
             if "MODEL_NAME" in given or earlier != "sft":
-                raise UserError(f"{folder} was trained from MODEL_NAME={model!r}, not {C.MODEL_NAME!r}: {remake}")
+                raise UserError(f"{folder} was trained from MODEL_NAME={model!r}, not {model_name!r}: {remake}")
             if main_process:
                 print(f"{stage}: MODEL_NAME = {model!r}: the base model of {folder}")
-            C.MODEL_NAME = model
+            model_name = model
     made_on = infos.get("rm", {}).get("inputs", {}).get("sft", {}).get("finished_at")
     if made_on and "sft" in infos and made_on != infos["sft"].get("finished_at"):
-        raise UserError(f"{C.RM_DIR} was trained on an SFT model finished at {made_on}, and {C.SFT_DIR} was finished at "
-                        f"{infos['sft'].get('finished_at')}: train the RM again on it (`python train_rm.py --OVERWRITE=true`, "
-                        "or `python scripts/pipeline.py --redo rm`)")
+        raise UserError(f"{run_settings['RM_DIR']} was trained on an SFT model finished at {made_on}, and "
+                        f"{run_settings['SFT_DIR']} was finished at {infos['sft'].get('finished_at')}: train the RM again "
+                        "on it (`python train_rm.py --OVERWRITE=true`, or `python scripts/pipeline.py --redo rm`)")
+    return model_name
 
 
-def learning_rate_notes(stage, given):
+def learning_rate_notes(stage, given, run_settings):
     """Lines that say so when the embedded model's learning rates (config.py's own, settings.
-    EMBEDDED_LEARNING_RATES) would train another model: a pretrained model wants 10-1000x less."""
+    EMBEDDED_LEARNING_RATES) would train another model: a pretrained model wants 10-1000x less.
+    `run_settings`: the run's {NAME: value}; `given`: the names the command line or a recipe set."""
     from rlhf.settings import EMBEDDED_LEARNING_RATES
 
-    if same_name(C.MODEL_NAME, C.BASE_MODEL_DIR):
+    if same_name(run_settings["MODEL_NAME"], run_settings["BASE_MODEL_DIR"]):
         return []
-    names = [n for n in EMBEDDED_LEARNING_RATES[stage] if n != "PPO_CRITIC_LR" or C.PPO_ADVANTAGE == "gae"]
-    return [f"{stage}: note: {n}={getattr(C, n)!r} is the embedded model's learning rate (config.py), not one for "
-            f"{C.MODEL_NAME}: pass --{n}=... or a recipe (recipes/, --RECIPE=...)"
-            for n in names if n not in given and getattr(C, n) == EMBEDDED_LEARNING_RATES[stage][n]]
+    names = [n for n in EMBEDDED_LEARNING_RATES[stage] if n != "PPO_CRITIC_LR" or run_settings["PPO_ADVANTAGE"] == "gae"]
+    return [f"{stage}: note: {n}={run_settings[n]!r} is the embedded model's learning rate (config.py), not one for "
+            f"{run_settings['MODEL_NAME']}: pass --{n}=... or a recipe (recipes/, --RECIPE=...)"
+            for n in names if n not in given and run_settings[n] == EMBEDDED_LEARNING_RATES[stage][n]]
 
 
 def indist_answers_path(reports, stage):
@@ -160,22 +163,23 @@ def machine():
     return info
 
 
-def save_stage_output(path, stage, save_fn, metrics, extra=None):
+def save_stage_output(path, stage, save_fn, metrics, run_settings, extra=None):
     """Save atomically: `save_fn(tmp_dir)` writes the model and tokenizer into a temporary
     sibling folder, we add the model card (README.md) and the metadata file, then swap it into place. A crash mid-save leaves
-    the previous output (or nothing), never a half-written folder that looks finished."""
+    the previous output (or nothing), never a half-written folder that looks finished. run_settings: the
+    run's settings {NAME: value} (rlhf.settings.scalar_settings), recorded in the metadata."""
     tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     kept = f"{path} is unchanged" if os.path.exists(path) else f"nothing was written to {path}"
-    with disk_full_is_an_error(path, tmp, f"{kept}, the checkpoints under {C.RUNS_DIR} are kept"):
+    with disk_full_is_an_error(path, tmp, f"{kept}, the checkpoints under {run_settings['RUNS_DIR']} are kept"):
         os.makedirs(tmp)
         save_fn(tmp)
         info = {
             "stage": stage,
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
-            "base_model": C.MODEL_NAME,
+            "base_model": run_settings["MODEL_NAME"],
             "metrics": metrics,
-            "settings": scalar_settings(),
+            "settings": run_settings,
             "machine": machine(),
         }
         info.update(extra or {})
@@ -189,15 +193,15 @@ def save_stage_output(path, stage, save_fn, metrics, extra=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_stage(stage, path, model, tokenizer, metrics, checkpoints, also=None, extra=None, show=None):
+def save_stage(stage, path, model, tokenizer, metrics, checkpoints, run_settings, also=None, extra=None, show=None):
     """The end of every stage (main process only): the model, its tokenizer, eval_results.json
-    (the metrics without the per-step history), the model card and the metadata, saved atomically
-    to `path`; then the stage's checkpoint folder is removed (finished: the next run starts fresh),
-    one line printed and, with PUSH_TO_HUB, the folder uploaded. `also(tmp)` writes anything else
-    first; `show` limits the metrics in that line."""
+    (the metrics without the per-step history), the model card and the metadata with `run_settings`
+    (save_stage_output), saved atomically to `path`; then the stage's checkpoint folder is removed
+    (finished: the next run starts fresh), one line printed and, with PUSH_TO_HUB, the folder
+    uploaded. `also(tmp)` writes anything else first; `show` limits the metrics in that line."""
     results = {k: v for k, v in metrics.items() if k not in HISTORY_KEYS}
-    inputs = {earlier: {"path": getattr(C, setting), "finished_at": read_stage_info(getattr(C, setting)).get("finished_at")}
-              for earlier, setting in STAGE_INPUTS[stage] if read_stage_info(getattr(C, setting))}  # check_lineage reads them
+    inputs = {earlier: {"path": run_settings[setting], "finished_at": read_stage_info(run_settings[setting]).get("finished_at")}
+              for earlier, setting in STAGE_INPUTS[stage] if read_stage_info(run_settings[setting])}  # check_lineage reads them
 
     def save(tmp):
         if also is not None:
@@ -206,12 +210,12 @@ def save_stage(stage, path, model, tokenizer, metrics, checkpoints, also=None, e
         save_tokenizer(tokenizer, tmp)
         write_json(os.path.join(tmp, "eval_results.json"), results)
 
-    save_stage_output(path, stage, save, metrics, {"inputs": inputs, **(extra or {})})
+    save_stage_output(path, stage, save, metrics, run_settings, {"inputs": inputs, **(extra or {})})
     shutil.rmtree(checkpoints, ignore_errors=True)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if show is None or k in show}
     print(f"{stage} done | {shown} | saved {path}")
-    if C.PUSH_TO_HUB:
-        push_to_hub(path, stage)
+    if run_settings["PUSH_TO_HUB"]:
+        push_to_hub(path, stage, run_settings["HUB_MODEL_ID"])
 
 
 def save_tokenizer(tokenizer, folder):

@@ -5,7 +5,6 @@ stage output and calls the upload at the end of a stage."""
 
 import os
 
-import config as C
 from rlhf.settings import UserError
 
 STAGE_TITLES = {"sft": "supervised fine-tuning (SFT)", "rm": "reward model", "ppo": "PPO"}
@@ -26,9 +25,9 @@ CARD_SETTINGS = {
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz")
 
 
-def hub_repo(stage):
+def hub_repo(hub_model_id, stage):
     """The Hub repository a stage uploads to: HUB_MODEL_ID-<stage>."""
-    return f"{C.HUB_MODEL_ID}-{stage}"
+    return f"{hub_model_id}-{stage}"
 
 
 def hub_dataset(value):
@@ -75,7 +74,7 @@ def model_card(stage, path, info):
     meta = ModelCardData(library_name="transformers", base_model=None if local_base else base, datasets=datasets or None,
                          pipeline_tag="text-classification" if stage == "rm" else "text-generation",
                          tags=["rlhf", "code", "trl", {"sft": "sft", "rm": "reward-model", "ppo": "ppo"}[stage]])
-    where = hub_repo(stage) if settings.get("PUSH_TO_HUB") else path
+    where = hub_repo(settings["HUB_MODEL_ID"], stage) if settings.get("PUSH_TO_HUB") else path
     machine = info.get("machine", {})
     hardware = ", ".join(machine.get("gpus", [])) or f"{machine.get('cpus', '?')} CPUs, no GPU"
     inputs = "".join(f"| built on ({earlier.upper()}) | `{made['path']}`, finished {made['finished_at']} |\n"
@@ -121,10 +120,10 @@ Generated code is untrusted: run it in a sandbox, as rlhf-code's evaluation does
 """
 
 
-def check_hub_login():
-    """PUSH_TO_HUB needs a token (`hf auth login` or HF_TOKEN): one line at the start of a stage, not
-    after hours of training."""
-    if not C.PUSH_TO_HUB:
+def check_hub_login(push_to_hub):
+    """PUSH_TO_HUB (`push_to_hub`) needs a token (`hf auth login` or HF_TOKEN): one line at the start
+    of a stage, not after hours of training."""
+    if not push_to_hub:
         return
     from huggingface_hub import get_token
 
@@ -133,13 +132,13 @@ def check_hub_login():
                         "or --PUSH_TO_HUB=false")
 
 
-def push_to_hub(folder, stage):
+def push_to_hub(folder, stage, hub_model_id):
     """Upload the finished stage output `folder` (model, tokenizer, card, rlhf_stage.json) to the
-    private Hub repository HUB_MODEL_ID-<stage>, created when missing. A failure is one line with
+    private Hub repository HUB_MODEL_ID-<stage> (hub_repo), created when missing. A failure is one line with
     the command that uploads it by hand; the folder is saved either way."""
     from huggingface_hub import HfApi
 
-    repo = hub_repo(stage)
+    repo = hub_repo(hub_model_id, stage)
     api = HfApi()
     try:
         api.create_repo(repo, private=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """What train_ppo.py's loop needs around it: the settings checked together, the set-up (data,
 models, optimizer, the resume point) as one PPOSetup, each iteration's prompts, the held-out
-evaluation, the checkpoints and the final save. Settings are read in check_settings(), reward_mix()
-and setup() only."""
+evaluation, the checkpoints and the final save. Settings are read in check_settings() and setup() only;
+the other functions take what they need as arguments or from the PPOSetup."""
 
 import contextlib
 import dataclasses
@@ -13,7 +13,7 @@ import shutil
 import torch
 
 import config as C
-from rlhf.checkpoints import resume_from
+from rlhf.checkpoints import checkpoint_folder, resume_from
 from rlhf.codeeval import load_problems, sampled_pass_at_k, sandbox_limits, seed_prompt_passes
 from rlhf.common import (
     check_lora_targets, end_of_turn_ids, load_causal_lm, load_tokenizer, lora_config, prompt_rng, stop_at_end_of_turn,
@@ -41,13 +41,15 @@ def check_settings():
         raise UserError("PPO_KL_LOSS needs PPO_KL_ESTIMATOR k2 or k3: k1 as a loss term has no gradient in expectation")
 
 
-def reward_mix():
-    """How PPO scores an answer (rlhf.reward.RewardMix), from the PPO_* reward and SANDBOX_* settings."""
-    return RewardMix(rm_weight=C.PPO_RM_WEIGHT, exec_weight=C.PPO_EXEC_WEIGHT, exec_reward=C.PPO_EXEC_REWARD,
-                     rm_on_tested=C.PPO_RM_ON_TESTED,
-                     reward_fn=reward_function(C.PPO_REWARD_FN) if C.PPO_REWARD_FN else None,
-                     missing_eos_penalty=C.PPO_MISSING_EOS_PENALTY if C.PPO_PENALIZE_MISSING_EOS else None,
-                     sandbox_limits=sandbox_limits())
+def reward_mix(settings):
+    """How PPO scores an answer (rlhf.reward.RewardMix), from the PPO_* reward and SANDBOX_* settings
+    (the config module, or any object with those attributes)."""
+    s = settings
+    return RewardMix(rm_weight=s.PPO_RM_WEIGHT, exec_weight=s.PPO_EXEC_WEIGHT, exec_reward=s.PPO_EXEC_REWARD,
+                     rm_on_tested=s.PPO_RM_ON_TESTED,
+                     reward_fn=reward_function(s.PPO_REWARD_FN) if s.PPO_REWARD_FN else None,
+                     missing_eos_penalty=s.PPO_MISSING_EOS_PENALTY if s.PPO_PENALIZE_MISSING_EOS else None,
+                     sandbox_limits=sandbox_limits(s))
 
 
 def load_prompts(path, tokenizer, max_tokens):
@@ -107,6 +109,7 @@ class PPOSetup:
     ckpt_dir: str  # where the checkpoints are (RUNS_DIR/ppo/checkpoints)
     start: int  # the last finished iteration: 0, or the step a checkpoint resumes from
     history: list  # a row of metrics per finished iteration and evaluation
+    run_settings: dict  # the run's settings {NAME: value}: recorded with each checkpoint and the output
     ref_copy: torch.nn.Module | None = None  # the frozen reference as a model of its own (use reference())
     rm_copy: torch.nn.Module | None = None  # the frozen reward model as a model of its own (use reward_model())
 
@@ -129,7 +132,7 @@ def setup(accelerator):
     from rlhf.reward import load_reward_model, load_reward_normalization
 
     critic_on = C.PPO_ADVANTAGE == "gae"
-    reward = reward_mix()
+    reward = reward_mix(C)
     # data (before the models: a mistake in it is reported in seconds)
     tokenizer = load_tokenizer(C.SFT_DIR)
     prompts = load_prompts(C.PPO_PROMPTS_FILE, tokenizer, C.MAX_LEN - C.PPO_RESPONSE_LEN)
@@ -152,24 +155,25 @@ def setup(accelerator):
 
     # models: policy + reference from SFT; reward model from RM, and the critic (gae only) too
     rm_tokenizer, norm = load_tokenizer(C.RM_DIR), load_reward_normalization(C.RM_DIR)
-    policy = load_causal_lm(C.SFT_DIR, dtype=torch.float32)  # trained: fp32 master weights (QLORA: 4-bit base)
-    check_lora_targets(policy)
+    policy = load_causal_lm(C.SFT_DIR, torch.float32, qlora=C.QLORA,  # trained: fp32 master weights (QLORA: 4-bit base)
+                            gradient_checkpointing=C.GRADIENT_CHECKPOINTING)
+    check_lora_targets(policy, C.USE_LORA, C.LORA_TARGET_MODULES)
     eos_ids = end_of_turn_ids(tokenizer, policy)  # where an answer ends: sampling, masks, the missing-EOS penalty
     critic = load_reward_model(C.RM_DIR, dtype=torch.float32) if critic_on else None
     ref_copy = rm_copy = None
     if C.USE_LORA:  # the reference is the policy with its adapter off; the RM is the critic's, when there is one
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, lora_config("CAUSAL_LM"))
+        policy = get_peft_model(policy, lora_config("CAUSAL_LM", C))
         if critic is not None:  # its head `score` trained in full (modules_to_save)
-            critic = get_peft_model(critic, lora_config("SEQ_CLS"))
+            critic = get_peft_model(critic, lora_config("SEQ_CLS", C))
     # frozen copies: whole on every process, or (PPO_SHARD_FROZEN_MODELS, ZeRO-3) partitioned as they load
     # and given inference engines after prepare
     with contextlib.nullcontext() if C.PPO_SHARD_FROZEN_MODELS else whole_models_loaded(accelerator):
         if not C.USE_LORA:  # in the policy's own precision (cast after prepare): at step 0 the KL is 0, not rounding
             ref_copy = AutoModelForCausalLM.from_pretrained(C.SFT_DIR, dtype=torch.float32).to(accelerator.device)
         if critic is None or not C.USE_LORA:
-            rm_copy = load_reward_model(C.RM_DIR, dtype=torch_dtype()).to(accelerator.device)
+            rm_copy = load_reward_model(C.RM_DIR, dtype=torch_dtype(C.PRECISION)).to(accelerator.device)
     for m in (policy, critic, ref_copy, rm_copy):
         if m is not None:
             disable_dropout(m)
@@ -208,8 +212,8 @@ def setup(accelerator):
     kl_ctl = KLController(C.PPO_KL_COEF, C.PPO_KL_TARGET or None, C.PPO_KL_HORIZON)
     accelerator.register_for_checkpointing(kl_ctl)
 
-    ckpt_dir, start, history = os.path.join(C.RUNS_DIR, "ppo", "checkpoints"), 0, []
-    last = resume_from(ckpt_dir, **CHECKPOINT)
+    ckpt_dir, start, history, run_settings = checkpoint_folder(C.RUNS_DIR, "ppo"), 0, [], scalar_settings()
+    last = resume_from(ckpt_dir, run_settings, **CHECKPOINT)
     if last:
         accelerator.load_state(last)
         saved = json.load(open(os.path.join(last, CHECKPOINT["marker"])))
@@ -220,17 +224,18 @@ def setup(accelerator):
         # the RM's forwards are collectives under ZeRO-3/FSDP: then every process reads all its answers
         rm_every_row=sharded(accelerator) and (C.PPO_RM_ON_TESTED or n_tested < len(prompts)),
         prompts=prompts, oversample=oversample, problems=problems, seed_problems=seed_problems, kl_ctl=kl_ctl,
-        ckpt_dir=ckpt_dir, start=start, history=history, ref_copy=ref_copy, rm_copy=rm_copy)
+        ckpt_dir=ckpt_dir, start=start, history=history, run_settings=run_settings, ref_copy=ref_copy, rm_copy=rm_copy)
 
 
-def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device, max_new_tokens, limits):
-    """Greedy pass@1 on held-out tasks (sandboxed under `limits`) and the mean normalised RM score of the
-    answers; and each task's answer and verdict (rows as the SFT stage's eval_results.jsonl)."""
+def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device, max_new_tokens, limits, answers_per_call):
+    """Greedy pass@1 on held-out tasks (sandboxed under `limits`; answers_per_call: GEN_BATCH_SIZE) and
+    the mean normalised RM score of the answers; and each task's answer and verdict (rows as the SFT
+    stage's eval_results.jsonl)."""
     from rlhf.codeeval import completion_for, generate_completions, pass_at_1_metrics, score_samples
     from rlhf.reward import normalize_rewards, score_responses
 
     texts = [t[0] for t in generate_completions(policy, tokenizer, [p.messages() for p in problems], max_new_tokens,
-                                                progress=False)]
+                                                progress=False, answers_per_call=answers_per_call)]
     summary, answers = score_samples(problems, [{"task_id": p.task_id, "completion": completion_for(p, t), "raw": t}
                                                 for p, t in zip(problems, texts)], ks=(1,), progress=False,
                                      limits=limits)
@@ -238,10 +243,10 @@ def evaluate(policy, tokenizer, rm, rm_tokenizer, norm, problems, device, max_ne
     return {**pass_at_1_metrics(summary), "rm_score": normalize_rewards(scores.float().mean().item(), norm)}, answers
 
 
-def run_evaluation(s, step, problems, max_new_tokens, samples=0, seed_prompt_samples=None):
-    """The policy on held-out `problems` (evaluate), with `samples` the pass@samples of answers
-    sampled at temperature 1, with seed_prompt_samples how often its answers to the natural seed
-    prompts pass. Every process calls it: the main one evaluates (and prints and logs the figures
+def run_evaluation(s, step, problems, max_new_tokens, answers_per_call, samples=0, seed_prompt_samples=None):
+    """The policy on held-out `problems` (evaluate; answers_per_call: GEN_BATCH_SIZE), with `samples`
+    the pass@samples of answers sampled at temperature 1, with seed_prompt_samples how often its
+    answers to the natural seed prompts pass. Every process calls it: the main one evaluates (and prints and logs the figures
     at `step`), the others too where the weights are sharded (every forward is then a collective);
     ({}, []) elsewhere and without tasks."""
     accelerator, result, answers, limits = s.accelerator, {}, [], s.reward.sandbox_limits
@@ -249,13 +254,14 @@ def run_evaluation(s, step, problems, max_new_tokens, samples=0, seed_prompt_sam
         with s.reward_model() as rm, accelerator.autocast(), \
                 full_weights_for_generation(accelerator, s.model, with_critic=s.critic) as policy:
             result, answers = evaluate(policy, s.tokenizer, rm, s.rm_tokenizer, s.norm, problems, accelerator.device,
-                                       max_new_tokens, limits)
+                                       max_new_tokens, limits, answers_per_call)
             if samples:  # the trained policy's pass@k, as SFT reports it
                 result.update(sampled_pass_at_k(policy, s.tokenizer, problems, samples, max_new_tokens, progress=False,
-                                                limits=limits))
+                                                limits=limits, answers_per_call=answers_per_call))
             if seed_prompt_samples is not None:  # the natural prompts, asked as a user asks
                 result.update(seed_prompt_passes(policy, s.tokenizer, s.seed_problems, seed_prompt_samples,
-                                                 max_new_tokens, progress=False, limits=limits))
+                                                 max_new_tokens, progress=False, limits=limits,
+                                                 answers_per_call=answers_per_call))
     if accelerator.is_main_process and result:
         print(f"ppo eval step {step} | pass@1 {result['pass_at_1']:.3f} | rm score {result['rm_score']:.3f}")
         accelerator.log({f"ppo/eval_{k}": v for k, v in result.items() if not isinstance(v, dict)}, step=step)
@@ -263,8 +269,8 @@ def run_evaluation(s, step, problems, max_new_tokens, samples=0, seed_prompt_sam
     return result, answers
 
 
-def save_checkpoint(accelerator, folder, step, history):
-    """accelerate's state (models, optimizer, scheduler, RNGs, KL controller) + our step counter,
+def save_checkpoint(accelerator, folder, step, history, run_settings):
+    """accelerate's state (models, optimizer, scheduler, RNGs, KL controller) + our step counter and `run_settings`,
     written to a temporary folder and renamed, so a kill mid-save never leaves a half checkpoint
     that looks complete; older checkpoints are removed after."""
     final = os.path.join(folder, f"step_{step}")
@@ -278,7 +284,7 @@ def save_checkpoint(accelerator, folder, step, history):
         accelerator.wait_for_everyone()  # save_state has no barrier: every process's RNG state is written
         if accelerator.is_main_process:
             write_json(os.path.join(tmp, CHECKPOINT["marker"]), {"step": step, "history": history,
-                                                                 "settings": scalar_settings()})
+                                                                 "settings": run_settings})
     if accelerator.is_main_process:
         os.replace(tmp, final)
         for d in os.listdir(folder):
@@ -289,14 +295,14 @@ def save_checkpoint(accelerator, folder, step, history):
 
 
 def save_policy(s, out_dir, metrics, answers, sft_dir, lora):
-    """./ppo_model: the trained policy as a plain causal LM (the SFT model's architecture, a LoRA
-    adapter merged), its tokenizer, the metrics with the peak memory (eval_results.json,
-    rlhf_stage.json) and the final evaluation's answers (eval_results.jsonl). Every process calls it
-    (the shards are gathered); the main one writes."""
+    """./ppo_model: the trained policy as a plain causal LM (the SFT model's architecture, its LoRA
+    adapter merged: `lora` is its LoraConfig, None without LoRA), its tokenizer, the metrics with
+    the peak memory (eval_results.json, rlhf_stage.json) and the final evaluation's answers
+    (eval_results.jsonl). Every process calls it (the shards are gathered); the main one writes."""
     policy = plain_policy(s.accelerator, s.model, torch.float32, sft_dir, lora)
     if s.accelerator.is_main_process:
         stop_at_end_of_turn(policy, s.tokenizer)
         metrics = {**metrics, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "history": s.history}
-        save_stage("ppo", out_dir, policy, s.tokenizer, metrics, s.ckpt_dir,
+        save_stage("ppo", out_dir, policy, s.tokenizer, metrics, s.ckpt_dir, s.run_settings,
                    also=lambda tmp: write_jsonl(os.path.join(tmp, "eval_results.jsonl"), answers) if answers else None)

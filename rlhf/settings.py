@@ -79,19 +79,21 @@ def range_text(interval):
     return {"(0, inf)": "above 0", "[0, inf)": "0 or more"}.get(interval, f"in {interval}")
 
 
-def choice(name):
-    """The value of a CHOICES setting, lower-cased; one line when it is not an allowed one."""
-    value = str(getattr(C, name)).lower()
-    if value not in CHOICES[name]:
-        raise UserError(f"{name} must be one of {', '.join(CHOICES[name])}, not {getattr(C, name)!r}")
-    return value
+def choice(name, value):
+    """`value` of the CHOICES setting `name`, lower-cased; one line when it is not an allowed one."""
+    lowered = str(value).lower()
+    if lowered not in CHOICES[name]:
+        raise UserError(f"{name} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+    return lowered
 
 
 def check_values():
     """A value of the right type can still be wrong (`--PPO_KL_ESTIMATOR=k4`, `--BATCH_SIZE=0`,
     `--WARMUP_RATIO=2`): one line at the start, not a traceback (or a silent misreading) later."""
     for name in CHOICES:
-        choice(name)
+        choice(name, getattr(C, name))
+    if C.QLORA and not C.USE_LORA:
+        raise UserError("QLORA=True trains LoRA adapters on a 4-bit base: add --USE_LORA=true")
     if C.PUSH_TO_HUB and C.HUB_MODEL_ID.count("/") != 1:
         raise UserError(f"PUSH_TO_HUB needs HUB_MODEL_ID as user/name (the stages add -sft, -rm, -ppo), not {C.HUB_MODEL_ID!r}")
     for name, value in settings().items():  # a data file that is a folder: IsADirectoryError deep in a reader
@@ -269,7 +271,8 @@ def config_sections():
 
 
 def names_read_by(*paths):
-    """The config.py names the given files or folders (relative to the repository root) read as `C.NAME`."""
+    """The config.py names the given files or folders (relative to the repository root) read as `C.NAME`,
+    or as `settings.NAME` in a helper that is handed config.py's module (rlhf.codeeval.sandbox_limits)."""
     found = set()
     for path in paths:
         full = os.path.join(ROOT, path)
@@ -277,7 +280,7 @@ def names_read_by(*paths):
             else [full] if os.path.exists(full) else []
         for file in files:
             with open(file, encoding="utf-8") as f:
-                found.update(re.findall(r"\bC\.([A-Z][A-Z0-9_]*)\b", f.read()))
+                found.update(re.findall(r"\b(?:C|settings)\.([A-Z][A-Z0-9_]*)\b", f.read()))
     return found
 
 

@@ -146,7 +146,7 @@ def main(argv):
     else:
         samples = read_samples(args.samples, problems)
         out = args.out or args.samples + "_results.jsonl"
-    summary, results = codeeval.score_samples(problems, samples, ks, args.workers, limits=codeeval.sandbox_limits())
+    summary, results = codeeval.score_samples(problems, samples, ks, args.workers, limits=codeeval.sandbox_limits(C))
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         write_jsonl(out, results)
@@ -164,11 +164,12 @@ def main(argv):
 
 
 def generate(args, problems):
-    model, tokenizer = load_for_generation(args.model)
+    model, tokenizer = load_for_generation(args.model, C.PRECISION)
     temperature = args.temperature if args.temperature is not None else (0.8 if args.num_samples > 1 else None)
     texts = codeeval.generate_completions(model, tokenizer, [p.messages() for p in problems],
                                           args.max_new_tokens or C.GEN_MAX_NEW_TOKENS,
-                                          args.num_samples, temperature, args.top_p, args.batch_size)
+                                          args.num_samples, temperature, args.top_p,
+                                          args.batch_size * args.num_samples if args.batch_size else C.GEN_BATCH_SIZE)
     return [{"task_id": p.task_id, "completion": codeeval.completion_for(p, t), "raw": t}
             for p, outs in zip(problems, texts) for t in outs]
 

@@ -40,7 +40,7 @@ def main(argv):
     if args.temperature <= 0:
         ap.error("--temperature must be > 0 (use --greedy for greedy decoding)")
 
-    model, tokenizer = load_for_generation(args.model)
+    model, tokenizer = load_for_generation(args.model, C.PRECISION)
     seed_everything(args.seed)
     if args.prompt and not args.interactive:
         print(answer(model, tokenizer, args.prompt, args))

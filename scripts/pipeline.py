@@ -40,7 +40,7 @@ from rlhf.handoff import (
 )
 from rlhf.settings import (
     SHARED_SECTION, STAGE_SOURCES, UserError, apply_overrides, check_values, config_sections, names_read_by,
-    resolve_overrides, settings, tool_help,
+    resolve_overrides, scalar_settings, settings, tool_help,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,7 +253,7 @@ def dry_run(args, plan, overrides, changes):
         if getattr(args, flag[2:].replace("-", "_")) is not None:
             print(f"  {setting} = {defaults[setting]!r}  ({flag})")
     for name, _, _, train, _ in plan:
-        for line in learning_rate_notes(name, changes) if train else []:
+        for line in learning_rate_notes(name, changes, scalar_settings()) if train else []:
             print(line)
     check_launch(plan, dry_run=True)
     for name, script, folder, train, notes in plan:
@@ -320,9 +320,9 @@ def main(argv):
         return
     check_launch(plan, dry_run=False)
     for name, _, _, train, _ in plan:  # the embedded model's learning rates on another model: said before SFT starts
-        for line in learning_rate_notes(name, changes) if train else []:
+        for line in learning_rate_notes(name, changes, scalar_settings()) if train else []:
             print(f"pipeline: {line}", flush=True)
-    check_hub_login()  # PUSH_TO_HUB without a token: before any stage trains
+    check_hub_login(C.PUSH_TO_HUB)  # PUSH_TO_HUB without a token: before any stage trains
     ensure_data(defaults)
     if os.path.normpath(C.MODEL_NAME) == os.path.normpath(C.BASE_MODEL_DIR) and not os.path.exists(
             os.path.join(C.MODEL_NAME, "config.json")):

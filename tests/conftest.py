@@ -166,11 +166,16 @@ def toy_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, toy_data):
     """A ~50k-parameter Qwen2 with a 400-token BPE vocabulary, built like the embedded default."""
+    import types
+
+    import config as C
     from rlhf.base_model import build_base_model
 
     out = tmp_path_factory.mktemp("tiny") / "base"
-    build_base_model(str(out), data_files=[toy_data["sft_train"]], vocab_size=400, hidden=32, layers=2,
-                     heads=4, kv_heads=2, intermediate=64, max_positions=256, stdlib_bytes=100_000)
+    tiny = types.SimpleNamespace(BASE_VOCAB_SIZE=400, BASE_HIDDEN=32, BASE_LAYERS=2, BASE_HEADS=4, BASE_KV_HEADS=2,
+                                 BASE_INTERMEDIATE=64, BASE_MAX_POSITIONS=256, SEED=C.SEED,
+                                 GEN_MAX_NEW_TOKENS=C.GEN_MAX_NEW_TOKENS)
+    build_base_model(str(out), tiny, data_files=[toy_data["sft_train"]], stdlib_bytes=100_000)
     return str(out)
 
 
@@ -409,10 +414,11 @@ def ppo_inputs(tiny_base, tmp_path_factory):
     from rlhf.common import load_tokenizer
     from rlhf.handoff import save_stage_output
     from rlhf.reward import load_reward_model, save_reward_normalization
+    from rlhf.settings import scalar_settings
 
     folder = tmp_path_factory.mktemp("ppo_inputs")
     sft, rm = str(folder / "sft_model"), str(folder / "rm_model")
-    save_stage_output(sft, "sft", lambda tmp: shutil.copytree(tiny_base, tmp, dirs_exist_ok=True), {})
+    save_stage_output(sft, "sft", lambda tmp: shutil.copytree(tiny_base, tmp, dirs_exist_ok=True), {}, scalar_settings())
     model, tok = load_reward_model(sft), load_tokenizer(sft)
 
     def save_rm(tmp):
@@ -420,7 +426,7 @@ def ppo_inputs(tiny_base, tmp_path_factory):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    save_stage_output(rm, "rm", save_rm, {})
+    save_stage_output(rm, "rm", save_rm, {}, scalar_settings())
     rows = [{"task_id": f"t{k}", "prompt": [{"role": "user", "content": f"Write add_{k}(x) returning x plus {k}."}],
              "entry_point": f"add_{k}", "tests": [{"call": f"add_{k}(1)", "expected": str(k + 1)}]} for k in range(1, 21)]
     prompts = write_jsonl(folder / "ppo.jsonl", rows)

@@ -57,29 +57,32 @@ def test_tokenizer_without_distinct_pad_borrows_a_special_token(tiny_base, tmp_p
 
 def test_score_head_lora_trains_the_head_fully():
     """RM and PPO critic: the new `score` head is trained as a whole, the body through adapters."""
-    assert lora_config("SEQ_CLS").modules_to_save == ["score"]
-    assert lora_config("CAUSAL_LM").modules_to_save is None
+    assert lora_config("SEQ_CLS", C).modules_to_save == ["score"]
+    assert lora_config("CAUSAL_LM", C).modules_to_save is None
 
 
-def test_lora_targets_are_checked_against_the_model(tiny_base, monkeypatch):
+def test_lora_config_reads_the_settings_it_is_given():
+    import types
+
+    lora = lora_config("CAUSAL_LM", types.SimpleNamespace(LORA_R=4, LORA_ALPHA=8, LORA_DROPOUT=0.1,
+                                                          LORA_TARGET_MODULES="q_proj, v_proj"))
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, sorted(lora.target_modules)) == (4, 8, 0.1, ["q_proj", "v_proj"])
+
+
+def test_lora_targets_are_checked_against_the_model(tiny_base):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    monkeypatch.setattr(C, "USE_LORA", True)
-    monkeypatch.setattr(C, "LORA_TARGET_MODULES", "q_proj, v_proj")
-    check_lora_targets(model)
-    monkeypatch.setattr(C, "LORA_TARGET_MODULES", "q_proj,query_key_value")
+    check_lora_targets(model, True, "q_proj, v_proj")
     with pytest.raises(UserError, match=r"no layer named query_key_value; its linear layers are .*v_proj"):
-        check_lora_targets(model)
-    monkeypatch.setattr(C, "USE_LORA", False)
-    check_lora_targets(model)  # without LoRA the setting is not used
+        check_lora_targets(model, True, "q_proj,query_key_value")
+    check_lora_targets(model, False, "q_proj,query_key_value")  # without LoRA the setting is not used
 
 
-def test_trainer_schedule_follows_eval_every(monkeypatch):
-    monkeypatch.setattr(C, "EVAL_EVERY", 0)
-    assert trainer_schedule(0.1)["eval_strategy"] == "epoch" and trainer_schedule(0.1)["save_steps"] is None
-    monkeypatch.setattr(C, "EVAL_EVERY", 5)
-    schedule = trainer_schedule(0.1)
+def test_trainer_schedule_follows_eval_every():
+    schedule = trainer_schedule(0.1, 0, 10)
+    assert schedule["eval_strategy"] == "epoch" and schedule["save_steps"] is None and schedule["logging_steps"] == 10
+    schedule = trainer_schedule(0.1, 5, 10)
     assert (schedule["eval_strategy"], schedule["eval_steps"], schedule["save_steps"], schedule["warmup_steps"]) == \
         ("steps", 5, 5, 0.1)
 
@@ -130,7 +133,8 @@ def test_mixed_precision_follows_the_precision_setting(monkeypatch):
 
     from rlhf.common import mixed_precision
 
-    for choice, want in (("fp32", "no"), ("bf16", "bf16"), ("fp16", "fp16")):
-        monkeypatch.setattr(C, "PRECISION", choice)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        assert mixed_precision() == want
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for choice, want in (("fp32", "no"), ("bf16", "bf16"), ("fp16", "fp16"), ("FP16", "fp16")):
+        assert mixed_precision(choice) == want
+    with pytest.raises(UserError, match="PRECISION must be one of"):
+        mixed_precision("fp8")

@@ -110,14 +110,13 @@ def test_qlora_without_a_gpu_stops_at_the_start(monkeypatch):
 def test_qlora_needs_lora(monkeypatch):
     import config as C
     from rlhf.common import qlora_load_kwargs
-    from rlhf.settings import UserError
+    from rlhf.settings import UserError, check_values
 
-    monkeypatch.setattr(C, "QLORA", True)
+    monkeypatch.setattr(C, "QLORA", True)  # the settings check_values checks
     monkeypatch.setattr(C, "USE_LORA", False)
     with pytest.raises(UserError, match="add --USE_LORA=true"):
-        qlora_load_kwargs()
-    monkeypatch.setattr(C, "QLORA", False)
-    assert qlora_load_kwargs() == {}
+        check_values()
+    assert qlora_load_kwargs(False) == {}
 
 
 def test_merge_lora_weights_matches_merging_in_place(tiny_base):
@@ -125,15 +124,17 @@ def test_merge_lora_weights_matches_merging_in_place(tiny_base):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    import config as C
     from rlhf.common import lora_config, merge_lora_weights
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), lora_config("CAUSAL_LM"))
+    lora = lora_config("CAUSAL_LM", C)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), lora)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)  # lora_B starts at 0: a trained adapter is not
-    merged = merge_lora_weights(tiny_base, peft_model.state_dict(), dtype=torch.float32)
+    merged = merge_lora_weights(tiny_base, peft_model.state_dict(), lora, torch.float32)
     expected = peft_model.merge_and_unload().state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).state_dict()
     assert merged.state_dict().keys() == expected.keys()
@@ -142,7 +143,7 @@ def test_merge_lora_weights_matches_merging_in_place(tiny_base):
     assert not torch.equal(merged.state_dict()["model.layers.0.self_attn.q_proj.weight"],
                            base["model.layers.0.self_attn.q_proj.weight"])  # the adapter was merged in
     with pytest.raises(RuntimeError, match="LoRA weights missing"):
-        merge_lora_weights(tiny_base, {}, dtype=torch.float32)
+        merge_lora_weights(tiny_base, {}, lora, torch.float32)
 
 
 @pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true"},

@@ -14,7 +14,7 @@ from rlhf.generation import draw, generate_tokens, next_tokens
 def model_and_prompts(tiny_base):
     from rlhf.common import load_causal_lm, load_tokenizer
 
-    model, tok = load_causal_lm(tiny_base, dtype=torch.float32).eval(), load_tokenizer(tiny_base)
+    model, tok = load_causal_lm(tiny_base, torch.float32).eval(), load_tokenizer(tiny_base)
     torch.manual_seed(0)
     with torch.no_grad():  # large random weights: answers that vary (a fresh model repeats one token)
         for p in model.parameters():

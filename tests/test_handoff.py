@@ -11,7 +11,7 @@ import pytest
 import config as C
 from conftest import ROOT
 from rlhf.handoff import STAGE_INFO_FILE, check_output_dir, require_stage_output, save_stage, save_stage_output
-from rlhf.settings import UserError
+from rlhf.settings import UserError, scalar_settings
 
 
 def test_hand_off_requires_a_finished_output_and_refuses_overwrite(tmp_path):
@@ -22,13 +22,15 @@ def test_hand_off_requires_a_finished_output_and_refuses_overwrite(tmp_path):
     with pytest.raises(UserError, match="no finished SFT model"):
         require_stage_output(out, "sft")
 
-    save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"), {"m": 1})
+    save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"), {"m": 1},
+                      scalar_settings())
     assert require_stage_output(out, "sft") == out
     assert json.load(open(os.path.join(out, STAGE_INFO_FILE)))["metrics"] == {"m": 1}
     with pytest.raises(UserError, match="--OVERWRITE=true"):
         check_output_dir(out, overwrite=False)
     check_output_dir(out, overwrite=True)
-    save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v2"), {"m": 2})
+    save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v2"), {"m": 2},
+                      scalar_settings())
     assert open(os.path.join(out, "weights")).read() == "v2"
     assert sorted(os.listdir(tmp_path)) == ["sft_model"]  # no temporary folders left behind
 
@@ -48,7 +50,7 @@ def test_save_stage_writes_model_results_and_metadata_then_removes_checkpoints(t
     os.makedirs(checkpoints / "checkpoint-2")
     metrics = {"eval_loss": 0.123456, "log_history": [{"loss": 1.0}]}
     save_stage("sft", str(tmp_path / "sft_model"), SavesItself("weights"), SavesItself("tokenizer"), metrics,
-               str(checkpoints), also=lambda tmp: open(os.path.join(tmp, "extra.json"), "w").write("{}"))
+               str(checkpoints), scalar_settings(), also=lambda tmp: open(os.path.join(tmp, "extra.json"), "w").write("{}"))
     out = tmp_path / "sft_model"
     assert sorted(os.listdir(out)) == ["README.md", "eval_results.json", "extra.json", STAGE_INFO_FILE, "tokenizer", "weights"]
     assert json.load(open(out / "eval_results.json")) == {"eval_loss": 0.123456}  # no per-step history
@@ -100,42 +102,35 @@ def fake_stage(folder, stage, model, recipe="", finished_at="2026-01-01T00:00:00
 
 
 @pytest.fixture
-def lineage(tmp_path, monkeypatch):
-    """An SFT and an RM output made from some/model without a recipe, SFT_DIR and RM_DIR pointing at them."""
-    from rlhf.settings import settings
+def lineage(tmp_path):
+    """An SFT and an RM output made from some/model without a recipe, and the settings of a run whose
+    SFT_DIR and RM_DIR point at them."""
+    from rlhf.settings import scalar_settings
 
-    for name, value in settings().items():
-        monkeypatch.setattr(C, name, value)
     sft = fake_stage(tmp_path / "sft", "sft", "some/model", finished_at="T1")
     rm = fake_stage(tmp_path / "rm", "rm", "some/model", inputs={"sft": {"path": sft, "finished_at": "T1"}})
-    monkeypatch.setattr(C, "SFT_DIR", sft)
-    monkeypatch.setattr(C, "RM_DIR", rm)
-    return sft, rm
+    return sft, rm, {**scalar_settings(), "SFT_DIR": sft, "RM_DIR": rm}
 
 
 def test_a_stage_takes_the_model_name_of_its_input_when_none_is_given(lineage, capsys):
     from rlhf.handoff import check_lineage
 
-    check_lineage("ppo", given={})
-    assert C.MODEL_NAME == "some/model"
+    assert check_lineage("ppo", {}, lineage[2]) == "some/model"
     assert f"ppo: MODEL_NAME = 'some/model': the base model of {lineage[0]}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("stage", ["rm", "ppo"])
-def test_a_stage_refuses_an_input_of_another_model_or_recipe(lineage, stage, tmp_path, monkeypatch):
+def test_a_stage_refuses_an_input_of_another_model_or_recipe(lineage, stage):
     from rlhf.handoff import check_lineage
 
-    monkeypatch.setattr(C, "MODEL_NAME", "other/model")
     with pytest.raises(UserError) as e:
-        check_lineage(stage, given={"MODEL_NAME": "other/model"})
+        check_lineage(stage, {"MODEL_NAME": "other/model"}, {**lineage[2], "MODEL_NAME": "other/model"})
     message = str(e.value)
     assert message.startswith(f"{lineage[0]} was trained from MODEL_NAME='some/model', not 'other/model': ")
     assert "--OVERWRITE=true" in message and "--redo sft" in message and "\n" not in message
-    monkeypatch.setattr(C, "MODEL_NAME", "some/model")
-    monkeypatch.setattr(C, "RECIPE", "recipes/qwen2.5-coder-1.5b-lora.py")
     with pytest.raises(UserError, match=f"{lineage[0]} was made with RECIPE='', not 'recipes/qwen2.5-coder-1.5b-lora.py': "
                                         "pass --RECIPE= to build on it"):
-        check_lineage(stage, given={})
+        check_lineage(stage, {}, {**lineage[2], "MODEL_NAME": "some/model", "RECIPE": "recipes/qwen2.5-coder-1.5b-lora.py"})
 
 
 def test_ppo_refuses_an_rm_trained_on_an_earlier_sft_model(lineage):
@@ -144,11 +139,11 @@ def test_ppo_refuses_an_rm_trained_on_an_earlier_sft_model(lineage):
     fake_stage(lineage[0], "sft", "some/model", finished_at="T2")  # SFT trained again after the RM
     with pytest.raises(UserError, match="was trained on an SFT model finished at T1, .* was finished at T2: train the RM "
                                         r"again on it \(`python train_rm.py --OVERWRITE=true`"):
-        check_lineage("ppo", given={})
-    check_lineage("rm", given={})  # the RM stage itself may build on the new SFT model
+        check_lineage("ppo", {}, lineage[2])
+    check_lineage("rm", {}, lineage[2])  # the RM stage itself may build on the new SFT model
 
 
-def test_the_embedded_learning_rates_on_another_model_are_said(lineage, monkeypatch):
+def test_the_embedded_learning_rates_on_another_model_are_said():
     import importlib.util
 
     from rlhf.handoff import learning_rate_notes
@@ -158,16 +153,16 @@ def test_the_embedded_learning_rates_on_another_model_are_said(lineage, monkeypa
     pristine = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pristine)  # config.py as shipped: EMBEDDED_LEARNING_RATES must be its values
     assert all(getattr(pristine, n) == v for rates in EMBEDDED_LEARNING_RATES.values() for n, v in rates.items())
-    assert learning_rate_notes("sft", {}) == []  # the embedded model: its own rates
-    monkeypatch.setattr(C, "MODEL_NAME", "Qwen/Qwen2.5-Coder-1.5B-Instruct")
-    (line,) = learning_rate_notes("sft", {})
+    shipped = {n: v for n, v in vars(pristine).items() if n.isupper()}
+    assert learning_rate_notes("sft", {}, shipped) == []  # the embedded model: its own rates
+    qwen = {**shipped, "MODEL_NAME": "Qwen/Qwen2.5-Coder-1.5B-Instruct"}
+    (line,) = learning_rate_notes("sft", {}, qwen)
     assert line == ("sft: note: LR=0.001 is the embedded model's learning rate (config.py), not one for "
                     "Qwen/Qwen2.5-Coder-1.5B-Instruct: pass --LR=... or a recipe (recipes/, --RECIPE=...)")
-    assert [n.split("=")[0] for n in learning_rate_notes("ppo", {})] == ["ppo: note: PPO_LR"]  # grpo: no critic
-    monkeypatch.setattr(C, "PPO_ADVANTAGE", "gae")
-    assert len(learning_rate_notes("ppo", {})) == 2
-    monkeypatch.setattr(C, "RM_LR", 1e-5)
-    assert learning_rate_notes("rm", {}) == [] and learning_rate_notes("sft", {"LR": 1e-3}) == []  # chosen: no note
+    assert [n.split("=")[0] for n in learning_rate_notes("ppo", {}, qwen)] == ["ppo: note: PPO_LR"]  # grpo: no critic
+    assert len(learning_rate_notes("ppo", {}, {**qwen, "PPO_ADVANTAGE": "gae"})) == 2
+    assert learning_rate_notes("rm", {}, {**qwen, "RM_LR": 1e-5}) == []  # chosen: no note
+    assert learning_rate_notes("sft", {"LR": 1e-3}, qwen) == []  # given on the command line: no note
 
 
 def test_stage_scripts_check_their_inputs_lineage_before_any_work(ppo_inputs, tmp_path, run_in_process):

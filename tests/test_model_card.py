@@ -14,13 +14,7 @@ import pytest
 import config as C
 from conftest import ppo_args
 from rlhf.handoff import save_stage, save_stage_output
-from rlhf.settings import UserError, check_values, settings
-
-
-@pytest.fixture(autouse=True)
-def restore_config(monkeypatch):
-    for name, value in settings().items():
-        monkeypatch.setattr(C, name, value)
+from rlhf.settings import UserError, check_values, scalar_settings
 
 
 class SavesItself:
@@ -40,14 +34,12 @@ def python_block(card):
     return block
 
 
-def test_the_card_says_what_the_model_was_made_from_and_how_it_did(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "MODEL_NAME", "Qwen/Qwen2.5-Coder-1.5B-Instruct")
-    monkeypatch.setattr(C, "RECIPE", "recipes/qwen2.5-coder-1.5b-lora.py")
-    monkeypatch.setattr(C, "SFT_TRAIN_FILE", "trl-lib/Capybara:train")
-    monkeypatch.setattr(C, "LR", 1e-4)
+def test_the_card_says_what_the_model_was_made_from_and_how_it_did(tmp_path):
+    run = {**scalar_settings(), "MODEL_NAME": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "LR": 1e-4,
+           "RECIPE": "recipes/qwen2.5-coder-1.5b-lora.py", "SFT_TRAIN_FILE": "trl-lib/Capybara:train"}
     out = str(tmp_path / "sft_model")
     save_stage("sft", out, SavesItself("weights"), SavesItself("tokenizer"),
-               {"eval_loss": 0.123456, "pass_at_1": 0.5, "log_history": [{"loss": 1.0}]}, str(tmp_path / "ckpt"))
+               {"eval_loss": 0.123456, "pass_at_1": 0.5, "log_history": [{"loss": 1.0}]}, str(tmp_path / "ckpt"), run)
     card = card_of(out)
     front = card.split("---")[1]
     assert "base_model: Qwen/Qwen2.5-Coder-1.5B-Instruct" in front and "library_name: transformers" in front
@@ -59,10 +51,10 @@ def test_the_card_says_what_the_model_was_made_from_and_how_it_did(tmp_path, mon
     assert f'AutoModelForCausalLM.from_pretrained("{out}")' in card
 
 
-def test_a_local_base_model_is_no_hub_base_model_and_the_rm_card_loads_a_reward_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "MODEL_NAME", str(tmp_path))  # a folder: not a Hub id
+def test_a_local_base_model_is_no_hub_base_model_and_the_rm_card_loads_a_reward_model(tmp_path):
     out = str(tmp_path / "rm_model")
     save_stage_output(out, "rm", lambda tmp: None, {"eval_accuracy": 0.9},
+                      {**scalar_settings(), "MODEL_NAME": str(tmp_path)},  # a folder: not a Hub id
                       {"inputs": {"sft": {"path": "./sft_model", "finished_at": "2026-12-01T10:00:00"}}})
     card = card_of(out)
     assert "base_model:" not in card.split("---")[1] and "pipeline_tag: text-classification" in card
@@ -111,10 +103,9 @@ class Recorder:
 
 def test_push_to_hub_uploads_the_finished_folder_with_its_card_to_a_private_repo(tmp_path, monkeypatch, capsys):
     recorder = Recorder(monkeypatch)
-    monkeypatch.setattr(C, "PUSH_TO_HUB", True)
-    monkeypatch.setattr(C, "HUB_MODEL_ID", "someone/coder")
     out = str(tmp_path / "ppo_model")
-    save_stage("ppo", out, SavesItself("weights"), SavesItself("tokenizer"), {"pass_at_1": 0.25}, str(tmp_path / "c"))
+    save_stage("ppo", out, SavesItself("weights"), SavesItself("tokenizer"), {"pass_at_1": 0.25}, str(tmp_path / "c"),
+               {**scalar_settings(), "PUSH_TO_HUB": True, "HUB_MODEL_ID": "someone/coder"})
     (create, args, kwargs), (upload, _, up) = recorder.calls
     assert (create, args, kwargs) == ("create_repo", ("someone/coder-ppo",), {"private": True, "exist_ok": True})
     assert upload == "upload_folder" and up["repo_id"] == "someone/coder-ppo" and up["folder_path"] == out
@@ -125,11 +116,10 @@ def test_push_to_hub_uploads_the_finished_folder_with_its_card_to_a_private_repo
 
 def test_a_failed_upload_is_one_line_and_keeps_the_saved_model(tmp_path, monkeypatch):
     Recorder(monkeypatch, fail=OSError("401 Unauthorized\nmore detail"))
-    monkeypatch.setattr(C, "PUSH_TO_HUB", True)
-    monkeypatch.setattr(C, "HUB_MODEL_ID", "someone/coder")
     out = str(tmp_path / "sft_model")
     with pytest.raises(UserError) as e:
-        save_stage("sft", out, SavesItself("weights"), SavesItself("tokenizer"), {}, str(tmp_path / "c"))
+        save_stage("sft", out, SavesItself("weights"), SavesItself("tokenizer"), {}, str(tmp_path / "c"),
+                   {**scalar_settings(), "PUSH_TO_HUB": True, "HUB_MODEL_ID": "someone/coder"})
     assert str(e.value) == (f"upload of {out} to the Hub as someone/coder-sft failed (401 Unauthorized); the stage output "
                             f"is saved: upload it with `hf upload someone/coder-sft {out}`")
     assert os.path.exists(os.path.join(out, "rlhf_stage.json"))
@@ -140,14 +130,15 @@ def test_push_to_hub_needs_a_repo_id_and_a_token_before_any_work(monkeypatch):
 
     from rlhf.model_card import check_hub_login
 
-    monkeypatch.setattr(C, "PUSH_TO_HUB", True)
+    monkeypatch.setattr(C, "PUSH_TO_HUB", True)  # the settings check_values checks
     with pytest.raises(UserError, match="PUSH_TO_HUB needs HUB_MODEL_ID as user/name"):
         check_values()
     monkeypatch.setattr(C, "HUB_MODEL_ID", "someone/coder")
     check_values()
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    check_hub_login(False)  # no upload: no token needed
     with pytest.raises(UserError, match="needs a Hugging Face token: run `hf auth login`"):
-        check_hub_login()
+        check_hub_login(True)
 
 
 def test_a_stage_run_with_push_to_hub_uploads_its_output(ppo_inputs, tmp_path, monkeypatch, run_in_process):

@@ -32,6 +32,7 @@ import shutil
 import pytest
 
 from conftest import toy_conversations, toy_preference_pairs, write_jsonl
+from rlhf.settings import scalar_settings
 
 QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
@@ -236,7 +237,7 @@ def test_each_family_pads_apart_and_stops_at_every_turn_end(family, family_bases
     from rlhf.codeeval import generate_completions
     from rlhf.common import end_of_turn_ids, load_for_generation
 
-    model, tok = load_for_generation(family_bases[family])
+    model, tok = load_for_generation(family_bases[family], "auto")
     assert tok.pad_token_id not in end_of_turn_ids(tok)
     assert set(end_of_turn_ids(tok, model)) == stop_ids(tok, family)
     messages = [{"role": "user", "content": prompt_text(3)}]
@@ -290,7 +291,8 @@ def test_a_template_that_refuses_a_system_message_is_one_line_in_every_stage(fam
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": system}])
     for stage in ("sft", "rm"):  # stage outputs as far as the data checks need them
         save_stage_output(str(tmp_path / stage), stage,
-                          lambda tmp: shutil.copytree(family_bases["mistral"], tmp, dirs_exist_ok=True), {})
+                          lambda tmp: shutil.copytree(family_bases["mistral"], tmp, dirs_exist_ok=True), {},
+                          scalar_settings())
     runs = f"--RUNS_DIR={tmp_path}/runs"
     for proc, source in (
             (run_in_process("train_sft.py", f"--MODEL_NAME={family_bases['gemma2']}", f"--SFT_DIR={tmp_path}/o", runs,
@@ -440,7 +442,8 @@ def test_ppo_rollouts_end_at_the_token_that_ends_a_turn(family_bases, family_dat
         policy.lm_head.weight[:, 0] = 0.0
         policy.lm_head.weight[eot, 0] = 50.0
     policy.config.pad_token_id = tok.pad_token_id
-    save_stage_output(sft, "sft", lambda tmp: (policy.save_pretrained(tmp), tok.save_pretrained(tmp)), {})
+    save_stage_output(sft, "sft", lambda tmp: (policy.save_pretrained(tmp), tok.save_pretrained(tmp)), {},
+                      scalar_settings())
     reward_model = load_reward_model(sft)
 
     def save_rm(tmp):
@@ -448,7 +451,7 @@ def test_ppo_rollouts_end_at_the_token_that_ends_a_turn(family_bases, family_dat
         reward_model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    save_stage_output(rm, "rm", save_rm, {})
+    save_stage_output(rm, "rm", save_rm, {}, scalar_settings())
     # the rollout's masks: after sampling (train_ppo.rollout) and padded to every process's width (Rollout.padded)
     masks = [Spy(monkeypatch, train_ppo, "first_eos_mask"), Spy(monkeypatch, rlhf.ppo_models, "first_eos_mask")]
     proc = run_in_process("train_ppo.py", f"--SFT_DIR={sft}", f"--RM_DIR={rm}", f"--PPO_DIR={tmp_path}/ppo_model",

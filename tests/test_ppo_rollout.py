@@ -5,6 +5,7 @@ parameters are clipped, the forward that reads only the answers' valid tokens.""
 import pytest
 import torch
 
+import config as C
 import rlhf.generation as G
 import rlhf.ppo_models as M
 import train_ppo as P
@@ -15,7 +16,7 @@ from rlhf.ppo_math import first_eos_mask
 def policy_and_tokenizer(tiny_base):
     from rlhf.common import load_causal_lm, load_tokenizer
 
-    return load_causal_lm(tiny_base, dtype=torch.float32).eval(), load_tokenizer(tiny_base)
+    return load_causal_lm(tiny_base, torch.float32).eval(), load_tokenizer(tiny_base)
 
 
 def test_rollout_samples_plain_softmax_whatever_the_checkpoint_generation_config(policy_and_tokenizer, monkeypatch):
@@ -67,7 +68,7 @@ def test_critic_starts_at_zero_and_the_reward_model_keeps_its_head(tiny_base):
     # LoRA: the critic's trained copy of the head starts at 0, the reward model (adapter off) is untouched
     critic = load_reward_model(tiny_base)
     rm_before = critic(input_ids=ids, attention_mask=mask).logits
-    cfg = lora_config("SEQ_CLS")
+    cfg = lora_config("SEQ_CLS", C)
     cfg.modules_to_save = ["score"]
     critic = get_peft_model(critic, cfg)
     M.zero_value_head(critic)
@@ -141,7 +142,7 @@ def test_logits_of_the_valid_response_tokens_only_give_the_same_logprobs_values_
     eos, pad = tok.eos_token_id, tok.pad_token_id
     response = torch.tensor([[5, 6, eos, pad], [7, 8, 9, eos]])
     mask = first_eos_mask(response, [eos])[0]
-    lora = get_peft_model(load_causal_lm(tiny_base, dtype=torch.float32), lora_config("CAUSAL_LM"))
+    lora = get_peft_model(load_causal_lm(tiny_base, torch.float32), lora_config("CAUSAL_LM", C))
     M.disable_dropout(lora)  # as train_ppo does: LoRA's dropout would make the two passes differ
     head_apart = M.head_apart
     for name, model in [("reference", policy), ("policy + critic", M.PolicyAndCritic(policy, load_reward_model(tiny_base))),

@@ -20,7 +20,7 @@ from rlhf.checkpoints import CHECKPOINT_MARKER, resume_from
 from rlhf.common import run_stage
 from rlhf.data import drop_too_long
 from rlhf.handoff import disk_full_is_an_error, save_stage_output
-from rlhf.settings import UserError, settings
+from rlhf.settings import UserError, scalar_settings, settings
 
 STAGES = ("sft", "rm", "ppo")
 PPO_QUICK = ["--PPO_BATCH_SIZE=4", "--PPO_MINI_BATCH_SIZE=4", "--PPO_SAMPLES_PER_PROMPT=2", "--PPO_EPOCHS=1",
@@ -259,7 +259,8 @@ def test_model_path_that_does_not_exist(tmp_path, stage_main):
 @pytest.mark.parametrize("stage", STAGES)
 def test_finished_output_is_not_overwritten(stage, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs, stage_main):
     out = tmp_path / f"{stage}_model"
-    save_stage_output(str(out), stage, lambda tmp: open(os.path.join(tmp, "weights"), "w").write("mine"), {})
+    save_stage_output(str(out), stage, lambda tmp: open(os.path.join(tmp, "weights"), "w").write("mine"),
+                      {}, scalar_settings())
     before = sorted(os.listdir(out))
     with pytest.raises(UserError, match=f"{out} already holds a finished model; .*--OVERWRITE=true"):
         stage_main(stage)(stage_args(stage, tmp_path, tiny_base, toy_data, toy_pairs, ppo_inputs))
@@ -277,13 +278,14 @@ def test_kill_while_saving_the_output_loses_and_leaks_nothing(moment, tmp_path, 
     from rlhf.handoff import check_output_dir
 
     out = tmp_path / "sft_model"
-    save_stage_output(str(out), "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"), {})
+    save_stage_output(str(out), "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"),
+                      {}, scalar_settings())
     if moment == "writing":  # a half-written new model next to the finished one
         os.makedirs(tmp_path / "sft_model.tmp-4242")
         (tmp_path / "sft_model.tmp-4242" / "weights").write_text("half")
     else:  # the new model is complete, the old one moved aside, the new one not yet in place
         save_stage_output(str(tmp_path / "sft_model.tmp-4242"), "sft",
-                          lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v2"), {})
+                          lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v2"), {}, scalar_settings())
         os.rename(out, tmp_path / "sft_model.old-4242")
     with pytest.raises(UserError, match="already holds a finished model"):
         check_output_dir(str(out), overwrite=False)
@@ -308,7 +310,7 @@ def test_a_half_written_first_save_is_removed_never_moved_into_place(tmp_path, c
         require_stage_output(str(tmp_path / "sft_model"), "sft")
 
 
-def test_half_written_checkpoints_are_never_resumed(tmp_path, capsys, monkeypatch):
+def test_half_written_checkpoints_are_never_resumed(tmp_path, capsys):
     trainer, ppo = tmp_path / "sft", tmp_path / "ppo"
     for folder, marker in ((trainer / "checkpoint-2", CHECKPOINT_MARKER), (ppo / "step_2", "ppo_state.json"),
                            (ppo / "step_4.tmp", "ppo_state.json")):  # killed between the marker and the rename
@@ -317,17 +319,16 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path, capsys, monkeypatc
     for partial in (trainer / "checkpoint-4", trainer / ".saving" / "checkpoint-6", ppo / "step_6"):
         os.makedirs(partial)
         (partial / "model.safetensors").write_bytes(b"half")
-    monkeypatch.setattr(C, "RESUME", True)
-    assert resume_from(str(trainer)) == str(trainer / "checkpoint-2")
-    assert resume_from(str(ppo), marker="ppo_state.json", prefix="step_") == str(ppo / "step_2")
+    run = {"RESUME": True, "LR": C.LR, "EPOCHS": C.EPOCHS}
+    assert resume_from(str(trainer), run) == str(trainer / "checkpoint-2")
+    assert resume_from(str(ppo), run, marker="ppo_state.json", prefix="step_") == str(ppo / "step_2")
     out = capsys.readouterr().out
     for removed in ("sft/.saving", "sft/checkpoint-4", "ppo/step_4.tmp", "ppo/step_6"):
         assert f"{removed}: an incomplete checkpoint" in out, removed
     assert os.listdir(trainer) == ["checkpoint-2"] and os.listdir(ppo) == ["step_2"]
     assert "resuming from" in out and out.count("(step 2)") == 2
     assert out.count(f"note: the checkpoint was made with LR={C.LR * 10!r} (now {C.LR!r}); its optimizer") == 2
-    monkeypatch.setattr(C, "RESUME", False)
-    assert resume_from(str(trainer)) is None and "RESUME is false: starting over" in capsys.readouterr().out
+    assert resume_from(str(trainer), {**run, "RESUME": False}) is None and "RESUME is false: starting over" in capsys.readouterr().out
 
 
 def kill_after_first_checkpoint(script, args, folder):
@@ -415,14 +416,15 @@ def test_non_finite_loss_names_step_and_last_good_checkpoint(stage, trigger, tmp
 
 def test_disk_full_keeps_the_previous_output(tmp_path):
     out = str(tmp_path / "sft_model")
-    save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"), {})
+    save_stage_output(out, "sft", lambda tmp: open(os.path.join(tmp, "weights"), "w").write("v1"),
+                      {}, scalar_settings())
 
     def full(tmp):
         open(os.path.join(tmp, "weights"), "w").write("half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(UserError, match=rf"disk full while saving {out} .*free space and rerun; {out} is unchanged"):
-        save_stage_output(out, "sft", full, {})
+        save_stage_output(out, "sft", full, {}, scalar_settings())
     assert open(os.path.join(out, "weights")).read() == "v1" and os.listdir(tmp_path) == ["sft_model"]
 
 

@@ -236,24 +236,19 @@ def test_rm_missing_data_file(tmp_path, tiny_sft, toy_pairs, run_in_process):
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_rm_agreement_needs_sft_answers_to_the_task_file(tmp_path, monkeypatch, capsys):
+def test_rm_agreement_needs_sft_answers_to_the_task_file(tmp_path, capsys):
     """train_rm.sft_failures: the SFT stage's answers and the task file go together; answers to
     another file (SFT evaluated on the validation split) give no figure and a line that says so."""
-    from types import SimpleNamespace
-
-    import config as C
     import train_rm
 
     tasks = write_jsonl(tmp_path / "tasks.jsonl", toy_tasks(2))
     write_jsonl(tmp_path / "eval_results.jsonl", [{"task_id": "t1", "passed": False, "raw": "x"}])
-    monkeypatch.setattr(C, "SFT_DIR", str(tmp_path))
-    monkeypatch.setattr(C, "EVAL_TASKS_FILE", str(tasks))
-    main = SimpleNamespace(is_main_process=True)
-    problems, answers = train_rm.sft_failures(main)
+    problems, answers = train_rm.sft_failures(str(tmp_path), str(tasks), True)
     assert [p.task_id for p in problems] == ["t1", "t2"] and answers[0]["task_id"] == "t1"
     assert "rm vs tests" not in capsys.readouterr().out
+    assert train_rm.sft_failures(str(tmp_path), "", True) is None  # no task file: no figure
     write_jsonl(tmp_path / "eval_results.jsonl", [{"task_id": "val/7", "passed": False, "raw": "x"}])
-    assert train_rm.sft_failures(main) is None
+    assert train_rm.sft_failures(str(tmp_path), str(tasks), True) is None
     assert f"answers none of the tasks of {tasks}" in capsys.readouterr().out
-    assert train_rm.sft_failures(SimpleNamespace(is_main_process=False)) is None
+    assert train_rm.sft_failures(str(tmp_path), str(tasks), False) is None
     assert capsys.readouterr().out == ""  # one line per run, from the main process

@@ -326,7 +326,7 @@ def test_the_limits_defaults_are_config_defaults():
 
     defaults = {k: v for k, v in runpy.run_path(C.__file__).items() if k.startswith("SANDBOX_")}
     assert len(defaults) == 6 and all(getattr(C, k) == v for k, v in defaults.items())  # this process: the defaults
-    assert sandbox.Limits() == sandbox_limits()
+    assert sandbox.Limits() == sandbox_limits(C)
 
 
 def test_no_isolation_stops_with_the_fix(monkeypatch):

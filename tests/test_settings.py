@@ -211,30 +211,22 @@ def test_report_to_takes_transformers_trackers_and_checks_them_at_the_start(caps
 
     from rlhf.common import check_report_to, report_to
 
-    C.REPORT_TO = "tensorboard"
-    check_report_to("sft")
-    assert report_to() == ["tensorboard"]
-    C.REPORT_TO = "none"
-    check_report_to("rm")
-    assert report_to() == []
-    C.REPORT_TO = "tensorbaord"
+    assert check_report_to("tensorboard", "sft") == "tensorboard" and report_to("tensorboard") == ["tensorboard"]
+    assert check_report_to("none", "rm") == "none" and report_to("None") == []
     with pytest.raises(UserError, match=r"unknown tracker 'tensorbaord'; transformers supports .*comet_ml.*mlflow.*"
                                         r"tensorboard.*wandb, all or none"):
-        check_report_to("sft")
+        check_report_to("tensorbaord", "sft")
     for tracker in ("mlflow", "neptune", "wandb"):  # known to transformers; an error only where it is not installed
         if tracker not in get_available_reporting_integrations():
-            C.REPORT_TO = f"tensorboard,{tracker}"
             with pytest.raises(UserError, match=f"{tracker} is not installed here: pip install {tracker}"):
-                check_report_to("sft")
+                check_report_to(f"tensorboard,{tracker}", "sft")
 
 
 def test_ppo_leaves_out_a_tracker_accelerate_lacks_with_a_line(capsys):
     from rlhf.common import check_report_to
 
-    C.REPORT_TO = "tensorboard,neptune"  # neptune: transformers' Trainer has it, accelerate does not
-    check_report_to("ppo")
-    assert C.REPORT_TO == "tensorboard"
+    # neptune: transformers' Trainer has it, accelerate does not
+    assert check_report_to("tensorboard,neptune", "ppo") == "tensorboard"
     assert "ppo: REPORT_TO neptune: not a tracker of accelerate, which PPO logs through" in capsys.readouterr().out
-    C.REPORT_TO = "tensorbaord"
     with pytest.raises(UserError, match="unknown tracker 'tensorbaord'"):
-        check_report_to("ppo")
+        check_report_to("tensorbaord", "ppo")

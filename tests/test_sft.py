@@ -68,7 +68,7 @@ def test_sft_clear_errors_for_user_mistakes(tmp_path, tiny_base, toy_data, run_i
     assert not os.path.exists(tmp_path / "o")  # nothing written on error
 
 
-def test_sft_early_stopping_keeps_the_best_checkpoint(tiny_base, toy_data, tmp_path, monkeypatch):
+def test_sft_early_stopping_keeps_the_best_checkpoint(tiny_base, toy_data, tmp_path):
     """Held-out answers the training data contradicts (x - k against x + k): the held-out loss
     falls while the format is learned, then rises; training stops `patience` evaluations after its
     lowest point and the saved model is that best one, not the last."""
@@ -89,14 +89,15 @@ def test_sft_early_stopping_keeps_the_best_checkpoint(tiny_base, toy_data, tmp_p
     assert len(evals) == best + 1 + 2  # ... two evaluations after the best one
     assert abs(info["eval_loss"] - evals[best]) < 1e-4  # and reports the best one's loss ...
     import config as C
-    from rlhf.common import load_causal_lm, load_tokenizer
+    from rlhf.common import load_causal_lm, load_tokenizer, torch_dtype
     from rlhf.data import load_sft_examples
     from train_sft import sft_trainer
 
-    monkeypatch.setattr(C, "BATCH_SIZE", 8)  # the run's evaluation batches: the mean loss is per batch
     saved = str(tmp_path / "sft")
-    evaluated = sft_trainer(load_causal_lm(saved), load_tokenizer(saved), load_sft_examples(eval_file),
-                            load_sft_examples(eval_file), str(tmp_path / "again"), report_to="none").evaluate()
+    evaluated = sft_trainer(load_causal_lm(saved, torch_dtype(C.PRECISION)), load_tokenizer(saved),
+                            load_sft_examples(eval_file), load_sft_examples(eval_file), str(tmp_path / "again"),
+                            report_to="none",
+                            per_device_eval_batch_size=8).evaluate()  # the run's (BATCH_SIZE): the mean loss is per batch
     assert abs(evaluated["eval_loss"] - evals[best]) < 1e-4  # ... which the saved model has: the best, not the last
     assert "early stopping: best held-out loss" in proc.stdout
     assert not os.path.exists(tmp_path / "runs" / "sft" / "checkpoints")
