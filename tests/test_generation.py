@@ -47,6 +47,33 @@ def test_greedy_answers_equal_generate_while_rows_leave_the_batch(model_and_prom
     assert len(set(ended)) > 1  # rows did end at different steps (else nothing left the batch)
 
 
+def test_one_row_alone_answers_as_in_a_batch_and_row_steps_count_the_rows_computed(model_and_prompts):
+    model, tok, ids, mask = model_and_prompts
+    stops = greedy_stop_tokens(model, ids, mask, tok.pad_token_id)
+    batch = generate_tokens(model, ids, mask, 12, stops, tok.pad_token_id)
+    for i in range(len(ids)):
+        keep = mask[i].bool()  # without the left padding the batch gave it
+        alone = generate_tokens(model, ids[i:i + 1, keep], mask[i:i + 1, keep], 12, stops, tok.pad_token_id)
+        assert alone.shape[1] > 0 and torch.equal(alone[0], batch[i, :alone.shape[1]]), i
+    lengths = [next((t + 1 for t, x in enumerate(row.tolist()) if x in stops), 12) for row in batch]
+    _, steps = generate_tokens(model, ids, mask, 12, stops, tok.pad_token_id, shrink_at=0.0, count_rows=True)
+    assert steps == len(ids) * max(lengths)  # no row leaves: every row every step
+    _, steps = generate_tokens(model, ids, mask, 12, stops, tok.pad_token_id, shrink_at=1.0, count_rows=True)
+    assert steps == sum(lengths)  # each row until its end
+
+
+def test_sampling_by_default_draws_from_the_whole_distribution(model_and_prompts):
+    model, tok, ids, mask = model_and_prompts
+    answers = []
+    for kwargs in ({}, {"top_k": 0, "top_p": 1.0}):
+        torch.manual_seed(3)
+        answers.append(generate_tokens(model, ids, mask, 12, [], tok.pad_token_id, temperature=1.0, **kwargs))
+    assert torch.equal(*answers)
+    torch.manual_seed(3)
+    assert not torch.equal(answers[0], generate_tokens(model, ids, mask, 12, [], tok.pad_token_id, temperature=1.0,
+                                                       top_k=1))  # a cut there would show
+
+
 def test_a_prompt_asked_several_times_is_read_once_and_each_copy_answers_as_it_alone_would(model_and_prompts):
     model, tok, ids, mask = model_and_prompts
     stops = greedy_stop_tokens(model, ids, mask, tok.pad_token_id)
