@@ -60,6 +60,8 @@ def test_one_row_alone_answers_as_in_a_batch_and_row_steps_count_the_rows_comput
     assert steps == len(ids) * max(lengths)  # no row leaves: every row every step
     _, steps = generate_tokens(model, ids, mask, 12, stops, tok.pad_token_id, shrink_at=1.0, count_rows=True)
     assert steps == sum(lengths)  # each row until its end
+    every_token = list(range(model.config.vocab_size))  # every row ends at its first token
+    assert generate_tokens(model, ids, mask, 12, every_token, tok.pad_token_id).shape == (len(ids), 1)
 
 
 def test_sampling_by_default_draws_from_the_whole_distribution(model_and_prompts):
