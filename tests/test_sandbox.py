@@ -96,9 +96,24 @@ def test_a_reply_decodes_to_the_exact_value_and_anything_else_is_malformed():
     assert len(sandbox.decode_value(["l", same_hash_tuples[:SAME_HASH]])) == SAME_HASH
     for enc in [nested(MAX_DEPTH + 2), "n", ("n",), [], [1], ["n", 1], ["i"], ["i", 5], ["i", "1", "2"], ["b", 1],
                 ["s", 1], ["f", "x"], ["f", "9" * (MAX_DIGITS + 2)], ["l", "ab"], ["q", []], ["d", [1]], ["d", [[["n"]]]],
-                ["S", [["l", []]]], ["l", hash_of_zero], ["l", same_hash_tuples]]:
+                ["S", [["l", []]]], ["l", hash_of_zero], ["l", same_hash_tuples], ["d", [[["n"], ["n"], ["n"]]]]]:
         with pytest.raises(ValueError):
             sandbox.decode_value(enc)
+
+
+def test_arguments_are_encoded_up_to_max_depth_in_lists_and_dicts():
+    from rlhf.sandbox.verdict import MAX_DEPTH
+
+    def in_lists(depth):
+        return None if depth == 0 else [in_lists(depth - 1)]
+
+    def in_dicts(depth):  # as keys' values
+        return None if depth == 0 else {"k": in_dicts(depth - 1)}
+
+    for nest in (in_lists, in_dicts):
+        assert sandbox.decode_value(sandbox.encode_value(nest(MAX_DEPTH))) == nest(MAX_DEPTH)
+        with pytest.raises(TypeError, match="nested too deeply"):
+            sandbox.encode_value(nest(MAX_DEPTH + 1))
 
 
 def test_reading_a_reply_counts_against_the_deadline():
