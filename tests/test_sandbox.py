@@ -57,6 +57,9 @@ def test_exact_types_at_every_depth():
                       ({frozenset({1.0})}, {frozenset({1})}), ([{True: [2]}], [{1: [2]}]), ({1: {True}}, {1: {1}}),
                       ([True], [1]), ({1: 1.0}, {1: 1}), ([(1,)], [[1]])]:
         assert not sandbox.values_match(got, want), (got, want)
+    for got, want in [(1.0, 1.00001), (0.0, 1e-6), ({1: 1, 2: 2}, {1: 1}), ({1: 1}, {1: 1, 2: 2})]:
+        assert not sandbox.values_match(got, want), (got, want)  # floats within 1e-6 relative, 1e-9 absolute
+    assert sandbox.values_match(1.0, 1.0000001) and sandbox.values_match(0.0, 1e-10)
     for same in [{1: "a", 2: 0.1 + 0.2}, {(1, "x"), frozenset({2.5})}, [{1: [0.30000000000000004]}]]:
         assert sandbox.values_match(same, eval(repr(same)))
     assert sandbox.values_match({1: 0.1 + 0.2}, {1: 0.3}) and sandbox.values_match([float("nan")], [float("nan")])
@@ -74,6 +77,16 @@ def test_the_isolation_probe_passes_only_a_program_that_loads_and_answers_exactl
     assert probe("def f():\n    return 1\n").passed
     for program in ("def f(:\n", "def f():\n    return True\n", "def f():\n    return 1 / 0\n", "raise SystemExit(3)\n"):
         assert not probe(program).passed, program
+
+
+def test_a_program_that_cannot_start_is_an_error_verdict_of_no_time_and_no_passes(monkeypatch):
+    def no_child(*args, **kwargs):
+        raise OSError("fork: Resource temporarily unavailable")
+
+    monkeypatch.setattr(sandbox, "_Child", no_child)
+    v = sandbox._run_calls_with("weak", "def f():\n    return 1\n", ["f()"], [1], "", 30.0)
+    assert (v.passed, v.status, v.detail, v.seconds, v.pass_fraction) == (
+        False, "error", "fork: Resource temporarily unavailable", 0.0, 0.0)
 
 
 def test_a_reply_decodes_to_the_exact_value_and_anything_else_is_malformed():
