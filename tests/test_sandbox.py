@@ -74,9 +74,12 @@ def test_the_isolation_probe_passes_only_a_program_that_loads_and_answers_exactl
     a failed probe (the backend is then said not to work), never a working one."""
     backend = sandbox._backend(C.SANDBOX_MODE)
     probe = lambda program: sandbox._run_calls_with(backend, program, ["f()"], [1], "", 30.0)  # noqa: E731
-    assert probe("def f():\n    return 1\n").passed
-    for program in ("def f(:\n", "def f():\n    return True\n", "def f():\n    return 1 / 0\n", "raise SystemExit(3)\n"):
-        assert not probe(program).passed, program
+    ok = probe("def f():\n    return 1\n")
+    assert (ok.passed, ok.status, ok.seconds, ok.pass_fraction) == (True, "passed", 0.0, 1.0)  # no time kept
+    for program in ("def f(:\n", "def f():\n    return True\n", "def f():\n    return 1 / 0\n", "raise SystemExit(3)\n",
+                    "import os\ndef f():\n    os._exit(0)\n"):
+        v = probe(program)
+        assert not v.passed and v.seconds == 0.0 and v.pass_fraction == (v.status == "passed"), (program, v)
 
 
 def test_a_program_that_cannot_start_is_an_error_verdict_of_no_time_and_no_passes(monkeypatch):
