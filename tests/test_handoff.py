@@ -10,7 +10,9 @@ import pytest
 
 import config as C
 from conftest import ROOT
-from rlhf.handoff import STAGE_INFO_FILE, check_output_dir, require_stage_output, save_stage, save_stage_output
+from rlhf.handoff import (
+    STAGE_INFO_FILE, check_output_dir, is_current, require_stage_output, save_stage, save_stage_output, save_tokenizer,
+)
 from rlhf.settings import UserError, scalar_settings
 
 
@@ -175,3 +177,26 @@ def test_stage_scripts_check_their_inputs_lineage_before_any_work(ppo_inputs, tm
     proc = run_in_process("train_rm.py", f"--SFT_DIR={ppo_inputs['sft']}", f"--RM_DIR={tmp_path}/rm", f"--RECIPE={recipe}")
     assert proc.returncode == 2 and f"was made with RECIPE='', not '{recipe}'" in proc.stderr
     assert not os.path.exists(tmp_path / "ppo") and not os.path.exists(tmp_path / "rm")
+
+
+def test_answers_are_current_when_at_least_as_new_as_every_input_that_exists(tmp_path):
+    answers, model, tasks = (tmp_path / n for n in ("answers.jsonl", "rlhf_stage.json", "tasks.jsonl"))
+    assert not is_current(str(answers), str(model))
+    for path, when in ((answers, 200), (model, 200), (tasks, 100)):
+        path.write_text("x")
+        os.utime(path, (when, when))
+    assert is_current(str(answers), str(model), str(tasks), str(tmp_path / "missing"))  # as new as the model
+    os.utime(tasks, (300, 300))  # the task file rebuilt after the answers
+    assert not is_current(str(answers), str(model), str(tasks))
+
+
+def test_a_saved_tokenizer_pads_right_after_padding_left(tiny_base, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    tok(["a", "a b c"], padding=True, padding_side="left")  # as generation pads
+    save_tokenizer(tok, tmp_path)
+    saved = json.load(open(tmp_path / "tokenizer.json"))
+    assert saved["padding"] is None, saved["padding"]
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(["a", "a b c"], padding=True)["attention_mask"][0][-1] == 0  # pads at the end

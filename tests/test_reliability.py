@@ -434,7 +434,7 @@ def test_disk_full_seen_by_torch_save_is_recognised(tmp_path, monkeypatch):
     import types
 
     tmp = tmp_path / "x.tmp"
-    for free, expected in ((0, UserError), (10**12, RuntimeError)):
+    for free, expected in ((0, UserError), (15 * 2**20, UserError), (17 * 2**20, RuntimeError), (10**12, RuntimeError)):
         monkeypatch.setattr(shutil, "disk_usage", lambda path, free=free: types.SimpleNamespace(free=free))
         with pytest.raises(expected):
             with disk_full_is_an_error("x", str(tmp), "kept"):

@@ -236,7 +236,8 @@ def stdio(program, tests=STDIN_TESTS, timeout=3.0):
 
 def test_stdin_stdout_programs():
     # APPS/CodeContests style: the program reads its input on stdin and prints; compared here
-    assert stdio(SUM).passed
+    whole = stdio(SUM)
+    assert whole.passed and 0 < whole.seconds < 3.0 + sandbox.GRACE_S
     half = stdio("print(5)\n")
     assert (half.passed, half.status, half.pass_fraction) == (False, "failed", 0.5) and half.detail == "test 2: expected '6', got '5\\n'"
     # whitespace as those judges take it: tokens; but the tokens themselves exactly
@@ -253,6 +254,14 @@ def test_stdin_stdout_programs():
                     "print(sum(map(int, sys.stdin.read().split())) if builtins.runs == 1 else 0)\nsys.exit(0)\n"]:
         v = stdio(program)
         assert v.passed, (program, v)
+
+
+def test_a_stdin_record_not_exactly_of_its_shape_is_malformed():
+    good = {"ok": True, "out": b"5\n".hex(), "exit": 0, "detail": ""}
+    assert sandbox._stdio_result(good)[1:] == (0, "")
+    for bad in ({**good, "ok": False}, {**good, "out": 5}, {**good, "exit": "0"}, {**good, "detail": None}):
+        with pytest.raises(sandbox._ChildGone):
+            sandbox._stdio_result(bad)
 
 
 def test_stdin_stdout_failures():
