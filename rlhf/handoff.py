@@ -230,7 +230,8 @@ def save_tokenizer(tokenizer, folder):
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
+    """Indented and readable (non-ASCII characters as they are, in UTF-8 whatever the locale)."""
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
 
 

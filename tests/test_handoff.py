@@ -12,6 +12,7 @@ import config as C
 from conftest import ROOT
 from rlhf.handoff import (
     STAGE_INFO_FILE, check_output_dir, is_current, require_stage_output, save_stage, save_stage_output, save_tokenizer,
+    write_json,
 )
 from rlhf.settings import UserError, scalar_settings
 
@@ -200,3 +201,9 @@ def test_a_saved_tokenizer_pads_right_after_padding_left(tiny_base, tmp_path):
     assert saved["padding"] is None, saved["padding"]
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(["a", "a b c"], padding=True)["attention_mask"][0][-1] == 0  # pads at the end
+
+
+def test_json_files_are_indented_utf8_with_chinese_as_it_is(tmp_path):
+    write_json(tmp_path / "x.json", {"prompt": "用Python实现快速排序算法"})
+    raw = (tmp_path / "x.json").read_bytes()
+    assert raw == '{\n  "prompt": "用Python实现快速排序算法"\n}'.encode("utf-8")
