@@ -12,7 +12,7 @@ import config as C
 from conftest import ROOT
 from rlhf.handoff import (
     STAGE_INFO_FILE, check_output_dir, is_current, require_stage_output, save_stage, save_stage_output, save_tokenizer,
-    write_json,
+    write_json, write_jsonl,
 )
 from rlhf.settings import UserError, scalar_settings
 
@@ -207,3 +207,5 @@ def test_json_files_are_indented_utf8_with_chinese_as_it_is(tmp_path):
     write_json(tmp_path / "x.json", {"prompt": "用Python实现快速排序算法"})
     raw = (tmp_path / "x.json").read_bytes()
     assert raw == '{\n  "prompt": "用Python实现快速排序算法"\n}'.encode("utf-8")
+    write_jsonl(tmp_path / "x.jsonl", [{"a": "排序"}, {"b": 1}])
+    assert (tmp_path / "x.jsonl").read_bytes() == '{"a": "排序"}\n{"b": 1}\n'.encode("utf-8")
