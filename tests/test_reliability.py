@@ -19,7 +19,7 @@ from conftest import ROOT, ppo_args, toy_conversations, toy_preference_pairs, wr
 from rlhf.checkpoints import CHECKPOINT_MARKER, resume_from
 from rlhf.common import run_stage
 from rlhf.data import drop_too_long
-from rlhf.handoff import disk_full_is_an_error, save_stage_output
+from rlhf.handoff import disk_full_is_an_error, is_disk_full, save_stage_output
 from rlhf.settings import UserError, scalar_settings, settings
 
 STAGES = ("sft", "rm", "ppo")
@@ -434,13 +434,18 @@ def test_disk_full_seen_by_torch_save_is_recognised(tmp_path, monkeypatch):
     import types
 
     tmp = tmp_path / "x.tmp"
-    for free, expected in ((0, UserError), (15 * 2**20, UserError), (17 * 2**20, RuntimeError), (10**12, RuntimeError)):
-        monkeypatch.setattr(shutil, "disk_usage", lambda path, free=free: types.SimpleNamespace(free=free))
+    full = 16 * 2**20  # less than this free: the disk was full
+    for free, expected in ((0, UserError), (full - 1, UserError), (full, RuntimeError), (10**12, RuntimeError)):
+        # the disk asked about is the one of the save's folder, not of the working directory
+        monkeypatch.setattr(shutil, "disk_usage", lambda path, free=free: types.SimpleNamespace(
+            free=free if path == str(tmp) else 10**12))
         with pytest.raises(expected):
             with disk_full_is_an_error("x", str(tmp), "kept"):
                 os.makedirs(tmp)
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
         assert not tmp.exists()
+    # an error that says so is a full disk whatever the free space (safetensors wraps the OSError)
+    assert is_disk_full(RuntimeError("Error while serializing: No space left on device (os error 28)"), str(tmp))
 
 
 @pytest.mark.slow  # trains in this process
