@@ -41,6 +41,7 @@ def test_toy_reward_rises_with_bounded_kl(ppo_inputs, tmp_path, advantage, run_i
     assert all(("value_loss" in h) == (advantage == "gae") for h in history)
 
 
+@pytest.mark.slow  # trains in this process
 @pytest.mark.parametrize("precision,lora", [("fp32", False), ("bf16", False), ("bf16", True)])
 def test_first_update_sees_the_rollout_it_sampled(ppo_inputs, tmp_path, run_in_process, precision, lora):
     """The rollout's forwards run on rows sorted by length and put their results back in rollout
@@ -61,6 +62,7 @@ def test_first_update_sees_the_rollout_it_sampled(ppo_inputs, tmp_path, run_in_p
     assert abs(h["kl"]) < (1e-3 if precision == "fp32" else 1e-12), h  # fp32: the sampler's logprobs vs a forward
 
 
+@pytest.mark.slow  # trains in this process
 def test_learning_rate_decays_linearly_over_the_whole_run(ppo_inputs, tmp_path, run_in_process):
     """Linear decay to 0 over every update of the run: the rate logged for an iteration is the one
     its last update used (test_distributed.py checks the same with 2 processes)."""
@@ -72,6 +74,7 @@ def test_learning_rate_decays_linearly_over_the_whole_run(ppo_inputs, tmp_path, 
     assert re.search(r"ppo step 3/3 \|.*\| lr 8.3e-05 \|", proc.stderr + proc.stdout)
 
 
+@pytest.mark.slow  # trains in this process
 def test_one_answer_per_prompt_trains_every_answer(ppo_inputs, tmp_path, run_in_process):
     """PPO_SAMPLES_PER_PROMPT=1 with a critic: no group whose test results could differ, so every
     answer trains the policy (before, none did: no group was ever mixed); oversampling and
@@ -84,6 +87,7 @@ def test_one_answer_per_prompt_trains_every_answer(ppo_inputs, tmp_path, run_in_
     assert "PPO_SAMPLES_PER_PROMPT=1: every answer trains the policy against the critic" in proc.stdout
 
 
+@pytest.mark.slow  # trains in this process
 def test_ppo_saves_a_plain_causal_lm_with_metrics(ppo_inputs, tmp_path, run_in_process):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,6 +159,7 @@ def test_missing_inputs_name_the_command(tmp_path, ppo_inputs, run_in_process):
     assert proc.returncode == 2 and "not found" in proc.stderr
 
 
+@pytest.mark.slow  # trains in this process
 def test_lora_run_uses_disabled_adapters_and_saves_a_merged_model(ppo_inputs, tmp_path, run_in_process):
     """With LoRA the reference is the policy with its adapter off and the RM the critic with its
     adapter off; the saved model is merged (no adapter files) and loads as a plain causal LM."""
