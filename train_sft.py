@@ -30,9 +30,7 @@ import time
 
 import config as C
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
-from rlhf.codeeval import (
-    evaluate_model, load_problems, pass_at_1_metrics, sampled_pass_at_k, sandbox_limits, seed_prompt_passes,
-)
+from rlhf.codeeval import load_problems, sandbox_limits, stage_evaluation
 from rlhf.common import (
     check_lora_targets, fit_embeddings, head_scales_logits, load_causal_lm, load_tokenizer, lora_config,
     merge_lora_weights, resolve_base_model, run_stage, start_stage, stop_at_end_of_turn, trainer_args, trainer_schedule,
@@ -197,17 +195,9 @@ def main(argv):
     # ---- pass@1 on held-out code tasks, run in the sandbox
     answers = []  # per task: the answer and its verdict (saved as eval_results.jsonl)
     if problems is not None and state.is_main_process:
-        limits = sandbox_limits()
-        summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS,
-                                 results_out=answers, limits=limits)
-        metrics.update(pass_at_1_metrics(summary))
-        metrics["eval_tasks"] = len(problems)
-        if C.EVAL_SAMPLES:  # pass@k of sampled answers: the headroom above greedy pass@1 that PPO can use
-            metrics.update(sampled_pass_at_k(model, tokenizer, problems, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
-                                             limits=limits))
-        # the natural prompts, asked as a user asks
-        metrics.update(seed_prompt_passes(model, tokenizer, seed_problems, C.SEED_PROMPT_SAMPLES,
-                                          C.GEN_MAX_NEW_TOKENS, limits=limits))
+        results, answers = stage_evaluation(model, tokenizer, problems, seed_problems, C.EVAL_SAMPLES,
+                                            C.SEED_PROMPT_SAMPLES, C.GEN_MAX_NEW_TOKENS, sandbox_limits())
+        metrics.update(results)
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
         print("no pass@1: EVAL_TASKS_FILE is empty (set it, or SFT_EVAL_PASS_AT_1=False)")
 

@@ -48,7 +48,7 @@ def start_stage(name, argv):
     qlora_load_kwargs()  # a QLoRA set-up this machine cannot run fails now, not after the data is loaded
     check_hub_login()  # PUSH_TO_HUB without a token: now, not after training
     check_report_to(name, state.is_main_process)  # a tracker that is unknown or not installed: now
-    if name in ("sft", "rm") and launched_with_sharded_weights():
+    if name in ("sft", "rm", "dpo") and launched_with_sharded_weights():
         raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
                         "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "
                         "or deepspeed_zero2.yaml (train_ppo.py gathers the shards itself)")
@@ -57,7 +57,7 @@ def start_stage(name, argv):
     if state.is_main_process:
         for line in learning_rate_notes(name, given):
             print(line)
-        reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}"}[name]
+        reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}", "dpo": C.SFT_DIR}[name]
         print(f"== {name} | {state.num_processes} process(es) on {state.device} | "
               f"precision {precision()} | from {reads} | lora {C.USE_LORA}")
     return state
@@ -383,7 +383,8 @@ def load_for_generation(name):
     path = os.path.expanduser(name)
     looks_local = name.startswith((".", "/", "~")) or os.path.isdir(path)
     if looks_local and not os.path.exists(os.path.join(path, "config.json")):
-        stage = {"sft_model": "sft", "rm_model": "rm", "ppo_model": "ppo"}.get(os.path.basename(name.rstrip("/")))
+        stage = {"sft_model": "sft", "rm_model": "rm", "ppo_model": "ppo", "dpo_model": "dpo"}.get(
+            os.path.basename(name.rstrip("/")))
         hint = (f"run `{STAGE_COMMANDS[stage]}` (or `bash run.sh`) first" if stage else
                 "give a model folder saved with save_pretrained, or a hub id")
         raise UserError(f"{name} is not a model folder (no config.json there): {hint}")
