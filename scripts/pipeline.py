@@ -151,7 +151,7 @@ def check_reuse(name, folder, info, changes, reuse, earlier):
     RECIPE, on the stage outputs it reads (`earlier`: their rlhf_stage.json), and with this run's
     settings unless --reuse names it; else one line naming what to add. Returns the notes to print."""
     later = [s for n, _, s in run_stages() if n == name or name in dict(STAGE_INPUTS[n])]
-    redo = f"add --redo {name} to train it (and the stages built on it) again, or give this run its own {', '.join(later)}"
+    redo = f"add --redo {name} to train it (and the stages after it) again, or give this run its own {', '.join(later)}"
     recipe = info.get("settings", {}).get("RECIPE", "")
     if not same_name(recipe, C.RECIPE):
         raise UserError(f"{name}: {folder} was made with RECIPE={recipe!r}, this run gives {C.RECIPE!r}: {redo}")
