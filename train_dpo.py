@@ -44,7 +44,7 @@ from rlhf.checkpoints import checkpoint_folder, rows_made_once, train_resumable
 from rlhf.codeeval import load_problems, sandbox_limits, stage_evaluation
 from rlhf.common import (
     check_lora_targets, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, run_stage, start_stage,
-    stop_at_end_of_turn, trainer_args, trainer_schedule, use_log_line,
+    stop_at_end_of_turn, trainer_args, trainer_schedule, trainer_sizes, use_log_line,
 )
 from rlhf.data import drop_too_long, load_preference_pairs, pair_lengths, read_jsonl
 from rlhf.handoff import (
@@ -107,11 +107,7 @@ def dpo_trainer(start, tokenizer, train, evals, r, loss_types):
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "dpo", f"round_{r}")
     fields = dict(
         output_dir=os.path.join(round_folder(r), "checkpoints", ".saving"),  # moved when complete (train_resumable)
-        per_device_train_batch_size=C.DPO_BATCH_SIZE,
-        per_device_eval_batch_size=C.DPO_BATCH_SIZE,
-        gradient_accumulation_steps=C.DPO_GRAD_ACCUM,
-        num_train_epochs=C.DPO_EPOCHS,
-        learning_rate=C.DPO_LR,
+        **trainer_sizes(C.DPO_BATCH_SIZE, C.DPO_GRAD_ACCUM, C.DPO_EPOCHS, C.DPO_LR),
         beta=C.DPO_BETA,
         loss_type=loss_types,
         label_smoothing=C.DPO_LABEL_SMOOTHING,

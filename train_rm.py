@@ -58,7 +58,7 @@ import config as C
 from rlhf.checkpoints import checkpoint_folder, rows_made_once, staging_folder, train_resumable
 from rlhf.common import (
     check_lora_targets, load_tokenizer, lora_config, run_stage, start_stage, torch_dtype, trainer_args, trainer_schedule,
-    use_log_line,
+    trainer_sizes, use_log_line,
 )
 from rlhf.data import drop_too_long, load_preference_pairs, load_rows, pair_lengths, read_jsonl
 from rlhf.handoff import check_output_dir, require_stage_output, save_stage, write_jsonl
@@ -175,11 +175,7 @@ def main(argv):
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "rm")
     args = RewardConfig(
         output_dir=staging_folder("rm"),  # checkpoints are moved from there when complete (train_resumable)
-        per_device_train_batch_size=C.RM_BATCH_SIZE,
-        per_device_eval_batch_size=C.RM_BATCH_SIZE,
-        gradient_accumulation_steps=C.RM_GRAD_ACCUM,
-        num_train_epochs=C.RM_EPOCHS,
-        learning_rate=C.RM_LR,
+        **trainer_sizes(C.RM_BATCH_SIZE, C.RM_GRAD_ACCUM, C.RM_EPOCHS, C.RM_LR),
         max_length=C.RM_MAX_LEN,  # nothing left to filter: too-long pairs were dropped above
         train_sampling_strategy="group_by_length",  # shuffled mega-batches sorted by `length` (less padding)
         remove_unused_columns=False,  # keeps `length` for the sampler; the collator reads only the token ids

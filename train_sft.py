@@ -34,7 +34,7 @@ from rlhf.codeeval import load_problems, sandbox_limits, stage_evaluation
 from rlhf.common import (
     check_lora_targets, fit_embeddings, head_scales_logits, load_causal_lm, load_tokenizer, lora_config,
     merge_lora_weights, resolve_base_model, run_stage, start_stage, stop_at_end_of_turn, trainer_args, trainer_schedule,
-    use_log_line,
+    trainer_sizes, use_log_line,
 )
 from rlhf.data import conversation, drop_too_long, load_sft_examples, sft_rows, template_lengths
 from rlhf.handoff import check_output_dir, save_stage, write_jsonl
@@ -99,11 +99,7 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, answer_only_head=Tru
 
     fields = dict(
         output_dir=output_dir,
-        per_device_train_batch_size=C.BATCH_SIZE,
-        per_device_eval_batch_size=C.BATCH_SIZE,
-        gradient_accumulation_steps=C.GRAD_ACCUM,
-        num_train_epochs=C.EPOCHS,
-        learning_rate=C.LR,
+        **trainer_sizes(C.BATCH_SIZE, C.GRAD_ACCUM, C.EPOCHS, C.LR),
         weight_decay=C.WEIGHT_DECAY,
         max_length=C.MAX_LEN,
         # padding-free packing needs varlen attention (flash-attention) to pay off; without it,

@@ -138,6 +138,13 @@ def trainer_args(config_cls):
     }
 
 
+def trainer_sizes(batch_size, grad_accum, epochs, learning_rate):
+    """The TrainingArguments fields each TRL stage (SFT, RM, DPO) fills from its own settings: the
+    per-device batch for training and evaluation, gradient accumulation, epochs, peak learning rate."""
+    return {"per_device_train_batch_size": batch_size, "per_device_eval_batch_size": batch_size,
+            "gradient_accumulation_steps": grad_accum, "num_train_epochs": epochs, "learning_rate": learning_rate}
+
+
 def trainer_schedule(warmup_ratio):
     """When SFT's and RM's Trainer log, evaluate and save, and their learning-rate schedule: cosine
     decay after a warm-up share of the steps; a held-out evaluation and a checkpoint every

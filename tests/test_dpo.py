@@ -4,18 +4,13 @@ separates held-out pairs), resume after a kill, the one-line errors, an online r
 are the model's own answers as the tests label them, and the loss names checked against TRL's.
 DPO on each model family: tests/test_model_families.py::test_every_stage_runs_on_the_family."""
 
-import glob
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT, run_script, toy_tasks, write_jsonl
+from conftest import kill_after_first_checkpoint, run_script, toy_tasks, write_jsonl
 
 
 def dpo_args(sft, pairs, out, *extra):
@@ -100,20 +95,11 @@ def test_interrupted_dpo_resumes_from_its_checkpoint(tiny_sft, toy_pairs, tmp_pa
     """Killed once a complete checkpoint exists, the same command resumes from it and finishes."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf.checkpoints import CHECKPOINT_MARKER
-
     args = dpo_args(tiny_sft, toy_pairs, tmp_path, "--DPO_EPOCHS=4", "--EVAL_EVERY=2", "--EVAL_SAMPLES=0")
     folder = tmp_path / "runs" / "dpo" / "checkpoints" / "round_1" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_dpo.py"), *args], cwd=ROOT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while proc.poll() is None and time.time() < deadline and not glob.glob(f"{folder}/checkpoint-*/{CHECKPOINT_MARKER}"):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = glob.glob(f"{folder}/checkpoint-*/{CHECKPOINT_MARKER}")
-    assert done and not (tmp_path / "dpo_model").exists(), "killed after the run ended"
-    step = int(os.path.dirname(done[0]).rsplit("-", 1)[1])
+    checkpoint = kill_after_first_checkpoint("train_dpo.py", args, folder)
+    assert not (tmp_path / "dpo_model").exists()  # killed before the end
+    step = int(checkpoint.rsplit("-", 1)[1])
 
     proc = run_script("train_dpo.py", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
