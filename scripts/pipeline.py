@@ -162,8 +162,8 @@ def check_reuse(name, folder, info, changes, reuse, earlier):
         C.MODEL_NAME = model  # as the stages do (rlhf.handoff.check_lineage): the one the run builds on
     sft_info = earlier.get("sft")
     made_on = info.get("inputs", {}).get("sft", {}).get("finished_at")
-    if name == "rm" and sft_info and made_on and made_on != sft_info.get("finished_at"):
-        raise UserError(f"rm: {folder} was trained on an SFT model finished at {made_on}, {C.SFT_DIR} was finished at "
+    if name in ("rm", "dpo") and sft_info and made_on and made_on != sft_info.get("finished_at"):
+        raise UserError(f"{name}: {folder} was trained on an SFT model finished at {made_on}, {C.SFT_DIR} was finished at "
                         f"{sft_info.get('finished_at')}: {redo}")
     stale = stale_settings(name, info, changes)
     if stale and name not in reuse:

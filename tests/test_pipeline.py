@@ -296,6 +296,29 @@ def test_an_rm_trained_on_an_earlier_sft_model_is_not_reused(finished_stages, ru
            "add --redo rm" in proc.stderr
 
 
+def test_dpo_is_trained_again_with_the_sft_model_it_builds_on_not_with_ppo(finished_stages, run_in_process, tmp_path):
+    """DPO builds on SFT alone: --redo ppo keeps a finished DPO, --redo sft trains it again (after
+    RM and PPO, which build on SFT too); without PIPELINE_DPO it is not planned at all."""
+    args, folders = finished_stages()
+    dpo = tmp_path / "dpo_model"
+    dpo.mkdir()
+    with open(folders["ppo"] + "/rlhf_stage.json") as f:
+        info = dict(json.load(f), stage="dpo")
+    with open(dpo / "rlhf_stage.json", "w") as f:
+        json.dump(info, f)
+    args += [f"--DPO_DIR={dpo}", "--PIPELINE_DPO=true", "--dry-run"]
+    proc = run_in_process("scripts/pipeline.py", *args, "--redo", "ppo")
+    assert proc.returncode == 0, proc.stderr
+    assert f"dpo: {dpo} is finished, reusing it" in proc.stdout and "ppo: would train" in proc.stdout
+    assert "dpo: would train" not in proc.stdout
+    proc = run_in_process("scripts/pipeline.py", *args, "--redo", "sft")
+    assert proc.returncode == 0, proc.stderr
+    assert "dpo: sft is trained again, so dpo is trained again too" in proc.stdout
+    assert "dpo: would train" in proc.stdout and "python train_dpo.py" in proc.stdout
+    proc = run_in_process("scripts/pipeline.py", *args[:-3], "--dry-run")
+    assert proc.returncode == 0 and "dpo:" not in proc.stdout and "train_dpo.py" not in proc.stdout
+
+
 def test_dry_run_prints_the_recipe_settings_and_accelerate_commands_and_writes_nothing(tmp_path):
     out = tmp_path / "reports"
     proc = run_script("scripts/pipeline.py", "--RECIPE=recipes/qwen2.5-coder-7b-zero3.py", "--dry-run", f"--reports={out}",
