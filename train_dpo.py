@@ -179,7 +179,8 @@ def main(argv):
             if state.is_main_process:
                 print(f"dpo round {r}/{rounds}: finished by the interrupted run, continuing from {saved}")
             history.append(info["metrics"]["round"])
-            online += read_jsonl(os.path.join(round_folder(r), "pairs.jsonl"))
+            pairs_file = os.path.join(round_folder(r), "pairs.jsonl")
+            online += read_jsonl(pairs_file) if os.path.exists(pairs_file) and os.path.getsize(pairs_file) else []
             start = saved
             continue
         pairs, share = online_pairs(start, r, tokenizer, tasks, state) if C.DPO_ROUNDS else ([], None)

@@ -198,3 +198,28 @@ def test_an_online_round_trains_on_the_models_own_answers_labelled_by_the_tests(
         assert p["prompt"] == problems[p["task_id"]].messages() and p["chosen"] != p["rejected"]
         assert p["chosen"][0]["content"] != problems[p["task_id"]].reference()  # the model's answer, not the reference
     assert 0 < round_1["online_passed"] < 1
+
+
+def test_an_interrupted_online_run_continues_after_its_finished_rounds(answering_sft, toy_pairs, tmp_path):
+    """What a run killed during round 2 leaves: round 1's model (complete: its rlhf_stage.json) and
+    pairs. The same command continues from that model; round 1 is neither sampled nor trained again."""
+    import shutil
+
+    from rlhf.handoff import save_stage_output
+
+    sft, tasks = answering_sft
+    round_1 = tmp_path / "runs" / "dpo" / "checkpoints" / "round_1"
+    figures = {"round": 1, "start": sft, "pairs": 48, "online_pairs": 0, "online_passed": None, "train_loss": 0.5}
+    save_stage_output(str(round_1 / "model"), "dpo", lambda tmp: shutil.copytree(sft, tmp, dirs_exist_ok=True),
+                      {"round": figures})
+    write_jsonl(round_1 / "pairs.jsonl", [])
+    proc = run_script("train_dpo.py", *dpo_args(sft, toy_pairs, tmp_path, "--DPO_ROUNDS=2", "--DPO_ONLINE_SAMPLES=4",
+                                                 f"--PPO_PROMPTS_FILE={tasks}", "--GEN_MAX_NEW_TOKENS=48",
+                                                 "--DPO_LR=1e-3", "--EVAL_SAMPLES=0"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"dpo round 1/2: finished by the interrupted run, continuing from {round_1 / 'model'}" in proc.stdout
+    assert "dpo round 1:" not in proc.stdout and "dpo round 1 step" not in proc.stdout  # not sampled, not trained
+    history = json.load(open(tmp_path / "dpo_model" / "eval_results.json"))["round_history"]
+    assert [h["round"] for h in history] == [1, 2] and history[0] == figures
+    assert history[1]["start"] == str(round_1 / "model") and history[1]["pairs"] == history[1]["online_pairs"] > 0
+    assert not (tmp_path / "runs" / "dpo" / "checkpoints").exists()
