@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from conftest import kill_after_first_checkpoint, run_script, toy_tasks, write_jsonl
+from conftest import kill_after_first_checkpoint, launch, run_script, toy_tasks, write_jsonl
 
 
 def dpo_args(sft, pairs, out, *extra):
@@ -223,3 +223,20 @@ def test_an_interrupted_online_run_continues_after_its_finished_rounds(answering
     assert [h["round"] for h in history] == [1, 2] and history[0] == figures
     assert history[1]["start"] == str(round_1 / "model") and history[1]["pairs"] == history[1]["online_pairs"] > 0
     assert not (tmp_path / "runs" / "dpo" / "checkpoints").exists()
+
+
+def test_an_online_round_runs_under_accelerate_launch_on_two_processes(answering_sft, toy_pairs, tmp_path):
+    """accelerate launch (2 CPU processes, gloo): the main process samples the online pairs, both
+    train on them, one model is saved."""
+    from transformers import AutoModelForCausalLM
+
+    sft, tasks = answering_sft
+    out = launch("train_dpo.py", *dpo_args(sft, toy_pairs, tmp_path, "--DPO_ROUNDS=1", "--DPO_ONLINE_SAMPLES=4",
+                                           f"--PPO_PROMPTS_FILE={tasks}", "--GEN_MAX_NEW_TOKENS=48", "--DPO_BATCH_SIZE=4",
+                                           "--EVAL_SAMPLES=0"))
+    assert "== dpo | 2 process(es)" in out and out.count("online pairs from") == 1  # sampled once, by the main process
+    pairs = len(open(tmp_path / "dpo_model" / "online_pairs.jsonl").readlines())
+    metrics = json.load(open(tmp_path / "dpo_model" / "eval_results.json"))
+    assert pairs > 0 and metrics["round_history"][0]["pairs"] == 48 + pairs
+    assert re.search(rf"dpo round 1 step \d+/{-(-(48 + pairs) // 8)} \|", out)  # 2 processes x 4 pairs a step
+    AutoModelForCausalLM.from_pretrained(tmp_path / "dpo_model")
