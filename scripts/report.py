@@ -7,8 +7,8 @@ PIPELINE_DPO: without it, a finished DPO_DIR is reported and none is asked for).
 Greedy pass@1 with a 95% interval comes from each model's answer to each task: on the held-out
 tasks (EVAL_TASKS_FILE) the stages' own eval_results.jsonl (SFT_DIR, PPO_DIR, DPO_DIR), on the
 in-distribution tasks (INDIST_TASKS_FILE, when it exists) <reports>/indist_sft.jsonl,
-indist_ppo.jsonl (and indist_dpo.jsonl), which the pipeline writes with scripts/evaluate.py. Each set is also split into
-the families with a planted habitual bug (the task rows' `habit`) and the rest. A file that is
+indist_ppo.jsonl (and indist_dpo.jsonl), which the pipeline writes with scripts/evaluate.py. Each
+set is also split into the families with a planted habitual bug (the task rows' `habit`) and the rest. A file that is
 missing is named in the report, with the figures it would have given left out.
 
     python scripts/report.py                                # after `bash run.sh`
