@@ -151,7 +151,8 @@ def main(argv):
     state = start_stage("dpo", argv)
     check_output_dir(C.DPO_DIR, C.OVERWRITE)
     require_stage_output(C.SFT_DIR, "sft")
-    loss_types = dpo_loss_types()  # an unknown loss: one line now, not a ValueError at the first step
+    # an unknown loss: one line now, not a ValueError at the first step
+    loss_types = dpo_loss_types(C.DPO_LOSS_TYPE, C.DPO_LABEL_SMOOTHING)
     tokenizer = load_tokenizer(C.SFT_DIR)  # the SFT stage's tokenizer: same chat template, same ids
 
     # ---- data, all read before any training: a bad file stops the run with one line

@@ -106,23 +106,23 @@ def check_values():
             raise UserError(f"{name} must be {range_text(interval)}, not {value!r} (config.py or --{name}=...)")
 
 
-def dpo_loss_types():
-    """DPO_LOSS_TYPE as the list TRL's DPOConfig takes (`sigmoid`, or `sigmoid,sft` for a sum),
-    each checked against the losses DPOConfig documents for this TRL version (its `loss_type`
+def dpo_loss_types(value, label_smoothing):
+    """DPO_LOSS_TYPE (`value`) as the list TRL's DPOConfig takes (`sigmoid`, or `sigmoid,sft` for a
+    sum), each checked against the losses DPOConfig documents for this TRL version (its `loss_type`
     help: the trainer itself only rejects an unknown loss at the first step); one line for an
-    unknown one, and for exo_pair without DPO_LABEL_SMOOTHING, which TRL refuses."""
+    unknown one, and for exo_pair without DPO_LABEL_SMOOTHING (`label_smoothing`), which TRL refuses."""
     import dataclasses
 
     from trl import DPOConfig
 
     field = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type")
     known = re.findall(r"`'(\w+)'`", field.metadata.get("help", "").split("If multiple")[0])
-    wanted = [t.strip().lower() for t in str(C.DPO_LOSS_TYPE).split(",") if t.strip()]
+    wanted = [t.strip().lower() for t in str(value).split(",") if t.strip()]
     unknown = [t for t in wanted if known and t not in known] or ([] if wanted else [""])
     if unknown:
         raise UserError(f"DPO_LOSS_TYPE: unknown loss {unknown[0]!r}; TRL's DPOConfig has {', '.join(known)} "
                         "(several, comma-separated, are summed)")
-    if "exo_pair" in wanted and not C.DPO_LABEL_SMOOTHING:
+    if "exo_pair" in wanted and not label_smoothing:
         raise UserError("DPO_LOSS_TYPE=exo_pair needs --DPO_LABEL_SMOOTHING above 0 (the EXO paper: 1e-3)")
     return wanted
 

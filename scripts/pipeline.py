@@ -330,7 +330,8 @@ def main(argv):
     if "dpo" in {s.strip().lower() for s in f"{args.redo},{args.reuse}".split(",")} and not C.PIPELINE_DPO:
         raise UserError("--redo/--reuse dpo: DPO is not part of this run; add --PIPELINE_DPO=true")
     if C.PIPELINE_DPO:
-        dpo_loss_types()  # an unknown DPO_LOSS_TYPE: one line now, not after SFT, RM and PPO
+        # an unknown DPO_LOSS_TYPE: one line now, not after SFT, RM and PPO
+        dpo_loss_types(C.DPO_LOSS_TYPE, C.DPO_LABEL_SMOOTHING)
     if C.OVERWRITE:
         redo = {s for s, _, _ in STAGES}  # --OVERWRITE=true reaches every stage: it means redo all
     plan = plan_stages(redo, reuse, changes)  # a finished stage made otherwise: one line now, not after SFT

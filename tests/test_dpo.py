@@ -136,25 +136,16 @@ def test_user_errors_are_one_line_before_anything_is_written(tiny_sft, toy_pairs
 
 def test_loss_types_are_trls():
     """DPO_LOSS_TYPE is checked against the losses DPOConfig documents; several are summed."""
-    import config as C
     from rlhf.settings import UserError, dpo_loss_types
 
-    saved = C.DPO_LOSS_TYPE, C.DPO_LABEL_SMOOTHING
-    try:
-        for value, expected in (("sigmoid", ["sigmoid"]), ("IPO", ["ipo"]), ("sigmoid, sft", ["sigmoid", "sft"]),
-                                ("hinge", ["hinge"]), ("robust", ["robust"]), ("apo_zero", ["apo_zero"])):
-            C.DPO_LOSS_TYPE = value
-            assert dpo_loss_types() == expected
-        C.DPO_LOSS_TYPE = "sigmoid,kto"
-        with pytest.raises(UserError, match="unknown loss 'kto'"):
-            dpo_loss_types()
-        C.DPO_LOSS_TYPE = ""
-        with pytest.raises(UserError, match="unknown loss ''"):
-            dpo_loss_types()
-        C.DPO_LOSS_TYPE, C.DPO_LABEL_SMOOTHING = "exo_pair", 1e-3
-        assert dpo_loss_types() == ["exo_pair"]
-    finally:
-        C.DPO_LOSS_TYPE, C.DPO_LABEL_SMOOTHING = saved
+    for value, expected in (("sigmoid", ["sigmoid"]), ("IPO", ["ipo"]), ("sigmoid, sft", ["sigmoid", "sft"]),
+                            ("hinge", ["hinge"]), ("robust", ["robust"]), ("apo_zero", ["apo_zero"])):
+        assert dpo_loss_types(value, 0.0) == expected
+    for value, message in (("sigmoid,kto", "unknown loss 'kto'"), ("", "unknown loss ''"),
+                           ("exo_pair", "exo_pair needs --DPO_LABEL_SMOOTHING above 0")):
+        with pytest.raises(UserError, match=message):
+            dpo_loss_types(value, 0.0)
+    assert dpo_loss_types("exo_pair", 1e-3) == ["exo_pair"]
 
 
 @pytest.fixture(scope="module")
