@@ -28,7 +28,7 @@ RESUME = True  # continue an interrupted stage from its last checkpoint (under R
 OVERWRITE = False  # True: allow a stage to replace an existing finished output folder
 PUSH_TO_HUB = False  # True: each stage uploads its output to a private Hub repo HUB_MODEL_ID-<stage>
 HUB_MODEL_ID = ""  # "user/name" for PUSH_TO_HUB: uploads go to user/name-sft, -rm and -ppo
-MAX_LEN = 512  # SFT and PPO: tokens per sequence (prompt + answer); longer SFT examples are dropped
+MAX_LEN = 512  # SFT, DPO, PPO: tokens per sequence (prompt + answer); longer SFT examples, DPO pairs dropped
 LOG_EVERY = 10  # SFT and RM: optimizer steps between log lines (PPO logs every iteration)
 EVAL_EVERY = 0  # SFT and RM: optimizer steps between held-out evaluations and checkpoints; 0 = once per epoch
 
@@ -147,8 +147,26 @@ PPO_EVAL_TASKS = 64  # held-out tasks evaluated every PPO_EVAL_EVERY (a subset, 
 PPO_SHARD_FROZEN_MODELS = False  # DeepSpeed without LoRA: shard the reference and RM too (docs/SCALING.md)
 
 # ---------------------------------------------------------------------------------------------
+# Optional stage: DPO (train_dpo.py), preference pairs straight into the SFT model, no RM
+# ---------------------------------------------------------------------------------------------
+DPO_DIR = "./dpo_model"  # output folder of the DPO stage (it reads SFT_DIR only)
+DPO_TRAIN_FILE = ""  # preference pairs {"prompt", "chosen", "rejected"}; "" = RM_TRAIN_FILE
+DPO_EVAL_FILE = ""  # held-out pairs for the implicit reward's accuracy and margin; "" = RM_EVAL_FILE
+DPO_LOSS_TYPE = "sigmoid"  # a loss of TRL's DPOConfig: sigmoid (DPO), ipo, hinge, robust, ...; a,b sums them
+DPO_BETA = 0.1  # pull towards the reference model (higher = closer to it); IPO's tau
+DPO_LABEL_SMOOTHING = 0.0  # robust: share of labels taken as flipped, [0, 0.5); exo_pair needs > 0 (1e-3)
+DPO_LR = 1e-4  # peak learning rate (cosine decay); ~5e-7 (full) or ~5e-6 (LoRA) for a pretrained 1.5B model
+DPO_WARMUP_RATIO = 0.1  # share of each round's steps spent warming the learning rate up
+DPO_EPOCHS = 1  # passes over each round's pairs (each online round trains on its new pairs only)
+DPO_BATCH_SIZE = 8  # preference pairs (2 sequences each) per device per step; lower it on out-of-memory
+DPO_GRAD_ACCUM = 1  # gradient accumulation steps; global batch = DPO_BATCH_SIZE * DPO_GRAD_ACCUM * processes
+DPO_ROUNDS = 0  # online rounds, each on pairs of the latest model's tested answers; 0 = offline (fixed pairs)
+DPO_ONLINE_SAMPLES = 4  # answers per task of PPO_PROMPTS_FILE sampled each online round (temperature 1); 4-8
+
+# ---------------------------------------------------------------------------------------------
 # Launching the stages (scripts/pipeline.py; a stage launched by hand ignores these)
 # ---------------------------------------------------------------------------------------------
 ACCELERATE_CONFIG = ""  # accelerate config of SFT, RM (and PPO): accelerate_configs/*.yaml; "" = 1 process
 PPO_ACCELERATE_CONFIG = ""  # PPO's own accelerate config (deepspeed_zero3.yaml, fsdp.yaml); "" = the above
 NUM_PROCESSES = 0  # processes per stage under accelerate launch, all machines together; 0 = the config's
+PIPELINE_DPO = False  # True: the pipeline trains DPO (train_dpo.py) after PPO, reported beside SFT and PPO

@@ -55,17 +55,17 @@ import os
 import time
 
 import config as C
-from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
+from rlhf.checkpoints import checkpoint_folder, rows_made_once, staging_folder, train_resumable
 from rlhf.common import (
     check_lora_targets, load_tokenizer, lora_config, run_stage, start_stage, torch_dtype, trainer_args, trainer_schedule,
-    use_log_line,
+    trainer_sizes, use_log_line,
 )
-from rlhf.data import drop_too_long, load_preference_pairs, load_rows, read_jsonl, template_lengths
+from rlhf.data import drop_too_long, load_preference_pairs, load_rows, pair_lengths, read_jsonl
 from rlhf.handoff import check_output_dir, require_stage_output, save_stage, write_jsonl
 from rlhf.settings import scalar_settings
 from rlhf.reward import (
-    agreement_with_tests, load_reward_model, preference_metrics, reference_answer, reward_statistics,
-    save_reward_normalization, score_conversations,
+    agreement_with_tests, load_reward_model, preference_metrics, problems_with_tests, reward_statistics,
+    save_reward_normalization, score_conversations, tested_pairs,
 )
 
 
@@ -76,13 +76,6 @@ NORM_PAIRS = 512  # training pairs scored for the normalisation and train accura
 def spread(items, n):
     """At most n of items, evenly spaced over the list (the bundled files are grouped by task family)."""
     return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
-
-
-def pair_lengths(tokenizer, pairs, source):
-    """Tokens of the longer side of each pair (RewardTrainer drops a pair if either side is too long)."""
-    chosen = template_lengths(tokenizer, [p["prompt"] + p["chosen"] for p in pairs], source)
-    rejected = template_lengths(tokenizer, [p["prompt"] + p["rejected"] for p in pairs], source)
-    return [max(c, r) for c, r in zip(chosen, rejected)]
 
 
 def score_pairs(model, tokenizer, pairs, device, batch_size):
@@ -112,40 +105,21 @@ def on_policy_pairs(tokenizer, state):
     the module docstring), and the share of sampled answers that passed; ([], None) when off. The
     main process samples and writes them to the stage's checkpoint folder, where every process
     reads them; a resumed run reuses that file, so it trains on the pairs it started with."""
-    from rlhf.codeeval import evaluate_model, load_problems, sandbox_limits
+    from rlhf.codeeval import sandbox_limits
     from rlhf.common import load_causal_lm
 
     if not (C.RM_ONPOLICY_SAMPLES and C.RM_ONPOLICY_PROMPTS_FILE):
         return [], None
-    path = os.path.join(checkpoint_folder(C.RUNS_DIR, "rm"), "on_policy_pairs.jsonl")
-    if state.is_main_process and not (C.RESUME and os.path.exists(path)):
-        problems = [p for p in load_problems(C.RM_ONPOLICY_PROMPTS_FILE) if p.record.get("tests") or p.format != "project"]
+
+    def sample():
+        problems = problems_with_tests(C.RM_ONPOLICY_PROMPTS_FILE)
         model = load_causal_lm(C.SFT_DIR, torch_dtype(C.PRECISION), for_training=False).to(state.device)
-        answers = []
-        evaluate_model(model, tokenizer, problems, num_samples=C.RM_ONPOLICY_SAMPLES, temperature=1.0, top_p=1.0,
-                       max_new_tokens=C.GEN_MAX_NEW_TOKENS, ks=(), results_out=answers, limits=sandbox_limits(C),
-                       answers_per_call=C.GEN_BATCH_SIZE)
-        del model
-        by_task = {}
-        for a in answers:
-            by_task.setdefault(a["task_id"], []).append(a)
-        rows, share = [], sum(a["passed"] for a in answers) / max(len(answers), 1)
-        for p in problems:
-            mine = by_task.get(p.task_id, [])
-            good = list(dict.fromkeys(a["raw"] for a in mine if a["passed"]))
-            if not good and reference_answer(p):
-                good = [reference_answer(p)]
-            bad = list(dict.fromkeys(a["raw"] for a in mine if not a["passed"]))[:2]
-            rows += [{"prompt": p.messages(), "chosen": [{"role": "assistant", "content": good[i % len(good)]}],
-                      "rejected": [{"role": "assistant", "content": b}], "task_id": p.task_id, "passed_share": share}
-                     for i, b in enumerate(bad) if good]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_jsonl(path + ".tmp", rows)
-        os.replace(path + ".tmp", path)  # complete or absent: a kill mid-write leaves no half file
-    elif state.is_main_process:
-        print(f"on-policy pairs: reusing {path} of the interrupted run")
-    state.wait_for_everyone()
-    rows = read_jsonl(path)
+        rows, share = tested_pairs(model, tokenizer, problems, C.RM_ONPOLICY_SAMPLES, C.GEN_MAX_NEW_TOKENS,
+                                   sandbox_limits(C), C.GEN_BATCH_SIZE)
+        return [dict(r, passed_share=share) for r in rows]
+
+    rows = rows_made_once(os.path.join(checkpoint_folder(C.RUNS_DIR, "rm"), "on_policy_pairs.jsonl"), sample, state,
+                          C.RESUME)
     passed = rows[0]["passed_share"] if rows else None
     if state.is_main_process:
         print(f"on-policy pairs: {len(rows)} from {C.RM_ONPOLICY_PROMPTS_FILE}"
@@ -205,11 +179,7 @@ def main(argv):
     checkpoints, run_settings = checkpoint_folder(C.RUNS_DIR, "rm"), scalar_settings()
     args = RewardConfig(
         output_dir=staging_folder(checkpoints),  # checkpoints are moved from there when complete (train_resumable)
-        per_device_train_batch_size=C.RM_BATCH_SIZE,
-        per_device_eval_batch_size=C.RM_BATCH_SIZE,
-        gradient_accumulation_steps=C.RM_GRAD_ACCUM,
-        num_train_epochs=C.RM_EPOCHS,
-        learning_rate=C.RM_LR,
+        **trainer_sizes(C.RM_BATCH_SIZE, C.RM_GRAD_ACCUM, C.RM_EPOCHS, C.RM_LR),
         max_length=C.RM_MAX_LEN,  # nothing left to filter: too-long pairs were dropped above
         train_sampling_strategy="group_by_length",  # shuffled mega-batches sorted by `length` (less padding)
         remove_unused_columns=False,  # keeps `length` for the sampler; the collator reads only the token ids

@@ -31,13 +31,11 @@ import time
 import config as C
 from rlhf.base_model import resolve_base_model
 from rlhf.checkpoints import checkpoint_folder, staging_folder, train_resumable
-from rlhf.codeeval import (
-    evaluate_model, load_problems, pass_at_1_metrics, sampled_pass_at_k, sandbox_limits, seed_prompt_passes,
-)
+from rlhf.codeeval import load_problems, sandbox_limits, stage_evaluation
 from rlhf.common import (
     check_lora_targets, fit_embeddings, head_scales_logits, load_causal_lm, load_tokenizer, lora_config,
     merge_lora_weights, run_stage, start_stage, stop_at_end_of_turn, torch_dtype, trainer_args, trainer_schedule,
-    use_log_line,
+    trainer_sizes, use_log_line,
 )
 from rlhf.data import conversation, drop_too_long, load_sft_examples, sft_rows, template_lengths
 from rlhf.handoff import check_output_dir, save_stage, write_jsonl
@@ -103,11 +101,7 @@ def sft_trainer(model, tokenizer, train, evals, output_dir, answer_only_head=Tru
 
     fields = dict(
         output_dir=output_dir,
-        per_device_train_batch_size=C.BATCH_SIZE,
-        per_device_eval_batch_size=C.BATCH_SIZE,
-        gradient_accumulation_steps=C.GRAD_ACCUM,
-        num_train_epochs=C.EPOCHS,
-        learning_rate=C.LR,
+        **trainer_sizes(C.BATCH_SIZE, C.GRAD_ACCUM, C.EPOCHS, C.LR),
         weight_decay=C.WEIGHT_DECAY,
         max_length=C.MAX_LEN,
         # padding-free packing needs varlen attention (flash-attention) to pay off; without it,
@@ -201,17 +195,10 @@ def main(argv):
     # ---- pass@1 on held-out code tasks, run in the sandbox
     answers = []  # per task: the answer and its verdict (saved as eval_results.jsonl)
     if problems is not None and state.is_main_process:
-        limits, per_call = sandbox_limits(C), C.GEN_BATCH_SIZE
-        summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=C.GEN_MAX_NEW_TOKENS,
-                                 results_out=answers, limits=limits, answers_per_call=per_call)
-        metrics.update(pass_at_1_metrics(summary))
-        metrics["eval_tasks"] = len(problems)
-        if C.EVAL_SAMPLES:  # pass@k of sampled answers: the headroom above greedy pass@1 that PPO can use
-            metrics.update(sampled_pass_at_k(model, tokenizer, problems, C.EVAL_SAMPLES, C.GEN_MAX_NEW_TOKENS,
-                                             limits=limits, answers_per_call=per_call))
-        # the natural prompts, asked as a user asks
-        metrics.update(seed_prompt_passes(model, tokenizer, seed_problems, C.SEED_PROMPT_SAMPLES,
-                                          C.GEN_MAX_NEW_TOKENS, limits=limits, answers_per_call=per_call))
+        results, answers = stage_evaluation(model, tokenizer, problems, seed_problems, C.EVAL_SAMPLES,
+                                            C.SEED_PROMPT_SAMPLES, C.GEN_MAX_NEW_TOKENS, sandbox_limits(C),
+                                            C.GEN_BATCH_SIZE)
+        metrics.update(results)
     elif C.SFT_EVAL_PASS_AT_1 and state.is_main_process:
         print("no pass@1: EVAL_TASKS_FILE is empty (set it, or SFT_EVAL_PASS_AT_1=False)")
 

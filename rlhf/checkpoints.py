@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 
-from rlhf.handoff import disk_full_is_an_error, write_json
+from rlhf.handoff import disk_full_is_an_error, write_json, write_jsonl
 from rlhf.settings import UserError
 
 CHECKPOINT_MARKER = "rlhf_checkpoint.json"  # written into a Trainer checkpoint before it is renamed into place
@@ -70,6 +70,24 @@ def resume_from(folder, run_settings, marker=CHECKPOINT_MARKER, prefix="checkpoi
             print(f"note: the checkpoint was made with {', '.join(changed)}; its optimizer, learning rate "
                   "and place in the data win: --RESUME=false to start over with the new settings")
     return last
+
+
+def rows_made_once(path, make, state, resume):
+    """The rows `make()` returns (sampled training data: the RM's on-policy pairs, DPO's online
+    pairs), made by the main process and written to `path`, a .jsonl file in a stage's checkpoint
+    folder, complete or absent; then read by every process. A resumed run (`resume`: RESUME) reads
+    the file of the interrupted one instead, so it trains on the rows it started with."""
+    from rlhf.data import read_jsonl
+
+    if state.is_main_process and not (resume and os.path.exists(path)):
+        rows = make()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_jsonl(path + ".tmp", rows)
+        os.replace(path + ".tmp", path)  # complete or absent: a kill mid-write leaves no half file
+    elif state.is_main_process:
+        print(f"reusing {path} of the interrupted run")
+    state.wait_for_everyone()
+    return read_jsonl(path) if os.path.getsize(path) else []  # (read_jsonl refuses an empty file)
 
 
 def diverged(stage, step, detail, folder, lr_setting, marker=CHECKPOINT_MARKER, prefix="checkpoint-"):

@@ -500,6 +500,27 @@ def seed_prompt_passes(model, tokenizer, problems: list[Problem], samples: int, 
             "seed_prompt_samples": samples}
 
 
+def stage_evaluation(model, tokenizer, problems: list[Problem], seed_problems: list[Problem], samples: int,
+                     seed_samples: int, max_new_tokens: int, limits: sandbox.Limits,
+                     answers_per_call: int | None) -> tuple[dict, list[dict]]:
+    """(metrics, answers): the evaluation a stage runs on its trained model (SFT, DPO; PPO adds its
+    RM score): greedy pass@1 on the held-out `problems` (pass_at_1, pass_at_1_<lang>, eval_tasks),
+    pass@`samples` of answers sampled at temperature 1 (0: none), and how many of `seed_samples`
+    answers to each natural prompt pass. `answers` holds each task's greedy answer and verdict
+    (the stage saves it as eval_results.jsonl; scripts/report.py reads it). answers_per_call:
+    GEN_BATCH_SIZE."""
+    answers = []
+    summary = evaluate_model(model, tokenizer, problems, num_samples=1, max_new_tokens=max_new_tokens,
+                             results_out=answers, limits=limits, answers_per_call=answers_per_call)
+    metrics = {**pass_at_1_metrics(summary), "eval_tasks": len(problems)}
+    if samples:  # pass@k of sampled answers: the headroom above greedy pass@1 that PPO and DPO can use
+        metrics.update(sampled_pass_at_k(model, tokenizer, problems, samples, max_new_tokens, limits=limits,
+                                         answers_per_call=answers_per_call))
+    metrics.update(seed_prompt_passes(model, tokenizer, seed_problems, seed_samples, max_new_tokens, limits=limits,
+                                      answers_per_call=answers_per_call))
+    return metrics, answers
+
+
 def named_as_asked(code: str, name: str | None) -> str:
     """A natural prompt names no function ("Implement the quicksort algorithm in Python."), so an
     answer defining `quicksort` or `quickSort` answers it as well as one defining the convention's

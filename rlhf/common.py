@@ -50,7 +50,7 @@ def start_stage(name, argv):
     qlora_load_kwargs(C.QLORA)  # a QLoRA set-up this machine cannot run fails now, not after the data is loaded
     check_hub_login(C.PUSH_TO_HUB)  # PUSH_TO_HUB without a token: now, not after training
     C.REPORT_TO = check_report_to(C.REPORT_TO, name, state.is_main_process)  # unknown or not installed: now
-    if name in ("sft", "rm") and launched_with_sharded_weights():
+    if name in ("sft", "rm", "dpo") and launched_with_sharded_weights():
         raise UserError(f"train_{name}.py cannot run under DeepSpeed ZeRO-3 or FSDP yet: it evaluates and saves the "
                         "model on one process, which then holds only a shard of it. Use accelerate_configs/ddp.yaml "
                         "or deepspeed_zero2.yaml (train_ppo.py gathers the shards itself)")
@@ -60,7 +60,7 @@ def start_stage(name, argv):
     if state.is_main_process:
         for line in learning_rate_notes(name, given, scalar_settings()):
             print(line)
-        reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}"}[name]
+        reads = {"sft": C.MODEL_NAME, "rm": C.SFT_DIR, "ppo": f"{C.SFT_DIR} + {C.RM_DIR}", "dpo": C.SFT_DIR}[name]
         print(f"== {name} | {state.num_processes} process(es) on {state.device} | "
               f"precision {precision(C.PRECISION)} | from {reads} | lora {C.USE_LORA}")
     return state
@@ -141,6 +141,13 @@ def trainer_args(config_cls, settings):
         "report_to": report_to(settings.REPORT_TO), "seed": settings.SEED,
         "include_num_input_tokens_seen": "non_padding",  # useful tokens, for tokens per second
     }
+
+
+def trainer_sizes(batch_size, grad_accum, epochs, learning_rate):
+    """The TrainingArguments fields each TRL stage (SFT, RM, DPO) fills from its own settings: the
+    per-device batch for training and evaluation, gradient accumulation, epochs, peak learning rate."""
+    return {"per_device_train_batch_size": batch_size, "per_device_eval_batch_size": batch_size,
+            "gradient_accumulation_steps": grad_accum, "num_train_epochs": epochs, "learning_rate": learning_rate}
 
 
 def trainer_schedule(warmup_ratio, eval_every, log_every):
@@ -371,7 +378,8 @@ def load_for_generation(name, precision_setting):
     path = os.path.expanduser(name)
     looks_local = name.startswith((".", "/", "~")) or os.path.isdir(path)
     if looks_local and not os.path.exists(os.path.join(path, "config.json")):
-        stage = {"sft_model": "sft", "rm_model": "rm", "ppo_model": "ppo"}.get(os.path.basename(name.rstrip("/")))
+        stage = {"sft_model": "sft", "rm_model": "rm", "ppo_model": "ppo", "dpo_model": "dpo"}.get(
+            os.path.basename(name.rstrip("/")))
         hint = (f"run `{STAGE_COMMANDS[stage]}` (or `bash run.sh`) first" if stage else
                 "give a model folder saved with save_pretrained, or a hub id")
         raise UserError(f"{name} is not a model folder (no config.json there): {hint}")

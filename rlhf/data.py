@@ -245,6 +245,14 @@ def template_lengths(tokenizer, conversations, source, add_generation_prompt=Fal
     return lengths
 
 
+def pair_lengths(tokenizer, pairs, source):
+    """Tokens of the longer side of each preference pair (RewardTrainer drops a pair if either side
+    is too long; train_dpo.py drops it as well rather than let DPOTrainer cut an answer short)."""
+    chosen = template_lengths(tokenizer, [p["prompt"] + p["chosen"] for p in pairs], source)
+    rejected = template_lengths(tokenizer, [p["prompt"] + p["rejected"] for p in pairs], source)
+    return [max(c, r) for c, r in zip(chosen, rejected)]
+
+
 def drop_too_long(examples, lengths, max_len, source, setting="MAX_LEN"):
     """Drop examples over max_len tokens (the value of `setting`) with a count; an error if none is left."""
     kept = [ex for ex, n in zip(examples, lengths) if n <= max_len]

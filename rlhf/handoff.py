@@ -16,8 +16,10 @@ from rlhf.model_card import model_card, push_to_hub
 from rlhf.settings import UserError
 
 STAGE_INFO_FILE = "rlhf_stage.json"  # written last: its presence marks a finished stage output
-STAGE_COMMANDS = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo": "python train_ppo.py"}
-STAGE_INPUTS = {"sft": (), "rm": (("sft", "SFT_DIR"),), "ppo": (("sft", "SFT_DIR"), ("rm", "RM_DIR"))}  # what each builds on
+STAGE_COMMANDS = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo": "python train_ppo.py",
+                  "dpo": "python train_dpo.py"}
+STAGE_INPUTS = {"sft": (), "rm": (("sft", "SFT_DIR"),), "ppo": (("sft", "SFT_DIR"), ("rm", "RM_DIR")),  # what each builds on
+                "dpo": (("sft", "SFT_DIR"),)}
 HISTORY_KEYS = ("log_history", "history")  # per-step logs: in rlhf_stage.json, not in eval_results.json
 FREE_BYTES_WHEN_FULL = 16 * 2**20  # a save that failed with less than this free on its disk failed for lack of space
 

@@ -7,8 +7,9 @@ import os
 
 from rlhf.settings import UserError
 
-STAGE_TITLES = {"sft": "supervised fine-tuning (SFT)", "rm": "reward model", "ppo": "PPO"}
-STAGE_SCRIPTS = {"sft": "train_sft.py", "rm": "train_rm.py", "ppo": "train_ppo.py"}
+STAGE_TITLES = {"sft": "supervised fine-tuning (SFT)", "rm": "reward model", "ppo": "PPO",
+                "dpo": "direct preference optimisation (DPO)"}
+STAGE_SCRIPTS = {"sft": "train_sft.py", "rm": "train_rm.py", "ppo": "train_ppo.py", "dpo": "train_dpo.py"}
 # per stage: (data settings, the settings a reader of the card wants first); all of them are in rlhf_stage.json
 CARD_SETTINGS = {
     "sft": (("SFT_TRAIN_FILE", "SFT_EVAL_FILE", "EVAL_TASKS_FILE"),
@@ -21,6 +22,9 @@ CARD_SETTINGS = {
             ("PPO_STEPS", "PPO_ADVANTAGE", "PPO_LR", "PPO_BATCH_SIZE", "PPO_MINI_BATCH_SIZE", "PPO_EPOCHS",
              "PPO_SAMPLES_PER_PROMPT", "PPO_TEMPERATURE", "PPO_RESPONSE_LEN", "MAX_LEN", "PPO_KL_COEF", "PPO_EXEC_WEIGHT",
              "PPO_RM_WEIGHT", "PPO_SIL_COEF", "USE_LORA", "PRECISION", "SEED")),
+    "dpo": (("DPO_TRAIN_FILE", "DPO_EVAL_FILE", "RM_TRAIN_FILE", "RM_EVAL_FILE", "PPO_PROMPTS_FILE", "EVAL_TASKS_FILE"),
+            ("DPO_LOSS_TYPE", "DPO_BETA", "DPO_LR", "DPO_EPOCHS", "DPO_BATCH_SIZE", "DPO_GRAD_ACCUM", "DPO_ROUNDS",
+             "DPO_ONLINE_SAMPLES", "MAX_LEN", "USE_LORA", "LORA_R", "LORA_ALPHA", "PRECISION", "SEED")),
 }
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz")
 
@@ -73,7 +77,7 @@ def model_card(stage, path, info):
     datasets = sorted({d for d in (hub_dataset(str(settings.get(k, ""))) for k in data) if d})
     meta = ModelCardData(library_name="transformers", base_model=None if local_base else base, datasets=datasets or None,
                          pipeline_tag="text-classification" if stage == "rm" else "text-generation",
-                         tags=["rlhf", "code", "trl", {"sft": "sft", "rm": "reward-model", "ppo": "ppo"}[stage]])
+                         tags=["rlhf", "code", "trl", {"sft": "sft", "rm": "reward-model", "ppo": "ppo", "dpo": "dpo"}[stage]])
     where = hub_repo(settings["HUB_MODEL_ID"], stage) if settings.get("PUSH_TO_HUB") else path
     machine = info.get("machine", {})
     hardware = ", ".join(machine.get("gpus", [])) or f"{machine.get('cpus', '?')} CPUs, no GPU"
@@ -91,7 +95,7 @@ def model_card(stage, path, info):
 
 # {os.path.basename(os.path.normpath(path))}: {STAGE_TITLES[stage]}
 
-The {STAGE_TITLES[stage]} stage of an RLHF run for code (SFT -> reward model -> PPO), made by
+The {STAGE_TITLES[stage]} stage of an RLHF run for code (SFT -> reward model -> PPO, or SFT -> DPO), made by
 `{STAGE_SCRIPTS[stage]}` of rlhf-code on {info.get('finished_at', '?')} ({hardware}).
 
 | made from | |

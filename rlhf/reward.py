@@ -302,6 +302,49 @@ def reference_answer(problem):
     return f"```python\n{code}\n```" if code else None
 
 
+def problems_with_tests(source):
+    """The tasks of `source` whose answers the tests can label (ours with `tests`, any other
+    format), read as PPO reads its prompts, the plain prompts among them left out: what on-policy
+    pairs are sampled for (RM_ONPOLICY_PROMPTS_FILE, DPO's PPO_PROMPTS_FILE)."""
+    from rlhf.codeeval import prompt_and_problem
+    from rlhf.data import load_rows, row_where
+
+    problems = [prompt_and_problem(row, row_where(source, row, i), str(i))[1] for i, row in enumerate(load_rows(source))]
+    return [p for p in problems if p is not None and (p.record.get("tests") or p.format != "project")]
+
+
+def tested_pairs(model, tokenizer, problems, samples, max_new_tokens, limits, answers_per_call, reference_fallback=True,
+                 per_task=2):
+    """(pairs, share passed): preference pairs from `model`'s own answers labelled by the unit
+    tests (AceCoder, Zeng et al. 2025, builds RM pairs the same way). Each problem is answered
+    `samples` times at temperature 1; each distinct failing answer (at most `per_task` a problem)
+    is the rejected side of a pair whose chosen side is a distinct passing answer to the same
+    prompt (cycled), or with `reference_fallback`, when none passed, the problem's reference
+    program. Pairs are {"prompt", "chosen", "rejected", "task_id"} rows; the share is of all the
+    sampled answers; answers_per_call: GEN_BATCH_SIZE. train_rm.py (RM_ONPOLICY_SAMPLES) and train_dpo.py
+    (its online rounds) call it."""
+    from rlhf.codeeval import evaluate_model
+
+    answers = []
+    evaluate_model(model, tokenizer, problems, num_samples=samples, temperature=1.0, top_p=1.0,
+                   max_new_tokens=max_new_tokens, ks=(), results_out=answers, limits=limits,
+                   answers_per_call=answers_per_call)
+    by_task = {}
+    for a in answers:
+        by_task.setdefault(a["task_id"], []).append(a)
+    rows, share = [], sum(a["passed"] for a in answers) / max(len(answers), 1)
+    for p in problems:
+        mine = by_task.get(p.task_id, [])
+        good = list(dict.fromkeys(a["raw"] for a in mine if a["passed"]))
+        if not good and reference_fallback and reference_answer(p):
+            good = [reference_answer(p)]
+        bad = list(dict.fromkeys(a["raw"] for a in mine if not a["passed"]))[:per_task]
+        rows += [{"prompt": p.messages(), "chosen": [{"role": "assistant", "content": good[i % len(good)]}],
+                  "rejected": [{"role": "assistant", "content": b}], "task_id": p.task_id}
+                 for i, b in enumerate(bad) if good]
+    return rows, share
+
+
 def agreement_with_tests(rm, tokenizer, problems, results, device=None):
     """For every answer in `results` (per-task rows of scripts/evaluate.py or the SFT stage:
     task_id, passed, raw) that FAILED its tests and whose task has a reference program: does the

@@ -29,7 +29,8 @@ CHOICES = {
 # Numbers that must lie in an interval, checked before any work. Shares and probabilities first:
 # a warm-up "ratio" of 1 or more is read by transformers as a number of steps, not a share.
 RANGES = {
-    **dict.fromkeys(("WARMUP_RATIO", "RM_WARMUP_RATIO", "LORA_DROPOUT"), "[0, 1)"),
+    **dict.fromkeys(("WARMUP_RATIO", "RM_WARMUP_RATIO", "DPO_WARMUP_RATIO", "LORA_DROPOUT"), "[0, 1)"),
+    "DPO_LABEL_SMOOTHING": "[0, 0.5)",
     **dict.fromkeys(("PPO_GAMMA", "PPO_LAM"), "[0, 1]"),
     **dict.fromkeys((
         "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "MAX_LEN", "LR", "LOG_EVERY", "RM_BATCH_SIZE", "RM_GRAD_ACCUM",
@@ -38,18 +39,20 @@ RANGES = {
         "PPO_STEPS", "PPO_BATCH_SIZE", "PPO_MINI_BATCH_SIZE", "PPO_EPOCHS", "PPO_LR", "PPO_CRITIC_LR",
         "PPO_SAMPLES_PER_PROMPT", "PPO_OVERSAMPLE", "PPO_RESPONSE_LEN", "PPO_TEMPERATURE", "PPO_CLIP", "PPO_VF_CLIP",
         "PPO_KL_HORIZON", "PPO_MAX_GRAD_NORM", "SANDBOX_TIMEOUT_S", "SANDBOX_MEMORY_MB", "SANDBOX_DISK_MB",
-        "SANDBOX_FILE_SIZE_MB", "SANDBOX_MAX_PROCS"), "(0, inf)"),
+        "SANDBOX_FILE_SIZE_MB", "SANDBOX_MAX_PROCS", "DPO_BETA", "DPO_LR", "DPO_EPOCHS", "DPO_BATCH_SIZE",
+        "DPO_GRAD_ACCUM", "DPO_ONLINE_SAMPLES"), "(0, inf)"),
     **dict.fromkeys((
         "WEIGHT_DECAY", "SFT_EARLY_STOP_PATIENCE", "EVAL_EVERY", "RM_CENTER_REWARDS_COEF", "EVAL_MAX_TASKS", "EVAL_SAMPLES",
         "SEED_PROMPT_SAMPLES", "RM_ONPOLICY_SAMPLES",
         "PPO_KL_COEF", "PPO_KL_TARGET", "PPO_VF_COEF", "PPO_SIL_COEF", "PPO_EXEC_WEIGHT", "PPO_EVAL_EVERY",
-        "PPO_SAVE_EVERY", "PPO_EVAL_TASKS"), "[0, inf)"),
+        "PPO_SAVE_EVERY", "PPO_EVAL_TASKS", "DPO_ROUNDS"), "[0, inf)"),
 }
 
 
 # config.py's learning rates, chosen for the embedded model (tests/test_settings.py checks that they
 # agree): a stage that would train another model with one of them says so (rlhf.handoff.learning_rate_notes)
-EMBEDDED_LEARNING_RATES = {"sft": {"LR": 1e-3}, "rm": {"RM_LR": 1e-3}, "ppo": {"PPO_LR": 5e-5, "PPO_CRITIC_LR": 3e-4}}
+EMBEDDED_LEARNING_RATES = {"sft": {"LR": 1e-3}, "rm": {"RM_LR": 1e-3}, "ppo": {"PPO_LR": 5e-5, "PPO_CRITIC_LR": 3e-4},
+                           "dpo": {"DPO_LR": 1e-4}}
 
 
 class UserError(Exception):
@@ -103,6 +106,27 @@ def check_values():
         value = getattr(C, name, None)
         if isinstance(value, (int, float)) and not in_range(value, interval):
             raise UserError(f"{name} must be {range_text(interval)}, not {value!r} (config.py or --{name}=...)")
+
+
+def dpo_loss_types(value, label_smoothing):
+    """DPO_LOSS_TYPE (`value`) as the list TRL's DPOConfig takes (`sigmoid`, or `sigmoid,sft` for a
+    sum), each checked against the losses DPOConfig documents for this TRL version (its `loss_type`
+    help: the trainer itself only rejects an unknown loss at the first step); one line for an
+    unknown one, and for exo_pair without DPO_LABEL_SMOOTHING (`label_smoothing`), which TRL refuses."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    field = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type")
+    known = re.findall(r"`'(\w+)'`", field.metadata.get("help", "").split("If multiple")[0])
+    wanted = [t.strip().lower() for t in str(value).split(",") if t.strip()]
+    unknown = [t for t in wanted if known and t not in known] or ([] if wanted else [""])
+    if unknown:
+        raise UserError(f"DPO_LOSS_TYPE: unknown loss {unknown[0]!r}; TRL's DPOConfig has {', '.join(known)} "
+                        "(several, comma-separated, are summed)")
+    if "exo_pair" in wanted and not label_smoothing:
+        raise UserError("DPO_LOSS_TYPE=exo_pair needs --DPO_LABEL_SMOOTHING above 0 (the EXO paper: 1e-3)")
+    return wanted
 
 
 def parse_value(name, text, current):
@@ -246,7 +270,8 @@ SHARED_SECTION = "Shared by all stages"
 # the RM's on-policy pairs of RM_ONPOLICY_SAMPLES)
 STAGE_SOURCES = {"sft": ("train_sft.py", "rlhf/base_model.py", "rlhf/codeeval.py", "rlhf/sandbox"),
                  "rm": ("train_rm.py", "rlhf/codeeval.py", "rlhf/sandbox"),
-                 "ppo": ("train_ppo.py", "rlhf/ppo_setup.py", "rlhf/codeeval.py", "rlhf/sandbox")}
+                 "ppo": ("train_ppo.py", "rlhf/ppo_setup.py", "rlhf/codeeval.py", "rlhf/sandbox"),
+                 "dpo": ("train_dpo.py", "rlhf/codeeval.py", "rlhf/sandbox")}
 
 
 def config_sections():

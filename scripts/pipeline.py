@@ -1,14 +1,15 @@
-"""The whole pipeline in one command: data -> SFT -> reward model -> PPO -> report.
+"""The whole pipeline in one command: data -> SFT -> reward model -> PPO (-> DPO) -> report.
 
 Each stage runs as its own process (`python train_<stage>.py [overrides]`), exactly as you would
 run it by hand; its output goes to the terminal and to <reports>/logs/<stage>.log. The pipeline
 stops at the first stage that fails, with that stage's `error:` line. A stage whose output folder
 already holds a finished model (rlhf_stage.json) is reused, so an interrupted pipeline picks up
-where it stopped. A finished stage made with other settings than this run gives (on the command
+where it stopped. With PIPELINE_DPO (--PIPELINE_DPO=true) DPO (train_dpo.py, from the SFT model)
+runs after PPO, and the report puts it beside SFT and PPO. A finished stage made with other settings than this run gives (on the command
 line or in its recipe), from another MODEL_NAME or with another RECIPE, is not reused silently:
 the pipeline stops before any work with one line naming the `--redo` (train it again) or, for
 settings, the `--reuse` (keep it as it is) to add. Wall times go to <reports>/timings.json. When
-INDIST_TASKS_FILE exists (tasks of variants seen in training), the SFT and PPO models then answer
+INDIST_TASKS_FILE exists (tasks of variants seen in training), the SFT, PPO (and DPO) models then answer
 each of its tasks once, greedily (scripts/evaluate.py, into <reports>/indist_<stage>.jsonl; answers
 newer than their model and the task file are reused). The report (scripts/report.py) comes last.
 
@@ -19,6 +20,7 @@ own (ZeRO-3, FSDP: SFT and RM refuse them). A recipe (--RECIPE=recipes/...) sets
     bash run.sh                                        # set-up, then this script (the main job)
     python scripts/pipeline.py --redo ppo --PPO_STEPS=5    # train PPO again with a setting; reuse SFT and RM
     python scripts/pipeline.py --redo all              # train everything again
+    python scripts/pipeline.py --PIPELINE_DPO=true     # DPO too, reported beside SFT and PPO
     python scripts/pipeline.py --RECIPE=recipes/qwen2.5-coder-7b-zero3.py --dry-run   # print the settings and commands
     python scripts/pipeline.py --accelerate-config accelerate_configs/ddp.yaml --num-processes 4
 """
@@ -36,20 +38,21 @@ import config as C
 from rlhf.common import run_stage
 from rlhf.model_card import check_hub_login
 from rlhf.handoff import (
-    STAGE_INFO_FILE, indist_answers_path, is_current, learning_rate_notes, read_stage_info, same_name,
+    STAGE_INFO_FILE, STAGE_INPUTS, indist_answers_path, is_current, learning_rate_notes, read_stage_info, same_name,
 )
 from rlhf.settings import (
-    SHARED_SECTION, STAGE_SOURCES, UserError, apply_overrides, check_values, config_sections, names_read_by,
-    resolve_overrides, scalar_settings, settings, tool_help,
+    SHARED_SECTION, STAGE_SOURCES, UserError, apply_overrides, check_values, config_sections, dpo_loss_types,
+    names_read_by, resolve_overrides, scalar_settings, settings, tool_help,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = [("sft", "train_sft.py", "SFT_DIR"), ("rm", "train_rm.py", "RM_DIR"), ("ppo", "train_ppo.py", "PPO_DIR")]
+STAGES = [("sft", "train_sft.py", "SFT_DIR"), ("rm", "train_rm.py", "RM_DIR"), ("ppo", "train_ppo.py", "PPO_DIR"),
+          ("dpo", "train_dpo.py", "DPO_DIR")]  # dpo only with PIPELINE_DPO (run_stages)
 DATA_SETTINGS = ("SFT_TRAIN_FILE", "SFT_EVAL_FILE", "RM_TRAIN_FILE", "RM_EVAL_FILE", "PPO_PROMPTS_FILE", "EVAL_TASKS_FILE")
 # settings that change where a stage writes, how it logs, resumes, uploads or is launched, or only its
 # memory use: a finished stage made with other values is still this run's. MODEL_NAME and RECIPE are
 # the lineage, checked apart (check_reuse).
-RUN_SETTINGS = {"SFT_DIR", "RM_DIR", "PPO_DIR", "RUNS_DIR", "RESUME", "OVERWRITE", "REPORT_TO", "LOG_EVERY", "GEN_BATCH_SIZE",
+RUN_SETTINGS = {"SFT_DIR", "RM_DIR", "PPO_DIR", "DPO_DIR", "PIPELINE_DPO", "RUNS_DIR", "RESUME", "OVERWRITE", "REPORT_TO", "LOG_EVERY", "GEN_BATCH_SIZE",
                 "RM_SCORE_BATCH_SIZE", "PPO_SAVE_EVERY", "GRADIENT_CHECKPOINTING", "PPO_SHARD_FROZEN_MODELS", "SANDBOX_MODE",
                 "PUSH_TO_HUB", "HUB_MODEL_ID", "ACCELERATE_CONFIG", "PPO_ACCELERATE_CONFIG", "NUM_PROCESSES",
                 "INDIST_TASKS_FILE", "MODEL_NAME", "RECIPE"}
@@ -57,17 +60,18 @@ RUN_SETTINGS = {"SFT_DIR", "RM_DIR", "PPO_DIR", "RUNS_DIR", "RESUME", "OVERWRITE
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
-        description="Run data -> SFT -> RM -> PPO -> report; extra --NAME=value settings go to every stage.",
+        description="Run data -> SFT -> RM -> PPO (-> DPO with --PIPELINE_DPO=true) -> report; extra --NAME=value "
+                    "settings go to every stage.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # `--rep=...` must not silently mean --reports
         epilog="Any other setting of config.py goes to every stage as --NAME=value (e.g. --PPO_STEPS=5); "
                "`python train_<stage>.py --help` lists the ones each stage reads, with their defaults.\n\n"
                + tool_help(__file__, overrides=True))
     ap.add_argument("--redo", default="", metavar="STAGES",
-                    help="comma list of stages to train again even if finished (sft,rm,ppo) or 'all'")
+                    help="comma list of stages to train again even if finished (sft,rm,ppo,dpo) or 'all'")
     ap.add_argument("--reuse", default="", metavar="STAGES",
                     help="comma list of finished stages to keep as they are although this run's settings differ "
-                         "from theirs (sft,rm,ppo), e.g. SFT and RM of another SEED under a new PPO_DIR")
+                         "from theirs (sft,rm,ppo,dpo), e.g. SFT and RM of another SEED under a new PPO_DIR")
     ap.add_argument("--reports", default="reports", metavar="DIR", help="where logs, timings and the report go")
     ap.add_argument("--accelerate-config", metavar="FILE",
                     help="launch the stages under `accelerate launch --config_file FILE` (sets ACCELERATE_CONFIG)")
@@ -81,11 +85,16 @@ def parse_args(argv):
         chosen = {s.strip().lower() for s in getattr(args, flag).split(",") if s.strip()}
         chosen = set(names) if "all" in chosen else chosen
         if chosen - set(names):
-            ap.error(f"--{flag}: unknown stage {sorted(chosen - set(names))[0]!r}; use sft, rm, ppo or all")
+            ap.error(f"--{flag}: unknown stage {sorted(chosen - set(names))[0]!r}; use sft, rm, ppo, dpo or all")
         stages[flag] = chosen
     if stages["redo"] & stages["reuse"]:
         ap.error(f"--redo and --reuse both name {sorted(stages['redo'] & stages['reuse'])[0]}")
     return args, stages["redo"], stages["reuse"], overrides
+
+
+def run_stages():
+    """The stages this run has: SFT, RM, PPO, and DPO with PIPELINE_DPO."""
+    return [stage for stage in STAGES if stage[0] != "dpo" or C.PIPELINE_DPO]
 
 
 def ensure_data(defaults):
@@ -125,7 +134,7 @@ def stage_settings(stage):
     settings (rlhf/base_model.py) count only when it is built, once, so not here."""
     shared = {n for title, rows in config_sections() if title == SHARED_SECTION for n, _ in rows}
     sources = [p for p in STAGE_SOURCES[stage] if p != "rlhf/base_model.py"]
-    prefix = {"sft": None, "rm": "RM_", "ppo": "PPO_"}[stage]
+    prefix = {"sft": None, "rm": "RM_", "ppo": "PPO_", "dpo": "DPO_"}[stage]
     own = {n for n in settings() if prefix and n.startswith(prefix)}
     return (shared | names_read_by(*sources) | own) - RUN_SETTINGS
 
@@ -141,8 +150,8 @@ def check_reuse(name, folder, info, changes, reuse, earlier):
     """A finished stage the pipeline would reuse: made from this run's MODEL_NAME (when given) and
     RECIPE, on the stage outputs it reads (`earlier`: their rlhf_stage.json), and with this run's
     settings unless --reuse names it; else one line naming what to add. Returns the notes to print."""
-    redo = (f"add --redo {name} to train it (and the stages after it) again, or give this run its own "
-            f"{', '.join(s for _, _, s in STAGES[[n for n, _, _ in STAGES].index(name):])}")
+    later = [s for n, _, s in run_stages() if n == name or name in dict(STAGE_INPUTS[n])]
+    redo = f"add --redo {name} to train it (and the stages after it) again, or give this run its own {', '.join(later)}"
     recipe = info.get("settings", {}).get("RECIPE", "")
     if not same_name(recipe, C.RECIPE):
         raise UserError(f"{name}: {folder} was made with RECIPE={recipe!r}, this run gives {C.RECIPE!r}: {redo}")
@@ -153,8 +162,8 @@ def check_reuse(name, folder, info, changes, reuse, earlier):
         C.MODEL_NAME = model  # as the stages do (rlhf.handoff.check_lineage): the one the run builds on
     sft_info = earlier.get("sft")
     made_on = info.get("inputs", {}).get("sft", {}).get("finished_at")
-    if name == "rm" and sft_info and made_on and made_on != sft_info.get("finished_at"):
-        raise UserError(f"rm: {folder} was trained on an SFT model finished at {made_on}, {C.SFT_DIR} was finished at "
+    if name in ("rm", "dpo") and sft_info and made_on and made_on != sft_info.get("finished_at"):
+        raise UserError(f"{name}: {folder} was trained on an SFT model finished at {made_on}, {C.SFT_DIR} was finished at "
                         f"{sft_info.get('finished_at')}: {redo}")
     stale = stale_settings(name, info, changes)
     if stale and name not in reuse:
@@ -168,21 +177,22 @@ def check_reuse(name, folder, info, changes, reuse, earlier):
 
 def plan_stages(redo, reuse, changes):
     """[(stage, script, folder, train?, notes)]: which finished stages are reused (check_reuse) and
-    which are trained; after the first trained stage every later one is trained too."""
-    plan, infos, training = [], {}, None
-    for name, script, setting in STAGES:
+    which are trained; a stage built on one that is trained (rlhf.handoff.STAGE_INPUTS) is trained too."""
+    plan, infos, trained = [], {}, []
+    for name, script, setting in run_stages():
         folder = getattr(C, setting)
         info = read_stage_info(folder)
-        if info and name not in redo and training is None:
+        inputs = [earlier for earlier, _ in STAGE_INPUTS[name] if earlier in trained]
+        if info and name not in redo and not inputs:
             notes = check_reuse(name, folder, info, changes, reuse, infos)
             plan.append((name, script, folder, False, [f"{name}: {folder} is finished, reusing it (--redo {name} to "
                                                         "train again)", *notes]))
             infos[name] = info
             continue
-        notes = [f"{name}: {training} is trained again, so {name} is trained again too"] if info and name not in redo \
-            and training else []
+        notes = [f"{name}: {inputs[0]} is trained again, so {name} is trained again too"] if info and name not in redo \
+            and inputs else []
         plan.append((name, script, folder, True, notes))
-        training = training or name
+        trained.append(name)
     return plan
 
 
@@ -213,7 +223,7 @@ def check_launch(plan, dry_run):
         config = os.path.relpath(config, ROOT) if config.startswith(ROOT + os.sep) else config  # as the user wrote it
         kind = launch.get("distributed_type")
         sharded = kind == "FSDP" or kind == "DEEPSPEED" and (launch.get("deepspeed_config") or {}).get("zero_stage") == 3
-        if sharded and name in ("sft", "rm"):
+        if sharded and name in ("sft", "rm", "dpo"):
             raise UserError(f"{config} shards the weights ({kind}), which train_{name}.py refuses: give SFT and RM "
                             "accelerate_configs/ddp.yaml or deepspeed_zero2.yaml (ACCELERATE_CONFIG) and PPO this one "
                             f"(--PPO_ACCELERATE_CONFIG={config})")
@@ -261,20 +271,25 @@ def dry_run(args, plan, overrides, changes):
             print(line)
         if train:
             print(f"{name}: would train {folder}: {shown(stage_command(name, script, overrides))}")
-    for stage, setting in (("sft", "SFT_DIR"), ("ppo", "PPO_DIR")):
+    for stage, setting in indist_stages():
         if os.path.exists(C.INDIST_TASKS_FILE):
             print(f"{stage} in-distribution: {shown(indist_command(stage, getattr(C, setting), args.reports, overrides))}")
     print(f"report: {shown(report_command(args.reports, overrides))}")
 
 
+def indist_stages():
+    """(stage, setting) of the models that answer INDIST_TASKS_FILE: SFT, PPO, and DPO with PIPELINE_DPO."""
+    return [(name, setting) for name, _, setting in run_stages() if name != "rm"]
+
+
 def evaluate_in_distribution(reports, overrides):
-    """The SFT and PPO models' greedy answers to INDIST_TASKS_FILE, one per task, by
+    """The SFT, PPO (and DPO) models' greedy answers to INDIST_TASKS_FILE, one per task, by
     scripts/evaluate.py (as a user runs it) into <reports>/indist_<stage>.jsonl for the report;
     answers newer than their model and the task file are kept. Nothing when the file does not exist."""
     if not os.path.exists(C.INDIST_TASKS_FILE):
         print(f"pipeline: no in-distribution evaluation: INDIST_TASKS_FILE {C.INDIST_TASKS_FILE} does not exist", flush=True)
         return
-    for stage, setting in (("sft", "SFT_DIR"), ("ppo", "PPO_DIR")):
+    for stage, setting in indist_stages():
         folder, out = getattr(C, setting), indist_answers_path(reports, stage)
         if is_current(out, os.path.join(folder, STAGE_INFO_FILE), C.INDIST_TASKS_FILE):
             print(f"{stage}: {out} answers {C.INDIST_TASKS_FILE} for this model, reusing it", flush=True)
@@ -312,6 +327,11 @@ def main(argv):
     if args.num_processes is not None:
         C.NUM_PROCESSES = args.num_processes
     check_values()  # and on a value out of range (--WARMUP_RATIO=2), before the data is built
+    if "dpo" in {s.strip().lower() for s in f"{args.redo},{args.reuse}".split(",")} and not C.PIPELINE_DPO:
+        raise UserError("--redo/--reuse dpo: DPO is not part of this run; add --PIPELINE_DPO=true")
+    if C.PIPELINE_DPO:
+        # an unknown DPO_LOSS_TYPE: one line now, not after SFT, RM and PPO
+        dpo_loss_types(C.DPO_LOSS_TYPE, C.DPO_LABEL_SMOOTHING)
     if C.OVERWRITE:
         redo = {s for s, _, _ in STAGES}  # --OVERWRITE=true reaches every stage: it means redo all
     plan = plan_stages(redo, reuse, changes)  # a finished stage made otherwise: one line now, not after SFT

@@ -1,13 +1,14 @@
-"""The report of a pipeline run: reads the three stage folders (their rlhf_stage.json) and
+"""The report of a pipeline run: reads the stage folders (their rlhf_stage.json) and
 <reports>/timings.json, writes <reports>/report.json (metrics, timings, settings, machine),
-<reports>/report.md (SFT versus PPO, the reward model, timings) and PNG plots of training.
-A stage that has not run is reported as missing.
+<reports>/report.md (SFT versus PPO, and DPO beside them when it ran; the reward model, timings)
+and PNG plots of training. A stage that has not run is reported as missing (DPO only with
+PIPELINE_DPO: without it, a finished DPO_DIR is reported and none is asked for).
 
 Greedy pass@1 with a 95% interval comes from each model's answer to each task: on the held-out
-tasks (EVAL_TASKS_FILE) the stages' own eval_results.jsonl (SFT_DIR, PPO_DIR), on the
-in-distribution tasks (INDIST_TASKS_FILE, when it exists) <reports>/indist_sft.jsonl and
-indist_ppo.jsonl, which the pipeline writes with scripts/evaluate.py. Each set is also split into
-the families with a planted habitual bug (the task rows' `habit`) and the rest. A file that is
+tasks (EVAL_TASKS_FILE) the stages' own eval_results.jsonl (SFT_DIR, PPO_DIR, DPO_DIR), on the
+in-distribution tasks (INDIST_TASKS_FILE, when it exists) <reports>/indist_sft.jsonl,
+indist_ppo.jsonl (and indist_dpo.jsonl), which the pipeline writes with scripts/evaluate.py. Each
+set is also split into the families with a planted habitual bug (the task rows' `habit`) and the rest. A file that is
 missing is named in the report, with the figures it would have given left out.
 
     python scripts/report.py                                # after `bash run.sh`
@@ -26,14 +27,20 @@ from rlhf.data import read_jsonl
 from rlhf.handoff import STAGE_INFO_FILE, indist_answers_path, is_current, machine, read_stage_info
 from rlhf.settings import apply_overrides, tool_help
 
-STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR")]
+STAGES = [("sft", "SFT_DIR"), ("rm", "RM_DIR"), ("ppo", "PPO_DIR"), ("dpo", "DPO_DIR")]
 REQUIRED = {  # keys report.json always has (None when the stage did not record them)
     "sft": ("eval_perplexity", "eval_token_accuracy", "pass_at_1"),
     "rm": ("eval_accuracy", "eval_f1", "heldout_test_agreement"),
     "ppo": ("pass_at_1", "kl", "reward_mean"),
+    "dpo": ("pass_at_1", "eval_reward_accuracy", "eval_reward_margin"),
 }
 LANGS = ("zh", "en")  # per-language pass@1 is shown when a stage recorded pass_at_1_<lang>
-KEPT_DICTS = ("seed_prompt_passes",)  # small dicts report.json keeps (histories and logs stay out)
+KEPT_DICTS = ("seed_prompt_passes", "round_history")  # small dicts and lists report.json keeps (not the logs)
+
+
+def with_dpo():
+    """Is DPO part of the report: asked for (PIPELINE_DPO), or its folder holds a finished model?"""
+    return C.PIPELINE_DPO or read_stage_info(C.DPO_DIR) is not None
 
 
 def scalars(metrics):
@@ -119,15 +126,17 @@ def figure(values, tasks):
     return {"mean": mean, "low": low, "high": high, "tasks": len(tasks), "variants": len({variant_of(t) for t in tasks})}
 
 
-def group_figures(sft, ppo, tasks):
+def group_figures(sft, ppo, tasks, **others):
     """SFT and PPO pass@1 over the tasks of a group each model answered, and the PPO - SFT gain over
-    the tasks both answered (paired); sft / ppo: {task_id: pass} or None when missing."""
+    the tasks both answered (paired); sft / ppo: {task_id: pass} or None when missing. `others`
+    (dpo=...) adds that model's figure and its gain over SFT as "<name>_gain"."""
     out = {}
-    for name, passes in (("sft", sft), ("ppo", ppo)):
+    for name, passes in (("sft", sft), ("ppo", ppo), *others.items()):
         mine = [t for t in tasks if passes is not None and t in passes]
         out[name] = figure([passes[t] for t in mine], mine) if mine else None
-    both = [t for t in tasks if sft is not None and ppo is not None and t in sft and t in ppo]
-    out["gain"] = figure([ppo[t] - sft[t] for t in both], both) if both else None
+    for key, after in (("gain", ppo), *((f"{name}_gain", passes) for name, passes in others.items())):
+        both = [t for t in tasks if sft is not None and after is not None and t in sft and t in after]
+        out[key] = figure([after[t] - sft[t] for t in both], both) if both else None
     return out
 
 
@@ -135,7 +144,7 @@ def answer_files(reports):
     """Per task set, per model: (answers file, the files it must be newer than, what makes it). The
     held-out answers are saved with their model; the in-distribution ones are written after it."""
     files = {"held_out": {}, "in_distribution": {}}
-    for stage, setting in (("sft", "SFT_DIR"), ("ppo", "PPO_DIR")):
+    for stage, setting in (("sft", "SFT_DIR"), ("ppo", "PPO_DIR"), *((("dpo", "DPO_DIR"),) if with_dpo() else ())):
         folder = getattr(C, setting)
         files["held_out"][stage] = (os.path.join(folder, HELD_OUT_ANSWERS), (),
                                     f"train_{stage}.py saves it with its final evaluation")
@@ -181,6 +190,7 @@ def pass_at_1_with_intervals(reports):
                 out["notes"].append(f"{label} {stage.upper()}: {len(set(answers[stage]) - set(rows))} answers of {path} "
                                     f"are to tasks {task_file} no longer has, left out")
             out["files"].setdefault(key, {"tasks": task_file})[stage] = path
+        others = {stage: passes for stage, passes in answers.items() if stage not in ("sft", "ppo")}  # dpo
         habits = {t: r["habit"] for t, r in rows.items() if isinstance(r.get("habit"), bool)}
         if not habits:
             out["notes"].append(f"no planted-habit split of the {label} tasks: {task_file} has no `habit` field")
@@ -189,7 +199,7 @@ def pass_at_1_with_intervals(reports):
                 continue
             tasks = [t for t in rows if habit is None or habits.get(t) is habit]
             out["groups"][key + suffix] = {"label": f"{label}: {group_label}", "file": task_file,
-                                           **group_figures(answers["sft"], answers["ppo"], tasks)}
+                                           **group_figures(answers["sft"], answers["ppo"], tasks, **others)}
     return out
 
 
@@ -198,6 +208,8 @@ def build_report(infos, timings, reports="reports"):
               "versions": versions(), "seconds": {}, "settings": {}, "missing": []}
     for name, setting in STAGES:
         info = infos[name]
+        if info is None and name == "dpo" and not C.PIPELINE_DPO:
+            continue  # not asked for, not there: no column, not missing
         if info is None:
             report[name] = {"missing": True, "folder": getattr(C, setting)}
             report["missing"].append(name)
@@ -251,13 +263,16 @@ def fmt_figure(fig, signed=False, count=False):
 
 def interval_lines(intervals):
     """report.md's table of pass@1 with intervals, per task set and group, and the lines on what is left out."""
+    keys = ("sft", "ppo", "gain", "dpo", "dpo_gain") if any("dpo" in g for g in intervals["groups"].values()) else \
+        ("sft", "ppo", "gain")
+    titles = {"sft": "SFT", "ppo": "PPO", "gain": "PPO - SFT (paired)", "dpo": "DPO", "dpo_gain": "DPO - SFT (paired)"}
     lines = [f"## Greedy pass@1 with {intervals['level']:.0%} intervals", "",
-             "| tasks | SFT | PPO | PPO - SFT (paired) | tasks, variants |", "|---|---|---|---|---|"]
+             f"| tasks | {' | '.join(titles[k] for k in keys)} | tasks, variants |", "|---" * (len(keys) + 2) + "|"]
     for group in intervals["groups"].values():
-        figures = [group[k] for k in ("sft", "ppo", "gain")]
+        figures = [group[k] for k in keys]
         sizes = {(f["tasks"], f["variants"]) for f in figures if f}
         mixed = len(sizes) > 1  # a model answered tasks the other did not: each cell says how many
-        cells = [fmt_figure(f, signed=k == "gain", count=mixed) for f, k in zip(figures, ("sft", "ppo", "gain"))]
+        cells = [fmt_figure(f, signed=k.endswith("gain"), count=mixed) for f, k in zip(figures, keys)]
         size = "n/a" if not sizes else "see cells" if mixed else "{}, {}".format(*sizes.pop())
         lines.append(f"| {group['label']} | {' | '.join(cells)} | {size} |")
     files = "; ".join(f"{key.replace('_', '-')}: {', '.join(f'{k} {v}' for k, v in paths.items())}"
@@ -285,30 +300,52 @@ def markdown(report, plots):
     if model:
         lines += [f"Base model: `{model}`", ""]
 
-    lines += ["## SFT versus PPO (held-out code tasks)", "", "| metric | SFT | PPO |", "|---|---|---|"]
+    dpo = report.get("dpo")  # None: DPO is not part of this report (with_dpo)
+    stages = [sft, dpo, ppo] if dpo is not None else [sft, ppo]
+
+    def row(label, values):
+        lines.append(f"| {label} | {' | '.join(values)} |")
+
+    title = "SFT, DPO and PPO" if dpo is not None else "SFT versus PPO"
+    lines += [f"## {title} (held-out code tasks)", "", "| metric | " + " | ".join(
+        ["SFT", "DPO", "PPO"] if dpo is not None else ["SFT", "PPO"]) + " |", "|---" * (len(stages) + 1) + "|"]
     sft_pass = sft.get("pass_at_1") if not sft.get("missing") else ppo.get("sft_pass_at_1")
-    lines.append(f"| pass@1 (greedy, sandboxed tests) | {fmt(sft_pass)} | {fmt(ppo.get('pass_at_1'))} |")
-    for key in sorted({k for stage in (sft, ppo) for k in stage if k.startswith("pass_at_") and k[8:].isdigit()} - {"pass_at_1"}):
-        lines.append(f"| pass@{key[8:]} ({key[8:]} answers sampled at temperature 1) | {fmt(sft.get(key))} | {fmt(ppo.get(key))} |")
+    row("pass@1 (greedy, sandboxed tests)", [fmt(sft_pass)] + [fmt(stage.get("pass_at_1")) for stage in stages[1:]])
+    for key in sorted({k for stage in stages for k in stage if k.startswith("pass_at_") and k[8:].isdigit()} - {"pass_at_1"}):
+        row(f"pass@{key[8:]} ({key[8:]} answers sampled at temperature 1)", [fmt(stage.get(key)) for stage in stages])
     for lang in LANGS:
-        a, b = sft.get(f"pass_at_1_{lang}"), ppo.get(f"pass_at_1_{lang}")
-        if a is not None or b is not None:
-            lines.append(f"| pass@1 {lang} | {fmt(a)} | {fmt(b)} |")
-    lines.append(f"| RM score (normalised; 0 = boundary preferred/rejected) | {fmt(ppo.get('sft_rm_score'))} | "
-                 f"{fmt(ppo.get('rm_score'))} |")
-    lines.append(f"| response length (tokens, sampled rollouts) | {fmt(ppo.get('first_step_response_length'), 1)} | "
-                 f"{fmt(ppo.get('response_length'), 1)} |")
-    prompts = list(dict.fromkeys(p for stage in (sft, ppo) for p in stage.get("seed_prompt_passes") or {}))
+        values = [stage.get(f"pass_at_1_{lang}") for stage in stages]
+        if any(v is not None for v in values):
+            row(f"pass@1 {lang}", [fmt(v) for v in values])
+    # what only PPO measures: the SFT column's from PPO's evaluation before its first update, "-" for DPO
+    only_ppo = lambda before, after, digits=3: [fmt(ppo.get(before), digits)] + ["-"] * (dpo is not None) + [  # noqa: E731
+        fmt(ppo.get(after), digits)]
+    row("RM score (normalised; 0 = boundary preferred/rejected)", only_ppo("sft_rm_score", "rm_score"))
+    row("response length (tokens, sampled rollouts)", only_ppo("first_step_response_length", "response_length", 1))
+    prompts = list(dict.fromkeys(p for stage in stages for p in stage.get("seed_prompt_passes") or {}))
     for prompt in prompts:  # the natural prompts, sampled as a user's generate call samples them
-        counts = [f"{stage['seed_prompt_passes'][prompt]}/{stage['seed_prompt_samples']}"
-                  if prompt in (stage.get("seed_prompt_passes") or {}) else "-" for stage in (sft, ppo)]
-        lines.append(f"| \"{prompt}\": answers passing (temperature 0.7, top_p 0.95, top_k 50) | {counts[0]} | {counts[1]} |")
+        row(f"\"{prompt}\": answers passing (temperature 0.7, top_p 0.95, top_k 50)",
+            [f"{stage['seed_prompt_passes'][prompt]}/{stage['seed_prompt_samples']}"
+             if prompt in (stage.get("seed_prompt_passes") or {}) else "-" for stage in stages])
+    if dpo is not None:
+        row("wall time of the stage", [fmt_seconds(report["seconds"].get(name)) for name in ("sft", "dpo", "ppo")])
     lines += ["", "SFT column: pass@1 from the SFT stage; RM score from PPO's evaluation before its first update "
               "(the SFT model); response length of PPO's first rollout batch. PPO column: final evaluation; "
-              "response length averaged over the last 5 PPO steps.", ""]
+              "response length averaged over the last 5 PPO steps." + (" DPO column: its stage's final evaluation, "
+                                                                       "the same tasks and samples." if dpo else ""), ""]
     if not sft.get("missing"):
         lines += [f"SFT held-out: perplexity {fmt(sft.get('eval_perplexity'), 2)}, token accuracy "
                   f"{fmt(sft.get('eval_token_accuracy'))}, train tokens {fmt(sft.get('train_tokens'))}.", ""]
+    if dpo and not dpo.get("missing"):
+        rounds = dpo.get("rounds") or 0
+        settings = report["settings"].get("dpo", {})
+        lines += [f"DPO: {'offline (fixed pairs)' if not rounds else f'{rounds} online round(s)'}, loss "
+                  f"{settings.get('DPO_LOSS_TYPE', 'n/a')}, beta {settings.get('DPO_BETA', 'n/a')}; held-out pairs: "
+                  f"implicit reward accuracy {fmt(dpo.get('eval_reward_accuracy'))}, margin "
+                  f"{fmt(dpo.get('eval_reward_margin'))}"
+                  + "".join(f"; round {h['round']}: {h['pairs']} pairs ({h['online_pairs']} online, "
+                            f"{fmt(h['online_passed'])} of the sampled answers passed)"
+                            for h in dpo.get("round_history") or [] if rounds) + ".", ""]
     if not ppo.get("missing"):
         lines += [f"PPO: KL to the SFT model {fmt(ppo.get('kl'))} nats per response, total reward "
                   f"{fmt(ppo.get('reward_mean'))}, {fmt(ppo.get('episodes_per_second'), 2)} episodes/s, peak memory "
@@ -334,8 +371,8 @@ def markdown(report, plots):
                        ("onpolicy_pairs", "on-policy training pairs (the SFT model's failing answers)")):
         lines.append(f"| {label} | {fmt(rm.get(key))} |")
     lines += ["", "## Time", "", "| stage | wall time |", "|---|---|"]
-    for name, _ in STAGES:
-        lines.append(f"| {name} | {fmt_seconds(report['seconds'].get(name))} |")
+    for name in report["seconds"]:  # the stages of this report (DPO only when it is part of it)
+        lines.append(f"| {name} | {fmt_seconds(report['seconds'][name])} |")
     known = [v for v in report["seconds"].values() if v is not None]
     lines += [f"| total | {fmt_seconds(sum(known)) if known else 'n/a'} |", ""]
     if plots:

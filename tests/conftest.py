@@ -6,14 +6,17 @@ everything, as CI does. A test is `slow` when it, or a fixture it uses, starts a
 script, a tool, `accelerate launch`): marked here, from the source, so no test can forget it.
 Tests that train in this process carry @pytest.mark.slow themselves."""
 
+import glob
 import inspect
 import json
 import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,7 +55,7 @@ def toy_conversations(n, seed=0):
 # a call that starts a process: subprocess itself, or a helper of conftest or of a test file that
 # does (run_snippet, help_text: transformers' ~6 s of imports a process). Not the sandbox attack
 # tests' evaluate_elsewhere: an interpreter without torch, for tests of the sandbox's verdicts
-LAUNCHES_A_PROCESS = re.compile(r"\b(run_script|subprocess\.\w+|Popen|launch|run_evaluate|run_snippet|help_text)\(")
+LAUNCHES_A_PROCESS = re.compile(r"\b(run_script|kill_after_first_checkpoint|subprocess\.\w+|Popen|launch|run_evaluate|run_snippet|help_text)\(")
 
 
 def starts_a_process(function):
@@ -104,6 +107,22 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def kill_after_first_checkpoint(script, args, folder):
+    """Start a stage, SIGKILL it as soon as a complete checkpoint exists; returns that checkpoint."""
+    from rlhf.checkpoints import CHECKPOINT_MARKER
+
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not glob.glob(f"{folder}/checkpoint-*/{CHECKPOINT_MARKER}"):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = glob.glob(f"{folder}/checkpoint-*/{CHECKPOINT_MARKER}")
+    assert done, "no checkpoint before the end of the run"
+    return os.path.dirname(done[0])
 
 
 @pytest.fixture
@@ -262,8 +281,6 @@ def child_pids(pid):
 
 def kill_launch(proc):
     """End an `accelerate launch` and its workers for good (SIGKILL), whatever state they are in."""
-    import signal
-
     for pid in child_pids(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -295,8 +312,6 @@ def start_launch(log_path, script, *args, config=CPU_CONFIG, processes=2, machin
 def wait_launches(procs, logs, timeout=LAUNCH_TIMEOUT, what="the run"):
     """Wait for every launch to end (all within timeout seconds); a launch still running then is
     killed with its workers and the test fails. Returns each launch's output."""
-    import time
-
     import pytest
 
     deadline = time.time() + timeout

@@ -1,4 +1,4 @@
-"""A matrix of model families: every stage (train_sft.py, train_rm.py, train_ppo.py,
+"""A matrix of model families: every stage (train_sft.py, train_rm.py, train_ppo.py, train_dpo.py,
 scripts/evaluate.py, scripts/generate.py) on tiny models built here with the chat template and
 special-token conventions of the families users bring, and what must hold whatever the family:
 one BOS per sequence (none where the template writes none), the SFT loss on the answer only, the same token ids for the same
@@ -308,9 +308,9 @@ def test_a_template_that_refuses_a_system_message_is_one_line_in_every_stage(fam
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_stage_runs_on_the_family(family, family_bases, family_data, tmp_path, run_in_process, monkeypatch):
-    """SFT, RM, PPO (2 iterations), scripts/evaluate.py and scripts/generate.py run to the end on the
-    family; every sequence has the BOS its template writes, once; SFT's labels are the answer and
-    the turn's end; the RM, PPO and every evaluation see SFT's token ids for the same conversation;
+    """SFT, RM, DPO, PPO (2 iterations), scripts/evaluate.py and scripts/generate.py run to the end on
+    the family; every sequence has the BOS its template writes, once; SFT's labels are the answer and
+    the turn's end; the RM, DPO, PPO and every evaluation see SFT's token ids for the same conversation;
     sampling and the saved generation_config stop at every id that ends an answer."""
     import trl
     from transformers import GenerationConfig
@@ -324,8 +324,8 @@ def test_every_stage_runs_on_the_family(family, family_bases, family_data, tmp_p
     f, d = FAMILIES[family], family_data
     common = [f"--RUNS_DIR={tmp_path}/runs", f"--EVAL_TASKS_FILE={d['tasks']}", "--EVAL_SAMPLES=0",
               "--SEED_PROMPT_SAMPLES=0", "--GEN_MAX_NEW_TOKENS=8", "--REPORT_TO=none", "--LOG_EVERY=1"]
-    sft, rm, ppo = tmp_path / "sft_model", tmp_path / "rm_model", tmp_path / "ppo_model"
-    sft_trainers, rm_trainers = Spy(monkeypatch, train_sft, "sft_trainer"), []
+    sft, rm, ppo, dpo = tmp_path / "sft_model", tmp_path / "rm_model", tmp_path / "ppo_model", tmp_path / "dpo_model"
+    sft_trainers, rm_trainers, dpo_trainers = Spy(monkeypatch, train_sft, "sft_trainer"), [], []
     generated = Spy(monkeypatch, rlhf.generation, "generate")  # every evaluation's and tool's prompts
 
     class RewardTrainer(trl.RewardTrainer):
@@ -333,7 +333,13 @@ def test_every_stage_runs_on_the_family(family, family_bases, family_data, tmp_p
             super().__init__(*args, **kwargs)
             rm_trainers.append(self)
 
+    class DPOTrainer(trl.DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            dpo_trainers.append(self)
+
     monkeypatch.setattr(trl, "RewardTrainer", RewardTrainer)
+    monkeypatch.setattr(trl, "DPOTrainer", DPOTrainer)
 
     # ---- SFT
     proc = run_in_process("train_sft.py", f"--MODEL_NAME={family_bases[family]}", f"--SFT_DIR={sft}",
@@ -380,6 +386,23 @@ def test_every_stage_runs_on_the_family(family, family_bases, family_data, tmp_p
             seen.add(text)
     assert {prompt_text(k) for k in SHARED} <= seen
 
+    # ---- DPO: the same conversation, the same ids (prompt + chosen as DPOTrainer tokenises them)
+    proc = run_in_process("train_dpo.py", f"--SFT_DIR={sft}", f"--DPO_DIR={dpo}", f"--RM_TRAIN_FILE={d['rm_train']}",
+                          f"--RM_EVAL_FILE={d['rm_eval']}", "--DPO_EPOCHS=1", "--DPO_BATCH_SIZE=8", "--MAX_LEN=256",
+                          *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = set()
+    for row in dpo_trainers[0].train_dataset:
+        for side in ("chosen", "rejected"):
+            one_bos(row["prompt_ids"] + row[f"{side}_ids"], "DPO input")
+        text = row["prompt"][-1]["content"]
+        assert row["prompt_ids"] + row["chosen_ids"] == conversation_ids(tok, row["prompt"] + row["chosen"])
+        if text in conversations:  # SFT's answer to a prompt is DPO's chosen one
+            assert row["prompt_ids"] + row["chosen_ids"] == conversations[text] and row["prompt_ids"] == prompts[text]
+            seen.add(text)
+    assert {prompt_text(k) for k in SHARED} <= seen
+    assert (dpo / "rlhf_stage.json").exists()
+
     # ---- PPO: its prompts are SFT's, it stops at every end of a turn
     encoded, sampled = Spy(monkeypatch, train_ppo, "encode_prompts"), Spy(monkeypatch, train_ppo, "sample")
     proc = run_in_process("train_ppo.py", f"--SFT_DIR={sft}", f"--RM_DIR={rm}", f"--PPO_DIR={ppo}",
@@ -393,7 +416,7 @@ def test_every_stage_runs_on_the_family(family, family_bases, family_data, tmp_p
     for (_, _, _, eos_ids, pad_id), _, _ in sampled.calls:
         assert stops <= set(eos_ids) and pad_id == tok.pad_token_id
     assert len([h for h in json.load(open(ppo / "rlhf_stage.json"))["metrics"]["history"] if "kl" in h]) == 2
-    for folder in (sft, ppo):  # transformers' generate() stops where our stages stop
+    for folder in (sft, ppo, dpo):  # transformers' generate() stops where our stages stop
         saved = GenerationConfig.from_pretrained(folder).eos_token_id
         assert stops <= set(saved if isinstance(saved, list) else [saved]), folder
 

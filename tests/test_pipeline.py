@@ -131,6 +131,39 @@ def test_redo_ppo_retrains_only_ppo(first_run):
     assert json.load(open(folder / "reports" / "report.json"))["ppo"]["finished_at"] == finished_at(folder, "ppo")
 
 
+def test_pipeline_dpo_runs_after_the_others_and_is_reported_beside_sft_and_ppo(first_run):
+    """--PIPELINE_DPO=true: SFT, RM and PPO are reused, DPO trains from the SFT model, answers the
+    in-distribution tasks, and the report puts it beside SFT and PPO (pass@1 with its interval,
+    pass@8, seed prompts, minutes); without the setting it is neither run nor asked for."""
+    folder, args, _ = first_run
+    dpo = [f"--DPO_DIR={folder / 'dpo_model'}", "--DPO_BATCH_SIZE=8"]
+    proc = run_script("scripts/pipeline.py", *args, "--redo", "dpo")
+    assert proc.returncode == 2 and "DPO is not part of this run; add --PIPELINE_DPO=true" in proc.stderr
+    proc = run_script("scripts/pipeline.py", *args, *dpo, "--PIPELINE_DPO=true")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("sft", "rm", "ppo"):
+        assert f"{stage}: {folder / (stage + '_model')} is finished, reusing it" in proc.stdout
+    assert "pipeline: dpo: python train_dpo.py" in proc.stdout and "dpo done" in proc.stdout
+    reports = folder / "reports"
+    report = json.load(open(reports / "report.json"))
+    assert report["dpo"]["pass_at_1"] is not None and 0.0 <= report["dpo"]["pass_at_8"] <= 1.0
+    assert report["dpo"]["seed_prompt_samples"] == 10 and report["seconds"]["dpo"] > 0 and report["missing"] == []
+    groups = report["pass_at_1"]["groups"]
+    answers = [json.loads(line) for line in open(folder / "dpo_model" / "eval_results.jsonl")]
+    assert groups["held_out"]["dpo"]["mean"] == pytest.approx(sum(a["passed"] for a in answers) / 3)
+    assert groups["held_out"]["dpo_gain"]["tasks"] == 3 and groups["in_distribution"]["dpo"]["tasks"] == 3
+    assert sorted(json.loads(line)["task_id"] for line in open(reports / "indist_dpo.jsonl")) == ["t4", "t5", "t6"]
+    md = (reports / "report.md").read_text()
+    assert "## SFT, DPO and PPO (held-out code tasks)" in md and "| metric | SFT | DPO | PPO |" in md
+    assert "| tasks | SFT | PPO | PPO - SFT (paired) | DPO | DPO - SFT (paired) | tasks, variants |" in md
+    assert "| wall time of the stage |" in md and "| dpo |" in md and "DPO: offline (fixed pairs), loss sigmoid" in md
+    # the next run without the setting: DPO is not reported, not missing
+    proc = run_script("scripts/pipeline.py", *args, f"--DPO_DIR={folder / 'no_dpo'}")
+    assert proc.returncode == 0 and "train_dpo.py" not in proc.stdout
+    report = json.load(open(reports / "report.json"))
+    assert "dpo" not in report and report["missing"] == [] and "## SFT versus PPO" in (reports / "report.md").read_text()
+
+
 def test_failing_stage_stops_the_pipeline_with_its_error(first_run, tmp_path):
     folder, args, _ = first_run
     # SFT is reused; RM fails on a missing data file; PPO must not start
@@ -261,6 +294,29 @@ def test_an_rm_trained_on_an_earlier_sft_model_is_not_reused(finished_stages, ru
     assert proc.returncode == 2
     assert f"rm: {folders['rm']} was trained on an SFT model finished at T1, {folders['sft']} was finished at T2: " \
            "add --redo rm" in proc.stderr
+
+
+def test_dpo_is_trained_again_with_the_sft_model_it_builds_on_not_with_ppo(finished_stages, run_in_process, tmp_path):
+    """DPO builds on SFT alone: --redo ppo keeps a finished DPO, --redo sft trains it again (after
+    RM and PPO, which build on SFT too); without PIPELINE_DPO it is not planned at all."""
+    args, folders = finished_stages()
+    dpo = tmp_path / "dpo_model"
+    dpo.mkdir()
+    with open(folders["ppo"] + "/rlhf_stage.json") as f:
+        info = dict(json.load(f), stage="dpo")
+    with open(dpo / "rlhf_stage.json", "w") as f:
+        json.dump(info, f)
+    args += [f"--DPO_DIR={dpo}", "--PIPELINE_DPO=true", "--dry-run"]
+    proc = run_in_process("scripts/pipeline.py", *args, "--redo", "ppo")
+    assert proc.returncode == 0, proc.stderr
+    assert f"dpo: {dpo} is finished, reusing it" in proc.stdout and "ppo: would train" in proc.stdout
+    assert "dpo: would train" not in proc.stdout
+    proc = run_in_process("scripts/pipeline.py", *args, "--redo", "sft")
+    assert proc.returncode == 0, proc.stderr
+    assert "dpo: sft is trained again, so dpo is trained again too" in proc.stdout
+    assert "dpo: would train" in proc.stdout and "python train_dpo.py" in proc.stdout
+    proc = run_in_process("scripts/pipeline.py", *args[:-3], "--dry-run")
+    assert proc.returncode == 0 and "dpo:" not in proc.stdout and "train_dpo.py" not in proc.stdout
 
 
 def test_dry_run_prints_the_recipe_settings_and_accelerate_commands_and_writes_nothing(tmp_path):

@@ -7,15 +7,12 @@ import glob
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 import config as C
-from conftest import ROOT, ppo_args, toy_conversations, toy_preference_pairs, write_jsonl
+from conftest import ROOT, kill_after_first_checkpoint, ppo_args, toy_conversations, toy_preference_pairs, write_jsonl
 from rlhf.checkpoints import CHECKPOINT_MARKER, resume_from
 from rlhf.common import run_stage
 from rlhf.data import drop_too_long
@@ -329,20 +326,6 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path, capsys):
     assert "resuming from" in out and out.count("(step 2)") == 2
     assert out.count(f"note: the checkpoint was made with LR={C.LR * 10!r} (now {C.LR!r}); its optimizer") == 2
     assert resume_from(str(trainer), {**run, "RESUME": False}) is None and "RESUME is false: starting over" in capsys.readouterr().out
-
-
-def kill_after_first_checkpoint(script, args, folder):
-    """Start a stage, SIGKILL it as soon as a complete checkpoint exists; returns that checkpoint."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and not glob.glob(f"{folder}/checkpoint-*/{CHECKPOINT_MARKER}"):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = glob.glob(f"{folder}/checkpoint-*/{CHECKPOINT_MARKER}")
-    assert done, "no checkpoint before the end of the run"
-    return os.path.dirname(done[0])
 
 
 @pytest.mark.slow  # trains in this process
