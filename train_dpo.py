@@ -40,7 +40,7 @@ import os
 import time
 
 import config as C
-from rlhf.checkpoints import checkpoint_folder, rows_made_once, train_resumable
+from rlhf.checkpoints import checkpoint_folder, rows_made_once, staging_folder, train_resumable
 from rlhf.codeeval import load_problems, sandbox_limits, stage_evaluation
 from rlhf.common import (
     check_lora_targets, load_causal_lm, load_tokenizer, lora_config, merge_lora_weights, run_stage, start_stage,
@@ -62,6 +62,11 @@ def round_folder(r):
     """Where round r keeps its pairs, Trainer checkpoints and (before the last round) its model;
     inside the stage's checkpoint folder, which is removed once DPO_DIR is saved."""
     return os.path.join(checkpoint_folder(C.RUNS_DIR, "dpo"), f"round_{r}")
+
+
+def round_checkpoints(r):
+    """Round r's Trainer checkpoints (train_resumable moves each complete one here)."""
+    return os.path.join(round_folder(r), "checkpoints")
 
 
 def pairs_that_fit(tokenizer, pairs, source):
@@ -107,7 +112,7 @@ def dpo_trainer(start, tokenizer, train, evals, r, loss_types):
     check_lora_targets(model, C.USE_LORA, C.LORA_TARGET_MODULES)
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(C.RUNS_DIR, "dpo", f"round_{r}")
     fields = dict(
-        output_dir=os.path.join(round_folder(r), "checkpoints", ".saving"),  # moved when complete (train_resumable)
+        output_dir=staging_folder(round_checkpoints(r)),  # moved when complete (train_resumable)
         **trainer_sizes(C.DPO_BATCH_SIZE, C.DPO_GRAD_ACCUM, C.DPO_EPOCHS, C.DPO_LR),
         beta=C.DPO_BETA,
         loss_type=loss_types,
@@ -194,8 +199,7 @@ def main(argv):
                             f"raise DPO_ONLINE_SAMPLES or lower DPO_ROUNDS to {r - 1}")
         trainer = dpo_trainer(start, tokenizer, train, evals, r, loss_types)
         t1 = time.time()
-        result = train_resumable(trainer, "dpo", "DPO_LR", os.path.join(round_folder(r), "checkpoints"),
-                                 scalar_settings())
+        result = train_resumable(trainer, "dpo", "DPO_LR", round_checkpoints(r), scalar_settings())
         model = trainer.model
         if C.USE_LORA:  # a plain model: the next round and transformers load it as is (QLoRA: merged into full precision)
             model = (merge_lora_weights(start, model.state_dict(), lora_config("CAUSAL_LM", C), torch_dtype(C.PRECISION))
