@@ -39,8 +39,10 @@ reward model (unused when every prompt has tests).
 Figures per side over the seeds: episodes per second (iterations after the first, a warm-up),
 seconds per iteration split into generation, scoring (the sandboxed tests), update (every optimizer
 step of the iteration) and the rest (old and reference logprobs, advantages), peak RSS of the
-training process (its own ru_maxrss), and validation pass@1 of each final policy (--tasks, greedy,
-_common.held_out, the same function for both).
+training process (its own ru_maxrss), the test pass rate of the answers each side sampled, over
+its iterations (the same prompts in the same order on both sides: learning along the way, paired
+by seed), and validation pass@1 of each final policy (--tasks, greedy, _common.held_out, the same
+function for both); each of the last two also as ours less TRL's per seed.
 
     python bench/bench_vs_trl_grpo.py                           # seeds 42, 1, 2 x 10 iterations a side
     python bench/bench_vs_trl_grpo.py --seeds=42 --steps=3      # a quick look
@@ -69,13 +71,16 @@ PARTS = ("generate", "reward", "update")
 
 
 def figures(iterations, peak_rss_mib, policy):
-    """A run's figures from its iterations ({"seconds", "generate", "reward", "update"} each): means over
-    the iterations after the first (all of them when there is one), the rest of an iteration as "other"."""
+    """A run's figures from its iterations ({"seconds", "generate", "reward", "update", "pass_rate"}
+    each): time means over the iterations after the first (all of them when there is one), the rest
+    of an iteration as "other"; the sampled answers' test pass rate over every iteration (the same
+    prompts in the same order on both sides, so a paired measure of learning along the way)."""
     timed = iterations[1:] or iterations
     mean = {k: statistics.mean(i[k] for i in timed) for k in ("seconds", *PARTS)}
     mean["other"] = mean["seconds"] - sum(mean[k] for k in PARTS)
     return {"iterations": iterations, "episodes_per_second": C.PPO_BATCH_SIZE / mean["seconds"],
-            "seconds_per_iteration": mean, "peak_rss_mib": peak_rss_mib, "policy": policy}
+            "seconds_per_iteration": mean, "peak_rss_mib": peak_rss_mib, "policy": policy,
+            "train_pass_rate": statistics.mean(i["pass_rate"] for i in iterations)}
 
 
 def run_ours(out, steps, overrides):
@@ -83,7 +88,8 @@ def run_ours(out, steps, overrides):
     with open(os.path.join(out, "ppo_model", "rlhf_stage.json")) as f:
         peak = json.load(f)["metrics"]["peak_rss_mib"]
     return figures([{"seconds": h["seconds"], "generate": h["generate_seconds"], "reward": h["reward_seconds"],
-                     "update": h["update_seconds"]} for h in history], peak, os.path.join(out, "ppo_model"))
+                     "update": h["update_seconds"], "pass_rate": h["test_pass_rate"]}
+                    for h in history if "seconds" in h], peak, os.path.join(out, "ppo_model"))
 
 
 def run_theirs(out, steps, overrides):
@@ -92,9 +98,12 @@ def run_theirs(out, steps, overrides):
                    check=True, cwd=ROOT, env=env)
     with open(os.path.join(out, "trl_timing.json")) as f:
         timing = json.load(f)
-    # TRL's update: the iteration less _generate_and_score_completions (generation, tests, logprob forwards)
+    # TRL's update: the iteration less _generate_and_score_completions (generation, tests, logprob forwards);
+    # its log once an iteration (logging_steps) holds that iteration's mean reward, here the tests' verdicts
+    rewards = [log["rewards/unit_tests/mean"] for log in timing["logs"] if "rewards/unit_tests/mean" in log]
     return {**figures([{"seconds": i["seconds"], "generate": i["generate"], "reward": i["reward"],
-                        "update": i["seconds"] - i["rollout"]} for i in timing["iterations"]],
+                        "update": i["seconds"] - i["rollout"], "pass_rate": r}
+                       for i, r in zip(timing["iterations"], rewards, strict=True)],
                       timing["peak_rss_mib"], os.path.join(out, "policy")),
             "prompts_scored": timing["prompts_scored"]}  # rows of load_prompts: each iteration's, as ours draws them
 
@@ -132,7 +141,8 @@ def main(argv):
                 r.update(seed=seed, pass_at_1=_common.held_out(r.pop("policy"), own["tasks"])["pass_at_1"])
                 result[side].append(r)
                 print(f"seed {seed} | {side} | {r['episodes_per_second']:.2f} episodes/s | "
-                      f"{r['seconds_per_iteration']['seconds']:.1f} s/iteration | pass@1 {r['pass_at_1']:.3f}",
+                      f"{r['seconds_per_iteration']['seconds']:.1f} s/iteration | sampled pass rate "
+                      f"{r['train_pass_rate']:.3f} | pass@1 {r['pass_at_1']:.3f}",
                       flush=True)
     result["load_average_1min_after"] = os.getloadavg()[0]
     rows = []
@@ -144,15 +154,23 @@ def main(argv):
         result[f"{side}_episodes_per_second"] = statistics.mean(eps)
         rows.append([label, f"{statistics.mean(eps):.2f}", ", ".join(f"{x:.2f}" for x in eps), *split,
                      f"{max(r['peak_rss_mib'] for r in runs):.0f}",
+                     f"{statistics.mean(r['train_pass_rate'] for r in runs):.3f}",
                      f"{statistics.mean(r['pass_at_1'] for r in runs):.3f}",
                      ", ".join(f"{r['pass_at_1']:.3f}" for r in runs)])
-    rows.append(["SFT model (start)", "", "", "", "", "", "", "", "", f"{result['sft_pass_at_1']:.3f}", ""])
+    rows.append(["SFT model (start)", "", "", "", "", "", "", "", "", "", f"{result['sft_pass_at_1']:.3f}", ""])
     result["ratio"] = result["ours_episodes_per_second"] / result["theirs_episodes_per_second"]
     print(f"{len(seeds)} seeds x {steps} iterations of {C.PPO_BATCH_SIZE} answers a side; validation: {own['tasks']}; "
           f"{result['machine']}")
     print("\n".join(_common.table(["run", "episodes/s (mean)", "per seed", "s/iteration", "generation", "scoring",
-                                   "update", "other", "peak RSS (MiB)", "pass@1 (mean)", "per seed"], rows)))
+                                   "update", "other", "peak RSS (MiB)", "sampled pass rate", "pass@1 (mean)",
+                                   "per seed"], rows)))
     print(f"ours / TRL = {result['ratio']:.2f}x episodes per second")
+    for key, label in (("train_pass_rate", "sampled pass rate"), ("pass_at_1", "validation pass@1")):
+        diff = [o[key] - t[key] for o, t in zip(result["ours"], result["theirs"])]
+        result[f"{key}_ours_less_theirs"] = diff
+        spread = f" (std {statistics.stdev(diff):.3f})" if len(diff) > 1 else ""
+        print(f"{label}, ours less TRL's: mean {statistics.mean(diff):+.3f}{spread}; per seed "
+              + ", ".join(f"{d:+.3f}" for d in diff))
     _common.save_results("vs_trl_grpo", result)
     return result
 
