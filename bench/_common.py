@@ -25,7 +25,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def machine():
     cpu = "unknown CPU"
     if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
         cpu = names[0].strip() if names else cpu
     return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.machine()}"
@@ -126,7 +126,7 @@ def save_results(name, result):
     """Write bench/results/<name>.json (raw figures; the README tables are made from them)."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, ensure_ascii=False)
     print(f"raw results: {path}")
     return path
@@ -150,7 +150,7 @@ def run_train_ppo(out, steps, overrides=()):
            f"--RUNS_DIR={out}/runs", "--EVAL_TASKS_FILE=", "--PPO_SAVE_EVERY=0", "--PPO_EVAL_EVERY=0",
            "--REPORT_TO=none", *overrides]
     subprocess.run(cmd, check=True, cwd=root)
-    with open(os.path.join(out, "ppo_model", "rlhf_stage.json")) as f:
+    with open(os.path.join(out, "ppo_model", "rlhf_stage.json"), encoding="utf-8") as f:
         return json.load(f)["metrics"]["history"]
 
 

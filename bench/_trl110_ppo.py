@@ -78,7 +78,7 @@ def main(out, steps, argv):
     trainer.save_model(os.path.join(out, "policy"))
     tokenizer.padding_side = "right"
     tokenizer.save_pretrained(os.path.join(out, "policy"))
-    with open(os.path.join(out, "trl_timing.json"), "w") as f:
+    with open(os.path.join(out, "trl_timing.json"), "w", encoding="utf-8") as f:
         json.dump({"start": start, "step_ends": marks, "logs": logged}, f)
 
 

@@ -132,7 +132,7 @@ def main(out, steps, argv):
     trainer.train()
     trainer.save_model(os.path.join(out, "policy"))
     tokenizer.save_pretrained(os.path.join(out, "policy"))
-    with open(os.path.join(out, "trl_timing.json"), "w") as f:
+    with open(os.path.join(out, "trl_timing.json"), "w", encoding="utf-8") as f:
         json.dump({"iterations": iterations, "logs": logged, "prompts_scored": scored,
                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 

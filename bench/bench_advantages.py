@@ -46,7 +46,7 @@ def run(out, estimator, seed, tasks, heldout, overrides):
            f"--EVAL_TASKS_FILE={tasks}", f"--PPO_DIR={out}/ppo_model", f"--RUNS_DIR={out}/runs", "--PPO_EVAL_EVERY=0",
            "--PPO_SAVE_EVERY=0", "--REPORT_TO=none", *overrides]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    with open(os.path.join(out, "ppo_model", "rlhf_stage.json")) as f:
+    with open(os.path.join(out, "ppo_model", "rlhf_stage.json"), encoding="utf-8") as f:
         metrics = json.load(f)["metrics"]
     seconds = [h["seconds"] for h in metrics["history"] if "seconds" in h]
     return {"estimator": estimator, "seed": seed, "pass_at_1": metrics["pass_at_1"], "kl": metrics["kl"],

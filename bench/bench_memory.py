@@ -38,7 +38,7 @@ def run_measured(cmd, log_path):
     import psutil
 
     t0 = time.time()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"))
     tree_peak = [0]
@@ -159,17 +159,17 @@ def main(argv):
     lines += ["", f"PPO / SFT with LoRA: **{ratio:.2f}x** peak RSS ({ratio_above:.2f}x above the libraries); "
               f"full fine-tuning: {by['PPO, full'] / by['SFT, full']:.2f}x."]
     print("\n".join(lines))
-    with open(os.path.join(work, "results.json"), "w") as f:
+    with open(os.path.join(work, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     if write:
-        text = open(README).read() if os.path.exists(README) else "# Benchmarks\n"
+        text = open(README, encoding="utf-8").read() if os.path.exists(README) else "# Benchmarks\n"
         begin, end = "<!-- MEMORY -->", "<!-- /MEMORY -->"
         block = begin + "\n" + "\n".join(lines) + "\n" + end
         if begin in text and end in text:  # replace the previous result only
             text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
         else:
             text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
-        with open(README, "w") as f:
+        with open(README, "w", encoding="utf-8") as f:
             f.write(text)
         print(f"written to {README}")
 

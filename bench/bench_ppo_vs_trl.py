@@ -46,7 +46,7 @@ def run_theirs(out, steps, overrides, python):
     cmd = [python, os.path.join(ROOT, "bench", "_trl110_ppo.py"), out, str(steps), *SAME_REWARD, *overrides]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    with open(os.path.join(out, "trl_timing.json")) as f:
+    with open(os.path.join(out, "trl_timing.json"), encoding="utf-8") as f:
         timing = json.load(f)
     ends = [timing["start"]] + timing["step_ends"]
     seconds = [b - a for a, b in zip(ends, ends[1:])]

@@ -194,7 +194,7 @@ def main(argv):
             subprocess.run([sys.executable, os.path.join(ROOT, "train_rm.py"), *overrides, f"--SFT_DIR={sft_dir}",
                             f"--RM_TRAIN_FILE={train_file}", f"--RM_DIR={rm_dir}", f"--RUNS_DIR={tmp}/{spec}/runs",
                             "--REPORT_TO=none"], check=True, cwd=ROOT)
-            with open(os.path.join(rm_dir, "eval_results.json")) as f:
+            with open(os.path.join(rm_dir, "eval_results.json"), encoding="utf-8") as f:
                 metrics = json.load(f)
             accuracy, wv_right, wv = accuracy_by_kind(rm_dir, evals)
             run = {"design": spec, "pairs": len(bundled) + len(extra), "train_seconds": metrics["train_seconds"],

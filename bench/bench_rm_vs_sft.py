@@ -142,7 +142,7 @@ def main(argv):
     ]
     print("\n".join(lines))
     if write:
-        text = open(README).read() if os.path.exists(README) else "# Benchmarks\n"
+        text = open(README, encoding="utf-8").read() if os.path.exists(README) else "# Benchmarks\n"
         section = f"{HEADING}\n\n" + "\n".join(lines) + "\n"
         start = text.find(HEADING)
         if start >= 0:  # replace the old result, keep everything else
@@ -150,7 +150,7 @@ def main(argv):
             text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
         else:
             text = text.rstrip("\n") + "\n\n" + section
-        with open(README, "w") as f:
+        with open(README, "w", encoding="utf-8") as f:
             f.write(text)
         print(f"written to {README}")
 

@@ -97,7 +97,7 @@ def cpu_seconds():
 
 def machine_busy_seconds():
     """CPU seconds the whole machine spent not idle since boot (/proc/stat)."""
-    with open("/proc/stat") as f:
+    with open("/proc/stat", encoding="utf-8") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
 

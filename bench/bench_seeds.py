@@ -84,7 +84,7 @@ def run_ppo(folder, seed, models, overrides):
                f"--SEED={seed}", *models, f"--PPO_DIR={ppo}", f"--RUNS_DIR={folder}/runs"]
         print(f"bench_seeds: {' '.join(cmd[1:])}", flush=True)
         run(cmd, os.path.join(folder, "pipeline.log"))
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -203,7 +203,7 @@ def main(argv):
              for r in result["runs"] for n in r["notes"]]  # the same note of every run, once
     for note in dict.fromkeys(notes):
         print(f"note ({notes.count(note)} of {len(result['runs'])} runs): {note}")
-    with open(os.path.join(out, "bench_seeds.json"), "w") as f:
+    with open(os.path.join(out, "bench_seeds.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, ensure_ascii=False)
     _common.save_results("bench_seeds", result)
     return result

@@ -85,7 +85,7 @@ def figures(iterations, peak_rss_mib, policy):
 
 def run_ours(out, steps, overrides):
     history = _common.run_train_ppo(out, steps, overrides)
-    with open(os.path.join(out, "ppo_model", "rlhf_stage.json")) as f:
+    with open(os.path.join(out, "ppo_model", "rlhf_stage.json"), encoding="utf-8") as f:
         peak = json.load(f)["metrics"]["peak_rss_mib"]
     return figures([{"seconds": h["seconds"], "generate": h["generate_seconds"], "reward": h["reward_seconds"],
                      "update": h["update_seconds"], "pass_rate": h["test_pass_rate"]}
@@ -96,7 +96,7 @@ def run_theirs(out, steps, overrides):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, os.path.join(ROOT, "bench", "_trl_grpo.py"), out, str(steps), *overrides],
                    check=True, cwd=ROOT, env=env)
-    with open(os.path.join(out, "trl_timing.json")) as f:
+    with open(os.path.join(out, "trl_timing.json"), encoding="utf-8") as f:
         timing = json.load(f)
     # TRL's update: the iteration less _generate_and_score_completions (generation, tests, logprob forwards);
     # its log once an iteration (logging_steps) holds that iteration's mean reward, here the tests' verdicts

@@ -62,7 +62,7 @@ def resume_from(folder, run_settings, marker=CHECKPOINT_MARKER, prefix="checkpoi
         return None
     if last and main:
         print(f"resuming from {last} (step {last[len(os.path.join(folder, prefix)):]})")
-        with open(os.path.join(last, marker)) as f:
+        with open(os.path.join(last, marker), encoding="utf-8") as f:
             saved = json.load(f).get("settings", {})
         changed = [f"{k}={v!r} (now {run_settings[k]!r})" for k, v in saved.items()
                    if k not in ("RESUME", "OVERWRITE") and k in run_settings and run_settings[k] != v]

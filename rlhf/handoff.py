@@ -43,7 +43,7 @@ def read_stage_info(folder):
     path = os.path.join(folder, STAGE_INFO_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 

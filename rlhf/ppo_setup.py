@@ -216,7 +216,8 @@ def setup(accelerator):
     last = resume_from(ckpt_dir, run_settings, **CHECKPOINT)
     if last:
         accelerator.load_state(last)
-        saved = json.load(open(os.path.join(last, CHECKPOINT["marker"])))
+        with open(os.path.join(last, CHECKPOINT["marker"]), encoding="utf-8") as f:
+            saved = json.load(f)
         start, history = saved["step"], saved["history"]
     return PPOSetup(
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, critic=critic_on,

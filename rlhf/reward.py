@@ -139,7 +139,7 @@ def reward_statistics(chosen_scores, rejected_scores, source):
 def save_reward_normalization(folder, stats, model=None):
     """Write reward_normalization.json into `folder`; with `model`, also store mean/std in its
     config (`reward_mean`, `reward_std`, as OpenRLHF does) before it is saved."""
-    with open(os.path.join(folder, NORMALIZATION_FILE), "w") as f:
+    with open(os.path.join(folder, NORMALIZATION_FILE), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2)
     if model is not None:
         model.config.reward_mean = stats["mean"]
@@ -151,7 +151,7 @@ def load_reward_normalization(path):
     file = os.path.join(path, NORMALIZATION_FILE) if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise UserError(f"{file} not found: the reward model was not saved by train_rm.py; run `python train_rm.py`")
-    with open(file) as f:
+    with open(file, encoding="utf-8") as f:
         stats = json.load(f)
     if not all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std")) or stats["std"] <= 0:
         raise UserError(f"{file}: needs numeric `mean` and a positive `std`")

@@ -218,7 +218,7 @@ def check_launch(plan, dry_run):
         if not os.path.isfile(config):
             raise UserError(f"accelerate config {os.path.relpath(config, ROOT)} not found (accelerate_configs/ has "
                             f"{', '.join(sorted(os.listdir(os.path.join(ROOT, 'accelerate_configs'))))})")
-        with open(config) as f:
+        with open(config, encoding="utf-8") as f:
             launch = yaml.safe_load(f) or {}
         config = os.path.relpath(config, ROOT) if config.startswith(ROOT + os.sep) else config  # as the user wrote it
         kind = launch.get("distributed_type")
@@ -314,7 +314,7 @@ def report_command(reports, overrides):
 
 
 def write_timings(path, timings):
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(timings, f, indent=2)
 
 
@@ -352,7 +352,7 @@ def main(argv):
     timings_path = os.path.join(args.reports, "timings.json")
     timings = {}
     if os.path.exists(timings_path):
-        with open(timings_path) as f:
+        with open(timings_path, encoding="utf-8") as f:
             timings = json.load(f)
     for name, script, folder, train, notes in plan:
         for line in notes:

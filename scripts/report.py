@@ -511,14 +511,14 @@ def main(argv):
     timings_path = os.path.join(args.reports, "timings.json")
     timings = {}
     if os.path.exists(timings_path):
-        with open(timings_path) as f:
+        with open(timings_path, encoding="utf-8") as f:
             timings = json.load(f)
     os.makedirs(args.reports, exist_ok=True)
     report = build_report(infos, timings, args.reports)
     plots = make_plots(infos, args.reports)
-    with open(os.path.join(args.reports, "report.json"), "w") as f:
+    with open(os.path.join(args.reports, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, ensure_ascii=False)
-    with open(os.path.join(args.reports, "report.md"), "w") as f:
+    with open(os.path.join(args.reports, "report.md"), "w", encoding="utf-8") as f:
         f.write(markdown(report, plots))
     missing = f" | missing: {', '.join(report['missing'])}" if report["missing"] else ""
     print(f"report: {os.path.join(args.reports, 'report.md')}, report.json and {len(plots)} plot(s){missing}")

@@ -1,10 +1,13 @@
 """rlhf/handoff.py: a stage output is saved atomically with its metadata and refused when
-missing or unfinished; the save tail every stage shares; no import cycle in rlhf/."""
+missing or unfinished; the save tail every stage shares; no import cycle in rlhf/; every file
+the project reads or writes as text names its encoding."""
 
 import ast
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -90,6 +93,47 @@ def test_no_import_cycle_in_rlhf():
     for module in sorted(graph):
         visit(module, [])
     assert "rlhf.common" not in graph["rlhf.checkpoints"] and "rlhf.checkpoints" not in graph["rlhf.handoff"]
+
+
+def text_opens_without_encoding(path):
+    """Line numbers of the open() calls in `path` that read or write text in the locale's encoding."""
+    found = []
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open":
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            binary = isinstance(mode, ast.Constant) and "b" in mode.value
+            if not binary and not any(k.arg == "encoding" for k in node.keywords):
+                found.append(node.lineno)
+    return found
+
+
+def test_every_text_file_the_project_opens_names_its_encoding():
+    """Prompts, settings and reports hold Chinese text: a file opened in the locale's encoding breaks on
+    a machine whose locale is not UTF-8 (Windows' cp1252, a Latin-1 server)."""
+    code = [p for pattern in ("*.py", "rlhf/**/*.py", "scripts/*.py", "bench/*.py")
+            for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)]
+    assert len(code) > 40
+    assert {os.path.relpath(p, ROOT): lines for p in code if (lines := text_opens_without_encoding(p))} == {}
+
+
+def test_stage_metadata_and_reward_statistics_round_trip_under_an_ascii_locale(tmp_path):
+    """The C locale without Python's UTF-8 coercion: the default encoding is ASCII there."""
+    script = (  # ASCII itself (a command line is decoded in the locale's encoding): the text as escapes
+        "import locale, sys\n"
+        "from rlhf.handoff import read_stage_info, write_json\n"
+        "from rlhf.reward import load_reward_normalization, save_reward_normalization\n"
+        "print(locale.getpreferredencoding(False))\n"
+        "folder, text = sys.argv[1], '\\u5199\\u4e00\\u4e2a\\u51fd\\u6570 reverse'\n"
+        "write_json(folder + '/rlhf_stage.json', {'prompt': text})\n"
+        "assert read_stage_info(folder) == {'prompt': text}\n"
+        "save_reward_normalization(folder, {'mean': 0.5, 'std': 1.0, 'source': text})\n"
+        "assert load_reward_normalization(folder)['source'] == text\n")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                         encoding="utf-8", cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    if "utf" in out.stdout.lower():
+        pytest.skip(f"this Python keeps UTF-8 under the C locale ({out.stdout.strip()})")
 
 
 # ---------------------------------------------------------------------------------------------

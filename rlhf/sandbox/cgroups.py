@@ -78,7 +78,7 @@ def _cgroups() -> tuple:
 @functools.lru_cache(maxsize=None)
 def _find_cgroups() -> tuple:
     try:
-        with open("/proc/self/mountinfo") as f, open("/proc/self/cgroup") as g:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f, open("/proc/self/cgroup", encoding="utf-8") as g:
             bases = sandbox._cgroup_bases(f.read(), g.read())  # through the package: tests replace it there
     except OSError as e:
         bases, why = {}, {"memory": str(e), "pids": str(e)}
@@ -89,7 +89,7 @@ def _find_cgroups() -> tuple:
         parent = f"{base}/rlhf-sandbox-{os.getpid()}"
         try:
             if version == 2:  # a v2 child has a controller only where its parent passes it down
-                with open(base + "/cgroup.subtree_control") as f:
+                with open(base + "/cgroup.subtree_control", encoding="utf-8") as f:
                     if ctrl not in f.read().split():
                         _write(base + "/cgroup.subtree_control", "+" + ctrl)  # EBUSY where base holds processes
             _remove_stale_cgroups(base)
@@ -188,7 +188,7 @@ def _remove_cgroups(paths: list[str], kill: bool = False) -> None:
                     break
                 if kill:
                     try:
-                        with open(path + "/cgroup.procs") as f:
+                        with open(path + "/cgroup.procs", encoding="utf-8") as f:
                             for pid in f.read().split():
                                 os.kill(int(pid), signal.SIGKILL)
                     except (OSError, ValueError):
