@@ -12,8 +12,9 @@ is each implementation's own choice (ours: critic lr PPO_CRITIC_LR, gradient cli
 padded to the longest; TRL: one lr, full-vocabulary logits kept from generate()).
 
 Speed: episodes per second over the iterations after the first (warm-up), median over rounds.
-Reward gain: both final policies and the SFT model answer the same PPO_EVAL_TASKS held-out tasks
-greedily (_common.held_out); the gain is the mean normalised RM score (and pass@1) minus the SFT model's.
+Reward gain: both final policies and the SFT model answer the first PPO_EVAL_TASKS tasks of --tasks
+(validation by default: a comparison, not the held-out figure) greedily (_common.held_out); the gain
+is the mean normalised RM score (and pass@1) minus the SFT model's.
 
     bash bench/setup_trl110.sh                          # once: the TRL 1.10 venv
     python bench/bench_ppo_vs_trl.py                    # 2 rounds x 5 iterations each
@@ -56,7 +57,8 @@ def run_theirs(out, steps, overrides, python):
 
 
 def main(argv):
-    own, rest = _common.own_options(argv, {"rounds": 2, "steps": 5, "venv": os.environ.get("TRL110_VENV", "bench/.venv-trl110")})
+    own, rest = _common.own_options(argv, {"rounds": 2, "steps": 5, "tasks": "data/val_tasks.jsonl",
+                                           "venv": os.environ.get("TRL110_VENV", "bench/.venv-trl110")})
     apply_overrides(rest)
     python = os.path.join(ROOT, own["venv"], "bin", "python")
     if not os.path.exists(python):
@@ -67,7 +69,7 @@ def main(argv):
     trl_version = subprocess.run([python, "-c", "import trl, transformers; print(trl.__version__, transformers.__version__)"],
                                  capture_output=True, text=True, check=True).stdout.split()
     result.update(peer=f"trl {trl_version[0]} (transformers {trl_version[1]})", steps=own["steps"], rounds=own["rounds"],
-                  batch_size=C.PPO_BATCH_SIZE, mini_batch_size=C.PPO_MINI_BATCH_SIZE, ppo_epochs=C.PPO_EPOCHS,
+                  tasks=own["tasks"], batch_size=C.PPO_BATCH_SIZE, mini_batch_size=C.PPO_MINI_BATCH_SIZE, ppo_epochs=C.PPO_EPOCHS,
                   response_len=C.PPO_RESPONSE_LEN, ours=[], theirs=[])
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(own["rounds"]):
@@ -78,7 +80,7 @@ def main(argv):
                 result[side].append(run(out))
                 print(f"round {r + 1} | {side} | {result[side][-1]['episodes_per_second']:.2f} episodes/s", flush=True)
         tasks = C.PPO_EVAL_TASKS or None
-        quality = {side: _common.held_out(policy, C.EVAL_TASKS_FILE, tasks) for side, policy in
+        quality = {side: _common.held_out(policy, own["tasks"], tasks) for side, policy in
                    (("sft", C.SFT_DIR), ("ours", result["ours"][-1]["policy"]), ("theirs", result["theirs"][-1]["policy"]))}
     result["held_out"] = quality
     result["load_average_1min_after"] = os.getloadavg()[0]

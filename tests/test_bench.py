@@ -328,3 +328,39 @@ def test_trl_side_refuses_a_setting_grpo_trainer_has_no_counterpart_for(monkeypa
     monkeypatch.setattr(C, "PPO_PENALIZE_MISSING_EOS", True)
     with pytest.raises(UserError, match="PPO_PENALIZE_MISSING_EOS"):
         trl_side.grpo_config("/tmp/out", 3)
+
+
+def test_grpo_bench_pairs_each_iteration_with_its_sampled_pass_rate(monkeypatch, tmp_path):
+    """bench_vs_trl_grpo: TRL's side logs one reward mean an iteration (and a last log without one),
+    ours records test_pass_rate in its history (an evaluation row has no timings); each side's
+    sampled pass rate is the mean over its iterations, and a count that does not match is an error."""
+    import json
+
+    import config as C
+
+    module = bench_module("bench_vs_trl_grpo")
+    monkeypatch.setattr(C, "PPO_BATCH_SIZE", 32)
+    timing = {"iterations": [{"seconds": 8.0, "generate": 2.0, "reward": 1.0, "rollout": 4.0},
+                             {"seconds": 6.0, "generate": 1.0, "reward": 0.5, "rollout": 3.0}],
+              "logs": [{"rewards/unit_tests/mean": 0.25, "loss": 0.1}, {"rewards/unit_tests/mean": 0.75},
+                       {"train_runtime": 14.0}], "prompts_scored": [0, 1], "peak_rss_mib": 900.0}
+    (tmp_path / "trl_timing.json").write_text(json.dumps(timing))
+    monkeypatch.setattr(module.subprocess, "run", lambda *a, **kw: None)
+    theirs = module.run_theirs(str(tmp_path), 2, [])
+    assert theirs["train_pass_rate"] == pytest.approx(0.5)
+    assert theirs["episodes_per_second"] == pytest.approx(32 / 6.0)  # the first iteration is the warm-up
+    assert theirs["seconds_per_iteration"]["update"] == pytest.approx(3.0)  # the iteration less the rollout
+    timing["logs"] = timing["logs"][1:]  # a reward missing: which iteration it belongs to is unknown
+    (tmp_path / "trl_timing.json").write_text(json.dumps(timing))
+    with pytest.raises(ValueError):
+        module.run_theirs(str(tmp_path), 2, [])
+
+    history = [{"step": 0, "eval_pass_at_1": 0.3},
+               {"seconds": 3.0, "generate_seconds": 1.0, "reward_seconds": 0.5, "update_seconds": 1.0, "test_pass_rate": 0.5},
+               {"seconds": 2.0, "generate_seconds": 0.5, "reward_seconds": 0.5, "update_seconds": 0.5, "test_pass_rate": 0.7}]
+    monkeypatch.setattr(module._common, "run_train_ppo", lambda out, steps, overrides: history)
+    (tmp_path / "ppo_model").mkdir()
+    (tmp_path / "ppo_model" / "rlhf_stage.json").write_text(json.dumps({"metrics": {"peak_rss_mib": 700.0}}))
+    ours = module.run_ours(str(tmp_path), 2, [])
+    assert ours["train_pass_rate"] == pytest.approx(0.6) and len(ours["iterations"]) == 2
+    assert ours["seconds_per_iteration"]["other"] == pytest.approx(0.5)  # 2.0 - 0.5 - 0.5 - 0.5
