@@ -108,3 +108,44 @@ def test_a_reward_model_loads_in_fp32_unless_told(tiny_base, tmp_path):
     assert model.dtype == torch.bfloat16 and not model.training
     model.save_pretrained(tmp_path)  # a bf16 checkpoint
     assert R.load_reward_model(str(tmp_path)).dtype == torch.float32
+
+
+def fake_answers(monkeypatch, answers):
+    """rlhf.codeeval.evaluate_model replaced by one that hands out `answers` ({task_id: [(raw, passed)]})
+    as its per-answer rows, as the real one fills results_out; returns the calls' keyword arguments."""
+    import rlhf.codeeval
+
+    calls = []
+
+    def evaluate_model(model, tokenizer, problems, results_out=None, **kw):
+        calls.append(dict(kw, tasks=[p.task_id for p in problems]))
+        results_out += [{"task_id": t, "raw": raw, "passed": passed} for t, rows in answers.items() for raw, passed in rows]
+
+    monkeypatch.setattr(rlhf.codeeval, "evaluate_model", evaluate_model)
+    return calls
+
+
+def test_tested_pairs_pair_each_distinct_failure_with_a_passing_answer_of_its_prompt(monkeypatch):
+    problems = [problem_from_row(r, "t.jsonl") for r in toy_tasks(3)]
+    calls = fake_answers(monkeypatch, {
+        "t1": [("ok-a", True), ("bad-a", False), ("ok-b", True), ("bad-a", False), ("bad-b", False), ("bad-c", False)],
+        "t2": [("bad-x", False), ("bad-y", False)],  # nothing passed: the reference is the chosen side
+        "t3": [("ok-z", True), ("ok-z", True)]})  # nothing failed: no pair
+    rows, share = R.tested_pairs("model", "tokenizer", problems, samples=6, max_new_tokens=32, limits=None,
+                                 answers_per_call=4)
+    assert share == pytest.approx(4 / 10)  # of every sampled answer
+    assert calls[0]["num_samples"] == 6 and calls[0]["temperature"] == 1.0 and calls[0]["answers_per_call"] == 4
+    pairs = [(r["task_id"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+    # at most per_task=2 distinct failures a task, in order; the passing answers cycled
+    assert pairs == [("t1", "ok-a", "bad-a"), ("t1", "ok-b", "bad-b"),
+                     ("t2", R.reference_answer(problems[1]), "bad-x"), ("t2", R.reference_answer(problems[1]), "bad-y")]
+    assert rows[0]["prompt"] == problems[0].messages()
+    rows, _ = R.tested_pairs("model", "tokenizer", problems, 6, 32, None, 4, reference_fallback=False, per_task=1)
+    assert [(r["task_id"], r["rejected"][0]["content"]) for r in rows] == [("t1", "bad-a")]
+
+
+def test_problems_with_tests_leave_out_plain_prompts(tmp_path):
+    rows = toy_tasks(2) + [{"prompt": "Explain recursion."}, dict(toy_tasks(3)[2], tests=[])]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [p.task_id for p in R.problems_with_tests(str(path))] == ["t1", "t2"]
