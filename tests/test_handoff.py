@@ -247,6 +247,23 @@ def test_a_saved_tokenizer_pads_right_after_padding_left(tiny_base, tmp_path):
     assert again(["a", "a b c"], padding=True)["attention_mask"][0][-1] == 0  # pads at the end
 
 
+def test_a_tokenizer_whose_backend_has_no_padding_state_is_saved_as_it_is(tmp_path):
+    # a tokenizer of remote code may keep another object as `_tokenizer` (no tokenizers.Tokenizer):
+    # nothing to reset there, and the save goes on
+    class Backend:
+        pass
+
+    class Tokenizer:
+        _tokenizer, padding_side, saved = Backend(), "left", None
+
+        def save_pretrained(self, folder):
+            self.saved = (folder, self.padding_side)
+
+    tok = Tokenizer()
+    save_tokenizer(tok, tmp_path)
+    assert tok.saved == (tmp_path, "right")
+
+
 def test_json_files_are_indented_utf8_with_chinese_as_it_is(tmp_path):
     write_json(tmp_path / "x.json", {"prompt": "用Python实现快速排序算法"})
     raw = (tmp_path / "x.json").read_bytes()
