@@ -143,14 +143,14 @@ def held_out_figures(trainer):
     return {name: scored.get(key) for key, name in EVAL_KEYS}
 
 
-def save_round_model(folder, model, tokenizer, metrics):
+def save_round_model(folder, model, tokenizer, metrics, run_settings):
     """A finished round's model, the next round's start, saved atomically (its rlhf_stage.json
     marks it complete: a resumed run continues after it)."""
     def save(tmp):
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
 
-    save_stage_output(folder, "dpo", save, metrics, scalar_settings())
+    save_stage_output(folder, "dpo", save, metrics, run_settings)
 
 
 def main(argv):
@@ -160,6 +160,7 @@ def main(argv):
     # an unknown loss: one line now, not a ValueError at the first step
     loss_types = dpo_loss_types(C.DPO_LOSS_TYPE, C.DPO_LABEL_SMOOTHING)
     tokenizer = load_tokenizer(C.SFT_DIR)  # the SFT stage's tokenizer: same chat template, same ids
+    run_settings = scalar_settings()  # recorded with each checkpoint, round model and the output
 
     # ---- data, all read before any training: a bad file stops the run with one line
     train_file, eval_file = C.DPO_TRAIN_FILE or C.RM_TRAIN_FILE, C.DPO_EVAL_FILE or C.RM_EVAL_FILE
@@ -199,7 +200,7 @@ def main(argv):
                             f"raise DPO_ONLINE_SAMPLES or lower DPO_ROUNDS to {r - 1}")
         trainer = dpo_trainer(start, tokenizer, train, evals, r, loss_types)
         t1 = time.time()
-        result = train_resumable(trainer, "dpo", "DPO_LR", round_checkpoints(r), scalar_settings())
+        result = train_resumable(trainer, "dpo", "DPO_LR", round_checkpoints(r), run_settings)
         model = trainer.model
         if C.USE_LORA:  # a plain model: the next round and transformers load it as is (QLoRA: merged into full precision)
             model = (merge_lora_weights(start, model.state_dict(), lora_config("CAUSAL_LM", C), torch_dtype(C.PRECISION))
@@ -216,7 +217,7 @@ def main(argv):
                   f"margin {figures['eval_reward_margin']:.4g} | {figures['train_seconds']:.0f} s")
         if r < rounds:
             if state.is_main_process:
-                save_round_model(saved, model, tokenizer, {"round": figures})
+                save_round_model(saved, model, tokenizer, {"round": figures}, run_settings)
             state.wait_for_everyone()
             start = saved
             del trainer, model
@@ -243,8 +244,7 @@ def main(argv):
             if online:  # what the online rounds trained on, to read
                 write_jsonl(os.path.join(tmp, "online_pairs.jsonl"), online)
 
-        save_stage("dpo", C.DPO_DIR, model, tokenizer, metrics, checkpoint_folder(C.RUNS_DIR, "dpo"), scalar_settings(),
-                   also=also,
+        save_stage("dpo", C.DPO_DIR, model, tokenizer, metrics, checkpoint_folder(C.RUNS_DIR, "dpo"), run_settings, also=also,
                    extra={"sft_model": C.SFT_DIR},
                    show=("eval_reward_accuracy", "eval_reward_margin", "pass_at_1", "train_loss", "train_seconds"))
     state.wait_for_everyone()

@@ -279,7 +279,8 @@ def main(argv):
         sft = result["sft"]
         rows = round(sft["mean_padded_length"] * C.BATCH_SIZE)
         answer_rows = round(sft["useful_tokens"] / sft["steps"])
-        seconds, flops = gemm_ceiling(sft_setup()[3](), rows, answer_rows)
+        load_base = sft_setup()[-1]  # the base model, loaded as train_sft.py loads it
+        seconds, flops = gemm_ceiling(load_base(), rows, answer_rows)
         result["sft_gemm_ceiling"] = {"rows": rows, "answer_rows": answer_rows, "seconds": seconds, "flops": flops,
                                       "gemm_flops_per_second": flops / seconds,
                                       "useful_tokens_per_second": answer_rows / seconds}

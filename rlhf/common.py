@@ -426,12 +426,12 @@ def merge_lora_weights(base_path, state_dict, lora, dtype):
     from transformers import AutoModelForCausalLM
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype), lora)
-    lora = {k: v for k, v in state_dict.items() if "lora_" in k}
+    adapters = {k: v for k, v in state_dict.items() if "lora_" in k}
     expected = {k for k in model.state_dict() if "lora_" in k}
-    if set(lora) != expected:
-        raise RuntimeError(f"merge_lora_weights: {len(expected - set(lora))} LoRA weights missing, "
-                           f"{len(set(lora) - expected)} unexpected (LORA_* settings changed since training?)")
-    model.load_state_dict(lora, strict=False)
+    if set(adapters) != expected:
+        raise RuntimeError(f"merge_lora_weights: {len(expected - set(adapters))} LoRA weights missing, "
+                           f"{len(set(adapters) - expected)} unexpected (LORA_* settings changed since training?)")
+    model.load_state_dict(adapters, strict=False)
     return model.merge_and_unload()
 
 

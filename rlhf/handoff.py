@@ -202,8 +202,10 @@ def save_stage(stage, path, model, tokenizer, metrics, checkpoints, run_settings
     (finished: the next run starts fresh), one line printed and, with PUSH_TO_HUB, the folder
     uploaded. `also(tmp)` writes anything else first; `show` limits the metrics in that line."""
     results = {k: v for k, v in metrics.items() if k not in HISTORY_KEYS}
-    inputs = {earlier: {"path": run_settings[setting], "finished_at": read_stage_info(run_settings[setting]).get("finished_at")}
-              for earlier, setting in STAGE_INPUTS[stage] if read_stage_info(run_settings[setting])}  # check_lineage reads them
+    infos = {earlier: (run_settings[setting], read_stage_info(run_settings[setting]))
+             for earlier, setting in STAGE_INPUTS[stage]}
+    inputs = {earlier: {"path": folder, "finished_at": info.get("finished_at")}  # check_lineage reads them
+              for earlier, (folder, info) in infos.items() if info}
 
     def save(tmp):
         if also is not None:
